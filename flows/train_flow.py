@@ -1,0 +1,76 @@
+"""Train a recurrent language model end to end: `python flows/train_flow.py --help`.
+
+download -> tokenize + vocab -> train -> sample -> log to MLflow -> register. With no arguments this is the book's
+experiment (D2L 8.6). Every option is a field of `rnnlm.config.TrainConfig`, the flow's one parameter.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from prefect import flow
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+
+from rnnlm.config import TrainConfig
+from tasks.data import fetch_corpus, prepare_data
+from tasks.tracking import check_tracking, log_results, register_model, run_guard, start_run
+from tasks.train import generate_samples, plot_history, report, train_model
+
+QUIET_DEFAULTS = {
+    "DO_NOT_TRACK": "1",  # no usage telemetry from Prefect ...
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",  # ... or MLflow
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # the temporary server needs > 20 s on 2 cores
+}
+
+
+@flow(name="train-rnnlm", flow_run_name="{config.rnn}-{config.num_hiddens}h-{config.num_epochs}ep", log_prints=True)
+def train_flow(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (a frozen default; Prefect shows it)
+    """Train, evaluate, sample, log to MLflow and register one model; returns the run id, version and metrics."""
+    tracking_uri = check_tracking(config)
+    corpus_path = fetch_corpus(config)
+    data = prepare_data(corpus_path, config)
+    run_id = start_run(config, data)
+    with run_guard(run_id):
+        result = train_model(config, data, run_id)
+        samples = generate_samples(config, result["checkpoint"])
+        plot = plot_history(config, run_id, result["history"])
+        log_results(run_id, result, samples, plot, str(data.vocab_path))
+        report(config, run_id, result, samples, tracking_uri)
+        version = register_model(config, run_id, result["checkpoint"], result)
+    print(f"MLflow run {run_id}; registered model {config.registered_model!r} version {version}")
+    summary = {k: result[k] for k in ("train_perplexity", "val_perplexity", "tokens_per_sec", "device", "epochs")}
+    return {"run_id": run_id, "version": version, **summary}
+
+
+class TrainCommand(BaseSettings, TrainConfig):
+    """The command line: every TrainConfig field as `--field value`, plus what to do with it."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RNNLM_",  # an unrelated LR or SEED in the environment cannot change a run
+        cli_prog_name="python flows/train_flow.py",
+        cli_implicit_flags=True,
+        extra="forbid",
+    )
+
+    def config(self) -> TrainConfig:
+        """The training configuration given on the command line."""
+        return TrainConfig(**self.model_dump(include=set(TrainConfig.model_fields)))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse the command line (errors exit with status 2 and say which option is wrong) and run the flow."""
+    for key, value in QUIET_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    try:
+        command = CliApp.run(TrainCommand, cli_args=sys.argv[1:] if argv is None else argv)
+    except ValidationError as err:
+        problems = "; ".join(f"--{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        sys.exit(f"error: {problems} (see --help)")
+    return train_flow(command.config())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""The one typed configuration of a training run.
+
+`TrainConfig` is the single source of truth: the flow's parameters (and so the Prefect UI form), the command line
+(`flows/train_flow.py --help`), the MLflow params and the checkpoint's `config` all come from it. Its defaults are the
+book's experiment (D2L 8.6): The Time Machine, characters, 10,000 tokens, batch 32, 35 steps, `nn.RNN` with 256
+hidden units, SGD lr 1, clipping at norm 1, 500 epochs, sequential partitioning.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+TIME_MACHINE_URL = "http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt"
+TIME_MACHINE_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
+
+# Checksums of corpora whose URL we know, so that the default run is verified without the user giving a sha1.
+KNOWN_SHA1 = {TIME_MACHINE_URL: TIME_MACHINE_SHA1}
+
+# Upper bounds that stop a typo (an extra zero or three) before it allocates gigabytes.
+MAX_HIDDENS = 16_384
+MAX_LAYERS = 16
+MAX_BATCH = 65_536
+MAX_STEPS = 10_000
+
+
+class TrainConfig(BaseModel):
+    """Everything that defines a training run; defaults reproduce D2L section 8.6."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- data -------------------------------------------------------------------------------------------------
+    corpus: str = Field(
+        TIME_MACHINE_URL,
+        description="Corpus to train on: an http(s):// or file:// URL, or a local path.",
+    )
+    corpus_sha1: str | None = Field(
+        None,
+        description="Expected sha1 of the corpus file; checked before use. Known for the default URL.",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Folder for downloaded corpora and prepared data (default: <project>/.cache).",
+    )
+    max_download_mb: float = Field(1024.0, gt=0, description="Refuse downloads larger than this many megabytes.")
+    preprocess: Literal["book", "raw"] = Field(
+        "book",
+        description="'book': every run of non-letters becomes one space, lowercased (D2L); 'raw': keep text as is.",
+    )
+    tokenization: Literal["char", "word"] = Field("char", description="Token level: characters or words.")
+    min_freq: int = Field(0, ge=0, description="Tokens seen fewer times than this map to <unk>.")
+    max_tokens: int = Field(
+        10_000,
+        description="Training tokens taken from the start of the corpus (D2L uses 10,000); -1 for all not held out.",
+    )
+    val_tokens: int = Field(
+        10_000,
+        ge=0,
+        description="Validation tokens held out from the tail of the corpus, never seen in training; 0 for none.",
+    )
+
+    # --- model ------------------------------------------------------------------------------------------------
+    rnn: Literal["rnn", "gru", "lstm"] = Field("rnn", description="Recurrent layer: nn.RNN, nn.GRU or nn.LSTM.")
+    num_hiddens: int = Field(256, gt=0, le=MAX_HIDDENS, description="Hidden units per recurrent layer.")
+    num_layers: int = Field(1, gt=0, le=MAX_LAYERS, description="Stacked recurrent layers.")
+
+    # --- training ---------------------------------------------------------------------------------------------
+    batch_size: int = Field(32, gt=0, le=MAX_BATCH, description="Sequences per minibatch.")
+    num_steps: int = Field(35, gt=0, le=MAX_STEPS, description="Time steps per sequence (truncated BPTT length).")
+    lr: float = Field(1.0, gt=0, description="SGD learning rate.")
+    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value (D2L's theta).")
+    num_epochs: int = Field(500, gt=0, le=1_000_000, description="Passes over the training tokens.")
+    use_random_iter: bool = Field(
+        False,
+        description="Random sampling (state reset every batch) instead of sequential partitioning (state carried).",
+    )
+    seed: int = Field(0, ge=0, description="Seed for weights, data offsets and sampling; CPU runs repeat exactly.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="Where to train: 'auto' picks CUDA, then Apple MPS, then CPU."
+    )
+    eval_every: int = Field(10, gt=0, description="Log progress and validation perplexity every this many epochs.")
+
+    # --- outputs ----------------------------------------------------------------------------------------------
+    num_preds: int = Field(50, ge=0, le=10_000, description="Tokens generated after each prompt in the samples.")
+    experiment: str = Field("rnnlm", min_length=1, description="MLflow experiment name.")
+    registered_model: str = Field("rnnlm", min_length=1, description="MLflow registered model name.")
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _max_tokens_positive_or_all(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError("max_tokens must be a positive number of tokens, or -1 for the whole corpus")
+        return value
+
+    @field_validator("corpus_sha1")
+    @classmethod
+    def _sha1_is_hex(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) != 40 or any(c not in "0123456789abcdef" for c in value.lower())):
+            raise ValueError("corpus_sha1 must be 40 hexadecimal characters (the output of `sha1sum FILE`)")
+        return value.lower() if value else value
+
+    @model_validator(mode="after")
+    def _corpus_scheme(self) -> TrainConfig:
+        scheme = self.corpus.split("://", 1)[0].lower() if "://" in self.corpus else ""
+        if scheme not in ("", "http", "https", "file"):
+            raise ValueError(
+                f"corpus {self.corpus!r} uses the scheme {scheme!r}; give an http://, https:// or file:// URL "
+                "or a local path"
+            )
+        return self
+
+    def expected_sha1(self) -> str | None:
+        """The checksum the corpus must have: the one given, else the known one for the default URL."""
+        return self.corpus_sha1 or KNOWN_SHA1.get(self.corpus)
+
+    def min_corpus_tokens(self) -> int:
+        """Fewest training tokens that give one minibatch under either partitioning (and any random offset)."""
+        return self.batch_size * self.num_steps + self.num_steps + 1

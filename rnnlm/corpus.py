@@ -1,0 +1,154 @@
+"""Getting a corpus onto disk, verified, and reading it as text.
+
+A download is streamed into a temporary file beside its final name and renamed only once its sha1 matches, so the
+cache never holds a partial or wrong file. A cached file whose sha1 matches is reused without touching the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import requests
+
+CHUNK = 1 << 20
+DEFAULT_TIMEOUT = (10.0, 30.0)  # (connect, read) seconds
+
+
+class CorpusError(ValueError):
+    """A corpus could not be obtained or read; the message says what to do."""
+
+
+class DownloadError(OSError):
+    """The network failed while downloading (worth retrying); the message names the URL and the way around it."""
+
+
+def sha1_of(path: Path) -> str:
+    """Hex sha1 of a file, read in chunks."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def is_url(source: str) -> bool:
+    """True for http(s) URLs, which are downloaded; file:// URLs and plain paths are read in place."""
+    return urlparse(source).scheme.lower() in ("http", "https")
+
+
+def local_path(source: str) -> Path:
+    """The filesystem path of a `file://` URL or a plain path."""
+    parsed = urlparse(source)
+    if parsed.scheme.lower() == "file":
+        return Path(unquote(parsed.path))
+    return Path(source).expanduser()
+
+
+def cache_path_for(url: str, cache_dir: Path) -> Path:
+    """Where a URL is cached: its file name, prefixed by a hash of the whole URL so that names cannot collide."""
+    name = Path(urlparse(url).path).name or "corpus.txt"
+    key = hashlib.sha1(url.encode()).hexdigest()[:10]
+    return cache_dir / "corpus" / f"{key}-{name}"
+
+
+def fetch_corpus(
+    source: str,
+    cache_dir: Path,
+    sha1: str | None = None,
+    max_bytes: int = 1 << 30,
+    timeout: tuple[float, float] = DEFAULT_TIMEOUT,
+) -> Path:
+    """Return a local, verified path to the corpus named by `source` (URL or path), downloading it if needed.
+
+    Raises CorpusError if a local file is missing, the sha1 does not match, or the download exceeds `max_bytes`;
+    network failures raise DownloadError (the caller decides whether to retry).
+    """
+    if not is_url(source):
+        path = local_path(source)
+        if not path.is_file():
+            raise CorpusError(f"corpus file {str(path)!r} does not exist; give an existing path or an http(s) URL")
+        _check_sha1(path, sha1, source)
+        return path
+    target = cache_path_for(source, cache_dir)
+    if target.is_file() and (sha1 is None or sha1_of(target) == sha1):
+        return target
+    return _download(source, target, sha1, max_bytes, timeout)
+
+
+def _check_sha1(path: Path, expected: str | None, source: str) -> None:
+    if expected is not None and (actual := sha1_of(path)) != expected:
+        raise CorpusError(
+            f"sha1 of {source!r} is {actual}, expected {expected}; the file is not the one you meant "
+            "(fix --corpus_sha1, or leave it out to accept any content)"
+        )
+
+
+def _download(url: str, target: Path, sha1: str | None, max_bytes: int, timeout: tuple[float, float]) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            _stream(url, out, max_bytes, timeout)
+        _check_sha1(tmp, sha1, url)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)  # whatever happened, no partial file stays behind
+    return target
+
+
+def _stream(url: str, out, max_bytes: int, timeout: tuple[float, float]) -> None:
+    """Copy the body of `url` into `out`, enforcing the size limit and a complete body."""
+    try:
+        with requests.get(url, stream=True, timeout=timeout) as response:
+            response.raise_for_status()
+            declared = int(response.headers.get("Content-Length") or 0)
+            if declared > max_bytes:
+                raise CorpusError(
+                    f"{url} is {declared:,} bytes, over the limit of {max_bytes:,}; raise --max_download_mb"
+                )
+            written = 0
+            for chunk in response.iter_content(CHUNK):
+                written += len(chunk)
+                if written > max_bytes:
+                    raise CorpusError(f"{url} sent more than {max_bytes:,} bytes; raise --max_download_mb if right")
+                out.write(chunk)
+    except requests.RequestException as err:
+        raise DownloadError(
+            f"could not download {url}: {err}. Check the URL and your network, or download the file yourself "
+            "and pass its path: --corpus /path/to/file.txt"
+        ) from err
+    if declared and written != declared:
+        raise DownloadError(f"{url} ended after {written:,} of {declared:,} bytes; try again")
+
+
+def read_text(path: Path) -> str:
+    """Read a corpus as UTF-8, refusing binary files and undecodable bytes with a message saying where."""
+    data = Path(path).read_bytes()
+    if b"\x00" in data[:CHUNK]:
+        raise CorpusError(f"{path} looks binary (it contains NUL bytes); give a plain-text corpus")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CorpusError(
+            f"{path} is not valid UTF-8 (byte {err.start:,}: {data[err.start : err.start + 4]!r}); "
+            "convert it first, e.g. `iconv -f latin1 -t utf-8`"
+        ) from None
+
+
+_NON_LETTERS = re.compile(r"[^A-Za-z]+")
+
+
+def preprocess(text: str, mode: str = "book") -> str:
+    """Normalise raw text. 'book' is D2L's `read_time_machine`: per line, runs of non-letters become one space, the
+    line is stripped and lowercased, and the lines are joined with nothing between them. 'raw' returns the text."""
+    if mode == "raw":
+        return text
+    if mode != "book":
+        raise ValueError(f"unknown preprocess mode {mode!r}; use 'book' or 'raw'")
+    return "".join(_NON_LETTERS.sub(" ", line).strip().lower() for line in text.split("\n"))

@@ -1,0 +1,68 @@
+"""The recurrent language model of D2L 8.6: one-hot input, a fused torch RNN/GRU/LSTM, a linear output layer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+RNN_TYPES = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
+
+State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+class RNNLM(nn.Module):
+    """D2L's `RNNModel`: `rnn_type` in {'rnn', 'gru', 'lstm'} picks the fused torch layer (`getattr`-style swap).
+
+    Inputs are the book's one-hot vectors; the layer's input weights see them directly, so the parameters and the
+    function computed are exactly the book's.
+    """
+
+    def __init__(self, vocab_size: int, num_hiddens: int, rnn_type: str = "rnn", num_layers: int = 1):
+        super().__init__()
+        if rnn_type not in RNN_TYPES:
+            raise ValueError(f"unknown rnn type {rnn_type!r}; use one of {sorted(RNN_TYPES)}")
+        self.vocab_size, self.num_hiddens, self.rnn_type = vocab_size, num_hiddens, rnn_type
+        self.rnn = RNN_TYPES[rnn_type](vocab_size, num_hiddens, num_layers)
+        self.linear = nn.Linear(num_hiddens, vocab_size)
+
+    def forward(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """tokens (batch_size, num_steps) int64 -> logits (num_steps * batch_size, vocab_size), time-major."""
+        inputs = F.one_hot(tokens.T, self.vocab_size).float()  # (num_steps, batch_size, vocab_size)
+        outputs, state = self.rnn(inputs, state)  # (num_steps, batch_size, num_hiddens)
+        return self.linear(outputs.reshape(-1, outputs.shape[-1])), state
+
+    def begin_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
+        """Zero state: (num_layers, batch_size, num_hiddens), a pair of them for the LSTM."""
+        shape = (self.rnn.num_layers, batch_size, self.num_hiddens)
+        if self.rnn_type == "lstm":
+            return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
+        return torch.zeros(shape, device=device)
+
+
+def detach_state(state: State) -> State:
+    """Cut the graph at a batch boundary (truncated BPTT) while keeping the values."""
+    return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """'auto' -> CUDA, then Apple MPS, then CPU; an explicit choice that is not available is an error."""
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+        "cpu": True,
+    }
+    if preference == "auto":
+        return torch.device(next(name for name in ("cuda", "mps", "cpu") if available[name]))
+    if not available.get(preference, False):
+        raise ValueError(f"device {preference!r} is not available on this machine; use --device auto or cpu")
+    return torch.device(preference)
+
+
+def device_name(device: torch.device) -> str:
+    """Human-readable device, e.g. 'cuda:0 (NVIDIA H200)' or 'cpu (2 threads)'."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return str(device)

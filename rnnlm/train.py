@@ -1,0 +1,148 @@
+"""Training and evaluation: the book's `train_ch8` loop without its per-batch host round trips.
+
+Per batch the book reads the loss back as a Python float and computes the clipping norm in Python; here the loss is
+accumulated on the device and clipping is torch's fused global-norm clip, so the host waits for the device once per
+epoch. The arithmetic is the book's: mean cross-entropy, SGD, gradient norm clipped to theta.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rnnlm.data import as_tensor, eval_batches, random_batches, sequential_batches
+from rnnlm.model import RNNLM, detach_state
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class EpochStats:
+    """What one epoch measured; `val_perplexity` is None on epochs without evaluation."""
+
+    epoch: int  # 1-based, as printed by the book
+    train_perplexity: float
+    tokens_per_sec: float
+    seconds: float
+    val_perplexity: float | None = None
+
+    def metrics(self) -> dict[str, float]:
+        """The numeric fields worth logging, without the missing ones."""
+        return {k: v for k, v in asdict(self).items() if k != "epoch" and v is not None}
+
+
+@dataclass
+class TrainState:
+    """Everything that changes during training and must survive a checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    history: list[EpochStats] = field(default_factory=list)
+    best_val_perplexity: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The training hyperparameters the loop needs (a view of the run's config)."""
+
+    batch_size: int
+    num_steps: int
+    lr: float
+    grad_clip: float
+    num_epochs: int
+    use_random_iter: bool = False
+    eval_every: int = 10
+
+
+def make_optimizer(model: RNNLM, lr: float) -> torch.optim.Optimizer:
+    """The book's plain SGD."""
+    return torch.optim.SGD(model.parameters(), lr=lr)
+
+
+def train(
+    model: RNNLM,
+    train_ids: np.ndarray,
+    val_ids: np.ndarray,
+    settings: TrainSettings,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    state: TrainState | None = None,
+    on_epoch: Callable[[EpochStats, TrainState], None] | None = None,
+) -> TrainState:
+    """Train from `state.epoch` to `settings.num_epochs`, calling `on_epoch` after each epoch.
+
+    `generator` (CPU) draws the data offsets and shuffles, so a seeded generator makes CPU runs repeat exactly.
+    Raises TrainingDiverged, naming the epoch, as soon as an epoch's loss is not finite.
+    """
+    state = state or TrainState()
+    device = next(model.parameters()).device
+    train_tokens, val_tokens = as_tensor(train_ids, device), as_tensor(val_ids, device)
+    for epoch in range(state.epoch + 1, settings.num_epochs + 1):
+        perplexity, speed, seconds = train_epoch(model, train_tokens, settings, optimizer, generator)
+        if not math.isfinite(perplexity):
+            raise TrainingDiverged(
+                f"training diverged at epoch {epoch}: the loss is {perplexity}; lower --lr (now {settings.lr}) "
+                f"or --grad_clip (now {settings.grad_clip})"
+            )
+        stats = EpochStats(epoch, perplexity, speed, seconds)
+        if len(val_ids) > 1 and (epoch % settings.eval_every == 0 or epoch == settings.num_epochs):
+            stats.val_perplexity = evaluate(model, val_tokens, settings.batch_size, settings.num_steps)
+            best = state.best_val_perplexity
+            state.best_val_perplexity = stats.val_perplexity if best is None else min(best, stats.val_perplexity)
+        state.epoch = epoch
+        state.history.append(stats)
+        if on_epoch is not None:
+            on_epoch(stats, state)
+    return state
+
+
+def train_epoch(
+    model: RNNLM,
+    corpus: torch.Tensor,
+    settings: TrainSettings,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+) -> tuple[float, float, float]:
+    """One pass over `corpus`; returns (training perplexity, tokens per second, seconds)."""
+    model.train()
+    device = corpus.device
+    batches = random_batches if settings.use_random_iter else sequential_batches
+    start = time.perf_counter()
+    loss_sum, num_tokens, hidden = torch.zeros((), device=device), 0, None
+    for inputs, targets in batches(corpus, settings.batch_size, settings.num_steps, generator):
+        if hidden is None or settings.use_random_iter:
+            hidden = model.begin_state(inputs.shape[0], device)
+        else:
+            hidden = detach_state(hidden)
+        logits, hidden = model(inputs, hidden)  # (num_steps * batch_size, vocab_size)
+        loss = F.cross_entropy(logits, targets.T.reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip, foreach=True)
+        optimizer.step()
+        loss_sum += loss.detach() * targets.numel()
+        num_tokens += targets.numel()
+    mean_loss = float(loss_sum) / num_tokens  # the epoch's single host sync
+    seconds = time.perf_counter() - start
+    perplexity = math.exp(min(mean_loss, 700.0)) if math.isfinite(mean_loss) else math.nan
+    return perplexity, num_tokens / seconds, seconds
+
+
+@torch.no_grad()
+def evaluate(model: RNNLM, corpus: torch.Tensor, batch_size: int, num_steps: int) -> float:
+    """Perplexity of `corpus`, predicting every token from all before it (state carried), without training."""
+    model.eval()
+    loss_sum, num_tokens, hidden = torch.zeros((), device=corpus.device), 0, None
+    for inputs, targets in eval_batches(corpus, batch_size, num_steps):
+        hidden = model.begin_state(inputs.shape[0], corpus.device) if hidden is None else hidden
+        logits, hidden = model(inputs, hidden)
+        loss_sum += F.cross_entropy(logits, targets.T.reshape(-1), reduction="sum")
+        num_tokens += targets.numel()
+    return math.exp(min(float(loss_sum) / num_tokens, 700.0))

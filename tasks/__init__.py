@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers that call `rnnlm`, log, and return paths or small dicts."""
