@@ -88,7 +88,7 @@ def train(
         perplexity, speed, seconds = train_epoch(model, train_tokens, settings, optimizer, generator)
         if not math.isfinite(perplexity):
             raise TrainingDiverged(
-                f"training diverged at epoch {epoch}: the loss is {perplexity}; lower --lr (now {settings.lr}) "
+                f"training diverged at epoch {epoch}: the perplexity is {perplexity}; lower --lr (now {settings.lr}) "
                 f"or --grad_clip (now {settings.grad_clip})"
             )
         stats = EpochStats(epoch, perplexity, speed, seconds)
@@ -131,8 +131,7 @@ def train_epoch(
         num_tokens += targets.numel()
     mean_loss = float(loss_sum) / num_tokens  # the epoch's single host sync
     seconds = time.perf_counter() - start
-    perplexity = math.exp(min(mean_loss, 700.0)) if math.isfinite(mean_loss) else math.nan
-    return perplexity, num_tokens / seconds, seconds
+    return perplexity_of(mean_loss), num_tokens / seconds, seconds
 
 
 @torch.no_grad()
@@ -145,4 +144,9 @@ def evaluate(model: RNNLM, corpus: torch.Tensor, batch_size: int, num_steps: int
         logits, hidden = model(inputs, hidden)
         loss_sum += F.cross_entropy(logits, targets.T.reshape(-1), reduction="sum")
         num_tokens += targets.numel()
-    return math.exp(min(float(loss_sum) / num_tokens, 700.0))
+    return perplexity_of(float(loss_sum) / num_tokens)
+
+
+def perplexity_of(mean_loss: float) -> float:
+    """exp(mean cross-entropy); inf when that overflows a float, nan when the loss is nan."""
+    return math.exp(mean_loss) if mean_loss < 709.0 or math.isnan(mean_loss) else math.inf

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -11,12 +12,22 @@ from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 
 from rnnlm import experiment
 from rnnlm.config import TrainConfig
-from rnnlm.corpus import DownloadError, cache_path_for, is_url, local_path, sha1_of
+from rnnlm.corpus import DownloadError, is_url, local_path
 
 
 def _file_stamp(path: Path) -> list:
-    """Identity of a file as it is now (so a deleted or replaced cache file invalidates the cached task)."""
+    """Identity of a file as it is now, so that an edited local corpus is read again."""
     return [str(path), path.stat().st_size, path.stat().st_mtime_ns] if path.is_file() else [str(path), None]
+
+
+def _cache_generation(config: TrainConfig) -> str:
+    """A token stored in the cache folder, made on first use. Deleting the folder (the way to clear the cache)
+    changes it, so Prefect's cached results can never point at files that are gone."""
+    marker = experiment.cache_dir(config) / "generation"
+    if not marker.is_file():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(uuid.uuid4().hex)
+    return marker.read_text()
 
 
 def _key(*parts) -> str:
@@ -25,15 +36,15 @@ def _key(*parts) -> str:
 
 def _fetch_key(context, parameters: dict) -> str:
     config: TrainConfig = parameters["config"]
-    source = config.corpus
-    path = cache_path_for(source, experiment.cache_dir(config)) if is_url(source) else local_path(source)
-    return _key("fetch", source, config.expected_sha1(), _file_stamp(path))
+    local = None if is_url(config.corpus) else _file_stamp(local_path(config.corpus))
+    return _key("fetch", config.corpus, config.expected_sha1(), local, _cache_generation(config))
 
 
 def _prepare_key(context, parameters: dict) -> str:
     config: TrainConfig = parameters["config"]
-    folder = experiment.prepared_folder(sha1_of(Path(parameters["corpus_path"])), config)
-    return _key("prepare", str(folder), _file_stamp(folder / "info.json"))
+    settings = [getattr(config, name) for name in experiment.DATA_FIELDS]
+    corpus = _file_stamp(Path(parameters["corpus_path"]))
+    return _key("prepare", corpus, settings, _cache_generation(config))
 
 
 def _is_network_error(task, task_run, state) -> bool:

@@ -95,7 +95,7 @@ def start_run(config: TrainConfig, data: PreparedData, run_name: str | None = No
     mlflow_client = client()
     run = mlflow_client.create_run(_experiment_id(config.experiment), run_name=run_name, tags=_run_tags())
     params = {**config.model_dump(mode="json"), **environment()}
-    params |= {"corpus_sha1": data.corpus_sha1, "vocab_size": data.vocab_size, "git_commit": git_commit()}
+    params |= {"corpus_file_sha1": data.corpus_sha1, "vocab_size": data.vocab_size, "git_commit": git_commit()}
     params |= {"train_tokens": data.train_tokens, "val_tokens_actual": data.val_tokens}
     mlflow_client.log_batch(run.info.run_id, params=[_param(k, v) for k, v in params.items()])
     get_run_logger().info("MLflow run %s started", run.info.run_id)

@@ -1,0 +1,135 @@
+"""Shared fixtures: real local services started on 127.0.0.1 and stopped after use.
+
+Environment for Prefect and MLflow is set before either is imported, so that results, caches and telemetry never
+leak into the user's ~/.prefect or out of the machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+_PREFECT_HOME = tempfile.mkdtemp(prefix="rnnlm-prefect-")
+os.environ.update(
+    {
+        "PREFECT_HOME": _PREFECT_HOME,
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "GIT_PYTHON_REFRESH": "quiet",
+    }
+)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("PREFECT_API_URL", None)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_CORPUS = PROJECT_ROOT.parent / "shared" / "data" / "timemachine.txt"
+TIME_MACHINE_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
+
+
+def find_real_corpus() -> Path | None:
+    """The Time Machine from ../shared, or from the project's download cache; None if neither is there."""
+    if SHARED_CORPUS.is_file():
+        return SHARED_CORPUS
+    return next((PROJECT_ROOT / ".cache" / "corpus").glob("*-timemachine.txt"), None)
+
+
+@pytest.fixture(scope="session")
+def real_corpus() -> Path:
+    """Path of the real corpus; the test is skipped, with the reason, when it is not on this machine."""
+    path = find_real_corpus()
+    if path is None:
+        pytest.skip(f"The Time Machine is neither at {SHARED_CORPUS} nor in {PROJECT_ROOT / '.cache/corpus'}")
+    return path
+
+
+def small_text(words: int = 3000, seed: int = 0) -> str:
+    """A made-up English-like text with line breaks and punctuation, reproducible by seed."""
+    import random
+
+    rng = random.Random(seed)
+    vocab = "the time traveller said and it was a machine of in to that he we".split()
+    lines, line = [], []
+    for _ in range(words):
+        line.append(rng.choice(vocab))
+        if len(line) == 9:
+            lines.append(" ".join(line).capitalize() + rng.choice([".", ",", ";", "!"]))
+            line = []
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def small_corpus(tmp_path) -> Path:
+    """A small generated corpus file (about 15 KB)."""
+    path = tmp_path / "small.txt"
+    path.write_text(small_text())
+    return path
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # keep test output clean
+        pass
+
+
+@pytest.fixture
+def serve_dir(tmp_path) -> Iterator:
+    """Start a real HTTP server on 127.0.0.1 serving a folder; yields `serve(folder) -> base URL`."""
+    servers = []
+
+    def serve(folder: Path, handler=_QuietHandler) -> str:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server for the whole session (started on first use)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def _mlflow_template(tmp_path_factory) -> Path:
+    """A migrated, empty MLflow SQLite database, made once: a fresh migration costs seconds per test."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch, _mlflow_template) -> Iterator[str]:
+    """A private MLflow store (SQLite + artifacts) for one test, set as MLFLOW_TRACKING_URI; yields the URI."""
+    import mlflow
+
+    store = tmp_path / "mlruns"
+    store.mkdir()
+    shutil.copy(_mlflow_template, store / "mlflow.db")
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    if mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
