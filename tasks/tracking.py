@@ -90,10 +90,12 @@ def git_commit() -> str | None:
 
 
 @task(name="start-mlflow-run", cache_policy=NO_CACHE)
-def start_run(config: TrainConfig, data: PreparedData, run_name: str | None = None) -> str:
-    """Create the run and log every config value, the data's identity and the software versions as params."""
+def start_run(config: TrainConfig, data: PreparedData, parent_run_id: str | None = None) -> str:
+    """Create the run (nested under `parent_run_id` when given) and log every config value, the data's identity
+    and the software versions as params."""
     mlflow_client = client()
-    run = mlflow_client.create_run(_experiment_id(config.experiment), run_name=run_name, tags=_run_tags())
+    tags = _run_tags() | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})
+    run = mlflow_client.create_run(_experiment_id(config.experiment), tags=tags)
     params = {**config.model_dump(mode="json"), **environment()}
     params |= {"corpus_file_sha1": data.corpus_sha1, "vocab_size": data.vocab_size, "git_commit": git_commit()}
     params |= {"train_tokens": data.train_tokens, "val_tokens_actual": data.val_tokens}
