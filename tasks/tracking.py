@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -167,6 +168,26 @@ def log_results(run_id: str, result: dict, samples: dict, plot_path: str, vocab_
 _FINAL = ("train_perplexity", "val_perplexity", "best_val_perplexity", "tokens_per_sec", "train_seconds")
 
 
+_GLOBAL_STORE_LOCK = threading.Lock()
+
+
+@contextmanager
+def _global_store(uri: str) -> Iterator[None]:
+    """Point mlflow's process-wide tracking and registry URIs at `uri` for a block (log_model works on the active
+    run, which lives in those globals), then put back what was there, so nothing leaks into later work."""
+    with _GLOBAL_STORE_LOCK:  # sweep members register from threads of one process
+        previous = (os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_REGISTRY_URI"))
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(previous[0])
+            mlflow.set_registry_uri(previous[1])
+            if previous[1] is None:  # set_registry_uri exports the variable but never removes it
+                os.environ.pop("MLFLOW_REGISTRY_URI", None)
+
+
 @task(name="register-model", cache_policy=NO_CACHE)
 def register_model(config: TrainConfig, run_id: str, checkpoint: str, result: dict) -> int:
     """Log the checkpoint as a generating pyfunc model and register it as a new version; return the version.
@@ -175,10 +196,7 @@ def register_model(config: TrainConfig, run_id: str, checkpoint: str, result: di
     """
     import torch
 
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)  # log_model works on the active run, which lives in mlflow's globals
-    mlflow.set_registry_uri(uri)
-    with mlflow.start_run(run_id=run_id):
+    with _global_store(tracking_uri()), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(MODEL_SCRIPT),

@@ -70,6 +70,19 @@ def small_text(words: int = 3000, seed: int = 0) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Hyperparameters that train in about a second on a small generated corpus.
+SMALL_TRAINING = dict(
+    max_tokens=-1, val_tokens=2000, num_hiddens=16, batch_size=8, num_steps=10, num_epochs=2, eval_every=1, num_preds=10
+)
+
+
+def small_config(tmp_path: Path, corpus: str | Path, **overrides):
+    """A TrainConfig for a quick real run on `corpus`, with its own cache under `tmp_path`."""
+    from rnnlm.config import TrainConfig
+
+    return TrainConfig(**(SMALL_TRAINING | {"corpus": str(corpus), "cache_dir": str(tmp_path / "cache")} | overrides))
+
+
 @pytest.fixture
 def small_corpus(tmp_path) -> Path:
     """A small generated corpus file (about 15 KB)."""
@@ -145,3 +158,5 @@ def _reset_mlflow_globals():
         if mlflow.active_run():
             mlflow.end_run()
         mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)  # set_registry_uri exports it and never removes it

@@ -39,6 +39,16 @@ def wait_http(url: str, timeout: float = 120, proc: subprocess.Popen | None = No
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
+def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Terminate a server process, killing it if it does not exit in time."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def postgres_bin() -> Path | None:
     """Folder of PostgreSQL's server programs (Debian's layout), or None when it is not installed."""
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
@@ -102,11 +112,7 @@ def mlflow_server(backend_uri: str, artifacts: Path) -> Iterator[str]:
         wait_http(url + "/health", timeout=180, proc=proc)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         log.close()
 
 
@@ -126,9 +132,5 @@ def prefect_server(home: Path) -> Iterator[dict[str, str]]:
         wait_http(api + "/health", timeout=180, proc=proc)
         yield env | {"PREFECT_API_URL": api}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         log.close()

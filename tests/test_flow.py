@@ -6,7 +6,7 @@ from http.server import SimpleHTTPRequestHandler
 
 import mlflow
 import pytest
-from conftest import small_text
+from conftest import small_config, small_text
 from mlflow.tracking import MlflowClient
 
 from flows.train_flow import train_flow
@@ -35,20 +35,8 @@ def corpus_url(tmp_path, serve_dir) -> str:
     return serve_dir(www, CountingHandler) + "/book.txt"
 
 
-def small_config(tmp_path, corpus: str, **overrides) -> TrainConfig:
-    settings = dict(
-        corpus=corpus,
-        cache_dir=str(tmp_path / "cache"),
-        max_tokens=-1,
-        val_tokens=2000,
-        num_hiddens=32,
-        batch_size=8,
-        num_steps=10,
-        num_epochs=4,
-        eval_every=2,
-        num_preds=20,
-    )
-    return TrainConfig(**{**settings, **overrides})
+def flow_config(tmp_path, corpus: str, **overrides) -> TrainConfig:
+    return small_config(tmp_path, corpus, **({"num_hiddens": 32, "num_epochs": 4, "eval_every": 2} | overrides))
 
 
 def task_states(flow_state) -> dict[str, str]:
@@ -62,7 +50,7 @@ def task_states(flow_state) -> dict[str, str]:
 
 
 def test_flow_trains_logs_and_registers(tmp_path, corpus_url, mlflow_store):
-    config = small_config(tmp_path, corpus_url)
+    config = flow_config(tmp_path, corpus_url)
     out = train_flow(config)
 
     client = MlflowClient(mlflow_store)
@@ -92,7 +80,7 @@ def test_flow_trains_logs_and_registers(tmp_path, corpus_url, mlflow_store):
 
 
 def test_second_run_reuses_corpus_and_vocab(tmp_path, corpus_url, mlflow_store):
-    config = small_config(tmp_path, corpus_url, num_epochs=1, eval_every=1)
+    config = flow_config(tmp_path, corpus_url, num_epochs=1, eval_every=1)
     first = train_flow(config, return_state=True)
     assert CountingHandler.requests_seen == ["/book.txt"]
     second = train_flow(config, return_state=True)
@@ -104,7 +92,7 @@ def test_second_run_reuses_corpus_and_vocab(tmp_path, corpus_url, mlflow_store):
 
 
 def test_invalid_hyperparameters_are_rejected_before_download(tmp_path, corpus_url, mlflow_store):
-    settings = small_config(tmp_path, corpus_url).model_dump()
+    settings = flow_config(tmp_path, corpus_url).model_dump()
     for bad in ({"num_hiddens": 0}, {"lr": -1.0}, {"rnn": "transformer"}, {"batch_size": -2}):
         with pytest.raises(Exception, match="|".join(bad)):
             train_flow(config={**settings, **bad})
@@ -113,7 +101,7 @@ def test_invalid_hyperparameters_are_rejected_before_download(tmp_path, corpus_u
 
 
 def test_failed_run_is_marked_failed_and_registers_nothing(tmp_path, corpus_url, mlflow_store):
-    config = small_config(tmp_path, corpus_url, lr=1e6, registered_model="never")
+    config = flow_config(tmp_path, corpus_url, lr=1e6, registered_model="never")
     with pytest.raises(Exception, match="diverged at epoch 1"):
         train_flow(config)
     client = MlflowClient(mlflow_store)
@@ -127,7 +115,7 @@ def test_corpus_too_short_fails_before_training(tmp_path, serve_dir, mlflow_stor
     www = tmp_path / "www"
     www.mkdir()
     (www / "tiny.txt").write_text("far too short\n")
-    config = small_config(tmp_path, serve_dir(www) + "/tiny.txt", val_tokens=0)
+    config = flow_config(tmp_path, serve_dir(www) + "/tiny.txt", val_tokens=0)
     with pytest.raises(Exception, match="needed for one minibatch"):
         train_flow(config)
     client = MlflowClient(mlflow_store)

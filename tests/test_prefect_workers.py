@@ -9,15 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT_ROOT, small_text
+from conftest import PROJECT_ROOT, SMALL_TRAINING, small_text
 from mlflow.tracking import MlflowClient
 from services import prefect_server
 
 pytestmark = pytest.mark.slow
-
-SMALL = dict(
-    max_tokens=-1, val_tokens=2000, num_hiddens=16, batch_size=8, num_steps=10, num_epochs=2, eval_every=1, num_preds=10
-)
 
 
 def _run(args: list[str], env: dict, timeout: float = 300) -> str:
@@ -55,7 +51,7 @@ def test_sweep_through_a_work_pool_and_worker(tmp_path):
         )
         try:
             variants = json.dumps([{"rnn": "rnn"}, {"rnn": "gru"}])
-            base = [f"--base.{k}={v}" for k, v in SMALL.items()]
+            base = [f"--base.{k}={v}" for k, v in SMALL_TRAINING.items()]
             base += [f"--base.corpus={corpus}", f"--base.cache_dir={tmp_path / 'cache'}"]
             _run(
                 [

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import small_text
+from conftest import small_config, small_text
 from mlflow.tracking import MlflowClient
 
 from flows.sweep_flow import BOOK_TABLE, SweepConfig, Variant, run_sweep
@@ -22,18 +22,7 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 def tiny_base(tmp_path) -> TrainConfig:
     corpus = tmp_path / "small.txt"
     corpus.write_text(small_text(2500))
-    return TrainConfig(
-        corpus=str(corpus),
-        cache_dir=str(tmp_path / "cache"),
-        max_tokens=-1,
-        val_tokens=2000,
-        num_hiddens=16,
-        batch_size=8,
-        num_steps=10,
-        num_epochs=2,
-        eval_every=1,
-        num_preds=10,
-    )
+    return small_config(tmp_path, corpus)
 
 
 def test_default_sweep_is_the_books_table():
@@ -93,8 +82,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def dask_cluster(tmp_path):
-    """A real Dask scheduler and two workers, as separate processes on loopback."""
+def dask_cluster(tmp_path, mlflow_store):
+    """A real Dask scheduler and two workers, as separate processes on loopback (after `mlflow_store`, so that
+    the workers inherit its MLFLOW_TRACKING_URI)."""
     port, bin_dir = _free_port(), os.path.dirname(sys.executable)
     address = f"tcp://127.0.0.1:{port}"
     env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}

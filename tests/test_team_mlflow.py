@@ -12,7 +12,7 @@ import sys
 
 import mlflow
 import pytest
-from conftest import PROJECT_ROOT, small_text
+from conftest import PROJECT_ROOT, SMALL_TRAINING, small_text
 from mlflow.tracking import MlflowClient
 from services import mlflow_server, postgres_bin, postgres_server
 
@@ -25,10 +25,6 @@ pytestmark = [
     pytest.mark.skipif(postgres_bin() is None, reason="PostgreSQL is not installed (apt-get install postgresql)"),
 ]
 
-SMALL = dict(
-    max_tokens=-1, val_tokens=2000, num_hiddens=16, batch_size=8, num_steps=10, num_epochs=2, eval_every=1, num_preds=10
-)
-
 
 def test_flow_and_sweep_in_parallel_on_postgres(tmp_path, monkeypatch):
     corpus = tmp_path / "small.txt"
@@ -37,7 +33,10 @@ def test_flow_and_sweep_in_parallel_on_postgres(tmp_path, monkeypatch):
     with postgres_server() as database, mlflow_server(database, tmp_path / "artifacts") as url:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         mlflow.set_tracking_uri(url)
-        cli = [f"--{k}={v}" for k, v in SMALL.items()] + [f"--corpus={corpus}", f"--cache_dir={tmp_path / 'c1'}"]
+        cli = [f"--{k}={v}" for k, v in SMALL_TRAINING.items()] + [
+            f"--corpus={corpus}",
+            f"--cache_dir={tmp_path / 'c1'}",
+        ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
         single = subprocess.Popen(
             [sys.executable, str(PROJECT_ROOT / "flows" / "train_flow.py"), *cli],
@@ -46,7 +45,7 @@ def test_flow_and_sweep_in_parallel_on_postgres(tmp_path, monkeypatch):
             stderr=subprocess.STDOUT,
             text=True,
         )
-        base = TrainConfig(corpus=str(corpus), cache_dir=str(tmp_path / "c2"), **SMALL)
+        base = TrainConfig(corpus=str(corpus), cache_dir=str(tmp_path / "c2"), **SMALL_TRAINING)
         records = run_sweep(SweepConfig(base=base, variants=[Variant(rnn="gru"), Variant(rnn="lstm")]))
         output, _ = single.communicate(timeout=600)
         assert single.returncode == 0, output[-3000:]
