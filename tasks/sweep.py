@@ -18,7 +18,7 @@ BOOK_PERPLEXITY = {("rnn", 1): 1.3, ("gru", 1): 1.0, ("lstm", 1): 1.1, ("lstm", 
 BOOK_SECTION = {("rnn", 1): "8.6", ("gru", 1): "9.1", ("lstm", 1): "9.2", ("lstm", 2): "9.3"}
 
 
-@task(name="start-sweep-run", cache_policy=NO_CACHE)
+@task(name="start-sweep-run", task_run_name="start-sweep-run", cache_policy=NO_CACHE)
 def start_sweep_run(members: list[TrainConfig], runner: str) -> str:
     """The parent MLflow run that every member's run is nested under."""
     mlflow_client = client()
@@ -82,7 +82,7 @@ def sweep_table(members: list[TrainConfig], results: list[dict | BaseException])
     return pd.DataFrame(rows)
 
 
-@task(name="report-sweep", cache_policy=NO_CACHE)
+@task(name="report-sweep", task_run_name="report-sweep", cache_policy=NO_CACHE)
 def report_sweep(members: list[TrainConfig], results: list, parent_run_id: str) -> list[dict]:
     """Print the table, and keep it as a Prefect table artifact and as CSV + markdown on the parent MLflow run."""
     table = sweep_table(members, results)

@@ -53,7 +53,7 @@ def client() -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
 
 
-@task(name="check-tracking", cache_policy=NO_CACHE)
+@task(name="check-tracking", task_run_name="check-tracking", cache_policy=NO_CACHE)
 def check_tracking(config: TrainConfig) -> str:
     """Fail in seconds, before any download or training, when the tracking store cannot be reached."""
     uri = tracking_uri()
@@ -81,6 +81,13 @@ def _experiment_id(name: str) -> str:
     return mlflow_client.create_experiment(name, artifact_location=artifact_location(tracking_uri(), name))
 
 
+def run_link(run_id: str) -> str:
+    """The run's page in the MLflow UI: the tracking server's own, or README's `mlflow ui` on the local store."""
+    uri = tracking_uri()
+    base = uri.rstrip("/") if urlparse(uri).scheme in ("http", "https") else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{client().get_run(run_id).info.experiment_id}/runs/{run_id}"
+
+
 def git_commit() -> str | None:
     """The project's current commit, when it is a git checkout."""
     try:
@@ -90,7 +97,7 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-@task(name="start-mlflow-run", cache_policy=NO_CACHE)
+@task(name="start-mlflow-run", task_run_name="start-mlflow-run", cache_policy=NO_CACHE)
 def start_run(config: TrainConfig, data: PreparedData, parent_run_id: str | None = None) -> str:
     """Create the run (nested under `parent_run_id` when given) and log every config value, the data's identity
     and the software versions as params."""
@@ -149,7 +156,7 @@ def run_guard(run_id: str) -> Iterator[None]:
     mlflow_client.set_terminated(run_id, "FINISHED")
 
 
-@task(name="log-results", cache_policy=NO_CACHE)
+@task(name="log-results", task_run_name="log-results", cache_policy=NO_CACHE)
 def log_results(run_id: str, result: dict, samples: dict, plot_path: str, vocab_path: str) -> None:
     """Final metrics, samples, the perplexity curve, the vocab and the checkpoint as run artifacts."""
     mlflow_client = client()
@@ -188,7 +195,7 @@ def _global_store(uri: str) -> Iterator[None]:
                 os.environ.pop("MLFLOW_REGISTRY_URI", None)
 
 
-@task(name="register-model", cache_policy=NO_CACHE)
+@task(name="register-model", task_run_name="register-model", cache_policy=NO_CACHE)
 def register_model(config: TrainConfig, run_id: str, checkpoint: str, result: dict) -> int:
     """Log the checkpoint as a generating pyfunc model and register it as a new version; return the version.
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import (
+    create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
@@ -18,7 +19,7 @@ from rnnlm import experiment
 from rnnlm.config import TrainConfig
 from rnnlm.plot import plot_perplexity
 from rnnlm.train import EpochStats, TrainState
-from tasks.tracking import MetricLogger
+from tasks.tracking import MetricLogger, run_link
 
 SAMPLING = {"greedy": {"top_k": 1}, "t0.8-top5": {"temperature": 0.8, "top_k": 5}, "t1.0": {"temperature": 1.0}}
 
@@ -65,7 +66,7 @@ def train_model(config: TrainConfig, data: experiment.PreparedData, run_id: str)
     return {**result, "checkpoint": str(checkpoint)}
 
 
-@task(name="generate-samples", cache_policy=NO_CACHE)
+@task(name="generate-samples", task_run_name="generate-samples", cache_policy=NO_CACHE)
 def generate_samples(config: TrainConfig, checkpoint: str) -> dict:
     """The book's two greedy samples, plus sampled ones (temperature, top-k), for fixed prompts."""
     logger = get_run_logger()
@@ -80,17 +81,18 @@ def generate_samples(config: TrainConfig, checkpoint: str) -> dict:
     return samples
 
 
-@task(name="plot-perplexity", cache_policy=NO_CACHE)
+@task(name="plot-perplexity", task_run_name="plot-perplexity", cache_policy=NO_CACHE)
 def plot_history(config: TrainConfig, run_id: str, history: list[dict]) -> str:
     """The perplexity curve as a PNG next to the checkpoint."""
     title = f"{config.rnn.upper()} {config.num_hiddens}, lr {config.lr}, {config.num_epochs} epochs"
     return str(plot_perplexity(history, run_folder(config, run_id) / "perplexity.png", title))
 
 
-@task(name="report", cache_policy=NO_CACHE)
+@task(name="report", task_run_name="report", cache_policy=NO_CACHE)
 def report(config: TrainConfig, run_id: str, result: dict, samples: dict, tracking_uri: str) -> None:
     """Prefect UI artifacts: a markdown summary (metrics, samples, MLflow link) and the per-epoch metrics table."""
-    link = f"http://127.0.0.1:5000/#/experiments/0/runs/{run_id}"  # the MLflow UI of README's `mlflow ui` command
+    link = run_link(run_id)
+    create_link_artifact(link, link_text=f"MLflow run {run_id}", key="mlflow-run", description="this run in MLflow")
     val = result["val_perplexity"]
     lines = [
         f"# {config.rnn.upper()} language model, run `{run_id}`",
