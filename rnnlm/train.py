@@ -121,13 +121,13 @@ def train_epoch(
     batches = random_batches if settings.use_random_iter else sequential_batches
     start = time.perf_counter()
     loss_sum, num_tokens, hidden = torch.zeros((), device=device), 0, None
-    with cpu_threads(settings.cpu_threads, device), autocast(device, settings.amp):
+    with cpu_threads(settings.cpu_threads, device):
         for inputs, targets in batches(corpus, settings.batch_size, settings.num_steps, generator):
             if hidden is None or settings.use_random_iter:
                 hidden = model.begin_state(inputs.shape[0], device)
             else:
                 hidden = detach_state(hidden)
-            loss, hidden = _step(model, inputs, targets, hidden, optimizer, settings.grad_clip)
+            loss, hidden = _step(model, inputs, targets, hidden, optimizer, settings)
             loss_sum += loss * targets.numel()  # stays on the device: no host sync per batch
             num_tokens += targets.numel()
     mean_loss = float(loss_sum) / num_tokens  # the epoch's single host sync
@@ -135,13 +135,14 @@ def train_epoch(
     return perplexity_of(mean_loss), num_tokens / seconds, seconds
 
 
-def _step(model: RNNLM, inputs, targets, hidden, optimizer, grad_clip: float):
+def _step(model: RNNLM, inputs, targets, hidden, optimizer, settings: TrainSettings):
     """Forward, backward, clip, SGD step for one minibatch; returns (detached mean loss, state), without a sync."""
-    logits, hidden = model(inputs, hidden)  # (num_steps * batch_size, vocab_size)
-    loss = F.cross_entropy(logits.float(), targets.T.reshape(-1))
+    with autocast(inputs.device, settings.amp):  # the forward pass only; gradients and SGD stay float32
+        logits, hidden = model(inputs, hidden)  # (num_steps * batch_size, vocab_size)
+        loss = F.cross_entropy(logits.float(), targets.T.reshape(-1))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip, foreach=True)
     optimizer.step()
     return loss.detach(), hidden
 
