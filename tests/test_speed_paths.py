@@ -68,3 +68,15 @@ def test_bf16_autocast_trains_like_float32(corpus):
     bf16, model = _five_epochs(corpus, amp=True)
     assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.02)
     assert bf16[-1] < 0.5 * bf16[0] and all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("rnn", ["rnn", "lstm"])
+def test_prompts_of_equal_and_different_lengths_generate_as_if_alone(rnn):
+    from rnnlm.generate import generate
+
+    vocab = build_vocab("the time machine was a traveller", "char")
+    torch.manual_seed(0)
+    model = RNNLM(len(vocab), 16, rnn)
+    prompts = ["the", "a", "was", "time", "the", "machine"]  # lengths repeat, in no order
+    together = generate(model, vocab, prompts, num_preds=12)
+    assert together == [generate(model, vocab, [p], num_preds=12)[0] for p in prompts]
