@@ -8,6 +8,7 @@ is bounded by the chunk size, not the file. Word tokens and non-ASCII text at ch
 from __future__ import annotations
 
 import codecs
+import io
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -72,15 +73,16 @@ def tokenize_file(
 ) -> tuple[Vocab, np.ndarray]:
     """Preprocess and tokenize `path`, build the book's vocab, and write the ids as a `.npy` at `out_path`.
 
-    Returns the vocab and the ids memory-mapped read-only. Two passes over the file: counts, then ids.
-    Character level on ASCII text is the fast path; anything else is correct but slower.
+    Returns the vocab and the ids memory-mapped read-only. Character level on ASCII text is the fast path: one pass
+    preprocesses, counts and writes the characters, a second maps them to ids in place. Anything else is correct but
+    slower (Python's Counter), and still holds one chunk at a time.
     """
     if tokenization == "char":
-        counts = _byte_counts(_prepared_chunks(path, preprocess_mode, chunk_bytes))
+        counts = _write_chars(_prepared_chunks(path, preprocess_mode, chunk_bytes), Path(out_path))
         if counts is not None:
             vocab = build_vocab_from_counts(counts, min_freq)
-            chunks = _prepared_chunks(path, preprocess_mode, chunk_bytes)
-            return vocab, _write_ids(chunks, vocab, out_path, sum(counts.values()))
+            _chars_to_ids(Path(out_path), vocab)
+            return vocab, np.load(out_path, mmap_mode="r")
     return _tokenize_general(path, out_path, preprocess_mode, tokenization, min_freq, chunk_bytes)
 
 
@@ -89,40 +91,63 @@ def build_vocab_from_counts(counts: dict[str, int], min_freq: int = 0) -> Vocab:
     return Vocab(rank_counts(counts, min_freq))
 
 
-def _byte_counts(chunks: Iterator[bytes]) -> dict[str, int] | None:
-    """Character counts in order of first appearance over ASCII chunks; None as soon as a chunk is not ASCII."""
-    counts, first, offset = np.zeros(256, dtype=np.int64), {}, 0
-    for chunk in chunks:
-        if not chunk.isascii():
-            return None
-        arr = np.frombuffer(chunk, dtype=np.uint8)
-        chunk_counts = np.bincount(arr, minlength=256)
-        for byte in np.flatnonzero(chunk_counts):
-            if int(byte) not in first:
-                first[int(byte)] = offset + chunk.find(bytes([byte]))
-        counts += chunk_counts
-        offset += len(chunk)
-    return {chr(b): int(counts[b]) for b in sorted(first, key=first.get)}
+# A 1-D .npy header is 128 bytes for any length up to 10**30, so the data can be written before the length is known.
+_HEADER_BYTES = 128
 
 
-def _write_ids(chunks: Iterator[bytes], vocab: Vocab, out_path: Path, total: int) -> np.ndarray:
-    """Encode ASCII character chunks through a lookup table into a `.npy` file, without holding the corpus."""
+def _npy_header(dtype: np.dtype, count: int) -> bytes:
+    buffer = io.BytesIO()
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (count,)}
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue()
+
+
+def _write_chars(chunks: Iterator[bytes], out_path: Path) -> dict[str, int] | None:
+    """Write ASCII chunks after a `.npy` header, counting characters in order of first appearance.
+
+    Returns None (and removes the file) as soon as a chunk is not ASCII: that text takes the general path.
+    """
+    counts, first, total = np.zeros(256, dtype=np.int64), {}, 0
+    with open(out_path, "wb") as f:
+        f.write(b"\0" * _HEADER_BYTES)
+        for chunk in chunks:
+            if not chunk.isascii():
+                break
+            chunk_counts = np.bincount(np.frombuffer(chunk, dtype=np.uint8), minlength=256)
+            for byte in np.flatnonzero(chunk_counts).tolist():
+                if byte not in first:
+                    first[byte] = total + chunk.find(bytes([byte]))
+            counts += chunk_counts
+            total += len(chunk)
+            f.write(chunk)
+        else:
+            f.seek(0)
+            f.write(_npy_header(np.uint8, total))
+            return {chr(b): int(counts[b]) for b in sorted(first, key=first.get)}
+    out_path.unlink()
+    return None
+
+
+def _chars_to_ids(path: Path, vocab: Vocab) -> None:
+    """Map the characters of a `.npy` written by `_write_chars` to vocabulary ids, in place, chunk by chunk."""
     lut = np.zeros(256, dtype=id_dtype(len(vocab)))  # characters not in the vocab stay 0 = <unk>
+    if lut.dtype != np.uint8:
+        raise ValueError("a character vocabulary over ASCII has at most 129 tokens")
     for i, token in enumerate(vocab.tokens):
         if len(token) == 1 and token.isascii():
             lut[ord(token)] = i
-    with _npy_writer(out_path, lut.dtype, total) as f:
-        for chunk in chunks:
-            f.write(lut[np.frombuffer(chunk, dtype=np.uint8)].tobytes())
-    return np.load(out_path, mmap_mode="r")
+    with open(path, "r+b") as f:
+        f.seek(_HEADER_BYTES)
+        while block := f.read(CHUNK_BYTES):
+            f.seek(-len(block), io.SEEK_CUR)
+            f.write(lut[np.frombuffer(block, dtype=np.uint8)].tobytes())
 
 
 @contextmanager
 def _npy_writer(path: Path, dtype: np.dtype, count: int) -> Iterator:
     """A file object positioned after the header of a 1-D `.npy` of `count` items; checks the count at the end."""
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (count,)}
     with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, header)
+        f.write(_npy_header(dtype, count))
         start = f.tell()
         yield f
         written = (f.tell() - start) // np.dtype(dtype).itemsize
