@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import sys
 import time
@@ -158,7 +159,9 @@ def race(args, rnn: str, vocab_size: int, corpus: list[int], device: torch.devic
     book, project = make_pair(rnn, vocab_size, args.num_hiddens, args.seed, device)
     book_opt = torch.optim.SGD(book.parameters(), lr=args.lr)
     loss = nn.CrossEntropyLoss()
-    settings = TrainSettings(args.batch_size, args.num_steps, args.lr, 1.0, args.epochs, cpu_threads=args.threads)
+    settings = TrainSettings(
+        args.batch_size, args.num_steps, args.lr, 1.0, args.epochs, cpu_threads=args.threads, amp=args.amp
+    )
     project_opt = make_optimizer(project, args.lr)
     generator = torch.Generator().manual_seed(args.seed)
     tokens = torch.tensor(corpus, dtype=torch.uint8).to(device)
@@ -210,6 +213,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--amp", action="store_true", help="the project's bf16 autocast (for GPUs)")
     parser.add_argument("--threads", type=int, default=1, help="the project's cpu_threads setting (its default: 1)")
     parser.add_argument("--book_threads", type=int, default=0, help="torch threads for the book's loop; 0: default")
     args = parser.parse_args(argv)
@@ -227,7 +231,10 @@ def main(argv=None) -> None:
         f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads; {len(corpus):,} tokens, "
         f"batch {args.batch_size}, {args.num_steps} steps, {args.num_hiddens} hiddens, {args.epochs} epochs"
     )
-    print(f"book loop threads: {args.book_threads or torch.get_num_threads()}; project cpu_threads: {args.threads}")
+    print(
+        f"book loop threads: {args.book_threads or torch.get_num_threads()}; project cpu_threads: {args.threads}, "
+        f"amp: {args.amp}; load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
     print(f"{'model':6} {'book tok/s':>11} {'project tok/s':>14} {'ratio':>6} {'book ppl':>9} {'project ppl':>12}")
     for rnn in args.rnn:
         r = race(args, rnn, vocab_size, corpus, device)
