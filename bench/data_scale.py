@@ -133,8 +133,9 @@ def main(argv=None) -> None:
             )
             path.unlink()
     print(
-        "peak MB: the process's peak resident memory (imports included); peak/file: (peak - memory after imports)"
-        " / file size; train anon MB: anonymous memory after 20 training minibatches on the memory-mapped ids"
+        "MB/cpu-s: MB per second of the process's CPU time (near what an idle core gives); peak MB: the process's peak "
+        "resident memory (imports included); peak/file: (peak - memory after imports) / file size; "
+        "train anon MB: anonymous memory after 20 training minibatches on the memory-mapped ids"
     )
 
 
