@@ -162,7 +162,7 @@ def preprocess_book_bytes(data: bytes) -> bytes:
     character is a non-letter for that regex, and all of its UTF-8 bytes are non-letters here.
     """
     out = data.translate(_BOOK_TABLE)
-    while b"  " in out:  # collapse runs of spaces; each pass halves them
-        out = out.replace(b"  ", b" ")
+    while len(shorter := out.replace(b"  ", b" ")) != len(out):  # collapse runs of spaces; each pass halves them
+        out = shorter
     out = out.replace(b" \x01", b"\x01").replace(b"\x01 ", b"\x01")  # strip every line
     return out.replace(b"\x01", b"").strip(b" ")  # join the lines with nothing between them
