@@ -49,7 +49,7 @@ class RNNLM(nn.Module):
             and self.rnn_type == "rnn"
             and self.rnn.num_layers == 1
             and self.rnn.nonlinearity == "tanh"
-            and not torch.is_autocast_enabled("cpu")
+            and not _autocast_on_cpu()
         )
 
     def _recurrence(self, tokens: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,6 +66,14 @@ class RNNLM(nn.Module):
         if self.rnn_type == "lstm":
             return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
         return torch.zeros(shape, device=device)
+
+
+def _autocast_on_cpu() -> bool:
+    """Whether CPU autocast is on (torch >= 2.4 takes a device type; 2.3, which the project accepts, does not)."""
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:
+        return torch.is_autocast_cpu_enabled()
 
 
 def detach_state(state: State) -> State:
