@@ -80,6 +80,14 @@ class TrainConfig(BaseModel):
         "auto", description="Where to train: 'auto' picks CUDA, then Apple MPS, then CPU."
     )
     eval_every: int = Field(10, gt=0, description="Log progress and validation perplexity every this many epochs.")
+    cpu_threads: int = Field(
+        1,
+        ge=0,
+        le=1024,
+        description="Torch threads when training on the CPU; 0 keeps torch's default. One is fastest for small "
+        "models on shared cores (see docs/benchmarks.md).",
+    )
+    amp: bool = Field(False, description="bf16 autocast for the forward pass (GPU speed; weights stay float32).")
 
     # --- outputs ----------------------------------------------------------------------------------------------
     num_preds: int = Field(50, ge=0, le=10_000, description="Tokens generated after each prompt in the samples.")

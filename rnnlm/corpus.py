@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import tempfile
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -141,7 +140,9 @@ def read_text(path: Path) -> str:
         ) from None
 
 
-_NON_LETTERS = re.compile(r"[^A-Za-z]+")
+# The book's preprocessing as one byte translation: letters lowercased, a line break marked by \x01 (which no other
+# byte maps to), every other byte (punctuation, digits, whitespace, each byte of a non-ASCII character) a space.
+_BOOK_TABLE = bytes(c + 32 if 65 <= c <= 90 else c if 97 <= c <= 122 else 1 if c == 10 else 32 for c in range(256))
 
 
 def preprocess(text: str, mode: str = "book") -> str:
@@ -151,4 +152,17 @@ def preprocess(text: str, mode: str = "book") -> str:
         return text
     if mode != "book":
         raise ValueError(f"unknown preprocess mode {mode!r}; use 'book' or 'raw'")
-    return "".join(_NON_LETTERS.sub(" ", line).strip().lower() for line in text.split("\n"))
+    return preprocess_book_bytes(text.encode("utf-8")).decode("ascii")
+
+
+def preprocess_book_bytes(data: bytes) -> bytes:
+    """The book's preprocessing on UTF-8 bytes, at C speed (a translation and a few replaces, no per-line Python).
+
+    Equal to `"".join(re.sub("[^A-Za-z]+", " ", line).strip().lower() for line in text.split("\n"))`: a non-ASCII
+    character is a non-letter for that regex, and all of its UTF-8 bytes are non-letters here.
+    """
+    out = data.translate(_BOOK_TABLE)
+    while len(shorter := out.replace(b"  ", b" ")) != len(out):  # collapse runs of spaces; each pass halves them
+        out = shorter
+    out = out.replace(b" \x01", b"\x01").replace(b"\x01 ", b"\x01")  # strip every line
+    return out.replace(b"\x01", b"").strip(b" ")  # join the lines with nothing between them

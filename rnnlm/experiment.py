@@ -25,12 +25,13 @@ import torch
 
 from rnnlm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from rnnlm.config import TrainConfig
-from rnnlm.corpus import fetch_corpus, read_text, sha1_of
+from rnnlm.corpus import fetch_corpus, sha1_of
 from rnnlm.data import DataError, split_corpus
 from rnnlm.generate import generate
 from rnnlm.model import RNNLM, device_name, pick_device
+from rnnlm.stream import tokenize_file
 from rnnlm.train import EpochStats, TrainSettings, TrainState, make_optimizer, train
-from rnnlm.vocab import Vocab, build_vocab, encode, prepare_text
+from rnnlm.vocab import Vocab
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BOOK_PROMPTS = ("time traveller", "traveller")
@@ -100,14 +101,15 @@ def prepare_data(corpus_path: Path, config: TrainConfig) -> PreparedData:
     """
     corpus_sha1 = sha1_of(corpus_path)
     folder = prepared_folder(corpus_sha1, config)
-    text = prepare_text(read_text(corpus_path), config.preprocess, config.tokenization)
-    if not text.strip():
+    folder.mkdir(parents=True, exist_ok=True)
+    ids_path = folder / "ids.npy"  # streamed in chunks: memory does not grow with the corpus
+    vocab, ids = tokenize_file(corpus_path, ids_path, config.preprocess, config.tokenization, config.min_freq)
+    if not any(token.strip() for token in vocab.tokens[1:]):
         raise DataError(f"{corpus_path} holds no tokens after '{config.preprocess}' preprocessing; check the file")
-    vocab = build_vocab(text, config.tokenization, config.min_freq)
-    ids = encode(text, vocab, config.tokenization)
     split = split_corpus(ids, config.max_tokens, config.val_tokens, config.min_corpus_tokens())
     data = PreparedData(str(folder), corpus_sha1, len(vocab), len(ids), len(split.train), len(split.val), split.note)
     _write_prepared(data, vocab, split.train, split.val)
+    ids_path.unlink()
     return data
 
 

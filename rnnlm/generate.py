@@ -1,7 +1,7 @@
 """Text generation: the book's greedy `predict_ch8`, plus temperature and top-k sampling, for many prompts at once.
 
-Each prompt warms the state up in one call over its tokens; then all prompts advance together, one model call per
-generated token for the whole batch.
+The prompts warm the state up in one call per distinct prompt length; then all prompts advance together, one model
+call per generated token for the whole batch, and the tokens are read back to the host once at the end.
 """
 
 from __future__ import annotations
@@ -77,15 +77,24 @@ def generate(
 
 
 def _warm_up(model: RNNLM, ids: list[list[int]], device: torch.device):
-    """Feed each prompt through its own state; return the last logits and the states, stacked as one batch."""
-    logits, states = [], []
-    for prompt in ids:
-        out, state = model(torch.tensor([prompt], device=device), model.begin_state(1, device))
-        logits.append(out[-1:])
+    """Feed the prompts through the model, one call per distinct prompt length (no padding, so every state is exact);
+    return the last logits (batch, vocab_size) and the states, in prompt order, stacked as one batch."""
+    by_length: dict[int, list[int]] = {}
+    for row, prompt in enumerate(ids):
+        by_length.setdefault(len(prompt), []).append(row)
+    order, logits, states = [], [], []
+    for rows in by_length.values():
+        tokens = torch.tensor([ids[r] for r in rows], device=device)  # (group, length)
+        out, state = model(tokens, model.begin_state(len(rows), device))  # out: (length * group, vocab_size)
+        order += rows
+        logits.append(out[-len(rows) :])  # time-major: the last step's rows
         states.append(state)
+    back = torch.argsort(torch.tensor(order, device=device))  # from grouped order to prompt order
     if isinstance(states[0], tuple):
-        return torch.cat(logits), tuple(torch.cat(parts, dim=1) for parts in zip(*states, strict=True))
-    return torch.cat(logits), torch.cat(states, dim=1)
+        state = tuple(torch.cat(parts, dim=1)[:, back] for parts in zip(*states, strict=True))
+    else:
+        state = torch.cat(states, dim=1)[:, back]
+    return torch.cat(logits)[back], state
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator) -> torch.Tensor:

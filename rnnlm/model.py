@@ -1,10 +1,17 @@
-"""The recurrent language model of D2L 8.6: one-hot input, a fused torch RNN/GRU/LSTM, a linear output layer."""
+"""The recurrent language model of D2L 8.6: one-hot input, a fused torch RNN/GRU/LSTM, a linear output layer.
+
+On the CPU the one-layer tanh RNN (the book's experiment) runs through `rnnlm.recurrence.TanhRNN`, a hand-written
+recurrence with the same parameters: the one-hot product becomes a row gather, and the backward pass computes the
+recurrent weight's gradient for all time steps in one large matmul instead of a small matmul per step.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from rnnlm import recurrence
 
 RNN_TYPES = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 
@@ -28,9 +35,30 @@ class RNNLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """tokens (batch_size, num_steps) int64 -> logits (num_steps * batch_size, vocab_size), time-major."""
-        inputs = F.one_hot(tokens.T, self.vocab_size).float()  # (num_steps, batch_size, vocab_size)
-        outputs, state = self.rnn(inputs, state)  # (num_steps, batch_size, num_hiddens)
+        if self._use_recurrence(tokens):
+            outputs, state = self._recurrence(tokens, state)
+        else:
+            inputs = F.one_hot(tokens.T, self.vocab_size).float()  # (num_steps, batch_size, vocab_size)
+            outputs, state = self.rnn(inputs, state)  # (num_steps, batch_size, num_hiddens)
         return self.linear(outputs.reshape(-1, outputs.shape[-1])), state
+
+    def _use_recurrence(self, tokens: torch.Tensor) -> bool:
+        """The hand-written tanh RNN serves the one-layer RNN on the CPU (GPUs have cuDNN's fused kernels)."""
+        return (
+            tokens.device.type == "cpu"
+            and self.rnn_type == "rnn"
+            and self.rnn.num_layers == 1
+            and self.rnn.nonlinearity == "tanh"
+            and not _autocast_on_cpu()
+        )
+
+    def _recurrence(self, tokens: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The book's one-hot tanh RNN through `recurrence.TanhRNN`: same parameters, same function."""
+        rnn = self.rnn
+        # one_hot(x) @ W_ih^T is row x of W_ih^T: a gather; both biases folded in once. (num_steps, batch_size, H)
+        x_proj = F.embedding(tokens.T, rnn.weight_ih_l0.T) + (rnn.bias_ih_l0 + rnn.bias_hh_l0)
+        outputs = recurrence.TanhRNN.apply(x_proj, state[0], rnn.weight_hh_l0)  # (num_steps, batch_size, H)
+        return outputs, outputs[-1:]  # the state: (1, batch_size, num_hiddens)
 
     def begin_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
         """Zero state: (num_layers, batch_size, num_hiddens), a pair of them for the LSTM."""
@@ -38,6 +66,14 @@ class RNNLM(nn.Module):
         if self.rnn_type == "lstm":
             return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
         return torch.zeros(shape, device=device)
+
+
+def _autocast_on_cpu() -> bool:
+    """Whether CPU autocast is on (torch >= 2.4 takes a device type; 2.3, which the project accepts, does not)."""
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:
+        return torch.is_autocast_cpu_enabled()
 
 
 def detach_state(state: State) -> State:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -59,6 +60,8 @@ class TrainSettings:
     num_epochs: int
     use_random_iter: bool = False
     eval_every: int = 10
+    cpu_threads: int = 1
+    amp: bool = False
 
 
 def make_optimizer(model: RNNLM, lr: float) -> torch.optim.Optimizer:
@@ -93,7 +96,9 @@ def train(
             )
         stats = EpochStats(epoch, perplexity, speed, seconds)
         if len(val_ids) > 1 and (epoch % settings.eval_every == 0 or epoch == settings.num_epochs):
-            stats.val_perplexity = evaluate(model, val_tokens, settings.batch_size, settings.num_steps)
+            stats.val_perplexity = evaluate(
+                model, val_tokens, settings.batch_size, settings.num_steps, cpu_threads=settings.cpu_threads
+            )
             best = state.best_val_perplexity
             state.best_val_perplexity = stats.val_perplexity if best is None else min(best, stats.val_perplexity)
         state.epoch = epoch
@@ -116,35 +121,70 @@ def train_epoch(
     batches = random_batches if settings.use_random_iter else sequential_batches
     start = time.perf_counter()
     loss_sum, num_tokens, hidden = torch.zeros((), device=device), 0, None
-    for inputs, targets in batches(corpus, settings.batch_size, settings.num_steps, generator):
-        if hidden is None or settings.use_random_iter:
-            hidden = model.begin_state(inputs.shape[0], device)
-        else:
-            hidden = detach_state(hidden)
-        logits, hidden = model(inputs, hidden)  # (num_steps * batch_size, vocab_size)
-        loss = F.cross_entropy(logits, targets.T.reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip, foreach=True)
-        optimizer.step()
-        loss_sum += loss.detach() * targets.numel()
-        num_tokens += targets.numel()
+    with cpu_threads(settings.cpu_threads, device):
+        for inputs, targets in batches(corpus, settings.batch_size, settings.num_steps, generator):
+            if hidden is None or settings.use_random_iter:
+                hidden = model.begin_state(inputs.shape[0], device)
+            else:
+                hidden = detach_state(hidden)
+            loss, hidden = _step(model, inputs, targets, hidden, optimizer, settings)
+            loss_sum += loss * targets.numel()  # stays on the device: no host sync per batch
+            num_tokens += targets.numel()
     mean_loss = float(loss_sum) / num_tokens  # the epoch's single host sync
     seconds = time.perf_counter() - start
     return perplexity_of(mean_loss), num_tokens / seconds, seconds
 
 
+def _step(model: RNNLM, inputs, targets, hidden, optimizer, settings: TrainSettings):
+    """Forward, backward, clip, SGD step for one minibatch; returns (detached mean loss, state), without a sync."""
+    with autocast(inputs.device, settings.amp):  # the forward pass only; gradients and SGD stay float32
+        logits, hidden = model(inputs, hidden)  # (num_steps * batch_size, vocab_size)
+        loss = F.cross_entropy(logits.float(), targets.T.reshape(-1))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip, foreach=True)
+    optimizer.step()
+    return loss.detach(), hidden
+
+
+@contextmanager
+def cpu_threads(num_threads: int, device: torch.device) -> Iterator[None]:
+    """Run the block with `num_threads` torch threads when on the CPU (0: keep torch's setting), then restore.
+
+    The book's model does many small matmuls ((32, 256) x (256, 256) per time step): a second thread gains little on
+    them, and OpenMP threads that spin-wait collapse (10-50x slower) when other processes share the cores.
+    """
+    previous = torch.get_num_threads()
+    if device.type != "cpu" or num_threads <= 0 or num_threads == previous:
+        yield
+        return
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on `device` when `enabled` (weights, SGD and the loss stay float32); a no-op otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 @torch.no_grad()
-def evaluate(model: RNNLM, corpus: torch.Tensor, batch_size: int, num_steps: int) -> float:
+def evaluate(model: RNNLM, corpus: torch.Tensor, batch_size: int, num_steps: int, cpu_threads: int = 1) -> float:
     """Perplexity of `corpus`, predicting every token from all before it (state carried), without training."""
     model.eval()
     loss_sum, num_tokens, hidden = torch.zeros((), device=corpus.device), 0, None
-    for inputs, targets in eval_batches(corpus, batch_size, num_steps):
-        hidden = model.begin_state(inputs.shape[0], corpus.device) if hidden is None else hidden
-        logits, hidden = model(inputs, hidden)
-        loss_sum += F.cross_entropy(logits, targets.T.reshape(-1), reduction="sum")
-        num_tokens += targets.numel()
+    with _threads(cpu_threads, corpus.device):
+        for inputs, targets in eval_batches(corpus, batch_size, num_steps):
+            hidden = model.begin_state(inputs.shape[0], corpus.device) if hidden is None else hidden
+            logits, hidden = model(inputs, hidden)
+            loss_sum += F.cross_entropy(logits, targets.T.reshape(-1), reduction="sum")
+            num_tokens += targets.numel()
     return perplexity_of(float(loss_sum) / num_tokens)
+
+
+_threads = cpu_threads  # `evaluate`'s keyword shadows the helper's name inside it
 
 
 def perplexity_of(mean_loss: float) -> float:

@@ -82,7 +82,13 @@ def prepare_text(raw: str, preprocess_mode: str, tokenization: str) -> str:
 def build_vocab(text: str, tokenization: str, min_freq: int = 0, reserved: list[str] | None = None) -> Vocab:
     """The book's vocabulary over prepared text."""
     counts = _char_counts(text) if tokenization == "char" else Counter(split_tokens(text, "word"))
-    ranked = sorted(counts.items(), key=lambda kv: kv[1], reverse=True)  # stable: ties keep first appearance
+    return Vocab(rank_counts(counts, min_freq, reserved))
+
+
+def rank_counts(counts: dict[str, int], min_freq: int = 0, reserved: list[str] | None = None) -> list[str]:
+    """The book's token order from counts listed in order of first appearance: `<unk>`, reserved tokens, then by
+    descending frequency (a stable sort: ties keep first appearance), stopping below `min_freq`."""
+    ranked = sorted(counts.items(), key=lambda kv: kv[1], reverse=True)
     tokens = [UNK] + [t for t in (reserved or []) if t != UNK]
     seen = set(tokens)
     for token, freq in ranked:
@@ -91,7 +97,7 @@ def build_vocab(text: str, tokenization: str, min_freq: int = 0, reserved: list[
         if token not in seen:
             tokens.append(token)
             seen.add(token)
-    return Vocab(tokens)
+    return tokens
 
 
 def _char_counts(text: str) -> dict[str, int]:

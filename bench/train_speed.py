@@ -1,0 +1,249 @@
+"""Side-by-side training speed: the book's `train_ch8` loop against the project's trainer, in one process.
+
+Both train on the same tokens (the first 10,000 characters of The Time Machine), from the same initial weights, with
+the same hyperparameters. They alternate in short timed segments (`--segment` epochs each) after a warm-up, so that
+noise from other processes on the machine hits both alike. Printed: tokens/s of each, the ratio, and the last-epoch
+training perplexity of each after the full schedule.
+
+    .venv/bin/python bench/train_speed.py                 # RNN, GRU, LSTM at 500 epochs (about 10 minutes on 2 cores)
+    .venv/bin/python bench/train_speed.py --quick         # 60 epochs each, a smoke run
+    .venv/bin/python bench/train_speed.py --rnn gru --epochs 100 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rnnlm.corpus import read_text  # noqa: E402
+from rnnlm.model import RNNLM  # noqa: E402
+from rnnlm.train import TrainSettings, cpu_threads, make_optimizer, train_epoch  # noqa: E402
+from rnnlm.vocab import build_vocab, encode, prepare_text  # noqa: E402
+
+DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "timemachine.txt"
+
+
+# --- the book's loop (D2L 8.5/8.6, PyTorch), kept faithful on purpose -------------------------------------------
+class BookRNNModel(nn.Module):
+    """D2L's `RNNModel`: one-hot float inputs built every batch, a torch RNN layer, a linear output layer."""
+
+    def __init__(self, rnn_layer: nn.Module, vocab_size: int):
+        super().__init__()
+        self.rnn, self.vocab_size = rnn_layer, vocab_size
+        self.num_hiddens = self.rnn.hidden_size
+        self.linear = nn.Linear(self.num_hiddens, self.vocab_size)
+
+    def forward(self, inputs, state):
+        X = F.one_hot(inputs.T.long(), self.vocab_size)
+        X = X.to(torch.float32)
+        Y, state = self.rnn(X, state)
+        output = self.linear(Y.reshape((-1, Y.shape[-1])))
+        return output, state
+
+    def begin_state(self, device, batch_size=1):
+        shape = (self.rnn.num_layers, batch_size, self.num_hiddens)
+        if not isinstance(self.rnn, nn.LSTM):
+            return torch.zeros(shape, device=device)
+        return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
+
+
+def book_seq_data_iter_sequential(corpus: list[int], batch_size: int, num_steps: int):
+    """D2L `seq_data_iter_sequential`: the minibatches rebuilt from a Python list every epoch."""
+    offset = random.randint(0, num_steps)
+    num_tokens = ((len(corpus) - offset - 1) // batch_size) * batch_size
+    Xs = torch.tensor(corpus[offset : offset + num_tokens])
+    Ys = torch.tensor(corpus[offset + 1 : offset + 1 + num_tokens])
+    Xs, Ys = Xs.reshape(batch_size, -1), Ys.reshape(batch_size, -1)
+    num_batches = Xs.shape[1] // num_steps
+    for i in range(0, num_steps * num_batches, num_steps):
+        yield Xs[:, i : i + num_steps], Ys[:, i : i + num_steps]
+
+
+def book_grad_clipping(net: nn.Module, theta: float) -> None:
+    """D2L `grad_clipping`: the norm computed in Python, and a host sync for the `if`."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    norm = torch.sqrt(sum(torch.sum(p.grad**2) for p in params))
+    if norm > theta:
+        for param in params:
+            param.grad[:] *= theta / norm
+
+
+def book_train_epoch(net, corpus, batch_size, num_steps, loss, updater, device) -> tuple[float, int]:
+    """D2L `train_epoch_ch8` (sequential partitioning); returns (perplexity, tokens)."""
+    state = None
+    metric = [0.0, 0.0]
+    for X, Y in book_seq_data_iter_sequential(corpus, batch_size, num_steps):
+        if state is None:
+            state = net.begin_state(batch_size=X.shape[0], device=device)
+        elif not isinstance(state, tuple):
+            state.detach_()
+        else:
+            for s in state:
+                s.detach_()
+        y = Y.T.reshape(-1)
+        X, y = X.to(device), y.to(device)
+        y_hat, state = net(X, state)
+        l = loss(y_hat, y.long()).mean()  # noqa: E741 (the book's name)
+        updater.zero_grad()
+        l.backward()
+        book_grad_clipping(net, 1)
+        updater.step()
+        metric[0] += float(l.detach() * y.numel())  # d2l.Accumulator.add: a host read every batch
+        metric[1] += y.numel()
+    return math.exp(metric[0] / metric[1]), int(metric[1])
+
+
+# --- the harness -------------------------------------------------------------------------------------------------
+def book_corpus(path: Path, max_tokens: int) -> tuple[int, list[int]]:
+    """The book's `load_corpus_time_machine(max_tokens)`: vocab size and the first tokens as indices."""
+    text = prepare_text(read_text(path), "book", "char")
+    vocab = build_vocab(text, "char")
+    return len(vocab), encode(text, vocab, "char")[:max_tokens].tolist()
+
+
+def make_pair(rnn: str, vocab_size: int, num_hiddens: int, seed: int, device: torch.device):
+    """The book's model and the project's, with the same initial weights."""
+    torch.manual_seed(seed)
+    layer = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[rnn](vocab_size, num_hiddens)
+    book = BookRNNModel(layer, vocab_size).to(device)
+    project = RNNLM(vocab_size, num_hiddens, rnn).to(device)
+    project.load_state_dict(book.state_dict())
+    return book, project
+
+
+class Runner:
+    """One side of the race: trains `n` epochs at a time and keeps the time and tokens it spent."""
+
+    def __init__(self, name: str, step):
+        self.name, self.step = name, step
+        self.seconds, self.tokens, self.epochs, self.perplexity = 0.0, 0, 0, float("nan")
+
+    def run(self, epochs: int, timed: bool = True) -> None:
+        sync()
+        start = time.perf_counter()
+        tokens = 0
+        for _ in range(epochs):
+            self.perplexity, n = self.step()
+            tokens += n
+        sync()
+        if timed:
+            self.seconds += time.perf_counter() - start
+            self.tokens += tokens
+        self.epochs += epochs
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return self.tokens / self.seconds if self.seconds else float("nan")
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def race(args, rnn: str, vocab_size: int, corpus: list[int], device: torch.device) -> dict:
+    """Train both loops for the full schedule, alternating segments; return their speeds and perplexities."""
+    random.seed(args.seed)  # the book's offsets come from Python's `random`
+    book, project = make_pair(rnn, vocab_size, args.num_hiddens, args.seed, device)
+    book_opt = torch.optim.SGD(book.parameters(), lr=args.lr)
+    loss = nn.CrossEntropyLoss()
+    settings = TrainSettings(
+        args.batch_size, args.num_steps, args.lr, 1.0, args.epochs, cpu_threads=args.threads, amp=args.amp
+    )
+    project_opt = make_optimizer(project, args.lr)
+    generator = torch.Generator().manual_seed(args.seed)
+    tokens = torch.tensor(corpus, dtype=torch.uint8).to(device)
+
+    def book_step():
+        with cpu_threads(args.book_threads, device):  # 0: torch's default, as the book runs
+            return book_train_epoch(book, corpus, args.batch_size, args.num_steps, loss, book_opt, device)
+
+    def project_step():
+        ppl, _, _ = train_epoch(project, tokens, settings, project_opt, generator)
+        n = ((len(corpus) - 1) // args.batch_size) // args.num_steps * args.batch_size * args.num_steps
+        return ppl, n
+
+    runners = [Runner("book", book_step), Runner("project", project_step)]
+    for r in runners:  # warm-up epochs count towards the schedule but not the clock
+        r.run(args.warmup, timed=False)
+    remaining = args.epochs - args.warmup
+    turn = 0
+    while remaining > 0:
+        n = min(args.segment, remaining)
+        for r in runners if turn % 2 == 0 else runners[::-1]:  # alternate who goes first
+            r.run(n)
+        remaining -= n
+        turn += 1
+    b, p = runners
+    return {
+        "rnn": rnn,
+        "book_tps": b.tokens_per_sec,
+        "project_tps": p.tokens_per_sec,
+        "ratio": p.tokens_per_sec / b.tokens_per_sec,
+        "book_ppl": b.perplexity,
+        "project_ppl": p.perplexity,
+        "epochs": args.epochs,
+    }
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rnn", nargs="+", default=["rnn", "gru", "lstm"], choices=["rnn", "gru", "lstm"])
+    parser.add_argument("--epochs", type=int, default=500, help="full schedule, as the book (500)")
+    parser.add_argument("--quick", action="store_true", help="60 epochs, for a smoke run")
+    parser.add_argument("--segment", type=int, default=10, help="epochs per timed segment before switching loops")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed epochs of each loop first")
+    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    parser.add_argument("--max_tokens", type=int, default=10_000)
+    parser.add_argument("--num_hiddens", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--num_steps", type=int, default=35)
+    parser.add_argument("--lr", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--amp", action="store_true", help="the project's bf16 autocast (for GPUs)")
+    parser.add_argument("--threads", type=int, default=1, help="the project's cpu_threads setting (its default: 1)")
+    parser.add_argument("--book_threads", type=int, default=0, help="torch threads for the book's loop; 0: default")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.epochs = 60
+    args.warmup = min(args.warmup, args.epochs - 1)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    vocab_size, corpus = book_corpus(args.corpus, args.max_tokens)
+    print(
+        f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads; {len(corpus):,} tokens, "
+        f"batch {args.batch_size}, {args.num_steps} steps, {args.num_hiddens} hiddens, {args.epochs} epochs"
+    )
+    print(
+        f"book loop threads: {args.book_threads or torch.get_num_threads()}; project cpu_threads: {args.threads}, "
+        f"amp: {args.amp}; load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
+    print(f"{'model':6} {'book tok/s':>11} {'project tok/s':>14} {'ratio':>6} {'book ppl':>9} {'project ppl':>12}")
+    for rnn in args.rnn:
+        r = race(args, rnn, vocab_size, corpus, device)
+        print(
+            f"{rnn:6} {r['book_tps']:11,.0f} {r['project_tps']:14,.0f} {r['ratio']:5.2f}x "
+            f"{r['book_ppl']:9.3f} {r['project_ppl']:12.3f}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

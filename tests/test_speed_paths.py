@@ -1,0 +1,82 @@
+"""The speed-related code paths, checked on the CPU: no host sync inside an epoch, thread settings, bf16 autocast."""
+
+import pytest
+import torch
+from conftest import small_text
+
+from rnnlm.config import TrainConfig
+from rnnlm.data import as_tensor
+from rnnlm.experiment import settings_of
+from rnnlm.model import RNNLM
+from rnnlm.train import TrainSettings, cpu_threads, make_optimizer, train_epoch
+from rnnlm.vocab import build_vocab, encode, prepare_text
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    text = prepare_text(small_text(1500), "book", "char")
+    vocab = build_vocab(text, "char")
+    return len(vocab), as_tensor(encode(text, vocab, "char"))
+
+
+def _settings(**kw) -> TrainSettings:
+    return TrainSettings(**{"batch_size": 8, "num_steps": 10, "lr": 1.0, "grad_clip": 1.0, "num_epochs": 3, **kw})
+
+
+def test_new_options_default_to_the_books_arithmetic():
+    config = TrainConfig()
+    assert config.amp is False and config.cpu_threads == 1
+    settings = settings_of(config)
+    assert settings.amp is False and settings.cpu_threads == 1
+
+
+@pytest.mark.parametrize("rnn", ["rnn", "lstm"])
+def test_an_epoch_reads_the_device_once(corpus, rnn, monkeypatch):
+    """Per batch nothing is read back to the host (on a GPU each read would stall it): one float() per epoch."""
+    vocab_size, ids = corpus
+    model = RNNLM(vocab_size, 16, rnn)
+    reads = []
+    for name in ("__float__", "item", "__bool__", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: (reads.append(_n), _o(self, *a, **k))[1]
+        )
+    train_epoch(model, ids, _settings(), make_optimizer(model, 1.0), torch.Generator().manual_seed(0))
+    assert reads == ["__float__"]
+
+
+def test_cpu_threads_are_set_for_the_block_and_restored():
+    before = torch.get_num_threads()
+    with cpu_threads(1, torch.device("cpu")):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with cpu_threads(0, torch.device("cpu")):  # 0 keeps torch's setting
+        assert torch.get_num_threads() == before
+
+
+def _five_epochs(corpus, amp: bool) -> tuple[list[float], RNNLM]:
+    vocab_size, ids = corpus
+    torch.manual_seed(0)
+    model = RNNLM(vocab_size, 32, "gru")
+    optimizer, generator = make_optimizer(model, 1.0), torch.Generator().manual_seed(0)
+    return [train_epoch(model, ids, _settings(amp=amp), optimizer, generator)[0] for _ in range(5)], model
+
+
+def test_bf16_autocast_trains_like_float32(corpus):
+    """amp runs the forward pass in bf16 (results differ slightly) and keeps weights and updates in float32."""
+    fp32, _ = _five_epochs(corpus, amp=False)
+    bf16, model = _five_epochs(corpus, amp=True)
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.02)
+    assert bf16[-1] < 0.5 * bf16[0] and all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("rnn", ["rnn", "lstm"])
+def test_prompts_of_equal_and_different_lengths_generate_as_if_alone(rnn):
+    from rnnlm.generate import generate
+
+    vocab = build_vocab("the time machine was a traveller", "char")
+    torch.manual_seed(0)
+    model = RNNLM(len(vocab), 16, rnn)
+    prompts = ["the", "a", "was", "time", "the", "machine"]  # lengths repeat, in no order
+    together = generate(model, vocab, prompts, num_preds=12)
+    assert together == [generate(model, vocab, [p], num_preds=12)[0] for p in prompts]
