@@ -6,8 +6,6 @@ experiment). With `--promote`, the best version on the champion's data becomes `
 `--promote_margin`, and the newest version becomes `challenger`.
 """
 
-from __future__ import annotations
-
 import os
 import sys
 from typing import Annotated
