@@ -30,11 +30,12 @@ print(json.dumps({"id": str(run.id), "state": run.state.type.value, "message": r
 """
 
 
-@pytest.fixture
-def prefect_server(tmp_path):
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
     """A real Prefect server (API + UI) on a free loopback port with its own PREFECT_HOME; yields the API URL."""
-    port, log = free_port(), tmp_path / "prefect-server.log"
-    env = service_env(PREFECT_HOME=str(tmp_path / "prefect-server-home"))
+    home = tmp_path_factory.mktemp("prefect-server")
+    port, log = free_port(), home / "server.log"
+    env = service_env(PREFECT_HOME=str(home / "home"))
     env.pop("PREFECT_API_URL", None)
     server = start(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log
@@ -63,6 +64,7 @@ def test_served_deployment_is_scheduled_and_runs_from_the_api(tmp_path, small_co
         PREFECT_API_URL=prefect_server,
         PREFECT_HOME=str(tmp_path / "prefect-client-home"),
         MLFLOW_TRACKING_URI=mlflow_store,
+        PREFECT_RUNNER_POLL_FREQUENCY="2",  # pick up the triggered run within seconds
     )
     options = {**SMALL, "corpus": str(small_corpus), "cache_dir": str(tmp_path / "cache")}
     flags = [f"--{name}={value}" for name, value in options.items()]
@@ -99,3 +101,20 @@ def test_served_deployment_is_scheduled_and_runs_from_the_api(tmp_path, small_co
     [version] = client.search_model_versions("name = 'rnnlm'")
     assert version.run_id == mlflow_run.info.run_id
     assert client.get_model_version_by_alias("rnnlm", "champion").version == version.version
+
+
+def test_prefect_yaml_deploys_the_same_deployment_to_a_process_pool(tmp_path, prefect_server):
+    env = service_env(PREFECT_API_URL=prefect_server, PREFECT_HOME=str(tmp_path / "prefect-client-home"))
+    prefect = [sys.executable, "-m", "prefect"]
+    for command in (
+        ["work-pool", "create", "rnnlm-process", "--type", "process"],
+        ["--no-prompt", "deploy", "--name", "train-rnnlm"],
+    ):
+        done = subprocess.run(prefect + command, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    deployment = requests.get(f"{prefect_server}/deployments/name/train-rnnlm/train-rnnlm", timeout=10).json()
+    assert deployment["work_pool_name"] == "rnnlm-process"
+    assert [s["schedule"]["cron"] for s in deployment["schedules"]] == [CRON]
+    assert deployment["entrypoint"] == "flows/train_flow.py:train_flow"
+    [step] = deployment["pull_steps"]
+    assert step["prefect.deployments.steps.set_working_directory"]["directory"] == str(PROJECT_ROOT)
