@@ -99,9 +99,10 @@ def _challenge(candidates: list[Candidate], current: Candidate, newest: Candidat
     best = min(pool, key=lambda c: (c.val_perplexity, -c.version))
     threshold = current.val_perplexity * (1 - margin)
     gain = 1 - best.val_perplexity / current.val_perplexity
+    change = f"{gain:.2%} lower" if gain >= 0 else f"{-gain:.2%} higher"
     versus = (
         f"validation perplexity {best.val_perplexity:.4f} vs champion v{current.version}'s "
-        f"{current.val_perplexity:.4f} ({gain:+.2%} better; margin {margin:.2%})"
+        f"{current.val_perplexity:.4f} ({change}; margin {margin:.2%})"
     )
     if best.val_perplexity < threshold:
         reasons[best.version] = f"promoted to champion: {versus}"
