@@ -110,5 +110,9 @@ def _challenge(candidates: list[Candidate], current: Candidate, newest: Candidat
         return Decision(champion=best.version, challenger=newest.version, promoted=True, reasons=reasons)
     reasons[best.version] = f"not promoted: {versus}"
     if newest is not best and newest.version not in reasons and newest is not current:
-        reasons[newest.version] = f"not promoted: v{best.version} is the best challenger on the same data"
+        score = f"validation perplexity {newest.val_perplexity:.4f}" if newest.has_score() else "no validation score"
+        reasons[newest.version] = (
+            f"not promoted: {score}; the best challenger on the same data, v{best.version} "
+            f"({best.val_perplexity:.4f}), does not beat champion v{current.version} ({current.val_perplexity:.4f})"
+        )
     return Decision(champion=current.version, challenger=newest.version, promoted=False, reasons=reasons)

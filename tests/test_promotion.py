@@ -38,6 +38,18 @@ def test_margin_keeps_champion_and_says_why():
     assert decide([cand(1, 9.0), cand(2, 8.0)], champion=1, margin=0.05).champion == 2
 
 
+def test_newest_version_worse_than_best_challenger_says_so():
+    decision = decide([cand(1, 9.0), cand(2, 9.5), cand(3, 12.0)], champion=1)
+    assert (decision.champion, decision.challenger, decision.promoted) == (1, 3, False)
+    assert decision.reasons[3] == (
+        "not promoted: validation perplexity 12.0000; the best challenger on the same data, v2 (9.5000), "
+        "does not beat champion v1 (9.0000)"
+    )
+    assert decision.reasons[2].startswith(
+        "not promoted: validation perplexity 9.5000 vs champion v1's 9.0000 (5.56% higher"
+    )
+
+
 def test_equal_perplexity_is_no_improvement():
     assert decide([cand(1, 9.0), cand(2, 9.0)], champion=1).champion == 1
 
