@@ -20,8 +20,12 @@ from prefect.cache_policies import NO_CACHE
 from rnnlm.promotion import Candidate, Decision, decide
 from tasks.tracking import artifact_location, client, tracking_uri
 
+# What a reader scans first comes first: the version, its aliases and its scores.
 COLUMNS = [
     "version",
+    "aliases",
+    "val_perplexity",
+    "train_perplexity",
     "run_id",
     "created",
     "rnn",
@@ -31,11 +35,8 @@ COLUMNS = [
     "max_tokens",
     "epochs",
     "lr",
-    "train_perplexity",
-    "val_perplexity",
     "tokens_per_sec",
     "device",
-    "aliases",
     "preprocess",
     "corpus_sha1",
     "promotion",
@@ -48,6 +49,10 @@ def _number(value) -> float | None:
     except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) else None
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else float(round(value))
 
 
 def version_record(version, aliases: list[str]) -> dict:
@@ -71,7 +76,7 @@ def version_record(version, aliases: list[str]) -> dict:
         "lr": params.get("lr"),
         "train_perplexity": _number(metrics.get("final_train_perplexity", tags.get("train_perplexity"))),
         "val_perplexity": _number(metrics.get("final_val_perplexity", tags.get("val_perplexity"))),
-        "tokens_per_sec": _number(metrics.get("final_tokens_per_sec")),
+        "tokens_per_sec": _rounded(_number(metrics.get("final_tokens_per_sec"))),
         "device": run_tags.get("device"),
         "aliases": ",".join(sorted(aliases)),
         "preprocess": params.get("preprocess"),
@@ -107,6 +112,13 @@ def comparison_table(records: list[dict]) -> pd.DataFrame:
 
 def _is_nan(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _display(value):
+    """A table cell for the Prefect UI: no NaN (not JSON), floats to 4 decimals."""
+    if _is_nan(value):
+        return None
+    return round(value, 4) if isinstance(value, float) else value
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -171,7 +183,7 @@ def publish_comparison(model_name: str, records: list[dict], experiment: str) ->
     """
     table = comparison_table(records)
     print(table.drop(columns=["corpus_sha1", "promotion"]).to_string(index=False))
-    rows = [{k: (None if _is_nan(v) else v) for k, v in row.items()} for row in table.to_dict("records")]
+    rows = [{k: _display(v) for k, v in row.items()} for row in table.to_dict("records")]
     create_table_artifact(rows, key="registry-comparison", description=f"versions of {model_name}, best first")
     mlflow_client = client()
     run = mlflow_client.create_run(_experiment_id(experiment), run_name=f"compare-{model_name}")

@@ -83,5 +83,5 @@ def test_table_is_sorted_by_validation_perplexity():
     table = comparison_table(records)
     assert list(table["version"]) == [3, 1, 2]
     markdown = to_markdown(table).splitlines()
-    assert markdown[0].startswith("| version | run_id | created |")
+    assert markdown[0].startswith("| version | aliases | val_perplexity |")
     assert markdown[2].startswith("| 3 |") and "champion" in markdown[2]
