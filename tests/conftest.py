@@ -128,8 +128,13 @@ def mlflow_store(tmp_path, monkeypatch, _mlflow_template) -> Iterator[str]:
     uri = f"sqlite:///{store / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
+    # The registry URI is global too, and set_registry_uri (called by register-model) also exports
+    # MLFLOW_REGISTRY_URI to subprocesses: without this, a later test reads (or serves) an earlier test's registry.
+    mlflow.set_registry_uri(uri)
     yield uri
     if mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)

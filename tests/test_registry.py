@@ -36,7 +36,7 @@ def prefect_table(key: str) -> list[dict]:
 
 
 def test_train_compare_promote_and_load_champion(tmp_path, small_corpus, mlflow_store):
-    client = MlflowClient(mlflow_store)
+    client = MlflowClient(tracking_uri=mlflow_store, registry_uri=mlflow_store)
     short = train_flow(small_config(tmp_path, str(small_corpus), num_epochs=1, promote=True))
     assert alias_version(client, "champion") == alias_version(client, "challenger") == short["version"] == 1
     assert promotion_tag(client, 1).startswith("promoted to champion: no champion yet")

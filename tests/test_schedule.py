@@ -64,6 +64,7 @@ def test_served_deployment_is_scheduled_and_runs_from_the_api(tmp_path, small_co
         PREFECT_API_URL=prefect_server,
         PREFECT_HOME=str(tmp_path / "prefect-client-home"),
         MLFLOW_TRACKING_URI=mlflow_store,
+        MLFLOW_REGISTRY_URI=mlflow_store,
         PREFECT_RUNNER_POLL_FREQUENCY="2",  # pick up the triggered run within seconds
     )
     options = {**SMALL, "corpus": str(small_corpus), "cache_dir": str(tmp_path / "cache")}
@@ -94,7 +95,7 @@ def test_served_deployment_is_scheduled_and_runs_from_the_api(tmp_path, small_co
     finally:
         stop(serving)
 
-    client = MlflowClient(mlflow_store)
+    client = MlflowClient(tracking_uri=mlflow_store, registry_uri=mlflow_store)
     experiment = client.get_experiment_by_name("rnnlm")
     [mlflow_run] = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{run['id']}'")
     assert mlflow_run.info.status == "FINISHED" and mlflow_run.data.params["num_epochs"] == "1"

@@ -36,7 +36,11 @@ def served_champion(tmp_path, small_corpus, mlflow_store):
     assert out["version"] == 1
     port, log = free_port(), tmp_path / "serve.log"
     command = ["mlflow", "models", "serve", "-m", "models:/rnnlm@champion", "--env-manager", "local"]
-    server = start([*command, "-h", "127.0.0.1", "-p", str(port)], service_env(MLFLOW_TRACKING_URI=mlflow_store), log)
+    server = start(
+        [*command, "-h", "127.0.0.1", "-p", str(port)],
+        service_env(MLFLOW_TRACKING_URI=mlflow_store, MLFLOW_REGISTRY_URI=mlflow_store),
+        log,
+    )
     try:
         wait_until_up(f"http://127.0.0.1:{port}/ping", server, log)
         yield f"http://127.0.0.1:{port}/invocations"
