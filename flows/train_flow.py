@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     except ValidationError as err:
         problems = "; ".join(f"--{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
         sys.exit(f"error: {problems} (see --help)")
+    if command.cron and not command.serve:
+        sys.exit("error: --cron schedules the deployment made by --serve; add --serve (see --help)")
     if command.serve:
         from flows.deploy import serve_training
 
