@@ -4,9 +4,8 @@ download -> tokenize + vocab -> train -> sample -> log to MLflow -> register. Wi
 experiment (D2L 8.6). Every option is a field of `rnnlm.config.TrainConfig`, the flow's one parameter.
 """
 
-# No `from __future__ import annotations` in flow modules: a deployment run (flow.serve, prefect deploy) failed
-# with "`Train_FlowModel` is not fully defined; you should define `TrainConfig`" when the parameter annotation was a
-# string (seen with Prefect 3.9.1; tests/test_schedule.py covers it).
+# No `from __future__ import annotations` here: Prefect builds the parameter form from these annotations and,
+# on a Dask worker, cannot resolve them from strings.
 import os
 import sys
 

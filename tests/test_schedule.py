@@ -15,8 +15,8 @@ import time
 import pytest
 import requests
 from conftest import PROJECT_ROOT
+from live_services import free_port, service_env, start, stop, tail, wait_until_up
 from mlflow.tracking import MlflowClient
-from services import free_port, service_env, start, stop, tail, wait_until_up
 from small_runs import SMALL
 
 pytestmark = pytest.mark.slow

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import requests
-from services import free_port, service_env, start, stop, wait_until_up
+from live_services import free_port, service_env, start, stop, wait_until_up
 from small_runs import small_config
 
 from flows.train_flow import train_flow
