@@ -6,6 +6,7 @@ leak into the user's ~/.prefect or out of the machine.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 _PREFECT_HOME = tempfile.mkdtemp(prefix="rnnlm-prefect-")
+atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
 os.environ.update(
     {
         "PREFECT_HOME": _PREFECT_HOME,
@@ -66,6 +68,19 @@ def small_text(words: int = 3000, seed: int = 0) -> str:
             lines.append(" ".join(line).capitalize() + rng.choice([".", ",", ";", "!"]))
             line = []
     return "\n".join(lines) + "\n"
+
+
+# Hyperparameters that train in about a second on a small generated corpus.
+SMALL_TRAINING = dict(
+    max_tokens=-1, val_tokens=2000, num_hiddens=16, batch_size=8, num_steps=10, num_epochs=2, eval_every=1, num_preds=10
+)
+
+
+def small_config(tmp_path: Path, corpus: str | Path, **overrides):
+    """A TrainConfig for a quick real run on `corpus`, with its own cache under `tmp_path`."""
+    from rnnlm.config import TrainConfig
+
+    return TrainConfig(**(SMALL_TRAINING | {"corpus": str(corpus), "cache_dir": str(tmp_path / "cache")} | overrides))
 
 
 @pytest.fixture
@@ -128,13 +143,20 @@ def mlflow_store(tmp_path, monkeypatch, _mlflow_template) -> Iterator[str]:
     uri = f"sqlite:///{store / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
-    # The registry URI is global too, and set_registry_uri (called by register-model) also exports
-    # MLFLOW_REGISTRY_URI to subprocesses: without this, a later test reads (or serves) an earlier test's registry.
-    mlflow.set_registry_uri(uri)
     yield uri
-    if mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.environ.pop("MLFLOW_REGISTRY_URI", None)
+
+
+@pytest.fixture(autouse=True)
+def _reset_mlflow_globals():
+    """mlflow keeps the tracking URI and the active run in globals; no test may leak them into the next."""
+    yield
+    import sys
+
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        if mlflow.active_run():
+            mlflow.end_run()
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)  # set_registry_uri exports it and never removes it
