@@ -10,11 +10,12 @@ import os
 import sys
 
 from prefect import flow
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 from rnnlm.config import TrainConfig
 from tasks.data import fetch_corpus, prepare_data
+from tasks.registry import promote, read_versions
 from tasks.tracking import check_tracking, log_results, register_model, run_guard, start_run
 from tasks.train import generate_samples, plot_history, report, train_model
 
@@ -43,6 +44,8 @@ def train_flow(config: TrainConfig = TrainConfig(), parent_run_id: str | None = 
         report(config, run_id, result, samples, tracking_uri)
         version = register_model(config, run_id, result["checkpoint"], result)
     print(f"MLflow run {run_id}; registered model {config.registered_model!r} version {version}")
+    if config.promote:
+        promote(config.registered_model, read_versions(config.registered_model), config.promote_margin)
     summary = {k: result[k] for k in ("train_perplexity", "val_perplexity", "tokens_per_sec", "device", "epochs")}
     return {"run_id": run_id, "version": version, **summary}
 
@@ -56,6 +59,13 @@ class TrainCommand(BaseSettings, TrainConfig):
         cli_implicit_flags=True,
         extra="forbid",
     )
+
+    serve: bool = Field(
+        False,
+        description="Instead of training once, create the deployment 'train-rnnlm/train-rnnlm' with these options as "
+        "its parameters and run its scheduled and UI-triggered runs (needs PREFECT_API_URL; see flows/deploy.py).",
+    )
+    cron: str | None = Field(None, description="With --serve: a cron schedule for the deployment, e.g. '0 3 * * *'.")
 
     def config(self) -> TrainConfig:
         """The training configuration given on the command line."""
@@ -71,6 +81,13 @@ def main(argv: list[str] | None = None) -> dict:
     except ValidationError as err:
         problems = "; ".join(f"--{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
         sys.exit(f"error: {problems} (see --help)")
+    if command.cron and not command.serve:
+        sys.exit("error: --cron schedules the deployment made by --serve; add --serve (see --help)")
+    if command.serve:
+        from flows.deploy import serve_training
+
+        serve_training(command.config(), cron=command.cron)
+        return {}
     return train_flow(command.config())
 
 

@@ -94,6 +94,16 @@ class TrainConfig(BaseModel):
     experiment: str = Field("rnnlm", min_length=1, description="MLflow experiment name.")
     registered_model: str = Field("rnnlm", min_length=1, description="MLflow registered model name.")
 
+    # --- registry (after registration) ------------------------------------------------------------------------
+    promote: bool = Field(
+        False,
+        description="After registering, move the 'champion' alias to the best version on the same data if it "
+        "beats the champion by more than promote_margin, and 'challenger' to the newest version.",
+    )
+    promote_margin: float = Field(
+        0.0, ge=0, lt=1, description="Fraction by which a version must beat the champion (0 = any improvement)."
+    )
+
     @field_validator("max_tokens")
     @classmethod
     def _max_tokens_positive_or_all(cls, value: int) -> int:

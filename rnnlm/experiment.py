@@ -165,7 +165,7 @@ def fit(
         "best_val_perplexity": state.best_val_perplexity,
         "tokens_per_sec": float(np.mean([s.tokens_per_sec for s in state.history])),
         "train_seconds": float(sum(s.seconds for s in state.history)),
-        "device": device_name(device),
+        "device": device_name(device, config.cpu_threads),
         "history": [asdict(s) for s in state.history],
     }
 

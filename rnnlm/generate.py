@@ -12,6 +12,7 @@ from rnnlm.model import RNNLM
 from rnnlm.vocab import Vocab, join_tokens, split_tokens
 
 MAX_PREDS = 10_000
+MAX_TOP_K = 2**31 - 1  # any top_k >= the vocabulary's size means no truncation
 
 
 class GenerationError(ValueError):

@@ -95,10 +95,11 @@ def pick_device(preference: str = "auto") -> torch.device:
     return torch.device(preference)
 
 
-def device_name(device: torch.device) -> str:
-    """Human-readable device, e.g. 'cuda:0 (NVIDIA H200)' or 'cpu (2 threads)'."""
+def device_name(device: torch.device, cpu_threads: int = 0) -> str:
+    """Human-readable device, e.g. 'cuda:0 (NVIDIA H200)' or 'cpu (1 thread)'; `cpu_threads` 0 = torch's setting."""
     if device.type == "cuda":
         return f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()})"
     if device.type == "cpu":
-        return f"cpu ({torch.get_num_threads()} threads)"
+        threads = cpu_threads or torch.get_num_threads()
+        return f"cpu ({threads} thread{'s' if threads > 1 else ''})"
     return str(device)

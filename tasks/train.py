@@ -17,11 +17,17 @@ from prefect.cache_policies import NO_CACHE
 
 from rnnlm import experiment
 from rnnlm.config import TrainConfig
+from rnnlm.generate import MAX_TOP_K
 from rnnlm.plot import plot_perplexity
 from rnnlm.train import EpochStats, TrainState
 from tasks.tracking import MetricLogger, run_link
 
-SAMPLING = {"greedy": {"top_k": 1}, "t0.8-top5": {"temperature": 0.8, "top_k": 5}, "t1.0": {"temperature": 1.0}}
+# top_k=1 is greedy; a top_k at least the vocabulary's size samples from the whole distribution
+SAMPLING = {
+    "greedy": {"top_k": 1},
+    "t0.8-top5": {"temperature": 0.8, "top_k": 5},
+    "t1.0-all": {"temperature": 1.0, "top_k": MAX_TOP_K},
+}
 
 
 def run_folder(config: TrainConfig, run_id: str) -> Path:

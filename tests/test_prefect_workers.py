@@ -30,21 +30,10 @@ def test_sweep_through_a_work_pool_and_worker(tmp_path):
     with prefect_server(tmp_path / "home") as env:
         env = env | {"MLFLOW_TRACKING_URI": store}
         prefect = str(Path(sys.executable).with_name("prefect"))
-        _run([prefect, "work-pool", "create", "rnnlm-test", "--type", "process"], env)
-        _run(
-            [
-                sys.executable,
-                "-c",
-                (
-                    "from flows.train_flow import train_flow; "
-                    f"train_flow.from_source(source={str(PROJECT_ROOT)!r}, entrypoint='flows/train_flow.py:train_flow')"
-                    ".deploy(name='train', work_pool_name='rnnlm-test', print_next_steps=False)"
-                ),
-            ],
-            env,
-        )
+        _run([prefect, "work-pool", "create", "rnnlm-process", "--type", "process"], env)
+        _run([prefect, "--no-prompt", "deploy", "--name", "train-rnnlm"], env)  # prefect.yaml, as docs/deploy.md
         worker = subprocess.Popen(
-            [prefect, "worker", "start", "--pool", "rnnlm-test", "--limit", "2"],
+            [prefect, "worker", "start", "--pool", "rnnlm-process", "--limit", "2"],
             env=env,
             stdout=open(tmp_path / "worker.log", "w"),
             stderr=subprocess.STDOUT,
@@ -59,7 +48,7 @@ def test_sweep_through_a_work_pool_and_worker(tmp_path):
                     "flows/sweep_flow.py",
                     *base,
                     f"--variants={variants}",
-                    "--deployment=train-rnnlm/train",
+                    "--deployment=train-rnnlm/train-rnnlm",
                 ],
                 env,
                 timeout=900,
