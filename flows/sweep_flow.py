@@ -55,8 +55,8 @@ class SweepConfig(BaseModel):
     gpus_per_member: int = Field(0, ge=0, description="Dask 'GPU' resources each member needs (workers declare them).")
     deployment: str | None = Field(
         None,
-        description="Run each member as a flow run of this deployment (e.g. 'train-rnnlm/train-rnnlm') on its work pool's "
-        "workers, instead of in this process.",
+        description="Run each member as a flow run of this deployment (e.g. 'train-rnnlm/train-rnnlm') on its work "
+        "pool's workers, instead of in this process.",
     )
 
     def members(self) -> list[TrainConfig]:
