@@ -118,7 +118,9 @@ def generate_samples(config: TrainConfig, checkpoint: str) -> dict:
 def plot_history(config: TrainConfig, run_id: str, history: list[dict]) -> str:
     """The perplexity curve as a PNG next to the checkpoint."""
     title = f"{config.rnn.upper()} {config.num_hiddens}, lr {config.lr}, {config.num_epochs} epochs"
-    return str(plot_perplexity(history, run_folder(config, run_id) / "perplexity.png", title))
+    folder = run_folder(config, run_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(plot_perplexity(history, folder / "perplexity.png", title))
 
 
 @task(name="report", cache_policy=NO_CACHE)
