@@ -157,8 +157,12 @@ def _resumable_run(mlflow_client: MlflowClient, config: TrainConfig, data: Prepa
             path.unlink(missing_ok=True)
             unlock(_lock_of(path))
             continue
-        ckpt = experiment.read_resumable(path, config, Vocab.load(data.vocab_path), data.corpus_sha1)
-        return _continue(mlflow_client, config, data, path, status, ckpt["epoch"])
+        try:
+            ckpt = experiment.read_resumable(path, config, Vocab.load(data.vocab_path), data.corpus_sha1)
+            return _continue(mlflow_client, config, data, path, status, ckpt["epoch"])
+        except BaseException:
+            unlock(_lock_of(path))  # a refused checkpoint stays for the user to see; nobody holds it
+            raise
     return None
 
 
