@@ -254,7 +254,10 @@ def read_resumable(
 ) -> dict:
     """Load a training checkpoint (weights_only) and refuse it, saying what differs, unless it continues a run of
     this config on this vocab and corpus."""
-    ckpt = load_checkpoint(path, map_location=device)
+    try:
+        ckpt = load_checkpoint(path, map_location=device)
+    except ValueError as err:
+        raise CheckpointMismatch(f"{err}; delete it, or start over with --resume never") from err
     current = {**config.model_dump(mode="json"), "corpus_file_sha1": corpus_sha1 or ckpt.get("corpus_sha1")}
     saved = {**ckpt.get("config", {}), "corpus_file_sha1": ckpt.get("corpus_sha1")}
     check_compatible(path, {**ckpt, "config": saved}, current, vocab, [*training_fields(), "corpus_file_sha1"])
