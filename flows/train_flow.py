@@ -4,8 +4,8 @@ download -> tokenize + vocab -> train -> sample -> log to MLflow -> register. Wi
 experiment (D2L 8.6). Every option is a field of `rnnlm.config.TrainConfig`, the flow's one parameter.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Prefect builds the parameter form from these annotations and,
+# on a Dask worker, cannot resolve them from strings.
 import os
 import sys
 
@@ -27,12 +27,14 @@ QUIET_DEFAULTS = {
 
 
 @flow(name="train-rnnlm", flow_run_name="{config.rnn}-{config.num_hiddens}h-{config.num_epochs}ep", log_prints=True)
-def train_flow(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (a frozen default; Prefect shows it)
-    """Train, evaluate, sample, log to MLflow and register one model; returns the run id, version and metrics."""
+def train_flow(config: TrainConfig = TrainConfig(), parent_run_id: str | None = None) -> dict:  # noqa: B008
+    """Train, evaluate, sample, log to MLflow and register one model; returns the run id, version and metrics.
+
+    `parent_run_id` nests the MLflow run under another (a sweep's)."""
     tracking_uri = check_tracking(config)
     corpus_path = fetch_corpus(config)
     data = prepare_data(corpus_path, config)
-    run_id = start_run(config, data)
+    run_id = start_run(config, data, parent_run_id)
     with run_guard(run_id):
         result = train_model(config, data, run_id)
         samples = generate_samples(config, result["checkpoint"])

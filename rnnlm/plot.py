@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+
+# matplotlib's text layout (mathtext, font caches) is not thread-safe, and sweeps train members on threads.
+_MATPLOTLIB = threading.Lock()
 
 
 def plot_perplexity(history: list[dict], path: Path, title: str = "") -> Path:
     """Draw train (and validation) perplexity against epoch, log-scaled, into `path`."""
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # no display on servers; chosen here, not at import time
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot([h["epoch"] for h in history], [h["train_perplexity"] for h in history], label="train")
-    val = [h for h in history if h.get("val_perplexity") is not None]
-    if val:
-        ax.plot([h["epoch"] for h in val], [h["val_perplexity"] for h in val], "o-", ms=3, label="validation")
-    ax.set(xlabel="epoch", ylabel="perplexity", yscale="log", title=title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with _MATPLOTLIB:
+        fig = Figure(figsize=(6, 4), dpi=100)
+        FigureCanvasAgg(fig)  # no pyplot: no global figure registry, no display needed
+        ax = fig.add_subplot()
+        ax.plot([h["epoch"] for h in history], [h["train_perplexity"] for h in history], label="train")
+        val = [h for h in history if h.get("val_perplexity") is not None]
+        if val:
+            ax.plot([h["epoch"] for h in val], [h["val_perplexity"] for h in val], "o-", ms=3, label="validation")
+        ax.set(xlabel="epoch", ylabel="perplexity", yscale="log", title=title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path)
     return Path(path)

@@ -116,24 +116,26 @@ RESUMED_FROM_TAG = "rnnlm.resumed_from_run"
 
 
 @task(name="start-mlflow-run", cache_policy=NO_CACHE)
-def start_run(config: TrainConfig, data: PreparedData, run_name: str | None = None) -> str:
+def start_run(config: TrainConfig, data: PreparedData, parent_run_id: str | None = None) -> str:
     """The run to train in: the interrupted run of this same training when one left a checkpoint (same run id,
-    metrics continue), else a new run with every config value, the data's identity and the versions as params.
+    metrics continue), else a new run (nested under `parent_run_id` when given) with every config value, the
+    data's identity and the software versions as params.
 
     The returned run's checkpoint is locked by this process until `run_guard` ends, so two processes never train
     into the same run.
     """
     mlflow_client = client()
-    if config.resume == "auto" and (run_id := _resumable_run(mlflow_client, config, data)) is not None:
+    if config.resume == "auto" and (run_id := _resumable_run(mlflow_client, config, data, parent_run_id)):
         return run_id
-    run_id = _new_run(mlflow_client, config, data, run_name)
+    run_id = _new_run(mlflow_client, config, data, parent_run_id)
     try_lock(_lock_of(experiment.run_checkpoint(config, data.corpus_sha1, run_id)))
     get_run_logger().info("MLflow run %s started", run_id)
     return run_id
 
 
-def _new_run(mlflow_client: MlflowClient, config: TrainConfig, data: PreparedData, run_name: str | None) -> str:
-    run = mlflow_client.create_run(_experiment_id(config.experiment), run_name=run_name, tags=_run_tags())
+def _new_run(mlflow_client: MlflowClient, config: TrainConfig, data: PreparedData, parent_run_id: str | None) -> str:
+    tags = _run_tags() | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})
+    run = mlflow_client.create_run(_experiment_id(config.experiment), tags=tags)
     params = {**config.model_dump(mode="json"), **environment()}
     params |= {"corpus_file_sha1": data.corpus_sha1, "vocab_size": data.vocab_size, "git_commit": git_commit()}
     params |= {"train_tokens": data.train_tokens, "val_tokens_actual": data.val_tokens}
@@ -145,7 +147,9 @@ def _lock_of(checkpoint: Path) -> Path:
     return checkpoint.with_suffix(".lock")
 
 
-def _resumable_run(mlflow_client: MlflowClient, config: TrainConfig, data: PreparedData) -> str | None:
+def _resumable_run(
+    mlflow_client: MlflowClient, config: TrainConfig, data: PreparedData, parent_run_id: str | None
+) -> str | None:
     """The newest checkpoint of this training whose process is gone and whose run did not finish, taken over."""
     folder = experiment.checkpoint_folder(config, data.corpus_sha1)
     candidates = sorted(folder.glob("*.pt"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
@@ -159,7 +163,7 @@ def _resumable_run(mlflow_client: MlflowClient, config: TrainConfig, data: Prepa
             continue
         try:
             ckpt = experiment.read_resumable(path, config, Vocab.load(data.vocab_path), data.corpus_sha1)
-            return _continue(mlflow_client, config, data, path, status, ckpt["epoch"])
+            return _continue(mlflow_client, config, data, path, status, ckpt["epoch"], parent_run_id)
         except BaseException:
             unlock(_lock_of(path))  # a refused checkpoint stays for the user to see; nobody holds it
             raise
@@ -175,14 +179,14 @@ def _run_status(mlflow_client: MlflowClient, run_id: str) -> str | None:
     return run.info.status if run.info.lifecycle_stage == "active" else None
 
 
-def _continue(mlflow_client, config: TrainConfig, data: PreparedData, path: Path, status: str | None, epoch: int):
+def _continue(mlflow_client, config, data, path: Path, status: str | None, epoch: int, parent_run_id: str | None):
     """Reopen the checkpoint's run; if this store cannot continue it, start a new run that records the link."""
     logger, old_id = get_run_logger(), path.stem
     if status is not None:
         _reopen(mlflow_client, old_id, epoch)
         logger.warning("resuming MLflow run %s (%s) from its checkpoint at epoch %d: %s", old_id, status, epoch, path)
         return old_id
-    new_id = _new_run(mlflow_client, config, data, None)
+    new_id = _new_run(mlflow_client, config, data, parent_run_id)
     mlflow_client.set_tag(new_id, RESUMED_FROM_TAG, old_id)
     mlflow_client.set_tag(new_id, "rnnlm.resumed_at_epoch", str(epoch))
     new_path = path.with_name(f"{new_id}.pt")

@@ -6,6 +6,7 @@ leak into the user's ~/.prefect or out of the machine.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 _PREFECT_HOME = tempfile.mkdtemp(prefix="rnnlm-prefect-")
+atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
 os.environ.update(
     {
         "PREFECT_HOME": _PREFECT_HOME,
@@ -129,7 +131,17 @@ def mlflow_store(tmp_path, monkeypatch, _mlflow_template) -> Iterator[str]:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     yield uri
-    if mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(autouse=True)
+def _reset_mlflow_globals():
+    """mlflow keeps the tracking URI and the active run in globals; no test may leak them into the next."""
+    yield
+    import sys
+
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        if mlflow.active_run():
+            mlflow.end_run()
+        mlflow.set_tracking_uri(None)

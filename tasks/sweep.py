@@ -1,0 +1,97 @@
+"""Sweep tasks: the parent MLflow run and the comparison table beside the book's printed results."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from rnnlm.config import TrainConfig
+from tasks.tracking import _experiment_id, _param, _run_tags, client
+
+# Training perplexities the book prints for its chapter 8-9 models (500 epochs, 10,000 tokens, batch 32, 35 steps).
+BOOK_PERPLEXITY = {("rnn", 1): 1.3, ("gru", 1): 1.0, ("lstm", 1): 1.1, ("lstm", 2): 1.0}
+BOOK_SECTION = {("rnn", 1): "8.6", ("gru", 1): "9.1", ("lstm", 1): "9.2", ("lstm", 2): "9.3"}
+
+
+@task(name="start-sweep-run", cache_policy=NO_CACHE)
+def start_sweep_run(members: list[TrainConfig], runner: str) -> str:
+    """The parent MLflow run that every member's run is nested under."""
+    mlflow_client = client()
+    experiment = members[0].experiment
+    run = mlflow_client.create_run(_experiment_id(experiment), run_name="sweep", tags=_run_tags())
+    params = {"members": len(members), "task_runner": runner}
+    params |= {f"member_{i}": _describe(c) for i, c in enumerate(members)}
+    mlflow_client.log_batch(run.info.run_id, params=[_param(k, v) for k, v in params.items()])
+    get_run_logger().info("sweep of %d configurations, MLflow parent run %s", len(members), run.info.run_id)
+    return run.info.run_id
+
+
+def member_summary(flow_run_id: str, registered_model: str) -> dict:
+    """What a member's train flow returned, read back from MLflow by its Prefect flow run id."""
+    mlflow_client = client()
+    [run] = mlflow_client.search_runs(
+        [e.experiment_id for e in mlflow_client.search_experiments()],
+        filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'",
+    )
+    [version] = mlflow_client.search_model_versions(f"name = '{registered_model}' and run_id = '{run.info.run_id}'")
+    metrics = run.data.metrics
+    return {
+        "run_id": run.info.run_id,
+        "version": int(version.version),
+        "train_perplexity": metrics["final_train_perplexity"],
+        "val_perplexity": metrics.get("final_val_perplexity"),
+        "tokens_per_sec": metrics["final_tokens_per_sec"],
+        "device": run.data.tags.get("device"),
+    }
+
+
+def _describe(config: TrainConfig) -> str:
+    tokens = "all" if config.max_tokens == -1 else f"{config.max_tokens}"
+    return f"{config.rnn} x{config.num_layers} h{config.num_hiddens} lr{config.lr} tokens={tokens}"
+
+
+def sweep_table(members: list[TrainConfig], results: list[dict | BaseException]) -> pd.DataFrame:
+    """One row per member: its setting, the book's training perplexity where the book has one, ours, and more."""
+    rows = []
+    for config, result in zip(members, results, strict=True):
+        key = (config.rnn, config.num_layers)
+        full = config.max_tokens == -1
+        failed = isinstance(result, BaseException)
+        rows.append(
+            {
+                "model": f"{config.rnn.upper()}{' x' + str(config.num_layers) if config.num_layers > 1 else ''}",
+                "d2l": BOOK_SECTION.get(key, ""),
+                "lr": config.lr,
+                "train_tokens": "all but val" if full else config.max_tokens,
+                "epochs": config.num_epochs,
+                "book_train_ppl": None if full else BOOK_PERPLEXITY.get(key),
+                "train_ppl": None if failed else round(result["train_perplexity"], 3),
+                "val_ppl": None if failed or result["val_perplexity"] is None else round(result["val_perplexity"], 2),
+                "tokens_per_s": None if failed else round(result["tokens_per_sec"]),
+                "device": None if failed else result["device"],
+                "run_id": None if failed else result["run_id"],
+                "version": None if failed else result["version"],
+                "error": f"{type(result).__name__}: {result}"[:200] if failed else "",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+@task(name="report-sweep", cache_policy=NO_CACHE)
+def report_sweep(members: list[TrainConfig], results: list, parent_run_id: str) -> list[dict]:
+    """Print the table, and keep it as a Prefect table artifact and as CSV + markdown on the parent MLflow run."""
+    table = sweep_table(members, results)
+    get_run_logger().info("sweep results:\n%s", table.to_string(index=False))
+    records = table.astype(object).where(table.notna(), None).to_dict(orient="records")
+    create_table_artifact(records, key="sweep-results", description="the book's models, side by side")
+    mlflow_client = client()
+    with tempfile.TemporaryDirectory() as tmp:
+        table.to_csv(Path(tmp) / "sweep.csv", index=False)
+        (Path(tmp) / "sweep.md").write_text(table.to_markdown(index=False))
+        mlflow_client.log_artifacts(parent_run_id, tmp)
+    return records
