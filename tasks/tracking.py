@@ -160,6 +160,7 @@ def _resumable_run(
         if status == "FINISHED":  # its model is in MLflow; the local copy is no longer needed
             path.unlink(missing_ok=True)
             unlock(_lock_of(path))
+            _lock_of(path).unlink(missing_ok=True)
             continue
         try:
             ckpt = experiment.read_resumable(path, config, Vocab.load(data.vocab_path), data.corpus_sha1)
@@ -203,8 +204,11 @@ def _continue(mlflow_client, config, data, path: Path, status: str | None, epoch
 
 
 def _reopen(mlflow_client: MlflowClient, run_id: str, epoch: int) -> None:
-    """Set the run RUNNING again; its last failure reason moves to `rnnlm.previous_failure`."""
+    """Set the run RUNNING again, tagged with this flow run; its last failure reason moves to
+    `rnnlm.previous_failure`."""
     mlflow_client.update_run(run_id, status="RUNNING")
+    for key, value in _run_tags().items():
+        mlflow_client.set_tag(run_id, key, value)
     if reason := mlflow_client.get_run(run_id).data.tags.get("failure_reason"):
         mlflow_client.set_tag(run_id, "rnnlm.previous_failure", reason)
         mlflow_client.delete_tag(run_id, "failure_reason")
