@@ -154,7 +154,7 @@ def unlock(path: Path) -> None:
         os.close(fd)
 
 
-def unlock_named(name: str) -> None:
-    """Release every lock this process holds on a file called `name` (e.g. '<run id>.lock')."""
-    for key in [k for k in _HELD if Path(k).name == name]:
+def unlock_in(folder_name: str) -> None:
+    """Release every lock this process holds on a file in a folder called `folder_name` (e.g. a run id)."""
+    for key in [k for k in _HELD if Path(k).parent.name == folder_name]:
         unlock(Path(key))

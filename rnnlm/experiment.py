@@ -81,8 +81,8 @@ def checkpoint_folder(config: TrainConfig, corpus_sha1: str) -> Path:
 
 
 def run_checkpoint(config: TrainConfig, corpus_sha1: str, run_id: str) -> Path:
-    """The resumable checkpoint of one tracked run."""
-    return checkpoint_folder(config, corpus_sha1) / f"{run_id}.pt"
+    """The resumable checkpoint of one tracked run: `<checkpoint folder>/<run id>/model.pt`."""
+    return checkpoint_folder(config, corpus_sha1) / run_id / "model.pt"
 
 
 @dataclass(frozen=True)

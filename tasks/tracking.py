@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from rnnlm import experiment
-from rnnlm.checkpoint import try_lock, unlock, unlock_named
+from rnnlm.checkpoint import try_lock, unlock, unlock_in
 from rnnlm.config import TrainConfig
 from rnnlm.experiment import PROJECT_ROOT, PreparedData, environment
 from rnnlm.generate import MAX_PREDS
@@ -152,15 +153,15 @@ def _resumable_run(
 ) -> str | None:
     """The newest checkpoint of this training whose process is gone and whose run did not finish, taken over."""
     folder = experiment.checkpoint_folder(config, data.corpus_sha1)
-    candidates = sorted(folder.glob("*.pt"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
+    found = folder.glob("*/model.pt") if folder.is_dir() else []
+    candidates = sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
     for path in candidates:
         if not try_lock(_lock_of(path)):
             continue  # a live process is training that run right now
-        status = _run_status(mlflow_client, path.stem)
+        status = _run_status(mlflow_client, path.parent.name)
         if status == "FINISHED":  # its model is in MLflow; the local copy is no longer needed
-            path.unlink(missing_ok=True)
             unlock(_lock_of(path))
-            _lock_of(path).unlink(missing_ok=True)
+            shutil.rmtree(path.parent, ignore_errors=True)
             continue
         try:
             ckpt = experiment.read_resumable(path, config, Vocab.load(data.vocab_path), data.corpus_sha1)
@@ -182,7 +183,7 @@ def _run_status(mlflow_client: MlflowClient, run_id: str) -> str | None:
 
 def _continue(mlflow_client, config, data, path: Path, status: str | None, epoch: int, parent_run_id: str | None):
     """Reopen the checkpoint's run; if this store cannot continue it, start a new run that records the link."""
-    logger, old_id = get_run_logger(), path.stem
+    logger, old_id = get_run_logger(), path.parent.name
     if status is not None:
         _reopen(mlflow_client, old_id, epoch)
         logger.warning("resuming MLflow run %s (%s) from its checkpoint at epoch %d: %s", old_id, status, epoch, path)
@@ -190,11 +191,12 @@ def _continue(mlflow_client, config, data, path: Path, status: str | None, epoch
     new_id = _new_run(mlflow_client, config, data, parent_run_id)
     mlflow_client.set_tag(new_id, RESUMED_FROM_TAG, old_id)
     mlflow_client.set_tag(new_id, "rnnlm.resumed_at_epoch", str(epoch))
-    new_path = path.with_name(f"{new_id}.pt")
+    new_path = path.parent.with_name(new_id) / path.name
+    new_path.parent.mkdir()
     try_lock(_lock_of(new_path))
     os.replace(path, new_path)
     unlock(_lock_of(path))
-    _lock_of(path).unlink(missing_ok=True)
+    shutil.rmtree(path.parent, ignore_errors=True)
     logger.warning(
         "MLflow run %s of checkpoint %s cannot be continued in this store; continuing its training from epoch %d "
         "as run %s (tag %s)",
@@ -269,7 +271,7 @@ def run_guard(run_id: str) -> Iterator[None]:
     else:
         mlflow_client.set_terminated(run_id, "FINISHED")
     finally:
-        unlock_named(f"{run_id}.lock")
+        unlock_in(run_id)
 
 
 @task(name="log-results", cache_policy=NO_CACHE)

@@ -91,7 +91,7 @@ def wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 3
 def checkpoint_epoch(folder: Path) -> int:
     """Highest epoch among the checkpoints in `folder` (0 for none)."""
     epochs = [0]
-    for path in folder.glob("*.pt"):
+    for path in folder.rglob("*.pt"):
         try:
             epochs.append(load_checkpoint(path)["epoch"])
         except (ValueError, FileNotFoundError):  # renamed away between glob and load
@@ -126,7 +126,7 @@ def reference_run(tmp_path: Path, args: dict) -> dict:
 
 
 def the_run(store: str):
-    client = MlflowClient(store)
+    client = MlflowClient(store, registry_uri=store)
     [run] = client.search_runs([client.get_experiment_by_name("rnnlm").experiment_id])
     return client, run
 
@@ -207,7 +207,7 @@ def test_three_flows_at_once_on_one_new_sqlite_store_all_register(tmp_path, corp
     codes = [finish(p) for p in processes]
     logs = [(tmp_path / f"run{i}.log").read_text()[-3000:] for i in range(3)]
     assert codes == [0, 0, 0], logs
-    client = MlflowClient(store)
+    client = MlflowClient(store, registry_uri=store)
     runs = client.search_runs([client.get_experiment_by_name("rnnlm").experiment_id])
     assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
     versions = client.search_model_versions("name = 'rnnlm'")

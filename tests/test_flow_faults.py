@@ -107,7 +107,7 @@ def test_divergence_fails_the_run_with_the_reason_and_registers_nothing(tmp_path
         train_flow(config)
     [run] = runs_of(mlflow_store)
     assert run.info.status == "FAILED" and "TrainingDiverged" in run.data.tags["failure_reason"]
-    assert MlflowClient(mlflow_store).search_registered_models("name = 'diverged'") == []
+    assert MlflowClient(mlflow_store, registry_uri=mlflow_store).search_registered_models("name = 'diverged'") == []
     # not retried: it would only diverge again
     assert task_states_of_last_run(run)["train-rnn-32"] == "Failed"
 
@@ -149,7 +149,7 @@ def test_prefect_retry_of_the_training_task_resumes(tmp_path, corpus_url, mlflow
     locker.start()
     out = train_flow(config)
     assert released.wait(5)
-    client = MlflowClient(mlflow_store)
+    client = MlflowClient(mlflow_store, registry_uri=mlflow_store)
     [run] = runs_of(mlflow_store)
     assert run.info.run_id == out["run_id"] and run.info.status == "FINISHED"
     steps = sorted(m.step for m in client.get_metric_history(out["run_id"], "train_perplexity"))
@@ -200,9 +200,9 @@ def _interrupted_run(tmp_path, corpus, store, **overrides):
 
 def test_run_deleted_from_the_store_is_continued_as_a_new_linked_run(tmp_path, small_corpus, mlflow_store):
     config, old_id, path = _interrupted_run(tmp_path, str(small_corpus), mlflow_store)
-    MlflowClient(mlflow_store).delete_run(old_id)
+    MlflowClient(mlflow_store, registry_uri=mlflow_store).delete_run(old_id)
     out = train_flow(config)
-    client = MlflowClient(mlflow_store)
+    client = MlflowClient(mlflow_store, registry_uri=mlflow_store)
     new = client.get_run(out["run_id"])
     assert out["run_id"] != old_id and new.info.status == "FINISHED"
     assert new.data.tags["rnnlm.resumed_from_run"] == old_id and new.data.tags["rnnlm.resumed_at_epoch"] == "2"
@@ -214,7 +214,7 @@ def test_failed_run_with_a_checkpoint_is_reopened(tmp_path, small_corpus, mlflow
     config, old_id, _ = _interrupted_run(tmp_path, str(small_corpus), mlflow_store)
     out = train_flow(config)
     assert out["run_id"] == old_id and out["epochs"] == 4
-    assert MlflowClient(mlflow_store).get_run(old_id).info.status == "FINISHED"
+    assert MlflowClient(mlflow_store, registry_uri=mlflow_store).get_run(old_id).info.status == "FINISHED"
 
 
 def test_checkpoint_for_another_vocab_is_refused_before_training(tmp_path, small_corpus, mlflow_store):
@@ -224,7 +224,7 @@ def test_checkpoint_for_another_vocab_is_refused_before_training(tmp_path, small
     save_checkpoint(path, **{k: v for k, v in ckpt.items() if k != "format_version"})
     with pytest.raises(Exception, match="vocab: checkpoint has .* tokens.*--resume never"):
         train_flow(config)
-    assert MlflowClient(mlflow_store).get_run(old_id).info.status == "FAILED"  # untouched
+    assert MlflowClient(mlflow_store, registry_uri=mlflow_store).get_run(old_id).info.status == "FAILED"  # untouched
     out = train_flow(config.model_copy(update={"resume": "never"}))
     assert out["run_id"] != old_id and out["epochs"] == 4
 
