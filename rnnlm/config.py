@@ -44,6 +44,9 @@ class TrainConfig(BaseModel):
         description="Folder for downloaded corpora and prepared data (default: <project>/.cache).",
     )
     max_download_mb: float = Field(1024.0, gt=0, description="Refuse downloads larger than this many megabytes.")
+    download_timeout: float = Field(
+        30.0, gt=0, le=3600, description="Seconds to wait for the corpus server to connect or send the next bytes."
+    )
     preprocess: Literal["book", "raw"] = Field(
         "book",
         description="'book': every run of non-letters becomes one space, lowercased (D2L); 'raw': keep text as is.",
@@ -88,6 +91,14 @@ class TrainConfig(BaseModel):
         "models on shared cores (see docs/benchmarks.md).",
     )
     amp: bool = Field(False, description="bf16 autocast for the forward pass (GPU speed; weights stay float32).")
+    checkpoint_every: int = Field(
+        10, gt=0, description="Write a resumable checkpoint every this many epochs (and always at the end)."
+    )
+    resume: Literal["auto", "never"] = Field(
+        "auto",
+        description="'auto': continue an interrupted run of the same config from its last checkpoint; "
+        "'never': always start over.",
+    )
 
     # --- outputs ----------------------------------------------------------------------------------------------
     num_preds: int = Field(50, ge=0, le=10_000, description="Tokens generated after each prompt in the samples.")

@@ -105,7 +105,7 @@ def _stream(url: str, out, max_bytes: int, timeout: tuple[float, float]) -> None
     """Copy the body of `url` into `out`, enforcing the size limit and a complete body."""
     try:
         with requests.get(url, stream=True, timeout=timeout) as response:
-            response.raise_for_status()
+            _check_status(url, response)
             declared = int(response.headers.get("Content-Length") or 0)
             if declared > max_bytes:
                 raise CorpusError(
@@ -124,6 +124,13 @@ def _stream(url: str, out, max_bytes: int, timeout: tuple[float, float]) -> None
         ) from err
     if declared and written != declared:
         raise DownloadError(f"{url} ended after {written:,} of {declared:,} bytes; try again")
+
+
+def _check_status(url: str, response: requests.Response) -> None:
+    """A 4xx answer will not change on retry (CorpusError); a 5xx may (DownloadError, via raise_for_status)."""
+    if 400 <= response.status_code < 500:
+        raise CorpusError(f"{url} answered {response.status_code} {response.reason}; check the URL")
+    response.raise_for_status()
 
 
 def read_text(path: Path) -> str:

@@ -23,7 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rnnlm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from rnnlm.checkpoint import (
+    CheckpointMismatch,
+    check_compatible,
+    load_checkpoint,
+    model_from_checkpoint,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
 from rnnlm.config import TrainConfig
 from rnnlm.corpus import fetch_corpus, sha1_of
 from rnnlm.data import DataError, split_corpus
@@ -36,6 +44,12 @@ from rnnlm.vocab import Vocab
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BOOK_PROMPTS = ("time traveller", "traveller")
 DATA_FIELDS = ("preprocess", "tokenization", "min_freq", "max_tokens", "val_tokens")
+# Settings that say where things come from and go, or how often to report: they never change the trained weights,
+# so a run may resume with other values. Every other field (and any new one) is part of a training's identity.
+RUN_ONLY_FIELDS = (
+    "corpus", "corpus_sha1", "cache_dir", "max_download_mb", "download_timeout", "device", "eval_every",
+    "checkpoint_every", "resume", "num_preds", "experiment", "registered_model",
+)  # fmt: skip
 
 
 def cache_dir(config: TrainConfig) -> Path:
@@ -50,7 +64,26 @@ def fetch(config: TrainConfig) -> Path:
         cache_dir(config),
         sha1=config.expected_sha1(),
         max_bytes=int(config.max_download_mb * 2**20),
+        timeout=(config.download_timeout, config.download_timeout),
     )
+
+
+def training_fields() -> list[str]:
+    """The config fields that define what is trained (all but RUN_ONLY_FIELDS)."""
+    return [name for name in TrainConfig.model_fields if name not in RUN_ONLY_FIELDS]
+
+
+def checkpoint_folder(config: TrainConfig, corpus_sha1: str) -> Path:
+    """Where resumable checkpoints of this training go: keyed by the corpus content and every training field, so
+    that the same command finds its interrupted run and any other config never does."""
+    identity = {name: getattr(config, name) for name in training_fields()}
+    key = hashlib.sha1(json.dumps([corpus_sha1, identity], sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir(config) / "checkpoints" / key
+
+
+def run_checkpoint(config: TrainConfig, corpus_sha1: str, run_id: str) -> Path:
+    """The resumable checkpoint of one tracked run: `<checkpoint folder>/<run id>/model.pt`."""
+    return checkpoint_folder(config, corpus_sha1) / run_id / "model.pt"
 
 
 @dataclass(frozen=True)
@@ -140,32 +173,112 @@ def fit(
     data: PreparedData,
     checkpoint_path: Path,
     on_epoch: Callable[[EpochStats, TrainState], None] | None = None,
+    run_id: str | None = None,
+    on_resume: Callable[[TrainState], None] | None = None,
 ) -> dict:
-    """Train a fresh model on prepared data, save a checkpoint, and return a summary of plain values."""
+    """Train a model on prepared data and return a summary of plain values.
+
+    A resumable checkpoint goes to `checkpoint_path` every `config.checkpoint_every` epochs, on Ctrl-C and at the
+    end. If that file exists (and `config.resume` is 'auto') training continues from it exactly: weights, optimizer,
+    every RNG and the history are restored, `on_resume(state)` is called, and the first epoch run is the next one.
+    A checkpoint of another config or vocab raises CheckpointMismatch before any training.
+    """
     vocab, train_ids, val_ids = data.load()
     device = pick_device(config.device)
     generator = seed_everything(config.seed)
     model = RNNLM(len(vocab), config.num_hiddens, config.rnn, config.num_layers).to(device)
     optimizer = make_optimizer(model, config.lr)
-    state = train(model, train_ids, val_ids, settings_of(config), optimizer, generator, on_epoch=on_epoch)
+    state = None
+    if config.resume == "auto" and Path(checkpoint_path).is_file():
+        state = resume(Path(checkpoint_path), config, vocab, model, optimizer, generator, data.corpus_sha1)
+        if on_resume is not None:
+            on_resume(state)
+    resumed_from = state.epoch if state else 0
+
+    def save(current: TrainState) -> None:
+        save_checkpoint(
+            checkpoint_path,
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            config=config.model_dump(mode="json"),
+            vocab=vocab.tokens,
+            corpus_sha1=data.corpus_sha1,
+            run_id=run_id,
+            **state_to_checkpoint(current),
+            rng=rng_state(generator),
+            data_iterator=_iterator_policy(config),
+        )
+
+    state = train(
+        model, train_ids, val_ids, settings_of(config), optimizer, generator, state, on_epoch, save,
+        config.checkpoint_every,
+    )  # fmt: skip
+    return _summary(state, device, resumed_from, config.cpu_threads)
+
+
+def _iterator_policy(config: TrainConfig) -> dict:
+    """How the data iterator stands at a checkpoint: checkpoints fall between epochs, and every epoch draws a fresh
+    offset (and, for random sampling, a shuffle) from the data generator, whose state is saved with them."""
+    kind = "random" if config.use_random_iter else "sequential"
+    return {"kind": kind, "position": "epoch boundary", "offset": "drawn per epoch from rng['data']"}
+
+
+def state_to_checkpoint(state: TrainState) -> dict:
+    """The loop's state as plain data: epoch, best validation perplexity, per-epoch history, last metrics."""
+    return {
+        "epoch": state.epoch,
+        "best_val_perplexity": state.best_val_perplexity,
+        "history": [asdict(s) for s in state.history],
+        "metrics": state.history[-1].metrics() if state.history else {},
+    }
+
+
+def resume(
+    path: Path,
+    config: TrainConfig,
+    vocab: Vocab,
+    model: RNNLM,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    corpus_sha1: str | None = None,
+) -> TrainState:
+    """Load `path` into the model, optimizer and RNGs after checking it belongs to this config, vocab and corpus."""
+    ckpt = read_resumable(path, config, vocab, corpus_sha1, next(model.parameters()).device)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    restore_rng_state(ckpt["rng"], generator)
+    history = [EpochStats(**h) for h in ckpt["history"]]
+    return TrainState(epoch=ckpt["epoch"], history=history, best_val_perplexity=ckpt["best_val_perplexity"])
+
+
+def read_resumable(
+    path: Path, config: TrainConfig, vocab: Vocab, corpus_sha1: str | None = None, device: str | torch.device = "cpu"
+) -> dict:
+    """Load a training checkpoint (weights_only) and refuse it, saying what differs, unless it continues a run of
+    this config on this vocab and corpus."""
+    try:
+        ckpt = load_checkpoint(path, map_location=device)
+    except ValueError as err:
+        raise CheckpointMismatch(f"{err}; delete it, or start over with --resume never") from err
+    current = {**config.model_dump(mode="json"), "corpus_file_sha1": corpus_sha1 or ckpt.get("corpus_sha1")}
+    saved = {**ckpt.get("config", {}), "corpus_file_sha1": ckpt.get("corpus_sha1")}
+    check_compatible(path, {**ckpt, "config": saved}, current, vocab, [*training_fields(), "corpus_file_sha1"])
+    if not {"rng", "optimizer", "history"} <= ckpt.keys():
+        raise CheckpointMismatch(f"{path} holds a final model, not a training state; start over with --resume never")
+    return ckpt
+
+
+def _summary(state: TrainState, device: torch.device, resumed_from: int, cpu_threads: int = 0) -> dict:
     last = state.history[-1]
-    save_checkpoint(
-        checkpoint_path,
-        model=model.state_dict(),
-        optimizer=optimizer.state_dict(),
-        config=config.model_dump(mode="json"),
-        vocab=vocab.tokens,
-        epoch=state.epoch,
-        metrics=last.metrics(),
-    )
     return {
         "epochs": state.epoch,
+        "resumed_from_epoch": resumed_from,
         "train_perplexity": last.train_perplexity,
         "val_perplexity": last.val_perplexity,
         "best_val_perplexity": state.best_val_perplexity,
         "tokens_per_sec": float(np.mean([s.tokens_per_sec for s in state.history])),
         "train_seconds": float(sum(s.seconds for s in state.history)),
-        "device": device_name(device, config.cpu_threads),
+        "device": device_name(device, cpu_threads),
         "history": [asdict(s) for s in state.history],
     }
 

@@ -8,6 +8,8 @@ epoch. The arithmetic is the book's: mean cross-entropy, SGD, gradient norm clip
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -78,34 +80,74 @@ def train(
     generator: torch.Generator,
     state: TrainState | None = None,
     on_epoch: Callable[[EpochStats, TrainState], None] | None = None,
+    save: Callable[[TrainState], None] | None = None,
+    checkpoint_every: int = 0,
 ) -> TrainState:
     """Train from `state.epoch` to `settings.num_epochs`, calling `on_epoch` after each epoch.
 
     `generator` (CPU) draws the data offsets and shuffles, so a seeded generator makes CPU runs repeat exactly.
-    Raises TrainingDiverged, naming the epoch, as soon as an epoch's loss is not finite.
+    `save(state)` is called every `checkpoint_every` epochs and after the last one, before `on_epoch`. Ctrl-C
+    (SIGINT) stops at the end of the current epoch: `save` is called there and KeyboardInterrupt raised; a second
+    Ctrl-C stops at once. Raises TrainingDiverged, naming the epoch, as soon as an epoch's loss is not finite.
     """
     state = state or TrainState()
     device = next(model.parameters()).device
     train_tokens, val_tokens = as_tensor(train_ids, device), as_tensor(val_ids, device)
-    for epoch in range(state.epoch + 1, settings.num_epochs + 1):
-        perplexity, speed, seconds = train_epoch(model, train_tokens, settings, optimizer, generator)
-        if not math.isfinite(perplexity):
-            raise TrainingDiverged(
-                f"training diverged at epoch {epoch}: the perplexity is {perplexity}; lower --lr (now {settings.lr}) "
-                f"or --grad_clip (now {settings.grad_clip})"
-            )
-        stats = EpochStats(epoch, perplexity, speed, seconds)
-        if len(val_ids) > 1 and (epoch % settings.eval_every == 0 or epoch == settings.num_epochs):
-            stats.val_perplexity = evaluate(
-                model, val_tokens, settings.batch_size, settings.num_steps, cpu_threads=settings.cpu_threads
-            )
-            best = state.best_val_perplexity
-            state.best_val_perplexity = stats.val_perplexity if best is None else min(best, stats.val_perplexity)
-        state.epoch = epoch
-        state.history.append(stats)
-        if on_epoch is not None:
-            on_epoch(stats, state)
+    with _sigint_deferred() as interrupted:
+        for epoch in range(state.epoch + 1, settings.num_epochs + 1):
+            stats = _train_one_epoch(model, train_tokens, val_tokens, settings, optimizer, generator, state, epoch)
+            due = epoch == settings.num_epochs or (checkpoint_every > 0 and epoch % checkpoint_every == 0)
+            if save is not None and due:
+                save(state)
+            if on_epoch is not None:
+                on_epoch(stats, state)
+            if interrupted():
+                if save is not None and not due:
+                    save(state)
+                raise KeyboardInterrupt(f"interrupted after epoch {epoch}; checkpoint saved, run again to resume")
     return state
+
+
+def _train_one_epoch(model, train_tokens, val_tokens, settings, optimizer, generator, state, epoch) -> EpochStats:
+    """One epoch plus its evaluation; updates `state` (epoch, history, best validation perplexity)."""
+    perplexity, speed, seconds = train_epoch(model, train_tokens, settings, optimizer, generator)
+    if not math.isfinite(perplexity):
+        raise TrainingDiverged(
+            f"training diverged at epoch {epoch}: the perplexity is {perplexity}; lower --lr (now {settings.lr}) "
+            f"or --grad_clip (now {settings.grad_clip})"
+        )
+    stats = EpochStats(epoch, perplexity, speed, seconds)
+    if len(val_tokens) > 1 and (epoch % settings.eval_every == 0 or epoch == settings.num_epochs):
+        stats.val_perplexity = evaluate(
+            model, val_tokens, settings.batch_size, settings.num_steps, cpu_threads=settings.cpu_threads
+        )
+        best = state.best_val_perplexity
+        state.best_val_perplexity = stats.val_perplexity if best is None else min(best, stats.val_perplexity)
+    state.epoch = epoch
+    state.history.append(stats)
+    return stats
+
+
+@contextmanager
+def _sigint_deferred() -> Iterator[Callable[[], bool]]:
+    """Turn the first Ctrl-C into a flag the loop reads at the epoch's end (a consistent point to checkpoint);
+    the second one interrupts at once. Signal handlers can only be set from the main thread: elsewhere, Ctrl-C
+    keeps its usual effect and the last periodic checkpoint is what remains."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    seen: list[int] = []
+
+    def handler(signum, frame) -> None:
+        if seen:
+            raise KeyboardInterrupt
+        seen.append(signum)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(seen)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def train_epoch(

@@ -6,8 +6,10 @@ flow creates the run, passes its id, and every call names the run through `Mlflo
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -19,13 +21,17 @@ from urllib.parse import urlparse
 import mlflow
 import requests
 from mlflow.entities import Metric, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from rnnlm import experiment
+from rnnlm.checkpoint import try_lock, unlock, unlock_in
 from rnnlm.config import TrainConfig
 from rnnlm.experiment import PROJECT_ROOT, PreparedData, environment
 from rnnlm.generate import MAX_PREDS
+from rnnlm.vocab import Vocab
 
 DEFAULT_STORE = PROJECT_ROOT / "mlruns"
 MODEL_SCRIPT = Path(__file__).with_name("pyfunc_model.py")
@@ -66,9 +72,8 @@ def check_tracking(config: TrainConfig) -> str:
                 f"the MLflow tracking server at {uri} is unreachable ({type(err).__name__}); start it "
                 "(`mlflow server --host 127.0.0.1 --port 5000`) or unset MLFLOW_TRACKING_URI to use the local store"
             ) from err
-    elif scheme == "sqlite":
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    _experiment_id(config.experiment)
+    with sqlite_writer_lock(uri, "init"):  # several processes creating one SQLite store would race its migration
+        _experiment_id(config.experiment)
     get_run_logger().info("MLflow tracking at %s, experiment %r", uri, config.experiment)
     return uri
 
@@ -78,7 +83,26 @@ def _experiment_id(name: str) -> str:
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    return mlflow_client.create_experiment(name, artifact_location=artifact_location(tracking_uri(), name))
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=artifact_location(tracking_uri(), name))
+    except MlflowException:  # another process created it in between
+        if (experiment := mlflow_client.get_experiment_by_name(name)) is None:
+            raise
+        return experiment.experiment_id
+
+
+@contextmanager
+def sqlite_writer_lock(uri: str, purpose: str) -> Iterator[None]:
+    """For a SQLite store, one process at a time (across processes, waiting) for writes that SQLite cannot take
+    concurrently: creating the database, registering a model version. A no-op for servers, which serialise."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    folder = Path(uri.removeprefix("sqlite:///")).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f".rnnlm-{purpose}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
+        yield
 
 
 def run_link(run_id: str) -> str:
@@ -97,19 +121,113 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+RESUMED_FROM_TAG = "rnnlm.resumed_from_run"
+
+
 @task(name="start-mlflow-run", task_run_name="start-mlflow-run", cache_policy=NO_CACHE)
 def start_run(config: TrainConfig, data: PreparedData, parent_run_id: str | None = None) -> str:
-    """Create the run (nested under `parent_run_id` when given) and log every config value, the data's identity
-    and the software versions as params."""
+    """The run to train in: the interrupted run of this same training when one left a checkpoint (same run id,
+    metrics continue), else a new run (nested under `parent_run_id` when given) with every config value, the
+    data's identity and the software versions as params.
+
+    The returned run's checkpoint is locked by this process until `run_guard` ends, so two processes never train
+    into the same run.
+    """
     mlflow_client = client()
+    if config.resume == "auto" and (run_id := _resumable_run(mlflow_client, config, data, parent_run_id)):
+        return run_id
+    run_id = _new_run(mlflow_client, config, data, parent_run_id)
+    try_lock(_lock_of(experiment.run_checkpoint(config, data.corpus_sha1, run_id)))
+    get_run_logger().info("MLflow run %s started", run_id)
+    return run_id
+
+
+def _new_run(mlflow_client: MlflowClient, config: TrainConfig, data: PreparedData, parent_run_id: str | None) -> str:
     tags = _run_tags() | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})
     run = mlflow_client.create_run(_experiment_id(config.experiment), tags=tags)
     params = {**config.model_dump(mode="json"), **environment()}
     params |= {"corpus_file_sha1": data.corpus_sha1, "vocab_size": data.vocab_size, "git_commit": git_commit()}
     params |= {"train_tokens": data.train_tokens, "val_tokens_actual": data.val_tokens}
     mlflow_client.log_batch(run.info.run_id, params=[_param(k, v) for k, v in params.items()])
-    get_run_logger().info("MLflow run %s started", run.info.run_id)
     return run.info.run_id
+
+
+def _lock_of(checkpoint: Path) -> Path:
+    return checkpoint.with_suffix(".lock")
+
+
+def _resumable_run(
+    mlflow_client: MlflowClient, config: TrainConfig, data: PreparedData, parent_run_id: str | None
+) -> str | None:
+    """The newest checkpoint of this training whose process is gone and whose run did not finish, taken over."""
+    folder = experiment.checkpoint_folder(config, data.corpus_sha1)
+    found = folder.glob("*/model.pt") if folder.is_dir() else []
+    candidates = sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in candidates:
+        if not try_lock(_lock_of(path)):
+            continue  # a live process is training that run right now
+        status = _run_status(mlflow_client, path.parent.name)
+        if status == "FINISHED":  # its model is in MLflow; the local copy is no longer needed
+            unlock(_lock_of(path))
+            shutil.rmtree(path.parent, ignore_errors=True)
+            continue
+        try:
+            ckpt = experiment.read_resumable(path, config, Vocab.load(data.vocab_path), data.corpus_sha1)
+            return _continue(mlflow_client, config, data, path, status, ckpt["epoch"], parent_run_id)
+        except BaseException:
+            unlock(_lock_of(path))  # a refused checkpoint stays for the user to see; nobody holds it
+            raise
+    return None
+
+
+def _run_status(mlflow_client: MlflowClient, run_id: str) -> str | None:
+    """The run's status, or None when this store has no such (undeleted) run."""
+    try:
+        run = mlflow_client.get_run(run_id)
+    except MlflowException:
+        return None
+    return run.info.status if run.info.lifecycle_stage == "active" else None
+
+
+def _continue(mlflow_client, config, data, path: Path, status: str | None, epoch: int, parent_run_id: str | None):
+    """Reopen the checkpoint's run; if this store cannot continue it, start a new run that records the link."""
+    logger, old_id = get_run_logger(), path.parent.name
+    if status is not None:
+        _reopen(mlflow_client, old_id, epoch)
+        logger.warning("resuming MLflow run %s (%s) from its checkpoint at epoch %d: %s", old_id, status, epoch, path)
+        return old_id
+    new_id = _new_run(mlflow_client, config, data, parent_run_id)
+    mlflow_client.set_tag(new_id, RESUMED_FROM_TAG, old_id)
+    mlflow_client.set_tag(new_id, "rnnlm.resumed_at_epoch", str(epoch))
+    new_path = path.parent.with_name(new_id) / path.name
+    new_path.parent.mkdir()
+    try_lock(_lock_of(new_path))
+    os.replace(path, new_path)
+    unlock(_lock_of(path))
+    shutil.rmtree(path.parent, ignore_errors=True)
+    logger.warning(
+        "MLflow run %s of checkpoint %s cannot be continued in this store; continuing its training from epoch %d "
+        "as run %s (tag %s)",
+        old_id, path, epoch, new_id, RESUMED_FROM_TAG,
+    )  # fmt: skip
+    return new_id
+
+
+def _reopen(mlflow_client: MlflowClient, run_id: str, epoch: int) -> None:
+    """Set the run RUNNING again, tagged with this flow run; its last failure reason moves to
+    `rnnlm.previous_failure`."""
+    mlflow_client.update_run(run_id, status="RUNNING")
+    for key, value in _run_tags().items():
+        mlflow_client.set_tag(run_id, key, value)
+    if reason := mlflow_client.get_run(run_id).data.tags.get("failure_reason"):
+        mlflow_client.set_tag(run_id, "rnnlm.previous_failure", reason)
+        mlflow_client.delete_tag(run_id, "failure_reason")
+    mlflow_client.set_tag(run_id, "rnnlm.resumed_at_epoch", str(epoch))
+
+
+def last_logged_epoch(run_id: str) -> int:
+    """The last epoch whose training perplexity the run holds (0 for none): a resumed run logs after it."""
+    return max((m.step for m in client().get_metric_history(run_id, "train_perplexity")), default=0)
 
 
 def _param(key: str, value) -> mlflow.entities.Param:
@@ -128,13 +246,17 @@ def _run_tags() -> dict[str, str]:
 
 
 class MetricLogger:
-    """Buffers per-epoch metrics and writes them in one `log_batch` per flush (one SQLite write, not hundreds)."""
+    """Buffers per-epoch metrics and writes them in one `log_batch` per flush (one SQLite write, not hundreds).
 
-    def __init__(self, run_id: str):
-        self.run_id, self.pending, self.client = run_id, [], client()
+    Steps up to `after_step` are already in the run (a resumed run) and are skipped, so no epoch is logged twice.
+    """
+
+    def __init__(self, run_id: str, after_step: int = 0):
+        self.run_id, self.pending, self.client, self.after_step = run_id, [], client(), after_step
 
     def add(self, metrics: dict[str, float], step: int, timestamp_ms: int) -> None:
-        self.pending += [Metric(k, float(v), timestamp_ms, step) for k, v in metrics.items()]
+        if step > self.after_step:
+            self.pending += [Metric(k, float(v), timestamp_ms, step) for k, v in metrics.items()]
 
     def flush(self) -> None:
         for start in range(0, len(self.pending), 1000):  # MLflow accepts at most 1000 metrics per batch
@@ -144,7 +266,8 @@ class MetricLogger:
 
 @contextmanager
 def run_guard(run_id: str) -> Iterator[None]:
-    """Mark the run FINISHED when the block succeeds; FAILED (or KILLED on Ctrl-C) with the reason as a tag if not."""
+    """Mark the run FINISHED when the block succeeds; FAILED (or KILLED on Ctrl-C) with the reason as a tag if not.
+    Either way, release this process's claim on the run's checkpoint so that a later run can resume it."""
     mlflow_client = client()
     try:
         yield
@@ -153,7 +276,10 @@ def run_guard(run_id: str) -> Iterator[None]:
         mlflow_client.set_tag(run_id, "failure_reason", f"{type(err).__name__}: {err}"[:5000])
         mlflow_client.set_terminated(run_id, RunStatus.to_string(status))
         raise
-    mlflow_client.set_terminated(run_id, "FINISHED")
+    else:
+        mlflow_client.set_terminated(run_id, "FINISHED")
+    finally:
+        unlock_in(run_id)
 
 
 @task(name="log-results", task_run_name="log-results", cache_policy=NO_CACHE)
@@ -203,7 +329,8 @@ def register_model(config: TrainConfig, run_id: str, checkpoint: str, result: di
     """
     import torch
 
-    with _global_store(tracking_uri()), mlflow.start_run(run_id=run_id):
+    uri = tracking_uri()
+    with sqlite_writer_lock(uri, "registry"), _global_store(uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(MODEL_SCRIPT),

@@ -19,8 +19,8 @@ from rnnlm import experiment
 from rnnlm.config import TrainConfig
 from rnnlm.generate import MAX_TOP_K
 from rnnlm.plot import plot_perplexity
-from rnnlm.train import EpochStats, TrainState
-from tasks.tracking import MetricLogger, run_link
+from rnnlm.train import EpochStats, TrainingDiverged, TrainState
+from tasks.tracking import MetricLogger, last_logged_epoch, run_link
 
 # top_k=1 is greedy; a top_k at least the vocabulary's size samples from the whole distribution
 SAMPLING = {
@@ -35,11 +35,34 @@ def run_folder(config: TrainConfig, run_id: str) -> Path:
     return experiment.cache_dir(config) / "runs" / run_id
 
 
-@task(name="train-model", task_run_name="train-{config.rnn}-{config.num_hiddens}", cache_policy=NO_CACHE)
+def _worth_retrying(task, task_run, state) -> bool:
+    """Retry failures a second attempt may not meet (I/O, the device, the tracking store); bad input, a mismatched
+    checkpoint and divergence would only happen again."""
+    try:
+        state.result()
+    except (ValueError, TrainingDiverged):  # DataError, CheckpointMismatch, CorpusError are ValueErrors
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(
+    name="train-model",
+    task_run_name="train-{config.rnn}-{config.num_hiddens}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=_worth_retrying,
+)
 def train_model(config: TrainConfig, data: experiment.PreparedData, run_id: str) -> dict:
-    """Train, logging progress and per-epoch metrics to MLflow; returns the summary and the checkpoint path."""
+    """Train, logging progress and per-epoch metrics to MLflow; returns the summary and the checkpoint path.
+
+    The run's checkpoint is written every `checkpoint_every` epochs; a retry of this task, or a later run of the same
+    command after a crash, continues from it and logs only the epochs MLflow does not have yet.
+    """
     logger = get_run_logger()
-    metrics = MetricLogger(run_id)
+    metrics = MetricLogger(run_id, after_step=last_logged_epoch(run_id))
     progress = create_progress_artifact(0.0, key="training-progress", description=f"MLflow run {run_id}")
 
     def on_epoch(stats: EpochStats, state: TrainState) -> None:
@@ -57,9 +80,20 @@ def train_model(config: TrainConfig, data: experiment.PreparedData, run_id: str)
                 f"{stats.tokens_per_sec:,.0f}",
             )
 
-    checkpoint = run_folder(config, run_id) / "model.pt"
+    def on_resume(state: TrainState) -> None:
+        logger.warning(
+            "resuming training from the checkpoint at epoch %d of %d (MLflow run %s continues)",
+            state.epoch,
+            config.num_epochs,
+            run_id,
+        )
+        for stats in state.history:  # epochs trained before the crash that MLflow never received
+            metrics.add(stats.metrics(), stats.epoch, int(time.time() * 1000))
+        metrics.flush()
+
+    checkpoint = experiment.run_checkpoint(config, data.corpus_sha1, run_id)
     try:
-        result = experiment.fit(config, data, checkpoint, on_epoch=on_epoch)
+        result = experiment.fit(config, data, checkpoint, on_epoch=on_epoch, run_id=run_id, on_resume=on_resume)
     finally:
         metrics.flush()  # what was measured before a failure is kept
     logger.info(
@@ -91,7 +125,9 @@ def generate_samples(config: TrainConfig, checkpoint: str) -> dict:
 def plot_history(config: TrainConfig, run_id: str, history: list[dict]) -> str:
     """The perplexity curve as a PNG next to the checkpoint."""
     title = f"{config.rnn.upper()} {config.num_hiddens}, lr {config.lr}, {config.num_epochs} epochs"
-    return str(plot_perplexity(history, run_folder(config, run_id) / "perplexity.png", title))
+    folder = run_folder(config, run_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(plot_perplexity(history, folder / "perplexity.png", title))
 
 
 @task(name="report", task_run_name="report", cache_policy=NO_CACHE)

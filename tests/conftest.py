@@ -158,5 +158,5 @@ def _reset_mlflow_globals():
         if mlflow.active_run():
             mlflow.end_run()
         mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
-        os.environ.pop("MLFLOW_REGISTRY_URI", None)  # set_registry_uri exports it and never removes it
+        mlflow.set_registry_uri(None)  # register_model sets it (and its environment variable): a stale one
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)  # would send the next test's registry reads to another store

@@ -32,6 +32,18 @@ def test_defaults_are_the_books_experiment():
         ("max_tokens", 0),
         ("corpus", "ftp://example.org/book.txt"),
         ("corpus_sha1", "not-a-sha"),
+        ("num_epochs", -5),
+        ("num_epochs", 10**9),
+        ("num_layers", 10**6),
+        ("batch_size", 10**9),
+        ("num_steps", 0),
+        ("num_steps", 10**9),
+        ("num_preds", -1),
+        ("num_preds", 10**6),
+        ("checkpoint_every", 0),
+        ("resume", "sometimes"),
+        ("download_timeout", 0),
+        ("max_download_mb", -1),
     ],
 )
 def test_bad_values_are_refused_with_the_field_named(field, value):
