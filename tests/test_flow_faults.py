@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from test_flow import CountingHandler, corpus_url, small_config  # noqa: F401 (corpus_url is a fixture)
+from test_flow import CountingHandler, corpus_url, flow_config  # noqa: F401 (corpus_url is a fixture)
 
 from flows.train_flow import train_flow
 from rnnlm import experiment
@@ -50,7 +50,7 @@ def test_unreachable_tracking_server_fails_in_seconds_naming_the_uri(tmp_path, c
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     started = time.monotonic()
     with pytest.raises(Exception, match=f"MLflow tracking server at {uri} is unreachable") as err:
-        train_flow(small_config(tmp_path, corpus_url))
+        train_flow(flow_config(tmp_path, corpus_url))
     print(f"failed after {time.monotonic() - started:.1f} s: {err.value}")
     assert "mlflow server --host 127.0.0.1" in str(err.value)
     assert CountingHandler.requests_seen == []  # before any download, so before any training
@@ -64,7 +64,7 @@ def test_silent_tracking_server_times_out(tmp_path, corpus_url, monkeypatch):  #
         uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         with pytest.raises(Exception, match=f"{uri} is unreachable \\(ReadTimeout\\)"):
-            train_flow(small_config(tmp_path, corpus_url))
+            train_flow(flow_config(tmp_path, corpus_url))
     assert CountingHandler.requests_seen == []
 
 
@@ -86,13 +86,13 @@ def test_bad_corpus_fails_before_any_run(tmp_path, mlflow_store, content, messag
     path = tmp_path / "corpus.txt"
     path.write_bytes(content)
     with pytest.raises(Exception, match=message):
-        train_flow(small_config(tmp_path, str(path), val_tokens=0))
+        train_flow(flow_config(tmp_path, str(path), val_tokens=0))
     assert runs_of(mlflow_store) == []
     assert not (tmp_path / "cache" / "checkpoints").exists()
 
 
 def test_max_tokens_beyond_the_corpus_uses_what_there_is_and_says_so(tmp_path, small_corpus):
-    config = small_config(tmp_path, str(small_corpus), max_tokens=10**9, val_tokens=1000)
+    config = flow_config(tmp_path, str(small_corpus), max_tokens=10**9, val_tokens=1000)
     data = experiment.prepare_data(small_corpus, config)
     assert data.train_tokens == data.num_tokens - 1000
     assert f"max_tokens=1,000,000,000 but only {data.train_tokens:,} tokens" in data.note
@@ -102,7 +102,7 @@ def test_max_tokens_beyond_the_corpus_uses_what_there_is_and_says_so(tmp_path, s
 
 
 def test_divergence_fails_the_run_with_the_reason_and_registers_nothing(tmp_path, corpus_url, mlflow_store):  # noqa: F811
-    config = small_config(tmp_path, corpus_url, lr=1e6, registered_model="diverged")
+    config = flow_config(tmp_path, corpus_url, lr=1e6, registered_model="diverged")
     with pytest.raises(Exception, match="diverged at epoch 1.*lower --lr.*--grad_clip"):
         train_flow(config)
     [run] = runs_of(mlflow_store)
@@ -129,7 +129,7 @@ def task_states_of_last_run(run) -> dict:
 def test_prefect_retry_of_the_training_task_resumes(tmp_path, corpus_url, mlflow_store):  # noqa: F811
     """A real fault mid-training: the MLflow SQLite database is held locked by another connection, so the metrics
     write at epoch 4 fails; the task is retried after its delay and continues from the epoch-2 checkpoint."""
-    config = small_config(tmp_path, corpus_url, num_epochs=8, eval_every=4, checkpoint_every=2)
+    config = flow_config(tmp_path, corpus_url, num_epochs=8, eval_every=4, checkpoint_every=2)
     folder = tmp_path / "cache" / "checkpoints"
     released = threading.Event()
 
@@ -185,7 +185,7 @@ def _task_runs(run_id: str, run) -> list:
 
 def _interrupted_run(tmp_path, corpus, store, **overrides):
     """Train 2 of 4 epochs in a flow that fails (a crash), leaving a checkpoint; returns (config, run, checkpoint)."""
-    config = small_config(tmp_path, corpus, num_epochs=4, eval_every=2, checkpoint_every=2, **overrides)
+    config = flow_config(tmp_path, corpus, num_epochs=4, eval_every=2, checkpoint_every=2, **overrides)
     data = experiment.prepare_data(experiment.fetch(config), config)
     run_id = MlflowClient(store).create_run(_experiment_id("rnnlm")).info.run_id
     path = experiment.run_checkpoint(config, data.corpus_sha1, run_id)
@@ -230,7 +230,7 @@ def test_checkpoint_for_another_vocab_is_refused_before_training(tmp_path, small
 
 
 def test_finished_runs_are_not_resumed(tmp_path, small_corpus, mlflow_store):
-    config = small_config(tmp_path, str(small_corpus), num_epochs=2, eval_every=1)
+    config = flow_config(tmp_path, str(small_corpus), num_epochs=2, eval_every=1)
     first = train_flow(config)
     second = train_flow(config)
     assert second["run_id"] != first["run_id"]
