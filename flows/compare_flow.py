@@ -6,22 +6,14 @@ experiment). With `--promote`, the best version on the champion's data becomes `
 `--promote_margin`, and the newest version becomes `challenger`.
 """
 
-import os
-import sys
 from typing import Annotated
 
 from prefect import flow
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from flows.cli import parse_command
 from tasks.registry import promote, publish_comparison, read_versions
-
-QUIET_DEFAULTS = {
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-}
 
 
 @flow(name="compare-rnnlm", flow_run_name="compare-{registered_model}", log_prints=True)
@@ -57,13 +49,7 @@ class CompareCommand(BaseSettings):
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse the command line and run the flow."""
-    for key, value in QUIET_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-    try:
-        command = CliApp.run(CompareCommand, cli_args=sys.argv[1:] if argv is None else argv)
-    except ValidationError as err:
-        problems = "; ".join(f"--{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        sys.exit(f"error: {problems} (see --help)")
+    command = parse_command(CompareCommand, argv)
     return compare_flow(command.registered_model, command.promote, command.promote_margin, command.experiment)
 
 

@@ -7,8 +7,6 @@ cluster (`--dask_address tcp://host:8786`), where `--gpus_per_member 1` asks Das
 
 # No `from __future__ import annotations` here: Prefect builds the parameter form from these annotations and,
 # on a Dask worker, cannot resolve them from strings.
-import os
-import sys
 from contextlib import nullcontext
 from typing import Literal
 
@@ -16,10 +14,11 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import BaseModel, Field, ValidationError
-from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from flows.train_flow import QUIET_DEFAULTS, train_flow
+from flows.cli import parse_command
+from flows.train_flow import train_flow
 from rnnlm.config import TrainConfig
 from tasks.sweep import member_summary, report_sweep, start_sweep_run
 from tasks.tracking import check_tracking, run_guard
@@ -143,12 +142,7 @@ class SweepCommand(BaseSettings, SweepConfig):
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Parse the command line and run the sweep."""
-    for key, value in QUIET_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-    try:
-        command = CliApp.run(SweepCommand, cli_args=sys.argv[1:] if argv is None else argv)
-    except ValidationError as err:
-        sys.exit(f"error: {err}")
+    command = parse_command(SweepCommand, argv)
     return run_sweep(SweepConfig(**command.model_dump()))
 
 

@@ -6,25 +6,18 @@ experiment (D2L 8.6). Every option is a field of `rnnlm.config.TrainConfig`, the
 
 # No `from __future__ import annotations` here: Prefect builds the parameter form from these annotations and,
 # on a Dask worker, cannot resolve them from strings.
-import os
 import sys
 
 from prefect import flow
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from flows.cli import parse_command
 from rnnlm.config import TrainConfig
 from tasks.data import fetch_corpus, prepare_data
 from tasks.registry import promote, read_versions
 from tasks.tracking import check_tracking, log_results, register_model, run_guard, start_run
 from tasks.train import generate_samples, plot_history, report, train_model
-
-QUIET_DEFAULTS = {
-    "DO_NOT_TRACK": "1",  # no usage telemetry from Prefect ...
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",  # ... or MLflow
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # the temporary server needs > 20 s on 2 cores
-}
 
 
 @flow(name="train-rnnlm", flow_run_name="{config.rnn}-{config.num_hiddens}h-{config.num_epochs}ep", log_prints=True)
@@ -74,13 +67,7 @@ class TrainCommand(BaseSettings, TrainConfig):
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse the command line (errors exit with status 2 and say which option is wrong) and run the flow."""
-    for key, value in QUIET_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-    try:
-        command = CliApp.run(TrainCommand, cli_args=sys.argv[1:] if argv is None else argv)
-    except ValidationError as err:
-        problems = "; ".join(f"--{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        sys.exit(f"error: {problems} (see --help)")
+    command = parse_command(TrainCommand, argv)
     if command.cron and not command.serve:
         sys.exit("error: --cron schedules the deployment made by --serve; add --serve (see --help)")
     if command.serve:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import requests
+from services import free_port, wait_http  # noqa: F401 (free_port is used by the tests)
 
 QUIET = {
     "DO_NOT_TRACK": "1",
@@ -18,13 +16,6 @@ QUIET = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "PYTHONUNBUFFERED": "1",
 }
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def service_env(**extra: str) -> dict[str, str]:
@@ -57,17 +48,10 @@ def stop(process: subprocess.Popen, grace: float = 15) -> None:
 
 def wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float = 240) -> None:
     """Poll `url` until it answers 200; fail with the service's log if it exits or takes longer than `timeout`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{url}: the service exited with {process.returncode}:\n{tail(log)}")
-        try:
-            if requests.get(url, timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s:\n{tail(log)}")
+    try:
+        wait_http(url, timeout, process)
+    except (RuntimeError, TimeoutError) as err:
+        raise type(err)(f"{err}:\n{tail(log)}") from None
 
 
 def tail(log: Path, chars: int = 4000) -> str:
