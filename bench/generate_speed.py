@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rnnlm.generate import generate  # noqa: E402
 from rnnlm.model import RNNLM  # noqa: E402
-from rnnlm.train import cpu_threads  # noqa: E402
+from rnnlm.train import torch_threads  # noqa: E402
 from rnnlm.vocab import Vocab  # noqa: E402
 
 VOCAB = Vocab(["<unk>", " ", *"etaoinsrhldmucfwgypbvkxjqz"])  # the book's 28 tokens
@@ -74,7 +74,7 @@ def main(argv=None) -> None:
     model = RNNLM(len(VOCAB), args.num_hiddens, args.rnn).to(device).eval()
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
     n = args.num_preds
-    with cpu_threads(args.threads, device):
+    with torch_threads(args.threads, device):
         same = generate(model, VOCAB, ["time traveller"], n)[0] == book_predict_ch8(
             "time traveller", n, model, VOCAB, device
         )

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from rnnlm.corpus import read_text  # noqa: E402
 from rnnlm.model import RNNLM  # noqa: E402
-from rnnlm.train import TrainSettings, cpu_threads, make_optimizer, train_epoch  # noqa: E402
+from rnnlm.train import TrainSettings, make_optimizer, torch_threads, train_epoch  # noqa: E402
 from rnnlm.vocab import build_vocab, encode, prepare_text  # noqa: E402
 
 DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "timemachine.txt"
@@ -167,7 +167,7 @@ def race(args, rnn: str, vocab_size: int, corpus: list[int], device: torch.devic
     tokens = torch.tensor(corpus, dtype=torch.uint8).to(device)
 
     def book_step():
-        with cpu_threads(args.book_threads, device):  # 0: torch's default, as the book runs
+        with torch_threads(args.book_threads, device):  # 0: torch's default, as the book runs
             return book_train_epoch(book, corpus, args.batch_size, args.num_steps, loss, book_opt, device)
 
     def project_step():

@@ -163,7 +163,7 @@ def train_epoch(
     batches = random_batches if settings.use_random_iter else sequential_batches
     start = time.perf_counter()
     loss_sum, num_tokens, hidden = torch.zeros((), device=device), 0, None
-    with cpu_threads(settings.cpu_threads, device):
+    with torch_threads(settings.cpu_threads, device):
         for inputs, targets in batches(corpus, settings.batch_size, settings.num_steps, generator):
             if hidden is None or settings.use_random_iter:
                 hidden = model.begin_state(inputs.shape[0], device)
@@ -190,7 +190,7 @@ def _step(model: RNNLM, inputs, targets, hidden, optimizer, settings: TrainSetti
 
 
 @contextmanager
-def cpu_threads(num_threads: int, device: torch.device) -> Iterator[None]:
+def torch_threads(num_threads: int, device: torch.device) -> Iterator[None]:
     """Run the block with `num_threads` torch threads when on the CPU (0: keep torch's setting), then restore.
 
     The book's model does many small matmuls ((32, 256) x (256, 256) per time step): a second thread gains little on
@@ -217,16 +217,13 @@ def evaluate(model: RNNLM, corpus: torch.Tensor, batch_size: int, num_steps: int
     """Perplexity of `corpus`, predicting every token from all before it (state carried), without training."""
     model.eval()
     loss_sum, num_tokens, hidden = torch.zeros((), device=corpus.device), 0, None
-    with _threads(cpu_threads, corpus.device):
+    with torch_threads(cpu_threads, corpus.device):
         for inputs, targets in eval_batches(corpus, batch_size, num_steps):
             hidden = model.begin_state(inputs.shape[0], corpus.device) if hidden is None else hidden
             logits, hidden = model(inputs, hidden)
             loss_sum += F.cross_entropy(logits, targets.T.reshape(-1), reduction="sum")
             num_tokens += targets.numel()
     return perplexity_of(float(loss_sum) / num_tokens)
-
-
-_threads = cpu_threads  # `evaluate`'s keyword shadows the helper's name inside it
 
 
 def perplexity_of(mean_loss: float) -> float:

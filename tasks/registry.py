@@ -18,7 +18,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from rnnlm.promotion import Candidate, Decision, decide
-from tasks.tracking import artifact_location, client, tracking_uri
+from tasks.tracking import client, experiment_id, tracking_uri
 
 # What a reader scans first comes first: the version, its aliases and its scores.
 COLUMNS = [
@@ -167,14 +167,6 @@ def promote(model_name: str, records: list[dict], margin: float = 0.0) -> dict:
     return {"champion": decision.champion, "challenger": decision.challenger, "promoted": decision.promoted}
 
 
-def _experiment_id(name: str) -> str:
-    mlflow_client = client()
-    experiment = mlflow_client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return mlflow_client.create_experiment(name, artifact_location=artifact_location(tracking_uri(), name))
-
-
 @task(name="publish-comparison", cache_policy=NO_CACHE)
 def publish_comparison(model_name: str, records: list[dict], experiment: str) -> str:
     """Print the table, make it a Prefect table artifact, and log it as CSV and markdown in an MLflow run.
@@ -186,7 +178,7 @@ def publish_comparison(model_name: str, records: list[dict], experiment: str) ->
     rows = [{k: _display(v) for k, v in row.items()} for row in table.to_dict("records")]
     create_table_artifact(rows, key="registry-comparison", description=f"versions of {model_name}, best first")
     mlflow_client = client()
-    run = mlflow_client.create_run(_experiment_id(experiment), run_name=f"compare-{model_name}")
+    run = mlflow_client.create_run(experiment_id(experiment), run_name=f"compare-{model_name}")
     with tempfile.TemporaryDirectory() as tmp:
         table.to_csv(Path(tmp) / "comparison.csv", index=False)
         title = f"# {model_name}: versions by validation perplexity"

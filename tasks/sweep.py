@@ -11,7 +11,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from rnnlm.config import TrainConfig
-from tasks.tracking import _experiment_id, _param, _run_tags, client
+from tasks.tracking import as_param, client, experiment_id, run_tags
 
 # Training perplexities the book prints for its chapter 8-9 models (500 epochs, 10,000 tokens, batch 32, 35 steps).
 BOOK_PERPLEXITY = {("rnn", 1): 1.3, ("gru", 1): 1.0, ("lstm", 1): 1.1, ("lstm", 2): 1.0}
@@ -23,10 +23,10 @@ def start_sweep_run(members: list[TrainConfig], runner: str) -> str:
     """The parent MLflow run that every member's run is nested under."""
     mlflow_client = client()
     experiment = members[0].experiment
-    run = mlflow_client.create_run(_experiment_id(experiment), run_name="sweep", tags=_run_tags())
+    run = mlflow_client.create_run(experiment_id(experiment), run_name="sweep", tags=run_tags())
     params = {"members": len(members), "task_runner": runner}
     params |= {f"member_{i}": _describe(c) for i, c in enumerate(members)}
-    mlflow_client.log_batch(run.info.run_id, params=[_param(k, v) for k, v in params.items()])
+    mlflow_client.log_batch(run.info.run_id, params=[as_param(k, v) for k, v in params.items()])
     get_run_logger().info("sweep of %d configurations, MLflow parent run %s", len(members), run.info.run_id)
     return run.info.run_id
 

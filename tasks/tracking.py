@@ -73,12 +73,12 @@ def check_tracking(config: TrainConfig) -> str:
                 "(`mlflow server --host 127.0.0.1 --port 5000`) or unset MLFLOW_TRACKING_URI to use the local store"
             ) from err
     with sqlite_writer_lock(uri, "init"):  # several processes creating one SQLite store would race its migration
-        _experiment_id(config.experiment)
+        experiment_id(config.experiment)
     get_run_logger().info("MLflow tracking at %s, experiment %r", uri, config.experiment)
     return uri
 
 
-def _experiment_id(name: str) -> str:
+def experiment_id(name: str) -> str:
     mlflow_client = client()
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is not None:
@@ -143,12 +143,12 @@ def start_run(config: TrainConfig, data: PreparedData, parent_run_id: str | None
 
 
 def _new_run(mlflow_client: MlflowClient, config: TrainConfig, data: PreparedData, parent_run_id: str | None) -> str:
-    tags = _run_tags() | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})
-    run = mlflow_client.create_run(_experiment_id(config.experiment), tags=tags)
+    tags = run_tags() | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})
+    run = mlflow_client.create_run(experiment_id(config.experiment), tags=tags)
     params = {**config.model_dump(mode="json"), **environment()}
     params |= {"corpus_file_sha1": data.corpus_sha1, "vocab_size": data.vocab_size, "git_commit": git_commit()}
     params |= {"train_tokens": data.train_tokens, "val_tokens_actual": data.val_tokens}
-    mlflow_client.log_batch(run.info.run_id, params=[_param(k, v) for k, v in params.items()])
+    mlflow_client.log_batch(run.info.run_id, params=[as_param(k, v) for k, v in params.items()])
     return run.info.run_id
 
 
@@ -217,7 +217,7 @@ def _reopen(mlflow_client: MlflowClient, run_id: str, epoch: int) -> None:
     """Set the run RUNNING again, tagged with this flow run; its last failure reason moves to
     `rnnlm.previous_failure`."""
     mlflow_client.update_run(run_id, status="RUNNING")
-    for key, value in _run_tags().items():
+    for key, value in run_tags().items():
         mlflow_client.set_tag(run_id, key, value)
     if reason := mlflow_client.get_run(run_id).data.tags.get("failure_reason"):
         mlflow_client.set_tag(run_id, "rnnlm.previous_failure", reason)
@@ -230,11 +230,11 @@ def last_logged_epoch(run_id: str) -> int:
     return max((m.step for m in client().get_metric_history(run_id, "train_perplexity")), default=0)
 
 
-def _param(key: str, value) -> mlflow.entities.Param:
+def as_param(key: str, value) -> mlflow.entities.Param:
     return mlflow.entities.Param(key, "None" if value is None else str(value))
 
 
-def _run_tags() -> dict[str, str]:
+def run_tags() -> dict[str, str]:
     from prefect.context import get_run_context
 
     context = get_run_context()

@@ -16,7 +16,7 @@ from test_flow import CountingHandler, corpus_url, flow_config  # noqa: F401 (co
 from flows.train_flow import train_flow
 from rnnlm import experiment
 from rnnlm.checkpoint import load_checkpoint, save_checkpoint
-from tasks.tracking import _experiment_id
+from tasks.tracking import experiment_id
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -187,7 +187,7 @@ def _interrupted_run(tmp_path, corpus, store, **overrides):
     """Train 2 of 4 epochs in a flow that fails (a crash), leaving a checkpoint; returns (config, run, checkpoint)."""
     config = flow_config(tmp_path, corpus, num_epochs=4, eval_every=2, checkpoint_every=2, **overrides)
     data = experiment.prepare_data(experiment.fetch(config), config)
-    run_id = MlflowClient(store).create_run(_experiment_id("rnnlm")).info.run_id
+    run_id = MlflowClient(store).create_run(experiment_id("rnnlm")).info.run_id
     path = experiment.run_checkpoint(config, data.corpus_sha1, run_id)
     half = config.model_copy(update={"num_epochs": 2})
     experiment.fit(half, data, path, run_id=run_id)  # then make it look like the 4-epoch run it was part of

@@ -8,7 +8,7 @@ from rnnlm.config import TrainConfig
 from rnnlm.data import as_tensor
 from rnnlm.experiment import settings_of
 from rnnlm.model import RNNLM
-from rnnlm.train import TrainSettings, cpu_threads, make_optimizer, train_epoch
+from rnnlm.train import TrainSettings, make_optimizer, torch_threads, train_epoch
 from rnnlm.vocab import build_vocab, encode, prepare_text
 
 
@@ -47,10 +47,10 @@ def test_an_epoch_reads_the_device_once(corpus, rnn, monkeypatch):
 
 def test_cpu_threads_are_set_for_the_block_and_restored():
     before = torch.get_num_threads()
-    with cpu_threads(1, torch.device("cpu")):
+    with torch_threads(1, torch.device("cpu")):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
-    with cpu_threads(0, torch.device("cpu")):  # 0 keeps torch's setting
+    with torch_threads(0, torch.device("cpu")):  # 0 keeps torch's setting
         assert torch.get_num_threads() == before
 
 
