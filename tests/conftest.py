@@ -113,6 +113,17 @@ def serve_dir(tmp_path) -> Iterator:
         server.server_close()
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread: on a shared 2-core machine two threads per process slow tiny models down many times."""
+    import torch
+
+    from rnnlm.train import torch_threads
+
+    with torch_threads(1, torch.device("cpu")):
+        yield
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One temporary Prefect server for the whole session (started on first use)."""

@@ -9,7 +9,6 @@ import threading
 import time
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 from test_flow import CountingHandler, corpus_url, flow_config  # noqa: F401 (corpus_url is a fixture)
 
@@ -22,12 +21,8 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine two threads per process slow tiny models down many times."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """Every test here trains with one torch thread (see conftest)."""
 
 
 def runs_of(store: str) -> list:

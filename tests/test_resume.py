@@ -16,12 +16,8 @@ from rnnlm.config import TrainConfig
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine two threads per process slow tiny models down many times."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """Every test here trains with one torch thread (see conftest)."""
 
 
 def config_for(tmp_path, corpus, **overrides) -> TrainConfig:
