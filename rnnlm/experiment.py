@@ -285,8 +285,16 @@ def _summary(state: TrainState, device: torch.device, resumed_from: int, cpu_thr
 
 def sample(checkpoint_path: Path, prompts: list[str], num_preds: int, **sampling) -> list[str]:
     """Generate from a saved checkpoint; `sampling` is passed on (temperature, top_k, seed)."""
+    return sample_many(checkpoint_path, prompts, num_preds, {"": sampling})[""]
+
+
+def sample_many(checkpoint_path: Path, prompts: list[str], num_preds: int, settings: dict[str, dict]) -> dict:
+    """Generate from a saved checkpoint (loaded once) under several named sampling settings: name -> texts."""
     model, vocab, config = model_from_checkpoint(load_checkpoint(checkpoint_path))
-    return generate(model, vocab, list(prompts), num_preds, config["tokenization"], **sampling)
+    return {
+        name: generate(model, vocab, list(prompts), num_preds, config["tokenization"], **options)
+        for name, options in settings.items()
+    }
 
 
 def environment() -> dict[str, str]:

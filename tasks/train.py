@@ -110,12 +110,9 @@ def train_model(config: TrainConfig, data: experiment.PreparedData, run_id: str)
 def generate_samples(config: TrainConfig, checkpoint: str) -> dict:
     """The book's two greedy samples, plus sampled ones (temperature, top-k), for fixed prompts."""
     logger = get_run_logger()
-    samples = {}
-    for name, options in SAMPLING.items():
-        texts = experiment.sample(
-            Path(checkpoint), list(experiment.BOOK_PROMPTS), config.num_preds, seed=config.seed, **options
-        )
-        samples[name] = dict(zip(experiment.BOOK_PROMPTS, texts, strict=True))
+    settings = {name: {"seed": config.seed, **options} for name, options in SAMPLING.items()}
+    texts = experiment.sample_many(Path(checkpoint), list(experiment.BOOK_PROMPTS), config.num_preds, settings)
+    samples = {name: dict(zip(experiment.BOOK_PROMPTS, out, strict=True)) for name, out in texts.items()}
     for text in samples["greedy"].values():
         logger.info("sample: %s", text)
     return samples
