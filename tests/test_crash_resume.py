@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import PROJECT_ROOT, small_text
 from mlflow.tracking import MlflowClient
+from test_resume import resume_settings
 
 from rnnlm import experiment
 from rnnlm.checkpoint import load_checkpoint
@@ -27,21 +28,9 @@ NUM_EPOCHS = 12
 
 
 def settings(tmp_path: Path, corpus: Path, **overrides) -> dict:
-    base = dict(
-        corpus=str(corpus),
-        cache_dir=str(tmp_path / "cache"),
-        max_tokens=-1,
-        val_tokens=1000,
-        num_hiddens=24,
-        batch_size=8,
-        num_steps=10,
-        num_epochs=NUM_EPOCHS,
-        eval_every=2,
-        checkpoint_every=1,
-        device="cpu",
-        num_preds=10,
+    return resume_settings(
+        tmp_path, corpus, **{"num_epochs": NUM_EPOCHS, "checkpoint_every": 1, "num_preds": 10, **overrides}
     )
-    return {**base, **overrides}
 
 
 def start(args: dict, store: str, log: Path) -> subprocess.Popen:

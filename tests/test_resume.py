@@ -20,7 +20,8 @@ def _one_thread(one_torch_thread):
     """Every test here trains with one torch thread (see conftest)."""
 
 
-def config_for(tmp_path, corpus, **overrides) -> TrainConfig:
+def resume_settings(tmp_path, corpus, **overrides) -> dict:
+    """Config values for a few seconds of CPU training that checkpoints often (shared with test_crash_resume)."""
     settings = dict(
         corpus=str(corpus),
         cache_dir=str(tmp_path / "cache"),
@@ -34,7 +35,11 @@ def config_for(tmp_path, corpus, **overrides) -> TrainConfig:
         checkpoint_every=2,
         device="cpu",
     )
-    return TrainConfig(**{**settings, **overrides})
+    return {**settings, **overrides}
+
+
+def config_for(tmp_path, corpus, **overrides) -> TrainConfig:
+    return TrainConfig(**resume_settings(tmp_path, corpus, **overrides))
 
 
 @pytest.fixture
