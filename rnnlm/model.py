@@ -1,8 +1,8 @@
 """The recurrent language model of D2L 8.6: one-hot input, a fused torch RNN/GRU/LSTM, a linear output layer.
 
-On the CPU the one-layer tanh RNN (the book's experiment) runs through `rnnlm.recurrence.TanhRNN`, a hand-written
-recurrence with the same parameters: the one-hot product becomes a row gather, and the backward pass computes the
-recurrent weight's gradient for all time steps in one large matmul instead of a small matmul per step.
+On the CPU the one-layer tanh RNN (the book's experiment) runs through `rnnlm.recurrence.OneHotTanhRNN`, a
+hand-written recurrence with the same parameters: one fused matmul + tanh per step, and the weights' gradients for all
+time steps in one large matmul (on a second core) instead of small matmuls per step.
 """
 
 from __future__ import annotations
@@ -53,11 +53,12 @@ class RNNLM(nn.Module):
         )
 
     def _recurrence(self, tokens: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The book's one-hot tanh RNN through `recurrence.TanhRNN`: same parameters, same function."""
+        """The book's one-hot tanh RNN through `recurrence.OneHotTanhRNN`: same parameters, same function."""
         rnn = self.rnn
-        # one_hot(x) @ W_ih^T is row x of W_ih^T: a gather; both biases folded in once. (num_steps, batch_size, H)
-        x_proj = F.embedding(tokens.T, rnn.weight_ih_l0.T) + (rnn.bias_ih_l0 + rnn.bias_hh_l0)
-        outputs = recurrence.TanhRNN.apply(x_proj, state[0], rnn.weight_hh_l0)  # (num_steps, batch_size, H)
+        bias = rnn.bias_ih_l0 + rnn.bias_hh_l0  # both biases folded in once
+        outputs = recurrence.OneHotTanhRNN.apply(
+            tokens.T, state[0], rnn.weight_ih_l0, rnn.weight_hh_l0, bias, recurrence.overlap_enabled()
+        )  # (num_steps, batch_size, H)
         return outputs, outputs[-1:]  # the state: (1, batch_size, num_hiddens)
 
     def begin_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:

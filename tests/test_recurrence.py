@@ -1,7 +1,9 @@
 """The hand-written CPU tanh RNN against torch's `nn.RNN`: same outputs, states and gradients."""
 
+import pytest
 import torch
 
+from rnnlm import recurrence
 from rnnlm.model import RNNLM
 
 
@@ -41,3 +43,34 @@ def test_recurrence_serves_the_one_layer_tanh_rnn_in_float32_only():
     assert not RNNLM(5, 4, "gru")._use_recurrence(tokens) and not RNNLM(5, 4, "lstm")._use_recurrence(tokens)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not RNNLM(5, 4, "rnn")._use_recurrence(tokens)  # low precision goes to torch's layer
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "plain-torch"])
+@pytest.mark.parametrize("overlap", [True, False], ids=["helper-thread", "one-thread"])
+def test_one_hot_tanh_rnn_gradients_equal_nn_rnn(monkeypatch, onednn, overlap):
+    """Both kernels (oneDNN's fused ops and plain torch ops) and both ways of summing the weight gradient (in slices
+    on the helper thread, or at once) give nn.RNN's outputs and gradients."""
+    if onednn and not recurrence.ONEDNN:
+        pytest.skip("this torch build has no oneDNN linear ops")
+    monkeypatch.setattr(recurrence, "ONEDNN", onednn)
+    torch.manual_seed(1)
+    steps, batch, vocab, hidden = 12, 4, 9, 16
+    layer = torch.nn.RNN(vocab, hidden)
+    tokens = torch.randint(0, vocab, (steps, batch))
+    h0 = torch.randn(batch, hidden)
+    weight = torch.randn(steps, batch, hidden)  # a loss that weighs every output differently
+
+    reference_h0 = h0.clone().requires_grad_()
+    outputs, _ = layer(torch.nn.functional.one_hot(tokens, vocab).float(), reference_h0[None])
+    (outputs * weight).sum().backward()
+    expected = [outputs.detach(), reference_h0.grad] + [p.grad.clone() for p in layer.parameters()]
+
+    layer.zero_grad()
+    ours_h0 = h0.clone().requires_grad_()
+    bias = layer.bias_ih_l0 + layer.bias_hh_l0
+    ours = recurrence.OneHotTanhRNN.apply(tokens, ours_h0, layer.weight_ih_l0, layer.weight_hh_l0, bias, overlap)
+    (ours * weight).sum().backward()
+    got = [ours.detach(), ours_h0.grad] + [p.grad for p in layer.parameters()]
+    names = ["outputs", "h0", "weight_ih", "weight_hh", "bias_ih", "bias_hh"]
+    for name, a, b in zip(names, got, expected, strict=True):
+        torch.testing.assert_close(a, b, msg=name)
