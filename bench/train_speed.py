@@ -27,6 +27,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rnnlm import recurrence  # noqa: E402
 from rnnlm.corpus import read_text  # noqa: E402
 from rnnlm.model import RNNLM  # noqa: E402
 from rnnlm.train import TrainSettings, make_optimizer, torch_threads, train_epoch  # noqa: E402
@@ -148,6 +149,39 @@ class Runner:
         return self.tokens / self.seconds if self.seconds else float("nan")
 
 
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+
+
+def flops_per_token(rnn: str, vocab_size: int, num_hiddens: int) -> float:
+    """Matmul FLOPs of one training token, counted as the book's model computes them (the one-hot input as a dense
+    product): forward G*H*(H+V) + V*H multiply-adds for a layer with G gate blocks; backward twice that."""
+    macs = GATES[rnn] * num_hiddens * (num_hiddens + vocab_size) + vocab_size * num_hiddens
+    return 2 * 3 * macs
+
+
+def matmul_peak(device: torch.device, threads: int = 0, size: int = 2048, repeats: int = 10) -> dict[str, float]:
+    """This machine's float32 matmul limit in GFLOP/s: a large square matmul, best of `repeats`, through torch's
+    matmul (MKL on x86 CPUs) and, on the CPU, through oneDNN's linear (which the LSTM layer and the project's RNN
+    kernel use; on AMD CPUs MKL runs at less than half of it). 0 threads: torch's default."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    kernels = {"torch.matmul": lambda: a @ b}
+    if device.type == "cpu" and recurrence.ONEDNN:
+        packed = torch.ops.mkldnn._reorder_linear_weight(b, size)
+        kernels["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+    result = {}
+    with torch_threads(threads, device):
+        for name, kernel in kernels.items():
+            best = math.inf
+            for _ in range(repeats):
+                sync()
+                start = time.perf_counter()
+                kernel()
+                sync()
+                best = min(best, time.perf_counter() - start)
+            result[name] = 2 * size**3 / best / 1e9
+    return result
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -235,14 +269,29 @@ def main(argv=None) -> None:
         f"book loop threads: {args.book_threads or torch.get_num_threads()}; project cpu_threads: {args.threads}, "
         f"amp: {args.amp}; load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     )
-    print(f"{'model':6} {'book tok/s':>11} {'project tok/s':>14} {'ratio':>6} {'book ppl':>9} {'project ppl':>12}")
+    peaks = matmul_peak(device)
+    peak = max(peaks.values())
+    print(
+        "float32 matmul limit (2048^3, default threads): "
+        + ", ".join(f"{name} {gflops:,.0f} GFLOP/s" for name, gflops in peaks.items())
+    )
+    print(
+        f"{'model':6} {'book tok/s':>11} {'project tok/s':>14} {'ratio':>6} {'book ppl':>9} {'project ppl':>12} "
+        f"{'kFLOP/tok':>10} {'book % limit':>13} {'project % limit':>16}"
+    )
     for rnn in args.rnn:
         r = race(args, rnn, vocab_size, corpus, device)
+        flops = flops_per_token(rnn, vocab_size, args.num_hiddens)
         print(
             f"{rnn:6} {r['book_tps']:11,.0f} {r['project_tps']:14,.0f} {r['ratio']:5.2f}x "
-            f"{r['book_ppl']:9.3f} {r['project_ppl']:12.3f}",
+            f"{r['book_ppl']:9.3f} {r['project_ppl']:12.3f} {flops / 1e3:10,.0f} "
+            f"{100 * r['book_tps'] * flops / 1e9 / peak:12.0f}% {100 * r['project_tps'] * flops / 1e9 / peak:15.0f}%",
             flush=True,
         )
+    print(
+        "% limit: the matmul FLOPs each loop performs per second, as a share of the best float32 matmul limit above; "
+        "a loop at X% cannot run more than 100/X times faster on this machine in float32"
+    )
 
 
 if __name__ == "__main__":
