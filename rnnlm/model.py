@@ -1,8 +1,8 @@
 """The recurrent language model of D2L 8.6: one-hot input, a fused torch RNN/GRU/LSTM, a linear output layer.
 
-On the CPU the one-layer tanh RNN (the book's experiment) runs through `rnnlm.recurrence.OneHotTanhRNN`, a
-hand-written recurrence with the same parameters: one fused matmul + tanh per step, and the weights' gradients for all
-time steps in one large matmul (on a second core) instead of small matmuls per step.
+On the CPU the one-layer tanh RNN (the book's experiment) and GRU run through `rnnlm.recurrence`, hand-written
+recurrences with the same parameters: one fused oneDNN matmul per step, and the weights' gradients for all time steps
+in one large matmul (on a second core) instead of small matmuls per step.
 """
 
 from __future__ import annotations
@@ -43,22 +43,28 @@ class RNNLM(nn.Module):
         return self.linear(outputs.reshape(-1, outputs.shape[-1])), state
 
     def _use_recurrence(self, tokens: torch.Tensor) -> bool:
-        """The hand-written tanh RNN serves the one-layer RNN on the CPU (GPUs have cuDNN's fused kernels)."""
+        """The hand-written recurrences serve the one-layer tanh RNN and GRU on the CPU in float32 (GPUs have
+        cuDNN's fused kernels; torch's CPU LSTM is oneDNN's fused kernel already)."""
         return (
             tokens.device.type == "cpu"
-            and self.rnn_type == "rnn"
+            and self.rnn_type in ("rnn", "gru")
             and self.rnn.num_layers == 1
-            and self.rnn.nonlinearity == "tanh"
+            and getattr(self.rnn, "nonlinearity", "tanh") == "tanh"
             and not _autocast_on_cpu()
         )
 
     def _recurrence(self, tokens: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The book's one-hot tanh RNN through `recurrence.OneHotTanhRNN`: same parameters, same function."""
-        rnn = self.rnn
-        bias = rnn.bias_ih_l0 + rnn.bias_hh_l0  # both biases folded in once
-        outputs = recurrence.OneHotTanhRNN.apply(
-            tokens.T, state[0], rnn.weight_ih_l0, rnn.weight_hh_l0, bias, recurrence.overlap_enabled()
-        )  # (num_steps, batch_size, H)
+        """The book's one-hot RNN or GRU through `rnnlm.recurrence`: same parameters, same function."""
+        rnn, overlap = self.rnn, recurrence.overlap_enabled()
+        if self.rnn_type == "gru":
+            outputs = recurrence.OneHotGRU.apply(
+                tokens.T, state[0], rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0, overlap
+            )
+        else:
+            bias = rnn.bias_ih_l0 + rnn.bias_hh_l0  # both biases folded in once
+            outputs = recurrence.OneHotTanhRNN.apply(
+                tokens.T, state[0], rnn.weight_ih_l0, rnn.weight_hh_l0, bias, overlap
+            )  # (num_steps, batch_size, H)
         return outputs, outputs[-1:]  # the state: (1, batch_size, num_hiddens)
 
     def begin_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:

@@ -53,18 +53,23 @@ def tanh_linear(weight: torch.Tensor, bias: torch.Tensor, batch: int) -> Step:
     return lambda x: torch.addmm(bias, x, weight.T).tanh_()
 
 
-def linear_add(weight: torch.Tensor, batch: int) -> Step:
-    """(x, other) -> x @ weight.T + other (other None: no addition), the weight packed once."""
+def linear_add(weight: torch.Tensor, batch: int, bias: torch.Tensor | None = None) -> Step:
+    """(x, other) -> x @ weight.T + bias + other (other None: no addition), the weight packed once."""
     if ONEDNN:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch)
 
         def step(x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
             if other is None:
-                return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-            return torch.ops.mkldnn._linear_pointwise.binary(x, other, packed, None, "add")
+                return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise.binary(x, other, packed, bias, "add")
 
         return step
-    return lambda x, other=None: x @ weight.T if other is None else torch.addmm(other, x, weight.T)
+
+    def plain(x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        out = x @ weight.T if bias is None else torch.addmm(bias, x, weight.T)
+        return out if other is None else out.add_(other)
+
+    return plain
 
 
 class _Helper:
@@ -88,6 +93,43 @@ _helper = _Helper()
 def overlap_enabled() -> bool:
     """Slices of the weight gradient go to the helper thread when torch computes on one thread and a core is free."""
     return torch.get_num_threads() == 1 and (os.cpu_count() or 1) > 1
+
+
+def matmul_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a.T @ b for 2-D a (n, p) and b (n, q), through oneDNN when present (about 2x torch's matmul on AMD CPUs)."""
+    if ONEDNN:
+        return torch.ops.mkldnn._linear_pointwise(a.T.contiguous(), b.T, None, "none", [], "")
+    return a.T @ b
+
+
+class WeightGrad:
+    """sum over steps t of grad[t].T @ inputs[t] (grad: (steps, batch, G), inputs: (steps, batch, K)), the gradient
+    of a weight that every step multiplies. With `overlap`, slices of steps are summed on the helper thread as soon
+    as the backward recurrence (running from the last step down) has finished them; call `finished(t)` after step
+    t's rows of `grad` are final, and `total()` at the end."""
+
+    def __init__(self, grad: torch.Tensor, inputs: torch.Tensor, overlap: bool):
+        steps = grad.shape[0]
+        self.grad, self.inputs = grad.reshape(-1, grad.shape[-1]), inputs.reshape(-1, inputs.shape[-1])
+        self.batch = grad.shape[1]
+        self.cuts = set(range(1, steps, -(-steps // _WEIGHT_GRAD_SLICES))) if overlap else set()
+        self.parts: list[Future] = []
+        self.end = steps
+
+    def _slice(self, t0: int, t1: int) -> torch.Tensor:
+        rows = slice(t0 * self.batch, t1 * self.batch)
+        return matmul_tn(self.grad[rows], self.inputs[rows])
+
+    def finished(self, t: int) -> None:
+        if t in self.cuts:
+            self.parts.append(_helper.submit(lambda t0=t, t1=self.end: self._slice(t0, t1)))
+            self.end = t
+
+    def total(self) -> torch.Tensor:
+        result = self._slice(0, self.end)
+        for part in self.parts:
+            result += part.result()
+        return result
 
 
 class OneHotTanhRNN(torch.autograd.Function):
@@ -122,23 +164,80 @@ class OneHotTanhRNN(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         deriv = 1 - hs * hs  # tanh' at every step
         grad_pre = torch.empty_like(deriv)  # d loss / d (pre-activation of step t)
-        inputs = z.reshape(steps * batch, -1)  # the rows each step's matmul saw
-
-        def weight_grad(t0: int, t1: int) -> torch.Tensor:  # d loss / d [W_hh | W_ih] from steps t0..t1-1
-            return grad_pre[t0:t1].reshape(-1, hidden).T @ inputs[t0 * batch : t1 * batch]
-
+        weight_grad = WeightGrad(grad_pre, z, ctx.overlap)  # d loss / d [W_hh | W_ih]: z[t] is what step t saw
         back = linear_add(w_hh.T, batch)  # g -> g @ W_hh (+ the gradient arriving from the output at that step)
-        cuts = set(range(0, steps, -(-steps // _WEIGHT_GRAD_SLICES))) if ctx.overlap else set()
-        parts, end = [], steps
         torch.mul(grad_out[-1], deriv[-1], out=grad_pre[-1])
         for t in range(steps - 1, 0, -1):
-            if t in cuts:  # steps t..end-1 are final: their share of the weight gradient goes to the helper
-                parts.append(_helper.submit(lambda t0=t, t1=end: weight_grad(t0, t1)))
-                end = t
+            weight_grad.finished(t)
             torch.mul(back(grad_pre[t], grad_out[t - 1]), deriv[t - 1], out=grad_pre[t - 1])
         grad_h0 = back(grad_pre[0])
-        grad_w = weight_grad(0, end)
-        for part in parts:
-            grad_w += part.result()
+        grad_w = weight_grad.total()
         grad_bias = grad_pre.sum((0, 1))
         return None, grad_h0, grad_w[:, hidden:], grad_w[:, :hidden], grad_bias, None
+
+
+class OneHotGRU(torch.autograd.Function):
+    """torch's `nn.GRU` (gates r, z, n in that order) over one-hot inputs; returns (steps, batch, H).
+
+        r = sigmoid(W_ir x + b_ir + W_hr h + b_hr)      z = sigmoid(W_iz x + b_iz + W_hz h + b_hz)
+        n = tanh(W_in x + b_in + r * (W_hn h + b_hn))   h' = (1 - z) * n + z * h
+
+    The input products are a row gather for all steps at once; each step is one packed matmul of h by W_hh (bias
+    fused) and five elementwise ops. The backward pass precomputes every derivative that does not depend on the
+    incoming gradient for all steps at once, so that each step is four products, one addcmul and one packed matmul;
+    the weights' gradients are one matmul each over all steps (W_hh's summed in slices on the helper thread)."""
+
+    @staticmethod
+    def forward(ctx, tokens, h0, w_ih, w_hh, b_ih, b_hh, overlap: bool = False):
+        steps, batch = tokens.shape
+        hidden = w_hh.shape[1]
+        x_gates = torch.nn.functional.embedding(tokens, w_ih.T) + b_ih  # (steps, batch, 3H)
+        step = linear_add(w_hh, batch, b_hh)
+        rz = x_gates.new_empty((steps, batch, 2 * hidden))
+        n = x_gates.new_empty((steps, batch, hidden))
+        hs = x_gates.new_empty((steps + 1, batch, hidden))  # hs[0] = h0
+        hs[0] = h0
+        h_gates = []
+        for t in range(steps):
+            gh = step(hs[t])  # (batch, 3H): W_hh h + b_hh
+            h_gates.append(gh)
+            torch.add(x_gates[t, :, : 2 * hidden], gh[:, : 2 * hidden], out=rz[t]).sigmoid_()
+            torch.addcmul(x_gates[t, :, 2 * hidden :], rz[t, :, :hidden], gh[:, 2 * hidden :], out=n[t]).tanh_()
+            torch.lerp(n[t], hs[t], rz[t, :, hidden:], out=hs[t + 1])  # n + z * (h - n)
+        h_n = torch.stack([gh[:, 2 * hidden :] for gh in h_gates])  # W_hn h + b_hn, which r multiplied
+        ctx.save_for_backward(tokens, w_ih, w_hh, hs, rz, n, h_n)
+        ctx.overlap = overlap
+        return hs[1:]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        tokens, w_ih, w_hh, hs, rz, n, h_n = ctx.saved_tensors
+        steps, batch, hidden = n.shape
+        grad_out = grad_out.contiguous()
+        r, z, h_prev = rz[..., :hidden], rz[..., hidden:], hs[:-1]
+        # d h' / d pre_n, d h' / d pre_z, d pre_n / d pre_r per unit of incoming gradient, for all steps at once
+        to_pre_n = (1 - z) * (1 - n * n)
+        to_pre_z = (h_prev - n) * z * (1 - z)
+        n_to_pre_r = h_n * r * (1 - r)
+        grad_gates = torch.empty((steps, batch, 3 * hidden), dtype=n.dtype)  # d loss / d (W_hh h + b_hh)
+        grad_pre_n = torch.empty_like(n)  # d loss / d pre_n, which is d loss / d (W_in x + b_in)
+        weight_grad = WeightGrad(grad_gates, h_prev.contiguous(), ctx.overlap)
+        back = linear_add(w_hh.T, batch)  # g -> g @ W_hh (+ what reaches h directly)
+        dh = grad_out[-1]
+        for t in range(steps - 1, -1, -1):
+            torch.mul(dh, to_pre_n[t], out=grad_pre_n[t])
+            torch.mul(dh, to_pre_z[t], out=grad_gates[t, :, hidden : 2 * hidden])
+            torch.mul(grad_pre_n[t], n_to_pre_r[t], out=grad_gates[t, :, :hidden])
+            torch.mul(grad_pre_n[t], r[t], out=grad_gates[t, :, 2 * hidden :])
+            direct = torch.addcmul(grad_out[t - 1], dh, z[t]) if t > 0 else dh * z[t]  # through z * h, plus output
+            dh = back(grad_gates[t], direct)
+            weight_grad.finished(t)
+        # d loss / d (W_ih x + b_ih): the r and z columns of grad_gates, then grad_pre_n; the gather's gradient
+        grad_w_ih, grad_b_ih = torch.zeros_like(w_ih.T), grad_gates.new_empty(3 * hidden)
+        for cols, grad in (
+            (slice(0, 2 * hidden), grad_gates[..., : 2 * hidden]),
+            (slice(2 * hidden, None), grad_pre_n),
+        ):
+            grad_w_ih[:, cols].index_add_(0, tokens.reshape(-1), grad.reshape(steps * batch, -1))
+            torch.sum(grad, (0, 1), out=grad_b_ih[cols])
+        return None, dh, grad_w_ih.T, weight_grad.total(), grad_b_ih, grad_gates.sum((0, 1)), None

@@ -21,9 +21,10 @@ def _run(model, tokens, state, fused: bool):
     return logits.detach(), [p.detach() for p in parts], grads
 
 
-def test_recurrence_equals_torch_layers():
+@pytest.mark.parametrize("rnn", ["rnn", "gru"])
+def test_recurrence_equals_torch_layers(rnn):
     torch.manual_seed(0)
-    model = RNNLM(11, 16, "rnn")
+    model = RNNLM(11, 16, rnn)
     tokens = torch.randint(0, 11, (3, 7))
     state = model.begin_state(3)
     state = tuple(torch.randn_like(s) for s in (state if isinstance(state, tuple) else (state,)))
@@ -36,26 +37,28 @@ def test_recurrence_equals_torch_layers():
         torch.testing.assert_close(ours[2][name], theirs[2][name], msg=name)
 
 
-def test_recurrence_serves_the_one_layer_tanh_rnn_in_float32_only():
+def test_recurrence_serves_the_one_layer_rnn_and_gru_in_float32_only():
     tokens = torch.zeros(2, 3, dtype=torch.int64)
     assert RNNLM(5, 4, "rnn")._use_recurrence(tokens)
     assert not RNNLM(5, 4, "rnn", num_layers=2)._use_recurrence(tokens)
-    assert not RNNLM(5, 4, "gru")._use_recurrence(tokens) and not RNNLM(5, 4, "lstm")._use_recurrence(tokens)
+    assert RNNLM(5, 4, "gru")._use_recurrence(tokens)
+    assert not RNNLM(5, 4, "lstm")._use_recurrence(tokens)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not RNNLM(5, 4, "rnn")._use_recurrence(tokens)  # low precision goes to torch's layer
 
 
+@pytest.mark.parametrize("rnn", ["rnn", "gru"])
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "plain-torch"])
 @pytest.mark.parametrize("overlap", [True, False], ids=["helper-thread", "one-thread"])
-def test_one_hot_tanh_rnn_gradients_equal_nn_rnn(monkeypatch, onednn, overlap):
+def test_kernels_give_torch_layers_outputs_and_gradients(monkeypatch, rnn, onednn, overlap):
     """Both kernels (oneDNN's fused ops and plain torch ops) and both ways of summing the weight gradient (in slices
-    on the helper thread, or at once) give nn.RNN's outputs and gradients."""
+    on the helper thread, or at once) give nn.RNN's / nn.GRU's outputs and gradients."""
     if onednn and not recurrence.ONEDNN:
         pytest.skip("this torch build has no oneDNN linear ops")
     monkeypatch.setattr(recurrence, "ONEDNN", onednn)
     torch.manual_seed(1)
     steps, batch, vocab, hidden = 12, 4, 9, 16
-    layer = torch.nn.RNN(vocab, hidden)
+    layer = {"rnn": torch.nn.RNN, "gru": torch.nn.GRU}[rnn](vocab, hidden)
     tokens = torch.randint(0, vocab, (steps, batch))
     h0 = torch.randn(batch, hidden)
     weight = torch.randn(steps, batch, hidden)  # a loss that weighs every output differently
@@ -67,8 +70,11 @@ def test_one_hot_tanh_rnn_gradients_equal_nn_rnn(monkeypatch, onednn, overlap):
 
     layer.zero_grad()
     ours_h0 = h0.clone().requires_grad_()
-    bias = layer.bias_ih_l0 + layer.bias_hh_l0
-    ours = recurrence.OneHotTanhRNN.apply(tokens, ours_h0, layer.weight_ih_l0, layer.weight_hh_l0, bias, overlap)
+    w_ih, w_hh, b_ih, b_hh = layer.weight_ih_l0, layer.weight_hh_l0, layer.bias_ih_l0, layer.bias_hh_l0
+    if rnn == "gru":
+        ours = recurrence.OneHotGRU.apply(tokens, ours_h0, w_ih, w_hh, b_ih, b_hh, overlap)
+    else:
+        ours = recurrence.OneHotTanhRNN.apply(tokens, ours_h0, w_ih, w_hh, b_ih + b_hh, overlap)
     (ours * weight).sum().backward()
     got = [ours.detach(), ours_h0.grad] + [p.grad for p in layer.parameters()]
     names = ["outputs", "h0", "weight_ih", "weight_hh", "bias_ih", "bias_hh"]
