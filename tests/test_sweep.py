@@ -84,7 +84,8 @@ def _free_port() -> int:
 @pytest.fixture
 def dask_cluster(tmp_path, mlflow_store):
     """A real Dask scheduler and two workers, as separate processes on loopback (after `mlflow_store`, so that
-    the workers inherit its MLFLOW_TRACKING_URI)."""
+    the workers inherit its MLFLOW_TRACKING_URI). The first worker declares one 'GPU' resource, as a worker on a GPU
+    machine would (`dask worker ... --resources GPU=1`); Dask treats resources as labels, so no GPU is needed."""
     port, bin_dir = _free_port(), os.path.dirname(sys.executable)
     address = f"tcp://127.0.0.1:{port}"
     env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
@@ -111,6 +112,7 @@ def dask_cluster(tmp_path, mlflow_store):
                 "--no-dashboard",
                 "--local-directory",
                 str(tmp_path / f"w{i}"),
+                *(["--resources", "GPU=1"] if i == 0 else []),
             ],
             env=env,
             stdout=subprocess.DEVNULL,
@@ -139,3 +141,23 @@ def test_sweep_on_a_real_dask_cluster(tmp_path, mlflow_store, dask_cluster):
     )
     records = run_sweep(sweep)
     _check_sweep(records, mlflow_store, ["RNN", "GRU"])
+
+
+@pytest.mark.slow
+def test_members_that_need_a_gpu_run_only_on_gpu_workers(tmp_path, mlflow_store, dask_cluster):
+    from distributed import Client
+
+    sweep = SweepConfig(
+        base=tiny_base(tmp_path),
+        variants=[Variant(rnn="rnn"), Variant(rnn="gru")],
+        dask_address=dask_cluster,
+        gpus_per_member=1,
+    )
+    records = run_sweep(sweep)
+    _check_sweep(records, mlflow_store, ["RNN", "GRU"])
+    with Client(dask_cluster, timeout=60) as client:
+        workers = client.scheduler_info()["workers"]
+        executed = client.run(lambda dask_worker: dask_worker.state.executed_count)
+    gpu_worker = next(addr for addr, info in workers.items() if info["resources"].get("GPU"))
+    assert executed[gpu_worker] >= 2  # both members, one GPU each, one after the other
+    assert all(count == 0 for addr, count in executed.items() if addr != gpu_worker), executed
