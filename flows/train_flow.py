@@ -13,15 +13,15 @@ from flows.cli import exit_quickly, parse_command, start_temporary_server
 # Run as a script, Prefect's temporary server boots on another core while the imports below load (about 3 s saved).
 _server_ready = start_temporary_server() if __name__ == "__main__" else lambda: None
 
-from prefect import flow  # noqa: E402 (after the server's start on purpose)
-from pydantic import Field  # noqa: E402
-from pydantic_settings import BaseSettings, SettingsConfigDict  # noqa: E402
+from prefect import flow  # imported after the server's start on purpose (E402 allowed in pyproject.toml)
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from rnnlm.config import TrainConfig  # noqa: E402
-from tasks.data import fetch_corpus, prepare_data  # noqa: E402
-from tasks.registry import promote, read_versions  # noqa: E402
-from tasks.tracking import check_tracking, log_results, register_model, run_guard, start_run  # noqa: E402
-from tasks.train import generate_samples, plot_history, report, train_model  # noqa: E402
+from rnnlm.config import TrainConfig
+from tasks.data import fetch_corpus, prepare_data
+from tasks.registry import promote, read_versions
+from tasks.tracking import check_tracking, log_results, register_model, run_guard, start_run
+from tasks.train import generate_samples, plot_history, report, train_model
 
 
 @flow(name="train-rnnlm", flow_run_name="{config.rnn}-{config.num_hiddens}h-{config.num_epochs}ep", log_prints=True)

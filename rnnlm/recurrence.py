@@ -30,13 +30,22 @@ Step = Callable[..., torch.Tensor]
 _WEIGHT_GRAD_SLICES = 5  # with `overlap`, the weight gradient is summed over this many slices of time steps
 
 
+def _pack(weight: torch.Tensor, batch: int) -> torch.Tensor:
+    """`weight` (out, in) in oneDNN's blocked layout for calls of `batch` rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, batch)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, post_op: str = "none") -> torch.Tensor:
+    """oneDNN's x @ weight.T + bias, then `post_op` ('none' or 'tanh'), fused in one call."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post_op, [], "")
+
+
 def _onednn_available() -> bool:
     """Whether oneDNN's fused linear ops run here (x86 and ARM builds of torch have them; a few builds do not)."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:
-        weight = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 3), 1)
-        out = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 3), weight, torch.zeros(2), "tanh", [], "")
+        out = _linear(torch.ones(1, 3), _pack(torch.ones(2, 3), 1), torch.zeros(2), "tanh")
         return bool(torch.allclose(out, torch.full((1, 2), 3.0).tanh()))
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
@@ -48,19 +57,19 @@ ONEDNN = _onednn_available()
 def tanh_linear(weight: torch.Tensor, bias: torch.Tensor, batch: int) -> Step:
     """x -> tanh(x @ weight.T + bias), the weight packed once for the `batch` rows every call has."""
     if ONEDNN:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch)
-        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "tanh", [], "")
+        packed = _pack(weight, batch)
+        return lambda x: _linear(x, packed, bias, "tanh")
     return lambda x: torch.addmm(bias, x, weight.T).tanh_()
 
 
 def linear_add(weight: torch.Tensor, batch: int, bias: torch.Tensor | None = None) -> Step:
     """(x, other) -> x @ weight.T + bias + other (other None: no addition), the weight packed once."""
     if ONEDNN:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch)
+        packed = _pack(weight, batch)
 
         def step(x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
             if other is None:
-                return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+                return _linear(x, packed, bias)
             return torch.ops.mkldnn._linear_pointwise.binary(x, other, packed, bias, "add")
 
         return step
@@ -97,9 +106,7 @@ def overlap_enabled() -> bool:
 
 def matmul_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a.T @ b for 2-D a (n, p) and b (n, q), through oneDNN when present (about 2x torch's matmul on AMD CPUs)."""
-    if ONEDNN:
-        return torch.ops.mkldnn._linear_pointwise(a.T.contiguous(), b.T, None, "none", [], "")
-    return a.T @ b
+    return _linear(a.T.contiguous(), b.T, None) if ONEDNN else a.T @ b
 
 
 class WeightGrad:
