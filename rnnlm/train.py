@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from rnnlm.data import as_tensor, eval_batches, random_batches, sequential_batches
+from rnnlm.memory import keep_freed_memory
 from rnnlm.model import RNNLM, detach_state
 
 
@@ -163,6 +164,7 @@ def train_epoch(
     batches = random_batches if settings.use_random_iter else sequential_batches
     start = time.perf_counter()
     loss_sum, num_tokens, hidden = torch.zeros((), device=device), 0, None
+    keep_freed_memory()  # minibatches reuse the same pages instead of faulting in fresh ones
     with torch_threads(settings.cpu_threads, device):
         for inputs, targets in batches(corpus, settings.batch_size, settings.num_steps, generator):
             if hidden is None or settings.use_random_iter:
@@ -217,6 +219,7 @@ def evaluate(model: RNNLM, corpus: torch.Tensor, batch_size: int, num_steps: int
     """Perplexity of `corpus`, predicting every token from all before it (state carried), without training."""
     model.eval()
     loss_sum, num_tokens, hidden = torch.zeros((), device=corpus.device), 0, None
+    keep_freed_memory()
     with torch_threads(cpu_threads, corpus.device):
         for inputs, targets in eval_batches(corpus, batch_size, num_steps):
             hidden = model.begin_state(inputs.shape[0], corpus.device) if hidden is None else hidden

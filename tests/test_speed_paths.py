@@ -1,5 +1,8 @@
 """The speed-related code paths, checked on the CPU: no host sync inside an epoch, thread settings, bf16 autocast."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import small_text
@@ -7,6 +10,7 @@ from conftest import small_text
 from rnnlm.config import TrainConfig
 from rnnlm.data import as_tensor
 from rnnlm.experiment import settings_of
+from rnnlm.memory import keep_freed_memory
 from rnnlm.model import RNNLM
 from rnnlm.train import TrainSettings, make_optimizer, torch_threads, train_epoch
 from rnnlm.vocab import build_vocab, encode, prepare_text
@@ -80,3 +84,33 @@ def test_prompts_of_equal_and_different_lengths_generate_as_if_alone(rnn):
     prompts = ["the", "a", "was", "time", "the", "machine"]  # lengths repeat, in no order
     together = generate(model, vocab, prompts, num_preds=12)
     assert together == [generate(model, vocab, [p], num_preds=12)[0] for p in prompts]
+
+
+_FAULTS_SCRIPT = """
+import resource, sys, numpy as np, torch
+import rnnlm.train as T
+from rnnlm.model import RNNLM
+if sys.argv[1] == "glibc-default":
+    T.keep_freed_memory = lambda: False
+torch.manual_seed(0)
+ids = torch.from_numpy(np.random.default_rng(0).integers(0, 28, 4000))
+model = RNNLM(28, 256, "rnn")
+settings = T.TrainSettings(32, 35, 1.0, 1.0, 1)
+optimizer, generator = T.make_optimizer(model, 1.0), torch.Generator().manual_seed(0)
+T.train_epoch(model, ids, settings, optimizer, generator)  # warm-up: first touches are expected
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    T.train_epoch(model, ids, settings, optimizer, generator)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not keep_freed_memory(), reason="glibc's mallopt is not available (not glibc)")
+def test_training_reuses_its_pages_instead_of_faulting_in_new_ones():
+    """The book's model on the CPU, the same epochs in two fresh processes: with the setting, the pages freed by one
+    minibatch serve the next (glibc's defaults fault in thousands of fresh pages an epoch)."""
+    faults = {}
+    for mode in ("glibc-default", "keep"):
+        done = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True)
+        faults[mode] = int(done.stdout.split()[-1])
+    assert faults["keep"] * 5 < faults["glibc-default"], faults
