@@ -44,7 +44,18 @@ class RNNLM(nn.Module):
         else:
             inputs = F.one_hot(tokens.T, self.vocab_size).float()  # (num_steps, batch_size, vocab_size)
             outputs, state = self.rnn(inputs, state)  # (num_steps, batch_size, num_hiddens)
-        return self.linear(outputs.reshape(-1, outputs.shape[-1])), state
+        return self._output(outputs.reshape(-1, outputs.shape[-1])), state
+
+    def _output(self, outputs: torch.Tensor) -> torch.Tensor:
+        """The output layer: (rows, num_hiddens) -> (rows, vocab_size) logits; oneDNN's matmuls on the CPU."""
+        if (
+            recurrence.ONEDNN
+            and outputs.device.type == "cpu"
+            and outputs.dtype == torch.float32
+            and not _autocast_on_cpu()
+        ):
+            return recurrence.Linear.apply(outputs, self.linear.weight, self.linear.bias)
+        return self.linear(outputs)
 
     def _use_recurrence(self, tokens: torch.Tensor) -> bool:
         """The hand-written recurrences serve the one-layer tanh RNN and GRU on the CPU in float32 (GPUs have

@@ -81,3 +81,21 @@ def test_kernels_give_torch_layers_outputs_and_gradients(monkeypatch, rnn, onedn
     names = ["outputs", "h0", "weight_ih", "weight_hh", "bias_ih", "bias_hh"]
     for name, a, b in zip(names, got, expected, strict=True):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_output_layer_gives_nn_linears_outputs_and_gradients():
+    if not recurrence.ONEDNN:
+        pytest.skip("this torch build has no oneDNN linear ops")
+    torch.manual_seed(2)
+    layer = torch.nn.Linear(16, 9)
+    x = torch.randn(40, 16)
+    weight = torch.randn(40, 9)  # a loss that weighs every logit differently
+    results = []
+    for run in (layer, lambda x: recurrence.Linear.apply(x, layer.weight, layer.bias)):
+        layer.zero_grad()
+        inputs = x.clone().requires_grad_()
+        out = run(inputs)
+        (out * weight).sum().backward()
+        results.append([out.detach(), inputs.grad, layer.weight.grad.clone(), layer.bias.grad.clone()])
+    for name, ours, expected in zip(["logits", "x", "weight", "bias"], results[1], results[0], strict=True):
+        torch.testing.assert_close(ours, expected, msg=name)
