@@ -25,6 +25,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from rnnlm import native
+
 Step = Callable[..., torch.Tensor]
 
 _WEIGHT_GRAD_SLICES = 5  # with `overlap`, the weight gradient is summed over this many slices of time steps
@@ -99,6 +101,14 @@ class _Helper:
 _helper = _Helper()
 
 
+NATIVE = True  # use the compiled kernels where they build (tests turn this off to check the other kernels)
+
+
+def native_enabled() -> bool:
+    """Whether the compiled kernels (rnnlm/kernels.c) serve the tanh RNN here."""
+    return NATIVE and native.library() is not None
+
+
 def overlap_enabled() -> bool:
     """Slices of the weight gradient go to the helper thread when torch computes on one thread and a core is free."""
     return torch.get_num_threads() == 1 and (os.cpu_count() or 1) > 1
@@ -124,6 +134,26 @@ class Linear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad = grad.contiguous()
         return _linear(grad, weight.T, None), matmul_tn(grad, x), grad.sum(0)
+
+
+def _by_halves(batch: int, overlap: bool, run: Callable[[tuple[int, int]], None]) -> None:
+    """run((r0, r1)) over the batch rows: in two halves at once, one on the helper thread, when `overlap`."""
+    if not overlap or batch < 2:
+        run((0, batch))
+        return
+    half = batch // 2
+    other = _helper.submit(lambda: run((0, half)))
+    run((half, batch))
+    other.result()
+
+
+def matmul_tn_halves(a: torch.Tensor, b: torch.Tensor, overlap: bool) -> torch.Tensor:
+    """a.T @ b (see `matmul_tn`), the rows summed in two halves at once when `overlap`."""
+    if not overlap or a.shape[0] < 2:
+        return matmul_tn(a, b)
+    half = a.shape[0] // 2
+    first = _helper.submit(lambda: matmul_tn(a[:half], b[:half]))
+    return matmul_tn(a[half:], b[half:]).add_(first.result())
 
 
 class WeightGrad:
@@ -164,6 +194,9 @@ class OneHotTanhRNN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tokens, h0, w_ih, w_hh, bias, overlap: bool = False):
+        ctx.overlap, ctx.native = overlap, native_enabled()
+        if ctx.native:
+            return OneHotTanhRNN._native_forward(ctx, tokens, h0, w_ih, w_hh, bias)
         steps, batch = tokens.shape
         hidden, vocab = w_ih.shape
         # z[t] = [h_{t-1} | one_hot(x_t)]: the input of step t, laid out for one matmul
@@ -178,11 +211,50 @@ class OneHotTanhRNN(torch.autograd.Function):
                 z[t + 1, :, :hidden] = outputs[-1]
         hs = torch.stack(outputs)  # (steps, batch, H), contiguous
         ctx.save_for_backward(z, w_hh, hs)
-        ctx.overlap = overlap
         return hs
 
     @staticmethod
+    def _native_forward(ctx, tokens, h0, w_ih, w_hh, bias):
+        """The compiled window (rnnlm/kernels.c), the batch's halves on two cores when `overlap`."""
+        tokens, h0 = tokens.contiguous(), h0.contiguous()
+        emb = (w_ih.T + bias).contiguous()  # (vocab, H): row v is W_ih one_hot(v) + bias
+        whh = native.pack(w_hh, trans=True)
+        hs = h0.new_empty((*tokens.shape, h0.shape[1]))  # (steps, batch, H)
+        _by_halves(
+            tokens.shape[1],
+            ctx.overlap,
+            lambda rows: native.rnn_forward(
+                tokens, h0, emb, whh, hs, rows, native.scratch(rows[1] - rows[0], hs.shape[2])
+            ),
+        )
+        ctx.save_for_backward(tokens, h0, w_hh, hs)
+        ctx.vocab = w_ih.shape[1]
+        return hs
+
+    @staticmethod
+    def _native_backward(ctx, grad_out):
+        tokens, h0, w_hh, hs = ctx.saved_tensors
+        steps, batch, hidden = hs.shape
+        grad_out = grad_out.contiguous()
+        whh = native.pack(w_hh, trans=False)
+        g, grad_h0 = torch.empty_like(hs), torch.empty_like(h0)  # g: d loss / d (pre-activation of step t)
+        _by_halves(
+            batch,
+            ctx.overlap,
+            lambda rows: native.rnn_backward(
+                hs, grad_out, whh, g, grad_h0, rows, native.scratch(rows[1] - rows[0], hidden)
+            ),
+        )
+        h_prev = torch.cat([h0[None], hs[:-1]])  # what step t multiplied by W_hh
+        grad_w_hh = matmul_tn_halves(g.reshape(-1, hidden), h_prev.reshape(-1, hidden), ctx.overlap)
+        flat = g.reshape(-1, hidden)
+        grad_w_ih = flat.new_zeros((ctx.vocab, hidden)).index_add_(0, tokens.reshape(-1), flat).T
+        return None, grad_h0, grad_w_ih, grad_w_hh, flat.sum(0), None
+
+    @staticmethod
     def backward(ctx, grad_out):
+        if ctx.native:
+            return OneHotTanhRNN._native_backward(ctx, grad_out)
         z, w_hh, hs = ctx.saved_tensors
         steps, batch, hidden = hs.shape
         grad_out = grad_out.contiguous()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rnnlm import recurrence
+from rnnlm import native, recurrence
 from rnnlm.model import KERNEL_MIN_STEPS, RNNLM
 
 
@@ -49,16 +49,20 @@ def test_recurrence_serves_the_one_layer_rnn_and_gru_in_float32_only():
 
 
 @pytest.mark.parametrize("rnn", ["rnn", "gru"])
-@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "plain-torch"])
-@pytest.mark.parametrize("overlap", [True, False], ids=["helper-thread", "one-thread"])
-def test_kernels_give_torch_layers_outputs_and_gradients(monkeypatch, rnn, onednn, overlap):
-    """Both kernels (oneDNN's fused ops and plain torch ops) and both ways of summing the weight gradient (in slices
-    on the helper thread, or at once) give nn.RNN's / nn.GRU's outputs and gradients."""
-    if onednn and not recurrence.ONEDNN:
+@pytest.mark.parametrize("kernel", ["compiled", "onednn", "plain-torch"])
+@pytest.mark.parametrize("overlap", [True, False], ids=["two-threads", "one-thread"])
+def test_kernels_give_torch_layers_outputs_and_gradients(monkeypatch, rnn, kernel, overlap):
+    """Every kernel (compiled from kernels.c, oneDNN's fused ops, plain torch ops) and both ways of sharing the work
+    (with the helper thread, or on one thread) give nn.RNN's / nn.GRU's outputs and gradients. The batch (13 rows)
+    and the hidden size (40) are not multiples of the compiled kernel's blocks, so its edge code runs too."""
+    if kernel == "onednn" and not recurrence.ONEDNN:
         pytest.skip("this torch build has no oneDNN linear ops")
-    monkeypatch.setattr(recurrence, "ONEDNN", onednn)
+    if kernel == "compiled" and not native.library():
+        pytest.skip("no C compiler here: the compiled kernels are not built")
+    monkeypatch.setattr(recurrence, "ONEDNN", kernel == "onednn")
+    monkeypatch.setattr(recurrence, "NATIVE", kernel == "compiled")
     torch.manual_seed(1)
-    steps, batch, vocab, hidden = 12, 4, 9, 16
+    steps, batch, vocab, hidden = 12, 13, 9, 40
     layer = {"rnn": torch.nn.RNN, "gru": torch.nn.GRU}[rnn](vocab, hidden)
     tokens = torch.randint(0, vocab, (steps, batch))
     h0 = torch.randn(batch, hidden)

@@ -1,0 +1,155 @@
+/* Whole-window recurrences for the CPU, compiled at first use by rnnlm/native.py (gcc -O3 -march=native).
+
+   The book's RNN spends its time in 70 small dependent matmuls per minibatch, (batch, 256) x (256, 256). Through
+   torch each costs a Python call and a oneDNN call (about 15 us of overhead on 20 us of arithmetic); here a whole
+   window (35 steps forward, or 35 back) is one call into a register-blocked matmul with the elementwise work fused
+   in, and the caller runs two halves of the batch on two cores at once (ctypes releases the GIL).
+
+   Layouts are torch's: row-major float32, tokens int64, states (steps, batch, hidden). Every function works on the
+   batch rows [r0, r1) only, so that two threads can share one call's buffers. */
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(__AVX512F__)
+#define VL 16 /* floats per vector register */
+#define MR 8  /* rows per register block: MR x 2 accumulators */
+#else
+#define VL 8
+#define MR 6
+#endif
+#define NR (2 * VL) /* columns per packed panel */
+
+typedef float vf __attribute__((vector_size(VL * 4), aligned(4)));
+
+int rnnlm_panel_width(void) { return NR; }
+
+/* B (K x N), given as W: B[k][j] = W[j][k] when `trans` (a torch weight used as x @ W.T), else W[k][j]; written as
+   ceil(N / NR) panels of K x NR, the last one padded with zeros. */
+void rnnlm_pack(const float *W, int K, int N, int trans, float *out) {
+    int panels = (N + NR - 1) / NR;
+    for (int p = 0; p < panels; p++)
+        for (int k = 0; k < K; k++)
+            for (int jj = 0; jj < NR; jj++) {
+                int j = p * NR + jj;
+                float v = 0.0f;
+                if (j < N) v = trans ? W[(size_t)j * K + k] : W[(size_t)k * N + j];
+                out[((size_t)p * K + k) * NR + jj] = v;
+            }
+}
+
+/* C[0:MR, 0:NR] = A[0:MR, 0:K] @ panel */
+static inline void block_full(int K, const float *A, int lda, const float *B, float *C, int ldc) {
+    vf c[MR][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++) c[r][0] = c[r][1] = (vf){0};
+    for (int k = 0; k < K; k++) {
+        vf b0 = *(const vf *)(B + (size_t)k * NR), b1 = *(const vf *)(B + (size_t)k * NR + VL);
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; r++) {
+            vf a = (vf){0} + A[(size_t)r * lda + k];
+            c[r][0] += a * b0;
+            c[r][1] += a * b1;
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++) {
+        *(vf *)(C + (size_t)r * ldc) = c[r][0];
+        *(vf *)(C + (size_t)r * ldc + VL) = c[r][1];
+    }
+}
+
+/* the same for the last rows < MR of a call */
+static void block_rows(int rows, int K, const float *A, int lda, const float *B, float *C, int ldc) {
+    for (int r = 0; r < rows; r++) {
+        vf c0 = (vf){0}, c1 = (vf){0};
+        for (int k = 0; k < K; k++) {
+            vf a = (vf){0} + A[(size_t)r * lda + k];
+            c0 += a * *(const vf *)(B + (size_t)k * NR);
+            c1 += a * *(const vf *)(B + (size_t)k * NR + VL);
+        }
+        *(vf *)(C + (size_t)r * ldc) = c0;
+        *(vf *)(C + (size_t)r * ldc + VL) = c1;
+    }
+}
+
+/* C (M x panels * NR, row stride ldc) = A (M x K, row stride lda) @ packed B */
+static void gemm(int M, int K, int panels, const float *A, int lda, const float *Bp, float *C, int ldc) {
+    for (int p = 0; p < panels; p++) {
+        const float *B = Bp + (size_t)p * K * NR;
+        int i = 0;
+        for (; i + MR <= M; i += MR) block_full(K, A + (size_t)i * lda, lda, B, C + (size_t)i * ldc + p * NR, ldc);
+        if (i < M) block_rows(M - i, K, A + (size_t)i * lda, lda, B, C + (size_t)i * ldc + p * NR, ldc);
+    }
+}
+
+/* tanh to a few float32 ulps: Eigen's rational approximation on [-7.9, 7.9] (beyond it tanh is +-1 in float32) */
+static inline float tanh_approx(float x) {
+    x = x > 7.90531110763549805f ? 7.90531110763549805f : x;
+    x = x < -7.90531110763549805f ? -7.90531110763549805f : x;
+    float x2 = x * x;
+    float p = -2.76076847742355e-16f;
+    p = p * x2 + 2.00018790482477e-13f;
+    p = p * x2 + -8.60467152213735e-11f;
+    p = p * x2 + 5.12229709037114e-08f;
+    p = p * x2 + 1.48572235717979e-05f;
+    p = p * x2 + 6.37261928875436e-04f;
+    p = p * x2 + 4.89352455891786e-03f;
+    float q = 1.19825839466702e-06f;
+    q = q * x2 + 1.18534705686654e-04f;
+    q = q * x2 + 2.26843463243900e-03f;
+    q = q * x2 + 4.89352518554385e-03f;
+    return x * p / q;
+}
+
+void rnnlm_tanh(const float *x, float *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = tanh_approx(x[i]);
+}
+
+/* Tanh RNN forward over rows [r0, r1): hs[t] = tanh(hs[t-1] @ W_hh.T + emb[tokens[t]]), hs[-1] = h0.
+   emb (vocab x H) is W_ih.T + b_ih + b_hh (the one-hot input's product is a row of it). whh: W_hh packed with
+   trans=1. scratch: (r1 - r0) x panels * NR floats. */
+void rnnlm_rnn_forward(int steps, int batch, int H, int r0, int r1, const int64_t *tokens, const float *h0,
+                       const float *emb, const float *whh, float *hs, float *scratch) {
+    int panels = (H + NR - 1) / NR, ldc = panels * NR, M = r1 - r0;
+    for (int t = 0; t < steps; t++) {
+        const float *prev = t == 0 ? h0 : hs + (size_t)(t - 1) * batch * H;
+        gemm(M, H, panels, prev + (size_t)r0 * H, H, whh, scratch, ldc);
+        for (int i = 0; i < M; i++) {
+            const float *e = emb + (size_t)tokens[(size_t)t * batch + r0 + i] * H;
+            const float *acc = scratch + (size_t)i * ldc;
+            float *h = hs + ((size_t)t * batch + r0 + i) * H;
+            for (int j = 0; j < H; j++) h[j] = tanh_approx(acc[j] + e[j]);
+        }
+    }
+}
+
+/* Its backward over rows [r0, r1): with d[t] = 1 - hs[t]^2,
+   g[T-1] = grad_out[T-1] * d[T-1];  g[t-1] = (g[t] @ W_hh + grad_out[t-1]) * d[t-1];  grad_h0 = g[0] @ W_hh.
+   g is d loss / d pre-activation, (steps, batch, H). whh: W_hh packed with trans=0. */
+void rnnlm_rnn_backward(int steps, int batch, int H, int r0, int r1, const float *hs, const float *grad_out,
+                        const float *whh, float *g, float *grad_h0, float *scratch) {
+    int panels = (H + NR - 1) / NR, ldc = panels * NR, M = r1 - r0;
+    size_t last = (size_t)(steps - 1) * batch * H;
+    for (int i = r0; i < r1; i++)
+        for (int j = 0; j < H; j++) {
+            float h = hs[last + (size_t)i * H + j];
+            g[last + (size_t)i * H + j] = grad_out[last + (size_t)i * H + j] * (1.0f - h * h);
+        }
+    for (int t = steps - 1; t >= 0; t--) {
+        gemm(M, H, panels, g + ((size_t)t * batch + r0) * H, H, whh, scratch, ldc);
+        for (int i = 0; i < M; i++) {
+            const float *acc = scratch + (size_t)i * ldc;
+            if (t == 0) {
+                float *out = grad_h0 + (size_t)(r0 + i) * H;
+                for (int j = 0; j < H; j++) out[j] = acc[j];
+                continue;
+            }
+            size_t row = ((size_t)(t - 1) * batch + r0 + i) * H;
+            for (int j = 0; j < H; j++) {
+                float h = hs[row + j];
+                g[row + j] = (acc[j] + grad_out[row + j]) * (1.0f - h * h);
+            }
+        }
+    }
+}

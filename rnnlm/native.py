@@ -1,0 +1,137 @@
+"""The compiled recurrences of `kernels.c`: built with the machine's C compiler at first use, cached, called via ctypes.
+
+No torch headers are involved, so the build takes under a second. The library goes to `$RNNLM_KERNEL_CACHE`
+(default `~/.cache/rnnlm/kernels`), named by a hash of the source, the compiler and the CPU's features, so that a
+cache shared between machines never serves code built for another CPU. Where no compiler is found or the build
+fails, `library()` is None and the model uses its oneDNN kernels instead (one warning says why);
+`RNNLM_NATIVE=0` turns the compiled kernels off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.c")
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-shared", "-fPIC"]
+
+_i, _p = ctypes.c_int, ctypes.c_void_p
+_SIGNATURES = {
+    "rnnlm_panel_width": [],
+    "rnnlm_pack": [_p, _i, _i, _i, _p],
+    "rnnlm_tanh": [_p, _p, ctypes.c_int64],
+    "rnnlm_rnn_forward": [_i, _i, _i, _i, _i, _p, _p, _p, _p, _p, _p],
+    "rnnlm_rnn_backward": [_i, _i, _i, _i, _i, _p, _p, _p, _p, _p, _p],
+}
+
+
+def _cpu_features() -> str:
+    """What -march=native depends on: the CPU's flags line (Linux), else the platform's description."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _cache_dir() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rnnlm" / "kernels"
+    return Path(os.environ.get("RNNLM_KERNEL_CACHE", default))
+
+
+def build(compiler: str) -> Path:
+    """The compiled library for this source, compiler and CPU: from the cache, or built into it atomically."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(_FLAGS), _cpu_features()]).encode())
+    target = _cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            done = subprocess.run([compiler, *_FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {done.stderr.strip()[-2000:]}")
+            os.replace(built, target)  # a reader sees the whole library or none
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (turned off, no compiler, or a failed build: the reason is warned once)."""
+    if os.environ.get("RNNLM_NATIVE", "1") == "0":
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        warnings.warn("no C compiler found (cc, gcc, clang or $CC): the CPU RNN runs on oneDNN's kernels", stacklevel=2)
+        return None
+    try:
+        lib = ctypes.CDLL(str(build(compiler)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        warnings.warn(f"the compiled RNN kernels are unavailable ({exc}); using oneDNN's kernels", stacklevel=2)
+        return None
+    for name, args in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, (ctypes.c_int if name == "rnnlm_panel_width" else None)
+    return lib
+
+
+def _ptr(t: torch.Tensor) -> int:
+    assert t.is_contiguous() and t.dtype in (torch.float32, torch.int64), (t.dtype, t.shape)
+    return t.data_ptr()
+
+
+def pack(weight: torch.Tensor, trans: bool) -> torch.Tensor:
+    """`weight` as B = weight.T (`trans`) or B = weight, in the kernels' panel layout (K x N in panels of columns)."""
+    lib = library()
+    weight = weight.detach().contiguous()
+    k, n = (weight.shape[1], weight.shape[0]) if trans else weight.shape
+    width = lib.rnnlm_panel_width()
+    out = torch.empty(-(-n // width) * width * k)
+    lib.rnnlm_pack(_ptr(weight), k, n, int(trans), _ptr(out))
+    return out
+
+
+def scratch(rows: int, n: int) -> torch.Tensor:
+    """A work buffer for `rows` rows of n columns, padded to whole panels."""
+    width = library().rnnlm_panel_width()
+    return torch.empty(rows * -(-n // width) * width)
+
+
+def tanh(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' tanh, elementwise (for tests of its accuracy)."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    library().rnnlm_tanh(_ptr(x), _ptr(out), x.numel())
+    return out
+
+
+def rnn_forward(tokens, h0, emb, whh, hs, rows: tuple[int, int], work: torch.Tensor) -> None:
+    """Fill hs (steps, batch, H) for batch rows `rows` (see kernels.c: rnnlm_rnn_forward)."""
+    steps, batch, hidden = hs.shape
+    library().rnnlm_rnn_forward(
+        steps, batch, hidden, *rows, _ptr(tokens), _ptr(h0), _ptr(emb), _ptr(whh), _ptr(hs), _ptr(work)
+    )
+
+
+def rnn_backward(hs, grad_out, whh, g, grad_h0, rows: tuple[int, int], work: torch.Tensor) -> None:
+    """Fill g (steps, batch, H) and grad_h0 for batch rows `rows` (see kernels.c: rnnlm_rnn_backward)."""
+    steps, batch, hidden = hs.shape
+    library().rnnlm_rnn_backward(
+        steps, batch, hidden, *rows, _ptr(hs), _ptr(grad_out), _ptr(whh), _ptr(g), _ptr(grad_h0), _ptr(work)
+    )
