@@ -153,3 +153,86 @@ void rnnlm_rnn_backward(int steps, int batch, int H, int r0, int r1, const float
         }
     }
 }
+
+static inline float sigmoid_approx(float x) { return 0.5f + 0.5f * tanh_approx(0.5f * x); }
+
+/* torch's GRU (gates r, z, n) forward over rows [r0, r1):
+     r = sigmoid(xr + gh_r)  z = sigmoid(xz + gh_z)  n = tanh(xn + r * gh_n)  h = n + z * (h_prev - n)
+   with x = emb[tokens[t]] (emb: vocab x 3H, W_ih.T + b_ih) and gh = h_prev @ W_hh.T + b_hh (whh packed with trans=1).
+   Saved for the backward: rz (steps, batch, 2H), n and hn = gh_n (steps, batch, H). scratch: rows x panels(3H). */
+void rnnlm_gru_forward(int steps, int batch, int H, int r0, int r1, const int64_t *tokens, const float *h0,
+                       const float *emb, const float *b_hh, const float *whh, float *hs, float *rz, float *n,
+                       float *hn, float *scratch) {
+    int panels = (3 * H + NR - 1) / NR, ldc = panels * NR, M = r1 - r0;
+    for (int t = 0; t < steps; t++) {
+        const float *prev = t == 0 ? h0 : hs + (size_t)(t - 1) * batch * H;
+        gemm(M, H, panels, prev + (size_t)r0 * H, H, whh, scratch, ldc);
+        for (int i = 0; i < M; i++) {
+            size_t row = (size_t)t * batch + r0 + i;
+            const float *x = emb + (size_t)tokens[row] * 3 * H, *acc = scratch + (size_t)i * ldc;
+            const float *h_prev = prev + (size_t)(r0 + i) * H;
+            float *rz_row = rz + row * 2 * H, *n_row = n + row * H, *hn_row = hn + row * H, *h = hs + row * H;
+            #pragma GCC ivdep /* the arrays do not overlap */
+            for (int j = 0; j < H; j++) {
+                float r = sigmoid_approx(x[j] + acc[j] + b_hh[j]);
+                float z = sigmoid_approx(x[H + j] + acc[H + j] + b_hh[H + j]);
+                float gh_n = acc[2 * H + j] + b_hh[2 * H + j];
+                float nn = tanh_approx(x[2 * H + j] + r * gh_n);
+                rz_row[j] = r;
+                rz_row[H + j] = z;
+                n_row[j] = nn;
+                hn_row[j] = gh_n;
+                h[j] = nn + z * (h_prev[j] - nn);
+            }
+        }
+    }
+}
+
+/* Its backward over rows [r0, r1). dh, the gradient reaching h of the current step, starts at grad_out[T-1]; per step:
+     grad_pre_n = dh (1 - z)(1 - n^2)      grad_gates = [grad_pre_n hn r (1 - r) | dh (h_prev - n) z (1 - z) | grad_pre_n r]
+     dh <- grad_gates @ W_hh + dh z + grad_out[t-1]
+   grad_gates is d loss / d gh (steps, batch, 3H), grad_pre_n d loss / d (W_in x + b_in); grad_h0 is the last dh.
+   whh: W_hh packed with trans=0 (K = 3H, N = H). dh: rows x H; scratch: rows x panels(H). */
+void rnnlm_gru_backward(int steps, int batch, int H, int r0, int r1, const float *h0, const float *hs,
+                        const float *rz, const float *n, const float *hn, const float *grad_out, const float *whh,
+                        float *grad_gates, float *grad_pre_n, float *grad_h0, float *dh, float *scratch) {
+    int panels = (H + NR - 1) / NR, ldc = panels * NR, M = r1 - r0;
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < H; j++) dh[(size_t)i * H + j] = grad_out[((size_t)(steps - 1) * batch + r0 + i) * H + j];
+    for (int t = steps - 1; t >= 0; t--) {
+        for (int i = 0; i < M; i++) {
+            size_t row = (size_t)t * batch + r0 + i;
+            const float *h_prev = t == 0 ? h0 + (size_t)(r0 + i) * H : hs + (row - batch) * H;
+            const float *out_prev = t == 0 ? NULL : grad_out + (row - batch) * H;
+            const float *rz_row = rz + row * 2 * H, *n_row = n + row * H, *hn_row = hn + row * H;
+            float *gg = grad_gates + row * 3 * H, *gpn_row = grad_pre_n + row * H, *d_row = dh + (size_t)i * H;
+            #pragma GCC ivdep /* the arrays do not overlap */
+            for (int j = 0; j < H; j++) {
+                float d = d_row[j], r = rz_row[j], z = rz_row[H + j], nn = n_row[j];
+                float gpn = d * (1.0f - z) * (1.0f - nn * nn);
+                gpn_row[j] = gpn;
+                gg[j] = gpn * hn_row[j] * r * (1.0f - r);
+                gg[H + j] = d * (h_prev[j] - nn) * z * (1.0f - z);
+                gg[2 * H + j] = gpn * r;
+                d_row[j] = d * z + (out_prev ? out_prev[j] : 0.0f);
+            }
+        }
+        gemm(M, 3 * H, panels, grad_gates + ((size_t)t * batch + r0) * 3 * H, 3 * H, whh, scratch, ldc);
+        for (int i = 0; i < M; i++)
+            for (int j = 0; j < H; j++) dh[(size_t)i * H + j] += scratch[(size_t)i * ldc + j];
+    }
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < H; j++) grad_h0[(size_t)(r0 + i) * H + j] = dh[(size_t)i * H + j];
+}
+
+/* out[tokens[i], 0:N] += grad[i, 0:N] for i < rows (row strides ld_grad, ld_out): the gradient of a weight that the
+   one-hot inputs select rows of (torch's index_add_ on the CPU takes 10x longer for these shapes) */
+void rnnlm_token_grad(int64_t rows, int N, const int64_t *tokens, const float *grad, int64_t ld_grad, float *out,
+                      int64_t ld_out) {
+    for (int64_t i = 0; i < rows; i++) {
+        float *o = out + tokens[i] * ld_out;
+        const float *g = grad + i * ld_grad;
+#pragma GCC ivdep
+        for (int j = 0; j < N; j++) o[j] += g[j];
+    }
+}

@@ -32,6 +32,9 @@ _SIGNATURES = {
     "rnnlm_tanh": [_p, _p, ctypes.c_int64],
     "rnnlm_rnn_forward": [_i, _i, _i, _i, _i, _p, _p, _p, _p, _p, _p],
     "rnnlm_rnn_backward": [_i, _i, _i, _i, _i, _p, _p, _p, _p, _p, _p],
+    "rnnlm_token_grad": [ctypes.c_int64, _i, _p, _p, ctypes.c_int64, _p, ctypes.c_int64],
+    "rnnlm_gru_forward": [_i, _i, _i, _i, _i, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p],
+    "rnnlm_gru_backward": [_i, _i, _i, _i, _i, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p],
 }
 
 
@@ -121,17 +124,41 @@ def tanh(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def rnn_forward(tokens, h0, emb, whh, hs, rows: tuple[int, int], work: torch.Tensor) -> None:
+def rnn_forward(tokens, h0, emb, whh, hs, rows: tuple[int, int]) -> None:
     """Fill hs (steps, batch, H) for batch rows `rows` (see kernels.c: rnnlm_rnn_forward)."""
     steps, batch, hidden = hs.shape
-    library().rnnlm_rnn_forward(
-        steps, batch, hidden, *rows, _ptr(tokens), _ptr(h0), _ptr(emb), _ptr(whh), _ptr(hs), _ptr(work)
-    )
+    args = (tokens, h0, emb, whh, hs, scratch(rows[1] - rows[0], hidden))
+    library().rnnlm_rnn_forward(steps, batch, hidden, *rows, *map(_ptr, args))
 
 
-def rnn_backward(hs, grad_out, whh, g, grad_h0, rows: tuple[int, int], work: torch.Tensor) -> None:
+def rnn_backward(hs, grad_out, whh, g, grad_h0, rows: tuple[int, int]) -> None:
     """Fill g (steps, batch, H) and grad_h0 for batch rows `rows` (see kernels.c: rnnlm_rnn_backward)."""
     steps, batch, hidden = hs.shape
-    library().rnnlm_rnn_backward(
-        steps, batch, hidden, *rows, _ptr(hs), _ptr(grad_out), _ptr(whh), _ptr(g), _ptr(grad_h0), _ptr(work)
-    )
+    args = (hs, grad_out, whh, g, grad_h0, scratch(rows[1] - rows[0], hidden))
+    library().rnnlm_rnn_backward(steps, batch, hidden, *rows, *map(_ptr, args))
+
+
+def gru_forward(tokens, h0, emb, b_hh, whh, hs, rz, n, hn, rows: tuple[int, int]) -> None:
+    """Fill hs, rz, n, hn for batch rows `rows` (see kernels.c: rnnlm_gru_forward)."""
+    steps, batch, hidden = hs.shape
+    work = scratch(rows[1] - rows[0], 3 * hidden)
+    args = (tokens, h0, emb, b_hh, whh, hs, rz, n, hn, work)
+    library().rnnlm_gru_forward(steps, batch, hidden, *rows, *map(_ptr, args))
+
+
+def gru_backward(h0, hs, rz, n, hn, grad_out, whh, grad_gates, grad_pre_n, grad_h0, rows: tuple[int, int]) -> None:
+    """Fill grad_gates, grad_pre_n and grad_h0 for batch rows `rows` (see kernels.c: rnnlm_gru_backward)."""
+    steps, batch, hidden = hs.shape
+    dh, work = torch.empty((rows[1] - rows[0]) * hidden), scratch(rows[1] - rows[0], hidden)
+    args = (h0, hs, rz, n, hn, grad_out, whh, grad_gates, grad_pre_n, grad_h0, dh, work)
+    library().rnnlm_gru_backward(steps, batch, hidden, *rows, *map(_ptr, args))
+
+
+def token_grad(tokens: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[tokens[i]] += grad[i] for 2-D grad (rows, N) and out (vocab, N), both with unit column stride (column
+    slices are fine); returns out."""
+    assert grad.stride(1) == 1 and out.stride(1) == 1 and grad.shape[1] == out.shape[1] and grad.dtype == out.dtype
+    tokens = tokens.reshape(-1).contiguous()
+    lib, (rows, n) = library(), grad.shape
+    lib.rnnlm_token_grad(rows, n, _ptr(tokens), grad.data_ptr(), grad.stride(0), out.data_ptr(), out.stride(0))
+    return out

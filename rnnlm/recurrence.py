@@ -220,13 +220,7 @@ class OneHotTanhRNN(torch.autograd.Function):
         emb = (w_ih.T + bias).contiguous()  # (vocab, H): row v is W_ih one_hot(v) + bias
         whh = native.pack(w_hh, trans=True)
         hs = h0.new_empty((*tokens.shape, h0.shape[1]))  # (steps, batch, H)
-        _by_halves(
-            tokens.shape[1],
-            ctx.overlap,
-            lambda rows: native.rnn_forward(
-                tokens, h0, emb, whh, hs, rows, native.scratch(rows[1] - rows[0], hs.shape[2])
-            ),
-        )
+        _by_halves(tokens.shape[1], ctx.overlap, lambda rows: native.rnn_forward(tokens, h0, emb, whh, hs, rows))
         ctx.save_for_backward(tokens, h0, w_hh, hs)
         ctx.vocab = w_ih.shape[1]
         return hs
@@ -238,17 +232,11 @@ class OneHotTanhRNN(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         whh = native.pack(w_hh, trans=False)
         g, grad_h0 = torch.empty_like(hs), torch.empty_like(h0)  # g: d loss / d (pre-activation of step t)
-        _by_halves(
-            batch,
-            ctx.overlap,
-            lambda rows: native.rnn_backward(
-                hs, grad_out, whh, g, grad_h0, rows, native.scratch(rows[1] - rows[0], hidden)
-            ),
-        )
+        _by_halves(batch, ctx.overlap, lambda rows: native.rnn_backward(hs, grad_out, whh, g, grad_h0, rows))
         h_prev = torch.cat([h0[None], hs[:-1]])  # what step t multiplied by W_hh
         grad_w_hh = matmul_tn_halves(g.reshape(-1, hidden), h_prev.reshape(-1, hidden), ctx.overlap)
         flat = g.reshape(-1, hidden)
-        grad_w_ih = flat.new_zeros((ctx.vocab, hidden)).index_add_(0, tokens.reshape(-1), flat).T
+        grad_w_ih = native.token_grad(tokens, flat, flat.new_zeros((ctx.vocab, hidden))).T
         return None, grad_h0, grad_w_ih, grad_w_hh, flat.sum(0), None
 
     @staticmethod
@@ -285,6 +273,9 @@ class OneHotGRU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tokens, h0, w_ih, w_hh, b_ih, b_hh, overlap: bool = False):
+        ctx.overlap, ctx.native = overlap, native_enabled()
+        if ctx.native:
+            return OneHotGRU._native_forward(ctx, tokens, h0, w_ih, w_hh, b_ih, b_hh)
         steps, batch = tokens.shape
         hidden = w_hh.shape[1]
         x_gates = torch.nn.functional.embedding(tokens, w_ih.T) + b_ih  # (steps, batch, 3H)
@@ -302,11 +293,42 @@ class OneHotGRU(torch.autograd.Function):
             torch.lerp(n[t], hs[t], rz[t, :, hidden:], out=hs[t + 1])  # n + z * (h - n)
         h_n = torch.stack([gh[:, 2 * hidden :] for gh in h_gates])  # W_hn h + b_hn, which r multiplied
         ctx.save_for_backward(tokens, w_ih, w_hh, hs, rz, n, h_n)
-        ctx.overlap = overlap
         return hs[1:]
 
     @staticmethod
+    def _native_forward(ctx, tokens, h0, w_ih, w_hh, b_ih, b_hh):
+        """The compiled window (rnnlm/kernels.c), the batch's halves on two cores when `overlap`."""
+        tokens, h0, b_hh = tokens.contiguous(), h0.contiguous(), b_hh.detach().contiguous()
+        emb = (w_ih.T + b_ih).contiguous()  # (vocab, 3H): row v is W_ih one_hot(v) + b_ih
+        whh = native.pack(w_hh, trans=True)
+        hs = h0.new_empty((*tokens.shape, h0.shape[1]))  # (steps, batch, H)
+        rz, n, h_n = hs.new_empty((*hs.shape[:2], 2 * hs.shape[2])), torch.empty_like(hs), torch.empty_like(hs)
+        run = lambda rows: native.gru_forward(tokens, h0, emb, b_hh, whh, hs, rz, n, h_n, rows)  # noqa: E731
+        _by_halves(tokens.shape[1], ctx.overlap, run)
+        ctx.save_for_backward(tokens, h0, w_ih, w_hh, hs, rz, n, h_n)
+        return hs
+
+    @staticmethod
+    def _native_backward(ctx, grad_out):
+        tokens, h0, w_ih, w_hh, hs, rz, n, h_n = ctx.saved_tensors
+        steps, batch, hidden = hs.shape
+        grad_out = grad_out.contiguous()
+        whh = native.pack(w_hh, trans=False)
+        grad_gates = hs.new_empty((steps, batch, 3 * hidden))  # d loss / d (W_hh h + b_hh)
+        grad_pre_n, grad_h0 = torch.empty_like(hs), torch.empty_like(h0)  # d loss / d (W_in x + b_in), / d h0
+        run = lambda rows: native.gru_backward(  # noqa: E731
+            h0, hs, rz, n, h_n, grad_out, whh, grad_gates, grad_pre_n, grad_h0, rows
+        )
+        _by_halves(batch, ctx.overlap, run)
+        h_prev = torch.cat([h0[None], hs[:-1]]).reshape(-1, hidden)  # what step t multiplied by W_hh
+        grad_w_hh = matmul_tn_halves(grad_gates.reshape(-1, 3 * hidden), h_prev, ctx.overlap)
+        grad_w_ih, grad_b_ih = _gru_input_grads(tokens, w_ih, grad_gates, grad_pre_n)
+        return None, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_gates.sum((0, 1)), None
+
+    @staticmethod
     def backward(ctx, grad_out):
+        if ctx.native:
+            return OneHotGRU._native_backward(ctx, grad_out)
         tokens, w_ih, w_hh, hs, rz, n, h_n = ctx.saved_tensors
         steps, batch, hidden = n.shape
         grad_out = grad_out.contiguous()
@@ -328,12 +350,20 @@ class OneHotGRU(torch.autograd.Function):
             direct = torch.addcmul(grad_out[t - 1], dh, z[t]) if t > 0 else dh * z[t]  # through z * h, plus output
             dh = back(grad_gates[t], direct)
             weight_grad.finished(t)
-        # d loss / d (W_ih x + b_ih): the r and z columns of grad_gates, then grad_pre_n; the gather's gradient
-        grad_w_ih, grad_b_ih = torch.zeros_like(w_ih.T), grad_gates.new_empty(3 * hidden)
-        for cols, grad in (
-            (slice(0, 2 * hidden), grad_gates[..., : 2 * hidden]),
-            (slice(2 * hidden, None), grad_pre_n),
-        ):
-            grad_w_ih[:, cols].index_add_(0, tokens.reshape(-1), grad.reshape(steps * batch, -1))
-            torch.sum(grad, (0, 1), out=grad_b_ih[cols])
-        return None, dh, grad_w_ih.T, weight_grad.total(), grad_b_ih, grad_gates.sum((0, 1)), None
+        grad_w_ih, grad_b_ih = _gru_input_grads(tokens, w_ih, grad_gates, grad_pre_n)
+        return None, dh, grad_w_ih, weight_grad.total(), grad_b_ih, grad_gates.sum((0, 1)), None
+
+
+def _gru_input_grads(tokens, w_ih, grad_gates, grad_pre_n) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of W_ih and b_ih. d loss / d (W_ih x + b_ih) is the r and z columns of grad_gates (steps,
+    batch, 3H), then grad_pre_n (steps, batch, H); W_ih's is that gathered back to the rows the tokens picked."""
+    hidden = grad_pre_n.shape[-1]
+    grad_w_ih, grad_b_ih = w_ih.new_zeros(w_ih.T.shape), grad_gates.new_empty(3 * hidden)  # (vocab, 3H), (3H,)
+    for cols, grad in ((slice(0, 2 * hidden), grad_gates[..., : 2 * hidden]), (slice(2 * hidden, None), grad_pre_n)):
+        flat = grad.reshape(-1, grad.shape[-1])
+        if native_enabled():
+            native.token_grad(tokens, flat, grad_w_ih[:, cols])
+        else:
+            grad_w_ih[:, cols].index_add_(0, tokens.reshape(-1), flat)
+        torch.sum(grad, (0, 1), out=grad_b_ih[cols])
+    return grad_w_ih.T, grad_b_ih
