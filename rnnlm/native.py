@@ -3,7 +3,7 @@
 No torch headers are involved, so the build takes under a second. The library goes to `$RNNLM_KERNEL_CACHE`
 (default `~/.cache/rnnlm/kernels`), named by a hash of the source, the compiler and the CPU's features, so that a
 cache shared between machines never serves code built for another CPU. Where no compiler is found or the build
-fails, `library()` is None and the model uses its oneDNN kernels instead (one warning says why);
+fails, `library()` is None and the model uses its oneDNN/torch kernels instead (one warning says why);
 `RNNLM_NATIVE=0` turns the compiled kernels off.
 """
 
@@ -81,12 +81,15 @@ def library() -> ctypes.CDLL | None:
         return None
     compiler = _compiler()
     if compiler is None:
-        warnings.warn("no C compiler found (cc, gcc, clang or $CC): the CPU RNN runs on oneDNN's kernels", stacklevel=2)
+        warnings.warn(
+            "no C compiler found (cc, gcc, clang or $CC): the CPU RNN and GRU use the oneDNN/torch kernels",
+            stacklevel=2,
+        )
         return None
     try:
         lib = ctypes.CDLL(str(build(compiler)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        warnings.warn(f"the compiled RNN kernels are unavailable ({exc}); using oneDNN's kernels", stacklevel=2)
+        warnings.warn(f"the compiled RNN kernels are unavailable ({exc}); using the oneDNN/torch kernels", stacklevel=2)
         return None
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)

@@ -1,0 +1,65 @@
+"""The compiled kernels' build and maths: tanh accuracy, the build cache, and the fallback without a compiler."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rnnlm import native
+
+needs_build = pytest.mark.skipif(native.library() is None, reason="no C compiler here: the kernels are not built")
+
+
+@needs_build
+def test_tanh_is_float32_accurate():
+    x = torch.linspace(-20, 20, 400_001)
+    torch.testing.assert_close(native.tanh(x), torch.tanh(x), atol=1e-6, rtol=1e-6)
+    tiny = torch.tensor([1e-30, -3e-8, 1e-4])  # small inputs keep their relative precision
+    torch.testing.assert_close(native.tanh(tiny), torch.tanh(tiny), atol=0, rtol=1e-6)
+
+
+@needs_build
+def test_build_is_cached_by_source_compiler_and_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("RNNLM_KERNEL_CACHE", str(tmp_path))
+    compiler = native._compiler()
+    first = native.build(compiler)
+    assert first.parent == tmp_path and first.exists()
+    stamp = first.stat().st_mtime_ns
+    assert native.build(compiler) == first and first.stat().st_mtime_ns == stamp  # served from the cache
+    monkeypatch.setattr(native, "_cpu_features", lambda: "flags : another cpu")
+    assert native.build(compiler) != first  # another CPU never gets this CPU's build
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".so")] == []  # no temporary left behind
+
+
+@needs_build
+def test_token_grad_adds_rows_where_the_tokens_point():
+    tokens = torch.tensor([2, 0, 2, 1])
+    grad = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    out = native.token_grad(tokens, grad[:, 1:4], torch.zeros(3, 6)[:, :3])  # column slices, as the GRU passes
+    expected = torch.zeros(3, 3).index_add_(0, tokens, grad[:, 1:4])
+    torch.testing.assert_close(out, expected)
+
+
+_FALLBACK = """
+import warnings, torch
+from rnnlm import recurrence
+from rnnlm.model import RNNLM
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    enabled = recurrence.native_enabled()
+model = RNNLM(7, 8, "rnn")
+logits, _ = model(torch.randint(0, 7, (2, 9)), model.begin_state(2))
+logits.sum().backward()
+print(enabled, model.rnn.weight_hh_l0.grad.abs().sum().item() > 0, "|".join(str(w.message) for w in caught))
+"""
+
+
+def test_without_a_working_compiler_the_model_falls_back_with_a_warning(tmp_path):
+    env = {**os.environ, "CC": "/bin/false", "RNNLM_KERNEL_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", _FALLBACK], env=env, capture_output=True, text=True, check=True)
+    enabled, trained, message = done.stdout.strip().split(" ", 2)
+    assert (enabled, trained) == ("False", "True")
+    assert "compiled RNN kernels are unavailable" in message and "oneDNN/torch kernels" in message
+    assert list(tmp_path.iterdir()) == []  # nothing half-built left in the cache
