@@ -236,3 +236,83 @@ void rnnlm_token_grad(int64_t rows, int N, const int64_t *tokens, const float *g
         for (int j = 0; j < N; j++) o[j] += g[j];
     }
 }
+
+/* torch's LSTM (gates i, f, g, o) forward over rows [r0, r1):
+     [i f g o] = [sigmoid sigmoid tanh sigmoid](emb[tokens[t]] + h_prev @ W_hh.T)   c = f c_prev + i g   h = o tanh(c)
+   with emb (vocab x 4H) = W_ih.T + b_ih + b_hh and whh packed with trans=1. Saved for the backward: gates (steps,
+   batch, 4H, after their activations), cs and tcs = tanh(cs) (steps, batch, H). scratch: rows x panels(4H). */
+void rnnlm_lstm_forward(int steps, int batch, int H, int r0, int r1, const int64_t *tokens, const float *h0,
+                        const float *c0, const float *emb, const float *whh, float *hs, float *cs, float *gates,
+                        float *tcs, float *scratch) {
+    int panels = (4 * H + NR - 1) / NR, ldc = panels * NR, M = r1 - r0;
+    for (int t = 0; t < steps; t++) {
+        const float *prev_h = t == 0 ? h0 : hs + (size_t)(t - 1) * batch * H;
+        const float *prev_c = t == 0 ? c0 : cs + (size_t)(t - 1) * batch * H;
+        gemm(M, H, panels, prev_h + (size_t)r0 * H, H, whh, scratch, ldc);
+        for (int i = 0; i < M; i++) {
+            size_t row = (size_t)t * batch + r0 + i;
+            const float *x = emb + (size_t)tokens[row] * 4 * H, *acc = scratch + (size_t)i * ldc;
+            const float *c_prev = prev_c + (size_t)(r0 + i) * H;
+            float *gt = gates + row * 4 * H, *c = cs + row * H, *tc = tcs + row * H, *h = hs + row * H;
+#pragma GCC ivdep /* the arrays do not overlap */
+            for (int j = 0; j < H; j++) {
+                float ig = sigmoid_approx(x[j] + acc[j]), fg = sigmoid_approx(x[H + j] + acc[H + j]);
+                float gg = tanh_approx(x[2 * H + j] + acc[2 * H + j]), og = sigmoid_approx(x[3 * H + j] + acc[3 * H + j]);
+                float cell = fg * c_prev[j] + ig * gg, tanh_cell = tanh_approx(cell);
+                gt[j] = ig;
+                gt[H + j] = fg;
+                gt[2 * H + j] = gg;
+                gt[3 * H + j] = og;
+                c[j] = cell;
+                tc[j] = tanh_cell;
+                h[j] = og * tanh_cell;
+            }
+        }
+    }
+}
+
+/* Its backward over rows [r0, r1). dh and dc, the gradients reaching the step's h and c, start at grad_out[T-1] and
+   grad_c_last; per step, with dc_t = dc + dh o (1 - tanh(c)^2):
+     grad_gates = [dc_t g i (1 - i) | dc_t c_prev f (1 - f) | dc_t i (1 - g^2) | dh tanh(c) o (1 - o)]
+     dc <- dc_t f     dh <- grad_gates @ W_hh + grad_out[t-1]
+   grad_gates is d loss / d gates before activation (steps, batch, 4H); grad_h0, grad_c0 are the last dh, dc.
+   whh: W_hh packed with trans=0 (K = 4H, N = H). dh, dc: rows x H; scratch: rows x panels(H). */
+void rnnlm_lstm_backward(int steps, int batch, int H, int r0, int r1, const float *c0, const float *cs,
+                         const float *gates, const float *tcs, const float *grad_out, const float *grad_c_last,
+                         const float *whh, float *grad_gates, float *grad_h0, float *grad_c0, float *dh, float *dc,
+                         float *scratch) {
+    int panels = (H + NR - 1) / NR, ldc = panels * NR, M = r1 - r0;
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < H; j++) {
+            dh[(size_t)i * H + j] = grad_out[((size_t)(steps - 1) * batch + r0 + i) * H + j];
+            dc[(size_t)i * H + j] = grad_c_last[(size_t)(r0 + i) * H + j];
+        }
+    for (int t = steps - 1; t >= 0; t--) {
+        for (int i = 0; i < M; i++) {
+            size_t row = (size_t)t * batch + r0 + i;
+            const float *c_prev = t == 0 ? c0 + (size_t)(r0 + i) * H : cs + (row - batch) * H;
+            const float *out_prev = t == 0 ? NULL : grad_out + (row - batch) * H;
+            const float *gt = gates + row * 4 * H, *tc = tcs + row * H;
+            float *gg_out = grad_gates + row * 4 * H, *dh_row = dh + (size_t)i * H, *dc_row = dc + (size_t)i * H;
+#pragma GCC ivdep /* the arrays do not overlap */
+            for (int j = 0; j < H; j++) {
+                float d = dh_row[j], ig = gt[j], fg = gt[H + j], gg = gt[2 * H + j], og = gt[3 * H + j];
+                float dct = dc_row[j] + d * og * (1.0f - tc[j] * tc[j]);
+                gg_out[j] = dct * gg * ig * (1.0f - ig);
+                gg_out[H + j] = dct * c_prev[j] * fg * (1.0f - fg);
+                gg_out[2 * H + j] = dct * ig * (1.0f - gg * gg);
+                gg_out[3 * H + j] = d * tc[j] * og * (1.0f - og);
+                dc_row[j] = dct * fg;
+                dh_row[j] = out_prev ? out_prev[j] : 0.0f;
+            }
+        }
+        gemm(M, 4 * H, panels, grad_gates + ((size_t)t * batch + r0) * 4 * H, 4 * H, whh, scratch, ldc);
+        for (int i = 0; i < M; i++)
+            for (int j = 0; j < H; j++) dh[(size_t)i * H + j] += scratch[(size_t)i * ldc + j];
+    }
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < H; j++) {
+            grad_h0[(size_t)(r0 + i) * H + j] = dh[(size_t)i * H + j];
+            grad_c0[(size_t)(r0 + i) * H + j] = dc[(size_t)i * H + j];
+        }
+}

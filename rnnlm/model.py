@@ -58,22 +58,30 @@ class RNNLM(nn.Module):
         return self.linear(outputs)
 
     def _use_recurrence(self, tokens: torch.Tensor) -> bool:
-        """The hand-written recurrences serve the one-layer tanh RNN and GRU on the CPU in float32 (GPUs have
-        cuDNN's fused kernels; torch's CPU LSTM is oneDNN's fused kernel already), for windows of at least
+        """The hand-written recurrences serve one-layer models on the CPU in float32 (GPUs have cuDNN's fused
+        kernels): the tanh RNN and GRU always (compiled, or else through oneDNN), the LSTM when the compiled kernels
+        are built (torch's CPU LSTM is oneDNN's fused kernel, which only they beat). Only for windows of at least
         `KERNEL_MIN_STEPS` steps: packing the weights costs more than a few steps, so generation's one-step calls
         stay on torch's layers."""
         return (
             tokens.device.type == "cpu"
             and tokens.shape[1] >= KERNEL_MIN_STEPS
-            and self.rnn_type in ("rnn", "gru")
+            and (self.rnn_type in ("rnn", "gru") or (self.rnn_type == "lstm" and recurrence.native_enabled()))
             and self.rnn.num_layers == 1
             and getattr(self.rnn, "nonlinearity", "tanh") == "tanh"
+            and self.rnn.weight_hh_l0.dtype == torch.float32
             and not _autocast_on_cpu()
         )
 
-    def _recurrence(self, tokens: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The book's one-hot RNN or GRU through `rnnlm.recurrence`: same parameters, same function."""
+    def _recurrence(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """The book's one-hot RNN, GRU or LSTM through `rnnlm.recurrence`: same parameters, same function."""
         rnn, overlap = self.rnn, recurrence.overlap_enabled()
+        if self.rnn_type == "lstm":
+            h0, c0 = state
+            outputs, c_last = recurrence.OneHotLSTM.apply(
+                tokens.T, h0[0], c0[0], rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0, overlap
+            )
+            return outputs, (outputs[-1:], c_last[None])
         if self.rnn_type == "gru":
             outputs = recurrence.OneHotGRU.apply(
                 tokens.T, state[0], rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0, overlap

@@ -33,6 +33,8 @@ _SIGNATURES = {
     "rnnlm_rnn_forward": [_i, _i, _i, _i, _i, _p, _p, _p, _p, _p, _p],
     "rnnlm_rnn_backward": [_i, _i, _i, _i, _i, _p, _p, _p, _p, _p, _p],
     "rnnlm_token_grad": [ctypes.c_int64, _i, _p, _p, ctypes.c_int64, _p, ctypes.c_int64],
+    "rnnlm_lstm_forward": [_i, _i, _i, _i, _i, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p],
+    "rnnlm_lstm_backward": [_i, _i, _i, _i, _i, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p],
     "rnnlm_gru_forward": [_i, _i, _i, _i, _i, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p],
     "rnnlm_gru_backward": [_i, _i, _i, _i, _i, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p],
 }
@@ -165,3 +167,20 @@ def token_grad(tokens: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> t
     lib, (rows, n) = library(), grad.shape
     lib.rnnlm_token_grad(rows, n, _ptr(tokens), grad.data_ptr(), grad.stride(0), out.data_ptr(), out.stride(0))
     return out
+
+
+def lstm_forward(tokens, h0, c0, emb, whh, hs, cs, gates, tcs, rows: tuple[int, int]) -> None:
+    """Fill hs, cs, gates, tcs for batch rows `rows` (see kernels.c: rnnlm_lstm_forward)."""
+    steps, batch, hidden = hs.shape
+    work = scratch(rows[1] - rows[0], 4 * hidden)
+    args = (tokens, h0, c0, emb, whh, hs, cs, gates, tcs, work)
+    library().rnnlm_lstm_forward(steps, batch, hidden, *rows, *map(_ptr, args))
+
+
+def lstm_backward(c0, cs, gates, tcs, grad_out, grad_c_last, whh, grad_gates, grad_h0, grad_c0, rows) -> None:
+    """Fill grad_gates, grad_h0 and grad_c0 for batch rows `rows` (see kernels.c: rnnlm_lstm_backward)."""
+    steps, batch, hidden = cs.shape
+    m = rows[1] - rows[0]
+    dh, dc, work = torch.empty(m * hidden), torch.empty(m * hidden), scratch(m, hidden)
+    args = (c0, cs, gates, tcs, grad_out, grad_c_last, whh, grad_gates, grad_h0, grad_c0, dh, dc, work)
+    library().rnnlm_lstm_backward(steps, batch, hidden, *rows, *map(_ptr, args))

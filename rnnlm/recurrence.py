@@ -367,3 +367,47 @@ def _gru_input_grads(tokens, w_ih, grad_gates, grad_pre_n) -> tuple[torch.Tensor
             grad_w_ih[:, cols].index_add_(0, tokens.reshape(-1), flat)
         torch.sum(grad, (0, 1), out=grad_b_ih[cols])
     return grad_w_ih.T, grad_b_ih
+
+
+class OneHotLSTM(torch.autograd.Function):
+    """torch's `nn.LSTM` (gates i, f, g, o) over one-hot inputs, compiled kernels only (`native_enabled()`); returns
+    (outputs (steps, batch, H), c of the last step (batch, H)).
+
+        [i f g o] = [sigmoid sigmoid tanh sigmoid](W_ih x + b_ih + W_hh h + b_hh)    c' = f c + i g    h' = o tanh(c')
+
+    The input products are rows of W_ih.T + b_ih + b_hh picked by the tokens; each step is one register-blocked
+    matmul of h by W_hh with the gates fused in (rnnlm/kernels.c), the batch's halves on two cores when `overlap`.
+    W_hh's gradient is one matmul over all steps."""
+
+    @staticmethod
+    def forward(ctx, tokens, h0, c0, w_ih, w_hh, b_ih, b_hh, overlap: bool = False):
+        tokens, h0, c0 = tokens.contiguous(), h0.contiguous(), c0.contiguous()
+        emb = (w_ih.T + b_ih + b_hh).contiguous()  # (vocab, 4H): row v is W_ih one_hot(v) + both biases
+        whh = native.pack(w_hh, trans=True)
+        hs = h0.new_empty((*tokens.shape, h0.shape[1]))  # (steps, batch, H)
+        cs, tcs, gates = torch.empty_like(hs), torch.empty_like(hs), hs.new_empty((*hs.shape[:2], 4 * hs.shape[2]))
+        run = lambda rows: native.lstm_forward(tokens, h0, c0, emb, whh, hs, cs, gates, tcs, rows)  # noqa: E731
+        _by_halves(tokens.shape[1], overlap, run)
+        ctx.save_for_backward(tokens, h0, c0, w_ih, w_hh, hs, cs, gates, tcs)
+        ctx.overlap = overlap
+        return hs, cs[-1]
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_c_last):
+        tokens, h0, c0, w_ih, w_hh, hs, cs, gates, tcs = ctx.saved_tensors
+        steps, batch, hidden = hs.shape
+        grad_out = grad_out.contiguous()
+        grad_c_last = torch.zeros_like(c0) if grad_c_last is None else grad_c_last.contiguous()
+        whh = native.pack(w_hh, trans=False)
+        grad_gates = gates.new_empty(gates.shape)  # d loss / d gates before their activations
+        grad_h0, grad_c0 = torch.empty_like(h0), torch.empty_like(c0)
+        run = lambda rows: native.lstm_backward(  # noqa: E731
+            c0, cs, gates, tcs, grad_out, grad_c_last, whh, grad_gates, grad_h0, grad_c0, rows
+        )
+        _by_halves(batch, ctx.overlap, run)
+        flat = grad_gates.reshape(-1, 4 * hidden)
+        h_prev = torch.cat([h0[None], hs[:-1]]).reshape(-1, hidden)  # what step t multiplied by W_hh
+        grad_w_hh = matmul_tn_halves(flat, h_prev, ctx.overlap)
+        grad_w_ih = native.token_grad(tokens, flat, flat.new_zeros((w_ih.shape[1], 4 * hidden))).T
+        grad_b = flat.sum(0)
+        return None, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b, grad_b, None

@@ -21,8 +21,10 @@ def _run(model, tokens, state, fused: bool):
     return logits.detach(), [p.detach() for p in parts], grads
 
 
-@pytest.mark.parametrize("rnn", ["rnn", "gru"])
+@pytest.mark.parametrize("rnn", ["rnn", "gru", "lstm"])
 def test_recurrence_equals_torch_layers(rnn):
+    if rnn == "lstm" and not recurrence.native_enabled():
+        pytest.skip("the LSTM has only the compiled kernel, and no C compiler is here")
     torch.manual_seed(0)
     model = RNNLM(11, 16, rnn)
     tokens = torch.randint(0, 11, (3, 7))
@@ -37,18 +39,20 @@ def test_recurrence_equals_torch_layers(rnn):
         torch.testing.assert_close(ours[2][name], theirs[2][name], msg=name)
 
 
-def test_recurrence_serves_the_one_layer_rnn_and_gru_in_float32_only():
+def test_recurrence_serves_one_layer_models_in_float32_only():
     tokens = torch.zeros(2, KERNEL_MIN_STEPS, dtype=torch.int64)
     assert not RNNLM(5, 4, "rnn")._use_recurrence(tokens[:, :1])  # one step (generation): torch's layer is faster
     assert RNNLM(5, 4, "rnn")._use_recurrence(tokens)
     assert not RNNLM(5, 4, "rnn", num_layers=2)._use_recurrence(tokens)
     assert RNNLM(5, 4, "gru")._use_recurrence(tokens)
-    assert not RNNLM(5, 4, "lstm")._use_recurrence(tokens)
+    assert RNNLM(5, 4, "lstm")._use_recurrence(tokens) == recurrence.native_enabled()
+    assert not RNNLM(5, 4, "lstm", num_layers=2)._use_recurrence(tokens)
+    assert not RNNLM(5, 4, "rnn").double()._use_recurrence(tokens)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not RNNLM(5, 4, "rnn")._use_recurrence(tokens)  # low precision goes to torch's layer
 
 
-@pytest.mark.parametrize("rnn", ["rnn", "gru"])
+@pytest.mark.parametrize("rnn", ["rnn", "gru", "lstm"])
 @pytest.mark.parametrize("kernel", ["compiled", "onednn", "plain-torch"])
 @pytest.mark.parametrize("overlap", [True, False], ids=["two-threads", "one-thread"])
 def test_kernels_give_torch_layers_outputs_and_gradients(monkeypatch, rnn, kernel, overlap):
@@ -59,32 +63,44 @@ def test_kernels_give_torch_layers_outputs_and_gradients(monkeypatch, rnn, kerne
         pytest.skip("this torch build has no oneDNN linear ops")
     if kernel == "compiled" and not native.library():
         pytest.skip("no C compiler here: the compiled kernels are not built")
+    if rnn == "lstm" and kernel != "compiled":
+        pytest.skip("the LSTM has only the compiled kernel (torch's CPU LSTM is oneDNN's fused one)")
     monkeypatch.setattr(recurrence, "ONEDNN", kernel == "onednn")
     monkeypatch.setattr(recurrence, "NATIVE", kernel == "compiled")
     torch.manual_seed(1)
     steps, batch, vocab, hidden = 12, 13, 9, 40
-    layer = {"rnn": torch.nn.RNN, "gru": torch.nn.GRU}[rnn](vocab, hidden)
+    layer = {"rnn": torch.nn.RNN, "gru": torch.nn.GRU, "lstm": torch.nn.LSTM}[rnn](vocab, hidden)
     tokens = torch.randint(0, vocab, (steps, batch))
-    h0 = torch.randn(batch, hidden)
+    initial = [torch.randn(batch, hidden) for _ in range(2 if rnn == "lstm" else 1)]  # h0 (and c0)
     weight = torch.randn(steps, batch, hidden)  # a loss that weighs every output differently
+    cell_weight = torch.randn(batch, hidden)  # and the LSTM's last cell state
 
-    reference_h0 = h0.clone().requires_grad_()
-    outputs, _ = layer(torch.nn.functional.one_hot(tokens, vocab).float(), reference_h0[None])
-    (outputs * weight).sum().backward()
-    expected = [outputs.detach(), reference_h0.grad] + [p.grad.clone() for p in layer.parameters()]
+    reference = [s.clone().requires_grad_() for s in initial]
+    state = tuple(s[None] for s in reference) if rnn == "lstm" else reference[0][None]
+    outputs, final = layer(torch.nn.functional.one_hot(tokens, vocab).float(), state)
+    cell = final[1][0] if rnn == "lstm" else None
+    _loss(outputs, cell, weight, cell_weight).backward()
+    expected = [outputs.detach()] + [s.grad for s in reference] + [p.grad.clone() for p in layer.parameters()]
 
     layer.zero_grad()
-    ours_h0 = h0.clone().requires_grad_()
+    ours_initial = [s.clone().requires_grad_() for s in initial]
     w_ih, w_hh, b_ih, b_hh = layer.weight_ih_l0, layer.weight_hh_l0, layer.bias_ih_l0, layer.bias_hh_l0
-    if rnn == "gru":
-        ours = recurrence.OneHotGRU.apply(tokens, ours_h0, w_ih, w_hh, b_ih, b_hh, overlap)
+    cell = None
+    if rnn == "lstm":
+        ours, cell = recurrence.OneHotLSTM.apply(tokens, *ours_initial, w_ih, w_hh, b_ih, b_hh, overlap)
+    elif rnn == "gru":
+        ours = recurrence.OneHotGRU.apply(tokens, *ours_initial, w_ih, w_hh, b_ih, b_hh, overlap)
     else:
-        ours = recurrence.OneHotTanhRNN.apply(tokens, ours_h0, w_ih, w_hh, b_ih + b_hh, overlap)
-    (ours * weight).sum().backward()
-    got = [ours.detach(), ours_h0.grad] + [p.grad for p in layer.parameters()]
-    names = ["outputs", "h0", "weight_ih", "weight_hh", "bias_ih", "bias_hh"]
+        ours = recurrence.OneHotTanhRNN.apply(tokens, *ours_initial, w_ih, w_hh, b_ih + b_hh, overlap)
+    _loss(ours, cell, weight, cell_weight).backward()
+    got = [ours.detach()] + [s.grad for s in ours_initial] + [p.grad for p in layer.parameters()]
+    names = ["outputs", "h0"] + (["c0"] if rnn == "lstm" else []) + ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]
     for name, a, b in zip(names, got, expected, strict=True):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def _loss(outputs, cell, weight, cell_weight):
+    return (outputs * weight).sum() + (0 if cell is None else (cell * cell_weight).sum())
 
 
 def test_output_layer_gives_nn_linears_outputs_and_gradients():
