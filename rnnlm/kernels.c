@@ -8,6 +8,7 @@
    Layouts are torch's: row-major float32, tokens int64, states (steps, batch, hidden). Every function works on the
    batch rows [r0, r1) only, so that two threads can share one call's buffers. */
 
+#include <sched.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -156,75 +157,6 @@ void rnnlm_rnn_backward(int steps, int batch, int H, int r0, int r1, const float
 
 static inline float sigmoid_approx(float x) { return 0.5f + 0.5f * tanh_approx(0.5f * x); }
 
-/* torch's GRU (gates r, z, n) forward over rows [r0, r1):
-     r = sigmoid(xr + gh_r)  z = sigmoid(xz + gh_z)  n = tanh(xn + r * gh_n)  h = n + z * (h_prev - n)
-   with x = emb[tokens[t]] (emb: vocab x 3H, W_ih.T + b_ih) and gh = h_prev @ W_hh.T + b_hh (whh packed with trans=1).
-   Saved for the backward: rz (steps, batch, 2H), n and hn = gh_n (steps, batch, H). scratch: rows x panels(3H). */
-void rnnlm_gru_forward(int steps, int batch, int H, int r0, int r1, const int64_t *tokens, const float *h0,
-                       const float *emb, const float *b_hh, const float *whh, float *hs, float *rz, float *n,
-                       float *hn, float *scratch) {
-    int panels = (3 * H + NR - 1) / NR, ldc = panels * NR, M = r1 - r0;
-    for (int t = 0; t < steps; t++) {
-        const float *prev = t == 0 ? h0 : hs + (size_t)(t - 1) * batch * H;
-        gemm(M, H, panels, prev + (size_t)r0 * H, H, whh, scratch, ldc);
-        for (int i = 0; i < M; i++) {
-            size_t row = (size_t)t * batch + r0 + i;
-            const float *x = emb + (size_t)tokens[row] * 3 * H, *acc = scratch + (size_t)i * ldc;
-            const float *h_prev = prev + (size_t)(r0 + i) * H;
-            float *rz_row = rz + row * 2 * H, *n_row = n + row * H, *hn_row = hn + row * H, *h = hs + row * H;
-            #pragma GCC ivdep /* the arrays do not overlap */
-            for (int j = 0; j < H; j++) {
-                float r = sigmoid_approx(x[j] + acc[j] + b_hh[j]);
-                float z = sigmoid_approx(x[H + j] + acc[H + j] + b_hh[H + j]);
-                float gh_n = acc[2 * H + j] + b_hh[2 * H + j];
-                float nn = tanh_approx(x[2 * H + j] + r * gh_n);
-                rz_row[j] = r;
-                rz_row[H + j] = z;
-                n_row[j] = nn;
-                hn_row[j] = gh_n;
-                h[j] = nn + z * (h_prev[j] - nn);
-            }
-        }
-    }
-}
-
-/* Its backward over rows [r0, r1). dh, the gradient reaching h of the current step, starts at grad_out[T-1]; per step:
-     grad_pre_n = dh (1 - z)(1 - n^2)      grad_gates = [grad_pre_n hn r (1 - r) | dh (h_prev - n) z (1 - z) | grad_pre_n r]
-     dh <- grad_gates @ W_hh + dh z + grad_out[t-1]
-   grad_gates is d loss / d gh (steps, batch, 3H), grad_pre_n d loss / d (W_in x + b_in); grad_h0 is the last dh.
-   whh: W_hh packed with trans=0 (K = 3H, N = H). dh: rows x H; scratch: rows x panels(H). */
-void rnnlm_gru_backward(int steps, int batch, int H, int r0, int r1, const float *h0, const float *hs,
-                        const float *rz, const float *n, const float *hn, const float *grad_out, const float *whh,
-                        float *grad_gates, float *grad_pre_n, float *grad_h0, float *dh, float *scratch) {
-    int panels = (H + NR - 1) / NR, ldc = panels * NR, M = r1 - r0;
-    for (int i = 0; i < M; i++)
-        for (int j = 0; j < H; j++) dh[(size_t)i * H + j] = grad_out[((size_t)(steps - 1) * batch + r0 + i) * H + j];
-    for (int t = steps - 1; t >= 0; t--) {
-        for (int i = 0; i < M; i++) {
-            size_t row = (size_t)t * batch + r0 + i;
-            const float *h_prev = t == 0 ? h0 + (size_t)(r0 + i) * H : hs + (row - batch) * H;
-            const float *out_prev = t == 0 ? NULL : grad_out + (row - batch) * H;
-            const float *rz_row = rz + row * 2 * H, *n_row = n + row * H, *hn_row = hn + row * H;
-            float *gg = grad_gates + row * 3 * H, *gpn_row = grad_pre_n + row * H, *d_row = dh + (size_t)i * H;
-            #pragma GCC ivdep /* the arrays do not overlap */
-            for (int j = 0; j < H; j++) {
-                float d = d_row[j], r = rz_row[j], z = rz_row[H + j], nn = n_row[j];
-                float gpn = d * (1.0f - z) * (1.0f - nn * nn);
-                gpn_row[j] = gpn;
-                gg[j] = gpn * hn_row[j] * r * (1.0f - r);
-                gg[H + j] = d * (h_prev[j] - nn) * z * (1.0f - z);
-                gg[2 * H + j] = gpn * r;
-                d_row[j] = d * z + (out_prev ? out_prev[j] : 0.0f);
-            }
-        }
-        gemm(M, 3 * H, panels, grad_gates + ((size_t)t * batch + r0) * 3 * H, 3 * H, whh, scratch, ldc);
-        for (int i = 0; i < M; i++)
-            for (int j = 0; j < H; j++) dh[(size_t)i * H + j] += scratch[(size_t)i * ldc + j];
-    }
-    for (int i = 0; i < M; i++)
-        for (int j = 0; j < H; j++) grad_h0[(size_t)(r0 + i) * H + j] = dh[(size_t)i * H + j];
-}
-
 /* out[tokens[i], 0:N] += grad[i, 0:N] for i < rows (row strides ld_grad, ld_out): the gradient of a weight that the
    one-hot inputs select rows of (torch's index_add_ on the CPU takes 10x longer for these shapes) */
 void rnnlm_token_grad(int64_t rows, int N, const int64_t *tokens, const float *grad, int64_t ld_grad, float *out,
@@ -237,27 +169,122 @@ void rnnlm_token_grad(int64_t rows, int N, const int64_t *tokens, const float *g
     }
 }
 
-/* torch's LSTM (gates i, f, g, o) forward over rows [r0, r1):
+/* The GRU and LSTM windows below split the work between `parties` threads (1 or 2) by hidden units: party `me`
+   owns units [u0, u1) of every gate, for all batch rows, and its slice of W_hh (packed by the caller) stays in its
+   core's L2 cache; splitting the batch instead would make both cores stream all of W_hh (0.75-1 MB) every step, and
+   they then run at half speed. The parties meet once per step: each publishes the steps it has finished in its own
+   cache line of `flags` (zeros at the start of a call) and waits for the others to catch up. A nonzero
+   flags[parties * 8] (set by the caller when a party failed to start) makes the waiting parties return. */
+
+static int step_done(int64_t *flags, int me, int parties, int64_t step) {
+    if (parties < 2) return 0;
+    __atomic_store_n(&flags[me * 8], step, __ATOMIC_RELEASE);
+    for (int k = 0; k < parties; k++) {
+        int spins = 0;
+        while (k != me && __atomic_load_n(&flags[k * 8], __ATOMIC_ACQUIRE) < step) {
+            if (__atomic_load_n(&flags[parties * 8], __ATOMIC_ACQUIRE)) return 1;
+            if (++spins > 256) sched_yield(); /* a partner descheduled on a shared machine gets the core */
+        }
+    }
+    return 0;
+}
+
+/* torch's GRU (gates r, z, n) forward, units [u0, u1) of U = u1 - u0:
+     r = sigmoid(xr + gh_r)  z = sigmoid(xz + gh_z)  n = tanh(xn + r * gh_n)  h = n + z * (h_prev - n)
+   with x = emb[tokens[t]] (emb: vocab x 3H, W_ih.T + b_ih) and gh = h_prev @ W_hh.T + b_hh. whh: the rows of W_hh for
+   the party's units of each gate (3U x H), packed with trans=1. Saved for the backward: rz (steps, batch, 2H), n and
+   hn = gh_n (steps, batch, H). scratch: batch x panels(3U). */
+void rnnlm_gru_forward(int steps, int batch, int H, int u0, int u1, int me, int parties, int64_t *flags,
+                       const int64_t *tokens, const float *h0, const float *emb, const float *b_hh, const float *whh,
+                       float *hs, float *rz, float *n, float *hn, float *scratch) {
+    int U = u1 - u0, panels = (3 * U + NR - 1) / NR, ldc = panels * NR;
+    for (int t = 0; t < steps; t++) {
+        const float *prev = t == 0 ? h0 : hs + (size_t)(t - 1) * batch * H;
+        gemm(batch, H, panels, prev, H, whh, scratch, ldc);
+        for (int i = 0; i < batch; i++) {
+            size_t row = (size_t)t * batch + i;
+            const float *x = emb + (size_t)tokens[row] * 3 * H + u0, *acc = scratch + (size_t)i * ldc;
+            const float *h_prev = prev + (size_t)i * H + u0, *b = b_hh + u0;
+            float *rz_row = rz + row * 2 * H + u0, *n_row = n + row * H + u0, *hn_row = hn + row * H + u0;
+            float *h = hs + row * H + u0;
+#pragma GCC ivdep /* the arrays do not overlap */
+            for (int j = 0; j < U; j++) {
+                float r = sigmoid_approx(x[j] + acc[j] + b[j]);
+                float z = sigmoid_approx(x[H + j] + acc[U + j] + b[H + j]);
+                float gh_n = acc[2 * U + j] + b[2 * H + j];
+                float nn = tanh_approx(x[2 * H + j] + r * gh_n);
+                rz_row[j] = r;
+                rz_row[H + j] = z;
+                n_row[j] = nn;
+                hn_row[j] = gh_n;
+                h[j] = nn + z * (h_prev[j] - nn);
+            }
+        }
+        if (step_done(flags, me, parties, t + 1)) return;
+    }
+}
+
+/* Its backward, units [u0, u1). dh, the gradient reaching h of the current step, starts at grad_out[T-1]; per step:
+     grad_pre_n = dh (1 - z)(1 - n^2)      grad_gates = [grad_pre_n hn r (1 - r) | dh (h_prev - n) z (1 - z) | grad_pre_n r]
+     dh <- grad_gates @ W_hh + dh z + grad_out[t-1]
+   grad_gates is d loss / d gh (steps, batch, 3H), grad_pre_n d loss / d (W_in x + b_in); grad_h0 is the last dh.
+   whh: the columns [u0, u1) of W_hh (3H x U), packed with trans=0. dh: batch x U; scratch: batch x panels(U). */
+void rnnlm_gru_backward(int steps, int batch, int H, int u0, int u1, int me, int parties, int64_t *flags,
+                        const float *h0, const float *hs, const float *rz, const float *n, const float *hn,
+                        const float *grad_out, const float *whh, float *grad_gates, float *grad_pre_n, float *grad_h0,
+                        float *dh, float *scratch) {
+    int U = u1 - u0, panels = (U + NR - 1) / NR, ldc = panels * NR;
+    for (int i = 0; i < batch; i++)
+        for (int j = 0; j < U; j++) dh[(size_t)i * U + j] = grad_out[((size_t)(steps - 1) * batch + i) * H + u0 + j];
+    for (int t = steps - 1; t >= 0; t--) {
+        for (int i = 0; i < batch; i++) {
+            size_t row = (size_t)t * batch + i;
+            const float *h_prev = (t == 0 ? h0 + (size_t)i * H : hs + (row - batch) * H) + u0;
+            const float *out_prev = t == 0 ? NULL : grad_out + (row - batch) * H + u0;
+            const float *rz_row = rz + row * 2 * H + u0, *n_row = n + row * H + u0, *hn_row = hn + row * H + u0;
+            float *gg = grad_gates + row * 3 * H + u0, *gpn_row = grad_pre_n + row * H + u0, *d_row = dh + (size_t)i * U;
+#pragma GCC ivdep /* the arrays do not overlap */
+            for (int j = 0; j < U; j++) {
+                float d = d_row[j], r = rz_row[j], z = rz_row[H + j], nn = n_row[j];
+                float gpn = d * (1.0f - z) * (1.0f - nn * nn);
+                gpn_row[j] = gpn;
+                gg[j] = gpn * hn_row[j] * r * (1.0f - r);
+                gg[H + j] = d * (h_prev[j] - nn) * z * (1.0f - z);
+                gg[2 * H + j] = gpn * r;
+                d_row[j] = d * z + (out_prev ? out_prev[j] : 0.0f);
+            }
+        }
+        if (step_done(flags, me, parties, steps - t)) return; /* every party's columns of grad_gates[t] are written */
+        gemm(batch, 3 * H, panels, grad_gates + (size_t)t * batch * 3 * H, 3 * H, whh, scratch, ldc);
+        for (int i = 0; i < batch; i++)
+            for (int j = 0; j < U; j++) dh[(size_t)i * U + j] += scratch[(size_t)i * ldc + j];
+    }
+    for (int i = 0; i < batch; i++)
+        for (int j = 0; j < U; j++) grad_h0[(size_t)i * H + u0 + j] = dh[(size_t)i * U + j];
+}
+
+/* torch's LSTM (gates i, f, g, o) forward, units [u0, u1) of U = u1 - u0:
      [i f g o] = [sigmoid sigmoid tanh sigmoid](emb[tokens[t]] + h_prev @ W_hh.T)   c = f c_prev + i g   h = o tanh(c)
-   with emb (vocab x 4H) = W_ih.T + b_ih + b_hh and whh packed with trans=1. Saved for the backward: gates (steps,
-   batch, 4H, after their activations), cs and tcs = tanh(cs) (steps, batch, H). scratch: rows x panels(4H). */
-void rnnlm_lstm_forward(int steps, int batch, int H, int r0, int r1, const int64_t *tokens, const float *h0,
-                        const float *c0, const float *emb, const float *whh, float *hs, float *cs, float *gates,
-                        float *tcs, float *scratch) {
-    int panels = (4 * H + NR - 1) / NR, ldc = panels * NR, M = r1 - r0;
+   with emb (vocab x 4H) = W_ih.T + b_ih + b_hh. whh: the rows of W_hh for the party's units of each gate (4U x H),
+   packed with trans=1. Saved for the backward: gates (steps, batch, 4H, after their activations), cs and tcs =
+   tanh(cs) (steps, batch, H). scratch: batch x panels(4U). */
+void rnnlm_lstm_forward(int steps, int batch, int H, int u0, int u1, int me, int parties, int64_t *flags,
+                        const int64_t *tokens, const float *h0, const float *c0, const float *emb, const float *whh,
+                        float *hs, float *cs, float *gates, float *tcs, float *scratch) {
+    int U = u1 - u0, panels = (4 * U + NR - 1) / NR, ldc = panels * NR;
     for (int t = 0; t < steps; t++) {
         const float *prev_h = t == 0 ? h0 : hs + (size_t)(t - 1) * batch * H;
         const float *prev_c = t == 0 ? c0 : cs + (size_t)(t - 1) * batch * H;
-        gemm(M, H, panels, prev_h + (size_t)r0 * H, H, whh, scratch, ldc);
-        for (int i = 0; i < M; i++) {
-            size_t row = (size_t)t * batch + r0 + i;
-            const float *x = emb + (size_t)tokens[row] * 4 * H, *acc = scratch + (size_t)i * ldc;
-            const float *c_prev = prev_c + (size_t)(r0 + i) * H;
-            float *gt = gates + row * 4 * H, *c = cs + row * H, *tc = tcs + row * H, *h = hs + row * H;
+        gemm(batch, H, panels, prev_h, H, whh, scratch, ldc);
+        for (int i = 0; i < batch; i++) {
+            size_t row = (size_t)t * batch + i;
+            const float *x = emb + (size_t)tokens[row] * 4 * H + u0, *acc = scratch + (size_t)i * ldc;
+            const float *c_prev = prev_c + (size_t)i * H + u0;
+            float *gt = gates + row * 4 * H + u0, *c = cs + row * H + u0, *tc = tcs + row * H + u0, *h = hs + row * H + u0;
 #pragma GCC ivdep /* the arrays do not overlap */
-            for (int j = 0; j < H; j++) {
-                float ig = sigmoid_approx(x[j] + acc[j]), fg = sigmoid_approx(x[H + j] + acc[H + j]);
-                float gg = tanh_approx(x[2 * H + j] + acc[2 * H + j]), og = sigmoid_approx(x[3 * H + j] + acc[3 * H + j]);
+            for (int j = 0; j < U; j++) {
+                float ig = sigmoid_approx(x[j] + acc[j]), fg = sigmoid_approx(x[H + j] + acc[U + j]);
+                float gg = tanh_approx(x[2 * H + j] + acc[2 * U + j]), og = sigmoid_approx(x[3 * H + j] + acc[3 * U + j]);
                 float cell = fg * c_prev[j] + ig * gg, tanh_cell = tanh_approx(cell);
                 gt[j] = ig;
                 gt[H + j] = fg;
@@ -268,34 +295,35 @@ void rnnlm_lstm_forward(int steps, int batch, int H, int r0, int r1, const int64
                 h[j] = og * tanh_cell;
             }
         }
+        if (step_done(flags, me, parties, t + 1)) return;
     }
 }
 
-/* Its backward over rows [r0, r1). dh and dc, the gradients reaching the step's h and c, start at grad_out[T-1] and
+/* Its backward, units [u0, u1). dh and dc, the gradients reaching the step's h and c, start at grad_out[T-1] and
    grad_c_last; per step, with dc_t = dc + dh o (1 - tanh(c)^2):
      grad_gates = [dc_t g i (1 - i) | dc_t c_prev f (1 - f) | dc_t i (1 - g^2) | dh tanh(c) o (1 - o)]
      dc <- dc_t f     dh <- grad_gates @ W_hh + grad_out[t-1]
    grad_gates is d loss / d gates before activation (steps, batch, 4H); grad_h0, grad_c0 are the last dh, dc.
-   whh: W_hh packed with trans=0 (K = 4H, N = H). dh, dc: rows x H; scratch: rows x panels(H). */
-void rnnlm_lstm_backward(int steps, int batch, int H, int r0, int r1, const float *c0, const float *cs,
-                         const float *gates, const float *tcs, const float *grad_out, const float *grad_c_last,
-                         const float *whh, float *grad_gates, float *grad_h0, float *grad_c0, float *dh, float *dc,
-                         float *scratch) {
-    int panels = (H + NR - 1) / NR, ldc = panels * NR, M = r1 - r0;
-    for (int i = 0; i < M; i++)
-        for (int j = 0; j < H; j++) {
-            dh[(size_t)i * H + j] = grad_out[((size_t)(steps - 1) * batch + r0 + i) * H + j];
-            dc[(size_t)i * H + j] = grad_c_last[(size_t)(r0 + i) * H + j];
+   whh: the columns [u0, u1) of W_hh (4H x U), packed with trans=0. dh, dc: batch x U; scratch: batch x panels(U). */
+void rnnlm_lstm_backward(int steps, int batch, int H, int u0, int u1, int me, int parties, int64_t *flags,
+                         const float *c0, const float *cs, const float *gates, const float *tcs, const float *grad_out,
+                         const float *grad_c_last, const float *whh, float *grad_gates, float *grad_h0, float *grad_c0,
+                         float *dh, float *dc, float *scratch) {
+    int U = u1 - u0, panels = (U + NR - 1) / NR, ldc = panels * NR;
+    for (int i = 0; i < batch; i++)
+        for (int j = 0; j < U; j++) {
+            dh[(size_t)i * U + j] = grad_out[((size_t)(steps - 1) * batch + i) * H + u0 + j];
+            dc[(size_t)i * U + j] = grad_c_last[(size_t)i * H + u0 + j];
         }
     for (int t = steps - 1; t >= 0; t--) {
-        for (int i = 0; i < M; i++) {
-            size_t row = (size_t)t * batch + r0 + i;
-            const float *c_prev = t == 0 ? c0 + (size_t)(r0 + i) * H : cs + (row - batch) * H;
-            const float *out_prev = t == 0 ? NULL : grad_out + (row - batch) * H;
-            const float *gt = gates + row * 4 * H, *tc = tcs + row * H;
-            float *gg_out = grad_gates + row * 4 * H, *dh_row = dh + (size_t)i * H, *dc_row = dc + (size_t)i * H;
+        for (int i = 0; i < batch; i++) {
+            size_t row = (size_t)t * batch + i;
+            const float *c_prev = (t == 0 ? c0 + (size_t)i * H : cs + (row - batch) * H) + u0;
+            const float *out_prev = t == 0 ? NULL : grad_out + (row - batch) * H + u0;
+            const float *gt = gates + row * 4 * H + u0, *tc = tcs + row * H + u0;
+            float *gg_out = grad_gates + row * 4 * H + u0, *dh_row = dh + (size_t)i * U, *dc_row = dc + (size_t)i * U;
 #pragma GCC ivdep /* the arrays do not overlap */
-            for (int j = 0; j < H; j++) {
+            for (int j = 0; j < U; j++) {
                 float d = dh_row[j], ig = gt[j], fg = gt[H + j], gg = gt[2 * H + j], og = gt[3 * H + j];
                 float dct = dc_row[j] + d * og * (1.0f - tc[j] * tc[j]);
                 gg_out[j] = dct * gg * ig * (1.0f - ig);
@@ -306,13 +334,14 @@ void rnnlm_lstm_backward(int steps, int batch, int H, int r0, int r1, const floa
                 dh_row[j] = out_prev ? out_prev[j] : 0.0f;
             }
         }
-        gemm(M, 4 * H, panels, grad_gates + ((size_t)t * batch + r0) * 4 * H, 4 * H, whh, scratch, ldc);
-        for (int i = 0; i < M; i++)
-            for (int j = 0; j < H; j++) dh[(size_t)i * H + j] += scratch[(size_t)i * ldc + j];
+        if (step_done(flags, me, parties, steps - t)) return; /* every party's columns of grad_gates[t] are written */
+        gemm(batch, 4 * H, panels, grad_gates + (size_t)t * batch * 4 * H, 4 * H, whh, scratch, ldc);
+        for (int i = 0; i < batch; i++)
+            for (int j = 0; j < U; j++) dh[(size_t)i * U + j] += scratch[(size_t)i * ldc + j];
     }
-    for (int i = 0; i < M; i++)
-        for (int j = 0; j < H; j++) {
-            grad_h0[(size_t)(r0 + i) * H + j] = dh[(size_t)i * H + j];
-            grad_c0[(size_t)(r0 + i) * H + j] = dc[(size_t)i * H + j];
+    for (int i = 0; i < batch; i++)
+        for (int j = 0; j < U; j++) {
+            grad_h0[(size_t)i * H + u0 + j] = dh[(size_t)i * U + j];
+            grad_c0[(size_t)i * H + u0 + j] = dc[(size_t)i * U + j];
         }
 }

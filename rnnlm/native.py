@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,10 +34,11 @@ _SIGNATURES = {
     "rnnlm_rnn_forward": [_i, _i, _i, _i, _i, _p, _p, _p, _p, _p, _p],
     "rnnlm_rnn_backward": [_i, _i, _i, _i, _i, _p, _p, _p, _p, _p, _p],
     "rnnlm_token_grad": [ctypes.c_int64, _i, _p, _p, ctypes.c_int64, _p, ctypes.c_int64],
-    "rnnlm_lstm_forward": [_i, _i, _i, _i, _i, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p],
-    "rnnlm_lstm_backward": [_i, _i, _i, _i, _i, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p],
-    "rnnlm_gru_forward": [_i, _i, _i, _i, _i, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p],
-    "rnnlm_gru_backward": [_i, _i, _i, _i, _i, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p],
+    # the split windows: steps, batch, H, u0, u1, me, parties, flags, then the arrays
+    "rnnlm_gru_forward": [_i] * 7 + [_p] * 11,
+    "rnnlm_gru_backward": [_i] * 7 + [_p] * 13,
+    "rnnlm_lstm_forward": [_i] * 7 + [_p] * 11,
+    "rnnlm_lstm_backward": [_i] * 7 + [_p] * 14,
 }
 
 
@@ -143,22 +145,6 @@ def rnn_backward(hs, grad_out, whh, g, grad_h0, rows: tuple[int, int]) -> None:
     library().rnnlm_rnn_backward(steps, batch, hidden, *rows, *map(_ptr, args))
 
 
-def gru_forward(tokens, h0, emb, b_hh, whh, hs, rz, n, hn, rows: tuple[int, int]) -> None:
-    """Fill hs, rz, n, hn for batch rows `rows` (see kernels.c: rnnlm_gru_forward)."""
-    steps, batch, hidden = hs.shape
-    work = scratch(rows[1] - rows[0], 3 * hidden)
-    args = (tokens, h0, emb, b_hh, whh, hs, rz, n, hn, work)
-    library().rnnlm_gru_forward(steps, batch, hidden, *rows, *map(_ptr, args))
-
-
-def gru_backward(h0, hs, rz, n, hn, grad_out, whh, grad_gates, grad_pre_n, grad_h0, rows: tuple[int, int]) -> None:
-    """Fill grad_gates, grad_pre_n and grad_h0 for batch rows `rows` (see kernels.c: rnnlm_gru_backward)."""
-    steps, batch, hidden = hs.shape
-    dh, work = torch.empty((rows[1] - rows[0]) * hidden), scratch(rows[1] - rows[0], hidden)
-    args = (h0, hs, rz, n, hn, grad_out, whh, grad_gates, grad_pre_n, grad_h0, dh, work)
-    library().rnnlm_gru_backward(steps, batch, hidden, *rows, *map(_ptr, args))
-
-
 def token_grad(tokens: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out[tokens[i]] += grad[i] for 2-D grad (rows, N) and out (vocab, N), both with unit column stride (column
     slices are fine); returns out."""
@@ -169,18 +155,60 @@ def token_grad(tokens: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> t
     return out
 
 
-def lstm_forward(tokens, h0, c0, emb, whh, hs, cs, gates, tcs, rows: tuple[int, int]) -> None:
-    """Fill hs, cs, gates, tcs for batch rows `rows` (see kernels.c: rnnlm_lstm_forward)."""
-    steps, batch, hidden = hs.shape
-    work = scratch(rows[1] - rows[0], 4 * hidden)
-    args = (tokens, h0, c0, emb, whh, hs, cs, gates, tcs, work)
-    library().rnnlm_lstm_forward(steps, batch, hidden, *rows, *map(_ptr, args))
+Call = Callable[[], None]
 
 
-def lstm_backward(c0, cs, gates, tcs, grad_out, grad_c_last, whh, grad_gates, grad_h0, grad_c0, rows) -> None:
-    """Fill grad_gates, grad_h0 and grad_c0 for batch rows `rows` (see kernels.c: rnnlm_lstm_backward)."""
-    steps, batch, hidden = cs.shape
-    m = rows[1] - rows[0]
-    dh, dc, work = torch.empty(m * hidden), torch.empty(m * hidden), scratch(m, hidden)
-    args = (c0, cs, gates, tcs, grad_out, grad_c_last, whh, grad_gates, grad_h0, grad_c0, dh, dc, work)
-    library().rnnlm_lstm_backward(steps, batch, hidden, *rows, *map(_ptr, args))
+def _split_call(name: str, shape, units: tuple[int, int], me: int, parties: int, flags, arrays) -> Call:
+    """The C window `name` over (steps, batch, H) = `shape` for one party, every argument checked and converted
+    now: the returned call only runs it (a party that failed after its partner started would leave the partner
+    waiting at the first step)."""
+    head = (*shape, *units, me, parties, 0 if flags is None else flags.data_ptr())
+    pointers = [_ptr(t) for t in arrays]
+    fn = getattr(library(), name)
+
+    def call(keep_alive=arrays) -> None:  # the tensors must outlive the call: the pointers are all C sees
+        fn(*head, *pointers)
+
+    return call
+
+
+def _gate_rows(weight: torch.Tensor, gates: int, units: tuple[int, int]) -> torch.Tensor:
+    """The rows of a stacked (gates * H, K) weight that belong to hidden units [u0, u1) of every gate."""
+    hidden = weight.shape[0] // gates
+    return weight.view(gates, hidden, -1)[:, units[0] : units[1]].reshape(-1, weight.shape[1])
+
+
+def gru_forward(tokens, h0, emb, b_hh, w_hh, hs, rz, n, hn, units, me, parties, flags) -> Call:
+    """One party's forward window over hidden units `units` (see kernels.c: rnnlm_gru_forward)."""
+    whh = pack(_gate_rows(w_hh, 3, units), trans=True)
+    work = scratch(tokens.shape[1], 3 * (units[1] - units[0]))
+    arrays = (tokens, h0, emb, b_hh, whh, hs, rz, n, hn, work)
+    return _split_call("rnnlm_gru_forward", hs.shape, units, me, parties, flags, arrays)
+
+
+def gru_backward(h0, hs, rz, n, hn, grad_out, w_hh, grad_gates, grad_pre_n, grad_h0, units, me, parties, flags) -> Call:
+    """One party's backward window over hidden units `units` (see kernels.c: rnnlm_gru_backward)."""
+    whh = pack(w_hh[:, units[0] : units[1]], trans=False)
+    batch, width = hs.shape[1], units[1] - units[0]
+    dh, work = torch.empty(batch * width), scratch(batch, width)
+    arrays = (h0, hs, rz, n, hn, grad_out, whh, grad_gates, grad_pre_n, grad_h0, dh, work)
+    return _split_call("rnnlm_gru_backward", hs.shape, units, me, parties, flags, arrays)
+
+
+def lstm_forward(tokens, h0, c0, emb, w_hh, hs, cs, gates, tcs, units, me, parties, flags) -> Call:
+    """One party's forward window over hidden units `units` (see kernels.c: rnnlm_lstm_forward)."""
+    whh = pack(_gate_rows(w_hh, 4, units), trans=True)
+    work = scratch(tokens.shape[1], 4 * (units[1] - units[0]))
+    arrays = (tokens, h0, c0, emb, whh, hs, cs, gates, tcs, work)
+    return _split_call("rnnlm_lstm_forward", hs.shape, units, me, parties, flags, arrays)
+
+
+def lstm_backward(
+    c0, cs, gates, tcs, grad_out, grad_c_last, w_hh, grad_gates, grad_h0, grad_c0, units, me, parties, flags
+) -> Call:
+    """One party's backward window over hidden units `units` (see kernels.c: rnnlm_lstm_backward)."""
+    whh = pack(w_hh[:, units[0] : units[1]], trans=False)
+    batch, width = cs.shape[1], units[1] - units[0]
+    dh, dc, work = torch.empty(batch * width), torch.empty(batch * width), scratch(batch, width)
+    arrays = (c0, cs, gates, tcs, grad_out, grad_c_last, whh, grad_gates, grad_h0, grad_c0, dh, dc, work)
+    return _split_call("rnnlm_lstm_backward", cs.shape, units, me, parties, flags, arrays)

@@ -147,6 +147,25 @@ def _by_halves(batch: int, overlap: bool, run: Callable[[tuple[int, int]], None]
     other.result()
 
 
+def _by_units(hidden: int, overlap: bool, prepare: Callable[..., Callable[[], None]]) -> None:
+    """Run a compiled GRU/LSTM window: prepare(units, me, parties, flags) returns one party's call. With `overlap`
+    the hidden units are halved between this thread and the helper thread, which meet at every step."""
+    if not overlap or hidden < 2:
+        prepare((0, hidden), 0, 1, None)()
+        return
+    flags = torch.zeros(24, dtype=torch.int64)  # each party's finished steps, a cache line apart; then "abort"
+    half = hidden // 2
+    mine, theirs = prepare((0, half), 0, 2, flags), prepare((half, hidden), 1, 2, flags)
+    other = _helper.submit(theirs)
+    try:
+        mine()
+    except BaseException:
+        flags[16] = 1  # the partner stops waiting for this thread
+        raise
+    finally:
+        other.result()
+
+
 def matmul_tn_halves(a: torch.Tensor, b: torch.Tensor, overlap: bool) -> torch.Tensor:
     """a.T @ b (see `matmul_tn`), the rows summed in two halves at once when `overlap`."""
     if not overlap or a.shape[0] < 2:
@@ -300,11 +319,11 @@ class OneHotGRU(torch.autograd.Function):
         """The compiled window (rnnlm/kernels.c), the batch's halves on two cores when `overlap`."""
         tokens, h0, b_hh = tokens.contiguous(), h0.contiguous(), b_hh.detach().contiguous()
         emb = (w_ih.T + b_ih).contiguous()  # (vocab, 3H): row v is W_ih one_hot(v) + b_ih
-        whh = native.pack(w_hh, trans=True)
+        w_hh = w_hh.detach()
         hs = h0.new_empty((*tokens.shape, h0.shape[1]))  # (steps, batch, H)
         rz, n, h_n = hs.new_empty((*hs.shape[:2], 2 * hs.shape[2])), torch.empty_like(hs), torch.empty_like(hs)
-        run = lambda rows: native.gru_forward(tokens, h0, emb, b_hh, whh, hs, rz, n, h_n, rows)  # noqa: E731
-        _by_halves(tokens.shape[1], ctx.overlap, run)
+        run = lambda *party: native.gru_forward(tokens, h0, emb, b_hh, w_hh, hs, rz, n, h_n, *party)  # noqa: E731
+        _by_units(hs.shape[2], ctx.overlap, run)
         ctx.save_for_backward(tokens, h0, w_ih, w_hh, hs, rz, n, h_n)
         return hs
 
@@ -313,13 +332,12 @@ class OneHotGRU(torch.autograd.Function):
         tokens, h0, w_ih, w_hh, hs, rz, n, h_n = ctx.saved_tensors
         steps, batch, hidden = hs.shape
         grad_out = grad_out.contiguous()
-        whh = native.pack(w_hh, trans=False)
         grad_gates = hs.new_empty((steps, batch, 3 * hidden))  # d loss / d (W_hh h + b_hh)
         grad_pre_n, grad_h0 = torch.empty_like(hs), torch.empty_like(h0)  # d loss / d (W_in x + b_in), / d h0
-        run = lambda rows: native.gru_backward(  # noqa: E731
-            h0, hs, rz, n, h_n, grad_out, whh, grad_gates, grad_pre_n, grad_h0, rows
+        run = lambda *party: native.gru_backward(  # noqa: E731
+            h0, hs, rz, n, h_n, grad_out, w_hh.detach(), grad_gates, grad_pre_n, grad_h0, *party
         )
-        _by_halves(batch, ctx.overlap, run)
+        _by_units(hidden, ctx.overlap, run)
         h_prev = torch.cat([h0[None], hs[:-1]]).reshape(-1, hidden)  # what step t multiplied by W_hh
         grad_w_hh = matmul_tn_halves(grad_gates.reshape(-1, 3 * hidden), h_prev, ctx.overlap)
         grad_w_ih, grad_b_ih = _gru_input_grads(tokens, w_ih, grad_gates, grad_pre_n)
@@ -383,11 +401,12 @@ class OneHotLSTM(torch.autograd.Function):
     def forward(ctx, tokens, h0, c0, w_ih, w_hh, b_ih, b_hh, overlap: bool = False):
         tokens, h0, c0 = tokens.contiguous(), h0.contiguous(), c0.contiguous()
         emb = (w_ih.T + b_ih + b_hh).contiguous()  # (vocab, 4H): row v is W_ih one_hot(v) + both biases
-        whh = native.pack(w_hh, trans=True)
         hs = h0.new_empty((*tokens.shape, h0.shape[1]))  # (steps, batch, H)
         cs, tcs, gates = torch.empty_like(hs), torch.empty_like(hs), hs.new_empty((*hs.shape[:2], 4 * hs.shape[2]))
-        run = lambda rows: native.lstm_forward(tokens, h0, c0, emb, whh, hs, cs, gates, tcs, rows)  # noqa: E731
-        _by_halves(tokens.shape[1], overlap, run)
+        run = lambda *party: native.lstm_forward(  # noqa: E731
+            tokens, h0, c0, emb, w_hh.detach(), hs, cs, gates, tcs, *party
+        )
+        _by_units(hs.shape[2], overlap, run)
         ctx.save_for_backward(tokens, h0, c0, w_ih, w_hh, hs, cs, gates, tcs)
         ctx.overlap = overlap
         return hs, cs[-1]
@@ -398,13 +417,12 @@ class OneHotLSTM(torch.autograd.Function):
         steps, batch, hidden = hs.shape
         grad_out = grad_out.contiguous()
         grad_c_last = torch.zeros_like(c0) if grad_c_last is None else grad_c_last.contiguous()
-        whh = native.pack(w_hh, trans=False)
         grad_gates = gates.new_empty(gates.shape)  # d loss / d gates before their activations
         grad_h0, grad_c0 = torch.empty_like(h0), torch.empty_like(c0)
-        run = lambda rows: native.lstm_backward(  # noqa: E731
-            c0, cs, gates, tcs, grad_out, grad_c_last, whh, grad_gates, grad_h0, grad_c0, rows
+        run = lambda *party: native.lstm_backward(  # noqa: E731
+            c0, cs, gates, tcs, grad_out, grad_c_last, w_hh.detach(), grad_gates, grad_h0, grad_c0, *party
         )
-        _by_halves(batch, ctx.overlap, run)
+        _by_units(hidden, ctx.overlap, run)
         flat = grad_gates.reshape(-1, 4 * hidden)
         h_prev = torch.cat([h0[None], hs[:-1]]).reshape(-1, hidden)  # what step t multiplied by W_hh
         grad_w_hh = matmul_tn_halves(flat, h_prev, ctx.overlap)

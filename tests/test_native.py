@@ -63,3 +63,34 @@ def test_without_a_working_compiler_the_model_falls_back_with_a_warning(tmp_path
     assert (enabled, trained) == ("False", "True")
     assert "compiled RNN kernels are unavailable" in message and "oneDNN/torch kernels" in message
     assert list(tmp_path.iterdir()) == []  # nothing half-built left in the cache
+
+
+_ABORT = """
+import torch
+from rnnlm import native, recurrence
+steps, batch, hidden, vocab = 6, 4, 32, 5
+tokens, h0, c0 = torch.randint(0, vocab, (steps, batch)), torch.zeros(batch, hidden), torch.zeros(batch, hidden)
+emb, w_hh = torch.randn(vocab, 4 * hidden), torch.randn(4 * hidden, hidden)
+hs, cs, tcs, gates = (torch.empty(steps, batch, n) for n in (hidden, hidden, hidden, 4 * hidden))
+
+def prepare(units, me, parties, flags):
+    if me == 0:
+        def fail():
+            raise RuntimeError("party 0 could not start")
+        return fail
+    return native.lstm_forward(tokens, h0, c0, emb, w_hh, hs, cs, gates, tcs, units, me, parties, flags)
+
+try:
+    recurrence._by_units(hidden, True, prepare)
+except RuntimeError as exc:
+    print("raised:", exc)
+"""
+
+
+@needs_build
+def test_a_party_that_fails_to_start_releases_its_partner():
+    """The halves of a GRU/LSTM window meet at every step; if this thread's half fails, the helper thread's half
+    must stop waiting for it (it would spin forever) and the error must reach the caller."""
+    done = subprocess.run([sys.executable, "-c", _ABORT], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "raised: party 0 could not start"
