@@ -87,8 +87,9 @@ class TrainConfig(BaseModel):
         1,
         ge=0,
         le=1024,
-        description="Torch threads when training on the CPU; 0 keeps torch's default. One is fastest for small "
-        "models on shared cores (see docs/benchmarks.md).",
+        description="Torch threads when training on the CPU; 0 keeps torch's default. With 1 (the default) the "
+        "compiled RNN/GRU/LSTM kernels still use a second core through their own helper thread; OpenMP's threads "
+        "collapse on shared cores (see docs/benchmarks.md).",
     )
     amp: bool = Field(False, description="bf16 autocast for the forward pass (GPU speed; weights stay float32).")
     checkpoint_every: int = Field(

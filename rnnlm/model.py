@@ -1,8 +1,8 @@
 """The recurrent language model of D2L 8.6: one-hot input, a fused torch RNN/GRU/LSTM, a linear output layer.
 
-On the CPU the one-layer tanh RNN (the book's experiment) and GRU run through `rnnlm.recurrence`, hand-written
-recurrences with the same parameters: one fused oneDNN matmul per step, and the weights' gradients for all time steps
-in one large matmul (on a second core) instead of small matmuls per step.
+On the CPU the one-layer tanh RNN (the book's experiment), GRU and LSTM run through `rnnlm.recurrence`, hand-written
+recurrences with the same parameters: whole windows in compiled C on two cores (oneDNN's per-step matmuls where no C
+compiler is found), and the weights' gradients for all time steps in one large matmul instead of small ones per step.
 """
 
 from __future__ import annotations

@@ -1,19 +1,21 @@
-"""A hand-written tanh RNN over one-hot inputs for the CPU: torch's `nn.RNN` equations, built for speed.
+"""Hand-written recurrences over one-hot inputs for the CPU: torch's `nn.RNN`, `nn.GRU` and `nn.LSTM` equations
+and parameters, built for speed. Results agree with torch's layers to float32 rounding (tests/test_recurrence.py).
 
-torch's CPU `nn.RNN` records every time step for autograd: a matmul, an add and a tanh per step forward, two small
-matmuls per step backward. Here:
-- the one-hot input rides along in the recurrent matmul: each step is one oneDNN matmul of [h_{t-1} | one-hot x_t]
-  (batch, H + V) by the packed [W_hh | W_ih], with the bias and the tanh fused in; that takes about 60% of the time
-  of matmul + add + tanh as separate ops;
-- the backward pass runs the recurrence for the gradients of the pre-activations only: one packed matmul per step,
-  with the next step's incoming gradient added in the same call;
-- the gradient of [W_hh | W_ih] for all steps is one matmul over the whole window, done in slices on a second core
-  while the backward recurrence is still running (`overlap`), so little of it stays on the critical path.
-Without oneDNN the same steps run as plain torch ops. Results agree with `nn.RNN` to float32 rounding
-(tests/test_recurrence.py).
+torch's CPU layers record every time step for autograd (a matmul, an add and a nonlinearity per step forward, small
+matmuls per step backward), each a Python-level call of 10-40 us around about 20 us of arithmetic. Three kernels, the
+first that works here is used:
 
-GRU and LSTM stay on torch's layers: its CPU LSTM is oneDNN's fused kernel already (see docs/benchmarks.md for how
-close each model runs to this machine's matmul limit).
+1. Compiled (`rnnlm/kernels.c` through `rnnlm.native`; tanh RNN, GRU, LSTM): a whole window of 35 steps is one C
+   call, forward or backward, with the recurrent matmul register-blocked (about 230 GFLOP/s a core on AVX-512) and
+   the gates fused in. The input products are rows of W_ih.T + biases picked by the tokens. With a second core free
+   (`overlap`), the RNN runs half the batch on each core; the GRU and LSTM split the hidden units instead, so that
+   each core's slice of W_hh stays in its L2 cache, and the two meet once per step.
+2. oneDNN (tanh RNN and GRU): one packed oneDNN matmul per step with the bias and nonlinearity fused in; the weight
+   gradient summed in slices on a second core while the backward recurrence runs.
+3. Plain torch ops, the same steps as 2, where the torch build has no oneDNN.
+
+In every kernel the weights' gradients are one large matmul over all steps (oneDNN's, about 2x torch's matmul on
+AMD CPUs), not small ones per step. docs/benchmarks.md has the measurements and the machine's matmul limit.
 """
 
 from __future__ import annotations

@@ -52,8 +52,11 @@ def test_recurrence_serves_one_layer_models_in_float32_only():
         assert not RNNLM(5, 4, "rnn")._use_recurrence(tokens)  # low precision goes to torch's layer
 
 
-@pytest.mark.parametrize("rnn", ["rnn", "gru", "lstm"])
-@pytest.mark.parametrize("kernel", ["compiled", "onednn", "plain-torch"])
+# the LSTM has only the compiled kernel (torch's CPU LSTM is oneDNN's fused one)
+KERNELS = [(rnn, kernel) for rnn in ("rnn", "gru") for kernel in ("compiled", "onednn", "plain-torch")]
+
+
+@pytest.mark.parametrize("rnn, kernel", [*KERNELS, ("lstm", "compiled")])
 @pytest.mark.parametrize("overlap", [True, False], ids=["two-threads", "one-thread"])
 def test_kernels_give_torch_layers_outputs_and_gradients(monkeypatch, rnn, kernel, overlap):
     """Every kernel (compiled from kernels.c, oneDNN's fused ops, plain torch ops) and both ways of sharing the work
@@ -63,8 +66,6 @@ def test_kernels_give_torch_layers_outputs_and_gradients(monkeypatch, rnn, kerne
         pytest.skip("this torch build has no oneDNN linear ops")
     if kernel == "compiled" and not native.library():
         pytest.skip("no C compiler here: the compiled kernels are not built")
-    if rnn == "lstm" and kernel != "compiled":
-        pytest.skip("the LSTM has only the compiled kernel (torch's CPU LSTM is oneDNN's fused one)")
     monkeypatch.setattr(recurrence, "ONEDNN", kernel == "onednn")
     monkeypatch.setattr(recurrence, "NATIVE", kernel == "compiled")
     torch.manual_seed(1)
