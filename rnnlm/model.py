@@ -7,6 +7,8 @@ compiler is found), and the weights' gradients for all time steps in one large m
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -133,10 +135,13 @@ def pick_device(preference: str = "auto") -> torch.device:
 
 
 def device_name(device: torch.device, cpu_threads: int = 0) -> str:
-    """Human-readable device, e.g. 'cuda:0 (NVIDIA H200)' or 'cpu (1 thread)'; `cpu_threads` 0 = torch's setting."""
+    """Human-readable device, e.g. 'cuda:0 (NVIDIA H200)' or 'cpu (2 threads)'; `cpu_threads` 0 = torch's setting.
+    With one torch thread on a machine of several cores, the recurrences use a second core
+    (`recurrence.overlap_enabled`), and the name says so."""
     if device.type == "cuda":
         return f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()})"
     if device.type == "cpu":
         threads = cpu_threads or torch.get_num_threads()
-        return f"cpu ({threads} thread{'s' if threads > 1 else ''})"
+        helper = " + the recurrence's helper thread" if threads == 1 and (os.cpu_count() or 1) > 1 else ""
+        return f"cpu ({threads} thread{'s' if threads > 1 else ''}{helper})"
     return str(device)
