@@ -14,6 +14,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -53,8 +54,12 @@ def _cpu_features() -> str:
     return platform.processor() or platform.machine()
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+def _compiler() -> list[str] | None:
+    """$CC (which may carry flags), else the first of cc, gcc and clang on the PATH."""
+    if os.environ.get("CC"):
+        return shlex.split(os.environ["CC"])
+    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return [found] if found else None
 
 
 def _cache_dir() -> Path:
@@ -62,18 +67,20 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("RNNLM_KERNEL_CACHE", default))
 
 
-def build(compiler: str) -> Path:
+def build(compiler: list[str]) -> Path:
     """The compiled library for this source, compiler and CPU: from the cache, or built into it atomically."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(_FLAGS), _cpu_features()]).encode())
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    parts = [SOURCE.read_text(), " ".join(compiler), version, " ".join(_FLAGS), _cpu_features()]
+    key = hashlib.sha256("\0".join(parts).encode())
     target = _cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            done = subprocess.run([compiler, *_FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True)
+            command = [*compiler, *_FLAGS, "-o", str(built), str(SOURCE)]
+            done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
-                raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {done.stderr.strip()[-2000:]}")
+                raise RuntimeError(f"{' '.join(compiler)} failed on {SOURCE.name}: {done.stderr.strip()[-2000:]}")
             os.replace(built, target)  # a reader sees the whole library or none
     return target
 
@@ -86,7 +93,7 @@ def library() -> ctypes.CDLL | None:
     compiler = _compiler()
     if compiler is None:
         warnings.warn(
-            "no C compiler found (cc, gcc, clang or $CC): the CPU RNN and GRU use the oneDNN/torch kernels",
+            "no C compiler found (cc, gcc, clang or $CC): the CPU recurrences use the oneDNN/torch kernels",
             stacklevel=2,
         )
         return None
