@@ -117,8 +117,14 @@ def overlap_enabled() -> bool:
 
 
 def matmul_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a.T @ b for 2-D a (n, p) and b (n, q), through oneDNN when present (about 2x torch's matmul on AMD CPUs)."""
-    return _linear(a.T.contiguous(), b.T, None) if ONEDNN else a.T @ b
+    """a.T @ b for 2-D a (n, p) and b (n, q), through oneDNN when present (about 2x torch's matmul on AMD CPUs).
+    oneDNN wants its left operand contiguous: the narrower of the two is transposed, and the result may be a
+    transposed view."""
+    if not ONEDNN:
+        return a.T @ b
+    if a.shape[1] <= b.shape[1]:
+        return _linear(a.T.contiguous(), b.T, None)
+    return _linear(b.T.contiguous(), a.T, None).T  # (b.T @ a).T
 
 
 class Linear(torch.autograd.Function):
