@@ -1,8 +1,10 @@
 """The compiled kernels' build and maths: tanh accuracy, the build cache, and the fallback without a compiler."""
 
 import os
+import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,3 +96,28 @@ def test_a_party_that_fails_to_start_releases_its_partner():
     done = subprocess.run([sys.executable, "-c", _ABORT], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "raised: party 0 could not start"
+
+
+@needs_build
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the AVX2 build is an x86 variant")
+def test_the_avx2_build_gives_torchs_results_too(tmp_path):
+    """Machines without AVX-512 get 8-wide vectors and 6-row blocks (another code path of kernels.c): built here with
+    AVX-512 turned off, the kernels must still give torch's outputs and gradients."""
+    env = {**os.environ, "CC": f"{' '.join(native._compiler())} -mno-avx512f", "RNNLM_KERNEL_CACHE": str(tmp_path)}
+    width = subprocess.run(
+        [sys.executable, "-c", "from rnnlm import native; print(native.library().rnnlm_panel_width())"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert width.stdout.strip() == "16"  # two 8-float vectors: the AVX2 path, not the AVX-512 one (32)
+    tests = Path(__file__).with_name("test_recurrence.py")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests), "-k", "compiled"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout
