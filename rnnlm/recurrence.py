@@ -91,7 +91,7 @@ class _Helper:
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
 
-    def submit(self, fn: Callable[[], torch.Tensor]) -> Future:
+    def submit(self, fn: Callable[[], object]) -> Future:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(
                 1, thread_name_prefix="rnnlm-grad", initializer=torch.set_num_threads, initargs=(1,)
@@ -164,12 +164,17 @@ def _by_units(hidden: int, overlap: bool, prepare: Callable[..., Callable[[], No
     flags = torch.zeros(24, dtype=torch.int64)  # each party's finished steps, a cache line apart; then "abort"
     half = hidden // 2
     mine, theirs = prepare((0, half), 0, 2, flags), prepare((half, hidden), 1, 2, flags)
-    other = _helper.submit(theirs)
+
+    def guarded(call: Callable[[], None]) -> None:
+        try:
+            call()
+        except BaseException:
+            flags[16] = 1  # the partner stops waiting for this party
+            raise
+
+    other = _helper.submit(lambda: guarded(theirs))
     try:
-        mine()
-    except BaseException:
-        flags[16] = 1  # the partner stops waiting for this thread
-        raise
+        guarded(mine)
     finally:
         other.result()
 

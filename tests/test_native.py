@@ -68,17 +68,18 @@ def test_without_a_working_compiler_the_model_falls_back_with_a_warning(tmp_path
 
 
 _ABORT = """
-import torch
+import sys, torch
 from rnnlm import native, recurrence
+failing = int(sys.argv[1])
 steps, batch, hidden, vocab = 6, 4, 32, 5
 tokens, h0, c0 = torch.randint(0, vocab, (steps, batch)), torch.zeros(batch, hidden), torch.zeros(batch, hidden)
 emb, w_hh = torch.randn(vocab, 4 * hidden), torch.randn(4 * hidden, hidden)
 hs, cs, tcs, gates = (torch.empty(steps, batch, n) for n in (hidden, hidden, hidden, 4 * hidden))
 
 def prepare(units, me, parties, flags):
-    if me == 0:
+    if me == failing:
         def fail():
-            raise RuntimeError("party 0 could not start")
+            raise RuntimeError(f"party {me} could not start")
         return fail
     return native.lstm_forward(tokens, h0, c0, emb, w_hh, hs, cs, gates, tcs, units, me, parties, flags)
 
@@ -90,12 +91,14 @@ except RuntimeError as exc:
 
 
 @needs_build
-def test_a_party_that_fails_to_start_releases_its_partner():
-    """The halves of a GRU/LSTM window meet at every step; if this thread's half fails, the helper thread's half
-    must stop waiting for it (it would spin forever) and the error must reach the caller."""
-    done = subprocess.run([sys.executable, "-c", _ABORT], capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("failing", [0, 1], ids=["this-thread", "helper-thread"])
+def test_a_party_that_fails_to_start_releases_its_partner(failing):
+    """The halves of a GRU/LSTM window meet at every step; if one half fails (this thread's or the helper thread's),
+    the other must stop waiting for it (it would spin forever) and the error must reach the caller."""
+    command = [sys.executable, "-c", _ABORT, str(failing)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "raised: party 0 could not start"
+    assert done.stdout.strip() == f"raised: party {failing} could not start"
 
 
 @needs_build
