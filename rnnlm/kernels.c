@@ -107,6 +107,11 @@ void rnnlm_tanh(const float *x, float *out, int64_t n) {
     for (int64_t i = 0; i < n; i++) out[i] = tanh_approx(x[i]);
 }
 
+/* The input of step t: `first` (h0 or c0) at t = 0, else row block t - 1 of `seq` (steps, batch, H). */
+static inline const float *previous(const float *first, const float *seq, int t, int batch, int H) {
+    return t == 0 ? first : seq + (size_t)(t - 1) * batch * H;
+}
+
 /* Tanh RNN forward over rows [r0, r1): hs[t] = tanh(hs[t-1] @ W_hh.T + emb[tokens[t]]), hs[-1] = h0.
    emb (vocab x H) is W_ih.T + b_ih + b_hh (the one-hot input's product is a row of it). whh: W_hh packed with
    trans=1. scratch: (r1 - r0) x panels * NR floats. */
@@ -114,7 +119,7 @@ void rnnlm_rnn_forward(int steps, int batch, int H, int r0, int r1, const int64_
                        const float *emb, const float *whh, float *hs, float *scratch) {
     int panels = (H + NR - 1) / NR, ldc = panels * NR, M = r1 - r0;
     for (int t = 0; t < steps; t++) {
-        const float *prev = t == 0 ? h0 : hs + (size_t)(t - 1) * batch * H;
+        const float *prev = previous(h0, hs, t, batch, H);
         gemm(M, H, panels, prev + (size_t)r0 * H, H, whh, scratch, ldc);
         for (int i = 0; i < M; i++) {
             const float *e = emb + (size_t)tokens[(size_t)t * batch + r0 + i] * H;
@@ -189,6 +194,24 @@ static int step_done(int64_t *flags, int me, int parties, int64_t step) {
     return 0;
 }
 
+/* dst (batch x U) = the party's columns [u0, u0 + U) of src (batch x H) */
+static void take_units(int batch, int H, int u0, int U, const float *src, float *dst) {
+    for (int i = 0; i < batch; i++)
+        for (int j = 0; j < U; j++) dst[(size_t)i * U + j] = src[(size_t)i * H + u0 + j];
+}
+
+/* the party's columns [u0, u0 + U) of dst (batch x H) = src (batch x U) */
+static void put_units(int batch, int H, int u0, int U, const float *src, float *dst) {
+    for (int i = 0; i < batch; i++)
+        for (int j = 0; j < U; j++) dst[(size_t)i * H + u0 + j] = src[(size_t)i * U + j];
+}
+
+/* dst (batch x U) += the first U columns of src (batch x ldc) */
+static void add_block(int batch, int U, const float *src, int ldc, float *dst) {
+    for (int i = 0; i < batch; i++)
+        for (int j = 0; j < U; j++) dst[(size_t)i * U + j] += src[(size_t)i * ldc + j];
+}
+
 /* torch's GRU (gates r, z, n) forward, units [u0, u1) of U = u1 - u0:
      r = sigmoid(xr + gh_r)  z = sigmoid(xz + gh_z)  n = tanh(xn + r * gh_n)  h = n + z * (h_prev - n)
    with x = emb[tokens[t]] (emb: vocab x 3H, W_ih.T + b_ih) and gh = h_prev @ W_hh.T + b_hh. whh: the rows of W_hh for
@@ -199,7 +222,7 @@ void rnnlm_gru_forward(int steps, int batch, int H, int u0, int u1, int me, int 
                        float *hs, float *rz, float *n, float *hn, float *scratch) {
     int U = u1 - u0, panels = (3 * U + NR - 1) / NR, ldc = panels * NR;
     for (int t = 0; t < steps; t++) {
-        const float *prev = t == 0 ? h0 : hs + (size_t)(t - 1) * batch * H;
+        const float *prev = previous(h0, hs, t, batch, H);
         gemm(batch, H, panels, prev, H, whh, scratch, ldc);
         for (int i = 0; i < batch; i++) {
             size_t row = (size_t)t * batch + i;
@@ -234,8 +257,7 @@ void rnnlm_gru_backward(int steps, int batch, int H, int u0, int u1, int me, int
                         const float *grad_out, const float *whh, float *grad_gates, float *grad_pre_n, float *grad_h0,
                         float *dh, float *scratch) {
     int U = u1 - u0, panels = (U + NR - 1) / NR, ldc = panels * NR;
-    for (int i = 0; i < batch; i++)
-        for (int j = 0; j < U; j++) dh[(size_t)i * U + j] = grad_out[((size_t)(steps - 1) * batch + i) * H + u0 + j];
+    take_units(batch, H, u0, U, grad_out + (size_t)(steps - 1) * batch * H, dh);
     for (int t = steps - 1; t >= 0; t--) {
         for (int i = 0; i < batch; i++) {
             size_t row = (size_t)t * batch + i;
@@ -256,11 +278,9 @@ void rnnlm_gru_backward(int steps, int batch, int H, int u0, int u1, int me, int
         }
         if (step_done(flags, me, parties, steps - t)) return; /* every party's columns of grad_gates[t] are written */
         gemm(batch, 3 * H, panels, grad_gates + (size_t)t * batch * 3 * H, 3 * H, whh, scratch, ldc);
-        for (int i = 0; i < batch; i++)
-            for (int j = 0; j < U; j++) dh[(size_t)i * U + j] += scratch[(size_t)i * ldc + j];
+        add_block(batch, U, scratch, ldc, dh);
     }
-    for (int i = 0; i < batch; i++)
-        for (int j = 0; j < U; j++) grad_h0[(size_t)i * H + u0 + j] = dh[(size_t)i * U + j];
+    put_units(batch, H, u0, U, dh, grad_h0);
 }
 
 /* torch's LSTM (gates i, f, g, o) forward, units [u0, u1) of U = u1 - u0:
@@ -273,8 +293,7 @@ void rnnlm_lstm_forward(int steps, int batch, int H, int u0, int u1, int me, int
                         float *hs, float *cs, float *gates, float *tcs, float *scratch) {
     int U = u1 - u0, panels = (4 * U + NR - 1) / NR, ldc = panels * NR;
     for (int t = 0; t < steps; t++) {
-        const float *prev_h = t == 0 ? h0 : hs + (size_t)(t - 1) * batch * H;
-        const float *prev_c = t == 0 ? c0 : cs + (size_t)(t - 1) * batch * H;
+        const float *prev_h = previous(h0, hs, t, batch, H), *prev_c = previous(c0, cs, t, batch, H);
         gemm(batch, H, panels, prev_h, H, whh, scratch, ldc);
         for (int i = 0; i < batch; i++) {
             size_t row = (size_t)t * batch + i;
@@ -310,11 +329,8 @@ void rnnlm_lstm_backward(int steps, int batch, int H, int u0, int u1, int me, in
                          const float *grad_c_last, const float *whh, float *grad_gates, float *grad_h0, float *grad_c0,
                          float *dh, float *dc, float *scratch) {
     int U = u1 - u0, panels = (U + NR - 1) / NR, ldc = panels * NR;
-    for (int i = 0; i < batch; i++)
-        for (int j = 0; j < U; j++) {
-            dh[(size_t)i * U + j] = grad_out[((size_t)(steps - 1) * batch + i) * H + u0 + j];
-            dc[(size_t)i * U + j] = grad_c_last[(size_t)i * H + u0 + j];
-        }
+    take_units(batch, H, u0, U, grad_out + (size_t)(steps - 1) * batch * H, dh);
+    take_units(batch, H, u0, U, grad_c_last, dc);
     for (int t = steps - 1; t >= 0; t--) {
         for (int i = 0; i < batch; i++) {
             size_t row = (size_t)t * batch + i;
@@ -336,12 +352,8 @@ void rnnlm_lstm_backward(int steps, int batch, int H, int u0, int u1, int me, in
         }
         if (step_done(flags, me, parties, steps - t)) return; /* every party's columns of grad_gates[t] are written */
         gemm(batch, 4 * H, panels, grad_gates + (size_t)t * batch * 4 * H, 4 * H, whh, scratch, ldc);
-        for (int i = 0; i < batch; i++)
-            for (int j = 0; j < U; j++) dh[(size_t)i * U + j] += scratch[(size_t)i * ldc + j];
+        add_block(batch, U, scratch, ldc, dh);
     }
-    for (int i = 0; i < batch; i++)
-        for (int j = 0; j < U; j++) {
-            grad_h0[(size_t)i * H + u0 + j] = dh[(size_t)i * U + j];
-            grad_c0[(size_t)i * H + u0 + j] = dc[(size_t)i * U + j];
-        }
+    put_units(batch, H, u0, U, dh, grad_h0);
+    put_units(batch, H, u0, U, dc, grad_c0);
 }

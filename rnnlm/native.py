@@ -113,21 +113,25 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
+@functools.cache
+def _padded(n: int) -> int:
+    """n columns rounded up to whole panels (the build's vector width sets the panel width)."""
+    width = library().rnnlm_panel_width()
+    return -(-n // width) * width
+
+
 def pack(weight: torch.Tensor, trans: bool) -> torch.Tensor:
     """`weight` as B = weight.T (`trans`) or B = weight, in the kernels' panel layout (K x N in panels of columns)."""
-    lib = library()
     weight = weight.detach().contiguous()
     k, n = (weight.shape[1], weight.shape[0]) if trans else weight.shape
-    width = lib.rnnlm_panel_width()
-    out = torch.empty(-(-n // width) * width * k)
-    lib.rnnlm_pack(_ptr(weight), k, n, int(trans), _ptr(out))
+    out = torch.empty(_padded(n) * k)
+    library().rnnlm_pack(_ptr(weight), k, n, int(trans), _ptr(out))
     return out
 
 
 def scratch(rows: int, n: int) -> torch.Tensor:
     """A work buffer for `rows` rows of n columns, padded to whole panels."""
-    width = library().rnnlm_panel_width()
-    return torch.empty(rows * -(-n // width) * width)
+    return torch.empty(rows * _padded(n))
 
 
 def tanh(x: torch.Tensor) -> torch.Tensor:

@@ -86,7 +86,8 @@ def linear_add(weight: torch.Tensor, batch: int, bias: torch.Tensor | None = Non
 
 
 class _Helper:
-    """One background thread for work off the critical path, on the second core (torch ops release the GIL)."""
+    """One background thread on the second core, for half of a compiled window or a slice of a weight gradient
+    (torch ops and ctypes calls release the GIL)."""
 
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
@@ -94,7 +95,7 @@ class _Helper:
     def submit(self, fn: Callable[[], object]) -> Future:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(
-                1, thread_name_prefix="rnnlm-grad", initializer=torch.set_num_threads, initargs=(1,)
+                1, thread_name_prefix="rnnlm-helper", initializer=torch.set_num_threads, initargs=(1,)
             )
             atexit.register(self._pool.shutdown)
         return self._pool.submit(fn)
@@ -107,12 +108,13 @@ NATIVE = True  # use the compiled kernels where they build (tests turn this off 
 
 
 def native_enabled() -> bool:
-    """Whether the compiled kernels (rnnlm/kernels.c) serve the tanh RNN here."""
+    """Whether the compiled kernels (rnnlm/kernels.c) serve the tanh RNN, GRU and LSTM here."""
     return NATIVE and native.library() is not None
 
 
 def overlap_enabled() -> bool:
-    """Slices of the weight gradient go to the helper thread when torch computes on one thread and a core is free."""
+    """Whether the helper thread takes a share of the work (half a compiled window, slices of a weight gradient):
+    when torch computes on one thread and a second core is free."""
     return torch.get_num_threads() == 1 and (os.cpu_count() or 1) > 1
 
 
@@ -186,6 +188,22 @@ def matmul_tn_halves(a: torch.Tensor, b: torch.Tensor, overlap: bool) -> torch.T
     half = a.shape[0] // 2
     first = _helper.submit(lambda: matmul_tn(a[:half], b[:half]))
     return matmul_tn(a[half:], b[half:]).add_(first.result())
+
+
+def recurrent_weight_grad(grad: torch.Tensor, h0: torch.Tensor, hs: torch.Tensor, overlap: bool) -> torch.Tensor:
+    """The gradient of W_hh, sum over steps t of grad[t].T @ h_{t-1}, for grad (steps, batch, G*H), the outputs hs
+    (steps, batch, H) and the initial state h0 (batch, H): one matmul over all steps, in halves when `overlap`."""
+    h_prev = torch.cat([h0[None], hs[:-1]]).reshape(-1, hs.shape[-1])  # what step t multiplied by W_hh
+    return matmul_tn_halves(grad.reshape(-1, grad.shape[-1]), h_prev, overlap)
+
+
+def token_grad(tokens: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[tokens[i]] += grad[i] (grad 2-D (rows, N), out (vocab, N), column slices allowed): the gradient of a
+    weight whose rows the one-hot inputs pick; compiled where the kernels are (torch's CPU index_add_ takes 10x
+    longer for these shapes)."""
+    if native_enabled():
+        return native.token_grad(tokens, grad, out)
+    return out.index_add_(0, tokens.reshape(-1), grad)
 
 
 class WeightGrad:
@@ -265,10 +283,9 @@ class OneHotTanhRNN(torch.autograd.Function):
         whh = native.pack(w_hh, trans=False)
         g, grad_h0 = torch.empty_like(hs), torch.empty_like(h0)  # g: d loss / d (pre-activation of step t)
         _by_halves(batch, ctx.overlap, lambda rows: native.rnn_backward(hs, grad_out, whh, g, grad_h0, rows))
-        h_prev = torch.cat([h0[None], hs[:-1]])  # what step t multiplied by W_hh
-        grad_w_hh = matmul_tn_halves(g.reshape(-1, hidden), h_prev.reshape(-1, hidden), ctx.overlap)
+        grad_w_hh = recurrent_weight_grad(g, h0, hs, ctx.overlap)
         flat = g.reshape(-1, hidden)
-        grad_w_ih = native.token_grad(tokens, flat, flat.new_zeros((ctx.vocab, hidden))).T
+        grad_w_ih = token_grad(tokens, flat, flat.new_zeros((ctx.vocab, hidden))).T
         return None, grad_h0, grad_w_ih, grad_w_hh, flat.sum(0), None
 
     @staticmethod
@@ -298,10 +315,12 @@ class OneHotGRU(torch.autograd.Function):
         r = sigmoid(W_ir x + b_ir + W_hr h + b_hr)      z = sigmoid(W_iz x + b_iz + W_hz h + b_hz)
         n = tanh(W_in x + b_in + r * (W_hn h + b_hn))   h' = (1 - z) * n + z * h
 
-    The input products are a row gather for all steps at once; each step is one packed matmul of h by W_hh (bias
-    fused) and five elementwise ops. The backward pass precomputes every derivative that does not depend on the
-    incoming gradient for all steps at once, so that each step is four products, one addcmul and one packed matmul;
-    the weights' gradients are one matmul each over all steps (W_hh's summed in slices on the helper thread)."""
+    The input products are a row gather for all steps at once. Compiled (`native_enabled()`): each direction of
+    the window is one C call, the hidden units split between two cores when `overlap`. Otherwise each step is one
+    packed matmul of h by W_hh (bias fused) and five elementwise ops, and the backward pass precomputes every
+    derivative that does not depend on the incoming gradient for all steps at once, so that each step is four
+    products, one addcmul and one packed matmul. Either way the weights' gradients are one matmul each over all
+    steps."""
 
     @staticmethod
     def forward(ctx, tokens, h0, w_ih, w_hh, b_ih, b_hh, overlap: bool = False):
@@ -329,7 +348,7 @@ class OneHotGRU(torch.autograd.Function):
 
     @staticmethod
     def _native_forward(ctx, tokens, h0, w_ih, w_hh, b_ih, b_hh):
-        """The compiled window (rnnlm/kernels.c), the batch's halves on two cores when `overlap`."""
+        """The compiled window (rnnlm/kernels.c), the hidden units' halves on two cores when `overlap`."""
         tokens, h0, b_hh = tokens.contiguous(), h0.contiguous(), b_hh.detach().contiguous()
         emb = (w_ih.T + b_ih).contiguous()  # (vocab, 3H): row v is W_ih one_hot(v) + b_ih
         w_hh = w_hh.detach()
@@ -351,8 +370,7 @@ class OneHotGRU(torch.autograd.Function):
             h0, hs, rz, n, h_n, grad_out, w_hh.detach(), grad_gates, grad_pre_n, grad_h0, *party
         )
         _by_units(hidden, ctx.overlap, run)
-        h_prev = torch.cat([h0[None], hs[:-1]]).reshape(-1, hidden)  # what step t multiplied by W_hh
-        grad_w_hh = matmul_tn_halves(grad_gates.reshape(-1, 3 * hidden), h_prev, ctx.overlap)
+        grad_w_hh = recurrent_weight_grad(grad_gates, h0, hs, ctx.overlap)
         grad_w_ih, grad_b_ih = _gru_input_grads(tokens, w_ih, grad_gates, grad_pre_n)
         return None, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_gates.sum((0, 1)), None
 
@@ -391,11 +409,7 @@ def _gru_input_grads(tokens, w_ih, grad_gates, grad_pre_n) -> tuple[torch.Tensor
     hidden = grad_pre_n.shape[-1]
     grad_w_ih, grad_b_ih = w_ih.new_zeros(w_ih.T.shape), grad_gates.new_empty(3 * hidden)  # (vocab, 3H), (3H,)
     for cols, grad in ((slice(0, 2 * hidden), grad_gates[..., : 2 * hidden]), (slice(2 * hidden, None), grad_pre_n)):
-        flat = grad.reshape(-1, grad.shape[-1])
-        if native_enabled():
-            native.token_grad(tokens, flat, grad_w_ih[:, cols])
-        else:
-            grad_w_ih[:, cols].index_add_(0, tokens.reshape(-1), flat)
+        token_grad(tokens, grad.reshape(-1, grad.shape[-1]), grad_w_ih[:, cols])
         torch.sum(grad, (0, 1), out=grad_b_ih[cols])
     return grad_w_ih.T, grad_b_ih
 
@@ -407,8 +421,8 @@ class OneHotLSTM(torch.autograd.Function):
         [i f g o] = [sigmoid sigmoid tanh sigmoid](W_ih x + b_ih + W_hh h + b_hh)    c' = f c + i g    h' = o tanh(c')
 
     The input products are rows of W_ih.T + b_ih + b_hh picked by the tokens; each step is one register-blocked
-    matmul of h by W_hh with the gates fused in (rnnlm/kernels.c), the batch's halves on two cores when `overlap`.
-    W_hh's gradient is one matmul over all steps."""
+    matmul of h by W_hh with the gates fused in (rnnlm/kernels.c), the hidden units' halves on two cores when
+    `overlap`. W_hh's gradient is one matmul over all steps."""
 
     @staticmethod
     def forward(ctx, tokens, h0, c0, w_ih, w_hh, b_ih, b_hh, overlap: bool = False):
@@ -437,8 +451,7 @@ class OneHotLSTM(torch.autograd.Function):
         )
         _by_units(hidden, ctx.overlap, run)
         flat = grad_gates.reshape(-1, 4 * hidden)
-        h_prev = torch.cat([h0[None], hs[:-1]]).reshape(-1, hidden)  # what step t multiplied by W_hh
-        grad_w_hh = matmul_tn_halves(flat, h_prev, ctx.overlap)
-        grad_w_ih = native.token_grad(tokens, flat, flat.new_zeros((w_ih.shape[1], 4 * hidden))).T
+        grad_w_hh = recurrent_weight_grad(grad_gates, h0, hs, ctx.overlap)
+        grad_w_ih = token_grad(tokens, flat, flat.new_zeros((w_ih.shape[1], 4 * hidden))).T
         grad_b = flat.sum(0)
         return None, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b, grad_b, None
