@@ -247,7 +247,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--amp", action="store_true", help="the project's bf16 autocast (for GPUs)")
+    parser.add_argument(
+        "--amp",
+        action="store_true",
+        help="the project's bf16 matmuls: autocast on GPUs, the LSTM's recurrent matmuls on CPUs with AVX512-BF16",
+    )
     parser.add_argument("--threads", type=int, default=1, help="the project's cpu_threads setting (its default: 1)")
     parser.add_argument("--book_threads", type=int, default=0, help="torch threads for the book's loop; 0: default")
     args = parser.parse_args(argv)

@@ -11,6 +11,10 @@
 #include <sched.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 #if defined(__AVX512F__)
 #define VL 16 /* floats per vector register */
@@ -82,6 +86,126 @@ static void gemm(int M, int K, int panels, const float *A, int lda, const float 
         for (; i + MR <= M; i += MR) block_full(K, A + (size_t)i * lda, lda, B, C + (size_t)i * ldc + p * NR, ldc);
         if (i < M) block_rows(M - i, K, A + (size_t)i * lda, lda, B, C + (size_t)i * ldc + p * NR, ldc);
     }
+}
+
+/* bf16 matmuls (the LSTM under `amp`): products of bf16 inputs summed in float32. B is packed as panels of
+   ceil(K / 2) k-pairs x NR lanes, each lane a 32-bit word holding B[2kk][j] (low half) and B[2kk + 1][j] (high half),
+   which is the operand layout of AVX512-BF16's vdpbf16ps; A is bf16 rows whose k-pairs are read as 32-bit words.
+   Without AVX512-BF16 the same arithmetic runs on float32 FMAs (correct, and slower than the float32 kernels). */
+
+typedef uint32_t vu __attribute__((vector_size(VL * 4), aligned(4)));
+
+int rnnlm_bf16_native(void) {
+#if defined(__AVX512BF16__) && VL == 16
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* float32 -> bf16, rounded to nearest even */
+static inline uint16_t bf16_bits(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float bf16_float(uint32_t bits16) {
+    uint32_t u = bits16 << 16;
+    float x;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+/* dst[0:n] = bf16(src[0:n]), and a zero in the pad column when the row stride is odd-padded (n odd) */
+static void bf16_row(int n, const float *src, uint16_t *dst) {
+    for (int j = 0; j < n; j++) dst[j] = bf16_bits(src[j]);
+    if (n & 1) dst[n] = 0;
+}
+
+/* the word of rows n and n + 1 of x (row stride ld) at column j; a missing row n + 1 (n = N - 1) counts as zeros */
+static inline uint32_t row_pair(const float *x, size_t ld, int n, int N, int j) {
+    uint32_t lo = bf16_bits(x[(size_t)n * ld + j]);
+    return n + 1 < N ? lo | (uint32_t)bf16_bits(x[(size_t)(n + 1) * ld + j]) << 16 : lo;
+}
+
+void rnnlm_pack_bf16(const float *W, int K, int N, int trans, uint32_t *out) {
+    int panels = (N + NR - 1) / NR, pairs = (K + 1) / 2;
+    for (int p = 0; p < panels; p++)
+        for (int kk = 0; kk < pairs; kk++)
+            for (int jj = 0; jj < NR; jj++) {
+                int j = p * NR + jj;
+                uint32_t word = 0;
+                for (int half = 0; half < 2; half++) {
+                    int k = 2 * kk + half;
+                    if (j < N && k < K)
+                        word |= (uint32_t)bf16_bits(trans ? W[(size_t)j * K + k] : W[(size_t)k * N + j]) << 16 * half;
+                }
+                out[((size_t)p * pairs + kk) * NR + jj] = word;
+            }
+}
+
+/* c + the two products of the k-pair a (one A element pair) with the k-pairs of b (VL columns) */
+static inline vf dot2(vf c, uint32_t a, vu b) {
+#if defined(__AVX512BF16__) && VL == 16
+    return (vf)_mm512_dpbf16_ps((__m512)c, (__m512bh)_mm512_set1_epi32((int)a), (__m512bh)b);
+#else
+    vf lo = (vf)(b << 16), hi = (vf)(b & 0xffff0000u);
+    return c + bf16_float(a & 0xffffu) * lo + bf16_float(a >> 16) * hi;
+#endif
+}
+
+/* C[0:rows, 0:NR] = A[0:rows, k-pairs 0:P] @ panel, rows <= MR (full blocks unrolled) */
+static inline void block16(int rows, int P, const uint32_t *A, int lda, const uint32_t *B, float *C, int ldc) {
+    vf c[MR][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++) c[r][0] = c[r][1] = (vf){0};
+    if (rows == MR) {
+        for (int kk = 0; kk < P; kk++) {
+            vu b0 = *(const vu *)(B + (size_t)kk * NR), b1 = *(const vu *)(B + (size_t)kk * NR + VL);
+#pragma GCC unroll 8
+            for (int r = 0; r < MR; r++) {
+                c[r][0] = dot2(c[r][0], A[(size_t)r * lda + kk], b0);
+                c[r][1] = dot2(c[r][1], A[(size_t)r * lda + kk], b1);
+            }
+        }
+    } else {
+        for (int r = 0; r < rows; r++)
+            for (int kk = 0; kk < P; kk++) {
+                c[r][0] = dot2(c[r][0], A[(size_t)r * lda + kk], *(const vu *)(B + (size_t)kk * NR));
+                c[r][1] = dot2(c[r][1], A[(size_t)r * lda + kk], *(const vu *)(B + (size_t)kk * NR + VL));
+            }
+    }
+    for (int r = 0; r < rows; r++) {
+        *(vf *)(C + (size_t)r * ldc) = c[r][0];
+        *(vf *)(C + (size_t)r * ldc + VL) = c[r][1];
+    }
+}
+
+/* C (M x panels * NR, row stride ldc) = A (M rows of bf16, row stride 2 * lda, K = 2 * P) @ packed B */
+static void gemm16(int M, int P, int panels, const uint32_t *A, int lda, const uint32_t *Bp, float *C, int ldc) {
+    for (int i = 0; i < M; i += MR) /* a block of A rows stays in L1 while the panels stream from L2 */
+        for (int p = 0; p < panels; p++)
+            block16(M - i < MR ? M - i : MR, P, A + (size_t)i * lda, lda, Bp + (size_t)p * P * NR,
+                    C + (size_t)i * ldc + p * NR, ldc);
+}
+
+/* Rows [i0, i1) of a weight's gradient, sum over n < N of grad[n][i] * x[n][k] (G x K), with bf16 products summed in
+   float32: grad (N x G), x (N x K). The k-pairs of this matmul run along n, so both operands are first regrouped into
+   pairs of rows: a_buf ((i1 - i0) x ceil(N / 2) words), b_buf (panels(K) x ceil(N / 2) x NR words).
+   out: rows [i0, i1) of (G x panels(K) * NR). */
+void rnnlm_weight_grad_bf16(int N, int G, int K, int i0, int i1, const float *grad, const float *x, float *out,
+                            uint32_t *a_buf, uint32_t *b_buf) {
+    int P = (N + 1) / 2, panels = (K + NR - 1) / NR, ldc = panels * NR;
+    for (int m = 0; m < P; m++)
+        for (int i = i0; i < i1; i++) a_buf[(size_t)(i - i0) * P + m] = row_pair(grad, G, 2 * m, N, i);
+    for (int p = 0; p < panels; p++)
+        for (int m = 0; m < P; m++)
+            for (int jj = 0; jj < NR; jj++) {
+                int j = p * NR + jj;
+                b_buf[((size_t)p * P + m) * NR + jj] = j < K ? row_pair(x, K, 2 * m, N, j) : 0;
+            }
+    gemm16(i1 - i0, P, panels, a_buf, P, b_buf, out + (size_t)i0 * ldc, ldc);
 }
 
 /* tanh to a few float32 ulps: Eigen's rational approximation on [-7.9, 7.9] (beyond it tanh is +-1 in float32) */
@@ -283,6 +407,42 @@ void rnnlm_gru_backward(int steps, int batch, int H, int u0, int u1, int me, int
     put_units(batch, H, u0, U, dh, grad_h0);
 }
 
+/* One batch row of an LSTM step over U units (see rnnlm_lstm_forward): x, gt are the row's 4H-wide input product and
+   gates, acc the matmul's 4 blocks of `ldg` columns, c_prev, c, tc, h its U-wide cell and state slices. */
+static inline void lstm_cell(int U, int H, int ldg, const float *x, const float *acc, const float *c_prev, float *gt,
+                             float *c, float *tc, float *h) {
+#pragma GCC ivdep /* the arrays do not overlap */
+    for (int j = 0; j < U; j++) {
+        float ig = sigmoid_approx(x[j] + acc[j]), fg = sigmoid_approx(x[H + j] + acc[ldg + j]);
+        float gg = tanh_approx(x[2 * H + j] + acc[2 * ldg + j]), og = sigmoid_approx(x[3 * H + j] + acc[3 * ldg + j]);
+        float cell = fg * c_prev[j] + ig * gg, tanh_cell = tanh_approx(cell);
+        gt[j] = ig;
+        gt[H + j] = fg;
+        gt[2 * H + j] = gg;
+        gt[3 * H + j] = og;
+        c[j] = cell;
+        tc[j] = tanh_cell;
+        h[j] = og * tanh_cell;
+    }
+}
+
+/* One batch row of an LSTM step's backward over U units (see rnnlm_lstm_backward): writes the row's gate gradients
+   gg_out (4H wide), updates dc and sets dh to the gradient from the step's output below (`out_prev`, NULL at t = 0). */
+static inline void lstm_cell_grad(int U, int H, const float *gt, const float *tc, const float *c_prev,
+                                  const float *out_prev, float *gg_out, float *dh, float *dc) {
+#pragma GCC ivdep /* the arrays do not overlap */
+    for (int j = 0; j < U; j++) {
+        float d = dh[j], ig = gt[j], fg = gt[H + j], gg = gt[2 * H + j], og = gt[3 * H + j];
+        float dct = dc[j] + d * og * (1.0f - tc[j] * tc[j]);
+        gg_out[j] = dct * gg * ig * (1.0f - ig);
+        gg_out[H + j] = dct * c_prev[j] * fg * (1.0f - fg);
+        gg_out[2 * H + j] = dct * ig * (1.0f - gg * gg);
+        gg_out[3 * H + j] = d * tc[j] * og * (1.0f - og);
+        dc[j] = dct * fg;
+        dh[j] = out_prev ? out_prev[j] : 0.0f;
+    }
+}
+
 /* torch's LSTM (gates i, f, g, o) forward, units [u0, u1) of U = u1 - u0:
      [i f g o] = [sigmoid sigmoid tanh sigmoid](emb[tokens[t]] + h_prev @ W_hh.T)   c = f c_prev + i g   h = o tanh(c)
    with emb (vocab x 4H) = W_ih.T + b_ih + b_hh. whh: the rows of W_hh for the party's units of each gate (4U x H),
@@ -297,22 +457,9 @@ void rnnlm_lstm_forward(int steps, int batch, int H, int u0, int u1, int me, int
         gemm(batch, H, panels, prev_h, H, whh, scratch, ldc);
         for (int i = 0; i < batch; i++) {
             size_t row = (size_t)t * batch + i;
-            const float *x = emb + (size_t)tokens[row] * 4 * H + u0, *acc = scratch + (size_t)i * ldc;
-            const float *c_prev = prev_c + (size_t)i * H + u0;
-            float *gt = gates + row * 4 * H + u0, *c = cs + row * H + u0, *tc = tcs + row * H + u0, *h = hs + row * H + u0;
-#pragma GCC ivdep /* the arrays do not overlap */
-            for (int j = 0; j < U; j++) {
-                float ig = sigmoid_approx(x[j] + acc[j]), fg = sigmoid_approx(x[H + j] + acc[U + j]);
-                float gg = tanh_approx(x[2 * H + j] + acc[2 * U + j]), og = sigmoid_approx(x[3 * H + j] + acc[3 * U + j]);
-                float cell = fg * c_prev[j] + ig * gg, tanh_cell = tanh_approx(cell);
-                gt[j] = ig;
-                gt[H + j] = fg;
-                gt[2 * H + j] = gg;
-                gt[3 * H + j] = og;
-                c[j] = cell;
-                tc[j] = tanh_cell;
-                h[j] = og * tanh_cell;
-            }
+            lstm_cell(U, H, U, emb + (size_t)tokens[row] * 4 * H + u0, scratch + (size_t)i * ldc,
+                      prev_c + (size_t)i * H + u0, gates + row * 4 * H + u0, cs + row * H + u0, tcs + row * H + u0,
+                      hs + row * H + u0);
         }
         if (step_done(flags, me, parties, t + 1)) return;
     }
@@ -334,21 +481,10 @@ void rnnlm_lstm_backward(int steps, int batch, int H, int u0, int u1, int me, in
     for (int t = steps - 1; t >= 0; t--) {
         for (int i = 0; i < batch; i++) {
             size_t row = (size_t)t * batch + i;
-            const float *c_prev = (t == 0 ? c0 + (size_t)i * H : cs + (row - batch) * H) + u0;
-            const float *out_prev = t == 0 ? NULL : grad_out + (row - batch) * H + u0;
-            const float *gt = gates + row * 4 * H + u0, *tc = tcs + row * H + u0;
-            float *gg_out = grad_gates + row * 4 * H + u0, *dh_row = dh + (size_t)i * U, *dc_row = dc + (size_t)i * U;
-#pragma GCC ivdep /* the arrays do not overlap */
-            for (int j = 0; j < U; j++) {
-                float d = dh_row[j], ig = gt[j], fg = gt[H + j], gg = gt[2 * H + j], og = gt[3 * H + j];
-                float dct = dc_row[j] + d * og * (1.0f - tc[j] * tc[j]);
-                gg_out[j] = dct * gg * ig * (1.0f - ig);
-                gg_out[H + j] = dct * c_prev[j] * fg * (1.0f - fg);
-                gg_out[2 * H + j] = dct * ig * (1.0f - gg * gg);
-                gg_out[3 * H + j] = d * tc[j] * og * (1.0f - og);
-                dc_row[j] = dct * fg;
-                dh_row[j] = out_prev ? out_prev[j] : 0.0f;
-            }
+            lstm_cell_grad(U, H, gates + row * 4 * H + u0, tcs + row * H + u0,
+                           previous(c0, cs, t, batch, H) + (size_t)i * H + u0,
+                           t == 0 ? NULL : grad_out + (row - batch) * H + u0, grad_gates + row * 4 * H + u0,
+                           dh + (size_t)i * U, dc + (size_t)i * U);
         }
         if (step_done(flags, me, parties, steps - t)) return; /* every party's columns of grad_gates[t] are written */
         gemm(batch, 4 * H, panels, grad_gates + (size_t)t * batch * 4 * H, 4 * H, whh, scratch, ldc);
@@ -356,4 +492,54 @@ void rnnlm_lstm_backward(int steps, int batch, int H, int u0, int u1, int me, in
     }
     put_units(batch, H, u0, U, dh, grad_h0);
     put_units(batch, H, u0, U, dc, grad_c0);
+}
+
+/* The LSTM with bf16 matmuls (`amp` on CPUs with AVX512-BF16), over batch rows [r0, r1) and all units: in bf16
+   W_hh (0.5 MB at H = 256) fits one core's L2, so two threads take half the batch each and never wait for each
+   other. The gates, cell and state stay float32; only the matmuls' inputs are rounded to bf16.
+
+   Forward: as rnnlm_lstm_forward, plus hs16 (steps + 1, batch, ldh) = bf16 of [h0, hs], ldh = H rounded up to even
+   (what each step multiplies, and what W_hh's gradient needs). whh: W_hh packed by rnnlm_pack_bf16 with trans=1.
+   scratch: (r1 - r0) x panels(4H). */
+void rnnlm_lstm_forward_bf16(int steps, int batch, int H, int r0, int r1, const int64_t *tokens, const float *h0,
+                             const float *c0, const float *emb, const uint32_t *whh, uint16_t *hs16, float *hs,
+                             float *cs, float *gates, float *tcs, float *scratch) {
+    int M = r1 - r0, ldh = H + (H & 1), panels = (4 * H + NR - 1) / NR, ldc = panels * NR;
+    for (int i = r0; i < r1; i++) bf16_row(H, h0 + (size_t)i * H, hs16 + (size_t)i * ldh);
+    for (int t = 0; t < steps; t++) {
+        const float *prev_c = previous(c0, cs, t, batch, H);
+        gemm16(M, ldh / 2, panels, (const uint32_t *)(hs16 + ((size_t)t * batch + r0) * ldh), ldh / 2, whh, scratch, ldc);
+        for (int i = r0; i < r1; i++) {
+            size_t row = (size_t)t * batch + i;
+            float *h = hs + row * H;
+            lstm_cell(H, H, H, emb + (size_t)tokens[row] * 4 * H, scratch + (size_t)(i - r0) * ldc,
+                      prev_c + (size_t)i * H, gates + row * 4 * H, cs + row * H, tcs + row * H, h);
+            bf16_row(H, h, hs16 + (row + batch) * ldh);
+        }
+    }
+}
+
+/* Its backward over rows [r0, r1): as rnnlm_lstm_backward, plus gg16 (steps, batch, 4H) = bf16 of grad_gates (the
+   matmul's input here, and W_hh's gradient's). whh: W_hh (4H x H) packed by rnnlm_pack_bf16 with trans=0.
+   dh, dc: (r1 - r0) x H; scratch: (r1 - r0) x panels(H). */
+void rnnlm_lstm_backward_bf16(int steps, int batch, int H, int r0, int r1, const float *c0, const float *cs,
+                              const float *gates, const float *tcs, const float *grad_out, const float *grad_c_last,
+                              const uint32_t *whh, float *grad_gates, uint16_t *gg16, float *grad_h0, float *grad_c0,
+                              float *dh, float *dc, float *scratch) {
+    int M = r1 - r0, panels = (H + NR - 1) / NR, ldc = panels * NR;
+    take_units(M, H, 0, H, grad_out + ((size_t)(steps - 1) * batch + r0) * H, dh);
+    take_units(M, H, 0, H, grad_c_last + (size_t)r0 * H, dc);
+    for (int t = steps - 1; t >= 0; t--) {
+        for (int i = r0; i < r1; i++) {
+            size_t row = (size_t)t * batch + i;
+            lstm_cell_grad(H, H, gates + row * 4 * H, tcs + row * H, previous(c0, cs, t, batch, H) + (size_t)i * H,
+                           t == 0 ? NULL : grad_out + (row - batch) * H, grad_gates + row * 4 * H,
+                           dh + (size_t)(i - r0) * H, dc + (size_t)(i - r0) * H);
+            bf16_row(4 * H, grad_gates + row * 4 * H, gg16 + row * 4 * H);
+        }
+        gemm16(M, 2 * H, panels, (const uint32_t *)(gg16 + ((size_t)t * batch + r0) * 4 * H), 2 * H, whh, scratch, ldc);
+        add_block(M, H, scratch, ldc, dh);
+    }
+    put_units(M, H, 0, H, dh, grad_h0 + (size_t)r0 * H);
+    put_units(M, H, 0, H, dc, grad_c0 + (size_t)r0 * H);
 }

@@ -44,10 +44,12 @@ class RNNLM(nn.Module):
     def forward(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """tokens (batch_size, num_steps) int64 -> logits (num_steps * batch_size, vocab_size), time-major."""
         if self._use_recurrence(tokens):
-            outputs, state = self._recurrence(tokens, state)
-        else:
-            inputs = F.one_hot(tokens.T, self.vocab_size).float()  # (num_steps, batch_size, vocab_size)
-            outputs, state = self.rnn(inputs, state)  # (num_steps, batch_size, num_hiddens)
+            bf16 = _autocast_on_cpu() and self.rnn_type == "lstm" and recurrence.bf16_enabled()
+            with torch.autocast("cpu", enabled=False):  # the kernels set their own precision: see `_recurrence`
+                outputs, state = self._recurrence(tokens, state, bf16)
+                return self._output(outputs.reshape(-1, outputs.shape[-1])), state
+        inputs = F.one_hot(tokens.T, self.vocab_size).float()  # (num_steps, batch_size, vocab_size)
+        outputs, state = self.rnn(inputs, state)  # (num_steps, batch_size, num_hiddens)
         return self._output(outputs.reshape(-1, outputs.shape[-1])), state
 
     def _output(self, outputs: torch.Tensor) -> torch.Tensor:
@@ -68,7 +70,8 @@ class RNNLM(nn.Module):
         kernels): the tanh RNN and GRU always (compiled, or else through oneDNN), the LSTM when the compiled kernels
         are built (torch's CPU LSTM is oneDNN's fused kernel, which only they beat). Only for windows of at least
         `KERNEL_MIN_STEPS` steps: packing the weights costs more than a few steps, so generation's one-step calls
-        stay on torch's layers."""
+        stay on torch's layers. Under CPU autocast (`amp`) too: the LSTM's kernels then take bf16 matmuls, the tanh
+        RNN's and GRU's stay float32 (they are already quicker than torch's bf16 layers)."""
         return (
             tokens.device.type == "cpu"
             and tokens.shape[1] >= KERNEL_MIN_STEPS
@@ -76,17 +79,16 @@ class RNNLM(nn.Module):
             and self.rnn.num_layers == 1
             and getattr(self.rnn, "nonlinearity", "tanh") == "tanh"
             and self.rnn.weight_hh_l0.dtype == torch.float32
-            and not _autocast_on_cpu()
         )
 
-    def _recurrence(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """The book's one-hot RNN, GRU or LSTM through `rnnlm.recurrence`: same parameters, same function."""
+    def _recurrence(self, tokens: torch.Tensor, state: State, bf16: bool = False) -> tuple[torch.Tensor, State]:
+        """The book's one-hot RNN, GRU or LSTM through `rnnlm.recurrence`: same parameters, same function (for the
+        LSTM with `bf16`, the recurrent matmuls from bf16 inputs, summed in float32)."""
         rnn, overlap = self.rnn, recurrence.overlap_enabled()
         if self.rnn_type == "lstm":
             h0, c0 = state
-            outputs, c_last = recurrence.OneHotLSTM.apply(
-                tokens.T, h0[0], c0[0], rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0, overlap
-            )
+            weights = (rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
+            outputs, c_last = recurrence.OneHotLSTM.apply(tokens.T, h0[0], c0[0], *weights, overlap, bf16)
             return outputs, (outputs[-1:], c_last[None])
         if self.rnn_type == "gru":
             outputs = recurrence.OneHotGRU.apply(

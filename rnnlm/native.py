@@ -30,7 +30,9 @@ _FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-sha
 _i, _p = ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
     "rnnlm_panel_width": [],
+    "rnnlm_bf16_native": [],
     "rnnlm_pack": [_p, _i, _i, _i, _p],
+    "rnnlm_pack_bf16": [_p, _i, _i, _i, _p],
     "rnnlm_tanh": [_p, _p, ctypes.c_int64],
     "rnnlm_rnn_forward": [_i, _i, _i, _i, _i, _p, _p, _p, _p, _p, _p],
     "rnnlm_rnn_backward": [_i, _i, _i, _i, _i, _p, _p, _p, _p, _p, _p],
@@ -40,7 +42,12 @@ _SIGNATURES = {
     "rnnlm_gru_backward": [_i] * 7 + [_p] * 13,
     "rnnlm_lstm_forward": [_i] * 7 + [_p] * 11,
     "rnnlm_lstm_backward": [_i] * 7 + [_p] * 14,
+    # the bf16 windows: steps, batch, H, r0, r1, then the arrays
+    "rnnlm_lstm_forward_bf16": [_i] * 5 + [_p] * 11,
+    "rnnlm_lstm_backward_bf16": [_i] * 5 + [_p] * 14,
+    "rnnlm_weight_grad_bf16": [_i] * 5 + [_p] * 5,
 }
+_INT_RESULT = {"rnnlm_panel_width", "rnnlm_bf16_native"}
 
 
 def _cpu_features() -> str:
@@ -104,12 +111,15 @@ def library() -> ctypes.CDLL | None:
         return None
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, (ctypes.c_int if name == "rnnlm_panel_width" else None)
+        fn.argtypes, fn.restype = args, (ctypes.c_int if name in _INT_RESULT else None)
     return lib
 
 
+_DTYPES = (torch.float32, torch.int64, torch.bfloat16, torch.int32)  # float, int64_t, uint16_t, uint32_t in C
+
+
 def _ptr(t: torch.Tensor) -> int:
-    assert t.is_contiguous() and t.dtype in (torch.float32, torch.int64), (t.dtype, t.shape)
+    assert t.is_contiguous() and t.dtype in _DTYPES, (t.dtype, t.shape)
     return t.data_ptr()
 
 
@@ -127,6 +137,26 @@ def pack(weight: torch.Tensor, trans: bool) -> torch.Tensor:
     out = torch.empty(_padded(n) * k)
     library().rnnlm_pack(_ptr(weight), k, n, int(trans), _ptr(out))
     return out
+
+
+def bf16_native() -> bool:
+    """Whether the kernels' bf16 matmuls run on AVX512-BF16 here (elsewhere they are emulated: right, but slower than
+    float32)."""
+    return library() is not None and bool(library().rnnlm_bf16_native())
+
+
+def pack_bf16(weight: torch.Tensor, trans: bool) -> torch.Tensor:
+    """As `pack`, in bf16 for the bf16 kernels: panels of k-pairs, each 32-bit word two bf16 (see kernels.c)."""
+    weight = weight.detach().contiguous()
+    k, n = (weight.shape[1], weight.shape[0]) if trans else weight.shape
+    out = torch.empty(_padded(n) * ((k + 1) // 2), dtype=torch.int32)
+    library().rnnlm_pack_bf16(_ptr(weight), k, n, int(trans), _ptr(out))
+    return out
+
+
+def even(n: int) -> int:
+    """The row length of a bf16 buffer holding n columns: rounded up to even (the kernels read pairs)."""
+    return n + (n & 1)
 
 
 def scratch(rows: int, n: int) -> torch.Tensor:
@@ -223,3 +253,31 @@ def lstm_backward(
     dh, dc, work = torch.empty(batch * width), torch.empty(batch * width), scratch(batch, width)
     arrays = (c0, cs, gates, tcs, grad_out, grad_c_last, whh, grad_gates, grad_h0, grad_c0, dh, dc, work)
     return _split_call("rnnlm_lstm_backward", cs.shape, units, me, parties, flags, arrays)
+
+
+def lstm_forward_bf16(tokens, h0, c0, emb, whh16, hs16, hs, cs, gates, tcs, rows: tuple[int, int]) -> None:
+    """The bf16 forward window over batch rows `rows` (see kernels.c: rnnlm_lstm_forward_bf16)."""
+    steps, batch, hidden = hs.shape
+    arrays = (tokens, h0, c0, emb, whh16, hs16, hs, cs, gates, tcs, scratch(rows[1] - rows[0], 4 * hidden))
+    library().rnnlm_lstm_forward_bf16(steps, batch, hidden, *rows, *map(_ptr, arrays))
+
+
+def lstm_backward_bf16(
+    c0, cs, gates, tcs, grad_out, grad_c_last, whh16, grad_gates, gg16, grad_h0, grad_c0, rows: tuple[int, int]
+) -> None:
+    """The bf16 backward window over batch rows `rows` (see kernels.c: rnnlm_lstm_backward_bf16)."""
+    steps, batch, hidden = cs.shape
+    m = rows[1] - rows[0]
+    dh, dc, work = torch.empty(m * hidden), torch.empty(m * hidden), scratch(m, hidden)
+    arrays = (c0, cs, gates, tcs, grad_out, grad_c_last, whh16, grad_gates, gg16, grad_h0, grad_c0, dh, dc, work)
+    library().rnnlm_lstm_backward_bf16(steps, batch, hidden, *rows, *map(_ptr, arrays))
+
+
+def weight_grad_bf16(grad: torch.Tensor, x: torch.Tensor, out: torch.Tensor, rows: tuple[int, int]) -> None:
+    """Rows `rows` of grad.T @ x (grad (N, G), x (N, K)) into out (G, padded(K)), from bf16 products summed in
+    float32 (see kernels.c: rnnlm_weight_grad_bf16)."""
+    (n, g), k, (i0, i1) = grad.shape, x.shape[1], rows
+    pairs = (n + 1) // 2
+    a_buf = torch.empty((i1 - i0) * pairs, dtype=torch.int32)
+    b_buf = torch.empty(_padded(k) * pairs, dtype=torch.int32)
+    library().rnnlm_weight_grad_bf16(n, g, k, i0, i1, *map(_ptr, (grad, x, out, a_buf, b_buf)))

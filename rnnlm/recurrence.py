@@ -112,6 +112,12 @@ def native_enabled() -> bool:
     return NATIVE and native.library() is not None
 
 
+def bf16_enabled() -> bool:
+    """Whether the compiled kernels' bf16 matmuls run at bf16 speed here (AVX512-BF16): where they do not, `amp` on
+    the CPU keeps the LSTM's float32 kernels, which are then quicker."""
+    return native_enabled() and native.bf16_native()
+
+
 def overlap_enabled() -> bool:
     """Whether the helper thread takes a share of the work (half a compiled window, slices of a weight gradient):
     when torch computes on one thread and a second core is free."""
@@ -190,11 +196,20 @@ def matmul_tn_halves(a: torch.Tensor, b: torch.Tensor, overlap: bool) -> torch.T
     return matmul_tn(a[half:], b[half:]).add_(first.result())
 
 
-def recurrent_weight_grad(grad: torch.Tensor, h0: torch.Tensor, hs: torch.Tensor, overlap: bool) -> torch.Tensor:
+def recurrent_weight_grad(
+    grad: torch.Tensor, h0: torch.Tensor, hs: torch.Tensor, overlap: bool, bf16: bool = False
+) -> torch.Tensor:
     """The gradient of W_hh, sum over steps t of grad[t].T @ h_{t-1}, for grad (steps, batch, G*H), the outputs hs
-    (steps, batch, H) and the initial state h0 (batch, H): one matmul over all steps, in halves when `overlap`."""
-    h_prev = torch.cat([h0[None], hs[:-1]]).reshape(-1, hs.shape[-1])  # what step t multiplied by W_hh
-    return matmul_tn_halves(grad.reshape(-1, grad.shape[-1]), h_prev, overlap)
+    (steps, batch, H) and the initial state h0 (batch, H): one matmul over all steps, in halves when `overlap`; from
+    bf16 products (compiled) when `bf16`."""
+    hidden = hs.shape[-1]
+    h_prev = torch.cat([h0[None], hs[:-1]]).reshape(-1, hidden)  # what step t multiplied by W_hh
+    grad = grad.reshape(-1, grad.shape[-1])
+    if not bf16:
+        return matmul_tn_halves(grad, h_prev, overlap)
+    out = native.scratch(grad.shape[1], hidden).view(grad.shape[1], -1)  # (G*H, H padded to whole panels)
+    _by_halves(grad.shape[1], overlap, lambda rows: native.weight_grad_bf16(grad, h_prev, out, rows))
+    return out[:, :hidden]
 
 
 def token_grad(tokens: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -422,20 +437,32 @@ class OneHotLSTM(torch.autograd.Function):
 
     The input products are rows of W_ih.T + b_ih + b_hh picked by the tokens; each step is one register-blocked
     matmul of h by W_hh with the gates fused in (rnnlm/kernels.c), the hidden units' halves on two cores when
-    `overlap`. W_hh's gradient is one matmul over all steps."""
+    `overlap`. W_hh's gradient is one matmul over all steps.
+
+    With `bf16` the recurrent matmuls (both windows' and W_hh's gradient) take bf16 inputs and sum in float32, as
+    autocast does on GPUs; everything else stays float32. W_hh is then half the size, fits one core's L2, and the
+    two cores take half the batch each instead of meeting at every step."""
 
     @staticmethod
-    def forward(ctx, tokens, h0, c0, w_ih, w_hh, b_ih, b_hh, overlap: bool = False):
+    def forward(ctx, tokens, h0, c0, w_ih, w_hh, b_ih, b_hh, overlap: bool = False, bf16: bool = False):
         tokens, h0, c0 = tokens.contiguous(), h0.contiguous(), c0.contiguous()
         emb = (w_ih.T + b_ih + b_hh).contiguous()  # (vocab, 4H): row v is W_ih one_hot(v) + both biases
         hs = h0.new_empty((*tokens.shape, h0.shape[1]))  # (steps, batch, H)
         cs, tcs, gates = torch.empty_like(hs), torch.empty_like(hs), hs.new_empty((*hs.shape[:2], 4 * hs.shape[2]))
-        run = lambda *party: native.lstm_forward(  # noqa: E731
-            tokens, h0, c0, emb, w_hh.detach(), hs, cs, gates, tcs, *party
-        )
-        _by_units(hs.shape[2], overlap, run)
+        if bf16:
+            steps, batch, hidden = hs.shape
+            hs16 = torch.empty((steps + 1, batch, native.even(hidden)), dtype=torch.bfloat16)  # bf16 of [h0, hs]
+            whh16 = native.pack_bf16(w_hh, trans=True)
+            _by_halves(batch, overlap, lambda rows: native.lstm_forward_bf16(
+                tokens, h0, c0, emb, whh16, hs16, hs, cs, gates, tcs, rows
+            ))  # fmt: skip
+        else:
+            run = lambda *party: native.lstm_forward(  # noqa: E731
+                tokens, h0, c0, emb, w_hh.detach(), hs, cs, gates, tcs, *party
+            )
+            _by_units(hs.shape[2], overlap, run)
         ctx.save_for_backward(tokens, h0, c0, w_ih, w_hh, hs, cs, gates, tcs)
-        ctx.overlap = overlap
+        ctx.overlap, ctx.bf16 = overlap, bf16
         return hs, cs[-1]
 
     @staticmethod
@@ -446,12 +473,19 @@ class OneHotLSTM(torch.autograd.Function):
         grad_c_last = torch.zeros_like(c0) if grad_c_last is None else grad_c_last.contiguous()
         grad_gates = gates.new_empty(gates.shape)  # d loss / d gates before their activations
         grad_h0, grad_c0 = torch.empty_like(h0), torch.empty_like(c0)
-        run = lambda *party: native.lstm_backward(  # noqa: E731
-            c0, cs, gates, tcs, grad_out, grad_c_last, w_hh.detach(), grad_gates, grad_h0, grad_c0, *party
-        )
-        _by_units(hidden, ctx.overlap, run)
+        if ctx.bf16:
+            gg16 = torch.empty(gates.shape, dtype=torch.bfloat16)
+            whh16 = native.pack_bf16(w_hh, trans=False)
+            _by_halves(batch, ctx.overlap, lambda rows: native.lstm_backward_bf16(
+                c0, cs, gates, tcs, grad_out, grad_c_last, whh16, grad_gates, gg16, grad_h0, grad_c0, rows
+            ))  # fmt: skip
+        else:
+            run = lambda *party: native.lstm_backward(  # noqa: E731
+                c0, cs, gates, tcs, grad_out, grad_c_last, w_hh.detach(), grad_gates, grad_h0, grad_c0, *party
+            )
+            _by_units(hidden, ctx.overlap, run)
+        grad_w_hh = recurrent_weight_grad(grad_gates, h0, hs, ctx.overlap, ctx.bf16)
         flat = grad_gates.reshape(-1, 4 * hidden)
-        grad_w_hh = recurrent_weight_grad(grad_gates, h0, hs, ctx.overlap)
         grad_w_ih = token_grad(tokens, flat, flat.new_zeros((w_ih.shape[1], 4 * hidden))).T
         grad_b = flat.sum(0)
-        return None, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b, grad_b, None
+        return None, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b, grad_b, None, None

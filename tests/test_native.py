@@ -102,19 +102,18 @@ def test_a_party_that_fails_to_start_releases_its_partner(failing):
 
 
 @needs_build
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the AVX2 build is an x86 variant")
-def test_the_avx2_build_gives_torchs_results_too(tmp_path):
-    """Machines without AVX-512 get 8-wide vectors and 6-row blocks (another code path of kernels.c): built here with
-    AVX-512 turned off, the kernels must still give torch's outputs and gradients."""
-    env = {**os.environ, "CC": f"{' '.join(native._compiler())} -mno-avx512f", "RNNLM_KERNEL_CACHE": str(tmp_path)}
-    width = subprocess.run(
-        [sys.executable, "-c", "from rnnlm import native; print(native.library().rnnlm_panel_width())"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert width.stdout.strip() == "16"  # two 8-float vectors: the AVX2 path, not the AVX-512 one (32)
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="these builds are x86 variants")
+@pytest.mark.parametrize(
+    "flag, width", [("-mno-avx512f", "16"), ("-mno-avx512bf16", "32")], ids=["avx2", "avx512-without-bf16"]
+)
+def test_builds_for_other_x86_cpus_give_torchs_results_too(tmp_path, flag, width):
+    """Machines without AVX-512 get 8-wide vectors and 6-row blocks, and machines without AVX512-BF16 get the bf16
+    matmuls emulated on float32 FMAs (other code paths of kernels.c): built here with those instructions turned off,
+    the kernels must still give torch's outputs and gradients, the bf16 ones included."""
+    env = {**os.environ, "CC": f"{' '.join(native._compiler())} {flag}", "RNNLM_KERNEL_CACHE": str(tmp_path)}
+    probe = "from rnnlm import native; lib = native.library(); print(lib.rnnlm_panel_width(), lib.rnnlm_bf16_native())"
+    built = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert built.stdout.split() == [width, "0"]  # the panel width of the vector path, and no native bf16
     tests = Path(__file__).with_name("test_recurrence.py")
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests), "-k", "compiled"],
@@ -124,3 +123,11 @@ def test_the_avx2_build_gives_torchs_results_too(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-3000:]
     assert " passed" in done.stdout and "skipped" not in done.stdout
+    assert (
+        "bf16"
+        in subprocess.run(  # the bf16 tests were among those run
+            [sys.executable, "-m", "pytest", "-q", "--co", "-p", "no:cacheprovider", str(tests), "-k", "compiled"],
+            capture_output=True,
+            text=True,
+        ).stdout
+    )

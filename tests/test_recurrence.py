@@ -48,8 +48,29 @@ def test_recurrence_serves_one_layer_models_in_float32_only():
     assert RNNLM(5, 4, "lstm")._use_recurrence(tokens) == recurrence.native_enabled()
     assert not RNNLM(5, 4, "lstm", num_layers=2)._use_recurrence(tokens)
     assert not RNNLM(5, 4, "rnn").double()._use_recurrence(tokens)
+
+
+@pytest.mark.parametrize("rnn", ["rnn", "lstm"])
+def test_under_cpu_autocast_only_the_lstm_takes_bf16_matmuls(monkeypatch, rnn):
+    """`amp` on the CPU: the LSTM's compiled kernels switch to bf16 matmuls where they run at bf16 speed; the tanh
+    RNN (and GRU) keep their float32 kernels, and the output layer stays float32 for all."""
+    if not recurrence.native_enabled():
+        pytest.skip("no C compiler here: the compiled kernels are not built")
+    monkeypatch.setattr(native, "bf16_native", lambda: True)  # as on an AVX512-BF16 CPU, whatever this one is
+    calls = []
+
+    def counted(name, run):
+        return lambda *args: calls.append(name) or run(*args)
+
+    for name in ("lstm_forward_bf16", "lstm_forward", "rnn_forward"):
+        monkeypatch.setattr(native, name, counted(name, getattr(native, name)))
+    torch.manual_seed(0)
+    model = RNNLM(7, 8, rnn)
+    tokens = torch.randint(0, 7, (2, KERNEL_MIN_STEPS))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not RNNLM(5, 4, "rnn")._use_recurrence(tokens)  # low precision goes to torch's layer
+        logits, _ = model(tokens, model.begin_state(2))
+    assert logits.dtype == torch.float32
+    assert set(calls) == {"lstm_forward_bf16" if rnn == "lstm" else "rnn_forward"}
 
 
 # the LSTM has only the compiled kernel (torch's CPU LSTM is oneDNN's fused one)
@@ -98,6 +119,84 @@ def test_kernels_give_torch_layers_outputs_and_gradients(monkeypatch, rnn, kerne
     names = ["outputs", "h0"] + (["c0"] if rnn == "lstm" else []) + ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]
     for name, a, b in zip(names, got, expected, strict=True):
         torch.testing.assert_close(a, b, msg=name)
+
+
+class _RoundedMatmul(torch.autograd.Function):
+    """x @ w.T from inputs rounded to bf16, summed in float64; its backward's two products the same way: the
+    arithmetic that the bf16 kernels promise, without their float32 sums."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return _bf16(x) @ _bf16(w).T
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        return _bf16(grad) @ _bf16(w), _bf16(grad).T @ _bf16(x)
+
+
+def _bf16(t):
+    return t.float().bfloat16().double()
+
+
+def _lstm_with_bf16_matmuls(tokens, h, c, w_ih, w_hh, b_ih, b_hh):
+    """nn.LSTM's equations in float64 over one-hot inputs, the recurrent matmul's inputs rounded to bf16."""
+    outputs = []
+    for step in tokens:
+        i, f, g, o = (w_ih.T[step] + b_ih + b_hh + _RoundedMatmul.apply(h, w_hh)).chunk(4, 1)
+        c = f.sigmoid() * c + i.sigmoid() * g.tanh()
+        h = o.sigmoid() * c.tanh()
+        outputs.append(h)
+    return torch.stack(outputs), c
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["two-threads", "one-thread"])
+def test_compiled_bf16_lstm_rounds_only_the_matmul_inputs(overlap):
+    """The LSTM's bf16 kernels (`amp` on the CPU) round the recurrent matmuls' inputs to bf16 and sum in float32,
+    everything else float32: outputs and gradients agree with float64 arithmetic that rounds the same inputs (to
+    1.5e-4 of the largest value; they are 1e-3 to 1e-2 away from nn.LSTM's float32 results, and zeroing a single
+    gate gradient per row at one step puts them 2e-4 to 2e-3 away). Odd batch and hidden sizes run the edge code;
+    the two-thread case splits the batch."""
+    if not native.library():
+        pytest.skip("no C compiler here: the compiled kernels are not built")
+    torch.manual_seed(3)
+    steps, batch, vocab, hidden = 12, 13, 9, 41
+    layer = torch.nn.LSTM(vocab, hidden)
+    params = (layer.weight_ih_l0, layer.weight_hh_l0, layer.bias_ih_l0, layer.bias_hh_l0)
+    tokens = torch.randint(0, vocab, (steps, batch))
+    initial = [torch.randn(batch, hidden) for _ in range(2)]
+    weight, cell_weight = torch.randn(steps, batch, hidden), torch.randn(batch, hidden)
+
+    exact_params = [p.detach().double().requires_grad_() for p in params]
+    exact_state = [s.double().requires_grad_() for s in initial]
+    outputs, cell = _lstm_with_bf16_matmuls(tokens, *exact_state, *exact_params)
+    _loss(outputs, cell, weight, cell_weight).backward()
+    expected = [outputs.detach(), cell.detach()] + [s.grad for s in exact_state] + [p.grad for p in exact_params]
+
+    state = [s.clone().requires_grad_() for s in initial]
+    outputs, cell = recurrence.OneHotLSTM.apply(tokens, *state, *params, overlap, True)
+    _loss(outputs, cell, weight, cell_weight).backward()
+    got = [outputs.detach(), cell.detach()] + [s.grad for s in state] + [p.grad for p in params]
+    names = ["outputs", "cell", "h0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh"]
+    for name, ours, exact in zip(names, got, expected, strict=True):
+        error = float((ours.double() - exact).abs().max() / exact.abs().max())
+        assert error < 1.5e-4, (name, error)
+
+
+@pytest.mark.parametrize("rows", [(0, 40), (0, 17), (17, 40)])
+def test_compiled_bf16_weight_gradient_sums_bf16_products_in_float32(rows):
+    """rnnlm_weight_grad_bf16 (W_hh's gradient under `amp`): rows of grad.T @ x from bf16-rounded inputs, summed in
+    float32; an odd number of summed rows (91) leaves a half pair, 13 columns a part panel."""
+    if not native.library():
+        pytest.skip("no C compiler here: the compiled kernels are not built")
+    torch.manual_seed(4)
+    grad, x = torch.randn(91, 40), torch.randn(91, 13)
+    out = torch.full((40, native.scratch(1, 13).numel()), float("nan"))
+    native.weight_grad_bf16(grad, x, out, rows)
+    exact = grad.bfloat16().double().T @ x.bfloat16().double()
+    torch.testing.assert_close(out[rows[0] : rows[1], :13].double(), exact[rows[0] : rows[1]], rtol=1e-5, atol=1e-5)
+    assert out[: rows[0]].isnan().all() and out[rows[1] :].isnan().all()  # other rows untouched (the other thread's)
 
 
 def _loss(outputs, cell, weight, cell_weight):
