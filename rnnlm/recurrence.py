@@ -215,7 +215,8 @@ def recurrent_weight_grad(
 def token_grad(tokens: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out[tokens[i]] += grad[i] (grad 2-D (rows, N), out (vocab, N), column slices allowed): the gradient of a
     weight whose rows the one-hot inputs pick; compiled where the kernels are (torch's CPU index_add_ takes 10x
-    longer for these shapes)."""
+    longer for these shapes). Every row of grad lands in exactly one row of out, so out.sum(0) is the input bias's
+    gradient, from vocab rows instead of steps * batch."""
     if native_enabled():
         return native.token_grad(tokens, grad, out)
     return out.index_add_(0, tokens.reshape(-1), grad)
@@ -300,8 +301,8 @@ class OneHotTanhRNN(torch.autograd.Function):
         _by_halves(batch, ctx.overlap, lambda rows: native.rnn_backward(hs, grad_out, whh, g, grad_h0, rows))
         grad_w_hh = recurrent_weight_grad(g, h0, hs, ctx.overlap)
         flat = g.reshape(-1, hidden)
-        grad_w_ih = token_grad(tokens, flat, flat.new_zeros((ctx.vocab, hidden))).T
-        return None, grad_h0, grad_w_ih, grad_w_hh, flat.sum(0), None
+        grad_w_ih = token_grad(tokens, flat, flat.new_zeros((ctx.vocab, hidden)))  # (vocab, H)
+        return None, grad_h0, grad_w_ih.T, grad_w_hh, grad_w_ih.sum(0), None
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -387,7 +388,7 @@ class OneHotGRU(torch.autograd.Function):
         _by_units(hidden, ctx.overlap, run)
         grad_w_hh = recurrent_weight_grad(grad_gates, h0, hs, ctx.overlap)
         grad_w_ih, grad_b_ih = _gru_input_grads(tokens, w_ih, grad_gates, grad_pre_n)
-        return None, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_gates.sum((0, 1)), None
+        return None, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, _gru_b_hh_grad(grad_b_ih, grad_gates), None
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -415,18 +416,24 @@ class OneHotGRU(torch.autograd.Function):
             dh = back(grad_gates[t], direct)
             weight_grad.finished(t)
         grad_w_ih, grad_b_ih = _gru_input_grads(tokens, w_ih, grad_gates, grad_pre_n)
-        return None, dh, grad_w_ih, weight_grad.total(), grad_b_ih, grad_gates.sum((0, 1)), None
+        return None, dh, grad_w_ih, weight_grad.total(), grad_b_ih, _gru_b_hh_grad(grad_b_ih, grad_gates), None
 
 
 def _gru_input_grads(tokens, w_ih, grad_gates, grad_pre_n) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of W_ih and b_ih. d loss / d (W_ih x + b_ih) is the r and z columns of grad_gates (steps,
     batch, 3H), then grad_pre_n (steps, batch, H); W_ih's is that gathered back to the rows the tokens picked."""
     hidden = grad_pre_n.shape[-1]
-    grad_w_ih, grad_b_ih = w_ih.new_zeros(w_ih.T.shape), grad_gates.new_empty(3 * hidden)  # (vocab, 3H), (3H,)
+    grad_w_ih = w_ih.new_zeros(w_ih.T.shape)  # (vocab, 3H)
     for cols, grad in ((slice(0, 2 * hidden), grad_gates[..., : 2 * hidden]), (slice(2 * hidden, None), grad_pre_n)):
         token_grad(tokens, grad.reshape(-1, grad.shape[-1]), grad_w_ih[:, cols])
-        torch.sum(grad, (0, 1), out=grad_b_ih[cols])
-    return grad_w_ih.T, grad_b_ih
+    return grad_w_ih.T, grad_w_ih.sum(0)
+
+
+def _gru_b_hh_grad(grad_b_ih: torch.Tensor, grad_gates: torch.Tensor) -> torch.Tensor:
+    """b_hh's gradient: b_ih's for the r and z gates (both biases add to the same sums), then the n gate's own sum
+    (b_hn sits inside r * (W_hn h + b_hn))."""
+    hidden = grad_gates.shape[-1] // 3
+    return torch.cat([grad_b_ih[: 2 * hidden], grad_gates[..., 2 * hidden :].sum((0, 1))])
 
 
 class OneHotLSTM(torch.autograd.Function):
@@ -486,6 +493,6 @@ class OneHotLSTM(torch.autograd.Function):
             _by_units(hidden, ctx.overlap, run)
         grad_w_hh = recurrent_weight_grad(grad_gates, h0, hs, ctx.overlap, ctx.bf16)
         flat = grad_gates.reshape(-1, 4 * hidden)
-        grad_w_ih = token_grad(tokens, flat, flat.new_zeros((w_ih.shape[1], 4 * hidden))).T
-        grad_b = flat.sum(0)
-        return None, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b, grad_b, None, None
+        grad_w_ih = token_grad(tokens, flat, flat.new_zeros((w_ih.shape[1], 4 * hidden)))  # (vocab, 4H)
+        grad_b = grad_w_ih.sum(0)
+        return None, grad_h0, grad_c0, grad_w_ih.T, grad_w_hh, grad_b, grad_b, None, None
