@@ -36,6 +36,17 @@ def test_build_is_cached_by_source_compiler_and_cpu(tmp_path, monkeypatch):
 
 
 @needs_build
+@pytest.mark.parametrize("shape", [(1024, 256), (128, 64)])
+def test_bf16_packing_through_torch_gives_the_c_layout(shape):
+    """pack_bf16 regroups torch's bf16 rounding of W into panels where the shapes allow it; the words must be the
+    ones the C packer writes (and that the kernels read)."""
+    weight = torch.randn(*shape)
+    from_c = torch.empty_like(native.pack_bf16(weight, trans=True))
+    native.library().rnnlm_pack_bf16(weight.data_ptr(), shape[1], shape[0], 1, from_c.data_ptr())
+    assert torch.equal(native.pack_bf16(weight, trans=True), from_c)
+
+
+@needs_build
 def test_token_grad_adds_rows_where_the_tokens_point():
     tokens = torch.tensor([2, 0, 2, 1])
     grad = torch.arange(24, dtype=torch.float32).reshape(4, 6)
