@@ -8,6 +8,8 @@ training perplexity of each after the full schedule.
     .venv/bin/python bench/train_speed.py                 # RNN, GRU, LSTM at 500 epochs (about 10 minutes on 2 cores)
     .venv/bin/python bench/train_speed.py --quick         # 60 epochs each, a smoke run
     .venv/bin/python bench/train_speed.py --rnn gru --epochs 100 --device cuda
+    .venv/bin/python bench/train_speed.py --rnn rnn --seeds 0 1 2 3 4   # the final perplexities' spread over seeds
+    .venv/bin/python bench/train_speed.py --rnn lstm --amp             # the LSTM's bf16 matmuls (AVX512-BF16 CPUs)
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import math
 import os
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -187,17 +190,17 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def race(args, rnn: str, vocab_size: int, corpus: list[int], device: torch.device) -> dict:
+def race(args, rnn: str, seed: int, vocab_size: int, corpus: list[int], device: torch.device) -> dict:
     """Train both loops for the full schedule, alternating segments; return their speeds and perplexities."""
-    random.seed(args.seed)  # the book's offsets come from Python's `random`
-    book, project = make_pair(rnn, vocab_size, args.num_hiddens, args.seed, device)
+    random.seed(seed)  # the book's offsets come from Python's `random`
+    book, project = make_pair(rnn, vocab_size, args.num_hiddens, seed, device)
     book_opt = torch.optim.SGD(book.parameters(), lr=args.lr)
     loss = nn.CrossEntropyLoss()
     settings = TrainSettings(
         args.batch_size, args.num_steps, args.lr, 1.0, args.epochs, cpu_threads=args.threads, amp=args.amp
     )
     project_opt = make_optimizer(project, args.lr)
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(seed)
     tokens = torch.tensor(corpus, dtype=torch.uint8).to(device)
 
     def book_step():
@@ -222,13 +225,11 @@ def race(args, rnn: str, vocab_size: int, corpus: list[int], device: torch.devic
         turn += 1
     b, p = runners
     return {
-        "rnn": rnn,
         "book_tps": b.tokens_per_sec,
         "project_tps": p.tokens_per_sec,
         "ratio": p.tokens_per_sec / b.tokens_per_sec,
         "book_ppl": b.perplexity,
         "project_ppl": p.perplexity,
-        "epochs": args.epochs,
     }
 
 
@@ -245,7 +246,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--num_steps", type=int, default=35)
     parser.add_argument("--lr", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds",
+        "--seed",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="seeds for weights and data offsets; several: one race per seed, then their means (the last epoch's "
+        "perplexity wanders by a few hundredths from seed to seed)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument(
         "--amp",
@@ -281,24 +290,45 @@ def main(argv=None) -> None:
         "float32 matmul limit (2048^3, default threads): "
         + ", ".join(f"{name} {gflops:,.0f} GFLOP/s" for name, gflops in peaks.items())
     )
+    if args.amp and device.type == "cpu":
+        print(f"bf16 matmul limit (2048^3, default threads): {bf16_matmul_peak():,.0f} GFLOP/s")
     print(
-        f"{'model':6} {'book tok/s':>11} {'project tok/s':>14} {'ratio':>6} {'book ppl':>9} {'project ppl':>12} "
-        f"{'kFLOP/tok':>10} {'book % limit':>13} {'project % limit':>16}"
+        f"{'model':6} {'seed':>4} {'book tok/s':>11} {'project tok/s':>14} {'ratio':>6} {'book ppl':>9} "
+        f"{'project ppl':>12} {'kFLOP/tok':>10} {'book % limit':>13} {'project % limit':>16}"
     )
     for rnn in args.rnn:
-        r = race(args, rnn, vocab_size, corpus, device)
         flops = flops_per_token(rnn, vocab_size, args.num_hiddens)
-        print(
-            f"{rnn:6} {r['book_tps']:11,.0f} {r['project_tps']:14,.0f} {r['ratio']:5.2f}x "
-            f"{r['book_ppl']:9.3f} {r['project_ppl']:12.3f} {flops / 1e3:10,.0f} "
-            f"{100 * r['book_tps'] * flops / 1e9 / peak:12.0f}% {100 * r['project_tps'] * flops / 1e9 / peak:15.0f}%",
-            flush=True,
-        )
+        results = []
+        for seed in args.seeds:
+            results.append(race(args, rnn, seed, vocab_size, corpus, device))
+            print_row(rnn, str(seed), results[-1], flops, peak)
+        if len(results) > 1:
+            print_row(rnn, "mean", {k: statistics.fmean(r[k] for r in results) for k in results[0]}, flops, peak)
     print(
         "% limit: the book's model's matmul FLOPs per token times tokens/s, as a share of the best float32 matmul "
         "limit above; a loop at X% cannot run more than 100/X times faster on this machine in float32 (the project "
         "does about 10% fewer: its input products are row lookups)"
     )
+
+
+def print_row(rnn: str, seed: str, r: dict, flops: float, peak: float) -> None:
+    print(
+        f"{rnn:6} {seed:>4} {r['book_tps']:11,.0f} {r['project_tps']:14,.0f} {r['ratio']:5.2f}x "
+        f"{r['book_ppl']:9.3f} {r['project_ppl']:12.3f} {flops / 1e3:10,.0f} "
+        f"{100 * r['book_tps'] * flops / 1e9 / peak:12.0f}% {100 * r['project_tps'] * flops / 1e9 / peak:15.0f}%",
+        flush=True,
+    )
+
+
+def bf16_matmul_peak(size: int = 2048, repeats: int = 10) -> float:
+    """The CPU's bf16 matmul limit in GFLOP/s (torch's bf16 matmul is oneDNN's; float32 sums), best of `repeats`."""
+    a, b = torch.randn(size, size).bfloat16(), torch.randn(size, size).bfloat16()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
 
 
 def project_kernels(threads: int) -> str:
