@@ -155,8 +155,10 @@ static inline vf dot2(vf c, uint32_t a, vu b) {
 #endif
 }
 
-/* C[0:rows, 0:NR] = A[0:rows, k-pairs 0:P] @ panel, rows <= MR (full blocks unrolled) */
-static inline void block16(int rows, int P, const uint32_t *A, int lda, const uint32_t *B, float *C, int ldc) {
+/* C[0:rows, 0:NR] = A[0:rows, k-pairs 0:P] @ panel, rows <= MR (full blocks unrolled); the word of row r and
+   k-pair kk is A[r * rs + kk * ps] */
+static inline void block16(int rows, int P, const uint32_t *A, size_t rs, size_t ps, const uint32_t *B, float *C,
+                           int ldc) {
     vf c[MR][2];
 #pragma GCC unroll 8
     for (int r = 0; r < MR; r++) c[r][0] = c[r][1] = (vf){0};
@@ -165,15 +167,15 @@ static inline void block16(int rows, int P, const uint32_t *A, int lda, const ui
             vu b0 = *(const vu *)(B + (size_t)kk * NR), b1 = *(const vu *)(B + (size_t)kk * NR + VL);
 #pragma GCC unroll 8
             for (int r = 0; r < MR; r++) {
-                c[r][0] = dot2(c[r][0], A[(size_t)r * lda + kk], b0);
-                c[r][1] = dot2(c[r][1], A[(size_t)r * lda + kk], b1);
+                c[r][0] = dot2(c[r][0], A[r * rs + kk * ps], b0);
+                c[r][1] = dot2(c[r][1], A[r * rs + kk * ps], b1);
             }
         }
     } else {
         for (int r = 0; r < rows; r++)
             for (int kk = 0; kk < P; kk++) {
-                c[r][0] = dot2(c[r][0], A[(size_t)r * lda + kk], *(const vu *)(B + (size_t)kk * NR));
-                c[r][1] = dot2(c[r][1], A[(size_t)r * lda + kk], *(const vu *)(B + (size_t)kk * NR + VL));
+                c[r][0] = dot2(c[r][0], A[r * rs + kk * ps], *(const vu *)(B + (size_t)kk * NR));
+                c[r][1] = dot2(c[r][1], A[r * rs + kk * ps], *(const vu *)(B + (size_t)kk * NR + VL));
             }
     }
     for (int r = 0; r < rows; r++) {
@@ -184,28 +186,62 @@ static inline void block16(int rows, int P, const uint32_t *A, int lda, const ui
 
 /* C (M x panels * NR, row stride ldc) = A (M rows of bf16, row stride 2 * lda, K = 2 * P) @ packed B */
 static void gemm16(int M, int P, int panels, const uint32_t *A, int lda, const uint32_t *Bp, float *C, int ldc) {
-    for (int i = 0; i < M; i += MR) /* a block of A rows stays in L1 while the panels stream from L2 */
-        for (int p = 0; p < panels; p++)
-            block16(M - i < MR ? M - i : MR, P, A + (size_t)i * lda, lda, Bp + (size_t)p * P * NR,
+    for (int p = 0; p < panels; p++) /* each panel of B is read from L2 once, while A's few rows stay in L1 */
+        for (int i = 0; i < M; i += MR)
+            block16(M - i < MR ? M - i : MR, P, A + (size_t)i * lda, lda, 1, Bp + (size_t)p * P * NR,
                     C + (size_t)i * ldc + p * NR, ldc);
 }
 
-/* Rows [i0, i1) of a weight's gradient, sum over n < N of grad[n][i] * x[n][k] (G x K), with bf16 products summed in
-   float32: grad (N x G), x (N x K). The k-pairs of this matmul run along n, so both operands are first regrouped into
-   pairs of rows: a_buf ((i1 - i0) x ceil(N / 2) words), b_buf (panels(K) x ceil(N / 2) x NR words).
-   out: rows [i0, i1) of (G x panels(K) * NR). */
-void rnnlm_weight_grad_bf16(int N, int G, int K, int i0, int i1, const float *grad, const float *x, float *out,
-                            uint32_t *a_buf, uint32_t *b_buf) {
-    int P = (N + 1) / 2, panels = (K + NR - 1) / NR, ldc = panels * NR;
-    for (int m = 0; m < P; m++)
-        for (int i = i0; i < i1; i++) a_buf[(size_t)(i - i0) * P + m] = row_pair(grad, G, 2 * m, N, i);
+/* The bf16 operand of a weight gradient whose k-pairs run along the rows n of a sequence (steps * batch rows): row n
+   of an N x G matrix is stored at the half (n & 1) of the words of pair n / 2, in panels of NR columns: halfword
+   2 * ((p * ceil(N / 2) + n / 2) * NR + jj) + (n & 1) for column j = p * NR + jj. The pad columns, and the missing
+   partner of the last row when N is odd, are zeros. put_pair_rows writes rows n and n + 1 (n even) as whole words,
+   put_pair_row one row into its halves. */
+static void put_pair_rows(int N, int G, int n, const float *row0, const float *row1, uint32_t *out) {
+    int P = (N + 1) / 2, panels = (G + NR - 1) / NR;
+    for (int p = 0; p < panels; p++) {
+        uint32_t *word = out + ((size_t)p * P + n / 2) * NR;
+        int width = G - p * NR < NR ? G - p * NR : NR;
+        for (int jj = 0; jj < width; jj++)
+            word[jj] = bf16_bits(row0[p * NR + jj]) | (uint32_t)bf16_bits(row1[p * NR + jj]) << 16;
+        for (int jj = width; jj < NR; jj++) word[jj] = 0;
+    }
+}
+
+static void put_pair_row(int N, int G, int n, const float *row, uint16_t *out) {
+    int P = (N + 1) / 2, panels = (G + NR - 1) / NR, half = n & 1;
+    for (int p = 0; p < panels; p++) {
+        uint16_t *word = out + 2 * ((size_t)p * P + n / 2) * NR;
+        for (int jj = 0; jj < NR; jj++) {
+            int j = p * NR + jj;
+            word[2 * jj + half] = j < G ? bf16_bits(row[j]) : 0;
+            if (n == N - 1 && !half) word[2 * jj + 1] = 0;
+        }
+    }
+}
+
+/* Rows [k0, k1) of sum over n < N of x[n][k] * grad[n][j] (K x G, the transpose of the weight's gradient), from bf16
+   products summed in float32: x (N x K, float32; x[n] = first[n] for n < n_first, else rest[n - n_first]) and grad
+   given as put_pair_row's panels. a_buf: ceil(N / 2) x (k1 - k0) words, the pairs of rows of x's columns [k0, k1).
+   out: rows [k0, k1) of (K x panels(G) * NR). The loop runs panel by panel, so that A stays in L2 and each panel of
+   grad is read once. */
+void rnnlm_weight_grad_bf16(int N, int K, int G, int k0, int k1, int n_first, const float *first, const float *rest,
+                            const uint32_t *grad, float *out, uint32_t *a_buf) {
+    int P = (N + 1) / 2, panels = (G + NR - 1) / NR, ldc = panels * NR, M = k1 - k0;
+    for (int m = 0; m < P; m++) {
+        const float *x[2];
+        for (int half = 0; half < 2; half++) {
+            int n = 2 * m + half;
+            x[half] = n >= N ? NULL : n < n_first ? first + (size_t)n * K : rest + (size_t)(n - n_first) * K;
+        }
+        uint32_t *words = a_buf + (size_t)m * M;
+        for (int k = k0; k < k1; k++)
+            words[k - k0] = bf16_bits(x[0][k]) | (x[1] ? (uint32_t)bf16_bits(x[1][k]) << 16 : 0u);
+    }
     for (int p = 0; p < panels; p++)
-        for (int m = 0; m < P; m++)
-            for (int jj = 0; jj < NR; jj++) {
-                int j = p * NR + jj;
-                b_buf[((size_t)p * P + m) * NR + jj] = j < K ? row_pair(x, K, 2 * m, N, j) : 0;
-            }
-    gemm16(i1 - i0, P, panels, a_buf, P, b_buf, out + (size_t)i0 * ldc, ldc);
+        for (int i = 0; i < M; i += MR)
+            block16(M - i < MR ? M - i : MR, P, a_buf + i, 1, M, grad + (size_t)p * P * NR,
+                    out + (size_t)(k0 + i) * ldc + p * NR, ldc);
 }
 
 /* tanh to a few float32 ulps: Eigen's rational approximation on [-7.9, 7.9] (beyond it tanh is +-1 in float32) */
@@ -519,25 +555,38 @@ void rnnlm_lstm_forward_bf16(int steps, int batch, int H, int r0, int r1, const 
     }
 }
 
-/* Its backward over rows [r0, r1): as rnnlm_lstm_backward, plus gg16 (steps, batch, 4H) = bf16 of grad_gates (the
-   matmul's input here, and W_hh's gradient's). whh: W_hh (4H x H) packed by rnnlm_pack_bf16 with trans=0.
-   dh, dc: (r1 - r0) x H; scratch: (r1 - r0) x panels(H). */
-void rnnlm_lstm_backward_bf16(int steps, int batch, int H, int r0, int r1, const float *c0, const float *cs,
-                              const float *gates, const float *tcs, const float *grad_out, const float *grad_c_last,
-                              const uint32_t *whh, float *grad_gates, uint16_t *gg16, float *grad_h0, float *grad_c0,
-                              float *dh, float *dc, float *scratch) {
-    int M = r1 - r0, panels = (H + NR - 1) / NR, ldc = panels * NR;
+/* Its backward over rows [r0, r1): as rnnlm_lstm_backward, but the gate gradients are not kept in float32. Each row's
+   goes (1) in bf16 to g16 (this party's rows of the step), the input of the step's matmul, (2) in bf16 to gpanels,
+   laid out by put_pair_row for W_hh's gradient (rnnlm_weight_grad_bf16), and (3) added to token_grad[tokens] (this
+   party's vocab x 4H buffer, zeros at the start), whose sum over the vocabulary is the biases' gradient.
+   whh: W_hh (4H x H) packed by rnnlm_pack_bf16 with trans=0. dh, dc: (r1 - r0) x H; rows: 2 x 4H floats;
+   g16: (r1 - r0) x 4H; scratch: (r1 - r0) x panels(H). */
+void rnnlm_lstm_backward_bf16(int steps, int batch, int H, int r0, int r1, const int64_t *tokens, const float *c0,
+                              const float *cs, const float *gates, const float *tcs, const float *grad_out,
+                              const float *grad_c_last, const uint32_t *whh, uint16_t *gpanels, float *token_grad,
+                              float *grad_h0, float *grad_c0, float *dh, float *dc, float *rows, uint16_t *g16,
+                              float *scratch) {
+    int M = r1 - r0, N = steps * batch, panels = (H + NR - 1) / NR, ldc = panels * NR;
     take_units(M, H, 0, H, grad_out + ((size_t)(steps - 1) * batch + r0) * H, dh);
     take_units(M, H, 0, H, grad_c_last + (size_t)r0 * H, dc);
     for (int t = steps - 1; t >= 0; t--) {
         for (int i = r0; i < r1; i++) {
-            size_t row = (size_t)t * batch + i;
-            lstm_cell_grad(H, H, gates + row * 4 * H, tcs + row * H, previous(c0, cs, t, batch, H) + (size_t)i * H,
-                           t == 0 ? NULL : grad_out + (row - batch) * H, grad_gates + row * 4 * H,
-                           dh + (size_t)(i - r0) * H, dc + (size_t)(i - r0) * H);
-            bf16_row(4 * H, grad_gates + row * 4 * H, gg16 + row * 4 * H);
+            size_t n = (size_t)t * batch + i;
+            int first = (n & 1) == 0 && i + 1 < r1, second = (n & 1) && i > r0; /* rows n, n + 1 both here */
+            float *out = rows + (second ? 4 * H : 0);
+            lstm_cell_grad(H, H, gates + n * 4 * H, tcs + n * H, previous(c0, cs, t, batch, H) + (size_t)i * H,
+                           t == 0 ? NULL : grad_out + (n - batch) * H, out, dh + (size_t)(i - r0) * H,
+                           dc + (size_t)(i - r0) * H);
+            bf16_row(4 * H, out, g16 + (size_t)(i - r0) * 4 * H);
+            float *tg = token_grad + (size_t)tokens[n] * 4 * H;
+#pragma GCC ivdep
+            for (int j = 0; j < 4 * H; j++) tg[j] += out[j];
+            if (second)
+                put_pair_rows(N, 4 * H, (int)n - 1, rows, out, (uint32_t *)gpanels);
+            else if (!first)
+                put_pair_row(N, 4 * H, (int)n, out, gpanels);
         }
-        gemm16(M, 2 * H, panels, (const uint32_t *)(gg16 + ((size_t)t * batch + r0) * 4 * H), 2 * H, whh, scratch, ldc);
+        gemm16(M, 2 * H, panels, (const uint32_t *)g16, 2 * H, whh, scratch, ldc);
         add_block(M, H, scratch, ldc, dh);
     }
     put_units(M, H, 0, H, dh, grad_h0 + (size_t)r0 * H);

@@ -44,8 +44,8 @@ _SIGNATURES = {
     "rnnlm_lstm_backward": [_i] * 7 + [_p] * 14,
     # the bf16 windows: steps, batch, H, r0, r1, then the arrays
     "rnnlm_lstm_forward_bf16": [_i] * 5 + [_p] * 11,
-    "rnnlm_lstm_backward_bf16": [_i] * 5 + [_p] * 14,
-    "rnnlm_weight_grad_bf16": [_i] * 5 + [_p] * 5,
+    "rnnlm_lstm_backward_bf16": [_i] * 5 + [_p] * 17,
+    "rnnlm_weight_grad_bf16": [_i] * 6 + [_p] * 5,
 }
 _INT_RESULT = {"rnnlm_panel_width", "rnnlm_bf16_native"}
 
@@ -268,21 +268,29 @@ def lstm_forward_bf16(tokens, h0, c0, emb, whh16, hs16, hs, cs, gates, tcs, rows
 
 
 def lstm_backward_bf16(
-    c0, cs, gates, tcs, grad_out, grad_c_last, whh16, grad_gates, gg16, grad_h0, grad_c0, rows: tuple[int, int]
+    tokens, c0, cs, gates, tcs, grad_out, grad_c_last, whh16, gpanels, token_grad, grad_h0, grad_c0, rows
 ) -> None:
-    """The bf16 backward window over batch rows `rows` (see kernels.c: rnnlm_lstm_backward_bf16)."""
+    """The bf16 backward window over batch rows `rows` (see kernels.c: rnnlm_lstm_backward_bf16); token_grad is this
+    party's own (vocab, 4H) buffer of zeros."""
     steps, batch, hidden = cs.shape
     m = rows[1] - rows[0]
-    dh, dc, work = torch.empty(m * hidden), torch.empty(m * hidden), scratch(m, hidden)
-    arrays = (c0, cs, gates, tcs, grad_out, grad_c_last, whh16, grad_gates, gg16, grad_h0, grad_c0, dh, dc, work)
-    library().rnnlm_lstm_backward_bf16(steps, batch, hidden, *rows, *map(_ptr, arrays))
+    dh, dc, rows_ = torch.empty(m * hidden), torch.empty(m * hidden), torch.empty(8 * hidden)
+    g16, work = torch.empty(m * 4 * hidden, dtype=torch.bfloat16), scratch(m, hidden)
+    arrays = (tokens, c0, cs, gates, tcs, grad_out, grad_c_last, whh16, gpanels, token_grad, grad_h0, grad_c0)
+    library().rnnlm_lstm_backward_bf16(steps, batch, hidden, *rows, *map(_ptr, (*arrays, dh, dc, rows_, g16, work)))
 
 
-def weight_grad_bf16(grad: torch.Tensor, x: torch.Tensor, out: torch.Tensor, rows: tuple[int, int]) -> None:
-    """Rows `rows` of grad.T @ x (grad (N, G), x (N, K)) into out (G, padded(K)), from bf16 products summed in
-    float32 (see kernels.c: rnnlm_weight_grad_bf16)."""
-    (n, g), k, (i0, i1) = grad.shape, x.shape[1], rows
-    pairs = (n + 1) // 2
-    a_buf = torch.empty((i1 - i0) * pairs, dtype=torch.int32)
-    b_buf = torch.empty(_padded(k) * pairs, dtype=torch.int32)
-    library().rnnlm_weight_grad_bf16(n, g, k, i0, i1, *map(_ptr, (grad, x, out, a_buf, b_buf)))
+def pair_panels(rows: int, columns: int) -> torch.Tensor:
+    """A buffer for a weight gradient's bf16 operand of `rows` sequence rows (see kernels.c: put_pair_row)."""
+    return torch.empty(_padded(columns) * 2 * ((rows + 1) // 2), dtype=torch.bfloat16)
+
+
+def weight_grad_bf16(first, rest, grad_panels, out, rows: tuple[int, int]) -> None:
+    """Rows `rows` of x.T @ grad into out (K, padded(G)), from bf16 products summed in float32: x is `first` then
+    `rest` stacked (N, K), grad given as `pair_panels` (see kernels.c: rnnlm_weight_grad_bf16)."""
+    n_first, k = first.shape
+    n = n_first + rest.shape[0]
+    (k0, k1), g = rows, out.shape[1]
+    a_buf = torch.empty((k1 - k0) * ((n + 1) // 2), dtype=torch.int32)
+    arrays = (first, rest, grad_panels, out, a_buf)
+    library().rnnlm_weight_grad_bf16(n, k, g, k0, k1, n_first, *map(_ptr, arrays))

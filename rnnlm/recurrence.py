@@ -196,20 +196,22 @@ def matmul_tn_halves(a: torch.Tensor, b: torch.Tensor, overlap: bool) -> torch.T
     return matmul_tn(a[half:], b[half:]).add_(first.result())
 
 
-def recurrent_weight_grad(
-    grad: torch.Tensor, h0: torch.Tensor, hs: torch.Tensor, overlap: bool, bf16: bool = False
-) -> torch.Tensor:
+def recurrent_weight_grad(grad: torch.Tensor, h0: torch.Tensor, hs: torch.Tensor, overlap: bool) -> torch.Tensor:
     """The gradient of W_hh, sum over steps t of grad[t].T @ h_{t-1}, for grad (steps, batch, G*H), the outputs hs
-    (steps, batch, H) and the initial state h0 (batch, H): one matmul over all steps, in halves when `overlap`; from
-    bf16 products (compiled) when `bf16`."""
+    (steps, batch, H) and the initial state h0 (batch, H): one matmul over all steps, in halves when `overlap`."""
+    h_prev = torch.cat([h0[None], hs[:-1]]).reshape(-1, hs.shape[-1])  # what step t multiplied by W_hh
+    return matmul_tn_halves(grad.reshape(-1, grad.shape[-1]), h_prev, overlap)
+
+
+def recurrent_weight_grad_bf16(grad_panels: torch.Tensor, h0: torch.Tensor, hs: torch.Tensor, gates: int, overlap):
+    """As `recurrent_weight_grad`, from bf16 products summed in float32 (compiled), with grad given as
+    `native.pair_panels` of (steps * batch, gates * H); the hidden units' rows of the transposed result in halves
+    on the two cores when `overlap`."""
     hidden = hs.shape[-1]
-    h_prev = torch.cat([h0[None], hs[:-1]]).reshape(-1, hidden)  # what step t multiplied by W_hh
-    grad = grad.reshape(-1, grad.shape[-1])
-    if not bf16:
-        return matmul_tn_halves(grad, h_prev, overlap)
-    out = native.scratch(grad.shape[1], hidden).view(grad.shape[1], -1)  # (G*H, H padded to whole panels)
-    _by_halves(grad.shape[1], overlap, lambda rows: native.weight_grad_bf16(grad, h_prev, out, rows))
-    return out[:, :hidden]
+    out = native.scratch(hidden, gates * hidden).view(hidden, -1)  # (H, G*H padded to whole panels)
+    h_prev = hs[:-1].reshape(-1, hidden)  # with h0 in front: what step t multiplied by W_hh
+    _by_halves(hidden, overlap, lambda rows: native.weight_grad_bf16(h0, h_prev, grad_panels, out, rows))
+    return out[:, : gates * hidden].T
 
 
 def token_grad(tokens: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -478,21 +480,33 @@ class OneHotLSTM(torch.autograd.Function):
         steps, batch, hidden = hs.shape
         grad_out = grad_out.contiguous()
         grad_c_last = torch.zeros_like(c0) if grad_c_last is None else grad_c_last.contiguous()
-        grad_gates = gates.new_empty(gates.shape)  # d loss / d gates before their activations
-        grad_h0, grad_c0 = torch.empty_like(h0), torch.empty_like(c0)
         if ctx.bf16:
-            gg16 = torch.empty(gates.shape, dtype=torch.bfloat16)
-            whh16 = native.pack_bf16(w_hh, trans=False)
-            _by_halves(batch, ctx.overlap, lambda rows: native.lstm_backward_bf16(
-                c0, cs, gates, tcs, grad_out, grad_c_last, whh16, grad_gates, gg16, grad_h0, grad_c0, rows
-            ))  # fmt: skip
-        else:
-            run = lambda *party: native.lstm_backward(  # noqa: E731
-                c0, cs, gates, tcs, grad_out, grad_c_last, w_hh.detach(), grad_gates, grad_h0, grad_c0, *party
-            )
-            _by_units(hidden, ctx.overlap, run)
-        grad_w_hh = recurrent_weight_grad(grad_gates, h0, hs, ctx.overlap, ctx.bf16)
+            return OneHotLSTM._backward_bf16(ctx, tokens, h0, c0, w_ih, w_hh, hs, cs, gates, tcs, grad_out, grad_c_last)
+        grad_h0, grad_c0 = torch.empty_like(h0), torch.empty_like(c0)
+        grad_gates = gates.new_empty(gates.shape)  # d loss / d gates before their activations
+        run = lambda *party: native.lstm_backward(  # noqa: E731
+            c0, cs, gates, tcs, grad_out, grad_c_last, w_hh.detach(), grad_gates, grad_h0, grad_c0, *party
+        )
+        _by_units(hidden, ctx.overlap, run)
+        grad_w_hh = recurrent_weight_grad(grad_gates, h0, hs, ctx.overlap)
         flat = grad_gates.reshape(-1, 4 * hidden)
         grad_w_ih = token_grad(tokens, flat, flat.new_zeros((w_ih.shape[1], 4 * hidden)))  # (vocab, 4H)
+        grad_b = grad_w_ih.sum(0)
+        return None, grad_h0, grad_c0, grad_w_ih.T, grad_w_hh, grad_b, grad_b, None, None
+
+    @staticmethod
+    def _backward_bf16(ctx, tokens, h0, c0, w_ih, w_hh, hs, cs, gates, tcs, grad_out, grad_c_last):
+        """The backward with bf16 matmuls: the batch in halves; the gate gradients are never stored in float32, the
+        window hands them over in bf16 for W_hh's gradient and summed by token for W_ih's and the biases'."""
+        steps, batch, hidden = hs.shape
+        grad_h0, grad_c0 = torch.empty_like(h0), torch.empty_like(c0)
+        whh16, panels = native.pack_bf16(w_hh, trans=False), native.pair_panels(steps * batch, 4 * hidden)
+        by_token = torch.zeros((2, w_ih.shape[1], 4 * hidden))  # each half's sums of gate gradients by input token
+        _by_halves(batch, ctx.overlap, lambda rows: native.lstm_backward_bf16(
+            tokens, c0, cs, gates, tcs, grad_out, grad_c_last, whh16, panels, by_token[int(rows[0] > 0)],
+            grad_h0, grad_c0, rows,
+        ))  # fmt: skip
+        grad_w_hh = recurrent_weight_grad_bf16(panels, h0, hs, 4, ctx.overlap)
+        grad_w_ih = by_token.sum(0)  # (vocab, 4H)
         grad_b = grad_w_ih.sum(0)
         return None, grad_h0, grad_c0, grad_w_ih.T, grad_w_hh, grad_b, grad_b, None, None

@@ -152,16 +152,16 @@ def _lstm_with_bf16_matmuls(tokens, h, c, w_ih, w_hh, b_ih, b_hh):
 
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["two-threads", "one-thread"])
-def test_compiled_bf16_lstm_rounds_only_the_matmul_inputs(overlap):
+def test_compiled_bf16_lstm_rounds_only_the_matmul_inputs(monkeypatch, overlap):
     """The LSTM's bf16 kernels (`amp` on the CPU) round the recurrent matmuls' inputs to bf16 and sum in float32,
     everything else float32: outputs and gradients agree with float64 arithmetic that rounds the same inputs (to
     1.5e-4 of the largest value; they are 1e-3 to 1e-2 away from nn.LSTM's float32 results, and zeroing a single
-    gate gradient per row at one step puts them 2e-4 to 2e-3 away). Odd batch and hidden sizes run the edge code;
-    the two-thread case splits the batch."""
+    gate gradient per row at one step puts them 2e-4 to 2e-3 away). Odd batch and hidden sizes run the edge code,
+    an odd number of steps * batch rows leaves W_hh's gradient a half pair; the two-thread case splits the batch."""
     if not native.library():
         pytest.skip("no C compiler here: the compiled kernels are not built")
     torch.manual_seed(3)
-    steps, batch, vocab, hidden = 12, 13, 9, 41
+    steps, batch, vocab, hidden = 11, 13, 9, 41
     layer = torch.nn.LSTM(vocab, hidden)
     params = (layer.weight_ih_l0, layer.weight_hh_l0, layer.bias_ih_l0, layer.bias_hh_l0)
     tokens = torch.randint(0, vocab, (steps, batch))
@@ -174,6 +174,8 @@ def test_compiled_bf16_lstm_rounds_only_the_matmul_inputs(overlap):
     _loss(outputs, cell, weight, cell_weight).backward()
     expected = [outputs.detach(), cell.detach()] + [s.grad for s in exact_state] + [p.grad for p in exact_params]
 
+    buffer = native.pair_panels  # NaNs where the kernels must write: a word they skip shows up in the gradients
+    monkeypatch.setattr(native, "pair_panels", lambda *shape: buffer(*shape).fill_(float("nan")))
     state = [s.clone().requires_grad_() for s in initial]
     outputs, cell = recurrence.OneHotLSTM.apply(tokens, *state, *params, overlap, True)
     _loss(outputs, cell, weight, cell_weight).backward()
@@ -182,21 +184,6 @@ def test_compiled_bf16_lstm_rounds_only_the_matmul_inputs(overlap):
     for name, ours, exact in zip(names, got, expected, strict=True):
         error = float((ours.double() - exact).abs().max() / exact.abs().max())
         assert error < 1.5e-4, (name, error)
-
-
-@pytest.mark.parametrize("rows", [(0, 40), (0, 17), (17, 40)])
-def test_compiled_bf16_weight_gradient_sums_bf16_products_in_float32(rows):
-    """rnnlm_weight_grad_bf16 (W_hh's gradient under `amp`): rows of grad.T @ x from bf16-rounded inputs, summed in
-    float32; an odd number of summed rows (91) leaves a half pair, 13 columns a part panel."""
-    if not native.library():
-        pytest.skip("no C compiler here: the compiled kernels are not built")
-    torch.manual_seed(4)
-    grad, x = torch.randn(91, 40), torch.randn(91, 13)
-    out = torch.full((40, native.scratch(1, 13).numel()), float("nan"))
-    native.weight_grad_bf16(grad, x, out, rows)
-    exact = grad.bfloat16().double().T @ x.bfloat16().double()
-    torch.testing.assert_close(out[rows[0] : rows[1], :13].double(), exact[rows[0] : rows[1]], rtol=1e-5, atol=1e-5)
-    assert out[: rows[0]].isnan().all() and out[rows[1] :].isnan().all()  # other rows untouched (the other thread's)
 
 
 def _loss(outputs, cell, weight, cell_weight):
