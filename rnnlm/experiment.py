@@ -36,7 +36,7 @@ from rnnlm.config import TrainConfig
 from rnnlm.corpus import fetch_corpus, sha1_of
 from rnnlm.data import DataError, split_corpus
 from rnnlm.generate import generate
-from rnnlm.model import RNNLM, device_name, pick_device
+from rnnlm.model import RNNLM, device_name, matmul_precision, pick_device
 from rnnlm.stream import tokenize_file
 from rnnlm.train import EpochStats, TrainSettings, TrainState, make_optimizer, train
 from rnnlm.vocab import Vocab
@@ -213,7 +213,7 @@ def fit(
         model, train_ids, val_ids, settings_of(config), optimizer, generator, state, on_epoch, save,
         config.checkpoint_every,
     )  # fmt: skip
-    return _summary(state, device, resumed_from, config.cpu_threads)
+    return _summary(state, device, resumed_from, config.cpu_threads, matmul_precision(model, device, config.amp))
 
 
 def _iterator_policy(config: TrainConfig) -> dict:
@@ -268,7 +268,9 @@ def read_resumable(
     return ckpt
 
 
-def _summary(state: TrainState, device: torch.device, resumed_from: int, cpu_threads: int = 0) -> dict:
+def _summary(
+    state: TrainState, device: torch.device, resumed_from: int, cpu_threads: int = 0, matmuls: str = "float32"
+) -> dict:
     last = state.history[-1]
     return {
         "epochs": state.epoch,
@@ -279,6 +281,7 @@ def _summary(state: TrainState, device: torch.device, resumed_from: int, cpu_thr
         "tokens_per_sec": float(np.mean([s.tokens_per_sec for s in state.history])),
         "train_seconds": float(sum(s.seconds for s in state.history)),
         "device": device_name(device, cpu_threads),
+        "matmuls": matmuls,
         "history": [asdict(s) for s in state.history],
     }
 

@@ -136,6 +136,20 @@ def pick_device(preference: str = "auto") -> torch.device:
     return torch.device(preference)
 
 
+def matmul_precision(model: RNNLM, device: torch.device, amp: bool) -> str:
+    """What `amp` means for this model here, in words: the precision its training matmuls take."""
+    if not amp:
+        return "float32"
+    if device.type != "cpu":
+        return "bf16 autocast (forward pass)"
+    window = torch.zeros(1, KERNEL_MIN_STEPS, dtype=torch.int64)  # a training window: the kernels' case
+    if not model._use_recurrence(window):
+        return "bf16 autocast (forward pass, torch's CPU layers)"
+    if model.rnn_type == "lstm" and recurrence.bf16_enabled():
+        return "bf16 recurrent matmuls (AVX512-BF16), float32 elsewhere"
+    return "float32 (amp's bf16 kernels serve the LSTM on CPUs with AVX512-BF16)"
+
+
 def device_name(device: torch.device, cpu_threads: int = 0) -> str:
     """Human-readable device, e.g. 'cuda:0 (NVIDIA H200)' or 'cpu (2 threads)'; `cpu_threads` 0 = torch's setting.
     With one torch thread on a machine of several cores, the recurrences use a second core

@@ -289,6 +289,7 @@ def log_results(run_id: str, result: dict, samples: dict, plot_path: str, vocab_
     final = {f"final_{k}": v for k, v in result.items() if k in _FINAL and v is not None}
     mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in final.items()])
     mlflow_client.set_tag(run_id, "device", result["device"])
+    mlflow_client.set_tag(run_id, "matmuls", result["matmuls"])
     with tempfile.TemporaryDirectory() as tmp:
         samples_path = Path(tmp) / "samples.json"
         samples_path.write_text(json.dumps(samples, indent=1))

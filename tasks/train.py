@@ -97,9 +97,10 @@ def train_model(config: TrainConfig, data: experiment.PreparedData, run_id: str)
     finally:
         metrics.flush()  # what was measured before a failure is kept
     logger.info(
-        "trained %d epochs on %s: train perplexity %.2f, %s tokens/s",
+        "trained %d epochs on %s, %s matmuls: train perplexity %.2f, %s tokens/s",
         result["epochs"],
         result["device"],
+        result["matmuls"],
         result["train_perplexity"],
         f"{result['tokens_per_sec']:,.0f}",
     )
@@ -143,6 +144,7 @@ def report(config: TrainConfig, run_id: str, result: dict, samples: dict, tracki
         f"| validation perplexity | {val:.3f} |" if val is not None else "| validation perplexity | - |",
         f"| tokens/s | {result['tokens_per_sec']:,.0f} |",
         f"| device | {result['device']} |",
+        f"| matmuls | {result['matmuls']} |",
         f"| epochs | {result['epochs']} |",
         "",
         "## Samples",

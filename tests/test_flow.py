@@ -59,6 +59,7 @@ def test_flow_trains_logs_and_registers(tmp_path, corpus_url, mlflow_store):
     for name, value in config.model_dump(mode="json").items():
         assert run.data.params[name] == str(value)
     assert {"corpus_file_sha1", "vocab_size", "torch_version", "git_commit"} <= run.data.params.keys()
+    assert run.data.tags["device"].startswith("cpu") and run.data.tags["matmuls"] == "float32"
     history = client.get_metric_history(out["run_id"], "train_perplexity")
     assert [m.step for m in history] == [1, 2, 3, 4]
     assert [m.step for m in client.get_metric_history(out["run_id"], "val_perplexity")] == [2, 4]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rnnlm import native, recurrence
-from rnnlm.model import KERNEL_MIN_STEPS, RNNLM
+from rnnlm.model import KERNEL_MIN_STEPS, RNNLM, matmul_precision
 
 
 def _run(model, tokens, state, fused: bool):
@@ -48,6 +48,20 @@ def test_recurrence_serves_one_layer_models_in_float32_only():
     assert RNNLM(5, 4, "lstm")._use_recurrence(tokens) == recurrence.native_enabled()
     assert not RNNLM(5, 4, "lstm", num_layers=2)._use_recurrence(tokens)
     assert not RNNLM(5, 4, "rnn").double()._use_recurrence(tokens)
+
+
+def test_the_run_says_what_amp_means_for_its_model_here(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert matmul_precision(RNNLM(5, 4, "lstm"), cpu, amp=False) == "float32"
+    assert matmul_precision(RNNLM(5, 4, "lstm"), cuda, amp=True).startswith("bf16 autocast")
+    if not recurrence.native_enabled():
+        pytest.skip("no C compiler here: the compiled kernels are not built")
+    assert matmul_precision(RNNLM(5, 4, "rnn"), cpu, amp=True).startswith("float32")  # no bf16 kernel for it
+    monkeypatch.setattr(native, "bf16_native", lambda: False)
+    assert matmul_precision(RNNLM(5, 4, "lstm"), cpu, amp=True).startswith("float32")  # bf16 would be slower here
+    monkeypatch.setattr(native, "bf16_native", lambda: True)
+    assert matmul_precision(RNNLM(5, 4, "lstm"), cpu, amp=True).startswith("bf16 recurrent matmuls")
+    assert matmul_precision(RNNLM(5, 4, "lstm", num_layers=2), cpu, amp=True).startswith("bf16 autocast")
 
 
 @pytest.mark.parametrize("rnn", ["rnn", "lstm"])
