@@ -5,8 +5,9 @@
    window (35 steps forward, or 35 back) is one call into a register-blocked matmul with the elementwise work fused
    in, and the caller runs two halves of the batch on two cores at once (ctypes releases the GIL).
 
-   Layouts are torch's: row-major float32, tokens int64, states (steps, batch, hidden). Every function works on the
-   batch rows [r0, r1) only, so that two threads can share one call's buffers. */
+   Layouts are torch's: row-major float32, tokens int64, states (steps, batch, hidden). The tanh RNN's windows and
+   the LSTM's bf16 ones (`amp`) work on the batch rows [r0, r1) only, so that two threads can share one call's
+   buffers; the GRU's and the LSTM's float32 windows split the hidden units instead (see step_done). */
 
 #include <sched.h>
 #include <stddef.h>
@@ -535,7 +536,7 @@ void rnnlm_lstm_backward(int steps, int batch, int H, int u0, int u1, int me, in
    other. The gates, cell and state stay float32; only the matmuls' inputs are rounded to bf16.
 
    Forward: as rnnlm_lstm_forward, plus hs16 (steps + 1, batch, ldh) = bf16 of [h0, hs], ldh = H rounded up to even
-   (what each step multiplies, and what W_hh's gradient needs). whh: W_hh packed by rnnlm_pack_bf16 with trans=1.
+   (row block t is what step t multiplies). whh: W_hh packed by rnnlm_pack_bf16 with trans=1.
    scratch: (r1 - r0) x panels(4H). */
 void rnnlm_lstm_forward_bf16(int steps, int batch, int H, int r0, int r1, const int64_t *tokens, const float *h0,
                              const float *c0, const float *emb, const uint32_t *whh, uint16_t *hs16, float *hs,

@@ -16,6 +16,9 @@ first that works here is used:
 
 In every kernel the weights' gradients are one large matmul over all steps (oneDNN's, about 2x torch's matmul on
 AMD CPUs), not small ones per step. docs/benchmarks.md has the measurements and the machine's matmul limit.
+
+Under `amp` on CPUs with AVX512-BF16, the LSTM's compiled kernels take bf16 matmuls (`OneHotLSTM` with `bf16`):
+inputs rounded to bf16, products summed in float32 (vdpbf16ps), everything else float32.
 """
 
 from __future__ import annotations
@@ -462,9 +465,10 @@ class OneHotLSTM(torch.autograd.Function):
             steps, batch, hidden = hs.shape
             hs16 = torch.empty((steps + 1, batch, native.even(hidden)), dtype=torch.bfloat16)  # bf16 of [h0, hs]
             whh16 = native.pack_bf16(w_hh, trans=True)
-            _by_halves(batch, overlap, lambda rows: native.lstm_forward_bf16(
+            run_rows = lambda rows: native.lstm_forward_bf16(  # noqa: E731
                 tokens, h0, c0, emb, whh16, hs16, hs, cs, gates, tcs, rows
-            ))  # fmt: skip
+            )
+            _by_halves(batch, overlap, run_rows)
         else:
             run = lambda *party: native.lstm_forward(  # noqa: E731
                 tokens, h0, c0, emb, w_hh.detach(), hs, cs, gates, tcs, *party
@@ -502,10 +506,11 @@ class OneHotLSTM(torch.autograd.Function):
         grad_h0, grad_c0 = torch.empty_like(h0), torch.empty_like(c0)
         whh16, panels = native.pack_bf16(w_hh, trans=False), native.pair_panels(steps * batch, 4 * hidden)
         by_token = torch.zeros((2, w_ih.shape[1], 4 * hidden))  # each half's sums of gate gradients by input token
-        _by_halves(batch, ctx.overlap, lambda rows: native.lstm_backward_bf16(
-            tokens, c0, cs, gates, tcs, grad_out, grad_c_last, whh16, panels, by_token[int(rows[0] > 0)],
-            grad_h0, grad_c0, rows,
-        ))  # fmt: skip
+        run_rows = lambda rows: native.lstm_backward_bf16(  # noqa: E731
+            tokens, c0, cs, gates, tcs, grad_out, grad_c_last, whh16, panels, by_token[int(rows[0] > 0)], grad_h0,
+            grad_c0, rows,
+        )  # fmt: skip
+        _by_halves(batch, ctx.overlap, run_rows)
         grad_w_hh = recurrent_weight_grad_bf16(panels, h0, hs, 4, ctx.overlap)
         grad_w_ih = by_token.sum(0)  # (vocab, 4H)
         grad_b = grad_w_ih.sum(0)
