@@ -1,9 +1,9 @@
 """Side-by-side training speed: the book's `train_ch8` loop against the project's trainer, in one process.
 
 Both train on the same tokens (the first 10,000 characters of The Time Machine), from the same initial weights, with
-the same hyperparameters. They alternate in short timed segments (`--segment` epochs each) after a warm-up, so that
-noise from other processes on the machine hits both alike. Printed: tokens/s of each, the ratio, and the last-epoch
-training perplexity of each after the full schedule.
+the same hyperparameters and the same random offset each epoch. They alternate in short timed segments (`--segment`
+epochs each) after a warm-up, so that noise from other processes on the machine hits both alike. Printed: tokens/s
+of each, the ratio, and the last-epoch training perplexity of each after the full schedule.
 
     .venv/bin/python bench/train_speed.py                 # RNN, GRU, LSTM at 500 epochs (about 10 minutes on 2 cores)
     .venv/bin/python bench/train_speed.py --quick         # 60 epochs each, a smoke run
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import random
 import statistics
 import sys
 import time
@@ -63,9 +62,12 @@ class BookRNNModel(nn.Module):
         return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
 
 
-def book_seq_data_iter_sequential(corpus: list[int], batch_size: int, num_steps: int):
-    """D2L `seq_data_iter_sequential`: the minibatches rebuilt from a Python list every epoch."""
-    offset = random.randint(0, num_steps)
+def book_seq_data_iter_sequential(corpus: list[int], batch_size: int, num_steps: int, offsets: torch.Generator):
+    """D2L `seq_data_iter_sequential`: the minibatches rebuilt from a Python list every epoch. The book draws the
+    offset with `random.randint(0, num_steps)`; here the same range comes from a torch generator seeded as the
+    project's, so that both loops see the same offsets and their perplexities compare pair by pair (with different
+    offsets, the last epochs' spikes differ by chance: docs/benchmarks.md)."""
+    offset = int(torch.randint(0, num_steps + 1, (1,), generator=offsets))
     num_tokens = ((len(corpus) - offset - 1) // batch_size) * batch_size
     Xs = torch.tensor(corpus[offset : offset + num_tokens])
     Ys = torch.tensor(corpus[offset + 1 : offset + 1 + num_tokens])
@@ -84,11 +86,11 @@ def book_grad_clipping(net: nn.Module, theta: float) -> None:
             param.grad[:] *= theta / norm
 
 
-def book_train_epoch(net, corpus, batch_size, num_steps, loss, updater, device) -> tuple[float, int]:
+def book_train_epoch(net, corpus, batch_size, num_steps, loss, updater, device, offsets) -> tuple[float, int]:
     """D2L `train_epoch_ch8` (sequential partitioning); returns (perplexity, tokens)."""
     state = None
     metric = [0.0, 0.0]
-    for X, Y in book_seq_data_iter_sequential(corpus, batch_size, num_steps):
+    for X, Y in book_seq_data_iter_sequential(corpus, batch_size, num_steps, offsets):
         if state is None:
             state = net.begin_state(batch_size=X.shape[0], device=device)
         elif not isinstance(state, tuple):
@@ -192,7 +194,6 @@ def sync() -> None:
 
 def race(args, rnn: str, seed: int, vocab_size: int, corpus: list[int], device: torch.device) -> dict:
     """Train both loops for the full schedule, alternating segments; return their speeds and perplexities."""
-    random.seed(seed)  # the book's offsets come from Python's `random`
     book, project = make_pair(rnn, vocab_size, args.num_hiddens, seed, device)
     book_opt = torch.optim.SGD(book.parameters(), lr=args.lr)
     loss = nn.CrossEntropyLoss()
@@ -201,11 +202,12 @@ def race(args, rnn: str, seed: int, vocab_size: int, corpus: list[int], device: 
     )
     project_opt = make_optimizer(project, args.lr)
     generator = torch.Generator().manual_seed(seed)
+    offsets = torch.Generator().manual_seed(seed)  # the book loop's: the same stream of offsets as the project's
     tokens = torch.tensor(corpus, dtype=torch.uint8).to(device)
 
     def book_step():
         with torch_threads(args.book_threads, device):  # 0: torch's default, as the book runs
-            return book_train_epoch(book, corpus, args.batch_size, args.num_steps, loss, book_opt, device)
+            return book_train_epoch(book, corpus, args.batch_size, args.num_steps, loss, book_opt, device, offsets)
 
     def project_step():
         ppl, _, _ = train_epoch(project, tokens, settings, project_opt, generator)
