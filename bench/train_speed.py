@@ -338,7 +338,8 @@ def project_kernels(threads: int) -> str:
     with torch_threads(threads, torch.device("cpu")):  # as the trainer sets them
         split = "two cores" if recurrence.overlap_enabled() else "one core"
     if recurrence.native_enabled():
-        return f"compiled (rnnlm/kernels.c) for RNN, GRU and LSTM, on {split}"
+        bf16 = ", the LSTM's with bf16 matmuls under --amp" if recurrence.bf16_enabled() else ""
+        return f"compiled (rnnlm/kernels.c) for RNN, GRU and LSTM, on {split}{bf16}"
     return f"{'oneDNN' if recurrence.ONEDNN else 'plain torch'} for RNN and GRU, torch's LSTM layer"
 
 
