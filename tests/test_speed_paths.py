@@ -11,7 +11,7 @@ from rnnlm.config import TrainConfig
 from rnnlm.data import as_tensor
 from rnnlm.experiment import settings_of
 from rnnlm.memory import keep_freed_memory
-from rnnlm.model import RNNLM
+from rnnlm.model import RNNLM, matmul_precision
 from rnnlm.train import TrainSettings, make_optimizer, torch_threads, train_epoch
 from rnnlm.vocab import build_vocab, encode, prepare_text
 
@@ -61,16 +61,19 @@ def test_cpu_threads_are_set_for_the_block_and_restored():
 def _five_epochs(corpus, amp: bool) -> tuple[list[float], RNNLM]:
     vocab_size, ids = corpus
     torch.manual_seed(0)
-    model = RNNLM(vocab_size, 32, "gru")
+    model = RNNLM(vocab_size, 32, "lstm")
     optimizer, generator = make_optimizer(model, 1.0), torch.Generator().manual_seed(0)
     return [train_epoch(model, ids, _settings(amp=amp), optimizer, generator)[0] for _ in range(5)], model
 
 
 def test_bf16_autocast_trains_like_float32(corpus):
-    """amp runs the forward pass in bf16 (results differ slightly) and keeps weights and updates in float32."""
+    """amp runs the LSTM's matmuls in bf16 here (results differ slightly: the compiled bf16 kernels on AVX512-BF16
+    CPUs, torch's autocast without a compiler), or, where bf16 kernels would be slower, keeps float32 (the same
+    results); weights and updates stay float32 either way."""
     fp32, _ = _five_epochs(corpus, amp=False)
     bf16, model = _five_epochs(corpus, amp=True)
-    assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.02)
+    in_bf16 = matmul_precision(model, torch.device("cpu"), amp=True).startswith("bf16")
+    assert (bf16 != fp32) == in_bf16 and bf16 == pytest.approx(fp32, rel=0.02)
     assert bf16[-1] < 0.5 * bf16[0] and all(p.dtype == torch.float32 for p in model.parameters())
 
 
