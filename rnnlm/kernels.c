@@ -531,21 +531,27 @@ void rnnlm_lstm_backward(int steps, int batch, int H, int u0, int u1, int me, in
     put_units(batch, H, u0, U, dc, grad_c0);
 }
 
-/* The LSTM with bf16 matmuls (`amp` on CPUs with AVX512-BF16), over batch rows [r0, r1) and all units: in bf16
-   W_hh (0.5 MB at H = 256) fits one core's L2, so two threads take half the batch each and never wait for each
-   other. The gates, cell and state stay float32; only the matmuls' inputs are rounded to bf16.
+/* The LSTM with bf16 matmuls (`amp` on CPUs with AVX512-BF16) and the output layer, over batch rows [r0, r1) and
+   all units: in bf16 W_hh (0.5 MB at H = 256) fits one core's L2, so two threads take half the batch each and never
+   wait for each other. The gates, cell and state stay float32; only the recurrent matmuls' inputs are rounded to
+   bf16. The output layer (V logits a row, float32) is computed in the same windows, a few rows at a time, instead of
+   as three skinny matmuls over the whole window afterwards.
 
    Forward: as rnnlm_lstm_forward, plus hs16 (steps + 1, batch, ldh) = bf16 of [h0, hs], ldh = H rounded up to even
-   (row block t is what step t multiplies). whh: W_hh packed by rnnlm_pack_bf16 with trans=1.
-   scratch: (r1 - r0) x panels(4H). */
-void rnnlm_lstm_forward_bf16(int steps, int batch, int H, int r0, int r1, const int64_t *tokens, const float *h0,
-                             const float *c0, const float *emb, const uint32_t *whh, uint16_t *hs16, float *hs,
-                             float *cs, float *gates, float *tcs, float *scratch) {
+   (row block t is what step t multiplies), and logits (steps * batch, V) = hs @ W_out.T + b_out. whh: W_hh packed by
+   rnnlm_pack_bf16 with trans=1; wout: W_out (V x H) packed by rnnlm_pack with trans=1. scratch: (r1 - r0) x
+   panels(4H); scratch_out: (r1 - r0) x panels(V). */
+void rnnlm_lstm_forward_bf16(int steps, int batch, int H, int V, int r0, int r1, const int64_t *tokens,
+                             const float *h0, const float *c0, const float *emb, const uint32_t *whh,
+                             const float *wout, const float *b_out, uint16_t *hs16, float *hs, float *cs, float *gates,
+                             float *tcs, float *logits, float *scratch, float *scratch_out) {
     int M = r1 - r0, ldh = H + (H & 1), panels = (4 * H + NR - 1) / NR, ldc = panels * NR;
+    int out_panels = (V + NR - 1) / NR, ldo = out_panels * NR;
     for (int i = r0; i < r1; i++) bf16_row(H, h0 + (size_t)i * H, hs16 + (size_t)i * ldh);
     for (int t = 0; t < steps; t++) {
         const float *prev_c = previous(c0, cs, t, batch, H);
-        gemm16(M, ldh / 2, panels, (const uint32_t *)(hs16 + ((size_t)t * batch + r0) * ldh), ldh / 2, whh, scratch, ldc);
+        size_t first = (size_t)t * batch + r0;
+        gemm16(M, ldh / 2, panels, (const uint32_t *)(hs16 + first * ldh), ldh / 2, whh, scratch, ldc);
         for (int i = r0; i < r1; i++) {
             size_t row = (size_t)t * batch + i;
             float *h = hs + row * H;
@@ -553,30 +559,45 @@ void rnnlm_lstm_forward_bf16(int steps, int batch, int H, int r0, int r1, const 
                       prev_c + (size_t)i * H, gates + row * 4 * H, cs + row * H, tcs + row * H, h);
             bf16_row(H, h, hs16 + (row + batch) * ldh);
         }
+        gemm(M, H, out_panels, hs + first * H, H, wout, scratch_out, ldo);
+        for (int i = 0; i < M; i++)
+            for (int v = 0; v < V; v++) logits[(first + i) * V + v] = scratch_out[(size_t)i * ldo + v] + b_out[v];
     }
 }
 
-/* Its backward over rows [r0, r1): as rnnlm_lstm_backward, but the gate gradients are not kept in float32. Each row's
-   goes (1) in bf16 to g16 (this party's rows of the step), the input of the step's matmul, (2) in bf16 to gpanels,
-   laid out by put_pair_row for W_hh's gradient (rnnlm_weight_grad_bf16), and (3) added to token_grad[tokens] (this
-   party's vocab x 4H buffer, zeros at the start), whose sum over the vocabulary is the biases' gradient.
-   whh: W_hh (4H x H) packed by rnnlm_pack_bf16 with trans=0. dh, dc: (r1 - r0) x H; rows: 2 x 4H floats;
-   g16: (r1 - r0) x 4H; scratch: (r1 - r0) x panels(H). */
-void rnnlm_lstm_backward_bf16(int steps, int batch, int H, int r0, int r1, const int64_t *tokens, const float *c0,
-                              const float *cs, const float *gates, const float *tcs, const float *grad_out,
+/* go (rows [r0, r1) of step t, row stride ldc) = dlogits[t] @ W_out: the gradient reaching h from the output layer.
+   wout: W_out (V x H) packed by rnnlm_pack with trans=0. */
+static void output_grad(int t, int batch, int H, int V, int r0, int r1, const float *dlogits, const float *wout,
+                        float *go, int ldc) {
+    gemm(r1 - r0, V, (H + NR - 1) / NR, dlogits + ((size_t)t * batch + r0) * V, V, wout, go, ldc);
+}
+
+/* Its backward over rows [r0, r1): as rnnlm_lstm_backward, with the gradient reaching each step's h computed from
+   dlogits (steps * batch, V), plus grad_h_last (batch x H) at the last step; the gate gradients are not kept in
+   float32. Each row's goes (1) in bf16 to g16 (this party's rows of the step), the input of the step's matmul,
+   (2) in bf16 to gpanels, laid out by put_pair_row for W_hh's gradient (rnnlm_weight_grad_bf16), and (3) added to
+   token_grad[tokens] (this party's vocab x 4H buffer, zeros at the start), whose sum over the vocabulary is the
+   biases' gradient. whh: W_hh (4H x H) packed by rnnlm_pack_bf16 with trans=0; wout: W_out packed by rnnlm_pack with
+   trans=0. dh, dc: (r1 - r0) x H; rows: 2 x 4H floats; g16: (r1 - r0) x 4H; scratch, go: (r1 - r0) x panels(H). */
+void rnnlm_lstm_backward_bf16(int steps, int batch, int H, int V, int r0, int r1, const int64_t *tokens,
+                              const float *c0, const float *cs, const float *gates, const float *tcs,
+                              const float *dlogits, const float *wout, const float *grad_h_last,
                               const float *grad_c_last, const uint32_t *whh, uint16_t *gpanels, float *token_grad,
                               float *grad_h0, float *grad_c0, float *dh, float *dc, float *rows, uint16_t *g16,
-                              float *scratch) {
+                              float *scratch, float *go) {
     int M = r1 - r0, N = steps * batch, panels = (H + NR - 1) / NR, ldc = panels * NR;
-    take_units(M, H, 0, H, grad_out + ((size_t)(steps - 1) * batch + r0) * H, dh);
+    output_grad(steps - 1, batch, H, V, r0, r1, dlogits, wout, go, ldc);
+    take_units(M, H, 0, H, grad_h_last + (size_t)r0 * H, dh);
+    add_block(M, H, go, ldc, dh);
     take_units(M, H, 0, H, grad_c_last + (size_t)r0 * H, dc);
     for (int t = steps - 1; t >= 0; t--) {
+        if (t > 0) output_grad(t - 1, batch, H, V, r0, r1, dlogits, wout, go, ldc);
         for (int i = r0; i < r1; i++) {
             size_t n = (size_t)t * batch + i;
             int first = (n & 1) == 0 && i + 1 < r1, second = (n & 1) && i > r0; /* rows n, n + 1 both here */
             float *out = rows + (second ? 4 * H : 0);
             lstm_cell_grad(H, H, gates + n * 4 * H, tcs + n * H, previous(c0, cs, t, batch, H) + (size_t)i * H,
-                           t == 0 ? NULL : grad_out + (n - batch) * H, out, dh + (size_t)(i - r0) * H,
+                           t == 0 ? NULL : go + (size_t)(i - r0) * ldc, out, dh + (size_t)(i - r0) * H,
                            dc + (size_t)(i - r0) * H);
             bf16_row(4 * H, out, g16 + (size_t)(i - r0) * 4 * H);
             float *tg = token_grad + (size_t)tokens[n] * 4 * H;

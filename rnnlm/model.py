@@ -44,9 +44,11 @@ class RNNLM(nn.Module):
     def forward(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """tokens (batch_size, num_steps) int64 -> logits (num_steps * batch_size, vocab_size), time-major."""
         if self._use_recurrence(tokens):
-            bf16 = _autocast_on_cpu() and self.rnn_type == "lstm" and recurrence.bf16_enabled()
-            with torch.autocast("cpu", enabled=False):  # the kernels set their own precision: see `_recurrence`
-                outputs, state = self._recurrence(tokens, state, bf16)
+            bf16 = self.rnn_type == "lstm" and _autocast_on_cpu() and recurrence.bf16_enabled()
+            with torch.autocast("cpu", enabled=False):  # the kernels set their own precision
+                if bf16:
+                    return self._lstm_bf16(tokens, state)
+                outputs, state = self._recurrence(tokens, state)
                 return self._output(outputs.reshape(-1, outputs.shape[-1])), state
         inputs = F.one_hot(tokens.T, self.vocab_size).float()  # (num_steps, batch_size, vocab_size)
         outputs, state = self.rnn(inputs, state)  # (num_steps, batch_size, num_hiddens)
@@ -81,14 +83,13 @@ class RNNLM(nn.Module):
             and self.rnn.weight_hh_l0.dtype == torch.float32
         )
 
-    def _recurrence(self, tokens: torch.Tensor, state: State, bf16: bool = False) -> tuple[torch.Tensor, State]:
-        """The book's one-hot RNN, GRU or LSTM through `rnnlm.recurrence`: same parameters, same function (for the
-        LSTM with `bf16`, the recurrent matmuls from bf16 inputs, summed in float32)."""
+    def _recurrence(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """The book's one-hot RNN, GRU or LSTM through `rnnlm.recurrence`: same parameters, same function."""
         rnn, overlap = self.rnn, recurrence.overlap_enabled()
         if self.rnn_type == "lstm":
             h0, c0 = state
             weights = (rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
-            outputs, c_last = recurrence.OneHotLSTM.apply(tokens.T, h0[0], c0[0], *weights, overlap, bf16)
+            outputs, c_last = recurrence.OneHotLSTM.apply(tokens.T, h0[0], c0[0], *weights, overlap)
             return outputs, (outputs[-1:], c_last[None])
         if self.rnn_type == "gru":
             outputs = recurrence.OneHotGRU.apply(
@@ -100,6 +101,16 @@ class RNNLM(nn.Module):
                 tokens.T, state[0], rnn.weight_ih_l0, rnn.weight_hh_l0, bias, overlap
             )  # (num_steps, batch_size, H)
         return outputs, outputs[-1:]  # the state: (1, batch_size, num_hiddens)
+
+    def _lstm_bf16(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """The LSTM under CPU autocast where bf16 is quick: bf16 recurrent matmuls, summed in float32, and the output
+        layer, in the same compiled windows (`recurrence.OneHotLSTMLogits`)."""
+        rnn, (h0, c0) = self.rnn, state
+        weights = (rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
+        logits, h_last, c_last = recurrence.OneHotLSTMLogits.apply(
+            tokens.T, h0[0], c0[0], *weights, self.linear.weight, self.linear.bias, recurrence.overlap_enabled()
+        )
+        return logits, (h_last[None], c_last[None])
 
     def begin_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
         """Zero state: (num_layers, batch_size, num_hiddens), a pair of them for the LSTM."""

@@ -42,9 +42,9 @@ _SIGNATURES = {
     "rnnlm_gru_backward": [_i] * 7 + [_p] * 13,
     "rnnlm_lstm_forward": [_i] * 7 + [_p] * 11,
     "rnnlm_lstm_backward": [_i] * 7 + [_p] * 14,
-    # the bf16 windows: steps, batch, H, r0, r1, then the arrays
-    "rnnlm_lstm_forward_bf16": [_i] * 5 + [_p] * 11,
-    "rnnlm_lstm_backward_bf16": [_i] * 5 + [_p] * 17,
+    # the bf16 windows: steps, batch, H, V, r0, r1, then the arrays
+    "rnnlm_lstm_forward_bf16": [_i] * 6 + [_p] * 15,
+    "rnnlm_lstm_backward_bf16": [_i] * 6 + [_p] * 20,
     "rnnlm_weight_grad_bf16": [_i] * 6 + [_p] * 5,
 }
 _INT_RESULT = {"rnnlm_panel_width", "rnnlm_bf16_native"}
@@ -260,24 +260,29 @@ def lstm_backward(
     return _split_call("rnnlm_lstm_backward", cs.shape, units, me, parties, flags, arrays)
 
 
-def lstm_forward_bf16(tokens, h0, c0, emb, whh16, hs16, hs, cs, gates, tcs, rows: tuple[int, int]) -> None:
-    """The bf16 forward window over batch rows `rows` (see kernels.c: rnnlm_lstm_forward_bf16)."""
-    steps, batch, hidden = hs.shape
-    arrays = (tokens, h0, c0, emb, whh16, hs16, hs, cs, gates, tcs, scratch(rows[1] - rows[0], 4 * hidden))
-    library().rnnlm_lstm_forward_bf16(steps, batch, hidden, *rows, *map(_ptr, arrays))
+def lstm_forward_bf16(tokens, h0, c0, emb, whh16, wout, b_out, hs16, hs, cs, gates, tcs, logits, rows) -> None:
+    """The bf16 forward window with the output layer, over batch rows `rows` (see kernels.c:
+    rnnlm_lstm_forward_bf16)."""
+    (steps, batch, hidden), vocab, m = hs.shape, logits.shape[1], rows[1] - rows[0]
+    arrays = (tokens, h0, c0, emb, whh16, wout, b_out, hs16, hs, cs, gates, tcs, logits)
+    work = (scratch(m, 4 * hidden), scratch(m, vocab))
+    library().rnnlm_lstm_forward_bf16(steps, batch, hidden, vocab, *rows, *map(_ptr, (*arrays, *work)))
 
 
+# fmt: off
 def lstm_backward_bf16(
-    tokens, c0, cs, gates, tcs, grad_out, grad_c_last, whh16, gpanels, token_grad, grad_h0, grad_c0, rows
+    tokens, c0, cs, gates, tcs, dlogits, wout, grad_h_last, grad_c_last, whh16, gpanels, token_grad, grad_h0, grad_c0,
+    rows,
 ) -> None:
-    """The bf16 backward window over batch rows `rows` (see kernels.c: rnnlm_lstm_backward_bf16); token_grad is this
-    party's own (vocab, 4H) buffer of zeros."""
-    steps, batch, hidden = cs.shape
-    m = rows[1] - rows[0]
-    dh, dc, rows_ = torch.empty(m * hidden), torch.empty(m * hidden), torch.empty(8 * hidden)
-    g16, work = torch.empty(m * 4 * hidden, dtype=torch.bfloat16), scratch(m, hidden)
-    arrays = (tokens, c0, cs, gates, tcs, grad_out, grad_c_last, whh16, gpanels, token_grad, grad_h0, grad_c0)
-    library().rnnlm_lstm_backward_bf16(steps, batch, hidden, *rows, *map(_ptr, (*arrays, dh, dc, rows_, g16, work)))
+    # fmt: on
+    """The bf16 backward window over batch rows `rows`, from the logits' gradient (see kernels.c:
+    rnnlm_lstm_backward_bf16); token_grad is this party's own (vocab, 4H) buffer of zeros."""
+    (steps, batch, hidden), vocab, m = cs.shape, dlogits.shape[1], rows[1] - rows[0]
+    arrays = (tokens, c0, cs, gates, tcs, dlogits, wout, grad_h_last, grad_c_last, whh16, gpanels, token_grad)
+    dh, dc, pair = torch.empty(m * hidden), torch.empty(m * hidden), torch.empty(8 * hidden)
+    g16, work, go = torch.empty(m * 4 * hidden, dtype=torch.bfloat16), scratch(m, hidden), scratch(m, hidden)
+    arrays = (*arrays, grad_h0, grad_c0, dh, dc, pair, g16, work, go)
+    library().rnnlm_lstm_backward_bf16(steps, batch, hidden, vocab, *rows, *map(_ptr, arrays))
 
 
 def pair_panels(rows: int, columns: int) -> torch.Tensor:

@@ -17,8 +17,8 @@ first that works here is used:
 In every kernel the weights' gradients are one large matmul over all steps (oneDNN's, about 2x torch's matmul on
 AMD CPUs), not small ones per step. docs/benchmarks.md has the measurements and the machine's matmul limit.
 
-Under `amp` on CPUs with AVX512-BF16, the LSTM's compiled kernels take bf16 matmuls (`OneHotLSTM` with `bf16`):
-inputs rounded to bf16, products summed in float32 (vdpbf16ps), everything else float32.
+Under `amp` on CPUs with AVX512-BF16, the LSTM's compiled kernels take bf16 matmuls (`OneHotLSTMLogits`, with the
+output layer fused in): inputs rounded to bf16, products summed in float32 (vdpbf16ps), everything else float32.
 """
 
 from __future__ import annotations
@@ -449,33 +449,19 @@ class OneHotLSTM(torch.autograd.Function):
 
     The input products are rows of W_ih.T + b_ih + b_hh picked by the tokens; each step is one register-blocked
     matmul of h by W_hh with the gates fused in (rnnlm/kernels.c), the hidden units' halves on two cores when
-    `overlap`. W_hh's gradient is one matmul over all steps.
-
-    With `bf16` the recurrent matmuls (both windows' and W_hh's gradient) take bf16 inputs and sum in float32, as
-    autocast does on GPUs; everything else stays float32. W_hh is then half the size, fits one core's L2, and the
-    two cores take half the batch each instead of meeting at every step."""
+    `overlap`. W_hh's gradient is one matmul over all steps."""
 
     @staticmethod
-    def forward(ctx, tokens, h0, c0, w_ih, w_hh, b_ih, b_hh, overlap: bool = False, bf16: bool = False):
+    def forward(ctx, tokens, h0, c0, w_ih, w_hh, b_ih, b_hh, overlap: bool = False):
         tokens, h0, c0 = tokens.contiguous(), h0.contiguous(), c0.contiguous()
         emb = (w_ih.T + b_ih + b_hh).contiguous()  # (vocab, 4H): row v is W_ih one_hot(v) + both biases
-        hs = h0.new_empty((*tokens.shape, h0.shape[1]))  # (steps, batch, H)
-        cs, tcs, gates = torch.empty_like(hs), torch.empty_like(hs), hs.new_empty((*hs.shape[:2], 4 * hs.shape[2]))
-        if bf16:
-            steps, batch, hidden = hs.shape
-            hs16 = torch.empty((steps + 1, batch, native.even(hidden)), dtype=torch.bfloat16)  # bf16 of [h0, hs]
-            whh16 = native.pack_bf16(w_hh, trans=True)
-            run_rows = lambda rows: native.lstm_forward_bf16(  # noqa: E731
-                tokens, h0, c0, emb, whh16, hs16, hs, cs, gates, tcs, rows
-            )
-            _by_halves(batch, overlap, run_rows)
-        else:
-            run = lambda *party: native.lstm_forward(  # noqa: E731
-                tokens, h0, c0, emb, w_hh.detach(), hs, cs, gates, tcs, *party
-            )
-            _by_units(hs.shape[2], overlap, run)
+        hs, cs, gates, tcs = _lstm_buffers(tokens, h0)
+        run = lambda *party: native.lstm_forward(  # noqa: E731
+            tokens, h0, c0, emb, w_hh.detach(), hs, cs, gates, tcs, *party
+        )
+        _by_units(hs.shape[2], overlap, run)
         ctx.save_for_backward(tokens, h0, c0, w_ih, w_hh, hs, cs, gates, tcs)
-        ctx.overlap, ctx.bf16 = overlap, bf16
+        ctx.overlap = overlap
         return hs, cs[-1]
 
     @staticmethod
@@ -484,34 +470,72 @@ class OneHotLSTM(torch.autograd.Function):
         steps, batch, hidden = hs.shape
         grad_out = grad_out.contiguous()
         grad_c_last = torch.zeros_like(c0) if grad_c_last is None else grad_c_last.contiguous()
-        if ctx.bf16:
-            return OneHotLSTM._backward_bf16(ctx, tokens, h0, c0, w_ih, w_hh, hs, cs, gates, tcs, grad_out, grad_c_last)
-        grad_h0, grad_c0 = torch.empty_like(h0), torch.empty_like(c0)
         grad_gates = gates.new_empty(gates.shape)  # d loss / d gates before their activations
+        grad_h0, grad_c0 = torch.empty_like(h0), torch.empty_like(c0)
         run = lambda *party: native.lstm_backward(  # noqa: E731
             c0, cs, gates, tcs, grad_out, grad_c_last, w_hh.detach(), grad_gates, grad_h0, grad_c0, *party
         )
         _by_units(hidden, ctx.overlap, run)
-        grad_w_hh = recurrent_weight_grad(grad_gates, h0, hs, ctx.overlap)
         flat = grad_gates.reshape(-1, 4 * hidden)
+        grad_w_hh = recurrent_weight_grad(grad_gates, h0, hs, ctx.overlap)
         grad_w_ih = token_grad(tokens, flat, flat.new_zeros((w_ih.shape[1], 4 * hidden)))  # (vocab, 4H)
         grad_b = grad_w_ih.sum(0)
-        return None, grad_h0, grad_c0, grad_w_ih.T, grad_w_hh, grad_b, grad_b, None, None
+        return None, grad_h0, grad_c0, grad_w_ih.T, grad_w_hh, grad_b, grad_b, None
+
+
+def _lstm_buffers(tokens: torch.Tensor, h0: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """hs, cs, gates, tanh(cs) for a window: (steps, batch, H), the gates (steps, batch, 4H)."""
+    hs = h0.new_empty((*tokens.shape, h0.shape[1]))
+    return hs, torch.empty_like(hs), hs.new_empty((*hs.shape[:2], 4 * hs.shape[2])), torch.empty_like(hs)
+
+
+class OneHotLSTMLogits(torch.autograd.Function):
+    """`OneHotLSTM` with bf16 matmuls (`amp` on CPUs with AVX512-BF16), the output layer fused in; returns (logits
+    (steps * batch, vocab), time-major as the model's, h and c of the last step (batch, H)).
+
+    The recurrent matmuls (both windows' and W_hh's gradient) take bf16 inputs and sum in float32, as autocast does
+    on GPUs; the gates, state, output layer, loss and SGD stay float32. W_hh is then half the size and fits one
+    core's L2, so the two cores take half the batch each instead of meeting at every step. The output layer's logits,
+    and the gradient they send back to h, are computed inside the windows a step at a time (three skinny matmuls over
+    the window cost more than the windows' work for them)."""
 
     @staticmethod
-    def _backward_bf16(ctx, tokens, h0, c0, w_ih, w_hh, hs, cs, gates, tcs, grad_out, grad_c_last):
-        """The backward with bf16 matmuls: the batch in halves; the gate gradients are never stored in float32, the
-        window hands them over in bf16 for W_hh's gradient and summed by token for W_ih's and the biases'."""
+    def forward(ctx, tokens, h0, c0, w_ih, w_hh, b_ih, b_hh, w_out, b_out, overlap: bool = False):
+        tokens, h0, c0 = tokens.contiguous(), h0.contiguous(), c0.contiguous()
+        emb = (w_ih.T + b_ih + b_hh).contiguous()  # (vocab, 4H): row v is W_ih one_hot(v) + both biases
+        hs, cs, gates, tcs = _lstm_buffers(tokens, h0)
         steps, batch, hidden = hs.shape
+        hs16 = torch.empty((steps + 1, batch, native.even(hidden)), dtype=torch.bfloat16)  # bf16 of [h0, hs]
+        logits = hs.new_empty((steps * batch, w_out.shape[0]))
+        whh16, wout = native.pack_bf16(w_hh, trans=True), native.pack(w_out, trans=True)
+        run_rows = lambda rows: native.lstm_forward_bf16(  # noqa: E731
+            tokens, h0, c0, emb, whh16, wout, b_out.detach().contiguous(), hs16, hs, cs, gates, tcs, logits, rows
+        )
+        _by_halves(batch, overlap, run_rows)
+        ctx.save_for_backward(tokens, h0, c0, w_ih, w_hh, w_out, hs, cs, gates, tcs)
+        ctx.overlap = overlap
+        return logits, hs[-1], cs[-1]
+
+    @staticmethod
+    def backward(ctx, grad_logits, grad_h_last, grad_c_last):
+        tokens, h0, c0, w_ih, w_hh, w_out, hs, cs, gates, tcs = ctx.saved_tensors
+        steps, batch, hidden = hs.shape
+        grad_logits = grad_logits.contiguous()
+        grad_h_last = torch.zeros_like(h0) if grad_h_last is None else grad_h_last.contiguous()
+        grad_c_last = torch.zeros_like(c0) if grad_c_last is None else grad_c_last.contiguous()
         grad_h0, grad_c0 = torch.empty_like(h0), torch.empty_like(c0)
-        whh16, panels = native.pack_bf16(w_hh, trans=False), native.pair_panels(steps * batch, 4 * hidden)
+        whh16, wout = native.pack_bf16(w_hh, trans=False), native.pack(w_out, trans=False)
+        panels = native.pair_panels(steps * batch, 4 * hidden)  # the gate gradients, for W_hh's
         by_token = torch.zeros((2, w_ih.shape[1], 4 * hidden))  # each half's sums of gate gradients by input token
         run_rows = lambda rows: native.lstm_backward_bf16(  # noqa: E731
-            tokens, c0, cs, gates, tcs, grad_out, grad_c_last, whh16, panels, by_token[int(rows[0] > 0)], grad_h0,
-            grad_c0, rows,
+            tokens, c0, cs, gates, tcs, grad_logits, wout, grad_h_last, grad_c_last, whh16, panels,
+            by_token[int(rows[0] > 0)], grad_h0, grad_c0, rows,
         )  # fmt: skip
         _by_halves(batch, ctx.overlap, run_rows)
         grad_w_hh = recurrent_weight_grad_bf16(panels, h0, hs, 4, ctx.overlap)
         grad_w_ih = by_token.sum(0)  # (vocab, 4H)
         grad_b = grad_w_ih.sum(0)
-        return None, grad_h0, grad_c0, grad_w_ih.T, grad_w_hh, grad_b, grad_b, None, None
+        grad_w_out = matmul_tn(grad_logits, hs.reshape(-1, hidden))  # (vocab, H)
+        return (
+            None, grad_h0, grad_c0, grad_w_ih.T, grad_w_hh, grad_b, grad_b, grad_w_out, grad_logits.sum(0), None
+        )  # fmt: skip

@@ -154,47 +154,49 @@ def _bf16(t):
     return t.float().bfloat16().double()
 
 
-def _lstm_with_bf16_matmuls(tokens, h, c, w_ih, w_hh, b_ih, b_hh):
-    """nn.LSTM's equations in float64 over one-hot inputs, the recurrent matmul's inputs rounded to bf16."""
+def _lstm_with_bf16_matmuls(tokens, h, c, w_ih, w_hh, b_ih, b_hh, w_out, b_out):
+    """nn.LSTM's equations in float64 over one-hot inputs, the recurrent matmul's inputs rounded to bf16, and the
+    output layer: (logits (steps * batch, vocab), h and c of the last step)."""
     outputs = []
     for step in tokens:
         i, f, g, o = (w_ih.T[step] + b_ih + b_hh + _RoundedMatmul.apply(h, w_hh)).chunk(4, 1)
         c = f.sigmoid() * c + i.sigmoid() * g.tanh()
         h = o.sigmoid() * c.tanh()
         outputs.append(h)
-    return torch.stack(outputs), c
+    return torch.cat(outputs) @ w_out.T + b_out, h, c
 
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["two-threads", "one-thread"])
 def test_compiled_bf16_lstm_rounds_only_the_matmul_inputs(monkeypatch, overlap):
-    """The LSTM's bf16 kernels (`amp` on the CPU) round the recurrent matmuls' inputs to bf16 and sum in float32,
-    everything else float32: outputs and gradients agree with float64 arithmetic that rounds the same inputs (to
-    1.5e-4 of the largest value; they are 1e-3 to 1e-2 away from nn.LSTM's float32 results, and zeroing a single
-    gate gradient per row at one step puts them 2e-4 to 2e-3 away). Odd batch and hidden sizes run the edge code,
-    an odd number of steps * batch rows leaves W_hh's gradient a half pair; the two-thread case splits the batch."""
+    """The LSTM's bf16 kernels with the output layer (`amp` on the CPU) round the recurrent matmuls' inputs to bf16
+    and sum in float32, everything else float32: logits, last state and every gradient agree with float64 arithmetic
+    that rounds the same inputs (to 1.5e-4 of the largest value; they are 1e-3 to 1e-2 away from nn.LSTM's float32
+    results, and zeroing a single gate gradient per row at one step puts them 2e-4 to 2e-3 away). Odd batch, hidden
+    and vocabulary sizes run the edge code, an odd number of steps * batch rows leaves W_hh's gradient a half pair;
+    the two-thread case splits the batch."""
     if not native.library():
         pytest.skip("no C compiler here: the compiled kernels are not built")
     torch.manual_seed(3)
     steps, batch, vocab, hidden = 11, 13, 9, 41
-    layer = torch.nn.LSTM(vocab, hidden)
-    params = (layer.weight_ih_l0, layer.weight_hh_l0, layer.bias_ih_l0, layer.bias_hh_l0)
+    layer, output = torch.nn.LSTM(vocab, hidden), torch.nn.Linear(hidden, vocab)
+    params = (layer.weight_ih_l0, layer.weight_hh_l0, layer.bias_ih_l0, layer.bias_hh_l0, output.weight, output.bias)
     tokens = torch.randint(0, vocab, (steps, batch))
     initial = [torch.randn(batch, hidden) for _ in range(2)]
-    weight, cell_weight = torch.randn(steps, batch, hidden), torch.randn(batch, hidden)
+    weights = [torch.randn(steps * batch, vocab), torch.randn(batch, hidden), torch.randn(batch, hidden)]
 
     exact_params = [p.detach().double().requires_grad_() for p in params]
     exact_state = [s.double().requires_grad_() for s in initial]
-    outputs, cell = _lstm_with_bf16_matmuls(tokens, *exact_state, *exact_params)
-    _loss(outputs, cell, weight, cell_weight).backward()
-    expected = [outputs.detach(), cell.detach()] + [s.grad for s in exact_state] + [p.grad for p in exact_params]
+    results = _lstm_with_bf16_matmuls(tokens, *exact_state, *exact_params)
+    sum((r * w).sum() for r, w in zip(results, weights, strict=True)).backward()
+    expected = [r.detach() for r in results] + [s.grad for s in exact_state] + [p.grad for p in exact_params]
 
     buffer = native.pair_panels  # NaNs where the kernels must write: a word they skip shows up in the gradients
     monkeypatch.setattr(native, "pair_panels", lambda *shape: buffer(*shape).fill_(float("nan")))
     state = [s.clone().requires_grad_() for s in initial]
-    outputs, cell = recurrence.OneHotLSTM.apply(tokens, *state, *params, overlap, True)
-    _loss(outputs, cell, weight, cell_weight).backward()
-    got = [outputs.detach(), cell.detach()] + [s.grad for s in state] + [p.grad for p in params]
-    names = ["outputs", "cell", "h0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh"]
+    results = recurrence.OneHotLSTMLogits.apply(tokens, *state, *params, overlap)
+    sum((r * w).sum() for r, w in zip(results, weights, strict=True)).backward()
+    got = [r.detach() for r in results] + [s.grad for s in state] + [p.grad for p in params]
+    names = ["logits", "h", "c", "h0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_out", "bias_out"]
     for name, ours, exact in zip(names, got, expected, strict=True):
         error = float((ours.double() - exact).abs().max() / exact.abs().max())
         assert error < 1.5e-4, (name, error)
