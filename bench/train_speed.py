@@ -173,18 +173,20 @@ def matmul_peak(device: torch.device, threads: int = 0, size: int = 2048, repeat
     if device.type == "cpu" and recurrence.ONEDNN:
         linear = recurrence.linear_add(b, size)  # a @ b.T through oneDNN, b packed once
         kernels["oneDNN"] = lambda: linear(a)
-    result = {}
     with torch_threads(threads, device):
-        for name, kernel in kernels.items():
-            best = math.inf
-            for _ in range(repeats):
-                sync()
-                start = time.perf_counter()
-                kernel()
-                sync()
-                best = min(best, time.perf_counter() - start)
-            result[name] = 2 * size**3 / best / 1e9
-    return result
+        return {name: best_gflops(kernel, 2 * size**3, repeats) for name, kernel in kernels.items()}
+
+
+def best_gflops(kernel, flops: float, repeats: int) -> float:
+    """`flops` over the quickest of `repeats` runs of `kernel`, in GFLOP/s."""
+    best = math.inf
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        kernel()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return flops / best / 1e9
 
 
 def sync() -> None:
@@ -325,12 +327,7 @@ def print_row(rnn: str, seed: str, r: dict, flops: float, peak: float) -> None:
 def bf16_matmul_peak(size: int = 2048, repeats: int = 10) -> float:
     """The CPU's bf16 matmul limit in GFLOP/s (torch's bf16 matmul is oneDNN's; float32 sums), best of `repeats`."""
     a, b = torch.randn(size, size).bfloat16(), torch.randn(size, size).bfloat16()
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
+    return best_gflops(lambda: a @ b, 2 * size**3, repeats)
 
 
 def project_kernels(threads: int) -> str:

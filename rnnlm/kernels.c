@@ -124,12 +124,6 @@ static void bf16_row(int n, const float *src, uint16_t *dst) {
     if (n & 1) dst[n] = 0;
 }
 
-/* the word of rows n and n + 1 of x (row stride ld) at column j; a missing row n + 1 (n = N - 1) counts as zeros */
-static inline uint32_t row_pair(const float *x, size_t ld, int n, int N, int j) {
-    uint32_t lo = bf16_bits(x[(size_t)n * ld + j]);
-    return n + 1 < N ? lo | (uint32_t)bf16_bits(x[(size_t)(n + 1) * ld + j]) << 16 : lo;
-}
-
 void rnnlm_pack_bf16(const float *W, int K, int N, int trans, uint32_t *out) {
     int panels = (N + NR - 1) / NR, pairs = (K + 1) / 2;
     for (int p = 0; p < panels; p++)
@@ -323,16 +317,17 @@ void rnnlm_rnn_backward(int steps, int batch, int H, int r0, int r1, const float
 
 static inline float sigmoid_approx(float x) { return 0.5f + 0.5f * tanh_approx(0.5f * x); }
 
+/* dst[0:n] += src[0:n] (the arrays do not overlap) */
+static inline void add_row(int n, const float *src, float *dst) {
+#pragma GCC ivdep
+    for (int j = 0; j < n; j++) dst[j] += src[j];
+}
+
 /* out[tokens[i], 0:N] += grad[i, 0:N] for i < rows (row strides ld_grad, ld_out): the gradient of a weight that the
    one-hot inputs select rows of (torch's index_add_ on the CPU takes 10x longer for these shapes) */
 void rnnlm_token_grad(int64_t rows, int N, const int64_t *tokens, const float *grad, int64_t ld_grad, float *out,
                       int64_t ld_out) {
-    for (int64_t i = 0; i < rows; i++) {
-        float *o = out + tokens[i] * ld_out;
-        const float *g = grad + i * ld_grad;
-#pragma GCC ivdep
-        for (int j = 0; j < N; j++) o[j] += g[j];
-    }
+    for (int64_t i = 0; i < rows; i++) add_row(N, grad + i * ld_grad, out + tokens[i] * ld_out);
 }
 
 /* The GRU and LSTM windows below split the work between `parties` threads (1 or 2) by hidden units: party `me`
@@ -600,9 +595,7 @@ void rnnlm_lstm_backward_bf16(int steps, int batch, int H, int V, int r0, int r1
                            t == 0 ? NULL : go + (size_t)(i - r0) * ldc, out, dh + (size_t)(i - r0) * H,
                            dc + (size_t)(i - r0) * H);
             bf16_row(4 * H, out, g16 + (size_t)(i - r0) * 4 * H);
-            float *tg = token_grad + (size_t)tokens[n] * 4 * H;
-#pragma GCC ivdep
-            for (int j = 0; j < 4 * H; j++) tg[j] += out[j];
+            add_row(4 * H, out, token_grad + (size_t)tokens[n] * 4 * H);
             if (second)
                 put_pair_rows(N, 4 * H, (int)n - 1, rows, out, (uint32_t *)gpanels);
             else if (!first)

@@ -130,10 +130,16 @@ def _padded(n: int) -> int:
     return -(-n // width) * width
 
 
-def pack(weight: torch.Tensor, trans: bool) -> torch.Tensor:
-    """`weight` as B = weight.T (`trans`) or B = weight, in the kernels' panel layout (K x N in panels of columns)."""
+def _as_b(weight: torch.Tensor, trans: bool) -> tuple[torch.Tensor, int, int]:
+    """`weight` ready to pack, and the (K, N) of B = weight.T (`trans`) or B = weight."""
     weight = weight.detach().contiguous()
     k, n = (weight.shape[1], weight.shape[0]) if trans else weight.shape
+    return weight, k, n
+
+
+def pack(weight: torch.Tensor, trans: bool) -> torch.Tensor:
+    """`weight` as B = weight.T (`trans`) or B = weight, in the kernels' panel layout (K x N in panels of columns)."""
+    weight, k, n = _as_b(weight, trans)
     out = torch.empty(_padded(n) * k)
     library().rnnlm_pack(_ptr(weight), k, n, int(trans), _ptr(out))
     return out
@@ -147,8 +153,7 @@ def bf16_native() -> bool:
 
 def pack_bf16(weight: torch.Tensor, trans: bool) -> torch.Tensor:
     """As `pack`, in bf16 for the bf16 kernels: panels of k-pairs, each 32-bit word two bf16 (see kernels.c)."""
-    weight = weight.detach().contiguous()
-    k, n = (weight.shape[1], weight.shape[0]) if trans else weight.shape
+    weight, k, n = _as_b(weight, trans)
     if trans and k % 2 == 0 and n == _padded(n):
         # each word is two neighbours of a row of W: torch's bf16 rounding (also to nearest even) gives the words,
         # one transpose per panel puts them in place (60 us against the C loop's 160 for W_hh at H = 256)
@@ -269,16 +274,13 @@ def lstm_forward_bf16(tokens, h0, c0, emb, whh16, wout, b_out, hs16, hs, cs, gat
     library().rnnlm_lstm_forward_bf16(steps, batch, hidden, vocab, *rows, *map(_ptr, (*arrays, *work)))
 
 
-# fmt: off
 def lstm_backward_bf16(
-    tokens, c0, cs, gates, tcs, dlogits, wout, grad_h_last, grad_c_last, whh16, gpanels, token_grad, grad_h0, grad_c0,
-    rows,
+    tokens, c0, cs, gates, tcs, dlogits, wout, dh_last, dc_last, whh16, gpanels, by_token, grad_h0, grad_c0, rows
 ) -> None:
-    # fmt: on
-    """The bf16 backward window over batch rows `rows`, from the logits' gradient (see kernels.c:
-    rnnlm_lstm_backward_bf16); token_grad is this party's own (vocab, 4H) buffer of zeros."""
+    """The bf16 backward window over batch rows `rows`, from the logits' gradient and the last step's dh, dc (see
+    kernels.c: rnnlm_lstm_backward_bf16); by_token is this party's own (vocab, 4H) buffer of zeros."""
     (steps, batch, hidden), vocab, m = cs.shape, dlogits.shape[1], rows[1] - rows[0]
-    arrays = (tokens, c0, cs, gates, tcs, dlogits, wout, grad_h_last, grad_c_last, whh16, gpanels, token_grad)
+    arrays = (tokens, c0, cs, gates, tcs, dlogits, wout, dh_last, dc_last, whh16, gpanels, by_token)
     dh, dc, pair = torch.empty(m * hidden), torch.empty(m * hidden), torch.empty(8 * hidden)
     g16, work, go = torch.empty(m * 4 * hidden, dtype=torch.bfloat16), scratch(m, hidden), scratch(m, hidden)
     arrays = (*arrays, grad_h0, grad_c0, dh, dc, pair, g16, work, go)

@@ -453,9 +453,7 @@ class OneHotLSTM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tokens, h0, c0, w_ih, w_hh, b_ih, b_hh, overlap: bool = False):
-        tokens, h0, c0 = tokens.contiguous(), h0.contiguous(), c0.contiguous()
-        emb = (w_ih.T + b_ih + b_hh).contiguous()  # (vocab, 4H): row v is W_ih one_hot(v) + both biases
-        hs, cs, gates, tcs = _lstm_buffers(tokens, h0)
+        tokens, h0, c0, emb, (hs, cs, gates, tcs) = _lstm_window(tokens, h0, c0, w_ih, b_ih, b_hh)
         run = lambda *party: native.lstm_forward(  # noqa: E731
             tokens, h0, c0, emb, w_hh.detach(), hs, cs, gates, tcs, *party
         )
@@ -483,10 +481,13 @@ class OneHotLSTM(torch.autograd.Function):
         return None, grad_h0, grad_c0, grad_w_ih.T, grad_w_hh, grad_b, grad_b, None
 
 
-def _lstm_buffers(tokens: torch.Tensor, h0: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """hs, cs, gates, tanh(cs) for a window: (steps, batch, H), the gates (steps, batch, 4H)."""
+def _lstm_window(tokens, h0, c0, w_ih, b_ih, b_hh) -> tuple:
+    """What both LSTM kernels start from: tokens, h0, c0 contiguous; emb (vocab, 4H), whose row v is W_ih one_hot(v)
+    plus both biases; and the buffers hs, cs, gates, tanh(cs) for the window ((steps, batch, H), gates 4H wide)."""
+    emb = (w_ih.T + b_ih + b_hh).contiguous()
     hs = h0.new_empty((*tokens.shape, h0.shape[1]))
-    return hs, torch.empty_like(hs), hs.new_empty((*hs.shape[:2], 4 * hs.shape[2])), torch.empty_like(hs)
+    buffers = hs, torch.empty_like(hs), hs.new_empty((*hs.shape[:2], 4 * hs.shape[2])), torch.empty_like(hs)
+    return tokens.contiguous(), h0.contiguous(), c0.contiguous(), emb, buffers
 
 
 class OneHotLSTMLogits(torch.autograd.Function):
@@ -501,9 +502,7 @@ class OneHotLSTMLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tokens, h0, c0, w_ih, w_hh, b_ih, b_hh, w_out, b_out, overlap: bool = False):
-        tokens, h0, c0 = tokens.contiguous(), h0.contiguous(), c0.contiguous()
-        emb = (w_ih.T + b_ih + b_hh).contiguous()  # (vocab, 4H): row v is W_ih one_hot(v) + both biases
-        hs, cs, gates, tcs = _lstm_buffers(tokens, h0)
+        tokens, h0, c0, emb, (hs, cs, gates, tcs) = _lstm_window(tokens, h0, c0, w_ih, b_ih, b_hh)
         steps, batch, hidden = hs.shape
         hs16 = torch.empty((steps + 1, batch, native.even(hidden)), dtype=torch.bfloat16)  # bf16 of [h0, hs]
         logits = hs.new_empty((steps * batch, w_out.shape[0]))
