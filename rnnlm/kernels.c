@@ -607,3 +607,61 @@ void rnnlm_lstm_backward_bf16(int steps, int batch, int H, int V, int r0, int r1
     put_units(M, H, 0, H, dh, grad_h0 + (size_t)r0 * H);
     put_units(M, H, 0, H, dc, grad_c0 + (size_t)r0 * H);
 }
+
+/* exp(x) to about 2 float32 ulps (Cephes' expf: 2^n times a polynomial on [-ln 2 / 2, ln 2 / 2]), 0 below -87 and
+   for x <= 0 only (the softmax below subtracts each row's largest logit first) */
+static inline float exp_approx(float x) {
+    float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f), small = x < -87.0f;
+    x = small ? -87.0f : x;
+    n = small ? -126.0f : n;
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f, p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { uint32_t u; float f; } scale = {.u = (uint32_t)((int32_t)n + 127) << 23};
+    return small ? 0.0f : p * scale.f;
+}
+
+/* The mean cross-entropy of the logits (steps * batch, V; rows n = t * batch + i, targets the same way) over batch
+   rows [r0, r1) of every step, and what it sends back, without autograd: each logits row is replaced by its
+   gradient, (softmax - one_hot(target)) * scale with scale = 1 / (steps * batch); loss[0] gets the rows' summed
+   cross-entropy, grad_b (V) their gradients' sum and grad_w (V x H) sum_n grad[n]^T hs[n]: the output layer's
+   bias and weight gradients (this party's share; zeros at the start). */
+void rnnlm_output_loss(int steps, int batch, int H, int V, int r0, int r1, const int64_t *targets, const float *hs,
+                       float *logits, float scale, double *loss, float *grad_b, float *grad_w) {
+    double total = 0.0;
+    for (int t = 0; t < steps; t++)
+        for (int i = r0; i < r1; i++) {
+            size_t n = (size_t)t * batch + i;
+            float *row = logits + n * V, top = row[0], sum = 0.0f;
+            const float *h = hs + n * H;
+            for (int v = 1; v < V; v++) top = row[v] > top ? row[v] : top;
+            total += top - row[targets[n]];
+            for (int v = 0; v < V; v++) sum += row[v] = exp_approx(row[v] - top);
+            total += __builtin_logf(sum);
+            float norm = scale / sum;
+            for (int v = 0; v < V; v++) row[v] *= norm;
+            row[targets[n]] -= scale;
+            for (int v = 0; v < V; v++) {
+                float g = row[v], *w = grad_w + (size_t)v * H;
+                grad_b[v] += g;
+#pragma GCC ivdep
+                for (int j = 0; j < H; j++) w[j] += g * h[j];
+            }
+        }
+    loss[0] += total;
+}
+
+/* dst (C x R) += alpha * src (R x C, row stride ld): the SGD step of a weight whose gradient was computed as its
+   transpose (W_hh's, W_ih's), 16 x 16 tiles at a time */
+void rnnlm_add_transposed(int R, int C, float alpha, const float *src, int64_t ld, float *dst) {
+    for (int r0 = 0; r0 < R; r0 += 16)
+        for (int c0 = 0; c0 < C; c0 += 16) {
+            int r1 = r0 + 16 < R ? r0 + 16 : R, c1 = c0 + 16 < C ? c0 + 16 : C;
+            for (int c = c0; c < c1; c++)
+                for (int r = r0; r < r1; r++) dst[(size_t)c * R + r] += alpha * src[(size_t)r * ld + c];
+        }
+}

@@ -43,7 +43,7 @@ class RNNLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """tokens (batch_size, num_steps) int64 -> logits (num_steps * batch_size, vocab_size), time-major."""
-        if self._use_recurrence(tokens):
+        if self.uses_kernels(tokens):
             bf16 = self.rnn_type == "lstm" and _autocast_on_cpu() and recurrence.bf16_enabled()
             with torch.autocast("cpu", enabled=False):  # the kernels set their own precision
                 if bf16:
@@ -67,7 +67,7 @@ class RNNLM(nn.Module):
             return recurrence.Linear.apply(outputs, self.linear.weight, self.linear.bias)
         return self.linear(outputs)
 
-    def _use_recurrence(self, tokens: torch.Tensor) -> bool:
+    def uses_kernels(self, tokens: torch.Tensor) -> bool:
         """The hand-written recurrences serve one-layer models on the CPU in float32 (GPUs have cuDNN's fused
         kernels): the tanh RNN and GRU always (compiled, or else through oneDNN), the LSTM when the compiled kernels
         are built (torch's CPU LSTM is oneDNN's fused kernel, which only they beat). Only for windows of at least
@@ -154,7 +154,7 @@ def matmul_precision(model: RNNLM, device: torch.device, amp: bool) -> str:
     if device.type != "cpu":
         return "bf16 autocast (forward pass)"
     window = torch.zeros(1, KERNEL_MIN_STEPS, dtype=torch.int64)  # a training window: the kernels' case
-    if not model._use_recurrence(window):
+    if not model.uses_kernels(window):
         return "bf16 autocast (forward pass, torch's CPU layers)"
     if model.rnn_type == "lstm" and recurrence.bf16_enabled():
         return "bf16 recurrent matmuls (AVX512-BF16), float32 elsewhere"

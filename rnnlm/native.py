@@ -46,6 +46,8 @@ _SIGNATURES = {
     "rnnlm_lstm_forward_bf16": [_i] * 6 + [_p] * 15,
     "rnnlm_lstm_backward_bf16": [_i] * 6 + [_p] * 20,
     "rnnlm_weight_grad_bf16": [_i] * 6 + [_p] * 5,
+    "rnnlm_output_loss": [_i] * 6 + [_p] * 3 + [ctypes.c_float] + [_p] * 3,
+    "rnnlm_add_transposed": [_i, _i, ctypes.c_float, _p, ctypes.c_int64, _p],
 }
 _INT_RESULT = {"rnnlm_panel_width", "rnnlm_bf16_native"}
 
@@ -115,7 +117,8 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-_DTYPES = (torch.float32, torch.int64, torch.bfloat16, torch.int32)  # float, int64_t, uint16_t, uint32_t in C
+# float, int64_t, uint16_t, uint32_t, double in C
+_DTYPES = (torch.float32, torch.int64, torch.bfloat16, torch.int32, torch.float64)
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -301,3 +304,23 @@ def weight_grad_bf16(first, rest, grad_panels, out, rows: tuple[int, int]) -> No
     a_buf = torch.empty((k1 - k0) * ((n + 1) // 2), dtype=torch.int32)
     arrays = (first, rest, grad_panels, out, a_buf)
     library().rnnlm_weight_grad_bf16(n, k, g, k0, k1, n_first, *map(_ptr, arrays))
+
+
+def output_loss(targets, hs, logits, loss, grad_b, grad_w, rows: tuple[int, int]) -> None:
+    """Turn rows `rows` of each step's logits (steps * batch, V) into the mean cross-entropy's gradient, in place,
+    adding the rows' summed loss to loss (one float64), the output bias's gradient to grad_b (V) and the output
+    weight's to grad_w (V, H) (see kernels.c: rnnlm_output_loss); targets (steps, batch) as the logits' rows."""
+    (steps, batch, hidden), vocab = hs.shape, logits.shape[1]
+    pointers = map(_ptr, (targets, hs, logits))
+    scale = 1.0 / (steps * batch)
+    library().rnnlm_output_loss(
+        steps, batch, hidden, vocab, *rows, *pointers, scale, *map(_ptr, (loss, grad_b, grad_w))
+    )
+
+
+def add_transposed(grad_t: torch.Tensor, alpha: float, weight: torch.Tensor) -> None:
+    """weight += alpha * grad_t.T, in place, for a gradient computed as its transpose (rows may be padded: unit column
+    stride is enough); weight (C, R) contiguous."""
+    assert grad_t.stride(1) == 1 and weight.is_contiguous() and weight.shape == grad_t.T.shape
+    rows, columns = grad_t.shape
+    library().rnnlm_add_transposed(rows, columns, alpha, grad_t.data_ptr(), grad_t.stride(0), _ptr(weight))

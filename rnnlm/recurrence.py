@@ -27,6 +27,7 @@ import atexit
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 
@@ -207,14 +208,14 @@ def recurrent_weight_grad(grad: torch.Tensor, h0: torch.Tensor, hs: torch.Tensor
 
 
 def recurrent_weight_grad_bf16(grad_panels: torch.Tensor, h0: torch.Tensor, hs: torch.Tensor, gates: int, overlap):
-    """As `recurrent_weight_grad`, from bf16 products summed in float32 (compiled), with grad given as
-    `native.pair_panels` of (steps * batch, gates * H); the hidden units' rows of the transposed result in halves
-    on the two cores when `overlap`."""
+    """As `recurrent_weight_grad`, transposed (H, gates * H; a view of rows padded to whole panels), from bf16
+    products summed in float32 (compiled), with grad given as `native.pair_panels` of (steps * batch, gates * H); the
+    hidden units' rows in halves on the two cores when `overlap`."""
     hidden = hs.shape[-1]
     out = native.scratch(hidden, gates * hidden).view(hidden, -1)  # (H, G*H padded to whole panels)
     h_prev = hs[:-1].reshape(-1, hidden)  # with h0 in front: what step t multiplied by W_hh
     _by_halves(hidden, overlap, lambda rows: native.weight_grad_bf16(h0, h_prev, grad_panels, out, rows))
-    return out[:, : gates * hidden].T
+    return out[:, : gates * hidden]
 
 
 def token_grad(tokens: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -490,6 +491,64 @@ def _lstm_window(tokens, h0, c0, w_ih, b_ih, b_hh) -> tuple:
     return tokens.contiguous(), h0.contiguous(), c0.contiguous(), emb, buffers
 
 
+class LSTMWindow(NamedTuple):
+    """What a bf16 LSTM window's backward needs from its forward: tokens, h0, c0 contiguous, and the window's
+    outputs hs, cells cs, gates (after their activations) and tanh(cs)."""
+
+    tokens: torch.Tensor
+    h0: torch.Tensor
+    c0: torch.Tensor
+    hs: torch.Tensor
+    cs: torch.Tensor
+    gates: torch.Tensor
+    tcs: torch.Tensor
+
+
+def lstm_bf16_forward(
+    tokens, h0, c0, w_ih, w_hh, b_ih, b_hh, w_out, b_out, overlap: bool, then: Callable | None = None
+) -> tuple[LSTMWindow, torch.Tensor]:
+    """The bf16 LSTM window with the output layer (see `OneHotLSTMLogits`): (the window, logits (steps * batch,
+    vocab)). `then(rows, window, logits)`, if given, runs on each party's thread right after its batch rows."""
+    tokens, h0, c0, emb, (hs, cs, gates, tcs) = _lstm_window(tokens, h0, c0, w_ih, b_ih, b_hh)
+    window = LSTMWindow(tokens, h0, c0, hs, cs, gates, tcs)
+    steps, batch, hidden = hs.shape
+    hs16 = torch.empty((steps + 1, batch, native.even(hidden)), dtype=torch.bfloat16)  # bf16 of [h0, hs]
+    logits = hs.new_empty((steps * batch, w_out.shape[0]))
+    whh16, wout = native.pack_bf16(w_hh, trans=True), native.pack(w_out, trans=True)
+    b_out = b_out.detach().contiguous()
+
+    def run_rows(rows: tuple[int, int]) -> None:
+        native.lstm_forward_bf16(tokens, h0, c0, emb, whh16, wout, b_out, hs16, hs, cs, gates, tcs, logits, rows)
+        if then is not None:
+            then(rows, window, logits)
+
+    _by_halves(batch, overlap, run_rows)
+    return window, logits
+
+
+def lstm_bf16_backward(
+    window: LSTMWindow, w_hh, w_out, vocab: int, grad_logits, grad_h_last, grad_c_last, overlap: bool
+) -> tuple[torch.Tensor, ...]:
+    """The bf16 LSTM window's backward from the logits' gradient and the last step's (None: zeros): (grad_h0,
+    grad_c0, W_ih's gradient transposed (vocab, 4H), W_hh's transposed (H, 4H), a view of padded rows). The biases'
+    gradient is the first's sum over its rows; the output layer's weight gradient is not computed here."""
+    tokens, h0, c0, hs, cs, gates, tcs = window
+    steps, batch, hidden = hs.shape
+    grad_h_last = torch.zeros_like(h0) if grad_h_last is None else grad_h_last.contiguous()
+    grad_c_last = torch.zeros_like(c0) if grad_c_last is None else grad_c_last.contiguous()
+    grad_h0, grad_c0 = torch.empty_like(h0), torch.empty_like(c0)
+    whh16, wout = native.pack_bf16(w_hh, trans=False), native.pack(w_out, trans=False)
+    panels = native.pair_panels(steps * batch, 4 * hidden)  # the gate gradients, for W_hh's
+    by_token = torch.zeros((2, vocab, 4 * hidden))  # each half's sums of gate gradients by input token
+    run_rows = lambda rows: native.lstm_backward_bf16(  # noqa: E731
+        tokens, c0, cs, gates, tcs, grad_logits, wout, grad_h_last, grad_c_last, whh16, panels,
+        by_token[int(rows[0] > 0)], grad_h0, grad_c0, rows,
+    )  # fmt: skip
+    _by_halves(batch, overlap, run_rows)
+    grad_w_hh_t = recurrent_weight_grad_bf16(panels, h0, hs, 4, overlap)
+    return grad_h0, grad_c0, by_token.sum(0), grad_w_hh_t
+
+
 class OneHotLSTMLogits(torch.autograd.Function):
     """`OneHotLSTM` with bf16 matmuls (`amp` on CPUs with AVX512-BF16), the output layer fused in; returns (logits
     (steps * batch, vocab), time-major as the model's, h and c of the last step (batch, H)).
@@ -498,43 +557,24 @@ class OneHotLSTMLogits(torch.autograd.Function):
     on GPUs; the gates, state, output layer, loss and SGD stay float32. W_hh is then half the size and fits one
     core's L2, so the two cores take half the batch each instead of meeting at every step. The output layer's logits,
     and the gradient they send back to h, are computed inside the windows a step at a time (three skinny matmuls over
-    the window cost more than the windows' work for them)."""
+    the window cost more than the windows' work for them). `rnnlm.fused` runs the same windows without autograd."""
 
     @staticmethod
     def forward(ctx, tokens, h0, c0, w_ih, w_hh, b_ih, b_hh, w_out, b_out, overlap: bool = False):
-        tokens, h0, c0, emb, (hs, cs, gates, tcs) = _lstm_window(tokens, h0, c0, w_ih, b_ih, b_hh)
-        steps, batch, hidden = hs.shape
-        hs16 = torch.empty((steps + 1, batch, native.even(hidden)), dtype=torch.bfloat16)  # bf16 of [h0, hs]
-        logits = hs.new_empty((steps * batch, w_out.shape[0]))
-        whh16, wout = native.pack_bf16(w_hh, trans=True), native.pack(w_out, trans=True)
-        run_rows = lambda rows: native.lstm_forward_bf16(  # noqa: E731
-            tokens, h0, c0, emb, whh16, wout, b_out.detach().contiguous(), hs16, hs, cs, gates, tcs, logits, rows
-        )
-        _by_halves(batch, overlap, run_rows)
-        ctx.save_for_backward(tokens, h0, c0, w_ih, w_hh, w_out, hs, cs, gates, tcs)
+        window, logits = lstm_bf16_forward(tokens, h0, c0, w_ih, w_hh, b_ih, b_hh, w_out, b_out, overlap)
+        ctx.save_for_backward(w_ih, w_hh, w_out, *window)
         ctx.overlap = overlap
-        return logits, hs[-1], cs[-1]
+        return logits, window.hs[-1], window.cs[-1]
 
     @staticmethod
     def backward(ctx, grad_logits, grad_h_last, grad_c_last):
-        tokens, h0, c0, w_ih, w_hh, w_out, hs, cs, gates, tcs = ctx.saved_tensors
-        steps, batch, hidden = hs.shape
-        grad_logits = grad_logits.contiguous()
-        grad_h_last = torch.zeros_like(h0) if grad_h_last is None else grad_h_last.contiguous()
-        grad_c_last = torch.zeros_like(c0) if grad_c_last is None else grad_c_last.contiguous()
-        grad_h0, grad_c0 = torch.empty_like(h0), torch.empty_like(c0)
-        whh16, wout = native.pack_bf16(w_hh, trans=False), native.pack(w_out, trans=False)
-        panels = native.pair_panels(steps * batch, 4 * hidden)  # the gate gradients, for W_hh's
-        by_token = torch.zeros((2, w_ih.shape[1], 4 * hidden))  # each half's sums of gate gradients by input token
-        run_rows = lambda rows: native.lstm_backward_bf16(  # noqa: E731
-            tokens, c0, cs, gates, tcs, grad_logits, wout, grad_h_last, grad_c_last, whh16, panels,
-            by_token[int(rows[0] > 0)], grad_h0, grad_c0, rows,
-        )  # fmt: skip
-        _by_halves(batch, ctx.overlap, run_rows)
-        grad_w_hh = recurrent_weight_grad_bf16(panels, h0, hs, 4, ctx.overlap)
-        grad_w_ih = by_token.sum(0)  # (vocab, 4H)
-        grad_b = grad_w_ih.sum(0)
-        grad_w_out = matmul_tn(grad_logits, hs.reshape(-1, hidden))  # (vocab, H)
+        w_ih, w_hh, w_out, *saved = ctx.saved_tensors
+        window, grad_logits = LSTMWindow(*saved), grad_logits.contiguous()
+        grad_h0, grad_c0, grad_w_ih_t, grad_w_hh_t = lstm_bf16_backward(
+            window, w_hh, w_out, w_ih.shape[1], grad_logits, grad_h_last, grad_c_last, ctx.overlap
+        )
+        grad_b = grad_w_ih_t.sum(0)
+        grad_w_out = matmul_tn(grad_logits, window.hs.reshape(-1, window.hs.shape[-1]))  # (vocab, H)
         return (
-            None, grad_h0, grad_c0, grad_w_ih.T, grad_w_hh, grad_b, grad_b, grad_w_out, grad_logits.sum(0), None
+            None, grad_h0, grad_c0, grad_w_ih_t.T, grad_w_hh_t.T, grad_b, grad_b, grad_w_out, grad_logits.sum(0), None
         )  # fmt: skip

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rnnlm import fused
 from rnnlm.data import as_tensor, eval_batches, random_batches, sequential_batches
 from rnnlm.memory import keep_freed_memory
 from rnnlm.model import RNNLM, detach_state
@@ -180,7 +181,11 @@ def train_epoch(
 
 
 def _step(model: RNNLM, inputs, targets, hidden, optimizer, settings: TrainSettings):
-    """Forward, backward, clip, SGD step for one minibatch; returns (detached mean loss, state), without a sync."""
+    """Forward, backward, clip, SGD step for one minibatch; returns (detached mean loss, state), without a sync.
+    The bf16 LSTM on the CPU takes the whole step in compiled code instead (`rnnlm.fused`), where it applies."""
+    if fused.applies(model, optimizer, inputs, settings.amp):
+        lr = float(optimizer.param_groups[0]["lr"])
+        return fused.sgd_step(model, inputs, targets, hidden, lr, settings.grad_clip)
     with autocast(inputs.device, settings.amp):  # the forward pass only; gradients and SGD stay float32
         logits, hidden = model(inputs, hidden)  # (num_steps * batch_size, vocab_size)
         loss = F.cross_entropy(logits.float(), targets.T.reshape(-1))

@@ -120,25 +120,23 @@ def test_a_party_that_fails_to_start_releases_its_partner(failing):
 def test_builds_for_other_x86_cpus_give_torchs_results_too(tmp_path, flag, width):
     """Machines without AVX-512 get 8-wide vectors and 6-row blocks, and machines without AVX512-BF16 get the bf16
     matmuls emulated on float32 FMAs (other code paths of kernels.c): built here with those instructions turned off,
-    the kernels must still give torch's outputs and gradients, the bf16 ones included."""
+    the kernels must still give torch's outputs and gradients, the bf16 ones and the fused training step included."""
     env = {**os.environ, "CC": f"{' '.join(native._compiler())} {flag}", "RNNLM_KERNEL_CACHE": str(tmp_path)}
     probe = "from rnnlm import native; lib = native.library(); print(lib.rnnlm_panel_width(), lib.rnnlm_bf16_native())"
     built = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert built.stdout.split() == [width, "0"]  # the panel width of the vector path, and no native bf16
-    tests = Path(__file__).with_name("test_recurrence.py")
+    tests = [str(Path(__file__).with_name(name)) for name in ("test_recurrence.py", "test_fused.py")]
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests), "-k", "compiled"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests, "-k", "compiled"],
         env=env,
         capture_output=True,
         text=True,
     )
     assert done.returncode == 0, done.stdout[-3000:]
     assert " passed" in done.stdout and "skipped" not in done.stdout
-    assert (
-        "bf16"
-        in subprocess.run(  # the bf16 tests were among those run
-            [sys.executable, "-m", "pytest", "-q", "--co", "-p", "no:cacheprovider", str(tests), "-k", "compiled"],
-            capture_output=True,
-            text=True,
-        ).stdout
-    )
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "--co", "-p", "no:cacheprovider", *tests, "-k", "compiled"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "bf16" in collected and "fused" in collected  # the bf16 tests and the fused step's were among those run

@@ -10,12 +10,12 @@ from rnnlm.model import KERNEL_MIN_STEPS, RNNLM, matmul_precision
 def _run(model, tokens, state, fused: bool):
     model.zero_grad()
     state = tuple(s.clone().requires_grad_() for s in state)
-    model._use_recurrence = (lambda t: True) if fused else (lambda t: False)
+    model.uses_kernels = (lambda t: True) if fused else (lambda t: False)
     logits, new_state = model(tokens, state if len(state) == 2 else state[0])
     parts = new_state if isinstance(new_state, tuple) else (new_state,)
     loss = (logits * torch.linspace(-1, 1, logits.shape[-1])).square().sum() + sum(p.sum() * 3 for p in parts)
     loss.backward()
-    del model._use_recurrence
+    del model.uses_kernels
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     grads |= {f"state{i}": s.grad for i, s in enumerate(state)}  # the gradient reaching the initial state
     return logits.detach(), [p.detach() for p in parts], grads
@@ -41,13 +41,13 @@ def test_recurrence_equals_torch_layers(rnn):
 
 def test_recurrence_serves_one_layer_models_in_float32_only():
     tokens = torch.zeros(2, KERNEL_MIN_STEPS, dtype=torch.int64)
-    assert not RNNLM(5, 4, "rnn")._use_recurrence(tokens[:, :1])  # one step (generation): torch's layer is faster
-    assert RNNLM(5, 4, "rnn")._use_recurrence(tokens)
-    assert not RNNLM(5, 4, "rnn", num_layers=2)._use_recurrence(tokens)
-    assert RNNLM(5, 4, "gru")._use_recurrence(tokens)
-    assert RNNLM(5, 4, "lstm")._use_recurrence(tokens) == recurrence.native_enabled()
-    assert not RNNLM(5, 4, "lstm", num_layers=2)._use_recurrence(tokens)
-    assert not RNNLM(5, 4, "rnn").double()._use_recurrence(tokens)
+    assert not RNNLM(5, 4, "rnn").uses_kernels(tokens[:, :1])  # one step (generation): torch's layer is faster
+    assert RNNLM(5, 4, "rnn").uses_kernels(tokens)
+    assert not RNNLM(5, 4, "rnn", num_layers=2).uses_kernels(tokens)
+    assert RNNLM(5, 4, "gru").uses_kernels(tokens)
+    assert RNNLM(5, 4, "lstm").uses_kernels(tokens) == recurrence.native_enabled()
+    assert not RNNLM(5, 4, "lstm", num_layers=2).uses_kernels(tokens)
+    assert not RNNLM(5, 4, "rnn").double().uses_kernels(tokens)
 
 
 def test_the_run_says_what_amp_means_for_its_model_here(monkeypatch):
