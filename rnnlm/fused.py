@@ -1,15 +1,19 @@
 """A whole training step of the bf16 LSTM (`amp` on CPUs with AVX512-BF16) without autograd.
 
 Through autograd, a minibatch of the book's LSTM spends about 1.8 ms around its 2.9 ms of compiled windows: the loss
-and its gradient as torch ops (0.25 ms), the output layer's weight gradient, the clipping norm, and the SGD step,
-whose two largest gradients (W_hh's and W_ih's) the kernels compute transposed (0.6 ms for torch's strided adds).
-Here the forward's two threads also turn their logits into the loss's gradient and sum the output layer's gradients
-(compiled, `native.output_loss`), and the SGD step adds the transposed gradients in tiles. The arithmetic is the
-autograd path's: the mean cross-entropy, every parameter's gradient, torch's global-norm clip (coefficient
-max_norm / (norm + 1e-6), at most 1) and plain SGD; tests/test_fused.py checks the two against each other.
+and its gradient as torch ops (0.25 ms), the output layer's weight gradient, the clipping norm, the SGD step, whose
+two largest gradients (W_hh's and W_ih's) the kernels compute transposed (0.6 ms for torch's strided adds), and three
+hand-overs to the helper thread (50 us each). Here each core's thread runs its share of the whole step in one
+hand-over: its batch rows' forward, then their loss, its gradient and the output layer's gradients (compiled,
+`native.output_loss`), then their backward, and after meeting the other thread, its hidden units' share of W_hh's
+gradient. The SGD step adds the transposed gradients in tiles. The arithmetic is the autograd path's: the mean
+cross-entropy, every parameter's gradient, torch's global-norm clip (coefficient max_norm / (norm + 1e-6), at most 1)
+and plain SGD; tests/test_fused.py checks the two against each other.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -36,25 +40,27 @@ def sgd_step(model: RNNLM, tokens: torch.Tensor, targets: torch.Tensor, state: S
     the last step's state), as `rnnlm.train`'s step does; the parameters' .grad are left untouched."""
     rnn, linear, (h0, c0) = model.rnn, model.linear, state
     w_ih, w_hh, b_ih, b_hh = rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0
-    overlap, vocab, hidden = recurrence.overlap_enabled(), linear.weight.shape[0], model.num_hiddens
+    vocab, hidden = linear.weight.shape[0], model.num_hiddens
     targets = targets.T.contiguous()  # time-major, as the logits' rows
     loss, grad_b_out, grad_w_out = (
         torch.zeros(2, dtype=torch.float64),
         torch.zeros(2, vocab),
         torch.zeros(2, vocab, hidden),
     )
-
-    def loss_rows(rows: tuple[int, int], window: recurrence.LSTMWindow, logits: torch.Tensor) -> None:
-        party = int(rows[0] > 0)  # each thread sums into its own buffers
-        native.output_loss(targets, window.hs, logits, loss[party], grad_b_out[party], grad_w_out[party], rows)
-
     with torch.no_grad():
-        window, grad_logits = recurrence.lstm_bf16_forward(
-            tokens.T, h0[0], c0[0], w_ih, w_hh, b_ih, b_hh, linear.weight, linear.bias, overlap, then=loss_rows
-        )  # the logits are now the loss's gradient
-        _, _, grad_w_ih_t, grad_w_hh_t = recurrence.lstm_bf16_backward(
-            window, w_hh, linear.weight, vocab, grad_logits, None, None, overlap
-        )
+        window = recurrence.BF16LSTMWindow(tokens.T, h0[0], c0[0], w_ih, w_hh, b_ih, b_hh, linear.weight, linear.bias)
+        window.prepare_backward(window.logits)  # the forward's threads turn the logits into their gradient
+
+        def stages(rows: tuple[int, int], units: tuple[int, int], meet: Callable[[], None]) -> None:
+            party = int(rows[0] > 0)  # each thread sums into its own buffers
+            window.forward(rows)
+            native.output_loss(
+                targets, window.hs, window.logits, loss[party], grad_b_out[party], grad_w_out[party], rows
+            )
+            window.backward_stages(rows, units, meet)
+
+        recurrence.rows_then_units(tokens.shape[0], hidden, recurrence.overlap_enabled(), stages)
+        _, _, grad_w_ih_t, grad_w_hh_t = window.grads()
         grad_b = grad_w_ih_t.sum(0)
         grads = [grad_w_hh_t, grad_w_ih_t, grad_b, grad_b, grad_w_out.sum(0), grad_b_out.sum(0)]
         norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))

@@ -350,6 +350,9 @@ static int step_done(int64_t *flags, int me, int parties, int64_t step) {
     return 0;
 }
 
+/* step_done for callers that run the stages between meetings themselves (rnnlm/recurrence.py: rows_then_units) */
+int rnnlm_meet(int64_t *flags, int me, int parties, int64_t step) { return step_done(flags, me, parties, step); }
+
 /* dst (batch x U) = the party's columns [u0, u0 + U) of src (batch x H) */
 static void take_units(int batch, int H, int u0, int U, const float *src, float *dst) {
     for (int i = 0; i < batch; i++)

@@ -48,8 +48,9 @@ _SIGNATURES = {
     "rnnlm_weight_grad_bf16": [_i] * 6 + [_p] * 5,
     "rnnlm_output_loss": [_i] * 6 + [_p] * 3 + [ctypes.c_float] + [_p] * 3,
     "rnnlm_add_transposed": [_i, _i, ctypes.c_float, _p, ctypes.c_int64, _p],
+    "rnnlm_meet": [_p, _i, _i, ctypes.c_int64],
 }
-_INT_RESULT = {"rnnlm_panel_width", "rnnlm_bf16_native"}
+_INT_RESULT = {"rnnlm_panel_width", "rnnlm_bf16_native", "rnnlm_meet"}
 
 
 def _cpu_features() -> str:
@@ -324,3 +325,9 @@ def add_transposed(grad_t: torch.Tensor, alpha: float, weight: torch.Tensor) -> 
     assert grad_t.stride(1) == 1 and weight.is_contiguous() and weight.shape == grad_t.T.shape
     rows, columns = grad_t.shape
     library().rnnlm_add_transposed(rows, columns, alpha, grad_t.data_ptr(), grad_t.stride(0), _ptr(weight))
+
+
+def meet(flags: torch.Tensor, me: int, parties: int, step: int) -> bool:
+    """Publish that party `me` finished `step` and wait for the others to (see kernels.c: step_done); True when a
+    party failed instead."""
+    return bool(library().rnnlm_meet(_ptr(flags), me, parties, step))

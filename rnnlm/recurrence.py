@@ -27,7 +27,6 @@ import atexit
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import NamedTuple
 
 import torch
 
@@ -170,12 +169,24 @@ def _by_halves(batch: int, overlap: bool, run: Callable[[tuple[int, int]], None]
 def _by_units(hidden: int, overlap: bool, prepare: Callable[..., Callable[[], None]]) -> None:
     """Run a compiled GRU/LSTM window: prepare(units, me, parties, flags) returns one party's call. With `overlap`
     the hidden units are halved between this thread and the helper thread, which meet at every step."""
-    if not overlap or hidden < 2:
-        prepare((0, hidden), 0, 1, None)()
+    units = _halves(hidden, 2 if overlap and hidden >= 2 else 1)
+    _in_parties(len(units), lambda me, parties, flags: prepare(units[me], me, parties, flags))
+
+
+def _halves(n: int, parties: int) -> list[tuple[int, int]]:
+    """[0, n) in `parties` (1 or 2) ranges."""
+    return [(0, n)] if parties == 1 else [(0, n // 2), (n // 2, n)]
+
+
+def _in_parties(parties: int, prepare: Callable[[int, int, torch.Tensor | None], Callable[[], None]]) -> None:
+    """Run prepare(me, parties, flags)'s call for each party (1 or 2): party 0 here, party 1 on the helper thread,
+    sharing `flags` to meet (see kernels.c: step_done). A party that fails sets the abort flag, so that its partner
+    stops waiting for it."""
+    if parties == 1:
+        prepare(0, 1, None)()
         return
     flags = torch.zeros(24, dtype=torch.int64)  # each party's finished steps, a cache line apart; then "abort"
-    half = hidden // 2
-    mine, theirs = prepare((0, half), 0, 2, flags), prepare((half, hidden), 1, 2, flags)
+    mine, theirs = prepare(0, 2, flags), prepare(1, 2, flags)
 
     def guarded(call: Callable[[], None]) -> None:
         try:
@@ -189,6 +200,26 @@ def _by_units(hidden: int, overlap: bool, prepare: Callable[..., Callable[[], No
         guarded(mine)
     finally:
         other.result()
+
+
+def rows_then_units(batch: int, hidden: int, overlap: bool, run: Callable[..., None]) -> None:
+    """run(rows, units, meet) on each party, with `overlap` one per core, so that a sequence of stages costs one
+    hand-over to the helper thread: stages over batch rows `rows`, then, after `meet()` (which returns once every
+    party has called it), stages over hidden units `units`."""
+    parties = 2 if overlap and batch >= 2 and hidden >= 2 else 1
+    rows, units = _halves(batch, parties), _halves(hidden, parties)
+
+    def prepare(me: int, parties: int, flags: torch.Tensor | None) -> Callable[[], None]:
+        met = []
+
+        def meet() -> None:
+            met.append(1)
+            if parties > 1 and native.meet(flags, me, parties, len(met)):
+                raise RuntimeError("the other party of a compiled window failed")
+
+        return lambda: run(rows[me], units[me], meet)
+
+    _in_parties(parties, prepare)
 
 
 def matmul_tn_halves(a: torch.Tensor, b: torch.Tensor, overlap: bool) -> torch.Tensor:
@@ -205,17 +236,6 @@ def recurrent_weight_grad(grad: torch.Tensor, h0: torch.Tensor, hs: torch.Tensor
     (steps, batch, H) and the initial state h0 (batch, H): one matmul over all steps, in halves when `overlap`."""
     h_prev = torch.cat([h0[None], hs[:-1]]).reshape(-1, hs.shape[-1])  # what step t multiplied by W_hh
     return matmul_tn_halves(grad.reshape(-1, grad.shape[-1]), h_prev, overlap)
-
-
-def recurrent_weight_grad_bf16(grad_panels: torch.Tensor, h0: torch.Tensor, hs: torch.Tensor, gates: int, overlap):
-    """As `recurrent_weight_grad`, transposed (H, gates * H; a view of rows padded to whole panels), from bf16
-    products summed in float32 (compiled), with grad given as `native.pair_panels` of (steps * batch, gates * H); the
-    hidden units' rows in halves on the two cores when `overlap`."""
-    hidden = hs.shape[-1]
-    out = native.scratch(hidden, gates * hidden).view(hidden, -1)  # (H, G*H padded to whole panels)
-    h_prev = hs[:-1].reshape(-1, hidden)  # with h0 in front: what step t multiplied by W_hh
-    _by_halves(hidden, overlap, lambda rows: native.weight_grad_bf16(h0, h_prev, grad_panels, out, rows))
-    return out[:, : gates * hidden]
 
 
 def token_grad(tokens: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -491,62 +511,71 @@ def _lstm_window(tokens, h0, c0, w_ih, b_ih, b_hh) -> tuple:
     return tokens.contiguous(), h0.contiguous(), c0.contiguous(), emb, buffers
 
 
-class LSTMWindow(NamedTuple):
-    """What a bf16 LSTM window's backward needs from its forward: tokens, h0, c0 contiguous, and the window's
-    outputs hs, cells cs, gates (after their activations) and tanh(cs)."""
+class BF16LSTMWindow:
+    """One window of the bf16 LSTM with its output layer (see `OneHotLSTMLogits`), in stages that each run over a
+    share of the work, so that two threads can share the buffers: `forward` and `backward` over batch rows,
+    `weight_grad` over hidden units (W_hh's gradient needs every row's gate gradients: it starts after both threads'
+    backward). Each stage's buffers are made before it runs: the forward's here, the backward's by `prepare_backward`.
+    """
 
-    tokens: torch.Tensor
-    h0: torch.Tensor
-    c0: torch.Tensor
-    hs: torch.Tensor
-    cs: torch.Tensor
-    gates: torch.Tensor
-    tcs: torch.Tensor
+    def __init__(self, tokens, h0, c0, w_ih, w_hh, b_ih, b_hh, w_out, b_out):
+        self.tokens, self.h0, self.c0, self.emb, (self.hs, self.cs, self.gates, self.tcs) = _lstm_window(
+            tokens, h0, c0, w_ih, b_ih, b_hh
+        )
+        steps, batch, hidden = self.hs.shape
+        self.w_hh, self.w_out, self.vocab = w_hh.detach(), w_out.detach(), w_out.shape[0]
+        self.hs16 = torch.empty((steps + 1, batch, native.even(hidden)), dtype=torch.bfloat16)  # bf16 of [h0, hs]
+        self.logits = self.hs.new_empty((steps * batch, self.vocab))
+        self.whh16, self.wout = native.pack_bf16(w_hh, trans=True), native.pack(w_out, trans=True)
+        self.b_out = b_out.detach().contiguous()
 
+    def forward(self, rows: tuple[int, int]) -> None:
+        """logits, hs, cs (and what the backward needs) for batch rows `rows`."""
+        native.lstm_forward_bf16(
+            self.tokens, self.h0, self.c0, self.emb, self.whh16, self.wout, self.b_out, self.hs16,
+            self.hs, self.cs, self.gates, self.tcs, self.logits, rows,
+        )  # fmt: skip
 
-def lstm_bf16_forward(
-    tokens, h0, c0, w_ih, w_hh, b_ih, b_hh, w_out, b_out, overlap: bool, then: Callable | None = None
-) -> tuple[LSTMWindow, torch.Tensor]:
-    """The bf16 LSTM window with the output layer (see `OneHotLSTMLogits`): (the window, logits (steps * batch,
-    vocab)). `then(rows, window, logits)`, if given, runs on each party's thread right after its batch rows."""
-    tokens, h0, c0, emb, (hs, cs, gates, tcs) = _lstm_window(tokens, h0, c0, w_ih, b_ih, b_hh)
-    window = LSTMWindow(tokens, h0, c0, hs, cs, gates, tcs)
-    steps, batch, hidden = hs.shape
-    hs16 = torch.empty((steps + 1, batch, native.even(hidden)), dtype=torch.bfloat16)  # bf16 of [h0, hs]
-    logits = hs.new_empty((steps * batch, w_out.shape[0]))
-    whh16, wout = native.pack_bf16(w_hh, trans=True), native.pack(w_out, trans=True)
-    b_out = b_out.detach().contiguous()
+    def prepare_backward(self, grad_logits, grad_h_last=None, grad_c_last=None) -> None:
+        """The backward's inputs (None: zeros) and buffers; grad_logits may be `logits` itself, turned into the
+        loss's gradient by the forward's threads."""
+        steps, batch, hidden = self.hs.shape
+        self.grad_logits = grad_logits.contiguous()
+        self.grad_h_last = torch.zeros_like(self.h0) if grad_h_last is None else grad_h_last.contiguous()
+        self.grad_c_last = torch.zeros_like(self.c0) if grad_c_last is None else grad_c_last.contiguous()
+        self.grad_h0, self.grad_c0 = torch.empty_like(self.h0), torch.empty_like(self.c0)
+        self.whh16_back, self.wout_back = native.pack_bf16(self.w_hh, trans=False), native.pack(self.w_out, trans=False)
+        self.panels = native.pair_panels(steps * batch, 4 * hidden)  # the gate gradients, for W_hh's
+        self.by_token = torch.zeros((2, self.vocab, 4 * hidden))  # each half's sums of gate gradients by input token
+        self.grad_w_hh_t = native.scratch(hidden, 4 * hidden).view(hidden, -1)  # (H, 4H padded to whole panels)
 
-    def run_rows(rows: tuple[int, int]) -> None:
-        native.lstm_forward_bf16(tokens, h0, c0, emb, whh16, wout, b_out, hs16, hs, cs, gates, tcs, logits, rows)
-        if then is not None:
-            then(rows, window, logits)
+    def backward(self, rows: tuple[int, int]) -> None:
+        """grad_h0, grad_c0 and the gate gradients (by token, and in bf16 for W_hh's) for batch rows `rows`."""
+        native.lstm_backward_bf16(
+            self.tokens, self.c0, self.cs, self.gates, self.tcs, self.grad_logits, self.wout_back, self.grad_h_last,
+            self.grad_c_last, self.whh16_back, self.panels, self.by_token[int(rows[0] > 0)], self.grad_h0,
+            self.grad_c0, rows,
+        )  # fmt: skip
 
-    _by_halves(batch, overlap, run_rows)
-    return window, logits
+    def weight_grad(self, units: tuple[int, int]) -> None:
+        """Rows `units` of W_hh's gradient transposed: sum over steps t of h_{t-1}.T @ the gate gradients of step
+        t, from bf16 products summed in float32."""
+        hidden = self.hs.shape[2]
+        h_prev = self.hs[:-1].reshape(-1, hidden)  # with h0 in front: what step t multiplied by W_hh
+        native.weight_grad_bf16(self.h0, h_prev, self.panels, self.grad_w_hh_t, units)
 
+    def backward_stages(self, rows: tuple[int, int], units: tuple[int, int], meet: Callable[[], None]) -> None:
+        """One party's share of the whole backward (see `rows_then_units`)."""
+        self.backward(rows)
+        meet()  # W_hh's gradient needs every row's gate gradients
+        self.weight_grad(units)
 
-def lstm_bf16_backward(
-    window: LSTMWindow, w_hh, w_out, vocab: int, grad_logits, grad_h_last, grad_c_last, overlap: bool
-) -> tuple[torch.Tensor, ...]:
-    """The bf16 LSTM window's backward from the logits' gradient and the last step's (None: zeros): (grad_h0,
-    grad_c0, W_ih's gradient transposed (vocab, 4H), W_hh's transposed (H, 4H), a view of padded rows). The biases'
-    gradient is the first's sum over its rows; the output layer's weight gradient is not computed here."""
-    tokens, h0, c0, hs, cs, gates, tcs = window
-    steps, batch, hidden = hs.shape
-    grad_h_last = torch.zeros_like(h0) if grad_h_last is None else grad_h_last.contiguous()
-    grad_c_last = torch.zeros_like(c0) if grad_c_last is None else grad_c_last.contiguous()
-    grad_h0, grad_c0 = torch.empty_like(h0), torch.empty_like(c0)
-    whh16, wout = native.pack_bf16(w_hh, trans=False), native.pack(w_out, trans=False)
-    panels = native.pair_panels(steps * batch, 4 * hidden)  # the gate gradients, for W_hh's
-    by_token = torch.zeros((2, vocab, 4 * hidden))  # each half's sums of gate gradients by input token
-    run_rows = lambda rows: native.lstm_backward_bf16(  # noqa: E731
-        tokens, c0, cs, gates, tcs, grad_logits, wout, grad_h_last, grad_c_last, whh16, panels,
-        by_token[int(rows[0] > 0)], grad_h0, grad_c0, rows,
-    )  # fmt: skip
-    _by_halves(batch, overlap, run_rows)
-    grad_w_hh_t = recurrent_weight_grad_bf16(panels, h0, hs, 4, overlap)
-    return grad_h0, grad_c0, by_token.sum(0), grad_w_hh_t
+    def grads(self) -> tuple[torch.Tensor, ...]:
+        """After the backward: (grad_h0, grad_c0, W_ih's gradient transposed (vocab, 4H), W_hh's transposed (H, 4H),
+        a view of padded rows). The biases' gradient is the third's sum over its rows."""
+        hidden = self.hs.shape[2]
+        grad_w_hh_t = self.grad_w_hh_t[:, : 4 * hidden]
+        return self.grad_h0, self.grad_c0, self.by_token.sum(0), grad_w_hh_t
 
 
 class OneHotLSTMLogits(torch.autograd.Function):
@@ -561,20 +590,22 @@ class OneHotLSTMLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tokens, h0, c0, w_ih, w_hh, b_ih, b_hh, w_out, b_out, overlap: bool = False):
-        window, logits = lstm_bf16_forward(tokens, h0, c0, w_ih, w_hh, b_ih, b_hh, w_out, b_out, overlap)
-        ctx.save_for_backward(w_ih, w_hh, w_out, *window)
-        ctx.overlap = overlap
-        return logits, window.hs[-1], window.cs[-1]
+        window = BF16LSTMWindow(tokens, h0, c0, w_ih, w_hh, b_ih, b_hh, w_out, b_out)
+        _by_halves(window.hs.shape[1], overlap, window.forward)
+        ctx.save_for_backward(w_ih, w_hh, w_out)  # their versions are checked: the window holds copies
+        ctx.window, ctx.overlap = window, overlap
+        return window.logits, window.hs[-1], window.cs[-1]
 
     @staticmethod
     def backward(ctx, grad_logits, grad_h_last, grad_c_last):
-        w_ih, w_hh, w_out, *saved = ctx.saved_tensors
-        window, grad_logits = LSTMWindow(*saved), grad_logits.contiguous()
-        grad_h0, grad_c0, grad_w_ih_t, grad_w_hh_t = lstm_bf16_backward(
-            window, w_hh, w_out, w_ih.shape[1], grad_logits, grad_h_last, grad_c_last, ctx.overlap
-        )
-        grad_b = grad_w_ih_t.sum(0)
-        grad_w_out = matmul_tn(grad_logits, window.hs.reshape(-1, window.hs.shape[-1]))  # (vocab, H)
+        ctx.saved_tensors  # noqa: B018  (raises if a weight changed in place since the forward)
+        window = ctx.window
+        _, batch, hidden = window.hs.shape
+        window.prepare_backward(grad_logits, grad_h_last, grad_c_last)
+        rows_then_units(batch, hidden, ctx.overlap, window.backward_stages)
+        grad_h0, grad_c0, grad_w_ih_t, grad_w_hh_t = window.grads()
+        grad_b, grad_logits = grad_w_ih_t.sum(0), window.grad_logits
+        grad_w_out = matmul_tn(grad_logits, window.hs.reshape(-1, hidden))  # (vocab, H)
         return (
             None, grad_h0, grad_c0, grad_w_ih_t.T, grad_w_hh_t.T, grad_b, grad_b, grad_w_out, grad_logits.sum(0), None
         )  # fmt: skip
