@@ -124,20 +124,50 @@ static void bf16_row(int n, const float *src, uint16_t *dst) {
     if (n & 1) dst[n] = 0;
 }
 
-void rnnlm_pack_bf16(const float *W, int K, int N, int trans, uint32_t *out) {
-    int panels = (N + NR - 1) / NR, pairs = (K + 1) / 2;
-    for (int p = 0; p < panels; p++)
-        for (int kk = 0; kk < pairs; kk++)
-            for (int jj = 0; jj < NR; jj++) {
-                int j = p * NR + jj;
-                uint32_t word = 0;
-                for (int half = 0; half < 2; half++) {
-                    int k = 2 * kk + half;
-                    if (j < N && k < K)
-                        word |= (uint32_t)bf16_bits(trans ? W[(size_t)j * K + k] : W[(size_t)k * N + j]) << 16 * half;
-                }
-                out[((size_t)p * pairs + kk) * NR + jj] = word;
+static inline uint32_t bf16_pair(float low, float high) { return bf16_bits(low) | (uint32_t)bf16_bits(high) << 16; }
+
+/* Panels [p0, p1) of rnnlm_pack_bf16's layout. With trans, a word holds two neighbours of a row of W: they are
+   converted along W's rows into a tile of 16 k-pairs and stored transposed, so that reads and writes stay
+   sequential. */
+static void pack_bf16_panels(const float *W, int K, int N, int trans, int p0, int p1, uint32_t *out) {
+    int pairs = (K + 1) / 2;
+    for (int p = p0; p < p1; p++) {
+        uint32_t *panel = out + (size_t)p * pairs * NR;
+        int width = N - p * NR < NR ? N - p * NR : NR;
+        if (!trans) {
+            for (int kk = 0; kk < pairs; kk++) {
+                const float *row0 = W + (size_t)2 * kk * N + p * NR, *row1 = row0 + N;
+                int whole = 2 * kk + 1 < K; /* the pair's second row exists */
+                uint32_t *word = panel + (size_t)kk * NR;
+                if (width == NR && whole)
+                    for (int jj = 0; jj < NR; jj++) word[jj] = bf16_pair(row0[jj], row1[jj]);
+                else
+                    for (int jj = 0; jj < NR; jj++) word[jj] = jj < width ? bf16_pair(row0[jj], whole ? row1[jj] : 0.0f) : 0;
             }
+            continue;
+        }
+        for (int k0 = 0; k0 < pairs; k0 += 16) {
+            uint32_t tile[NR][16];
+            int count = pairs - k0 < 16 ? pairs - k0 : 16;
+            for (int jj = 0; jj < NR; jj++) {
+                const float *row = W + (size_t)(p * NR + jj) * K + 2 * k0;
+                if (jj < width && 2 * (k0 + 16) <= K)
+                    for (int kk = 0; kk < 16; kk++) tile[jj][kk] = bf16_pair(row[2 * kk], row[2 * kk + 1]);
+                else
+                    for (int kk = 0; kk < 16; kk++) {
+                        int k = 2 * (k0 + kk);
+                        tile[jj][kk] = jj < width && k < K ? bf16_pair(row[2 * kk], k + 1 < K ? row[2 * kk + 1] : 0.0f) : 0;
+                    }
+            }
+            for (int kk = 0; kk < count; kk++)
+                for (int jj = 0; jj < NR; jj++) panel[(size_t)(k0 + kk) * NR + jj] = tile[jj][kk];
+        }
+    }
+}
+
+/* B = W.T (trans, W N x K) or B = W (W K x N) in the layout above, zeros past the edges */
+void rnnlm_pack_bf16(const float *W, int K, int N, int trans, uint32_t *out) {
+    pack_bf16_panels(W, K, N, trans, 0, (N + NR - 1) / NR, out);
 }
 
 /* c + the two products of the k-pair a (one A element pair) with the k-pairs of b (VL columns) */

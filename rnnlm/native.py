@@ -158,11 +158,6 @@ def bf16_native() -> bool:
 def pack_bf16(weight: torch.Tensor, trans: bool) -> torch.Tensor:
     """As `pack`, in bf16 for the bf16 kernels: panels of k-pairs, each 32-bit word two bf16 (see kernels.c)."""
     weight, k, n = _as_b(weight, trans)
-    if trans and k % 2 == 0 and n == _padded(n):
-        # each word is two neighbours of a row of W: torch's bf16 rounding (also to nearest even) gives the words,
-        # one transpose per panel puts them in place (60 us against the C loop's 160 for W_hh at H = 256)
-        words = weight.bfloat16().view(torch.int32)  # (n, k / 2)
-        return words.view(-1, _padded(1), k // 2).transpose(1, 2).contiguous().view(-1)
     out = torch.empty(_padded(n) * ((k + 1) // 2), dtype=torch.int32)
     library().rnnlm_pack_bf16(_ptr(weight), k, n, int(trans), _ptr(out))
     return out

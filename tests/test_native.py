@@ -36,14 +36,22 @@ def test_build_is_cached_by_source_compiler_and_cpu(tmp_path, monkeypatch):
 
 
 @needs_build
-@pytest.mark.parametrize("shape", [(1024, 256), (128, 64)])
-def test_bf16_packing_through_torch_gives_the_c_layout(shape):
-    """pack_bf16 regroups torch's bf16 rounding of W into panels where the shapes allow it; the words must be the
-    ones the C packer writes (and that the kernels read)."""
+@pytest.mark.parametrize("trans", [True, False], ids=["transposed", "as-is"])
+@pytest.mark.parametrize("shape", [(1024, 256), (75, 37)])
+def test_bf16_packing_gives_the_kernels_layout(shape, trans):
+    """pack_bf16's words are the layout kernels.c describes, built here from torch's bf16 rounding: B = W.T (trans)
+    or W, its k-pairs (rows 2kk, 2kk + 1) in the low and high halves of a word, in panels of whole-vector columns,
+    zeros past the edges (odd sizes run the edge code)."""
     weight = torch.randn(*shape)
-    from_c = torch.empty_like(native.pack_bf16(weight, trans=True))
-    native.library().rnnlm_pack_bf16(weight.data_ptr(), shape[1], shape[0], 1, from_c.data_ptr())
-    assert torch.equal(native.pack_bf16(weight, trans=True), from_c)
+    b = weight.T if trans else weight
+    (k, n), width = b.shape, native._padded(1)
+    padded = torch.zeros(k + k % 2, native._padded(n))
+    padded[:k, :n] = b
+    bits = padded.bfloat16().view(torch.int16).to(torch.int64) & 0xFFFF
+    words = bits[0::2] | bits[1::2] << 16  # (pairs, padded n), as unsigned 32-bit values
+    words = (words - (words >= 2**31).long() * 2**32).to(torch.int32)
+    expected = words.reshape(words.shape[0], -1, width).transpose(0, 1).reshape(-1)
+    assert torch.equal(native.pack_bf16(weight, trans=trans), expected)
 
 
 @needs_build
