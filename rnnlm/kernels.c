@@ -142,7 +142,8 @@ static void pack_bf16_panels(const float *W, int K, int N, int trans, int p0, in
                 if (width == NR && whole)
                     for (int jj = 0; jj < NR; jj++) word[jj] = bf16_pair(row0[jj], row1[jj]);
                 else
-                    for (int jj = 0; jj < NR; jj++) word[jj] = jj < width ? bf16_pair(row0[jj], whole ? row1[jj] : 0.0f) : 0;
+                    for (int jj = 0; jj < NR; jj++)
+                        word[jj] = jj < width ? bf16_pair(row0[jj], whole ? row1[jj] : 0.0f) : 0;
             }
             continue;
         }
@@ -156,7 +157,8 @@ static void pack_bf16_panels(const float *W, int K, int N, int trans, int p0, in
                 else
                     for (int kk = 0; kk < 16; kk++) {
                         int k = 2 * (k0 + kk);
-                        tile[jj][kk] = jj < width && k < K ? bf16_pair(row[2 * kk], k + 1 < K ? row[2 * kk + 1] : 0.0f) : 0;
+                        int inside = jj < width && k < K; /* rows past N and columns past K read nothing */
+                        tile[jj][kk] = inside ? bf16_pair(row[2 * kk], k + 1 < K ? row[2 * kk + 1] : 0.0f) : 0;
                     }
             }
             for (int kk = 0; kk < count; kk++)
