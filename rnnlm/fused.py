@@ -1,19 +1,18 @@
-"""A whole training step of the bf16 LSTM (`amp` on CPUs with AVX512-BF16) without autograd.
+"""A whole training step of the bf16 LSTM (`amp` on CPUs with AVX512-BF16) in compiled code, without autograd.
 
-Through autograd, a minibatch of the book's LSTM spends about 1.8 ms around its 2.9 ms of compiled windows: the loss
-and its gradient as torch ops (0.25 ms), the output layer's weight gradient, the clipping norm, the SGD step, whose
-two largest gradients (W_hh's and W_ih's) the kernels compute transposed (0.6 ms for torch's strided adds), and three
-hand-overs to the helper thread (50 us each). Here each core's thread runs its share of the whole step in one
-hand-over: its batch rows' forward, then their loss, its gradient and the output layer's gradients (compiled,
-`native.output_loss`), then their backward, and after meeting the other thread, its hidden units' share of W_hh's
-gradient. The SGD step adds the transposed gradients in tiles. The arithmetic is the autograd path's: the mean
-cross-entropy, every parameter's gradient, torch's global-norm clip (coefficient max_norm / (norm + 1e-6), at most 1)
-and plain SGD; tests/test_fused.py checks the two against each other.
+Through autograd, a minibatch of the book's LSTM spent about 1.8 ms around its 2.9 ms of compiled windows: the loss
+and its gradient as torch ops (0.25 ms), the output layer's weight gradient, the clipping norm, the SGD step (whose
+two largest gradients, W_hh's and W_ih's, the kernels compute transposed: 0.6 ms for torch's strided adds), packing
+the weights, and three hand-overs to the helper thread (50 us each). Here the whole step is one C call on each core
+(kernels.c: rnnlm_lstm_sgd_bf16), which meet three times: after packing the weights, each its half; after the
+forward, the loss, its gradient and the backward of each one's batch rows; after W_hh's gradient for each one's
+hidden units and the other gradients summed, with their squares. Then each clips and updates its share of the
+parameters. The arithmetic is the autograd path's: the mean cross-entropy, every parameter's gradient, torch's
+global-norm clip (coefficient max_norm / (norm + 1e-6), at most 1) and plain SGD; tests/test_fused.py checks the
+two against each other.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 
@@ -38,35 +37,45 @@ def sgd_step(model: RNNLM, tokens: torch.Tensor, targets: torch.Tensor, state: S
     """One minibatch: forward, mean cross-entropy, backward, gradients clipped to global norm `max_norm`, SGD step
     with learning rate `lr`, all on the CPU. tokens, targets (batch, steps). Returns (the mean loss, a 0-d tensor;
     the last step's state), as `rnnlm.train`'s step does; the parameters' .grad are left untouched."""
+    arrays = _arrays(model, tokens, targets, state)
+    step = native.LSTMSGDStep.of(arrays, lr, max_norm)
+    parties = 2 if recurrence.overlap_enabled() and step.batch >= 2 and step.H >= 2 else 1
+    recurrence.in_parties(parties, step.party)
+    mean_loss = (arrays["loss"][0::8].sum() / targets.numel()).float()
+    return mean_loss, (arrays["hs"][-1][None], arrays["cs"][-1][None])
+
+
+def _arrays(model: RNNLM, tokens: torch.Tensor, targets: torch.Tensor, state: State) -> dict[str, torch.Tensor]:
+    """The tensors behind `native.LSTMSGDStep`'s pointers: inputs, parameters (updated in place), buffers."""
     rnn, linear, (h0, c0) = model.rnn, model.linear, state
-    w_ih, w_hh, b_ih, b_hh = rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0
-    vocab, hidden = linear.weight.shape[0], model.num_hiddens
-    targets = targets.T.contiguous()  # time-major, as the logits' rows
-    loss, grad_b_out, grad_w_out = (
-        torch.zeros(2, dtype=torch.float64),
-        torch.zeros(2, vocab),
-        torch.zeros(2, vocab, hidden),
-    )
-    with torch.no_grad():
-        window = recurrence.BF16LSTMWindow(tokens.T, h0[0], c0[0], w_ih, w_hh, b_ih, b_hh, linear.weight, linear.bias)
-        window.prepare_backward(window.logits)  # the forward's threads turn the logits into their gradient
-
-        def stages(rows: tuple[int, int], units: tuple[int, int], meet: Callable[[], None]) -> None:
-            party = int(rows[0] > 0)  # each thread sums into its own buffers
-            window.forward(rows)
-            native.output_loss(
-                targets, window.hs, window.logits, loss[party], grad_b_out[party], grad_w_out[party], rows
-            )
-            window.backward_stages(rows, units, meet)
-
-        recurrence.rows_then_units(tokens.shape[0], hidden, recurrence.overlap_enabled(), stages)
-        _, _, grad_w_ih_t, grad_w_hh_t = window.grads()
-        grad_b = grad_w_ih_t.sum(0)
-        grads = [grad_w_hh_t, grad_w_ih_t, grad_b, grad_b, grad_w_out.sum(0), grad_b_out.sum(0)]
-        norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
-        alpha = -lr * min(max_norm / (norm + 1e-6), 1.0)
-        native.add_transposed(grad_w_hh_t, alpha, w_hh)
-        native.add_transposed(grad_w_ih_t, alpha, w_ih)
-        torch._foreach_add_([b_ih, b_hh, linear.weight, linear.bias], grads[2:], alpha=alpha)
-    mean_loss = (loss.sum() / targets.numel()).float()
-    return mean_loss, (window.hs[-1][None], window.cs[-1][None])
+    (batch, steps), hidden, vocab = tokens.shape, model.num_hiddens, model.vocab_size
+    window = (steps, batch, hidden)
+    params = [rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0, linear.weight, linear.bias]
+    return {
+        "tokens": tokens.T.contiguous(),
+        "targets": targets.T.contiguous(),  # time-major, as the logits' rows
+        "h0": h0[0].contiguous(),
+        "c0": c0[0].contiguous(),
+        "zeros": torch.zeros(batch, hidden),
+        **dict(zip(("w_ih", "w_hh", "b_ih", "b_hh", "w_out", "b_out"), (p.detach() for p in params), strict=True)),
+        "emb": torch.empty(vocab, 4 * hidden),
+        "whh_fwd": native.packed_bf16(hidden, 4 * hidden),
+        "whh_back": native.packed_bf16(4 * hidden, hidden),
+        "wout_fwd": native.packed(hidden, vocab),
+        "wout_back": native.packed(vocab, hidden),
+        "hs16": torch.empty((steps + 1, batch, native.even(hidden)), dtype=torch.bfloat16),
+        "hs": torch.empty(window),
+        "cs": torch.empty(window),
+        "gates": torch.empty((steps, batch, 4 * hidden)),
+        "tcs": torch.empty(window),
+        "logits": torch.empty(steps * batch, vocab),
+        "gpanels": native.pair_panels(steps * batch, 4 * hidden),
+        "grad_h0": torch.empty(batch, hidden),
+        "grad_c0": torch.empty(batch, hidden),
+        "grad_w_hh_t": native.scratch(hidden, 4 * hidden),
+        "loss": torch.zeros(16, dtype=torch.float64),
+        "token_grad": torch.zeros(2, vocab, 4 * hidden),
+        "grad_b": torch.empty(4 * hidden),
+        "grad_w_out": torch.zeros(2, vocab, hidden),
+        "grad_b_out": torch.zeros(2, vocab),
+    }

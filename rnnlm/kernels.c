@@ -665,8 +665,8 @@ static inline float exp_approx(float x) {
    gradient, (softmax - one_hot(target)) * scale with scale = 1 / (steps * batch); loss[0] gets the rows' summed
    cross-entropy, grad_b (V) their gradients' sum and grad_w (V x H) sum_n grad[n]^T hs[n]: the output layer's
    bias and weight gradients (this party's share; zeros at the start). */
-void rnnlm_output_loss(int steps, int batch, int H, int V, int r0, int r1, const int64_t *targets, const float *hs,
-                       float *logits, float scale, double *loss, float *grad_b, float *grad_w) {
+static void output_loss(int steps, int batch, int H, int V, int r0, int r1, const int64_t *targets, const float *hs,
+                        float *logits, float scale, double *loss, float *grad_b, float *grad_w) {
     double total = 0.0;
     for (int t = 0; t < steps; t++)
         for (int i = r0; i < r1; i++) {
@@ -690,13 +690,145 @@ void rnnlm_output_loss(int steps, int batch, int H, int V, int r0, int r1, const
     loss[0] += total;
 }
 
-/* dst (C x R) += alpha * src (R x C, row stride ld): the SGD step of a weight whose gradient was computed as its
-   transpose (W_hh's, W_ih's), 16 x 16 tiles at a time */
-void rnnlm_add_transposed(int R, int C, float alpha, const float *src, int64_t ld, float *dst) {
+/* dst (C x R, row stride ld_dst) += alpha * src (R x C, row stride ld_src): the SGD step of a weight whose gradient
+   was computed as its transpose (W_hh's, W_ih's), 16 x 16 tiles at a time */
+static void add_transposed(int R, int C, float alpha, const float *src, int ld_src, float *dst, int ld_dst) {
     for (int r0 = 0; r0 < R; r0 += 16)
         for (int c0 = 0; c0 < C; c0 += 16) {
             int r1 = r0 + 16 < R ? r0 + 16 : R, c1 = c0 + 16 < C ? c0 + 16 : C;
             for (int c = c0; c < c1; c++)
-                for (int r = r0; r < r1; r++) dst[(size_t)c * R + r] += alpha * src[(size_t)r * ld + c];
+                for (int r = r0; r < r1; r++) dst[(size_t)c * ld_dst + r] += alpha * src[(size_t)r * ld_src + c];
         }
+}
+
+static double sum_squares(int rows, int n, const float *x, int ld) {
+    double total = 0.0;
+    for (int i = 0; i < rows; i++) {
+        float row = 0.0f;
+        for (int j = 0; j < n; j++) row += x[(size_t)i * ld + j] * x[(size_t)i * ld + j];
+        total += row;
+    }
+    return total;
+}
+
+/* One SGD step of the bf16 LSTM with its output layer, without autograd (rnnlm/fused.py): everything the parties
+   (threads) share. tokens, targets: (steps, batch), time-major as the logits; h0, c0: the state (batch x H); zeros:
+   batch x H zeros (the gradient reaching the last state). The parameters are torch's and are updated in place. The
+   other arrays are buffers of the shapes their users above describe; emb (V x 4H) and the packs are made from the
+   parameters here. loss: 8 doubles a party (a cache line each): [0] the party's summed cross-entropy, [1] its share of
+   the gradients' sum of squares. token_grad (V x 4H), grad_w_out (V x H), grad_b_out (V): one each a party, zeros
+   at the start; grad_b: 4H. */
+struct lstm_sgd_step {
+    int steps, batch, H, V;
+    float lr, max_norm;
+    const int64_t *tokens, *targets;
+    const float *h0, *c0, *zeros;
+    float *w_ih, *w_hh, *b_ih, *b_hh, *w_out, *b_out;
+    float *emb;
+    uint32_t *whh_fwd, *whh_back;
+    float *wout_fwd, *wout_back;
+    uint16_t *hs16;
+    float *hs, *cs, *gates, *tcs, *logits;
+    uint16_t *gpanels;
+    float *grad_h0, *grad_c0, *grad_w_hh_t;
+    double *loss;
+    float *token_grad, *grad_b, *grad_w_out, *grad_b_out;
+};
+
+static void share(int n, int me, int parties, int *lo, int *hi) {
+    *lo = (int)((int64_t)n * me / parties);
+    *hi = (int)((int64_t)n * (me + 1) / parties);
+}
+
+static size_t whole_lines(size_t floats) { return (floats + 15) / 16 * 16; }
+
+/* The floats of party `me`'s work buffer for rnnlm_lstm_sgd_bf16 */
+int64_t rnnlm_lstm_sgd_work(int steps, int batch, int H, int V, int me, int parties) {
+    int r0, r1, k0, k1;
+    share(batch, me, parties, &r0, &r1);
+    share(H, me, parties, &k0, &k1);
+    size_t M = (size_t)(r1 - r0), G = 4 * (size_t)H, pG = (G + NR - 1) / NR * NR, pH = ((size_t)H + NR - 1) / NR * NR;
+    size_t pV = ((size_t)V + NR - 1) / NR * NR, pairs = ((size_t)steps * batch + 1) / 2;
+    return (int64_t)(whole_lines(M * pG) + whole_lines(M * pV) + 2 * whole_lines(M * H) + whole_lines(8 * (size_t)H) +
+                     whole_lines(M * G / 2 + 1) + 2 * whole_lines(M * pH) + whole_lines(pairs * (size_t)(k1 - k0)));
+}
+
+/* Party `me` of `parties` (1 or 2) runs its share of the step, meeting the others (step_done) where it needs their
+   results: (1) emb's columns and W_hh's packed panels; (2) its batch rows' forward window, loss, the loss's gradient
+   and the output layer's gradients (output_loss), and backward window; (3) its hidden units' rows of W_hh's gradient
+   (transposed), the party-summed small gradients (party 0: W_ih's and the biases', the last party: the output
+   layer's), and their sums of squares; (4) the global-norm clip (torch's: max_norm / (norm + 1e-6), at most 1) and the
+   SGD step of its share of the parameters. work: rnnlm_lstm_sgd_work floats. */
+void rnnlm_lstm_sgd_bf16(const struct lstm_sgd_step *s, int me, int parties, int64_t *flags, float *work) {
+    int steps = s->steps, batch = s->batch, H = s->H, V = s->V, G = 4 * H, N = steps * batch;
+    int r0, r1, k0, k1, g0, g1, f0, f1, b0, b1, last = parties - 1;
+    share(batch, me, parties, &r0, &r1);
+    share(H, me, parties, &k0, &k1);
+    share(G, me, parties, &g0, &g1);
+    share((G + NR - 1) / NR, me, parties, &f0, &f1);
+    share((H + NR - 1) / NR, me, parties, &b0, &b1);
+    size_t M = (size_t)(r1 - r0), pG = (size_t)(G + NR - 1) / NR * NR, pH = (size_t)(H + NR - 1) / NR * NR;
+    size_t pV = (size_t)(V + NR - 1) / NR * NR;
+    float *scratch = work, *scratch_out = scratch + whole_lines(M * pG), *dh = scratch_out + whole_lines(M * pV);
+    float *dc = dh + whole_lines(M * H), *rows = dc + whole_lines(M * H), *g16 = rows + whole_lines(8 * (size_t)H);
+    float *scratch_h = g16 + whole_lines(M * G / 2 + 1), *go = scratch_h + whole_lines(M * pH);
+    uint32_t *a_buf = (uint32_t *)(go + whole_lines(M * pH));
+    double *mine = s->loss + 8 * me;
+
+    for (int v = 0; v < V; v++)
+        for (int g = g0; g < g1; g++) s->emb[(size_t)v * G + g] = s->w_ih[(size_t)g * V + v] + s->b_ih[g] + s->b_hh[g];
+    pack_bf16_panels(s->w_hh, H, G, 1, f0, f1, s->whh_fwd);
+    pack_bf16_panels(s->w_hh, G, H, 0, b0, b1, s->whh_back);
+    if (me == last) {
+        rnnlm_pack(s->w_out, H, V, 1, s->wout_fwd);
+        rnnlm_pack(s->w_out, V, H, 0, s->wout_back);
+    }
+    if (step_done(flags, me, parties, 1)) return;
+
+    rnnlm_lstm_forward_bf16(steps, batch, H, V, r0, r1, s->tokens, s->h0, s->c0, s->emb, s->whh_fwd, s->wout_fwd,
+                            s->b_out, s->hs16, s->hs, s->cs, s->gates, s->tcs, s->logits, scratch, scratch_out);
+    output_loss(steps, batch, H, V, r0, r1, s->targets, s->hs, s->logits, 1.0f / (float)N, mine,
+                s->grad_b_out + (size_t)me * V, s->grad_w_out + (size_t)me * V * H);
+    rnnlm_lstm_backward_bf16(steps, batch, H, V, r0, r1, s->tokens, s->c0, s->cs, s->gates, s->tcs, s->logits,
+                             s->wout_back, s->zeros, s->zeros, s->whh_back, s->gpanels,
+                             s->token_grad + (size_t)me * V * G, s->grad_h0, s->grad_c0, dh, dc, rows,
+                             (uint16_t *)g16, scratch_h, go);
+    if (step_done(flags, me, parties, 2)) return;
+
+    rnnlm_weight_grad_bf16(N, H, G, k0, k1, batch, s->h0, s->hs, (const uint32_t *)s->gpanels, s->grad_w_hh_t, a_buf);
+    double squares = sum_squares(k1 - k0, G, s->grad_w_hh_t + (size_t)k0 * pG, (int)pG);
+    if (me == 0) {
+        for (int p = 1; p < parties; p++) add_row(V * G, s->token_grad + (size_t)p * V * G, s->token_grad);
+        for (int g = 0; g < G; g++) s->grad_b[g] = 0.0f;
+        for (int v = 0; v < V; v++) add_row(G, s->token_grad + (size_t)v * G, s->grad_b);
+        squares += sum_squares(V, G, s->token_grad, G) + 2.0 * sum_squares(1, G, s->grad_b, G);
+    }
+    if (me == last) {
+        for (int p = 0; p < last; p++) {
+            add_row(V * H, s->grad_w_out + (size_t)p * V * H, s->grad_w_out + (size_t)last * V * H);
+            add_row(V, s->grad_b_out + (size_t)p * V, s->grad_b_out + (size_t)last * V);
+        }
+        squares += sum_squares(V, H, s->grad_w_out + (size_t)last * V * H, H);
+        squares += sum_squares(1, V, s->grad_b_out + (size_t)last * V, V);
+    }
+    mine[1] = squares;
+    if (step_done(flags, me, parties, 3)) return;
+
+    double total = 0.0;
+    for (int p = 0; p < parties; p++) total += s->loss[8 * p + 1];
+    float coef = s->max_norm / ((float)__builtin_sqrt(total) + 1e-6f);
+    float alpha = -s->lr * (coef > 1.0f ? 1.0f : coef); /* a NaN norm stays NaN, as in torch */
+    add_transposed(k1 - k0, G, alpha, s->grad_w_hh_t + (size_t)k0 * pG, (int)pG, s->w_hh + k0, H);
+    if (me == 0) {
+        add_transposed(V, G, alpha, s->token_grad, G, s->w_ih, V);
+        for (int g = 0; g < G; g++) {
+            s->b_ih[g] += alpha * s->grad_b[g];
+            s->b_hh[g] += alpha * s->grad_b[g];
+        }
+    }
+    if (me == last) {
+        const float *gw = s->grad_w_out + (size_t)last * V * H, *gb = s->grad_b_out + (size_t)last * V;
+        for (int i = 0; i < V * H; i++) s->w_out[i] += alpha * gw[i];
+        for (int v = 0; v < V; v++) s->b_out[v] += alpha * gb[v];
+    }
 }

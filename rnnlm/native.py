@@ -46,11 +46,12 @@ _SIGNATURES = {
     "rnnlm_lstm_forward_bf16": [_i] * 6 + [_p] * 15,
     "rnnlm_lstm_backward_bf16": [_i] * 6 + [_p] * 20,
     "rnnlm_weight_grad_bf16": [_i] * 6 + [_p] * 5,
-    "rnnlm_output_loss": [_i] * 6 + [_p] * 3 + [ctypes.c_float] + [_p] * 3,
-    "rnnlm_add_transposed": [_i, _i, ctypes.c_float, _p, ctypes.c_int64, _p],
+    "rnnlm_lstm_sgd_work": [_i] * 6,
+    "rnnlm_lstm_sgd_bf16": [_p, _i, _i, _p, _p],
     "rnnlm_meet": [_p, _i, _i, ctypes.c_int64],
 }
 _INT_RESULT = {"rnnlm_panel_width", "rnnlm_bf16_native", "rnnlm_meet"}
+_RESULT = {"rnnlm_lstm_sgd_work": ctypes.c_int64}
 
 
 def _cpu_features() -> str:
@@ -114,7 +115,7 @@ def library() -> ctypes.CDLL | None:
         return None
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, (ctypes.c_int if name in _INT_RESULT else None)
+        fn.argtypes, fn.restype = args, _RESULT.get(name, ctypes.c_int if name in _INT_RESULT else None)
     return lib
 
 
@@ -144,9 +145,19 @@ def _as_b(weight: torch.Tensor, trans: bool) -> tuple[torch.Tensor, int, int]:
 def pack(weight: torch.Tensor, trans: bool) -> torch.Tensor:
     """`weight` as B = weight.T (`trans`) or B = weight, in the kernels' panel layout (K x N in panels of columns)."""
     weight, k, n = _as_b(weight, trans)
-    out = torch.empty(_padded(n) * k)
+    out = packed(k, n)
     library().rnnlm_pack(_ptr(weight), k, n, int(trans), _ptr(out))
     return out
+
+
+def packed(k: int, n: int) -> torch.Tensor:
+    """A buffer for a K x N matrix in `pack`'s layout."""
+    return torch.empty(_padded(n) * k)
+
+
+def packed_bf16(k: int, n: int) -> torch.Tensor:
+    """A buffer for a K x N matrix in `pack_bf16`'s layout."""
+    return torch.empty(_padded(n) * ((k + 1) // 2), dtype=torch.int32)
 
 
 def bf16_native() -> bool:
@@ -158,7 +169,7 @@ def bf16_native() -> bool:
 def pack_bf16(weight: torch.Tensor, trans: bool) -> torch.Tensor:
     """As `pack`, in bf16 for the bf16 kernels: panels of k-pairs, each 32-bit word two bf16 (see kernels.c)."""
     weight, k, n = _as_b(weight, trans)
-    out = torch.empty(_padded(n) * ((k + 1) // 2), dtype=torch.int32)
+    out = packed_bf16(k, n)
     library().rnnlm_pack_bf16(_ptr(weight), k, n, int(trans), _ptr(out))
     return out
 
@@ -302,27 +313,43 @@ def weight_grad_bf16(first, rest, grad_panels, out, rows: tuple[int, int]) -> No
     library().rnnlm_weight_grad_bf16(n, k, g, k0, k1, n_first, *map(_ptr, arrays))
 
 
-def output_loss(targets, hs, logits, loss, grad_b, grad_w, rows: tuple[int, int]) -> None:
-    """Turn rows `rows` of each step's logits (steps * batch, V) into the mean cross-entropy's gradient, in place,
-    adding the rows' summed loss to loss (one float64), the output bias's gradient to grad_b (V) and the output
-    weight's to grad_w (V, H) (see kernels.c: rnnlm_output_loss); targets (steps, batch) as the logits' rows."""
-    (steps, batch, hidden), vocab = hs.shape, logits.shape[1]
-    pointers = map(_ptr, (targets, hs, logits))
-    scale = 1.0 / (steps * batch)
-    library().rnnlm_output_loss(
-        steps, batch, hidden, vocab, *rows, *pointers, scale, *map(_ptr, (loss, grad_b, grad_w))
-    )
-
-
-def add_transposed(grad_t: torch.Tensor, alpha: float, weight: torch.Tensor) -> None:
-    """weight += alpha * grad_t.T, in place, for a gradient computed as its transpose (rows may be padded: unit column
-    stride is enough); weight (C, R) contiguous."""
-    assert grad_t.stride(1) == 1 and weight.is_contiguous() and weight.shape == grad_t.T.shape
-    rows, columns = grad_t.shape
-    library().rnnlm_add_transposed(rows, columns, alpha, grad_t.data_ptr(), grad_t.stride(0), _ptr(weight))
-
-
 def meet(flags: torch.Tensor, me: int, parties: int, step: int) -> bool:
     """Publish that party `me` finished `step` and wait for the others to (see kernels.c: step_done); True when a
     party failed instead."""
     return bool(library().rnnlm_meet(_ptr(flags), me, parties, step))
+
+
+class LSTMSGDStep(ctypes.Structure):
+    """kernels.c's struct lstm_sgd_step: one SGD step of the bf16 LSTM, as the threads that run it share it; `of`
+    makes one from the tensors behind its pointers, `party` one thread's call of it."""
+
+    _fields_ = [(name, ctypes.c_int) for name in ("steps", "batch", "H", "V")]
+    _fields_ += [(name, ctypes.c_float) for name in ("lr", "max_norm")]
+    _fields_ += [
+        (name, ctypes.c_void_p)
+        for name in (
+            "tokens", "targets", "h0", "c0", "zeros", "w_ih", "w_hh", "b_ih", "b_hh", "w_out", "b_out", "emb",
+            "whh_fwd", "whh_back", "wout_fwd", "wout_back", "hs16", "hs", "cs", "gates", "tcs", "logits", "gpanels",
+            "grad_h0", "grad_c0", "grad_w_hh_t", "loss", "token_grad", "grad_b", "grad_w_out", "grad_b_out",
+        )
+    ]  # fmt: skip
+
+    @classmethod
+    def of(cls, arrays: dict[str, torch.Tensor], lr: float, max_norm: float) -> LSTMSGDStep:
+        """The step over `arrays` (a tensor for each pointer, by name; hs gives steps, batch and H, logits V)."""
+        (steps, batch, hidden), vocab = arrays["hs"].shape, arrays["logits"].shape[1]
+        step = cls(steps, batch, hidden, vocab, lr, max_norm, *(_ptr(arrays[name]) for name, _ in cls._fields_[6:]))
+        step.arrays = arrays  # the tensors must outlive the calls: the pointers are all C sees
+        return step
+
+    def party(self, me: int, parties: int, flags: torch.Tensor | None) -> Call:
+        """Party `me`'s call of the step (see kernels.c: rnnlm_lstm_sgd_bf16), every argument converted now (see
+        `_split_call`)."""
+        lib = library()
+        work = torch.empty(lib.rnnlm_lstm_sgd_work(self.steps, self.batch, self.H, self.V, me, parties))
+        pointers = (ctypes.addressof(self), me, parties, None if flags is None else _ptr(flags), _ptr(work))
+
+        def call(keep_alive=(self, work, flags)) -> None:
+            lib.rnnlm_lstm_sgd_bf16(*pointers)
+
+        return call

@@ -170,7 +170,7 @@ def _by_units(hidden: int, overlap: bool, prepare: Callable[..., Callable[[], No
     """Run a compiled GRU/LSTM window: prepare(units, me, parties, flags) returns one party's call. With `overlap`
     the hidden units are halved between this thread and the helper thread, which meet at every step."""
     units = _halves(hidden, 2 if overlap and hidden >= 2 else 1)
-    _in_parties(len(units), lambda me, parties, flags: prepare(units[me], me, parties, flags))
+    in_parties(len(units), lambda me, parties, flags: prepare(units[me], me, parties, flags))
 
 
 def _halves(n: int, parties: int) -> list[tuple[int, int]]:
@@ -178,7 +178,7 @@ def _halves(n: int, parties: int) -> list[tuple[int, int]]:
     return [(0, n)] if parties == 1 else [(0, n // 2), (n // 2, n)]
 
 
-def _in_parties(parties: int, prepare: Callable[[int, int, torch.Tensor | None], Callable[[], None]]) -> None:
+def in_parties(parties: int, prepare: Callable[[int, int, torch.Tensor | None], Callable[[], None]]) -> None:
     """Run prepare(me, parties, flags)'s call for each party (1 or 2): party 0 here, party 1 on the helper thread,
     sharing `flags` to meet (see kernels.c: step_done). A party that fails sets the abort flag, so that its partner
     stops waiting for it."""
@@ -219,7 +219,7 @@ def rows_then_units(batch: int, hidden: int, overlap: bool, run: Callable[..., N
 
         return lambda: run(rows[me], units[me], meet)
 
-    _in_parties(parties, prepare)
+    in_parties(parties, prepare)
 
 
 def matmul_tn_halves(a: torch.Tensor, b: torch.Tensor, overlap: bool) -> torch.Tensor:
