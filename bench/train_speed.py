@@ -10,6 +10,7 @@ of each, the ratio, and the last-epoch training perplexity of each after the ful
     .venv/bin/python bench/train_speed.py --rnn gru --epochs 100 --device cuda
     .venv/bin/python bench/train_speed.py --rnn rnn --seeds 0 1 2 3 4   # the final perplexities' spread over seeds
     .venv/bin/python bench/train_speed.py --rnn lstm --amp             # the LSTM's bf16 matmuls (AVX512-BF16 CPUs)
+    .venv/bin/python bench/train_speed.py --rnn lstm --amp --book_amp  # against the book's loop under bf16 autocast
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from rnnlm import recurrence  # noqa: E402
 from rnnlm.corpus import read_text  # noqa: E402
 from rnnlm.model import RNNLM  # noqa: E402
-from rnnlm.train import TrainSettings, make_optimizer, torch_threads, train_epoch  # noqa: E402
+from rnnlm.train import TrainSettings, autocast, make_optimizer, torch_threads, train_epoch  # noqa: E402
 from rnnlm.vocab import build_vocab, encode, prepare_text  # noqa: E402
 
 DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "timemachine.txt"
@@ -86,8 +87,11 @@ def book_grad_clipping(net: nn.Module, theta: float) -> None:
             param.grad[:] *= theta / norm
 
 
-def book_train_epoch(net, corpus, batch_size, num_steps, loss, updater, device, offsets) -> tuple[float, int]:
-    """D2L `train_epoch_ch8` (sequential partitioning); returns (perplexity, tokens)."""
+def book_train_epoch(
+    net, corpus, batch_size, num_steps, loss, updater, device, offsets, amp: bool = False
+) -> tuple[float, int]:
+    """D2L `train_epoch_ch8` (sequential partitioning); returns (perplexity, tokens). `amp`, not the book's: the
+    forward pass and loss under bf16 autocast (`--book_amp`)."""
     state = None
     metric = [0.0, 0.0]
     for X, Y in book_seq_data_iter_sequential(corpus, batch_size, num_steps, offsets):
@@ -100,8 +104,9 @@ def book_train_epoch(net, corpus, batch_size, num_steps, loss, updater, device, 
                 s.detach_()
         y = Y.T.reshape(-1)
         X, y = X.to(device), y.to(device)
-        y_hat, state = net(X, state)
-        l = loss(y_hat, y.long()).mean()  # noqa: E741 (the book's name)
+        with autocast(device, amp):
+            y_hat, state = net(X, state)
+            l = loss(y_hat, y.long()).mean()  # noqa: E741 (the book's name)
         updater.zero_grad()
         l.backward()
         book_grad_clipping(net, 1)
@@ -209,7 +214,9 @@ def race(args, rnn: str, seed: int, vocab_size: int, corpus: list[int], device: 
 
     def book_step():
         with torch_threads(args.book_threads, device):  # 0: torch's default, as the book runs
-            return book_train_epoch(book, corpus, args.batch_size, args.num_steps, loss, book_opt, device, offsets)
+            return book_train_epoch(
+                book, corpus, args.batch_size, args.num_steps, loss, book_opt, device, offsets, args.book_amp
+            )
 
     def project_step():
         ppl, _, _ = train_epoch(project, tokens, settings, project_opt, generator)
@@ -265,6 +272,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="the project's bf16 matmuls: autocast on GPUs, the LSTM's recurrent matmuls on CPUs with AVX512-BF16",
     )
+    parser.add_argument(
+        "--book_amp",
+        action="store_true",
+        help="the book's loop with its forward pass and loss under bf16 autocast, for a reference at the precision "
+        "of --amp (the book itself trains in float32)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="the project's cpu_threads setting (its default: 1)")
     parser.add_argument("--book_threads", type=int, default=0, help="torch threads for the book's loop; 0: default")
     args = parser.parse_args(argv)
@@ -284,7 +297,8 @@ def main(argv=None) -> None:
     )
     print(
         f"book loop threads: {args.book_threads or torch.get_num_threads()}; project cpu_threads: {args.threads}, "
-        f"amp: {args.amp}; load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+        f"amp: {args.amp}; book loop under bf16 autocast: {args.book_amp}; "
+        f"load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     )
     if device.type == "cpu":
         print(f"project's CPU kernels: {project_kernels(args.threads)}")
@@ -294,7 +308,7 @@ def main(argv=None) -> None:
         "float32 matmul limit (2048^3, default threads): "
         + ", ".join(f"{name} {gflops:,.0f} GFLOP/s" for name, gflops in peaks.items())
     )
-    if args.amp and device.type == "cpu":
+    if (args.amp or args.book_amp) and device.type == "cpu":
         print(f"bf16 matmul limit (2048^3, default threads): {bf16_matmul_peak():,.0f} GFLOP/s")
     print(
         f"{'model':6} {'seed':>4} {'book tok/s':>11} {'project tok/s':>14} {'ratio':>6} {'book ppl':>9} "
