@@ -537,8 +537,7 @@ class BF16LSTMWindow:
         )  # fmt: skip
 
     def prepare_backward(self, grad_logits, grad_h_last=None, grad_c_last=None) -> None:
-        """The backward's inputs (None: zeros) and buffers; grad_logits may be `logits` itself, turned into the
-        loss's gradient by the forward's threads."""
+        """The backward's inputs (the last state's gradients None: zeros) and buffers."""
         steps, batch, hidden = self.hs.shape
         self.grad_logits = grad_logits.contiguous()
         self.grad_h_last = torch.zeros_like(self.h0) if grad_h_last is None else grad_h_last.contiguous()
@@ -593,8 +592,9 @@ class OneHotLSTMLogits(torch.autograd.Function):
         window = BF16LSTMWindow(tokens, h0, c0, w_ih, w_hh, b_ih, b_hh, w_out, b_out)
         _by_halves(window.hs.shape[1], overlap, window.forward)
         ctx.save_for_backward(w_ih, w_hh, w_out)  # their versions are checked: the window holds copies
+        logits, window.logits = window.logits, None  # an output held by its own node would be a reference cycle
         ctx.window, ctx.overlap = window, overlap
-        return window.logits, window.hs[-1], window.cs[-1]
+        return logits, window.hs[-1], window.cs[-1]
 
     @staticmethod
     def backward(ctx, grad_logits, grad_h_last, grad_c_last):

@@ -1,5 +1,8 @@
 """The hand-written CPU tanh RNN against torch's `nn.RNN`: same outputs, states and gradients."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -200,6 +203,25 @@ def test_compiled_bf16_lstm_rounds_only_the_matmul_inputs(monkeypatch, overlap):
     for name, ours, exact in zip(names, got, expected, strict=True):
         error = float((ours.double() - exact).abs().max() / exact.abs().max())
         assert error < 1.5e-4, (name, error)
+
+
+def test_compiled_bf16_lstm_outputs_are_freed_without_the_garbage_collector():
+    """The bf16 window keeps its buffers on the autograd node for the backward, but not the logits it returns: an
+    output held by its own node is a reference cycle, and each minibatch's buffers would wait for the collector."""
+    if not native.library():
+        pytest.skip("no C compiler here: the compiled kernels are not built")
+    layer, output = torch.nn.LSTM(9, 16), torch.nn.Linear(16, 9)
+    params = (layer.weight_ih_l0, layer.weight_hh_l0, layer.bias_ih_l0, layer.bias_hh_l0, output.weight, output.bias)
+    tokens, state = torch.randint(0, 9, (10, 4)), (torch.zeros(4, 16), torch.zeros(4, 16))
+    gc.disable()
+    try:
+        logits, h, c = recurrence.OneHotLSTMLogits.apply(tokens, *state, *params, False)
+        logits.sum().backward()
+        freed = weakref.ref(logits)
+        del logits, h, c
+        assert freed() is None
+    finally:
+        gc.enable()
 
 
 def _loss(outputs, cell, weight, cell_weight):
