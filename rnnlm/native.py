@@ -50,8 +50,8 @@ _SIGNATURES = {
     "rnnlm_lstm_sgd_bf16": [_p, _i, _i, _p, _p],
     "rnnlm_meet": [_p, _i, _i, ctypes.c_int64],
 }
-_INT_RESULT = {"rnnlm_panel_width", "rnnlm_bf16_native", "rnnlm_meet"}
-_RESULT = {"rnnlm_lstm_sgd_work": ctypes.c_int64}
+_RESULTS = {name: _i for name in ("rnnlm_panel_width", "rnnlm_bf16_native", "rnnlm_meet")}
+_RESULTS["rnnlm_lstm_sgd_work"] = ctypes.c_int64
 
 
 def _cpu_features() -> str:
@@ -115,7 +115,7 @@ def library() -> ctypes.CDLL | None:
         return None
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, _RESULT.get(name, ctypes.c_int if name in _INT_RESULT else None)
+        fn.argtypes, fn.restype = args, _RESULTS.get(name)
     return lib
 
 
