@@ -97,7 +97,7 @@ def train_model(config: TrainConfig, data: experiment.PreparedData, run_id: str)
     finally:
         metrics.flush()  # what was measured before a failure is kept
     logger.info(
-        "trained %d epochs on %s, %s matmuls: train perplexity %.2f, %s tokens/s",
+        "trained %d epochs on %s, matmuls: %s; train perplexity %.2f, %s tokens/s",
         result["epochs"],
         result["device"],
         result["matmuls"],
