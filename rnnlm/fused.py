@@ -1,15 +1,15 @@
 """A whole training step of the bf16 LSTM (`amp` on CPUs with AVX512-BF16) in compiled code, without autograd.
 
-Through autograd, a minibatch of the book's LSTM spent about 1.8 ms around its 2.9 ms of compiled windows: the loss
+Through autograd, a minibatch of the book's LSTM spent about 2.6 ms around its 2.9 ms of compiled windows: the loss
 and its gradient as torch ops (0.25 ms), the output layer's weight gradient, the clipping norm, the SGD step (whose
 two largest gradients, W_hh's and W_ih's, the kernels compute transposed: 0.6 ms for torch's strided adds), packing
-the weights, and three hand-overs to the helper thread (50 us each). Here the whole step is one C call on each core
-(kernels.c: rnnlm_lstm_sgd_bf16), which meet three times: after packing the weights, each its half; after the
-forward, the loss, its gradient and the backward of each one's batch rows; after W_hh's gradient for each one's
-hidden units and the other gradients summed, with their squares. Then each clips and updates its share of the
-parameters. The arithmetic is the autograd path's: the mean cross-entropy, every parameter's gradient, torch's
-global-norm clip (coefficient max_norm / (norm + 1e-6), at most 1) and plain SGD; tests/test_fused.py checks the
-two against each other.
+the weights, three hand-overs to the helper thread (50 us each) and autograd itself. Here the whole step is one C
+call on each core (kernels.c: rnnlm_lstm_sgd_bf16), and the two meet three times: after packing the weights, each
+its half; after the forward, the loss, its gradient and the backward of each one's batch rows; after W_hh's gradient
+for each one's hidden units and the other gradients summed, with their squares. Then each clips and updates its
+share of the parameters. The arithmetic is the autograd path's: the mean cross-entropy, every parameter's gradient,
+torch's global-norm clip (coefficient max_norm / (norm + 1e-6), at most 1) and plain SGD; tests/test_fused.py checks
+the two against each other.
 """
 
 from __future__ import annotations
