@@ -113,8 +113,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_training_reuses_its_pages_instead_of_faulting_in_new_ones():
     """The book's model on the CPU, the same epochs in two fresh processes: with the setting, the pages freed by one
     minibatch serve the next (glibc's defaults fault in about 2,000 fresh pages an epoch; with the setting, 10
-    epochs after the warm-up fault in 5-850 here: now and then the two threads' frees leave one buffer's worth to
-    fault in again, which is why the comparison runs over 10 epochs)."""
+    epochs after the warm-up fault in 5-850 here, now and then one or two activation buffers' worth, which is why the
+    comparison runs over 10 epochs)."""
     faults = {}
     for mode in ("glibc-default", "keep"):
         done = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True)
