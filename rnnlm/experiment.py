@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import random
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -130,29 +133,51 @@ def prepare_data(corpus_path: Path, config: TrainConfig) -> PreparedData:
     """Preprocess, tokenize, build the vocab and split `corpus_path` per `config`; write them to the cache.
 
     Raises DataError (with what to change) for a corpus that is empty after preprocessing or too short for one
-    minibatch, before any training starts.
+    minibatch, before any training starts. Runs that prepare the same corpus at once (a sweep's members) each work
+    in their own temporary files and rename the results into place, so that none reads another's half-written file
+    and a run that has the previous arrays memory-mapped keeps them whole.
     """
     corpus_sha1 = sha1_of(corpus_path)
     folder = prepared_folder(corpus_sha1, config)
     folder.mkdir(parents=True, exist_ok=True)
-    ids_path = folder / "ids.npy"  # streamed in chunks: memory does not grow with the corpus
-    vocab, ids = tokenize_file(corpus_path, ids_path, config.preprocess, config.tokenization, config.min_freq)
-    if not any(token.strip() for token in vocab.tokens[1:]):
-        raise DataError(f"{corpus_path} holds no tokens after '{config.preprocess}' preprocessing; check the file")
-    split = split_corpus(ids, config.max_tokens, config.val_tokens, config.min_corpus_tokens())
-    data = PreparedData(str(folder), corpus_sha1, len(vocab), len(ids), len(split.train), len(split.val), split.note)
-    _write_prepared(data, vocab, split.train, split.val)
-    ids_path.unlink()
+    with _replacing(folder / "ids.npy", keep=False) as ids_path:  # streamed in chunks: memory does not grow
+        vocab, ids = tokenize_file(corpus_path, ids_path, config.preprocess, config.tokenization, config.min_freq)
+        if not any(token.strip() for token in vocab.tokens[1:]):
+            raise DataError(f"{corpus_path} holds no tokens after '{config.preprocess}' preprocessing; check the file")
+        split = split_corpus(ids, config.max_tokens, config.val_tokens, config.min_corpus_tokens())
+        data = PreparedData(
+            str(folder), corpus_sha1, len(vocab), len(ids), len(split.train), len(split.val), split.note
+        )
+        _write_prepared(data, vocab, split.train, split.val)
     return data
 
 
 def _write_prepared(data: PreparedData, vocab: Vocab, train_ids: np.ndarray, val_ids: np.ndarray) -> None:
-    folder = Path(data.folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab.save(data.vocab_path)
-    np.save(data.train_path, train_ids)
-    np.save(data.val_path, val_ids)
-    (folder / "info.json").write_text(json.dumps(asdict(data), indent=1))
+    """Each file under a temporary name, then renamed over the old one (whose readers keep it)."""
+    Path(data.folder).mkdir(parents=True, exist_ok=True)
+    for path, write in (
+        (data.vocab_path, vocab.save),
+        (data.train_path, lambda tmp: np.save(tmp, train_ids)),
+        (data.val_path, lambda tmp: np.save(tmp, val_ids)),
+        (Path(data.folder) / "info.json", lambda tmp: tmp.write_text(json.dumps(asdict(data), indent=1))),
+    ):
+        with _replacing(path) as tmp:
+            write(tmp)
+
+
+@contextmanager
+def _replacing(path: Path, keep: bool = True) -> Iterator[Path]:
+    """A new temporary file beside `path` (same suffix) for the block to write; renamed to `path` when the block
+    succeeds and `keep`, removed otherwise."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        if keep:
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def seed_everything(seed: int) -> torch.Generator:
