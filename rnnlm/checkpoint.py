@@ -10,13 +10,13 @@ from __future__ import annotations
 import fcntl
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from rnnlm.files import replacing
 from rnnlm.model import RNNLM
 from rnnlm.vocab import Vocab
 
@@ -31,16 +31,10 @@ def save_checkpoint(path: Path, **content: Any) -> Path:
     """Write `content` (state_dicts and plain data) atomically: a temporary file in the same folder, flushed to disk,
     then a rename, so that a crash never leaves a half-written checkpoint under the final name."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **content}, f)
-            f.flush()
-            os.fsync(f.fileno())  # the rename must not reach the disk before the bytes (power loss)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with replacing(path, suffix=".tmp") as tmp, open(tmp, "wb") as f:
+        torch.save({"format_version": FORMAT_VERSION, **content}, f)
+        f.flush()
+        os.fsync(f.fileno())  # the rename must not reach the disk before the bytes (power loss)
     return path
 
 

@@ -7,13 +7,13 @@ cache never holds a partial or wrong file. A cached file whose sha1 matches is r
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import numpy as np
 import requests
+
+from rnnlm.files import replacing
 
 CHUNK = 1 << 20
 DEFAULT_TIMEOUT = (10.0, 30.0)  # (connect, read) seconds
@@ -89,16 +89,10 @@ def _check_sha1(path: Path, expected: str | None, source: str) -> None:
 
 
 def _download(url: str, target: Path, sha1: str | None, max_bytes: int, timeout: tuple[float, float]) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with replacing(target, suffix=".part") as tmp:  # whatever happens, no partial file stays behind
+        with open(tmp, "wb") as out:
             _stream(url, out, max_bytes, timeout)
         _check_sha1(tmp, sha1, url)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)  # whatever happened, no partial file stays behind
     return target
 
 

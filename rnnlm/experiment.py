@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import random
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,6 +35,7 @@ from rnnlm.checkpoint import (
 from rnnlm.config import TrainConfig
 from rnnlm.corpus import fetch_corpus, sha1_of
 from rnnlm.data import DataError, split_corpus
+from rnnlm.files import replacing
 from rnnlm.generate import generate
 from rnnlm.model import RNNLM, device_name, matmul_precision, pick_device
 from rnnlm.stream import tokenize_file
@@ -140,7 +138,7 @@ def prepare_data(corpus_path: Path, config: TrainConfig) -> PreparedData:
     corpus_sha1 = sha1_of(corpus_path)
     folder = prepared_folder(corpus_sha1, config)
     folder.mkdir(parents=True, exist_ok=True)
-    with _replacing(folder / "ids.npy", keep=False) as ids_path:  # streamed in chunks: memory does not grow
+    with replacing(folder / "ids.npy", keep=False) as ids_path:  # streamed in chunks: memory does not grow
         vocab, ids = tokenize_file(corpus_path, ids_path, config.preprocess, config.tokenization, config.min_freq)
         if not any(token.strip() for token in vocab.tokens[1:]):
             raise DataError(f"{corpus_path} holds no tokens after '{config.preprocess}' preprocessing; check the file")
@@ -154,30 +152,14 @@ def prepare_data(corpus_path: Path, config: TrainConfig) -> PreparedData:
 
 def _write_prepared(data: PreparedData, vocab: Vocab, train_ids: np.ndarray, val_ids: np.ndarray) -> None:
     """Each file under a temporary name, then renamed over the old one (whose readers keep it)."""
-    Path(data.folder).mkdir(parents=True, exist_ok=True)
     for path, write in (
         (data.vocab_path, vocab.save),
         (data.train_path, lambda tmp: np.save(tmp, train_ids)),
         (data.val_path, lambda tmp: np.save(tmp, val_ids)),
         (Path(data.folder) / "info.json", lambda tmp: tmp.write_text(json.dumps(asdict(data), indent=1))),
     ):
-        with _replacing(path) as tmp:
+        with replacing(path) as tmp:
             write(tmp)
-
-
-@contextmanager
-def _replacing(path: Path, keep: bool = True) -> Iterator[Path]:
-    """A new temporary file beside `path` (same suffix) for the block to write; renamed to `path` when the block
-    succeeds and `keep`, removed otherwise."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        if keep:
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def seed_everything(seed: int) -> torch.Generator:
