@@ -49,7 +49,6 @@ def _arrays(model: RNNLM, tokens: torch.Tensor, targets: torch.Tensor, state: St
     """The tensors behind `native.LSTMSGDStep`'s pointers: inputs, parameters (updated in place), buffers."""
     rnn, linear, (h0, c0) = model.rnn, model.linear, state
     (batch, steps), hidden, vocab = tokens.shape, model.num_hiddens, model.vocab_size
-    window = (steps, batch, hidden)
     params = [rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0, linear.weight, linear.bias]
     return {
         "tokens": tokens.T.contiguous(),
@@ -63,18 +62,9 @@ def _arrays(model: RNNLM, tokens: torch.Tensor, targets: torch.Tensor, state: St
         "whh_back": native.packed_bf16(4 * hidden, hidden),
         "wout_fwd": native.packed(hidden, vocab),
         "wout_back": native.packed(vocab, hidden),
-        "hs16": torch.empty((steps + 1, batch, native.even(hidden)), dtype=torch.bfloat16),
-        "hs": torch.empty(window),
-        "cs": torch.empty(window),
-        "gates": torch.empty((steps, batch, 4 * hidden)),
-        "tcs": torch.empty(window),
-        "logits": torch.empty(steps * batch, vocab),
-        "gpanels": native.pair_panels(steps * batch, 4 * hidden),
-        "grad_h0": torch.empty(batch, hidden),
-        "grad_c0": torch.empty(batch, hidden),
-        "grad_w_hh_t": native.scratch(hidden, 4 * hidden),
+        **recurrence.bf16_forward_buffers(steps, batch, hidden, vocab),
+        **recurrence.bf16_backward_buffers(steps, batch, hidden, vocab),
         "loss": torch.zeros(16, dtype=torch.float64),
-        "token_grad": torch.zeros(2, vocab, 4 * hidden),
         "grad_b": torch.empty(4 * hidden),
         "grad_w_out": torch.zeros(2, vocab, hidden),
         "grad_b_out": torch.zeros(2, vocab),

@@ -157,12 +157,12 @@ class Linear(torch.autograd.Function):
 
 def _by_halves(batch: int, overlap: bool, run: Callable[[tuple[int, int]], None]) -> None:
     """run((r0, r1)) over the batch rows: in two halves at once, one on the helper thread, when `overlap`."""
-    if not overlap or batch < 2:
-        run((0, batch))
+    rows = _halves(batch, 2 if overlap and batch >= 2 else 1)
+    if len(rows) == 1:
+        run(rows[0])
         return
-    half = batch // 2
-    other = _helper.submit(lambda: run((0, half)))
-    run((half, batch))
+    other = _helper.submit(lambda: run(rows[0]))
+    run(rows[1])
     other.result()
 
 
@@ -506,62 +506,84 @@ def _lstm_window(tokens, h0, c0, w_ih, b_ih, b_hh) -> tuple:
     """What both LSTM kernels start from: tokens, h0, c0 contiguous; emb (vocab, 4H), whose row v is W_ih one_hot(v)
     plus both biases; and the buffers hs, cs, gates, tanh(cs) for the window ((steps, batch, H), gates 4H wide)."""
     emb = (w_ih.T + b_ih + b_hh).contiguous()
-    hs = h0.new_empty((*tokens.shape, h0.shape[1]))
-    buffers = hs, torch.empty_like(hs), hs.new_empty((*hs.shape[:2], 4 * hs.shape[2])), torch.empty_like(hs)
-    return tokens.contiguous(), h0.contiguous(), c0.contiguous(), emb, buffers
+    states = _lstm_states(*tokens.shape, h0.shape[1])
+    return tokens.contiguous(), h0.contiguous(), c0.contiguous(), emb, tuple(states.values())
+
+
+def _lstm_states(steps: int, batch: int, hidden: int) -> dict[str, torch.Tensor]:
+    """An LSTM window's saved states: hs, cs, gates (after their activations, 4H wide) and tcs = tanh(cs)."""
+    shapes = {"hs": hidden, "cs": hidden, "gates": 4 * hidden, "tcs": hidden}
+    return {name: torch.empty(steps, batch, width, dtype=torch.float32) for name, width in shapes.items()}
+
+
+def bf16_forward_buffers(steps: int, batch: int, hidden: int, vocab: int) -> dict[str, torch.Tensor]:
+    """What the bf16 LSTM's forward window writes, named as kernels.c's struct lstm_sgd_step names it: the states,
+    hs16 (bf16 of [h0, hs], rows of even length) and the logits (steps * batch, vocab)."""
+    return {
+        **_lstm_states(steps, batch, hidden),
+        "hs16": torch.empty((steps + 1, batch, native.even(hidden)), dtype=torch.bfloat16),
+        "logits": torch.empty(steps * batch, vocab),
+    }
+
+
+def bf16_backward_buffers(steps: int, batch: int, hidden: int, vocab: int) -> dict[str, torch.Tensor]:
+    """What the bf16 LSTM's backward writes, named as kernels.c's struct lstm_sgd_step names it: gpanels (the gate
+    gradients in bf16, for W_hh's), grad_h0, grad_c0, grad_w_hh_t (W_hh's gradient transposed, (H, 4H padded to
+    whole panels)) and token_grad (each of two threads' sums of gate gradients by input token, zeros)."""
+    return {
+        "gpanels": native.pair_panels(steps * batch, 4 * hidden),
+        "grad_h0": torch.empty(batch, hidden),
+        "grad_c0": torch.empty(batch, hidden),
+        "grad_w_hh_t": native.scratch(hidden, 4 * hidden).view(hidden, -1),
+        "token_grad": torch.zeros(2, vocab, 4 * hidden),
+    }
 
 
 class BF16LSTMWindow:
     """One window of the bf16 LSTM with its output layer (see `OneHotLSTMLogits`), in stages that each run over a
     share of the work, so that two threads can share the buffers: `forward` and `backward` over batch rows,
     `weight_grad` over hidden units (W_hh's gradient needs every row's gate gradients: it starts after both threads'
-    backward). Each stage's buffers are made before it runs: the forward's here, the backward's by `prepare_backward`.
-    """
+    backward). The forward's buffers are made here, the backward's by `prepare_backward`."""
 
     def __init__(self, tokens, h0, c0, w_ih, w_hh, b_ih, b_hh, w_out, b_out):
-        self.tokens, self.h0, self.c0, self.emb, (self.hs, self.cs, self.gates, self.tcs) = _lstm_window(
-            tokens, h0, c0, w_ih, b_ih, b_hh
-        )
-        steps, batch, hidden = self.hs.shape
+        self.tokens, self.h0, self.c0 = tokens.contiguous(), h0.contiguous(), c0.contiguous()
+        self.emb = (w_ih.T + b_ih + b_hh).contiguous()  # row v: W_ih one_hot(v) plus both biases
         self.w_hh, self.w_out, self.vocab = w_hh.detach(), w_out.detach(), w_out.shape[0]
-        self.hs16 = torch.empty((steps + 1, batch, native.even(hidden)), dtype=torch.bfloat16)  # bf16 of [h0, hs]
-        self.logits = self.hs.new_empty((steps * batch, self.vocab))
+        self.buffers = bf16_forward_buffers(*self.tokens.shape, self.h0.shape[1], self.vocab)
         self.whh16, self.wout = native.pack_bf16(w_hh, trans=True), native.pack(w_out, trans=True)
         self.b_out = b_out.detach().contiguous()
 
     def forward(self, rows: tuple[int, int]) -> None:
         """logits, hs, cs (and what the backward needs) for batch rows `rows`."""
+        b = self.buffers
         native.lstm_forward_bf16(
-            self.tokens, self.h0, self.c0, self.emb, self.whh16, self.wout, self.b_out, self.hs16,
-            self.hs, self.cs, self.gates, self.tcs, self.logits, rows,
+            self.tokens, self.h0, self.c0, self.emb, self.whh16, self.wout, self.b_out, b["hs16"],
+            b["hs"], b["cs"], b["gates"], b["tcs"], b["logits"], rows,
         )  # fmt: skip
 
     def prepare_backward(self, grad_logits, grad_h_last=None, grad_c_last=None) -> None:
         """The backward's inputs (the last state's gradients None: zeros) and buffers."""
-        steps, batch, hidden = self.hs.shape
+        self.buffers |= bf16_backward_buffers(*self.tokens.shape, self.h0.shape[1], self.vocab)
         self.grad_logits = grad_logits.contiguous()
         self.grad_h_last = torch.zeros_like(self.h0) if grad_h_last is None else grad_h_last.contiguous()
         self.grad_c_last = torch.zeros_like(self.c0) if grad_c_last is None else grad_c_last.contiguous()
-        self.grad_h0, self.grad_c0 = torch.empty_like(self.h0), torch.empty_like(self.c0)
         self.whh16_back, self.wout_back = native.pack_bf16(self.w_hh, trans=False), native.pack(self.w_out, trans=False)
-        self.panels = native.pair_panels(steps * batch, 4 * hidden)  # the gate gradients, for W_hh's
-        self.by_token = torch.zeros((2, self.vocab, 4 * hidden))  # each half's sums of gate gradients by input token
-        self.grad_w_hh_t = native.scratch(hidden, 4 * hidden).view(hidden, -1)  # (H, 4H padded to whole panels)
 
     def backward(self, rows: tuple[int, int]) -> None:
         """grad_h0, grad_c0 and the gate gradients (by token, and in bf16 for W_hh's) for batch rows `rows`."""
+        b = self.buffers
         native.lstm_backward_bf16(
-            self.tokens, self.c0, self.cs, self.gates, self.tcs, self.grad_logits, self.wout_back, self.grad_h_last,
-            self.grad_c_last, self.whh16_back, self.panels, self.by_token[int(rows[0] > 0)], self.grad_h0,
-            self.grad_c0, rows,
+            self.tokens, self.c0, b["cs"], b["gates"], b["tcs"], self.grad_logits, self.wout_back, self.grad_h_last,
+            self.grad_c_last, self.whh16_back, b["gpanels"], b["token_grad"][int(rows[0] > 0)], b["grad_h0"],
+            b["grad_c0"], rows,
         )  # fmt: skip
 
     def weight_grad(self, units: tuple[int, int]) -> None:
         """Rows `units` of W_hh's gradient transposed: sum over steps t of h_{t-1}.T @ the gate gradients of step
         t, from bf16 products summed in float32."""
-        hidden = self.hs.shape[2]
-        h_prev = self.hs[:-1].reshape(-1, hidden)  # with h0 in front: what step t multiplied by W_hh
-        native.weight_grad_bf16(self.h0, h_prev, self.panels, self.grad_w_hh_t, units)
+        hs = self.buffers["hs"]
+        h_prev = hs[:-1].reshape(-1, hs.shape[2])  # with h0 in front: what step t multiplied by W_hh
+        native.weight_grad_bf16(self.h0, h_prev, self.buffers["gpanels"], self.buffers["grad_w_hh_t"], units)
 
     def backward_stages(self, rows: tuple[int, int], units: tuple[int, int], meet: Callable[[], None]) -> None:
         """One party's share of the whole backward (see `rows_then_units`)."""
@@ -572,9 +594,8 @@ class BF16LSTMWindow:
     def grads(self) -> tuple[torch.Tensor, ...]:
         """After the backward: (grad_h0, grad_c0, W_ih's gradient transposed (vocab, 4H), W_hh's transposed (H, 4H),
         a view of padded rows). The biases' gradient is the third's sum over its rows."""
-        hidden = self.hs.shape[2]
-        grad_w_hh_t = self.grad_w_hh_t[:, : 4 * hidden]
-        return self.grad_h0, self.grad_c0, self.by_token.sum(0), grad_w_hh_t
+        b, hidden = self.buffers, self.h0.shape[1]
+        return b["grad_h0"], b["grad_c0"], b["token_grad"].sum(0), b["grad_w_hh_t"][:, : 4 * hidden]
 
 
 class OneHotLSTMLogits(torch.autograd.Function):
@@ -590,22 +611,22 @@ class OneHotLSTMLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tokens, h0, c0, w_ih, w_hh, b_ih, b_hh, w_out, b_out, overlap: bool = False):
         window = BF16LSTMWindow(tokens, h0, c0, w_ih, w_hh, b_ih, b_hh, w_out, b_out)
-        _by_halves(window.hs.shape[1], overlap, window.forward)
+        _by_halves(tokens.shape[1], overlap, window.forward)
         ctx.save_for_backward(w_ih, w_hh, w_out)  # their versions are checked: the window holds copies
-        logits, window.logits = window.logits, None  # an output held by its own node would be a reference cycle
+        logits = window.buffers.pop("logits")  # an output held by its own node would be a reference cycle
         ctx.window, ctx.overlap = window, overlap
-        return logits, window.hs[-1], window.cs[-1]
+        return logits, window.buffers["hs"][-1], window.buffers["cs"][-1]
 
     @staticmethod
     def backward(ctx, grad_logits, grad_h_last, grad_c_last):
         ctx.saved_tensors  # noqa: B018  (raises if a weight changed in place since the forward)
-        window = ctx.window
-        _, batch, hidden = window.hs.shape
+        window, hs = ctx.window, ctx.window.buffers["hs"]
+        _, batch, hidden = hs.shape
         window.prepare_backward(grad_logits, grad_h_last, grad_c_last)
         rows_then_units(batch, hidden, ctx.overlap, window.backward_stages)
         grad_h0, grad_c0, grad_w_ih_t, grad_w_hh_t = window.grads()
         grad_b, grad_logits = grad_w_ih_t.sum(0), window.grad_logits
-        grad_w_out = matmul_tn(grad_logits, window.hs.reshape(-1, hidden))  # (vocab, H)
+        grad_w_out = matmul_tn(grad_logits, hs.reshape(-1, hidden))  # (vocab, H)
         return (
             None, grad_h0, grad_c0, grad_w_ih_t.T, grad_w_hh_t.T, grad_b, grad_b, grad_w_out, grad_logits.sum(0), None
         )  # fmt: skip
