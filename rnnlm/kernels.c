@@ -28,12 +28,15 @@
 
 typedef float vf __attribute__((vector_size(VL * 4), aligned(4)));
 
+/* panels of NR columns that hold n columns */
+static inline int panels_of(int n) { return (n + NR - 1) / NR; }
+
 int rnnlm_panel_width(void) { return NR; }
 
 /* B (K x N), given as W: B[k][j] = W[j][k] when `trans` (a torch weight used as x @ W.T), else W[k][j]; written as
    ceil(N / NR) panels of K x NR, the last one padded with zeros. */
 void rnnlm_pack(const float *W, int K, int N, int trans, float *out) {
-    int panels = (N + NR - 1) / NR;
+    int panels = panels_of(N);
     for (int p = 0; p < panels; p++)
         for (int k = 0; k < K; k++)
             for (int jj = 0; jj < NR; jj++) {
@@ -169,7 +172,7 @@ static void pack_bf16_panels(const float *W, int K, int N, int trans, int p0, in
 
 /* B = W.T (trans, W N x K) or B = W (W K x N) in the layout above, zeros past the edges */
 void rnnlm_pack_bf16(const float *W, int K, int N, int trans, uint32_t *out) {
-    pack_bf16_panels(W, K, N, trans, 0, (N + NR - 1) / NR, out);
+    pack_bf16_panels(W, K, N, trans, 0, panels_of(N), out);
 }
 
 /* c + the two products of the k-pair a (one A element pair) with the k-pairs of b (VL columns) */
@@ -225,18 +228,18 @@ static void gemm16(int M, int P, int panels, const uint32_t *A, int lda, const u
    partner of the last row when N is odd, are zeros. put_pair_rows writes rows n and n + 1 (n even) as whole words,
    put_pair_row one row into its halves. */
 static void put_pair_rows(int N, int G, int n, const float *row0, const float *row1, uint32_t *out) {
-    int P = (N + 1) / 2, panels = (G + NR - 1) / NR;
+    int P = (N + 1) / 2, panels = panels_of(G);
     for (int p = 0; p < panels; p++) {
         uint32_t *word = out + ((size_t)p * P + n / 2) * NR;
         int width = G - p * NR < NR ? G - p * NR : NR;
         for (int jj = 0; jj < width; jj++)
-            word[jj] = bf16_bits(row0[p * NR + jj]) | (uint32_t)bf16_bits(row1[p * NR + jj]) << 16;
+            word[jj] = bf16_pair(row0[p * NR + jj], row1[p * NR + jj]);
         for (int jj = width; jj < NR; jj++) word[jj] = 0;
     }
 }
 
 static void put_pair_row(int N, int G, int n, const float *row, uint16_t *out) {
-    int P = (N + 1) / 2, panels = (G + NR - 1) / NR, half = n & 1;
+    int P = (N + 1) / 2, panels = panels_of(G), half = n & 1;
     for (int p = 0; p < panels; p++) {
         uint16_t *word = out + 2 * ((size_t)p * P + n / 2) * NR;
         for (int jj = 0; jj < NR; jj++) {
@@ -254,7 +257,7 @@ static void put_pair_row(int N, int G, int n, const float *row, uint16_t *out) {
    grad is read once. */
 void rnnlm_weight_grad_bf16(int N, int K, int G, int k0, int k1, int n_first, const float *first, const float *rest,
                             const uint32_t *grad, float *out, uint32_t *a_buf) {
-    int P = (N + 1) / 2, panels = (G + NR - 1) / NR, ldc = panels * NR, M = k1 - k0;
+    int P = (N + 1) / 2, panels = panels_of(G), ldc = panels * NR, M = k1 - k0;
     for (int m = 0; m < P; m++) {
         const float *x[2];
         for (int half = 0; half < 2; half++) {
@@ -263,7 +266,7 @@ void rnnlm_weight_grad_bf16(int N, int K, int G, int k0, int k1, int n_first, co
         }
         uint32_t *words = a_buf + (size_t)m * M;
         for (int k = k0; k < k1; k++)
-            words[k - k0] = bf16_bits(x[0][k]) | (x[1] ? (uint32_t)bf16_bits(x[1][k]) << 16 : 0u);
+            words[k - k0] = bf16_pair(x[0][k], x[1] ? x[1][k] : 0.0f);
     }
     for (int p = 0; p < panels; p++)
         for (int i = 0; i < M; i += MR)
@@ -304,7 +307,7 @@ static inline const float *previous(const float *first, const float *seq, int t,
    trans=1. scratch: (r1 - r0) x panels * NR floats. */
 void rnnlm_rnn_forward(int steps, int batch, int H, int r0, int r1, const int64_t *tokens, const float *h0,
                        const float *emb, const float *whh, float *hs, float *scratch) {
-    int panels = (H + NR - 1) / NR, ldc = panels * NR, M = r1 - r0;
+    int panels = panels_of(H), ldc = panels * NR, M = r1 - r0;
     for (int t = 0; t < steps; t++) {
         const float *prev = previous(h0, hs, t, batch, H);
         gemm(M, H, panels, prev + (size_t)r0 * H, H, whh, scratch, ldc);
@@ -322,7 +325,7 @@ void rnnlm_rnn_forward(int steps, int batch, int H, int r0, int r1, const int64_
    g is d loss / d pre-activation, (steps, batch, H). whh: W_hh packed with trans=0. */
 void rnnlm_rnn_backward(int steps, int batch, int H, int r0, int r1, const float *hs, const float *grad_out,
                         const float *whh, float *g, float *grad_h0, float *scratch) {
-    int panels = (H + NR - 1) / NR, ldc = panels * NR, M = r1 - r0;
+    int panels = panels_of(H), ldc = panels * NR, M = r1 - r0;
     size_t last = (size_t)(steps - 1) * batch * H;
     for (int i = r0; i < r1; i++)
         for (int j = 0; j < H; j++) {
@@ -411,7 +414,7 @@ static void add_block(int batch, int U, const float *src, int ldc, float *dst) {
 void rnnlm_gru_forward(int steps, int batch, int H, int u0, int u1, int me, int parties, int64_t *flags,
                        const int64_t *tokens, const float *h0, const float *emb, const float *b_hh, const float *whh,
                        float *hs, float *rz, float *n, float *hn, float *scratch) {
-    int U = u1 - u0, panels = (3 * U + NR - 1) / NR, ldc = panels * NR;
+    int U = u1 - u0, panels = panels_of(3 * U), ldc = panels * NR;
     for (int t = 0; t < steps; t++) {
         const float *prev = previous(h0, hs, t, batch, H);
         gemm(batch, H, panels, prev, H, whh, scratch, ldc);
@@ -447,7 +450,7 @@ void rnnlm_gru_backward(int steps, int batch, int H, int u0, int u1, int me, int
                         const float *h0, const float *hs, const float *rz, const float *n, const float *hn,
                         const float *grad_out, const float *whh, float *grad_gates, float *grad_pre_n, float *grad_h0,
                         float *dh, float *scratch) {
-    int U = u1 - u0, panels = (U + NR - 1) / NR, ldc = panels * NR;
+    int U = u1 - u0, panels = panels_of(U), ldc = panels * NR;
     take_units(batch, H, u0, U, grad_out + (size_t)(steps - 1) * batch * H, dh);
     for (int t = steps - 1; t >= 0; t--) {
         for (int i = 0; i < batch; i++) {
@@ -518,7 +521,7 @@ static inline void lstm_cell_grad(int U, int H, const float *gt, const float *tc
 void rnnlm_lstm_forward(int steps, int batch, int H, int u0, int u1, int me, int parties, int64_t *flags,
                         const int64_t *tokens, const float *h0, const float *c0, const float *emb, const float *whh,
                         float *hs, float *cs, float *gates, float *tcs, float *scratch) {
-    int U = u1 - u0, panels = (4 * U + NR - 1) / NR, ldc = panels * NR;
+    int U = u1 - u0, panels = panels_of(4 * U), ldc = panels * NR;
     for (int t = 0; t < steps; t++) {
         const float *prev_h = previous(h0, hs, t, batch, H), *prev_c = previous(c0, cs, t, batch, H);
         gemm(batch, H, panels, prev_h, H, whh, scratch, ldc);
@@ -542,7 +545,7 @@ void rnnlm_lstm_backward(int steps, int batch, int H, int u0, int u1, int me, in
                          const float *c0, const float *cs, const float *gates, const float *tcs, const float *grad_out,
                          const float *grad_c_last, const float *whh, float *grad_gates, float *grad_h0, float *grad_c0,
                          float *dh, float *dc, float *scratch) {
-    int U = u1 - u0, panels = (U + NR - 1) / NR, ldc = panels * NR;
+    int U = u1 - u0, panels = panels_of(U), ldc = panels * NR;
     take_units(batch, H, u0, U, grad_out + (size_t)(steps - 1) * batch * H, dh);
     take_units(batch, H, u0, U, grad_c_last, dc);
     for (int t = steps - 1; t >= 0; t--) {
@@ -575,8 +578,8 @@ void rnnlm_lstm_forward_bf16(int steps, int batch, int H, int V, int r0, int r1,
                              const float *h0, const float *c0, const float *emb, const uint32_t *whh,
                              const float *wout, const float *b_out, uint16_t *hs16, float *hs, float *cs, float *gates,
                              float *tcs, float *logits, float *scratch, float *scratch_out) {
-    int M = r1 - r0, ldh = H + (H & 1), panels = (4 * H + NR - 1) / NR, ldc = panels * NR;
-    int out_panels = (V + NR - 1) / NR, ldo = out_panels * NR;
+    int M = r1 - r0, ldh = H + (H & 1), panels = panels_of(4 * H), ldc = panels * NR;
+    int out_panels = panels_of(V), ldo = out_panels * NR;
     for (int i = r0; i < r1; i++) bf16_row(H, h0 + (size_t)i * H, hs16 + (size_t)i * ldh);
     for (int t = 0; t < steps; t++) {
         const float *prev_c = previous(c0, cs, t, batch, H);
@@ -599,7 +602,7 @@ void rnnlm_lstm_forward_bf16(int steps, int batch, int H, int V, int r0, int r1,
    wout: W_out (V x H) packed by rnnlm_pack with trans=0. */
 static void output_grad(int t, int batch, int H, int V, int r0, int r1, const float *dlogits, const float *wout,
                         float *go, int ldc) {
-    gemm(r1 - r0, V, (H + NR - 1) / NR, dlogits + ((size_t)t * batch + r0) * V, V, wout, go, ldc);
+    gemm(r1 - r0, V, panels_of(H), dlogits + ((size_t)t * batch + r0) * V, V, wout, go, ldc);
 }
 
 /* Its backward over rows [r0, r1): as rnnlm_lstm_backward, with the gradient reaching each step's h computed from
@@ -615,7 +618,7 @@ void rnnlm_lstm_backward_bf16(int steps, int batch, int H, int V, int r0, int r1
                               const float *grad_c_last, const uint32_t *whh, uint16_t *gpanels, float *token_grad,
                               float *grad_h0, float *grad_c0, float *dh, float *dc, float *rows, uint16_t *g16,
                               float *scratch, float *go) {
-    int M = r1 - r0, N = steps * batch, panels = (H + NR - 1) / NR, ldc = panels * NR;
+    int M = r1 - r0, N = steps * batch, panels = panels_of(H), ldc = panels * NR;
     output_grad(steps - 1, batch, H, V, r0, r1, dlogits, wout, go, ldc);
     take_units(M, H, 0, H, grad_h_last + (size_t)r0 * H, dh);
     add_block(M, H, go, ldc, dh);
@@ -740,17 +743,37 @@ static void share(int n, int me, int parties, int *lo, int *hi) {
     *hi = (int)((int64_t)n * (me + 1) / parties);
 }
 
-static size_t whole_lines(size_t floats) { return (floats + 15) / 16 * 16; }
-
-/* The floats of party `me`'s work buffer for rnnlm_lstm_sgd_bf16 */
-int64_t rnnlm_lstm_sgd_work(int steps, int batch, int H, int V, int me, int parties) {
+/* Party `me`'s work buffers for rnnlm_lstm_sgd_bf16, as offsets in floats into its work array (each on a cache line
+   of its own); returns the floats they take */
+enum { W_SCRATCH, W_SCRATCH_OUT, W_DH, W_DC, W_ROWS, W_G16, W_SCRATCH_H, W_GO, W_A, W_COUNT };
+static size_t sgd_work_layout(int steps, int batch, int H, int V, int me, int parties, size_t at[W_COUNT]) {
     int r0, r1, k0, k1;
     share(batch, me, parties, &r0, &r1);
     share(H, me, parties, &k0, &k1);
-    size_t M = (size_t)(r1 - r0), G = 4 * (size_t)H, pG = (G + NR - 1) / NR * NR, pH = ((size_t)H + NR - 1) / NR * NR;
-    size_t pV = ((size_t)V + NR - 1) / NR * NR, pairs = ((size_t)steps * batch + 1) / 2;
-    return (int64_t)(whole_lines(M * pG) + whole_lines(M * pV) + 2 * whole_lines(M * H) + whole_lines(8 * (size_t)H) +
-                     whole_lines(M * G / 2 + 1) + 2 * whole_lines(M * pH) + whole_lines(pairs * (size_t)(k1 - k0)));
+    size_t M = (size_t)(r1 - r0), G = 4 * (size_t)H, pairs = ((size_t)steps * batch + 1) / 2;
+    size_t floats[W_COUNT] = {
+        [W_SCRATCH] = M * panels_of(4 * H) * NR, /* the forward's matmul */
+        [W_SCRATCH_OUT] = M * panels_of(V) * NR, /* the output layer's */
+        [W_DH] = M * H,
+        [W_DC] = M * H,
+        [W_ROWS] = 2 * G,                        /* a row pair of gate gradients */
+        [W_G16] = M * G / 2 + 1,                 /* the step's gate gradients in bf16 */
+        [W_SCRATCH_H] = M * panels_of(H) * NR,   /* the backward's matmul */
+        [W_GO] = M * panels_of(H) * NR,          /* the output layer's gradient to h */
+        [W_A] = pairs * (size_t)(k1 - k0),       /* W_hh's gradient: h's row pairs in bf16 */
+    };
+    size_t used = 0;
+    for (int i = 0; i < W_COUNT; i++) {
+        at[i] = used;
+        used += (floats[i] + 15) / 16 * 16;
+    }
+    return used;
+}
+
+/* The floats of party `me`'s work array for rnnlm_lstm_sgd_bf16 */
+int64_t rnnlm_lstm_sgd_work(int steps, int batch, int H, int V, int me, int parties) {
+    size_t at[W_COUNT];
+    return (int64_t)sgd_work_layout(steps, batch, H, V, me, parties, at);
 }
 
 /* Party `me` of `parties` (1 or 2) runs its share of the step, meeting the others (step_done) where it needs their
@@ -765,14 +788,10 @@ void rnnlm_lstm_sgd_bf16(const struct lstm_sgd_step *s, int me, int parties, int
     share(batch, me, parties, &r0, &r1);
     share(H, me, parties, &k0, &k1);
     share(G, me, parties, &g0, &g1);
-    share((G + NR - 1) / NR, me, parties, &f0, &f1);
-    share((H + NR - 1) / NR, me, parties, &b0, &b1);
-    size_t M = (size_t)(r1 - r0), pG = (size_t)(G + NR - 1) / NR * NR, pH = (size_t)(H + NR - 1) / NR * NR;
-    size_t pV = (size_t)(V + NR - 1) / NR * NR;
-    float *scratch = work, *scratch_out = scratch + whole_lines(M * pG), *dh = scratch_out + whole_lines(M * pV);
-    float *dc = dh + whole_lines(M * H), *rows = dc + whole_lines(M * H), *g16 = rows + whole_lines(8 * (size_t)H);
-    float *scratch_h = g16 + whole_lines(M * G / 2 + 1), *go = scratch_h + whole_lines(M * pH);
-    uint32_t *a_buf = (uint32_t *)(go + whole_lines(M * pH));
+    share(panels_of(G), me, parties, &f0, &f1);
+    share(panels_of(H), me, parties, &b0, &b1);
+    size_t at[W_COUNT], pG = (size_t)panels_of(G) * NR;
+    sgd_work_layout(steps, batch, H, V, me, parties, at);
     double *mine = s->loss + 8 * me;
 
     for (int v = 0; v < V; v++)
@@ -786,16 +805,19 @@ void rnnlm_lstm_sgd_bf16(const struct lstm_sgd_step *s, int me, int parties, int
     if (step_done(flags, me, parties, 1)) return;
 
     rnnlm_lstm_forward_bf16(steps, batch, H, V, r0, r1, s->tokens, s->h0, s->c0, s->emb, s->whh_fwd, s->wout_fwd,
-                            s->b_out, s->hs16, s->hs, s->cs, s->gates, s->tcs, s->logits, scratch, scratch_out);
+                            s->b_out, s->hs16, s->hs, s->cs, s->gates, s->tcs, s->logits, work + at[W_SCRATCH],
+                            work + at[W_SCRATCH_OUT]);
     output_loss(steps, batch, H, V, r0, r1, s->targets, s->hs, s->logits, 1.0f / (float)N, mine,
                 s->grad_b_out + (size_t)me * V, s->grad_w_out + (size_t)me * V * H);
     rnnlm_lstm_backward_bf16(steps, batch, H, V, r0, r1, s->tokens, s->c0, s->cs, s->gates, s->tcs, s->logits,
                              s->wout_back, s->zeros, s->zeros, s->whh_back, s->gpanels,
-                             s->token_grad + (size_t)me * V * G, s->grad_h0, s->grad_c0, dh, dc, rows,
-                             (uint16_t *)g16, scratch_h, go);
+                             s->token_grad + (size_t)me * V * G, s->grad_h0, s->grad_c0, work + at[W_DH],
+                             work + at[W_DC], work + at[W_ROWS], (uint16_t *)(work + at[W_G16]),
+                             work + at[W_SCRATCH_H], work + at[W_GO]);
     if (step_done(flags, me, parties, 2)) return;
 
-    rnnlm_weight_grad_bf16(N, H, G, k0, k1, batch, s->h0, s->hs, (const uint32_t *)s->gpanels, s->grad_w_hh_t, a_buf);
+    rnnlm_weight_grad_bf16(N, H, G, k0, k1, batch, s->h0, s->hs, (const uint32_t *)s->gpanels, s->grad_w_hh_t,
+                           (uint32_t *)(work + at[W_A]));
     double squares = sum_squares(k1 - k0, G, s->grad_w_hh_t + (size_t)k0 * pG, (int)pG);
     if (me == 0) {
         for (int p = 1; p < parties; p++) add_row(V * G, s->token_grad + (size_t)p * V * G, s->token_grad);
