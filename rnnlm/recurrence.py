@@ -24,6 +24,7 @@ output layer fused in): inputs rounded to bf16, products summed in float32 (vdpb
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -210,11 +211,10 @@ def rows_then_units(batch: int, hidden: int, overlap: bool, run: Callable[..., N
     rows, units = _halves(batch, parties), _halves(hidden, parties)
 
     def prepare(me: int, parties: int, flags: torch.Tensor | None) -> Callable[[], None]:
-        met = []
+        meetings = itertools.count(1)
 
         def meet() -> None:
-            met.append(1)
-            if parties > 1 and native.meet(flags, me, parties, len(met)):
+            if parties > 1 and native.meet(flags, me, parties, next(meetings)):
                 raise RuntimeError("the other party of a compiled window failed")
 
         return lambda: run(rows[me], units[me], meet)
