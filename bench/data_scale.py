@@ -1,7 +1,7 @@
 """How data preparation scales: preprocessing + tokenization + vocab + corpus array for 1 MB, 10 MB and 100 MB texts
 (1 GB with --big), made by repeating The Time Machine. Each size runs in a fresh process, so peak memory is its own.
 
-Printed per size: seconds, MB/s and peak resident memory of the streaming path (`rnnlm.stream.tokenize_file`, what
+Printed per size: seconds, MB/s and peak resident memory of the streaming path (`rnnlm.tokens.tokenize_file`, what
 `prepare_data` uses), the same for the whole-text path (`read_text` + `prepare_text` + `build_vocab` + `encode`, the
 whole file in memory at once, as `prepare_data` did before; up to 100 MB), and the anonymous memory of a process
 that trains 20 minibatches on the memory-mapped ids.
@@ -45,13 +45,11 @@ def _rss_anon_mb() -> float:
 
 def child(mode: str, path: str, out: str) -> None:
     """Run one measurement in this (fresh) process and print a JSON line."""
-    sys.path.insert(0, str(ROOT))
     import numpy as np  # noqa: F401  (imported before the baseline, like the code under test)
     import torch
 
     from rnnlm.corpus import read_text
-    from rnnlm.stream import tokenize_file
-    from rnnlm.vocab import build_vocab, encode, prepare_text
+    from rnnlm.tokens import build_vocab, encode, prepare_text, tokenize_file
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -77,14 +75,15 @@ def child(mode: str, path: str, out: str) -> None:
 def _train_some(ids_path: Path, torch) -> dict:
     import numpy as np
 
-    from rnnlm.data import as_tensor, sequential_batches
+    from rnnlm.batches import as_tensor, sequential_batches
+    from rnnlm.config import TrainConfig
     from rnnlm.model import RNNLM
-    from rnnlm.train import TrainSettings, _step, make_optimizer
+    from rnnlm.train import _step, make_optimizer
 
     ids = np.load(ids_path, mmap_mode="r")
     corpus = as_tensor(ids)
     model = RNNLM(28, 256, "rnn")
-    optimizer, settings = make_optimizer(model, 1.0), TrainSettings(32, 35, 1.0, 1.0, 1)
+    optimizer, settings = make_optimizer(model, 1.0), TrainConfig(batch_size=32, num_steps=35, num_epochs=1)
     hidden = model.begin_state(32)
     batches = sequential_batches(corpus, 32, 35, torch.Generator().manual_seed(0))
     for _, (inputs, targets) in zip(range(20), batches, strict=False):

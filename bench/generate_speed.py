@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from rnnlm.generate import generate  # noqa: E402
-from rnnlm.model import RNNLM  # noqa: E402
-from rnnlm.train import torch_threads  # noqa: E402
-from rnnlm.vocab import Vocab  # noqa: E402
+from rnnlm.cpu.threads import torch_threads
+from rnnlm.generate import generate
+from rnnlm.model import RNNLM
+from rnnlm.tokens import Vocab
 
 VOCAB = Vocab(["<unk>", " ", *"etaoinsrhldmucfwgypbvkxjqz"])  # the book's 28 tokens
 PROMPTS = ["time traveller", "the machine", "a", "it was", "the time traveller said", "we"]
@@ -74,7 +70,7 @@ def main(argv=None) -> None:
     model = RNNLM(len(VOCAB), args.num_hiddens, args.rnn).to(device).eval()
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
     n = args.num_preds
-    with torch_threads(args.threads, device):
+    with torch_threads(args.threads if device.type == "cpu" else 0):
         same = generate(model, VOCAB, ["time traveller"], n)[0] == book_predict_ch8(
             "time traveller", n, model, VOCAB, device
         )

@@ -6,10 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the library from this tree, installed or not
 date -u
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible to torch'; print(torch.__version__)"
-timeout 90 $PY -m pytest -q -m gpu tests/test_gpu.py
+timeout 90 $PY -m pytest -q -m gpu tests/speed/test_gpu.py
 timeout 90 $PY bench/train_speed.py --device cuda --rnn rnn
 timeout 60 $PY bench/train_speed.py --device cuda --rnn rnn --amp --epochs 200
 timeout 60 $PY bench/train_speed.py --device cuda --rnn gru lstm --epochs 100

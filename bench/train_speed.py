@@ -19,7 +19,6 @@ import argparse
 import math
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -27,16 +26,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from rnnlm import cpu
+from rnnlm.config import TrainConfig
+from rnnlm.corpus import read_text
+from rnnlm.cpu.recurrence import ONEDNN
+from rnnlm.cpu.threads import second_core_free, torch_threads
+from rnnlm.model import RNNLM
+from rnnlm.tokens import build_vocab, encode, prepare_text
+from rnnlm.train import autocast, make_optimizer, train_epoch
 
-from rnnlm import recurrence  # noqa: E402
-from rnnlm.corpus import read_text  # noqa: E402
-from rnnlm.model import RNNLM  # noqa: E402
-from rnnlm.train import TrainSettings, autocast, make_optimizer, torch_threads, train_epoch  # noqa: E402
-from rnnlm.vocab import build_vocab, encode, prepare_text  # noqa: E402
-
-DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "timemachine.txt"
+DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "timemachine.txt"
 
 
 # --- the book's loop (D2L 8.5/8.6, PyTorch), kept faithful on purpose -------------------------------------------
@@ -175,10 +174,10 @@ def matmul_peak(device: torch.device, threads: int = 0, size: int = 2048, repeat
     kernel use; on AMD CPUs MKL runs at less than half of it). 0 threads: torch's default."""
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     kernels = {"torch.matmul": lambda: a @ b}
-    if device.type == "cpu" and recurrence.ONEDNN:
-        linear = recurrence.linear_add(b, size)  # a @ b.T through oneDNN, b packed once
-        kernels["oneDNN"] = lambda: linear(a)
-    with torch_threads(threads, device):
+    if device.type == "cpu" and ONEDNN:
+        packed = torch.ops.mkldnn._reorder_linear_weight(b, size)  # a @ b.T through oneDNN, b packed once
+        kernels["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+    with torch_threads(threads if device.type == "cpu" else 0):
         return {name: best_gflops(kernel, 2 * size**3, repeats) for name, kernel in kernels.items()}
 
 
@@ -204,8 +203,14 @@ def race(args, rnn: str, seed: int, vocab_size: int, corpus: list[int], device: 
     book, project = make_pair(rnn, vocab_size, args.num_hiddens, seed, device)
     book_opt = torch.optim.SGD(book.parameters(), lr=args.lr)
     loss = nn.CrossEntropyLoss()
-    settings = TrainSettings(
-        args.batch_size, args.num_steps, args.lr, 1.0, args.epochs, cpu_threads=args.threads, amp=args.amp
+    settings = TrainConfig(
+        batch_size=args.batch_size,
+        num_steps=args.num_steps,
+        lr=args.lr,
+        grad_clip=1.0,
+        num_epochs=args.epochs,
+        cpu_threads=args.threads,
+        amp=args.amp,
     )
     project_opt = make_optimizer(project, args.lr)
     generator = torch.Generator().manual_seed(seed)
@@ -213,7 +218,7 @@ def race(args, rnn: str, seed: int, vocab_size: int, corpus: list[int], device: 
     tokens = torch.tensor(corpus, dtype=torch.uint8).to(device)
 
     def book_step():
-        with torch_threads(args.book_threads, device):  # 0: torch's default, as the book runs
+        with torch_threads(args.book_threads if device.type == "cpu" else 0):  # 0: torch's default, as the book runs
             return book_train_epoch(
                 book, corpus, args.batch_size, args.num_steps, loss, book_opt, device, offsets, args.book_amp
             )
@@ -345,13 +350,13 @@ def bf16_matmul_peak(size: int = 2048, repeats: int = 10) -> float:
 
 
 def project_kernels(threads: int) -> str:
-    """Which of rnnlm.recurrence's kernels the project's trainer uses here, and whether it splits work over 2 cores."""
-    with torch_threads(threads, torch.device("cpu")):  # as the trainer sets them
-        split = "two cores" if recurrence.overlap_enabled() else "one core"
-    if recurrence.native_enabled():
-        bf16 = ", the LSTM's with bf16 matmuls under --amp" if recurrence.bf16_enabled() else ""
-        return f"compiled (rnnlm/kernels.c) for RNN, GRU and LSTM, on {split}{bf16}"
-    return f"{'oneDNN' if recurrence.ONEDNN else 'plain torch'} for RNN and GRU, torch's LSTM layer"
+    """Which CPU path the project's trainer takes here, and whether it splits work over 2 cores."""
+    with torch_threads(threads):  # as the trainer sets them
+        split = "two cores" if second_core_free() else "one core"
+    if cpu.compiled():
+        bf16 = ", the LSTM's with bf16 matmuls under --amp" if cpu.bf16_fast() else ""
+        return f"compiled (rnnlm/cpu/kernels.c) for RNN, GRU and LSTM, on {split}{bf16}"
+    return "torch's layers (the compiled kernels are off or could not be built)"
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 quick start and exit for `python flows/<flow>.py`."""
 
 import atexit
+import logging
 import os
 import sys
 import threading
@@ -10,21 +11,22 @@ from collections.abc import Callable, Sequence
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
-QUIET_DEFAULTS = {
-    "DO_NOT_TRACK": "1",  # no usage telemetry from Prefect ...
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",  # ... or MLflow
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # the temporary server needs > 20 s on 2 cores
-}
+from flows.environment import set_quiet_defaults
+
+# The errors that mean the user's input or setup was wrong: their message says what to do, and a command ends with
+# it as one line instead of a traceback. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (
+    "rnnlm.corpus.CorpusError",
+    "rnnlm.corpus.DownloadError",
+    "rnnlm.batches.DataError",
+    "rnnlm.checkpoint.CheckpointMismatch",
+    "rnnlm.generate.GenerationError",
+    "rnnlm.train.TrainingDiverged",
+    "tasks.store.TrackingError",
+)
 
 # Options after which the command never talks to a temporary Prefect server.
 _NO_TEMPORARY_SERVER = {"-h", "--help", "--serve"}
-
-
-def set_quiet_defaults() -> None:
-    """Turn off telemetry and lengthen the temporary server's start-up timeout, unless the environment says else."""
-    for key, value in QUIET_DEFAULTS.items():
-        os.environ.setdefault(key, value)
 
 
 def parse_command(command_cls, argv: list[str] | None = None):
@@ -36,6 +38,45 @@ def parse_command(command_cls, argv: list[str] | None = None):
     except ValidationError as err:
         problems = "; ".join(f"--{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
         sys.exit(f"error: {problems} (see --help)")
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether `err` is one of USER_ERRORS (by class path, so that this module imports none of them)."""
+    return any(f"{c.__module__}.{c.__qualname__}" in USER_ERRORS for c in type(err).__mro__)
+
+
+def run_command(run: Callable[[], object]):
+    """Run a command's work: a user's mistake (USER_ERRORS) ends it with `error: <what to do>` and status 1, Ctrl-C
+    with status 130; on the console Prefect logs such failures without their tracebacks (the Prefect UI keeps them)."""
+    _quiet_tracebacks_of_user_errors()
+    try:
+        return run()
+    except KeyboardInterrupt as err:
+        print(f"interrupted: {err}" if str(err) else "interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:
+        if is_user_error(err):
+            sys.exit(f"error: {err}")
+        raise
+
+
+class _NoUserErrorTracebacks(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and is_user_error(record.exc_info[1]):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_tracebacks_of_user_errors() -> None:
+    """Drop the tracebacks of USER_ERRORS from the console handlers of Prefect's loggers."""
+    from prefect.logging.handlers import APILogHandler
+
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", ""):
+        for handler in logging.getLogger(name).handlers:
+            if not isinstance(handler, APILogHandler) and not any(
+                isinstance(f, _NoUserErrorTracebacks) for f in handler.filters
+            ):
+                handler.addFilter(_NoUserErrorTracebacks())
 
 
 def start_temporary_server(argv: Sequence[str] | None = None) -> Callable[[], None]:
@@ -71,15 +112,27 @@ def start_temporary_server(argv: Sequence[str] | None = None) -> Callable[[], No
     return wait
 
 
-def exit_quickly(status: int = 0) -> None:
+def exit_quickly(status: int | str | None = 0) -> None:
     """End a finished command now: flush, then do what the interpreter does first at exit (join the non-daemon
     threads and run their exit hooks, which close Prefect's connections; then the atexit handlers, where Prefect
     stops its temporary server), then leave without the module teardown that follows, which takes 1-2.5 s with
-    torch, MLflow and Prefect loaded and does nothing a finished run needs. Only for a script's last line."""
+    torch, MLflow and Prefect loaded and does nothing a finished run needs. `status` as `sys.exit` takes it: a
+    message is printed last, after the server's goodbye, and exits with status 1. Only for a script's last line."""
     sys.stdout.flush()
     sys.stderr.flush()
     threading._shutdown()  # as Py_FinalizeEx does before the atexit handlers
     atexit._run_exitfuncs()
+    if isinstance(status, str):
+        print(status, file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(status)
+    os._exit(1 if isinstance(status, str) else status or 0)
+
+
+def run_script(main: Callable[[], object]) -> None:
+    """A script's whole life: `main()`, then a quick exit whose last line is the error, if `main` ended in one."""
+    try:
+        main()
+    except SystemExit as stop:
+        exit_quickly(stop.code)
+    exit_quickly()

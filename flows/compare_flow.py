@@ -12,7 +12,7 @@ from prefect import flow
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from flows.cli import parse_command
+from flows.cli import parse_command, run_command
 from tasks.registry import promote, publish_comparison, read_versions
 
 
@@ -50,7 +50,9 @@ class CompareCommand(BaseSettings):
 def main(argv: list[str] | None = None) -> dict:
     """Parse the command line and run the flow."""
     command = parse_command(CompareCommand, argv)
-    return compare_flow(command.registered_model, command.promote, command.promote_margin, command.experiment)
+    return run_command(
+        lambda: compare_flow(command.registered_model, command.promote, command.promote_margin, command.experiment)
+    )
 
 
 if __name__ == "__main__":

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import sys
 
+from prefect import Flow
+
 from rnnlm.config import TrainConfig
 
 DEPLOYMENT = "train-rnnlm"
 
 
-def serve_training(config: TrainConfig, cron: str | None = None, name: str = DEPLOYMENT) -> None:
-    """Serve the training flow as the deployment `train-rnnlm/<name>` with `config` as its parameters (blocks)."""
+def serve_training(train_flow: Flow, config: TrainConfig, cron: str | None = None, name: str = DEPLOYMENT) -> None:
+    """Serve `train_flow` as the deployment `train-rnnlm/<name>` with `config` as its parameters (blocks)."""
     from prefect.settings import PREFECT_API_URL
-
-    from flows.train_flow import train_flow
 
     if not PREFECT_API_URL.value():
         sys.exit(

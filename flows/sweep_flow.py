@@ -10,18 +10,17 @@ cluster (`--dask_address tcp://host:8786`), where `--gpus_per_member 1` asks Das
 from contextlib import nullcontext
 from typing import Literal
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
-from prefect.deployments import run_deployment
+from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from flows.cli import parse_command
+from flows.cli import parse_command, run_command
 from flows.train_flow import train_flow
 from rnnlm.config import TrainConfig
-from tasks.sweep import member_summary, report_sweep, start_sweep_run
-from tasks.tracking import check_tracking, run_guard
+from tasks.runs import TrackedRun, run_guard
+from tasks.sweep import report_sweep, start_sweep_run, train_member
+from tasks.tracking import check_tracking
 
 
 class Variant(BaseModel):
@@ -63,23 +62,6 @@ class SweepConfig(BaseModel):
         return [TrainConfig(**(self.base.model_dump() | v.model_dump(exclude_none=True))) for v in self.variants]
 
 
-@task(
-    name="train-member",
-    task_run_name="train-{config.rnn}-x{config.num_layers}-{config.max_tokens}",
-    cache_policy=NO_CACHE,
-)
-def train_member(config: TrainConfig, parent_run_id: str, deployment: str | None = None) -> dict:
-    """One member as its own train flow run, its MLflow run nested under the sweep's: here, or through a
-    deployment on a worker (whose results are then read back from MLflow, which every machine shares)."""
-    if deployment is None:
-        return train_flow(config, parent_run_id=parent_run_id)
-    parameters = {"config": config.model_dump(mode="json"), "parent_run_id": parent_run_id}
-    flow_run = run_deployment(deployment, parameters=parameters, timeout=None, poll_interval=2)
-    if not flow_run.state.is_completed():
-        raise RuntimeError(f"flow run {flow_run.name} of {deployment} ended {flow_run.state.name}")
-    return member_summary(str(flow_run.id), config.registered_model)
-
-
 @flow(name="sweep-rnnlm", flow_run_name="sweep-{sweep.base.num_epochs}ep")
 def sweep_flow(sweep: SweepConfig = SweepConfig()) -> list[dict]:  # noqa: B008
     """Train every member in parallel, then tabulate them beside the book; fails if any member failed."""
@@ -87,9 +69,9 @@ def sweep_flow(sweep: SweepConfig = SweepConfig()) -> list[dict]:  # noqa: B008
     check_tracking(members[0])
     runner = sweep.deployment or sweep.dask_address or f"threads x{sweep.max_workers}"
     parent = start_sweep_run(members, runner)
-    with run_guard(parent):
+    with run_guard(TrackedRun(parent)):
         with _gpu_annotation(sweep.gpus_per_member):
-            futures = [train_member.submit(config, parent, sweep.deployment) for config in members]
+            futures = [train_member.submit(train_flow, config, parent, sweep.deployment) for config in members]
         results = [_outcome(future) for future in futures]
         table = report_sweep(members, results, parent)
         failed = [r for r in results if isinstance(r, BaseException)]
@@ -143,7 +125,7 @@ class SweepCommand(BaseSettings, SweepConfig):
 def main(argv: list[str] | None = None) -> list[dict]:
     """Parse the command line and run the sweep."""
     command = parse_command(SweepCommand, argv)
-    return run_sweep(SweepConfig(**command.model_dump()))
+    return run_command(lambda: run_sweep(SweepConfig(**command.model_dump())))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ experiment (D2L 8.6). Every option is a field of `rnnlm.config.TrainConfig`, the
 # on a Dask worker, cannot resolve them from strings.
 import sys
 
-from flows.cli import exit_quickly, parse_command, start_temporary_server
+from flows.cli import parse_command, run_command, run_script, start_temporary_server
 
 # Run as a script, Prefect's temporary server boots on another core while the imports below load (about 3 s saved).
 _server_ready = start_temporary_server() if __name__ == "__main__" else lambda: None
@@ -17,11 +17,15 @@ from prefect import flow  # imported after the server's start on purpose (E402 a
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from flows.deploy import serve_training
 from rnnlm.config import TrainConfig
+from rnnlm.corpus import check_local, is_url
 from tasks.data import fetch_corpus, prepare_data
 from tasks.registry import promote, read_versions
-from tasks.tracking import check_tracking, log_results, register_model, run_guard, start_run
-from tasks.train import generate_samples, plot_history, report, train_model
+from tasks.report import plot_history, report
+from tasks.runs import run_guard
+from tasks.tracking import check_tracking, log_results, register_model, start_run
+from tasks.train import generate_samples, train_model
 
 
 @flow(name="train-rnnlm", flow_run_name="{config.rnn}-{config.num_hiddens}h-{config.num_epochs}ep", log_prints=True)
@@ -32,19 +36,20 @@ def train_flow(config: TrainConfig = TrainConfig(), parent_run_id: str | None = 
     tracking_uri = check_tracking(config)
     corpus_path = fetch_corpus(config)
     data = prepare_data(corpus_path, config)
-    run_id = start_run(config, data, parent_run_id)
-    with run_guard(run_id):
-        result = train_model(config, data, run_id)
-        samples = generate_samples(config, result["checkpoint"])
-        plot = plot_history(config, run_id, result["history"])
+    tracked = start_run(config, data, parent_run_id)
+    run_id = tracked.run_id
+    with run_guard(tracked):
+        result = train_model(config, data, tracked)
+        samples = generate_samples(config, result.checkpoint)
+        plot = plot_history(config, run_id, result)
         log_results(run_id, result, samples, plot, str(data.vocab_path))
         report(config, run_id, result, samples, tracking_uri)
-        version = register_model(config, run_id, result["checkpoint"], result)
+        version = register_model(config, run_id, result)
     print(f"MLflow run {run_id}; registered model {config.registered_model!r} version {version}")
     if config.promote:
         promote(config.registered_model, read_versions(config.registered_model), config.promote_margin)
-    summary = {k: result[k] for k in ("train_perplexity", "val_perplexity", "tokens_per_sec", "device", "epochs")}
-    return {"run_id": run_id, "version": version, **summary}
+    summary = {k: getattr(result, k) for k in ("train_perplexity", "val_perplexity", "tokens_per_sec", "device")}
+    return {"run_id": run_id, "version": version, **summary, "epochs": result.epochs}
 
 
 class TrainCommand(BaseSettings, TrainConfig):
@@ -70,19 +75,24 @@ class TrainCommand(BaseSettings, TrainConfig):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Parse the command line (errors exit with status 2 and say which option is wrong) and run the flow."""
+    """Parse the command line and run the flow; a bad option or input ends with one line, `error: ...`, and
+    status 1, before any expensive work where it can be seen beforehand."""
     command = parse_command(TrainCommand, argv)
     if command.cron and not command.serve:
         sys.exit("error: --cron schedules the deployment made by --serve; add --serve (see --help)")
     if command.serve:
-        from flows.deploy import serve_training
+        # the flow as `flows.train_flow.train_flow`, not as this script's `__main__`: Prefect pickles the flow for
+        # each served run, and a flow found by its module's name travels by reference
+        from flows.train_flow import train_flow as importable_flow
 
-        serve_training(command.config(), cron=command.cron)
+        serve_training(importable_flow, command.config(), cron=command.cron)
         return {}
+    config = command.config()
+    if not is_url(config.corpus):
+        run_command(lambda: check_local(config.corpus))  # a wrong path ends here, before Prefect and MLflow start
     _server_ready()
-    return train_flow(command.config())
+    return run_command(lambda: train_flow(config))
 
 
 if __name__ == "__main__":
-    main()
-    exit_quickly()
+    run_script(main)

@@ -7,7 +7,7 @@ form (lists and byte tensors), so a resumed run draws exactly the numbers an uni
 
 from __future__ import annotations
 
-import fcntl
+import functools
 import os
 import random
 from pathlib import Path
@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 
-from rnnlm.files import replacing
+from rnnlm.atomic import replacing
 from rnnlm.model import RNNLM
-from rnnlm.vocab import Vocab
+from rnnlm.tokens import Vocab
 
 FORMAT_VERSION = 2
 
@@ -118,37 +119,34 @@ def check_compatible(path: Path, ckpt: dict[str, Any], config: dict[str, Any], v
 
 # --- ownership of a run's checkpoint by one process --------------------------------------------------------------
 
-_HELD: dict[str, int] = {}  # lock path -> open file descriptor, for locks this process holds
+
+def _lock(path: Path) -> FileLock:
+    """This process's one lock object for `path`, which any of its tasks may take or release."""
+    return _lock_at(str(Path(path).resolve()))
+
+
+@functools.cache  # the object must live as long as the process may hold the lock: freeing it releases the lock
+def _lock_at(resolved: str) -> FileLock:
+    return FileLock(resolved, thread_local=False)
 
 
 def try_lock(path: Path) -> bool:
-    """Take an exclusive advisory lock on `path` for this process without waiting; False if another process has it.
+    """Take an exclusive lock on `path` for this process without waiting; False if another process has it.
 
     The operating system drops the lock when the process dies, even by `kill -9`, so a crashed run never blocks its
     own resumption. Taking a lock this process already holds succeeds.
     """
-    key = str(Path(path).resolve())
-    if key in _HELD:
-        return True
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = _lock(path)
+    if lock.is_locked:
+        return True
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+        lock.acquire(timeout=0)
+    except Timeout:
         return False
-    _HELD[key] = fd
     return True
 
 
 def unlock(path: Path) -> None:
     """Release a lock taken by `try_lock` (nothing happens if this process does not hold it)."""
-    fd = _HELD.pop(str(Path(path).resolve()), None)
-    if fd is not None:
-        os.close(fd)
-
-
-def unlock_in(folder_name: str) -> None:
-    """Release every lock this process holds on a file in a folder called `folder_name` (e.g. a run id)."""
-    for key in [k for k in _HELD if Path(k).parent.name == folder_name]:
-        unlock(Path(key))
+    _lock(path).release(force=True)

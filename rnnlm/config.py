@@ -25,42 +25,52 @@ MAX_BATCH = 65_536
 MAX_STEPS = 10_000
 
 
+# What a field is to a run, declared with it (`data_field`, `run_field`, plain `Field`) and read by `fields_with_role`:
+# "data" shapes the prepared tokens (and so what is trained); "run" says where things come from and go, or how often
+# to report, and never changes the trained weights, so a run may resume with other values; every other field (and
+# any new one) is "training": with the corpus's content and the data fields, it identifies a training.
+DATA, RUN = {"role": "data"}, {"role": "run"}
+
+
+def data_field(default, description: str, **constraints):
+    """A field that shapes the prepared tokens."""
+    return Field(default, description=description, json_schema_extra=DATA, **constraints)
+
+
+def run_field(default, description: str, **constraints):
+    """A field that never changes the trained weights."""
+    return Field(default, description=description, json_schema_extra=RUN, **constraints)
+
+
 class TrainConfig(BaseModel):
     """Everything that defines a training run; defaults reproduce D2L section 8.6."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # --- data -------------------------------------------------------------------------------------------------
-    corpus: str = Field(
-        TIME_MACHINE_URL,
-        description="Corpus to train on: an http(s):// or file:// URL, or a local path.",
+    corpus: str = run_field(TIME_MACHINE_URL, "Corpus to train on: an http(s):// or file:// URL, or a local path.")
+    corpus_sha1: str | None = run_field(
+        None, "Expected sha1 of the corpus file; checked before use. Known for the default URL."
     )
-    corpus_sha1: str | None = Field(
+    cache_dir: str | None = run_field(
         None,
-        description="Expected sha1 of the corpus file; checked before use. Known for the default URL.",
+        "Folder for downloaded corpora, prepared data and checkpoints (default: $RNNLM_CACHE_DIR, else .cache in "
+        "the project's folder).",
     )
-    cache_dir: str | None = Field(
-        None,
-        description="Folder for downloaded corpora and prepared data (default: <project>/.cache).",
+    max_download_mb: float = run_field(1024.0, "Refuse downloads larger than this many megabytes.", gt=0)
+    download_timeout: float = run_field(
+        30.0, "Seconds to wait for the corpus server to connect or send the next bytes.", gt=0, le=3600
     )
-    max_download_mb: float = Field(1024.0, gt=0, description="Refuse downloads larger than this many megabytes.")
-    download_timeout: float = Field(
-        30.0, gt=0, le=3600, description="Seconds to wait for the corpus server to connect or send the next bytes."
+    preprocess: Literal["book", "raw"] = data_field(
+        "book", "'book': every run of non-letters becomes one space, lowercased (D2L); 'raw': keep text as is."
     )
-    preprocess: Literal["book", "raw"] = Field(
-        "book",
-        description="'book': every run of non-letters becomes one space, lowercased (D2L); 'raw': keep text as is.",
+    tokenization: Literal["char", "word"] = data_field("char", "Token level: characters or words.")
+    min_freq: int = data_field(0, "Tokens seen fewer times than this map to <unk>.", ge=0)
+    max_tokens: int = data_field(
+        10_000, "Training tokens taken from the start of the corpus (D2L uses 10,000); -1 for all not held out."
     )
-    tokenization: Literal["char", "word"] = Field("char", description="Token level: characters or words.")
-    min_freq: int = Field(0, ge=0, description="Tokens seen fewer times than this map to <unk>.")
-    max_tokens: int = Field(
-        10_000,
-        description="Training tokens taken from the start of the corpus (D2L uses 10,000); -1 for all not held out.",
-    )
-    val_tokens: int = Field(
-        10_000,
-        ge=0,
-        description="Validation tokens held out from the tail of the corpus, never seen in training; 0 for none.",
+    val_tokens: int = data_field(
+        10_000, "Validation tokens held out from the tail of the corpus, never seen in training; 0 for none.", ge=0
     )
 
     # --- model ------------------------------------------------------------------------------------------------
@@ -79,45 +89,43 @@ class TrainConfig(BaseModel):
         description="Random sampling (state reset every batch) instead of sequential partitioning (state carried).",
     )
     seed: int = Field(0, ge=0, description="Seed for weights, data offsets and sampling; CPU runs repeat exactly.")
-    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
-        "auto", description="Where to train: 'auto' picks CUDA, then Apple MPS, then CPU."
+    device: Literal["auto", "cpu", "cuda", "mps"] = run_field(
+        "auto", "Where to train: 'auto' picks CUDA, then Apple MPS, then CPU."
     )
-    eval_every: int = Field(10, gt=0, description="Log progress and validation perplexity every this many epochs.")
+    eval_every: int = run_field(10, "Log progress and validation perplexity every this many epochs.", gt=0)
     cpu_threads: int = Field(
         1,
         ge=0,
         le=1024,
-        description="Torch threads when training on the CPU; 0 keeps torch's default. With 1 (the default) the "
-        "compiled RNN/GRU/LSTM kernels still use a second core through their own helper thread; OpenMP's threads "
-        "collapse on shared cores (see docs/benchmarks.md).",
+        description="Torch threads when training on the CPU; 0 keeps torch's default. With 1 the compiled "
+        "recurrences still take a second core for themselves.",
     )
     amp: bool = Field(
         False,
-        description="bf16 matmuls (weights, state and SGD stay float32): autocast for the forward pass on GPUs; on "
-        "CPUs with AVX512-BF16 the LSTM's recurrent matmuls, its whole SGD step in C (about 2.3x its float32 speed).",
+        description="bf16 matmuls, weights and SGD in float32: autocast of the forward pass on GPUs; on CPUs with "
+        "AVX512-BF16 the LSTM's recurrent matmuls and its whole SGD step in compiled code.",
     )
-    checkpoint_every: int = Field(
-        10, gt=0, description="Write a resumable checkpoint every this many epochs (and always at the end)."
+    checkpoint_every: int = run_field(
+        10, "Write a resumable checkpoint every this many epochs (and always at the end).", gt=0
     )
-    resume: Literal["auto", "never"] = Field(
+    resume: Literal["auto", "never"] = run_field(
         "auto",
-        description="'auto': continue an interrupted run of the same config from its last checkpoint; "
-        "'never': always start over.",
+        "'auto': continue an interrupted run of the same config from its last checkpoint; 'never': always start over.",
     )
 
     # --- outputs ----------------------------------------------------------------------------------------------
-    num_preds: int = Field(50, ge=0, le=10_000, description="Tokens generated after each prompt in the samples.")
-    experiment: str = Field("rnnlm", min_length=1, description="MLflow experiment name.")
-    registered_model: str = Field("rnnlm", min_length=1, description="MLflow registered model name.")
+    num_preds: int = run_field(50, "Tokens generated after each prompt in the samples.", ge=0, le=10_000)
+    experiment: str = run_field("rnnlm", "MLflow experiment name.", min_length=1)
+    registered_model: str = run_field("rnnlm", "MLflow registered model name.", min_length=1)
 
     # --- registry (after registration) ------------------------------------------------------------------------
-    promote: bool = Field(
+    promote: bool = run_field(
         False,
-        description="After registering, move the 'champion' alias to the best version on the same data if it "
+        "After registering, move the 'champion' alias to the best version on the same data if it "
         "beats the champion by more than promote_margin, and 'challenger' to the newest version.",
     )
-    promote_margin: float = Field(
-        0.0, ge=0, lt=1, description="Fraction by which a version must beat the champion (0 = any improvement)."
+    promote_margin: float = run_field(
+        0.0, "Fraction by which a version must beat the champion (0 = any improvement).", ge=0, lt=1
     )
 
     @field_validator("max_tokens")
@@ -143,6 +151,19 @@ class TrainConfig(BaseModel):
                 "or a local path"
             )
         return self
+
+    @classmethod
+    def fields_with_role(cls, *roles: str) -> list[str]:
+        """The names of the fields whose role (see DATA, RUN) is one of `roles`; 'training' is the default role."""
+        return [
+            name
+            for name, field in cls.model_fields.items()
+            if (field.json_schema_extra or {}).get("role", "training") in roles
+        ]
+
+    def identity(self) -> dict:
+        """The fields that define what is trained (every role but 'run'), by name."""
+        return {name: getattr(self, name) for name in self.fields_with_role("data", "training")}
 
     def expected_sha1(self) -> str | None:
         """The checksum the corpus must have: the one given, else the known one for the default URL."""

@@ -6,16 +6,21 @@ cache never holds a partial or wrong file. A cached file whose sha1 matches is r
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import numpy as np
 import requests
 
-from rnnlm.files import replacing
+from rnnlm.atomic import replacing
+from rnnlm.paths import key_of
 
 CHUNK = 1 << 20
+TEXT_CHUNK = 8 << 20  # the pieces a corpus is read in
 DEFAULT_TIMEOUT = (10.0, 30.0)  # (connect, read) seconds
 
 
@@ -49,11 +54,25 @@ def local_path(source: str) -> Path:
     return Path(source).expanduser()
 
 
+def check_local(source: str) -> Path:
+    """The path of a local corpus (a plain path or a file:// URL), once it is known to be a readable file; raises
+    CorpusError saying what it is instead and what to give. A no-op in cost: nothing is read."""
+    path = local_path(source)
+    if path.is_dir():
+        raise CorpusError(f"corpus {str(path)!r} is a folder; give the path of a text file (or an http(s) URL)")
+    if not path.exists():
+        raise CorpusError(f"corpus file {str(path)!r} does not exist; give an existing path or an http(s) URL")
+    if not path.is_file():
+        raise CorpusError(f"corpus {str(path)!r} is not a regular file; give the path of a text file")
+    if not os.access(path, os.R_OK):
+        raise CorpusError(f"corpus file {str(path)!r} cannot be read (permission denied); check its permissions")
+    return path
+
+
 def cache_path_for(url: str, cache_dir: Path) -> Path:
     """Where a URL is cached: its file name, prefixed by a hash of the whole URL so that names cannot collide."""
     name = Path(urlparse(url).path).name or "corpus.txt"
-    key = hashlib.sha1(url.encode()).hexdigest()[:10]
-    return cache_dir / "corpus" / f"{key}-{name}"
+    return cache_dir / "corpus" / f"{key_of(url, length=10)}-{name}"
 
 
 def fetch_corpus(
@@ -69,9 +88,7 @@ def fetch_corpus(
     network failures raise DownloadError (the caller decides whether to retry).
     """
     if not is_url(source):
-        path = local_path(source)
-        if not path.is_file():
-            raise CorpusError(f"corpus file {str(path)!r} does not exist; give an existing path or an http(s) URL")
+        path = check_local(source)
         _check_sha1(path, sha1, source)
         return path
     target = cache_path_for(source, cache_dir)
@@ -130,16 +147,44 @@ def _check_status(url: str, response: requests.Response) -> None:
 
 def read_text(path: Path) -> str:
     """Read a corpus as UTF-8, refusing binary files and undecodable bytes with a message saying where."""
-    data = Path(path).read_bytes()
-    if b"\x00" in data[:CHUNK]:
-        raise CorpusError(f"{path} looks binary (it contains NUL bytes); give a plain-text corpus")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise CorpusError(
-            f"{path} is not valid UTF-8 (byte {err.start:,}: {data[err.start : err.start + 4]!r}); "
-            "convert it first, e.g. `iconv -f latin1 -t utf-8`"
-        ) from None
+    return b"".join(read_chunks(path)).decode("utf-8")
+
+
+def read_chunks(path: Path, chunk_bytes: int = TEXT_CHUNK) -> Iterator[bytes]:
+    """The file in pieces of about `chunk_bytes`, each ending at a line break (the last one may not), so that no line
+    and no UTF-8 character is cut. Refuses binary files (NUL bytes near the start) and invalid UTF-8, saying where
+    and what to do, before yielding the piece that holds it."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    for chunk in _line_chunks(path, chunk_bytes):
+        if not chunk.isascii():
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                raise CorpusError(
+                    f"{path} is not valid UTF-8 (byte {offset + err.start:,}); "
+                    "convert it first, e.g. `iconv -f latin1 -t utf-8`"
+                ) from None
+        offset += len(chunk)
+        yield chunk
+
+
+def _line_chunks(path: Path, chunk_bytes: int) -> Iterator[bytes]:
+    """The raw file in pieces of about `chunk_bytes` that end at line breaks; a file with NUL bytes near its start
+    is refused as binary."""
+    with open(path, "rb") as f:
+        rest = b""
+        while block := f.read(chunk_bytes):
+            if f.tell() == len(block) and b"\x00" in block[:CHUNK]:
+                raise CorpusError(f"{path} looks binary (it contains NUL bytes); give a plain-text corpus")
+            block = rest + block
+            cut = block.rfind(b"\n") + 1
+            if cut == 0:  # one very long line: keep reading
+                rest = block
+                continue
+            rest = block[cut:]
+            yield block[:cut]
+        if rest:
+            yield rest
 
 
 # The book's preprocessing as one byte translation: letters lowercased, a line break marked by \x01 (which no other

@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 
 from rnnlm.model import RNNLM
-from rnnlm.vocab import Vocab, join_tokens, split_tokens
+from rnnlm.tokens import Vocab, join_tokens, split_tokens
 
 MAX_PREDS = 10_000
+SAMPLING_DEFAULTS = {"num_preds": 50, "temperature": 1.0, "top_k": 1, "seed": 0}  # a served model's defaults
 MAX_TOP_K = 2**31 - 1  # any top_k >= the vocabulary's size means no truncation
 
 

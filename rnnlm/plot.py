@@ -2,29 +2,28 @@
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Sequence
 from pathlib import Path
 
-# matplotlib's text layout (mathtext, font caches) is not thread-safe, and sweeps train members on threads.
-_MATPLOTLIB = threading.Lock()
+from rnnlm.train import EpochStats
 
 
-def plot_perplexity(history: list[dict], path: Path, title: str = "") -> Path:
-    """Draw train (and validation) perplexity against epoch, log-scaled, into `path`."""
+def plot_perplexity(history: Sequence[EpochStats], path: Path, title: str = "") -> Path:
+    """Draw train (and validation) perplexity against epoch, log-scaled, into `path`. matplotlib's text layout is
+    not safe to run twice at once: callers that plot concurrently serialise the calls."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    with _MATPLOTLIB:
-        fig = Figure(figsize=(6, 4), dpi=100)
-        FigureCanvasAgg(fig)  # no pyplot: no global figure registry, no display needed
-        ax = fig.add_subplot()
-        ax.plot([h["epoch"] for h in history], [h["train_perplexity"] for h in history], label="train")
-        val = [h for h in history if h.get("val_perplexity") is not None]
-        if val:
-            ax.plot([h["epoch"] for h in val], [h["val_perplexity"] for h in val], "o-", ms=3, label="validation")
-        ax.set(xlabel="epoch", ylabel="perplexity", yscale="log", title=title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(path)
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)  # no pyplot: no global figure registry, no display needed
+    ax = fig.add_subplot()
+    ax.plot([h.epoch for h in history], [h.train_perplexity for h in history], label="train")
+    val = [h for h in history if h.val_perplexity is not None]
+    if val:
+        ax.plot([h.epoch for h in val], [h.val_perplexity for h in val], "o-", ms=3, label="validation")
+    ax.set(xlabel="epoch", ylabel="perplexity", yscale="log", title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
     return Path(path)

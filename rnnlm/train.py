@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rnnlm import fused
-from rnnlm.data import as_tensor, eval_batches, random_batches, sequential_batches
-from rnnlm.memory import keep_freed_memory
+from rnnlm import cpu
+from rnnlm.batches import as_tensor, eval_batches, random_batches, sequential_batches
+from rnnlm.config import TrainConfig
 from rnnlm.model import RNNLM, detach_state
 
 
@@ -53,21 +52,6 @@ class TrainState:
     best_val_perplexity: float | None = None
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    """The training hyperparameters the loop needs (a view of the run's config)."""
-
-    batch_size: int
-    num_steps: int
-    lr: float
-    grad_clip: float
-    num_epochs: int
-    use_random_iter: bool = False
-    eval_every: int = 10
-    cpu_threads: int = 1
-    amp: bool = False
-
-
 def make_optimizer(model: RNNLM, lr: float) -> torch.optim.Optimizer:
     """The book's plain SGD."""
     return torch.optim.SGD(model.parameters(), lr=lr)
@@ -77,18 +61,18 @@ def train(
     model: RNNLM,
     train_ids: np.ndarray,
     val_ids: np.ndarray,
-    settings: TrainSettings,
+    config: TrainConfig,
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     state: TrainState | None = None,
     on_epoch: Callable[[EpochStats, TrainState], None] | None = None,
     save: Callable[[TrainState], None] | None = None,
-    checkpoint_every: int = 0,
 ) -> TrainState:
-    """Train from `state.epoch` to `settings.num_epochs`, calling `on_epoch` after each epoch.
+    """Train from `state.epoch` to `config.num_epochs` with `config`'s hyperparameters, calling `on_epoch` after each
+    epoch.
 
     `generator` (CPU) draws the data offsets and shuffles, so a seeded generator makes CPU runs repeat exactly.
-    `save(state)` is called every `checkpoint_every` epochs and after the last one, before `on_epoch`. Ctrl-C
+    `save(state)` is called every `config.checkpoint_every` epochs and after the last one, before `on_epoch`. Ctrl-C
     (SIGINT) stops at the end of the current epoch: `save` is called there and KeyboardInterrupt raised; a second
     Ctrl-C stops at once. Raises TrainingDiverged, naming the epoch, as soon as an epoch's loss is not finite.
     """
@@ -96,9 +80,9 @@ def train(
     device = next(model.parameters()).device
     train_tokens, val_tokens = as_tensor(train_ids, device), as_tensor(val_ids, device)
     with _sigint_deferred() as interrupted:
-        for epoch in range(state.epoch + 1, settings.num_epochs + 1):
-            stats = _train_one_epoch(model, train_tokens, val_tokens, settings, optimizer, generator, state, epoch)
-            due = epoch == settings.num_epochs or (checkpoint_every > 0 and epoch % checkpoint_every == 0)
+        for epoch in range(state.epoch + 1, config.num_epochs + 1):
+            stats = _train_one_epoch(model, train_tokens, val_tokens, config, optimizer, generator, state, epoch)
+            due = epoch == config.num_epochs or epoch % config.checkpoint_every == 0
             if save is not None and due:
                 save(state)
             if on_epoch is not None:
@@ -110,18 +94,18 @@ def train(
     return state
 
 
-def _train_one_epoch(model, train_tokens, val_tokens, settings, optimizer, generator, state, epoch) -> EpochStats:
+def _train_one_epoch(model, train_tokens, val_tokens, config, optimizer, generator, state, epoch) -> EpochStats:
     """One epoch plus its evaluation; updates `state` (epoch, history, best validation perplexity)."""
-    perplexity, speed, seconds = train_epoch(model, train_tokens, settings, optimizer, generator)
+    perplexity, speed, seconds = train_epoch(model, train_tokens, config, optimizer, generator)
     if not math.isfinite(perplexity):
         raise TrainingDiverged(
-            f"training diverged at epoch {epoch}: the perplexity is {perplexity}; lower --lr (now {settings.lr}) "
-            f"or --grad_clip (now {settings.grad_clip})"
+            f"training diverged at epoch {epoch}: the perplexity is {perplexity}; lower --lr (now {config.lr}) "
+            f"or --grad_clip (now {config.grad_clip})"
         )
     stats = EpochStats(epoch, perplexity, speed, seconds)
-    if len(val_tokens) > 1 and (epoch % settings.eval_every == 0 or epoch == settings.num_epochs):
+    if len(val_tokens) > 1 and (epoch % config.eval_every == 0 or epoch == config.num_epochs):
         stats.val_perplexity = evaluate(
-            model, val_tokens, settings.batch_size, settings.num_steps, cpu_threads=settings.cpu_threads
+            model, val_tokens, config.batch_size, config.num_steps, cpu_threads=config.cpu_threads
         )
         best = state.best_val_perplexity
         state.best_val_perplexity = stats.val_perplexity if best is None else min(best, stats.val_perplexity)
@@ -132,12 +116,9 @@ def _train_one_epoch(model, train_tokens, val_tokens, settings, optimizer, gener
 
 @contextmanager
 def _sigint_deferred() -> Iterator[Callable[[], bool]]:
-    """Turn the first Ctrl-C into a flag the loop reads at the epoch's end (a consistent point to checkpoint);
-    the second one interrupts at once. Signal handlers can only be set from the main thread: elsewhere, Ctrl-C
-    keeps its usual effect and the last periodic checkpoint is what remains."""
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
+    """Turn the first Ctrl-C into a flag the loop reads at the epoch's end (a consistent point to checkpoint); the
+    second one interrupts at once. Where Python cannot take signals (a Prefect task in a worker pool), Ctrl-C keeps
+    its usual effect and the last periodic checkpoint is what remains."""
     seen: list[int] = []
 
     def handler(signum, frame) -> None:
@@ -145,7 +126,11 @@ def _sigint_deferred() -> Iterator[Callable[[], bool]]:
             raise KeyboardInterrupt
         seen.append(signum)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # signals are not this caller's to take
+        yield lambda: False
+        return
     try:
         yield lambda: bool(seen)
     finally:
@@ -155,24 +140,23 @@ def _sigint_deferred() -> Iterator[Callable[[], bool]]:
 def train_epoch(
     model: RNNLM,
     corpus: torch.Tensor,
-    settings: TrainSettings,
+    config: TrainConfig,
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
 ) -> tuple[float, float, float]:
     """One pass over `corpus`; returns (training perplexity, tokens per second, seconds)."""
     model.train()
     device = corpus.device
-    batches = random_batches if settings.use_random_iter else sequential_batches
+    batches = random_batches if config.use_random_iter else sequential_batches
     start = time.perf_counter()
     loss_sum, num_tokens, hidden = torch.zeros((), device=device), 0, None
-    keep_freed_memory()  # minibatches reuse the same pages instead of faulting in fresh ones
-    with torch_threads(settings.cpu_threads, device):
-        for inputs, targets in batches(corpus, settings.batch_size, settings.num_steps, generator):
-            if hidden is None or settings.use_random_iter:
+    with cpu.settings(config.cpu_threads, device):
+        for inputs, targets in batches(corpus, config.batch_size, config.num_steps, generator):
+            if hidden is None or config.use_random_iter:
                 hidden = model.begin_state(inputs.shape[0], device)
             else:
                 hidden = detach_state(hidden)
-            loss, hidden = _step(model, inputs, targets, hidden, optimizer, settings)
+            loss, hidden = _step(model, inputs, targets, hidden, optimizer, config)
             loss_sum += loss * targets.numel()  # stays on the device: no host sync per batch
             num_tokens += targets.numel()
     mean_loss = float(loss_sum) / num_tokens  # the epoch's single host sync
@@ -180,38 +164,19 @@ def train_epoch(
     return perplexity_of(mean_loss), num_tokens / seconds, seconds
 
 
-def _step(model: RNNLM, inputs, targets, hidden, optimizer, settings: TrainSettings):
+def _step(model: RNNLM, inputs, targets, hidden, optimizer, config: TrainConfig):
     """Forward, backward, clip, SGD step for one minibatch; returns (detached mean loss, state), without a sync.
-    The bf16 LSTM on the CPU takes the whole step in compiled code instead (`rnnlm.fused`), where it applies."""
-    if fused.applies(model, optimizer, inputs, settings.amp):
-        lr = float(optimizer.param_groups[0]["lr"])
-        return fused.sgd_step(model, inputs, targets, hidden, lr, settings.grad_clip)
-    with autocast(inputs.device, settings.amp):  # the forward pass only; gradients and SGD stay float32
+    Where the CPU engine has the whole step compiled (the bf16 LSTM), it takes it."""
+    if (compiled := cpu.sgd_step(model, optimizer, inputs, targets, hidden, config.grad_clip, config.amp)) is not None:
+        return compiled
+    with autocast(inputs.device, config.amp):  # the forward pass only; gradients and SGD stay float32
         logits, hidden = model(inputs, hidden)  # (num_steps * batch_size, vocab_size)
         loss = F.cross_entropy(logits.float(), targets.T.reshape(-1))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip, foreach=True)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip, foreach=True)
     optimizer.step()
     return loss.detach(), hidden
-
-
-@contextmanager
-def torch_threads(num_threads: int, device: torch.device) -> Iterator[None]:
-    """Run the block with `num_threads` torch threads when on the CPU (0: keep torch's setting), then restore.
-
-    The book's model does many small matmuls ((32, 256) x (256, 256) per time step): a second thread gains little on
-    them, and OpenMP threads that spin-wait collapse (10-50x slower) when other processes share the cores.
-    """
-    previous = torch.get_num_threads()
-    if device.type != "cpu" or num_threads <= 0 or num_threads == previous:
-        yield
-        return
-    torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -224,8 +189,7 @@ def evaluate(model: RNNLM, corpus: torch.Tensor, batch_size: int, num_steps: int
     """Perplexity of `corpus`, predicting every token from all before it (state carried), without training."""
     model.eval()
     loss_sum, num_tokens, hidden = torch.zeros((), device=corpus.device), 0, None
-    keep_freed_memory()
-    with torch_threads(cpu_threads, corpus.device):
+    with cpu.settings(cpu_threads, corpus.device):
         for inputs, targets in eval_batches(corpus, batch_size, num_steps):
             hidden = model.begin_state(inputs.shape[0], corpus.device) if hidden is None else hidden
             logits, hidden = model(inputs, hidden)

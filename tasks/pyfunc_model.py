@@ -15,8 +15,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
-DEFAULTS = {"num_preds": 50, "temperature": 1.0, "top_k": 1, "seed": 0}
-
 
 class RNNLMModel(PythonModel):
     """Generates continuations of prompts with a trained rnnlm checkpoint."""
@@ -27,9 +25,9 @@ class RNNLMModel(PythonModel):
         self.model, self.vocab, self.config = model_from_checkpoint(load_checkpoint(context.artifacts["checkpoint"]))
 
     def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
-        from rnnlm.generate import GenerationError, generate
+        from rnnlm.generate import SAMPLING_DEFAULTS, GenerationError, generate
 
-        options = {**DEFAULTS, **{k: v for k, v in (params or {}).items() if v is not None}}
+        options = {**SAMPLING_DEFAULTS, **{k: v for k, v in (params or {}).items() if v is not None}}
         prompts = list(model_input) if not isinstance(model_input, str) else [model_input]
         try:
             return generate(

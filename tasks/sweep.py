@@ -1,17 +1,18 @@
-"""Sweep tasks: the parent MLflow run and the comparison table beside the book's printed results."""
+"""Sweep tasks: the parent MLflow run, each member as its own training flow run, and the table of them beside the
+book's printed results."""
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
+from collections.abc import Callable
 
 import pandas as pd
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.deployments import run_deployment
 
 from rnnlm.config import TrainConfig
-from tasks.tracking import as_param, client, experiment_id, run_tags
+from tasks.store import as_param, client, experiment_id, run_tags
 
 # Training perplexities the book prints for its chapter 8-9 models (500 epochs, 10,000 tokens, batch 32, 35 steps).
 BOOK_PERPLEXITY = {("rnn", 1): 1.3, ("gru", 1): 1.0, ("lstm", 1): 1.1, ("lstm", 2): 1.0}
@@ -29,6 +30,23 @@ def start_sweep_run(members: list[TrainConfig], runner: str) -> str:
     mlflow_client.log_batch(run.info.run_id, params=[as_param(k, v) for k, v in params.items()])
     get_run_logger().info("sweep of %d configurations, MLflow parent run %s", len(members), run.info.run_id)
     return run.info.run_id
+
+
+@task(
+    name="train-member",
+    task_run_name="train-{config.rnn}-x{config.num_layers}-{config.max_tokens}",
+    cache_policy=NO_CACHE,
+)
+def train_member(train: Callable[..., dict], config: TrainConfig, parent_run_id: str, deployment: str | None) -> dict:
+    """One member as its own run of the training flow `train`, its MLflow run nested under the sweep's: here, or
+    through `deployment` on a worker (whose results are then read back from MLflow, which every machine shares)."""
+    if deployment is None:
+        return train(config, parent_run_id=parent_run_id)
+    parameters = {"config": config.model_dump(mode="json"), "parent_run_id": parent_run_id}
+    flow_run = run_deployment(deployment, parameters=parameters, timeout=None, poll_interval=2)
+    if not flow_run.state.is_completed():
+        raise RuntimeError(f"flow run {flow_run.name} of {deployment} ended {flow_run.state.name}")
+    return member_summary(str(flow_run.id), config.registered_model)
 
 
 def member_summary(flow_run_id: str, registered_model: str) -> dict:
@@ -90,8 +108,6 @@ def report_sweep(members: list[TrainConfig], results: list, parent_run_id: str) 
     records = table.astype(object).where(table.notna(), None).to_dict(orient="records")
     create_table_artifact(records, key="sweep-results", description="the book's models, side by side")
     mlflow_client = client()
-    with tempfile.TemporaryDirectory() as tmp:
-        table.to_csv(Path(tmp) / "sweep.csv", index=False)
-        (Path(tmp) / "sweep.md").write_text(table.to_markdown(index=False))
-        mlflow_client.log_artifacts(parent_run_id, tmp)
+    mlflow_client.log_text(parent_run_id, table.to_csv(index=False), "sweep.csv")
+    mlflow_client.log_text(parent_run_id, table.to_markdown(index=False), "sweep.md")
     return records

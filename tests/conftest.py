@@ -1,7 +1,7 @@
-"""Shared fixtures: real local services started on 127.0.0.1 and stopped after use.
+"""Fixtures every folder of tests may use: corpora, a file server, Prefect's test server, private MLflow stores.
 
 Environment for Prefect and MLflow is set before either is imported, so that results, caches and telemetry never
-leak into the user's ~/.prefect or out of the machine.
+leak into the user's ~/.prefect or out of the machine. Shared helpers (not fixtures) are in `helpers`.
 """
 
 from __future__ import annotations
@@ -13,37 +13,26 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from helpers import PROJECT_ROOT, SHARED_CORPUS, QuietHandler, find_real_corpus, small_text
+
+from flows.environment import QUIET_DEFAULTS
 
 _PREFECT_HOME = tempfile.mkdtemp(prefix="rnnlm-prefect-")
 atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
 os.environ.update(
     {
+        **QUIET_DEFAULTS,
         "PREFECT_HOME": _PREFECT_HOME,
-        "DO_NOT_TRACK": "1",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
         "GIT_PYTHON_REFRESH": "quiet",
     }
 )
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SHARED_CORPUS = PROJECT_ROOT.parent / "shared" / "data" / "timemachine.txt"
-TIME_MACHINE_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
-
-
-def find_real_corpus() -> Path | None:
-    """The Time Machine from ../shared, or from the project's download cache; None if neither is there."""
-    if SHARED_CORPUS.is_file():
-        return SHARED_CORPUS
-    return next((PROJECT_ROOT / ".cache" / "corpus").glob("*-timemachine.txt"), None)
 
 
 @pytest.fixture(scope="session")
@@ -55,34 +44,6 @@ def real_corpus() -> Path:
     return path
 
 
-def small_text(words: int = 3000, seed: int = 0) -> str:
-    """A made-up English-like text with line breaks and punctuation, reproducible by seed."""
-    import random
-
-    rng = random.Random(seed)
-    vocab = "the time traveller said and it was a machine of in to that he we".split()
-    lines, line = [], []
-    for _ in range(words):
-        line.append(rng.choice(vocab))
-        if len(line) == 9:
-            lines.append(" ".join(line).capitalize() + rng.choice([".", ",", ";", "!"]))
-            line = []
-    return "\n".join(lines) + "\n"
-
-
-# Hyperparameters that train in about a second on a small generated corpus.
-SMALL_TRAINING = dict(
-    max_tokens=-1, val_tokens=2000, num_hiddens=16, batch_size=8, num_steps=10, num_epochs=2, eval_every=1, num_preds=10
-)
-
-
-def small_config(tmp_path: Path, corpus: str | Path, **overrides):
-    """A TrainConfig for a quick real run on `corpus`, with its own cache under `tmp_path`."""
-    from rnnlm.config import TrainConfig
-
-    return TrainConfig(**(SMALL_TRAINING | {"corpus": str(corpus), "cache_dir": str(tmp_path / "cache")} | overrides))
-
-
 @pytest.fixture
 def small_corpus(tmp_path) -> Path:
     """A small generated corpus file (about 15 KB)."""
@@ -91,17 +52,12 @@ def small_corpus(tmp_path) -> Path:
     return path
 
 
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:  # keep test output clean
-        pass
-
-
 @pytest.fixture
 def serve_dir(tmp_path) -> Iterator:
     """Start a real HTTP server on 127.0.0.1 serving a folder; yields `serve(folder) -> base URL`."""
     servers = []
 
-    def serve(folder: Path, handler=_QuietHandler) -> str:
+    def serve(folder: Path, handler=QuietHandler) -> str:
         server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
@@ -116,11 +72,9 @@ def serve_dir(tmp_path) -> Iterator:
 @pytest.fixture
 def one_torch_thread():
     """One torch thread: on a shared 2-core machine two threads per process slow tiny models down many times."""
-    import torch
+    from rnnlm.cpu.threads import torch_threads
 
-    from rnnlm.train import torch_threads
-
-    with torch_threads(1, torch.device("cpu")):
+    with torch_threads(1):
         yield
 
 

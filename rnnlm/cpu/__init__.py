@@ -1,0 +1,151 @@
+"""The CPU engine: the book's one-layer RNN, GRU and LSTM in compiled C (kernels.c), on two cores.
+
+The model hands a training window here in one call (`forward`) when `handles` says the engine serves it, and the
+trainer asks for a whole compiled SGD step (`sgd_step`, the bf16 LSTM); everything else runs on torch's layers, the
+one fallback. The engine imports nothing from the rest of the library: it reads a model through its torch layers
+(`model.rnn`, `model.linear`) only.
+
+    native.py      builds kernels.c with the machine's compiler at first use; ctypes wrappers of its functions
+    recurrence.py  the compiled windows as autograd functions
+    fused.py       the bf16 LSTM's whole SGD step in C
+    threads.py     the helper thread on the second core and how a window is shared with it
+    allocator.py   glibc kept from handing the trainer's freed memory back to the OS every minibatch
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from rnnlm.cpu import fused, native, recurrence
+from rnnlm.cpu.allocator import keep_freed_memory
+from rnnlm.cpu.threads import second_core_free, torch_threads
+
+# Shortest window for the kernels: one step costs 213 us (RNN) / 252 us (GRU) through them, mostly weight packing,
+# against 35 / 52 us through torch's layers; generation's one-step calls stay on torch's layers.
+MIN_STEPS = 8
+# Fewest rows for which the output layer goes through oneDNN (torch's call is quicker for generation's few rows).
+OUTPUT_MIN_ROWS = 128
+
+ENABLED = True  # tests turn the engine off to check the fallback
+
+
+def compiled() -> bool:
+    """Whether the compiled kernels serve here (built with this machine's compiler, not turned off)."""
+    return ENABLED and native.library() is not None
+
+
+def bf16_fast() -> bool:
+    """Whether the kernels' bf16 matmuls run at bf16 speed here (AVX512-BF16); elsewhere they are emulated, slower
+    than float32, so `amp` keeps the float32 kernels."""
+    return compiled() and native.bf16_native()
+
+
+def handles(model: nn.Module, tokens: torch.Tensor) -> bool:
+    """Whether `forward` serves this call: one-layer tanh RNN, GRU or LSTM in float32 on the CPU, a window of at
+    least MIN_STEPS steps, and the kernels built here."""
+    rnn = model.rnn
+    return (
+        tokens.device.type == "cpu"
+        and tokens.shape[1] >= MIN_STEPS
+        and isinstance(rnn, nn.RNN | nn.GRU | nn.LSTM)
+        and rnn.num_layers == 1
+        and getattr(rnn, "nonlinearity", "tanh") == "tanh"
+        and rnn.weight_hh_l0.dtype == torch.float32
+        and compiled()
+    )
+
+
+def forward(model: nn.Module, tokens: torch.Tensor, state):
+    """The model's forward on the kernels: tokens (batch, steps) -> logits (steps * batch, vocab), time-major, and
+    the last state, as torch's layers would give them."""
+    bf16 = isinstance(model.rnn, nn.LSTM) and _autocast_on() and bf16_fast()
+    with torch.autocast("cpu", enabled=False):  # the kernels set their own precision
+        if bf16:
+            return _lstm_bf16(model, tokens, state)
+        outputs, state = _recurrence(model.rnn, tokens, state)  # (steps, batch, H)
+        return _output(model.linear, outputs.reshape(-1, outputs.shape[-1])), state
+
+
+def _recurrence(rnn: nn.Module, tokens: torch.Tensor, state):
+    """The one-hot RNN, GRU or LSTM layer over a window: same parameters, same function."""
+    share, weights = second_core_free(), (rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
+    if isinstance(rnn, nn.LSTM):
+        h0, c0 = state
+        outputs, c_last = recurrence.OneHotLSTM.apply(tokens.T, h0[0], c0[0], *weights, share)
+        return outputs, (outputs[-1:], c_last[None])
+    if isinstance(rnn, nn.GRU):
+        outputs = recurrence.OneHotGRU.apply(tokens.T, state[0], *weights, share)
+    else:
+        bias = rnn.bias_ih_l0 + rnn.bias_hh_l0  # both biases folded in once
+        outputs = recurrence.OneHotTanhRNN.apply(tokens.T, state[0], rnn.weight_ih_l0, rnn.weight_hh_l0, bias, share)
+    return outputs, outputs[-1:]  # the state: (1, batch, H)
+
+
+def _output(linear: nn.Linear, outputs: torch.Tensor) -> torch.Tensor:
+    """The output layer, (rows, H) -> (rows, vocab): oneDNN's matmuls for a training window's rows."""
+    if recurrence.ONEDNN and outputs.shape[0] >= OUTPUT_MIN_ROWS:
+        return recurrence.Linear.apply(outputs, linear.weight, linear.bias)
+    return linear(outputs)
+
+
+def _lstm_bf16(model: nn.Module, tokens: torch.Tensor, state):
+    """The LSTM under CPU autocast where bf16 is quick: bf16 recurrent matmuls summed in float32, and the output
+    layer, in the same compiled windows."""
+    rnn, linear, (h0, c0) = model.rnn, model.linear, state
+    weights = (rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0, linear.weight, linear.bias)
+    logits, h_last, c_last = recurrence.OneHotLSTMLogits.apply(tokens.T, h0[0], c0[0], *weights, second_core_free())
+    return logits, (h_last[None], c_last[None])
+
+
+def sgd_step(model, optimizer, tokens, targets, state, grad_clip: float, amp: bool):
+    """One whole training step in compiled code where it applies (the bf16 LSTM under `amp`, plain SGD): returns
+    (the mean loss, a 0-d tensor; the last state), else None and the caller takes the autograd step."""
+    if not (amp and isinstance(model.rnn, nn.LSTM) and handles(model, tokens) and bf16_fast()):
+        return None
+    if not fused.plain_sgd(optimizer, list(model.parameters())):
+        return None
+    return fused.sgd_step(model, tokens, targets, state, float(optimizer.param_groups[0]["lr"]), grad_clip)
+
+
+@contextmanager
+def settings(cpu_threads: int, device: torch.device) -> Iterator[None]:
+    """The block runs with `cpu_threads` torch threads on the CPU (0: torch's own setting), with freed memory kept
+    for the next minibatch; elsewhere it runs as it is."""
+    if device.type != "cpu":
+        yield
+        return
+    keep_freed_memory()  # minibatches reuse the same pages instead of faulting in fresh ones
+    with torch_threads(cpu_threads):
+        yield
+
+
+def device_name(cpu_threads: int = 0) -> str:
+    """'cpu (2 threads)', or with one torch thread on a machine of several cores 'cpu (1 thread + the recurrence's
+    helper thread)'."""
+    threads = cpu_threads or torch.get_num_threads()
+    helper = " + the recurrence's helper thread" if threads == 1 and (os.cpu_count() or 1) > 1 else ""
+    return f"cpu ({threads} thread{'s' if threads > 1 else ''}{helper})"
+
+
+def matmuls(model: nn.Module, amp: bool) -> str:
+    """What `amp` means for this model's training matmuls on the CPU, in words."""
+    if not amp:
+        return "float32"
+    if not handles(model, torch.zeros(1, MIN_STEPS, dtype=torch.int64)):  # a training window
+        return "bf16 autocast (forward pass, torch's CPU layers)"
+    if isinstance(model.rnn, nn.LSTM) and bf16_fast():
+        return "bf16 recurrent matmuls (AVX512-BF16), float32 elsewhere"
+    return "float32 (amp's bf16 kernels serve the LSTM on CPUs with AVX512-BF16)"
+
+
+def _autocast_on() -> bool:
+    """Whether CPU autocast is on (torch >= 2.4 takes a device type; 2.3, which the project accepts, does not)."""
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:
+        return torch.is_autocast_cpu_enabled()

@@ -1,0 +1,859 @@
+/* Whole-window recurrences for the CPU, compiled at first use by rnnlm/cpu/native.py (gcc -O3 -march=native).
+
+   The book's RNN spends its time in 70 small dependent matmuls per minibatch, (batch, 256) x (256, 256). Through
+   torch each costs a Python call and a oneDNN call (about 15 us of overhead on 20 us of arithmetic); here a whole
+   window (35 steps forward, or 35 back) is one call into a register-blocked matmul with the elementwise work fused
+   in, and the caller runs two halves of the batch on two cores at once (ctypes releases the GIL).
+
+   Layouts are torch's: row-major float32, tokens int64, states (steps, batch, hidden). The tanh RNN's windows and
+   the LSTM's bf16 ones (`amp`) work on the batch rows [r0, r1) only, so that two threads can share one call's
+   buffers; the GRU's and the LSTM's float32 windows split the hidden units instead (see barrier). */
+
+#include <sched.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__)
+#define VL 16 /* floats per vector register */
+#define MR 8  /* rows per register block: MR x 2 accumulators */
+#else
+#define VL 8
+#define MR 6
+#endif
+#define NR (2 * VL) /* columns per packed panel */
+
+typedef float vf __attribute__((vector_size(VL * 4), aligned(4)));
+
+/* panels of NR columns that hold n columns */
+static inline int panels_of(int n) { return (n + NR - 1) / NR; }
+
+int rnnlm_panel_width(void) { return NR; }
+
+/* B (K x N), given as W: B[k][j] = W[j][k] when `trans` (a torch weight used as x @ W.T), else W[k][j]; written as
+   ceil(N / NR) panels of K x NR, the last one padded with zeros. */
+void rnnlm_pack(const float *W, int K, int N, int trans, float *out) {
+    int panels = panels_of(N);
+    for (int p = 0; p < panels; p++)
+        for (int k = 0; k < K; k++)
+            for (int jj = 0; jj < NR; jj++) {
+                int j = p * NR + jj;
+                float v = 0.0f;
+                if (j < N) v = trans ? W[(size_t)j * K + k] : W[(size_t)k * N + j];
+                out[((size_t)p * K + k) * NR + jj] = v;
+            }
+}
+
+/* C[0:MR, 0:NR] = A[0:MR, 0:K] @ panel */
+static inline void block_full(int K, const float *A, int lda, const float *B, float *C, int ldc) {
+    vf c[MR][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++) c[r][0] = c[r][1] = (vf){0};
+    for (int k = 0; k < K; k++) {
+        vf b0 = *(const vf *)(B + (size_t)k * NR), b1 = *(const vf *)(B + (size_t)k * NR + VL);
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; r++) {
+            vf a = (vf){0} + A[(size_t)r * lda + k];
+            c[r][0] += a * b0;
+            c[r][1] += a * b1;
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++) {
+        *(vf *)(C + (size_t)r * ldc) = c[r][0];
+        *(vf *)(C + (size_t)r * ldc + VL) = c[r][1];
+    }
+}
+
+/* the same for the last rows < MR of a call */
+static void block_rows(int rows, int K, const float *A, int lda, const float *B, float *C, int ldc) {
+    for (int r = 0; r < rows; r++) {
+        vf c0 = (vf){0}, c1 = (vf){0};
+        for (int k = 0; k < K; k++) {
+            vf a = (vf){0} + A[(size_t)r * lda + k];
+            c0 += a * *(const vf *)(B + (size_t)k * NR);
+            c1 += a * *(const vf *)(B + (size_t)k * NR + VL);
+        }
+        *(vf *)(C + (size_t)r * ldc) = c0;
+        *(vf *)(C + (size_t)r * ldc + VL) = c1;
+    }
+}
+
+/* C (M x panels * NR, row stride ldc) = A (M x K, row stride lda) @ packed B */
+static void gemm(int M, int K, int panels, const float *A, int lda, const float *Bp, float *C, int ldc) {
+    for (int p = 0; p < panels; p++) {
+        const float *B = Bp + (size_t)p * K * NR;
+        int i = 0;
+        for (; i + MR <= M; i += MR) block_full(K, A + (size_t)i * lda, lda, B, C + (size_t)i * ldc + p * NR, ldc);
+        if (i < M) block_rows(M - i, K, A + (size_t)i * lda, lda, B, C + (size_t)i * ldc + p * NR, ldc);
+    }
+}
+
+/* bf16 matmuls (the LSTM under `amp`): products of bf16 inputs summed in float32. B is packed as panels of
+   ceil(K / 2) k-pairs x NR lanes, each lane a 32-bit word holding B[2kk][j] (low half) and B[2kk + 1][j] (high half),
+   which is the operand layout of AVX512-BF16's vdpbf16ps; A is bf16 rows whose k-pairs are read as 32-bit words.
+   Without AVX512-BF16 the same arithmetic runs on float32 FMAs (correct, and slower than the float32 kernels). */
+
+typedef uint32_t vu __attribute__((vector_size(VL * 4), aligned(4)));
+
+int rnnlm_bf16_native(void) {
+#if defined(__AVX512BF16__) && VL == 16
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* float32 -> bf16, rounded to nearest even */
+static inline uint16_t bf16_bits(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float bf16_float(uint32_t bits16) {
+    uint32_t u = bits16 << 16;
+    float x;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+/* dst[0:n] = bf16(src[0:n]), and a zero in the pad column when the row stride is odd-padded (n odd) */
+static void bf16_row(int n, const float *src, uint16_t *dst) {
+    for (int j = 0; j < n; j++) dst[j] = bf16_bits(src[j]);
+    if (n & 1) dst[n] = 0;
+}
+
+static inline uint32_t bf16_pair(float low, float high) { return bf16_bits(low) | (uint32_t)bf16_bits(high) << 16; }
+
+/* Panels [p0, p1) of rnnlm_pack_bf16's layout. With trans, a word holds two neighbours of a row of W: they are
+   converted along W's rows into a tile of 16 k-pairs and stored transposed, so that reads and writes stay
+   sequential. */
+static void pack_bf16_panels(const float *W, int K, int N, int trans, int p0, int p1, uint32_t *out) {
+    int pairs = (K + 1) / 2;
+    for (int p = p0; p < p1; p++) {
+        uint32_t *panel = out + (size_t)p * pairs * NR;
+        int width = N - p * NR < NR ? N - p * NR : NR;
+        if (!trans) {
+            for (int kk = 0; kk < pairs; kk++) {
+                const float *row0 = W + (size_t)2 * kk * N + p * NR, *row1 = row0 + N;
+                int whole = 2 * kk + 1 < K; /* the pair's second row exists */
+                uint32_t *word = panel + (size_t)kk * NR;
+                if (width == NR && whole)
+                    for (int jj = 0; jj < NR; jj++) word[jj] = bf16_pair(row0[jj], row1[jj]);
+                else
+                    for (int jj = 0; jj < NR; jj++)
+                        word[jj] = jj < width ? bf16_pair(row0[jj], whole ? row1[jj] : 0.0f) : 0;
+            }
+            continue;
+        }
+        for (int k0 = 0; k0 < pairs; k0 += 16) {
+            uint32_t tile[NR][16];
+            int count = pairs - k0 < 16 ? pairs - k0 : 16;
+            for (int jj = 0; jj < NR; jj++) {
+                const float *row = W + (size_t)(p * NR + jj) * K + 2 * k0;
+                if (jj < width && 2 * (k0 + 16) <= K)
+                    for (int kk = 0; kk < 16; kk++) tile[jj][kk] = bf16_pair(row[2 * kk], row[2 * kk + 1]);
+                else
+                    for (int kk = 0; kk < 16; kk++) {
+                        int k = 2 * (k0 + kk);
+                        int inside = jj < width && k < K; /* rows past N and columns past K read nothing */
+                        tile[jj][kk] = inside ? bf16_pair(row[2 * kk], k + 1 < K ? row[2 * kk + 1] : 0.0f) : 0;
+                    }
+            }
+            for (int kk = 0; kk < count; kk++)
+                for (int jj = 0; jj < NR; jj++) panel[(size_t)(k0 + kk) * NR + jj] = tile[jj][kk];
+        }
+    }
+}
+
+/* B = W.T (trans, W N x K) or B = W (W K x N) in the layout above, zeros past the edges */
+void rnnlm_pack_bf16(const float *W, int K, int N, int trans, uint32_t *out) {
+    pack_bf16_panels(W, K, N, trans, 0, panels_of(N), out);
+}
+
+/* c + the two products of the k-pair a (one A element pair) with the k-pairs of b (VL columns) */
+static inline vf dot2(vf c, uint32_t a, vu b) {
+#if defined(__AVX512BF16__) && VL == 16
+    return (vf)_mm512_dpbf16_ps((__m512)c, (__m512bh)_mm512_set1_epi32((int)a), (__m512bh)b);
+#else
+    vf lo = (vf)(b << 16), hi = (vf)(b & 0xffff0000u);
+    return c + bf16_float(a & 0xffffu) * lo + bf16_float(a >> 16) * hi;
+#endif
+}
+
+/* C[0:rows, 0:NR] = A[0:rows, k-pairs 0:P] @ panel, rows <= MR (full blocks unrolled); the word of row r and
+   k-pair kk is A[r * rs + kk * ps] */
+static inline void block16(int rows, int P, const uint32_t *A, size_t rs, size_t ps, const uint32_t *B, float *C,
+                           int ldc) {
+    vf c[MR][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++) c[r][0] = c[r][1] = (vf){0};
+    if (rows == MR) {
+        for (int kk = 0; kk < P; kk++) {
+            vu b0 = *(const vu *)(B + (size_t)kk * NR), b1 = *(const vu *)(B + (size_t)kk * NR + VL);
+#pragma GCC unroll 8
+            for (int r = 0; r < MR; r++) {
+                c[r][0] = dot2(c[r][0], A[r * rs + kk * ps], b0);
+                c[r][1] = dot2(c[r][1], A[r * rs + kk * ps], b1);
+            }
+        }
+    } else {
+        for (int r = 0; r < rows; r++)
+            for (int kk = 0; kk < P; kk++) {
+                c[r][0] = dot2(c[r][0], A[r * rs + kk * ps], *(const vu *)(B + (size_t)kk * NR));
+                c[r][1] = dot2(c[r][1], A[r * rs + kk * ps], *(const vu *)(B + (size_t)kk * NR + VL));
+            }
+    }
+    for (int r = 0; r < rows; r++) {
+        *(vf *)(C + (size_t)r * ldc) = c[r][0];
+        *(vf *)(C + (size_t)r * ldc + VL) = c[r][1];
+    }
+}
+
+/* C (M x panels * NR, row stride ldc) = A (M rows of bf16, row stride 2 * lda, K = 2 * P) @ packed B */
+static void gemm16(int M, int P, int panels, const uint32_t *A, int lda, const uint32_t *Bp, float *C, int ldc) {
+    for (int p = 0; p < panels; p++) /* each panel of B is read from L2 once, while A's few rows stay in L1 */
+        for (int i = 0; i < M; i += MR)
+            block16(M - i < MR ? M - i : MR, P, A + (size_t)i * lda, lda, 1, Bp + (size_t)p * P * NR,
+                    C + (size_t)i * ldc + p * NR, ldc);
+}
+
+/* The bf16 operand of a weight gradient whose k-pairs run along the rows n of a sequence (steps * batch rows): row n
+   of an N x G matrix is stored at the half (n & 1) of the words of pair n / 2, in panels of NR columns: halfword
+   2 * ((p * ceil(N / 2) + n / 2) * NR + jj) + (n & 1) for column j = p * NR + jj. The pad columns, and the missing
+   partner of the last row when N is odd, are zeros. put_pair_rows writes rows n and n + 1 (n even) as whole words,
+   put_pair_row one row into its halves. */
+static void put_pair_rows(int N, int G, int n, const float *row0, const float *row1, uint32_t *out) {
+    int P = (N + 1) / 2, panels = panels_of(G);
+    for (int p = 0; p < panels; p++) {
+        uint32_t *word = out + ((size_t)p * P + n / 2) * NR;
+        int width = G - p * NR < NR ? G - p * NR : NR;
+        for (int jj = 0; jj < width; jj++)
+            word[jj] = bf16_pair(row0[p * NR + jj], row1[p * NR + jj]);
+        for (int jj = width; jj < NR; jj++) word[jj] = 0;
+    }
+}
+
+static void put_pair_row(int N, int G, int n, const float *row, uint16_t *out) {
+    int P = (N + 1) / 2, panels = panels_of(G), half = n & 1;
+    for (int p = 0; p < panels; p++) {
+        uint16_t *word = out + 2 * ((size_t)p * P + n / 2) * NR;
+        for (int jj = 0; jj < NR; jj++) {
+            int j = p * NR + jj;
+            word[2 * jj + half] = j < G ? bf16_bits(row[j]) : 0;
+            if (n == N - 1 && !half) word[2 * jj + 1] = 0;
+        }
+    }
+}
+
+/* Rows [k0, k1) of sum over n < N of x[n][k] * grad[n][j] (K x G, the transpose of the weight's gradient), from bf16
+   products summed in float32: x (N x K, float32; x[n] = first[n] for n < n_first, else rest[n - n_first]) and grad
+   given as put_pair_row's panels. a_buf: ceil(N / 2) x (k1 - k0) words, the pairs of rows of x's columns [k0, k1).
+   out: rows [k0, k1) of (K x panels(G) * NR). The loop runs panel by panel, so that A stays in L2 and each panel of
+   grad is read once. */
+void rnnlm_weight_grad_bf16(int N, int K, int G, int k0, int k1, int n_first, const float *first, const float *rest,
+                            const uint32_t *grad, float *out, uint32_t *a_buf) {
+    int P = (N + 1) / 2, panels = panels_of(G), ldc = panels * NR, M = k1 - k0;
+    for (int m = 0; m < P; m++) {
+        const float *x[2];
+        for (int half = 0; half < 2; half++) {
+            int n = 2 * m + half;
+            x[half] = n >= N ? NULL : n < n_first ? first + (size_t)n * K : rest + (size_t)(n - n_first) * K;
+        }
+        uint32_t *words = a_buf + (size_t)m * M;
+        for (int k = k0; k < k1; k++)
+            words[k - k0] = bf16_pair(x[0][k], x[1] ? x[1][k] : 0.0f);
+    }
+    for (int p = 0; p < panels; p++)
+        for (int i = 0; i < M; i += MR)
+            block16(M - i < MR ? M - i : MR, P, a_buf + i, 1, M, grad + (size_t)p * P * NR,
+                    out + (size_t)(k0 + i) * ldc + p * NR, ldc);
+}
+
+/* tanh to a few float32 ulps: Eigen's rational approximation on [-7.9, 7.9] (beyond it tanh is +-1 in float32) */
+static inline float tanh_approx(float x) {
+    x = x > 7.90531110763549805f ? 7.90531110763549805f : x;
+    x = x < -7.90531110763549805f ? -7.90531110763549805f : x;
+    float x2 = x * x;
+    float p = -2.76076847742355e-16f;
+    p = p * x2 + 2.00018790482477e-13f;
+    p = p * x2 + -8.60467152213735e-11f;
+    p = p * x2 + 5.12229709037114e-08f;
+    p = p * x2 + 1.48572235717979e-05f;
+    p = p * x2 + 6.37261928875436e-04f;
+    p = p * x2 + 4.89352455891786e-03f;
+    float q = 1.19825839466702e-06f;
+    q = q * x2 + 1.18534705686654e-04f;
+    q = q * x2 + 2.26843463243900e-03f;
+    q = q * x2 + 4.89352518554385e-03f;
+    return x * p / q;
+}
+
+void rnnlm_tanh(const float *x, float *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = tanh_approx(x[i]);
+}
+
+/* The input of step t: `first` (h0 or c0) at t = 0, else row block t - 1 of `seq` (steps, batch, H). */
+static inline const float *previous(const float *first, const float *seq, int t, int batch, int H) {
+    return t == 0 ? first : seq + (size_t)(t - 1) * batch * H;
+}
+
+/* Tanh RNN forward over rows [r0, r1): hs[t] = tanh(hs[t-1] @ W_hh.T + emb[tokens[t]]), hs[-1] = h0.
+   emb (vocab x H) is W_ih.T + b_ih + b_hh (the one-hot input's product is a row of it). whh: W_hh packed with
+   trans=1. scratch: (r1 - r0) x panels * NR floats. */
+void rnnlm_rnn_forward(int steps, int batch, int H, int r0, int r1, const int64_t *tokens, const float *h0,
+                       const float *emb, const float *whh, float *hs, float *scratch) {
+    int panels = panels_of(H), ldc = panels * NR, M = r1 - r0;
+    for (int t = 0; t < steps; t++) {
+        const float *prev = previous(h0, hs, t, batch, H);
+        gemm(M, H, panels, prev + (size_t)r0 * H, H, whh, scratch, ldc);
+        for (int i = 0; i < M; i++) {
+            const float *e = emb + (size_t)tokens[(size_t)t * batch + r0 + i] * H;
+            const float *acc = scratch + (size_t)i * ldc;
+            float *h = hs + ((size_t)t * batch + r0 + i) * H;
+            for (int j = 0; j < H; j++) h[j] = tanh_approx(acc[j] + e[j]);
+        }
+    }
+}
+
+/* Its backward over rows [r0, r1): with d[t] = 1 - hs[t]^2,
+   g[T-1] = grad_out[T-1] * d[T-1];  g[t-1] = (g[t] @ W_hh + grad_out[t-1]) * d[t-1];  grad_h0 = g[0] @ W_hh.
+   g is d loss / d pre-activation, (steps, batch, H). whh: W_hh packed with trans=0. */
+void rnnlm_rnn_backward(int steps, int batch, int H, int r0, int r1, const float *hs, const float *grad_out,
+                        const float *whh, float *g, float *grad_h0, float *scratch) {
+    int panels = panels_of(H), ldc = panels * NR, M = r1 - r0;
+    size_t last = (size_t)(steps - 1) * batch * H;
+    for (int i = r0; i < r1; i++)
+        for (int j = 0; j < H; j++) {
+            float h = hs[last + (size_t)i * H + j];
+            g[last + (size_t)i * H + j] = grad_out[last + (size_t)i * H + j] * (1.0f - h * h);
+        }
+    for (int t = steps - 1; t >= 0; t--) {
+        gemm(M, H, panels, g + ((size_t)t * batch + r0) * H, H, whh, scratch, ldc);
+        for (int i = 0; i < M; i++) {
+            const float *acc = scratch + (size_t)i * ldc;
+            if (t == 0) {
+                float *out = grad_h0 + (size_t)(r0 + i) * H;
+                for (int j = 0; j < H; j++) out[j] = acc[j];
+                continue;
+            }
+            size_t row = ((size_t)(t - 1) * batch + r0 + i) * H;
+            for (int j = 0; j < H; j++) {
+                float h = hs[row + j];
+                g[row + j] = (acc[j] + grad_out[row + j]) * (1.0f - h * h);
+            }
+        }
+    }
+}
+
+static inline float sigmoid_approx(float x) { return 0.5f + 0.5f * tanh_approx(0.5f * x); }
+
+/* dst[0:n] += src[0:n] (the arrays do not overlap) */
+static inline void add_row(int n, const float *src, float *dst) {
+#pragma GCC ivdep
+    for (int j = 0; j < n; j++) dst[j] += src[j];
+}
+
+/* out[tokens[i], 0:N] += grad[i, 0:N] for i < rows (row strides ld_grad, ld_out): the gradient of a weight that the
+   one-hot inputs select rows of (torch's index_add_ on the CPU takes 10x longer for these shapes) */
+void rnnlm_token_grad(int64_t rows, int N, const int64_t *tokens, const float *grad, int64_t ld_grad, float *out,
+                      int64_t ld_out) {
+    for (int64_t i = 0; i < rows; i++) add_row(N, grad + i * ld_grad, out + tokens[i] * ld_out);
+}
+
+/* The GRU and LSTM windows below split the work between `workers` threads (1 or 2) by hidden units: worker number
+   `worker` owns units [u0, u1) of every gate, for all batch rows, and its slice of W_hh (packed by the caller) stays
+   in its core's L2 cache; splitting the batch instead would make both cores stream all of W_hh (0.75-1 MB) every
+   step, and they then run at half speed. The workers wait for each other once per step (barrier): each publishes the
+   steps it has finished in its own cache line of `flags` (zeros at the start of a call) and waits for the others to
+   catch up. A nonzero flags[workers * 8] (set by the caller when a worker failed to start) makes the waiting workers
+   return. */
+
+static int barrier(int64_t *flags, int worker, int workers, int64_t step) {
+    if (workers < 2) return 0;
+    __atomic_store_n(&flags[worker * 8], step, __ATOMIC_RELEASE);
+    for (int k = 0; k < workers; k++) {
+        int spins = 0;
+        while (k != worker && __atomic_load_n(&flags[k * 8], __ATOMIC_ACQUIRE) < step) {
+            if (__atomic_load_n(&flags[workers * 8], __ATOMIC_ACQUIRE)) return 1;
+            if (++spins > 256) sched_yield(); /* a partner descheduled on a shared machine gets the core */
+        }
+    }
+    return 0;
+}
+
+/* barrier for callers that run the stages between barriers themselves (rnnlm/cpu/threads.py: by_rows_then_units) */
+int rnnlm_barrier(int64_t *flags, int worker, int workers, int64_t step) {
+    return barrier(flags, worker, workers, step);
+}
+
+/* dst (batch x U) = the worker's columns [u0, u0 + U) of src (batch x H) */
+static void take_units(int batch, int H, int u0, int U, const float *src, float *dst) {
+    for (int i = 0; i < batch; i++)
+        for (int j = 0; j < U; j++) dst[(size_t)i * U + j] = src[(size_t)i * H + u0 + j];
+}
+
+/* the worker's columns [u0, u0 + U) of dst (batch x H) = src (batch x U) */
+static void put_units(int batch, int H, int u0, int U, const float *src, float *dst) {
+    for (int i = 0; i < batch; i++)
+        for (int j = 0; j < U; j++) dst[(size_t)i * H + u0 + j] = src[(size_t)i * U + j];
+}
+
+/* dst (batch x U) += the first U columns of src (batch x ldc) */
+static void add_block(int batch, int U, const float *src, int ldc, float *dst) {
+    for (int i = 0; i < batch; i++)
+        for (int j = 0; j < U; j++) dst[(size_t)i * U + j] += src[(size_t)i * ldc + j];
+}
+
+/* torch's GRU (gates r, z, n) forward, units [u0, u1) of U = u1 - u0:
+     r = sigmoid(xr + gh_r)  z = sigmoid(xz + gh_z)  n = tanh(xn + r * gh_n)  h = n + z * (h_prev - n)
+   with x = emb[tokens[t]] (emb: vocab x 3H, W_ih.T + b_ih) and gh = h_prev @ W_hh.T + b_hh. whh: the rows of W_hh for
+   the worker's units of each gate (3U x H), packed with trans=1. Saved for the backward: rz (steps, batch, 2H), n and
+   hn = gh_n (steps, batch, H). scratch: batch x panels(3U). */
+void rnnlm_gru_forward(int steps, int batch, int H, int u0, int u1, int worker, int workers, int64_t *flags,
+                       const int64_t *tokens, const float *h0, const float *emb, const float *b_hh, const float *whh,
+                       float *hs, float *rz, float *n, float *hn, float *scratch) {
+    int U = u1 - u0, panels = panels_of(3 * U), ldc = panels * NR;
+    for (int t = 0; t < steps; t++) {
+        const float *prev = previous(h0, hs, t, batch, H);
+        gemm(batch, H, panels, prev, H, whh, scratch, ldc);
+        for (int i = 0; i < batch; i++) {
+            size_t row = (size_t)t * batch + i;
+            const float *x = emb + (size_t)tokens[row] * 3 * H + u0, *acc = scratch + (size_t)i * ldc;
+            const float *h_prev = prev + (size_t)i * H + u0, *b = b_hh + u0;
+            float *rz_row = rz + row * 2 * H + u0, *n_row = n + row * H + u0, *hn_row = hn + row * H + u0;
+            float *h = hs + row * H + u0;
+#pragma GCC ivdep /* the arrays do not overlap */
+            for (int j = 0; j < U; j++) {
+                float r = sigmoid_approx(x[j] + acc[j] + b[j]);
+                float z = sigmoid_approx(x[H + j] + acc[U + j] + b[H + j]);
+                float gh_n = acc[2 * U + j] + b[2 * H + j];
+                float nn = tanh_approx(x[2 * H + j] + r * gh_n);
+                rz_row[j] = r;
+                rz_row[H + j] = z;
+                n_row[j] = nn;
+                hn_row[j] = gh_n;
+                h[j] = nn + z * (h_prev[j] - nn);
+            }
+        }
+        if (barrier(flags, worker, workers, t + 1)) return;
+    }
+}
+
+/* Its backward, units [u0, u1). dh, the gradient reaching h of the current step, starts at grad_out[T-1]; per step:
+     grad_pre_n = dh (1 - z)(1 - n^2)      grad_gates = [grad_pre_n hn r (1 - r) | dh (h_prev - n) z (1 - z) | grad_pre_n r]
+     dh <- grad_gates @ W_hh + dh z + grad_out[t-1]
+   grad_gates is d loss / d gh (steps, batch, 3H), grad_pre_n d loss / d (W_in x + b_in); grad_h0 is the last dh.
+   whh: the columns [u0, u1) of W_hh (3H x U), packed with trans=0. dh: batch x U; scratch: batch x panels(U). */
+void rnnlm_gru_backward(int steps, int batch, int H, int u0, int u1, int worker, int workers, int64_t *flags,
+                        const float *h0, const float *hs, const float *rz, const float *n, const float *hn,
+                        const float *grad_out, const float *whh, float *grad_gates, float *grad_pre_n, float *grad_h0,
+                        float *dh, float *scratch) {
+    int U = u1 - u0, panels = panels_of(U), ldc = panels * NR;
+    take_units(batch, H, u0, U, grad_out + (size_t)(steps - 1) * batch * H, dh);
+    for (int t = steps - 1; t >= 0; t--) {
+        for (int i = 0; i < batch; i++) {
+            size_t row = (size_t)t * batch + i;
+            const float *h_prev = (t == 0 ? h0 + (size_t)i * H : hs + (row - batch) * H) + u0;
+            const float *out_prev = t == 0 ? NULL : grad_out + (row - batch) * H + u0;
+            const float *rz_row = rz + row * 2 * H + u0, *n_row = n + row * H + u0, *hn_row = hn + row * H + u0;
+            float *gg = grad_gates + row * 3 * H + u0, *gpn_row = grad_pre_n + row * H + u0, *d_row = dh + (size_t)i * U;
+#pragma GCC ivdep /* the arrays do not overlap */
+            for (int j = 0; j < U; j++) {
+                float d = d_row[j], r = rz_row[j], z = rz_row[H + j], nn = n_row[j];
+                float gpn = d * (1.0f - z) * (1.0f - nn * nn);
+                gpn_row[j] = gpn;
+                gg[j] = gpn * hn_row[j] * r * (1.0f - r);
+                gg[H + j] = d * (h_prev[j] - nn) * z * (1.0f - z);
+                gg[2 * H + j] = gpn * r;
+                d_row[j] = d * z + (out_prev ? out_prev[j] : 0.0f);
+            }
+        }
+        if (barrier(flags, worker, workers, steps - t)) return; /* all workers' columns of grad_gates[t] written */
+        gemm(batch, 3 * H, panels, grad_gates + (size_t)t * batch * 3 * H, 3 * H, whh, scratch, ldc);
+        add_block(batch, U, scratch, ldc, dh);
+    }
+    put_units(batch, H, u0, U, dh, grad_h0);
+}
+
+/* One batch row of an LSTM step over U units (see rnnlm_lstm_forward): x, gt are the row's 4H-wide input product and
+   gates, acc the matmul's 4 blocks of `ldg` columns, c_prev, c, tc, h its U-wide cell and state slices. */
+static inline void lstm_cell(int U, int H, int ldg, const float *x, const float *acc, const float *c_prev, float *gt,
+                             float *c, float *tc, float *h) {
+#pragma GCC ivdep /* the arrays do not overlap */
+    for (int j = 0; j < U; j++) {
+        float ig = sigmoid_approx(x[j] + acc[j]), fg = sigmoid_approx(x[H + j] + acc[ldg + j]);
+        float gg = tanh_approx(x[2 * H + j] + acc[2 * ldg + j]), og = sigmoid_approx(x[3 * H + j] + acc[3 * ldg + j]);
+        float cell = fg * c_prev[j] + ig * gg, tanh_cell = tanh_approx(cell);
+        gt[j] = ig;
+        gt[H + j] = fg;
+        gt[2 * H + j] = gg;
+        gt[3 * H + j] = og;
+        c[j] = cell;
+        tc[j] = tanh_cell;
+        h[j] = og * tanh_cell;
+    }
+}
+
+/* One batch row of an LSTM step's backward over U units (see rnnlm_lstm_backward): writes the row's gate gradients
+   gg_out (4H wide), updates dc and sets dh to the gradient from the step's output below (`out_prev`, NULL at t = 0). */
+static inline void lstm_cell_grad(int U, int H, const float *gt, const float *tc, const float *c_prev,
+                                  const float *out_prev, float *gg_out, float *dh, float *dc) {
+#pragma GCC ivdep /* the arrays do not overlap */
+    for (int j = 0; j < U; j++) {
+        float d = dh[j], ig = gt[j], fg = gt[H + j], gg = gt[2 * H + j], og = gt[3 * H + j];
+        float dct = dc[j] + d * og * (1.0f - tc[j] * tc[j]);
+        gg_out[j] = dct * gg * ig * (1.0f - ig);
+        gg_out[H + j] = dct * c_prev[j] * fg * (1.0f - fg);
+        gg_out[2 * H + j] = dct * ig * (1.0f - gg * gg);
+        gg_out[3 * H + j] = d * tc[j] * og * (1.0f - og);
+        dc[j] = dct * fg;
+        dh[j] = out_prev ? out_prev[j] : 0.0f;
+    }
+}
+
+/* torch's LSTM (gates i, f, g, o) forward, units [u0, u1) of U = u1 - u0:
+     [i f g o] = [sigmoid sigmoid tanh sigmoid](emb[tokens[t]] + h_prev @ W_hh.T)   c = f c_prev + i g   h = o tanh(c)
+   with emb (vocab x 4H) = W_ih.T + b_ih + b_hh. whh: the rows of W_hh for the worker's units of each gate (4U x H),
+   packed with trans=1. Saved for the backward: gates (steps, batch, 4H, after their activations), cs and tcs =
+   tanh(cs) (steps, batch, H). scratch: batch x panels(4U). */
+void rnnlm_lstm_forward(int steps, int batch, int H, int u0, int u1, int worker, int workers, int64_t *flags,
+                        const int64_t *tokens, const float *h0, const float *c0, const float *emb, const float *whh,
+                        float *hs, float *cs, float *gates, float *tcs, float *scratch) {
+    int U = u1 - u0, panels = panels_of(4 * U), ldc = panels * NR;
+    for (int t = 0; t < steps; t++) {
+        const float *prev_h = previous(h0, hs, t, batch, H), *prev_c = previous(c0, cs, t, batch, H);
+        gemm(batch, H, panels, prev_h, H, whh, scratch, ldc);
+        for (int i = 0; i < batch; i++) {
+            size_t row = (size_t)t * batch + i;
+            lstm_cell(U, H, U, emb + (size_t)tokens[row] * 4 * H + u0, scratch + (size_t)i * ldc,
+                      prev_c + (size_t)i * H + u0, gates + row * 4 * H + u0, cs + row * H + u0, tcs + row * H + u0,
+                      hs + row * H + u0);
+        }
+        if (barrier(flags, worker, workers, t + 1)) return;
+    }
+}
+
+/* Its backward, units [u0, u1). dh and dc, the gradients reaching the step's h and c, start at grad_out[T-1] and
+   grad_c_last; per step, with dc_t = dc + dh o (1 - tanh(c)^2):
+     grad_gates = [dc_t g i (1 - i) | dc_t c_prev f (1 - f) | dc_t i (1 - g^2) | dh tanh(c) o (1 - o)]
+     dc <- dc_t f     dh <- grad_gates @ W_hh + grad_out[t-1]
+   grad_gates is d loss / d gates before activation (steps, batch, 4H); grad_h0, grad_c0 are the last dh, dc.
+   whh: the columns [u0, u1) of W_hh (4H x U), packed with trans=0. dh, dc: batch x U; scratch: batch x panels(U). */
+void rnnlm_lstm_backward(int steps, int batch, int H, int u0, int u1, int worker, int workers, int64_t *flags,
+                         const float *c0, const float *cs, const float *gates, const float *tcs, const float *grad_out,
+                         const float *grad_c_last, const float *whh, float *grad_gates, float *grad_h0, float *grad_c0,
+                         float *dh, float *dc, float *scratch) {
+    int U = u1 - u0, panels = panels_of(U), ldc = panels * NR;
+    take_units(batch, H, u0, U, grad_out + (size_t)(steps - 1) * batch * H, dh);
+    take_units(batch, H, u0, U, grad_c_last, dc);
+    for (int t = steps - 1; t >= 0; t--) {
+        for (int i = 0; i < batch; i++) {
+            size_t row = (size_t)t * batch + i;
+            lstm_cell_grad(U, H, gates + row * 4 * H + u0, tcs + row * H + u0,
+                           previous(c0, cs, t, batch, H) + (size_t)i * H + u0,
+                           t == 0 ? NULL : grad_out + (row - batch) * H + u0, grad_gates + row * 4 * H + u0,
+                           dh + (size_t)i * U, dc + (size_t)i * U);
+        }
+        if (barrier(flags, worker, workers, steps - t)) return; /* all workers' columns of grad_gates[t] written */
+        gemm(batch, 4 * H, panels, grad_gates + (size_t)t * batch * 4 * H, 4 * H, whh, scratch, ldc);
+        add_block(batch, U, scratch, ldc, dh);
+    }
+    put_units(batch, H, u0, U, dh, grad_h0);
+    put_units(batch, H, u0, U, dc, grad_c0);
+}
+
+/* The LSTM with bf16 matmuls (`amp` on CPUs with AVX512-BF16) and the output layer, over batch rows [r0, r1) and
+   all units: in bf16 W_hh (0.5 MB at H = 256) fits one core's L2, so two threads take half the batch each and never
+   wait for each other. The gates, cell and state stay float32; only the recurrent matmuls' inputs are rounded to
+   bf16. The output layer (V logits a row, float32) is computed in the same windows, a few rows at a time, instead of
+   as three skinny matmuls over the whole window afterwards.
+
+   Forward: as rnnlm_lstm_forward, plus hs16 (steps + 1, batch, ldh) = bf16 of [h0, hs], ldh = H rounded up to even
+   (row block t is what step t multiplies), and logits (steps * batch, V) = hs @ W_out.T + b_out. whh: W_hh packed by
+   rnnlm_pack_bf16 with trans=1; wout: W_out (V x H) packed by rnnlm_pack with trans=1. scratch: (r1 - r0) x
+   panels(4H); scratch_out: (r1 - r0) x panels(V). */
+void rnnlm_lstm_forward_bf16(int steps, int batch, int H, int V, int r0, int r1, const int64_t *tokens,
+                             const float *h0, const float *c0, const float *emb, const uint32_t *whh,
+                             const float *wout, const float *b_out, uint16_t *hs16, float *hs, float *cs, float *gates,
+                             float *tcs, float *logits, float *scratch, float *scratch_out) {
+    int M = r1 - r0, ldh = H + (H & 1), panels = panels_of(4 * H), ldc = panels * NR;
+    int out_panels = panels_of(V), ldo = out_panels * NR;
+    for (int i = r0; i < r1; i++) bf16_row(H, h0 + (size_t)i * H, hs16 + (size_t)i * ldh);
+    for (int t = 0; t < steps; t++) {
+        const float *prev_c = previous(c0, cs, t, batch, H);
+        size_t first = (size_t)t * batch + r0;
+        gemm16(M, ldh / 2, panels, (const uint32_t *)(hs16 + first * ldh), ldh / 2, whh, scratch, ldc);
+        for (int i = r0; i < r1; i++) {
+            size_t row = (size_t)t * batch + i;
+            float *h = hs + row * H;
+            lstm_cell(H, H, H, emb + (size_t)tokens[row] * 4 * H, scratch + (size_t)(i - r0) * ldc,
+                      prev_c + (size_t)i * H, gates + row * 4 * H, cs + row * H, tcs + row * H, h);
+            bf16_row(H, h, hs16 + (row + batch) * ldh);
+        }
+        gemm(M, H, out_panels, hs + first * H, H, wout, scratch_out, ldo);
+        for (int i = 0; i < M; i++)
+            for (int v = 0; v < V; v++) logits[(first + i) * V + v] = scratch_out[(size_t)i * ldo + v] + b_out[v];
+    }
+}
+
+/* go (rows [r0, r1) of step t, row stride ldc) = dlogits[t] @ W_out: the gradient reaching h from the output layer.
+   wout: W_out (V x H) packed by rnnlm_pack with trans=0. */
+static void output_grad(int t, int batch, int H, int V, int r0, int r1, const float *dlogits, const float *wout,
+                        float *go, int ldc) {
+    gemm(r1 - r0, V, panels_of(H), dlogits + ((size_t)t * batch + r0) * V, V, wout, go, ldc);
+}
+
+/* Its backward over rows [r0, r1): as rnnlm_lstm_backward, with the gradient reaching each step's h computed from
+   dlogits (steps * batch, V), plus grad_h_last (batch x H) at the last step; the gate gradients are not kept in
+   float32. Each row's goes (1) in bf16 to g16 (this worker's rows of the step), the input of the step's matmul,
+   (2) in bf16 to gpanels, laid out by put_pair_row for W_hh's gradient (rnnlm_weight_grad_bf16), and (3) added to
+   token_grad[tokens] (this worker's vocab x 4H buffer, zeros at the start), whose sum over the vocabulary is the
+   biases' gradient. whh: W_hh (4H x H) packed by rnnlm_pack_bf16 with trans=0; wout: W_out packed by rnnlm_pack with
+   trans=0. dh, dc: (r1 - r0) x H; rows: 2 x 4H floats; g16: (r1 - r0) x 4H; scratch, go: (r1 - r0) x panels(H). */
+void rnnlm_lstm_backward_bf16(int steps, int batch, int H, int V, int r0, int r1, const int64_t *tokens,
+                              const float *c0, const float *cs, const float *gates, const float *tcs,
+                              const float *dlogits, const float *wout, const float *grad_h_last,
+                              const float *grad_c_last, const uint32_t *whh, uint16_t *gpanels, float *token_grad,
+                              float *grad_h0, float *grad_c0, float *dh, float *dc, float *rows, uint16_t *g16,
+                              float *scratch, float *go) {
+    int M = r1 - r0, N = steps * batch, panels = panels_of(H), ldc = panels * NR;
+    output_grad(steps - 1, batch, H, V, r0, r1, dlogits, wout, go, ldc);
+    take_units(M, H, 0, H, grad_h_last + (size_t)r0 * H, dh);
+    add_block(M, H, go, ldc, dh);
+    take_units(M, H, 0, H, grad_c_last + (size_t)r0 * H, dc);
+    for (int t = steps - 1; t >= 0; t--) {
+        if (t > 0) output_grad(t - 1, batch, H, V, r0, r1, dlogits, wout, go, ldc);
+        for (int i = r0; i < r1; i++) {
+            size_t n = (size_t)t * batch + i;
+            int first = (n & 1) == 0 && i + 1 < r1, second = (n & 1) && i > r0; /* rows n, n + 1 both here */
+            float *out = rows + (second ? 4 * H : 0);
+            lstm_cell_grad(H, H, gates + n * 4 * H, tcs + n * H, previous(c0, cs, t, batch, H) + (size_t)i * H,
+                           t == 0 ? NULL : go + (size_t)(i - r0) * ldc, out, dh + (size_t)(i - r0) * H,
+                           dc + (size_t)(i - r0) * H);
+            bf16_row(4 * H, out, g16 + (size_t)(i - r0) * 4 * H);
+            add_row(4 * H, out, token_grad + (size_t)tokens[n] * 4 * H);
+            if (second)
+                put_pair_rows(N, 4 * H, (int)n - 1, rows, out, (uint32_t *)gpanels);
+            else if (!first)
+                put_pair_row(N, 4 * H, (int)n, out, gpanels);
+        }
+        gemm16(M, 2 * H, panels, (const uint32_t *)g16, 2 * H, whh, scratch, ldc);
+        add_block(M, H, scratch, ldc, dh);
+    }
+    put_units(M, H, 0, H, dh, grad_h0 + (size_t)r0 * H);
+    put_units(M, H, 0, H, dc, grad_c0 + (size_t)r0 * H);
+}
+
+/* exp(x) to about 2 float32 ulps (Cephes' expf: 2^n times a polynomial on [-ln 2 / 2, ln 2 / 2]), 0 below -87 and
+   for x <= 0 only (the softmax below subtracts each row's largest logit first) */
+static inline float exp_approx(float x) {
+    float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f), small = x < -87.0f;
+    x = small ? -87.0f : x;
+    n = small ? -126.0f : n;
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f, p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { uint32_t u; float f; } scale = {.u = (uint32_t)((int32_t)n + 127) << 23};
+    return small ? 0.0f : p * scale.f;
+}
+
+/* The mean cross-entropy of the logits (steps * batch, V; rows n = t * batch + i, targets the same way) over batch
+   rows [r0, r1) of every step, and what it sends back, without autograd: each logits row is replaced by its
+   gradient, (softmax - one_hot(target)) * scale with scale = 1 / (steps * batch); loss[0] gets the rows' summed
+   cross-entropy, grad_b (V) their gradients' sum and grad_w (V x H) sum_n grad[n]^T hs[n]: the output layer's
+   bias and weight gradients (this worker's share; zeros at the start). */
+static void output_loss(int steps, int batch, int H, int V, int r0, int r1, const int64_t *targets, const float *hs,
+                        float *logits, float scale, double *loss, float *grad_b, float *grad_w) {
+    double total = 0.0;
+    for (int t = 0; t < steps; t++)
+        for (int i = r0; i < r1; i++) {
+            size_t n = (size_t)t * batch + i;
+            float *row = logits + n * V, top = row[0], sum = 0.0f;
+            const float *h = hs + n * H;
+            for (int v = 1; v < V; v++) top = row[v] > top ? row[v] : top;
+            total += top - row[targets[n]];
+            for (int v = 0; v < V; v++) sum += row[v] = exp_approx(row[v] - top);
+            total += __builtin_logf(sum);
+            float norm = scale / sum;
+            for (int v = 0; v < V; v++) row[v] *= norm;
+            row[targets[n]] -= scale;
+            for (int v = 0; v < V; v++) {
+                float g = row[v], *w = grad_w + (size_t)v * H;
+                grad_b[v] += g;
+#pragma GCC ivdep
+                for (int j = 0; j < H; j++) w[j] += g * h[j];
+            }
+        }
+    loss[0] += total;
+}
+
+/* dst (C x R, row stride ld_dst) += alpha * src (R x C, row stride ld_src): the SGD step of a weight whose gradient
+   was computed as its transpose (W_hh's, W_ih's), 16 x 16 tiles at a time */
+static void add_transposed(int R, int C, float alpha, const float *src, int ld_src, float *dst, int ld_dst) {
+    for (int r0 = 0; r0 < R; r0 += 16)
+        for (int c0 = 0; c0 < C; c0 += 16) {
+            int r1 = r0 + 16 < R ? r0 + 16 : R, c1 = c0 + 16 < C ? c0 + 16 : C;
+            for (int c = c0; c < c1; c++)
+                for (int r = r0; r < r1; r++) dst[(size_t)c * ld_dst + r] += alpha * src[(size_t)r * ld_src + c];
+        }
+}
+
+static double sum_squares(int rows, int n, const float *x, int ld) {
+    double total = 0.0;
+    for (int i = 0; i < rows; i++) {
+        float row = 0.0f;
+        for (int j = 0; j < n; j++) row += x[(size_t)i * ld + j] * x[(size_t)i * ld + j];
+        total += row;
+    }
+    return total;
+}
+
+/* One SGD step of the bf16 LSTM with its output layer, without autograd (rnnlm/cpu/fused.py): everything the workers
+   (threads) share. tokens, targets: (steps, batch), time-major as the logits; h0, c0: the state (batch x H); zeros:
+   batch x H zeros (the gradient reaching the last state). The parameters are torch's and are updated in place. The
+   other arrays are buffers of the shapes their users above describe; emb (V x 4H) and the packs are made from the
+   parameters here. loss: 8 doubles a worker (a cache line each): [0] the worker's summed cross-entropy, [1] its share
+   of the gradients' sum of squares. token_grad (V x 4H), grad_w_out (V x H), grad_b_out (V): one each a worker, zeros
+   at the start; grad_b: 4H. */
+struct lstm_sgd_step {
+    int steps, batch, H, V;
+    float lr, max_norm;
+    const int64_t *tokens, *targets;
+    const float *h0, *c0, *zeros;
+    float *w_ih, *w_hh, *b_ih, *b_hh, *w_out, *b_out;
+    float *emb;
+    uint32_t *whh_fwd, *whh_back;
+    float *wout_fwd, *wout_back;
+    uint16_t *hs16;
+    float *hs, *cs, *gates, *tcs, *logits;
+    uint16_t *gpanels;
+    float *grad_h0, *grad_c0, *grad_w_hh_t;
+    double *loss;
+    float *token_grad, *grad_b, *grad_w_out, *grad_b_out;
+};
+
+static void share(int n, int worker, int workers, int *lo, int *hi) {
+    *lo = (int)((int64_t)n * worker / workers);
+    *hi = (int)((int64_t)n * (worker + 1) / workers);
+}
+
+/* The work buffers of worker number `worker` for rnnlm_lstm_sgd_bf16, as offsets in floats into its work array (each
+   on a cache line of its own); returns the floats they take */
+enum { W_SCRATCH, W_SCRATCH_OUT, W_DH, W_DC, W_ROWS, W_G16, W_SCRATCH_H, W_GO, W_A, W_COUNT };
+static size_t sgd_work_layout(int steps, int batch, int H, int V, int worker, int workers, size_t at[W_COUNT]) {
+    int r0, r1, k0, k1;
+    share(batch, worker, workers, &r0, &r1);
+    share(H, worker, workers, &k0, &k1);
+    size_t M = (size_t)(r1 - r0), G = 4 * (size_t)H, pairs = ((size_t)steps * batch + 1) / 2;
+    size_t floats[W_COUNT] = {
+        [W_SCRATCH] = M * panels_of(4 * H) * NR, /* the forward's matmul */
+        [W_SCRATCH_OUT] = M * panels_of(V) * NR, /* the output layer's */
+        [W_DH] = M * H,
+        [W_DC] = M * H,
+        [W_ROWS] = 2 * G,                        /* a row pair of gate gradients */
+        [W_G16] = M * G / 2 + 1,                 /* the step's gate gradients in bf16 */
+        [W_SCRATCH_H] = M * panels_of(H) * NR,   /* the backward's matmul */
+        [W_GO] = M * panels_of(H) * NR,          /* the output layer's gradient to h */
+        [W_A] = pairs * (size_t)(k1 - k0),       /* W_hh's gradient: h's row pairs in bf16 */
+    };
+    size_t used = 0;
+    for (int i = 0; i < W_COUNT; i++) {
+        at[i] = used;
+        used += (floats[i] + 15) / 16 * 16;
+    }
+    return used;
+}
+
+/* The floats of the work array of worker number `worker` for rnnlm_lstm_sgd_bf16 */
+int64_t rnnlm_lstm_sgd_work(int steps, int batch, int H, int V, int worker, int workers) {
+    size_t at[W_COUNT];
+    return (int64_t)sgd_work_layout(steps, batch, H, V, worker, workers, at);
+}
+
+/* Worker number `worker` of `workers` (1 or 2) runs its share of the step, waiting for the others (barrier) where it
+   needs their results: (1) emb's columns and W_hh's packed panels; (2) its batch rows' forward window, loss, the loss's
+   gradient and the output layer's gradients (output_loss), and backward window; (3) its hidden units' rows of W_hh's
+   gradient (transposed), the worker-summed small gradients (worker 0: W_ih's and the biases', the last worker: the
+   output layer's), and their sums of squares; (4) the global-norm clip (torch's: max_norm / (norm + 1e-6), at most 1)
+   and the SGD step of its share of the parameters. work: rnnlm_lstm_sgd_work floats. */
+void rnnlm_lstm_sgd_bf16(const struct lstm_sgd_step *s, int worker, int workers, int64_t *flags, float *work) {
+    int steps = s->steps, batch = s->batch, H = s->H, V = s->V, G = 4 * H, N = steps * batch;
+    int r0, r1, k0, k1, g0, g1, f0, f1, b0, b1, last = workers - 1;
+    share(batch, worker, workers, &r0, &r1);
+    share(H, worker, workers, &k0, &k1);
+    share(G, worker, workers, &g0, &g1);
+    share(panels_of(G), worker, workers, &f0, &f1);
+    share(panels_of(H), worker, workers, &b0, &b1);
+    size_t at[W_COUNT], pG = (size_t)panels_of(G) * NR;
+    sgd_work_layout(steps, batch, H, V, worker, workers, at);
+    double *mine = s->loss + 8 * worker;
+
+    for (int v = 0; v < V; v++)
+        for (int g = g0; g < g1; g++) s->emb[(size_t)v * G + g] = s->w_ih[(size_t)g * V + v] + s->b_ih[g] + s->b_hh[g];
+    pack_bf16_panels(s->w_hh, H, G, 1, f0, f1, s->whh_fwd);
+    pack_bf16_panels(s->w_hh, G, H, 0, b0, b1, s->whh_back);
+    if (worker == last) {
+        rnnlm_pack(s->w_out, H, V, 1, s->wout_fwd);
+        rnnlm_pack(s->w_out, V, H, 0, s->wout_back);
+    }
+    if (barrier(flags, worker, workers, 1)) return;
+
+    rnnlm_lstm_forward_bf16(steps, batch, H, V, r0, r1, s->tokens, s->h0, s->c0, s->emb, s->whh_fwd, s->wout_fwd,
+                            s->b_out, s->hs16, s->hs, s->cs, s->gates, s->tcs, s->logits, work + at[W_SCRATCH],
+                            work + at[W_SCRATCH_OUT]);
+    output_loss(steps, batch, H, V, r0, r1, s->targets, s->hs, s->logits, 1.0f / (float)N, mine,
+                s->grad_b_out + (size_t)worker * V, s->grad_w_out + (size_t)worker * V * H);
+    rnnlm_lstm_backward_bf16(steps, batch, H, V, r0, r1, s->tokens, s->c0, s->cs, s->gates, s->tcs, s->logits,
+                             s->wout_back, s->zeros, s->zeros, s->whh_back, s->gpanels,
+                             s->token_grad + (size_t)worker * V * G, s->grad_h0, s->grad_c0, work + at[W_DH],
+                             work + at[W_DC], work + at[W_ROWS], (uint16_t *)(work + at[W_G16]),
+                             work + at[W_SCRATCH_H], work + at[W_GO]);
+    if (barrier(flags, worker, workers, 2)) return;
+
+    rnnlm_weight_grad_bf16(N, H, G, k0, k1, batch, s->h0, s->hs, (const uint32_t *)s->gpanels, s->grad_w_hh_t,
+                           (uint32_t *)(work + at[W_A]));
+    double squares = sum_squares(k1 - k0, G, s->grad_w_hh_t + (size_t)k0 * pG, (int)pG);
+    if (worker == 0) {
+        for (int p = 1; p < workers; p++) add_row(V * G, s->token_grad + (size_t)p * V * G, s->token_grad);
+        for (int g = 0; g < G; g++) s->grad_b[g] = 0.0f;
+        for (int v = 0; v < V; v++) add_row(G, s->token_grad + (size_t)v * G, s->grad_b);
+        squares += sum_squares(V, G, s->token_grad, G) + 2.0 * sum_squares(1, G, s->grad_b, G);
+    }
+    if (worker == last) {
+        for (int p = 0; p < last; p++) {
+            add_row(V * H, s->grad_w_out + (size_t)p * V * H, s->grad_w_out + (size_t)last * V * H);
+            add_row(V, s->grad_b_out + (size_t)p * V, s->grad_b_out + (size_t)last * V);
+        }
+        squares += sum_squares(V, H, s->grad_w_out + (size_t)last * V * H, H);
+        squares += sum_squares(1, V, s->grad_b_out + (size_t)last * V, V);
+    }
+    mine[1] = squares;
+    if (barrier(flags, worker, workers, 3)) return;
+
+    double total = 0.0;
+    for (int p = 0; p < workers; p++) total += s->loss[8 * p + 1];
+    float coef = s->max_norm / ((float)__builtin_sqrt(total) + 1e-6f);
+    float alpha = -s->lr * (coef > 1.0f ? 1.0f : coef); /* a NaN norm stays NaN, as in torch */
+    add_transposed(k1 - k0, G, alpha, s->grad_w_hh_t + (size_t)k0 * pG, (int)pG, s->w_hh + k0, H);
+    if (worker == 0) {
+        add_transposed(V, G, alpha, s->token_grad, G, s->w_ih, V);
+        for (int g = 0; g < G; g++) {
+            s->b_ih[g] += alpha * s->grad_b[g];
+            s->b_hh[g] += alpha * s->grad_b[g];
+        }
+    }
+    if (worker == last) {
+        const float *gw = s->grad_w_out + (size_t)last * V * H, *gb = s->grad_b_out + (size_t)last * V;
+        for (int i = 0; i < V * H; i++) s->w_out[i] += alpha * gw[i];
+        for (int v = 0; v < V; v++) s->b_out[v] += alpha * gb[v];
+    }
+}

@@ -1,0 +1,361 @@
+"""The compiled recurrences of `kernels.c`: built with the machine's C compiler at first use, cached, called via ctypes.
+
+No torch headers are involved, so the build takes under a second. The library goes to `rnnlm.paths.kernel_cache()`,
+named by a hash of the source, the compiler and the CPU's features, so that a cache shared between machines never
+serves code built for another CPU. Where no compiler is found or the build fails, `library()` is None and the model
+uses torch's layers instead (one warning says why); `RNNLM_NATIVE=0` turns the compiled kernels off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from rnnlm.paths import kernel_cache
+
+SOURCE = Path(__file__).with_name("kernels.c")
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-shared", "-fPIC"]
+
+_i, _p = ctypes.c_int, ctypes.c_void_p
+_SIGNATURES = {
+    "rnnlm_panel_width": [],
+    "rnnlm_bf16_native": [],
+    "rnnlm_pack": [_p, _i, _i, _i, _p],
+    "rnnlm_pack_bf16": [_p, _i, _i, _i, _p],
+    "rnnlm_tanh": [_p, _p, ctypes.c_int64],
+    "rnnlm_rnn_forward": [_i, _i, _i, _i, _i, _p, _p, _p, _p, _p, _p],
+    "rnnlm_rnn_backward": [_i, _i, _i, _i, _i, _p, _p, _p, _p, _p, _p],
+    "rnnlm_token_grad": [ctypes.c_int64, _i, _p, _p, ctypes.c_int64, _p, ctypes.c_int64],
+    # the split windows: steps, batch, H, u0, u1, worker, workers, flags, then the arrays
+    "rnnlm_gru_forward": [_i] * 7 + [_p] * 11,
+    "rnnlm_gru_backward": [_i] * 7 + [_p] * 13,
+    "rnnlm_lstm_forward": [_i] * 7 + [_p] * 11,
+    "rnnlm_lstm_backward": [_i] * 7 + [_p] * 14,
+    # the bf16 windows: steps, batch, H, V, r0, r1, then the arrays
+    "rnnlm_lstm_forward_bf16": [_i] * 6 + [_p] * 15,
+    "rnnlm_lstm_backward_bf16": [_i] * 6 + [_p] * 20,
+    "rnnlm_weight_grad_bf16": [_i] * 6 + [_p] * 5,
+    "rnnlm_lstm_sgd_work": [_i] * 6,
+    "rnnlm_lstm_sgd_bf16": [_p, _i, _i, _p, _p],
+    "rnnlm_barrier": [_p, _i, _i, ctypes.c_int64],
+}
+_RESULTS = {name: _i for name in ("rnnlm_panel_width", "rnnlm_bf16_native", "rnnlm_barrier")}
+_RESULTS["rnnlm_lstm_sgd_work"] = ctypes.c_int64
+
+
+def _cpu_features() -> str:
+    """What -march=native depends on: the CPU's flags line (Linux), else the platform's description."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> list[str] | None:
+    """$CC (which may carry flags), else the first of cc, gcc and clang on the PATH."""
+    if os.environ.get("CC"):
+        return shlex.split(os.environ["CC"])
+    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return [found] if found else None
+
+
+def build(compiler: list[str]) -> Path:
+    """The compiled library for this source, compiler and CPU: from the cache, or built into it atomically."""
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    parts = [SOURCE.read_text(), " ".join(compiler), version, " ".join(_FLAGS), _cpu_features()]
+    key = hashlib.sha256("\0".join(parts).encode())
+    target = kernel_cache() / f"kernels-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            command = [*compiler, *_FLAGS, "-o", str(built), str(SOURCE)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(compiler)} failed on {SOURCE.name}: {done.stderr.strip()[-2000:]}")
+            os.replace(built, target)  # a reader sees the whole library or none
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (turned off, no compiler, or a failed build: the reason is warned once)."""
+    if os.environ.get("RNNLM_NATIVE", "1") == "0":
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        warnings.warn(
+            "no C compiler found (cc, gcc, clang or $CC): the CPU recurrences run on torch's layers",
+            stacklevel=2,
+        )
+        return None
+    try:
+        lib = ctypes.CDLL(str(build(compiler)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        warnings.warn(f"the compiled RNN kernels are unavailable ({exc}); using torch's layers", stacklevel=2)
+        return None
+    for name, args in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, _RESULTS.get(name)
+    return lib
+
+
+# float, int64_t, uint16_t, uint32_t, double in C
+_DTYPES = (torch.float32, torch.int64, torch.bfloat16, torch.int32, torch.float64)
+
+
+def _ptr(t: torch.Tensor) -> int:
+    assert t.is_contiguous() and t.dtype in _DTYPES, (t.dtype, t.shape)
+    return t.data_ptr()
+
+
+@functools.cache
+def _padded(n: int) -> int:
+    """n columns rounded up to whole panels (the build's vector width sets the panel width)."""
+    width = library().rnnlm_panel_width()
+    return -(-n // width) * width
+
+
+def _as_b(weight: torch.Tensor, trans: bool) -> tuple[torch.Tensor, int, int]:
+    """`weight` ready to pack, and the (K, N) of B = weight.T (`trans`) or B = weight."""
+    weight = weight.detach().contiguous()
+    k, n = (weight.shape[1], weight.shape[0]) if trans else weight.shape
+    return weight, k, n
+
+
+def pack(weight: torch.Tensor, trans: bool) -> torch.Tensor:
+    """`weight` as B = weight.T (`trans`) or B = weight, in the kernels' panel layout (K x N in panels of columns)."""
+    weight, k, n = _as_b(weight, trans)
+    out = packed(k, n)
+    library().rnnlm_pack(_ptr(weight), k, n, int(trans), _ptr(out))
+    return out
+
+
+def packed(k: int, n: int) -> torch.Tensor:
+    """A buffer for a K x N matrix in `pack`'s layout."""
+    return torch.empty(_padded(n) * k)
+
+
+def packed_bf16(k: int, n: int) -> torch.Tensor:
+    """A buffer for a K x N matrix in `pack_bf16`'s layout."""
+    return torch.empty(_padded(n) * ((k + 1) // 2), dtype=torch.int32)
+
+
+def bf16_native() -> bool:
+    """Whether the kernels' bf16 matmuls run on AVX512-BF16 here (elsewhere they are emulated: right, but slower than
+    float32)."""
+    return library() is not None and bool(library().rnnlm_bf16_native())
+
+
+def pack_bf16(weight: torch.Tensor, trans: bool) -> torch.Tensor:
+    """As `pack`, in bf16 for the bf16 kernels: panels of k-pairs, each 32-bit word two bf16 (see kernels.c)."""
+    weight, k, n = _as_b(weight, trans)
+    out = packed_bf16(k, n)
+    library().rnnlm_pack_bf16(_ptr(weight), k, n, int(trans), _ptr(out))
+    return out
+
+
+def even(n: int) -> int:
+    """The row length of a bf16 buffer holding n columns: rounded up to even (the kernels read pairs)."""
+    return n + (n & 1)
+
+
+def scratch(rows: int, n: int) -> torch.Tensor:
+    """A work buffer for `rows` rows of n columns, padded to whole panels."""
+    return torch.empty(rows * _padded(n))
+
+
+def tanh(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' tanh, elementwise (for tests of its accuracy)."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    library().rnnlm_tanh(_ptr(x), _ptr(out), x.numel())
+    return out
+
+
+def rnn_forward(tokens, h0, emb, whh, hs, rows: tuple[int, int]) -> None:
+    """Fill hs (steps, batch, H) for batch rows `rows` (see kernels.c: rnnlm_rnn_forward)."""
+    steps, batch, hidden = hs.shape
+    args = (tokens, h0, emb, whh, hs, scratch(rows[1] - rows[0], hidden))
+    library().rnnlm_rnn_forward(steps, batch, hidden, *rows, *map(_ptr, args))
+
+
+def rnn_backward(hs, grad_out, whh, g, grad_h0, rows: tuple[int, int]) -> None:
+    """Fill g (steps, batch, H) and grad_h0 for batch rows `rows` (see kernels.c: rnnlm_rnn_backward)."""
+    steps, batch, hidden = hs.shape
+    args = (hs, grad_out, whh, g, grad_h0, scratch(rows[1] - rows[0], hidden))
+    library().rnnlm_rnn_backward(steps, batch, hidden, *rows, *map(_ptr, args))
+
+
+def token_grad(tokens: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[tokens[i]] += grad[i] for 2-D grad (rows, N) and out (vocab, N), both with unit column stride (column
+    slices are fine); returns out."""
+    assert grad.stride(1) == 1 and out.stride(1) == 1 and grad.shape[1] == out.shape[1] and grad.dtype == out.dtype
+    tokens = tokens.reshape(-1).contiguous()
+    lib, (rows, n) = library(), grad.shape
+    lib.rnnlm_token_grad(rows, n, _ptr(tokens), grad.data_ptr(), grad.stride(0), out.data_ptr(), out.stride(0))
+    return out
+
+
+Call = Callable[[], None]
+
+
+def _split_call(name: str, shape, units: tuple[int, int], worker: int, workers: int, flags, arrays) -> Call:
+    """The C window `name` over (steps, batch, H) = `shape` for one worker, every argument checked and converted
+    now: the returned call only runs it (a worker that failed after its partner started would leave the partner
+    waiting at the first step)."""
+    head = (*shape, *units, worker, workers, 0 if flags is None else flags.data_ptr())
+    pointers = [_ptr(t) for t in arrays]
+    fn = getattr(library(), name)
+
+    def call(keep_alive=arrays) -> None:  # the tensors must outlive the call: the pointers are all C sees
+        fn(*head, *pointers)
+
+    return call
+
+
+def _gate_rows(weight: torch.Tensor, gates: int, units: tuple[int, int]) -> torch.Tensor:
+    """The rows of a stacked (gates * H, K) weight that belong to hidden units [u0, u1) of every gate."""
+    hidden = weight.shape[0] // gates
+    return weight.view(gates, hidden, -1)[:, units[0] : units[1]].reshape(-1, weight.shape[1])
+
+
+def _forward_window(name: str, gates: int, w_hh, inputs, outputs, units, worker, workers, flags) -> Call:
+    """One worker's forward window `name` over hidden units `units`: `inputs` (tokens first), then the worker's rows
+    of W_hh packed, then `outputs` (hs first) and a work buffer."""
+    tokens, hs = inputs[0], outputs[0]
+    whh = pack(_gate_rows(w_hh, gates, units), trans=True)
+    work = scratch(tokens.shape[1], gates * (units[1] - units[0]))
+    return _split_call(name, hs.shape, units, worker, workers, flags, (*inputs, whh, *outputs, work))
+
+
+def _backward_window(name: str, w_hh, inputs, outputs, carried: int, units, worker, workers, flags) -> Call:
+    """One worker's backward window `name` over hidden units `units`: `inputs` (a (steps, batch, H) state second),
+    the worker's columns of W_hh packed, `outputs`, then `carried` (batch, units) buffers and a work buffer."""
+    shape = inputs[1].shape
+    whh = pack(w_hh[:, units[0] : units[1]], trans=False)
+    batch, width = shape[1], units[1] - units[0]
+    buffers = [torch.empty(batch * width) for _ in range(carried)]
+    arrays = (*inputs, whh, *outputs, *buffers, scratch(batch, width))
+    return _split_call(name, shape, units, worker, workers, flags, arrays)
+
+
+def gru_forward(tokens, h0, emb, b_hh, w_hh, hs, rz, n, hn, units, worker, workers, flags) -> Call:
+    """One worker's forward window over hidden units `units` (see kernels.c: rnnlm_gru_forward)."""
+    inputs, outputs = (tokens, h0, emb, b_hh), (hs, rz, n, hn)
+    return _forward_window("rnnlm_gru_forward", 3, w_hh, inputs, outputs, units, worker, workers, flags)
+
+
+def gru_backward(h0, hs, rz, n, hn, grad_out, w_hh, grad_gates, grad_pre_n, grad_h0, *worker) -> Call:
+    """One worker's backward window; `worker` is (units, worker, workers, flags) (see kernels.c:
+    rnnlm_gru_backward); carries dh."""
+    inputs, outputs = (h0, hs, rz, n, hn, grad_out), (grad_gates, grad_pre_n, grad_h0)
+    return _backward_window("rnnlm_gru_backward", w_hh, inputs, outputs, 1, *worker)
+
+
+def lstm_forward(tokens, h0, c0, emb, w_hh, hs, cs, gates, tcs, units, worker, workers, flags) -> Call:
+    """One worker's forward window over hidden units `units` (see kernels.c: rnnlm_lstm_forward)."""
+    inputs, outputs = (tokens, h0, c0, emb), (hs, cs, gates, tcs)
+    return _forward_window("rnnlm_lstm_forward", 4, w_hh, inputs, outputs, units, worker, workers, flags)
+
+
+def lstm_backward(c0, cs, gates, tcs, grad_out, grad_c_last, w_hh, grad_gates, grad_h0, grad_c0, *worker) -> Call:
+    """One worker's backward window; `worker` is (units, worker, workers, flags) (see kernels.c:
+    rnnlm_lstm_backward); carries dh and dc."""
+    inputs, outputs = (c0, cs, gates, tcs, grad_out, grad_c_last), (grad_gates, grad_h0, grad_c0)
+    return _backward_window("rnnlm_lstm_backward", w_hh, inputs, outputs, 2, *worker)
+
+
+def lstm_forward_bf16(tokens, h0, c0, emb, whh16, wout, b_out, hs16, hs, cs, gates, tcs, logits, rows) -> None:
+    """The bf16 forward window with the output layer, over batch rows `rows` (see kernels.c:
+    rnnlm_lstm_forward_bf16)."""
+    (steps, batch, hidden), vocab, m = hs.shape, logits.shape[1], rows[1] - rows[0]
+    arrays = (tokens, h0, c0, emb, whh16, wout, b_out, hs16, hs, cs, gates, tcs, logits)
+    work = (scratch(m, 4 * hidden), scratch(m, vocab))
+    library().rnnlm_lstm_forward_bf16(steps, batch, hidden, vocab, *rows, *map(_ptr, (*arrays, *work)))
+
+
+def lstm_backward_bf16(
+    tokens, c0, cs, gates, tcs, dlogits, wout, dh_last, dc_last, whh16, gpanels, by_token, grad_h0, grad_c0, rows
+) -> None:
+    """The bf16 backward window over batch rows `rows`, from the logits' gradient and the last step's dh, dc (see
+    kernels.c: rnnlm_lstm_backward_bf16); by_token is this worker's own (vocab, 4H) buffer of zeros."""
+    (steps, batch, hidden), vocab, m = cs.shape, dlogits.shape[1], rows[1] - rows[0]
+    arrays = (tokens, c0, cs, gates, tcs, dlogits, wout, dh_last, dc_last, whh16, gpanels, by_token)
+    dh, dc, pair = torch.empty(m * hidden), torch.empty(m * hidden), torch.empty(8 * hidden)
+    g16, work, go = torch.empty(m * 4 * hidden, dtype=torch.bfloat16), scratch(m, hidden), scratch(m, hidden)
+    arrays = (*arrays, grad_h0, grad_c0, dh, dc, pair, g16, work, go)
+    library().rnnlm_lstm_backward_bf16(steps, batch, hidden, vocab, *rows, *map(_ptr, arrays))
+
+
+def pair_panels(rows: int, columns: int) -> torch.Tensor:
+    """A buffer for a weight gradient's bf16 operand of `rows` sequence rows (see kernels.c: put_pair_row)."""
+    return torch.empty(_padded(columns) * 2 * ((rows + 1) // 2), dtype=torch.bfloat16)
+
+
+def weight_grad_bf16(first, rest, grad_panels, out, rows: tuple[int, int]) -> None:
+    """Rows `rows` of x.T @ grad into out (K, padded(G)), from bf16 products summed in float32: x is `first` then
+    `rest` stacked (N, K), grad given as `pair_panels` (see kernels.c: rnnlm_weight_grad_bf16)."""
+    n_first, k = first.shape
+    n = n_first + rest.shape[0]
+    (k0, k1), g = rows, out.shape[1]
+    a_buf = torch.empty((k1 - k0) * ((n + 1) // 2), dtype=torch.int32)
+    arrays = (first, rest, grad_panels, out, a_buf)
+    library().rnnlm_weight_grad_bf16(n, k, g, k0, k1, n_first, *map(_ptr, arrays))
+
+
+def barrier(flags: torch.Tensor, worker: int, workers: int, step: int) -> bool:
+    """Publish that worker number `worker` finished `step` and wait for the others to (see kernels.c: barrier); True
+    when a worker failed instead."""
+    return bool(library().rnnlm_barrier(_ptr(flags), worker, workers, step))
+
+
+class LSTMSGDStep(ctypes.Structure):
+    """kernels.c's struct lstm_sgd_step: one SGD step of the bf16 LSTM, as the threads that run it share it; `of`
+    makes one from the tensors behind its pointers, `worker` one thread's call of it."""
+
+    _fields_ = [(name, ctypes.c_int) for name in ("steps", "batch", "H", "V")]
+    _fields_ += [(name, ctypes.c_float) for name in ("lr", "max_norm")]
+    _fields_ += [
+        (name, ctypes.c_void_p)
+        for name in (
+            "tokens", "targets", "h0", "c0", "zeros", "w_ih", "w_hh", "b_ih", "b_hh", "w_out", "b_out", "emb",
+            "whh_fwd", "whh_back", "wout_fwd", "wout_back", "hs16", "hs", "cs", "gates", "tcs", "logits", "gpanels",
+            "grad_h0", "grad_c0", "grad_w_hh_t", "loss", "token_grad", "grad_b", "grad_w_out", "grad_b_out",
+        )
+    ]  # fmt: skip
+
+    @classmethod
+    def of(cls, arrays: dict[str, torch.Tensor], lr: float, max_norm: float) -> LSTMSGDStep:
+        """The step over `arrays` (a tensor for each pointer, by name; hs gives steps, batch and H, logits V)."""
+        (steps, batch, hidden), vocab = arrays["hs"].shape, arrays["logits"].shape[1]
+        step = cls(steps, batch, hidden, vocab, lr, max_norm, *(_ptr(arrays[name]) for name, _ in cls._fields_[6:]))
+        step.arrays = arrays  # the tensors must outlive the calls: the pointers are all C sees
+        return step
+
+    def worker(self, worker: int, workers: int, flags: torch.Tensor | None) -> Call:
+        """The call of the step for worker number `worker` (see kernels.c: rnnlm_lstm_sgd_bf16), every argument
+        converted now (see `_split_call`)."""
+        lib = library()
+        work = torch.empty(lib.rnnlm_lstm_sgd_work(self.steps, self.batch, self.H, self.V, worker, workers))
+        pointers = (ctypes.addressof(self), worker, workers, None if flags is None else _ptr(flags), _ptr(work))
+
+        def call(keep_alive=(self, work, flags)) -> None:
+            lib.rnnlm_lstm_sgd_bf16(*pointers)
+
+        return call

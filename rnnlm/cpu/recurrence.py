@@ -1,0 +1,351 @@
+"""The compiled recurrences as autograd functions: torch's `nn.RNN`, `nn.GRU` and `nn.LSTM` equations and parameters
+over one-hot inputs, each window (35 steps forward, or back) one call into `kernels.c`. Results agree with torch's
+layers to float32 rounding (tests/speed/test_recurrence.py).
+
+The input products are rows of W_ih.T + biases picked by the tokens; the recurrent matmul is register-blocked with
+the gates fused in. The tanh RNN runs half the batch on each core; the GRU and LSTM split the hidden units, so that
+each core's slice of W_hh stays in its L2 cache (`rnnlm.cpu.threads`). The weights' gradients are one large oneDNN
+matmul over all steps. Under `amp` on CPUs with AVX512-BF16, the LSTM takes bf16 matmuls (`OneHotLSTMLogits`, the
+output layer fused in): inputs rounded to bf16, products summed in float32, everything else float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from rnnlm.cpu import native
+from rnnlm.cpu.threads import by_rows, by_rows_then_units, by_units, helper
+
+
+def _pack(weight: torch.Tensor, batch: int) -> torch.Tensor:
+    """`weight` (out, in) in oneDNN's blocked layout for calls of `batch` rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, batch)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, post_op: str = "none") -> torch.Tensor:
+    """oneDNN's x @ weight.T + bias, then `post_op` ('none' or 'tanh'), fused in one call."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post_op, [], "")
+
+
+def _onednn_available() -> bool:
+    """Whether oneDNN's fused linear ops run here (x86 and ARM builds of torch have them; a few builds do not)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        out = _linear(torch.ones(1, 3), _pack(torch.ones(2, 3), 1), torch.zeros(2), "tanh")
+        return bool(torch.allclose(out, torch.full((1, 2), 3.0).tanh()))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+ONEDNN = _onednn_available()
+
+
+def matmul_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a.T @ b for 2-D a (n, p) and b (n, q), through oneDNN when present (about 2x torch's matmul on AMD CPUs).
+    oneDNN wants its left operand contiguous: the narrower of the two is transposed, and the result may be a
+    transposed view."""
+    if not ONEDNN:
+        return a.T @ b
+    if a.shape[1] <= b.shape[1]:
+        return _linear(a.T.contiguous(), b.T, None)
+    return _linear(b.T.contiguous(), a.T, None).T  # (b.T @ a).T
+
+
+class Linear(torch.autograd.Function):
+    """x @ weight.T + bias, as `nn.Linear`, with all three matmuls (forward, input and weight gradients) through
+    oneDNN: the output layer's shapes (a few thousand rows, a vocabulary of tens of columns) run at about 40% of the
+    speed through torch's matmul on AMD CPUs. Call only when `ONEDNN` holds."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return _linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        return _linear(grad, weight.T, None), matmul_tn(grad, x), grad.sum(0)
+
+
+def matmul_tn_halves(a: torch.Tensor, b: torch.Tensor, share: bool) -> torch.Tensor:
+    """a.T @ b (see `matmul_tn`), the rows summed in two halves at once when `share`."""
+    if not share or a.shape[0] < 2:
+        return matmul_tn(a, b)
+    half = a.shape[0] // 2
+    first = helper.submit(lambda: matmul_tn(a[:half], b[:half]))
+    return matmul_tn(a[half:], b[half:]).add_(first.result())
+
+
+def recurrent_weight_grad(grad: torch.Tensor, h0: torch.Tensor, hs: torch.Tensor, share: bool) -> torch.Tensor:
+    """The gradient of W_hh, sum over steps t of grad[t].T @ h_{t-1}, for grad (steps, batch, G*H), the outputs hs
+    (steps, batch, H) and the initial state h0 (batch, H): one matmul over all steps, in halves when `share`."""
+    h_prev = torch.cat([h0[None], hs[:-1]]).reshape(-1, hs.shape[-1])  # what step t multiplied by W_hh
+    return matmul_tn_halves(grad.reshape(-1, grad.shape[-1]), h_prev, share)
+
+
+def token_grad(tokens: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[tokens[i]] += grad[i] (grad 2-D (rows, N), out (vocab, N), column slices allowed): the gradient of a
+    weight whose rows the one-hot inputs pick (torch's CPU index_add_ takes 10x longer for these shapes). Every row
+    of grad lands in exactly one row of out, so out.sum(0) is the input bias's gradient, from vocab rows instead of
+    steps * batch."""
+    return native.token_grad(tokens, grad, out)
+
+
+class OneHotTanhRNN(torch.autograd.Function):
+    """h_t = tanh(W_ih one_hot(x_t) + bias + W_hh h_{t-1}) for t = 1..steps; returns (steps, batch, H).
+
+    `tokens` is (steps, batch) int64 and `bias` is b_ih + b_hh. The gradient reaches h0, W_ih, W_hh and the bias.
+    Each window is one C call, the batch's halves on two cores when `share`.
+    """
+
+    @staticmethod
+    def forward(ctx, tokens, h0, w_ih, w_hh, bias, share: bool = False):
+        tokens, h0 = tokens.contiguous(), h0.contiguous()
+        emb = (w_ih.T + bias).contiguous()  # (vocab, H): row v is W_ih one_hot(v) + bias
+        whh = native.pack(w_hh, trans=True)
+        hs = h0.new_empty((*tokens.shape, h0.shape[1]))  # (steps, batch, H)
+        by_rows(tokens.shape[1], share, lambda rows: native.rnn_forward(tokens, h0, emb, whh, hs, rows))
+        ctx.save_for_backward(tokens, h0, w_hh, hs)
+        ctx.vocab, ctx.share = w_ih.shape[1], share
+        return hs
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        tokens, h0, w_hh, hs = ctx.saved_tensors
+        steps, batch, hidden = hs.shape
+        grad_out = grad_out.contiguous()
+        whh = native.pack(w_hh, trans=False)
+        g, grad_h0 = torch.empty_like(hs), torch.empty_like(h0)  # g: d loss / d (pre-activation of step t)
+        by_rows(batch, ctx.share, lambda rows: native.rnn_backward(hs, grad_out, whh, g, grad_h0, rows))
+        grad_w_hh = recurrent_weight_grad(g, h0, hs, ctx.share)
+        flat = g.reshape(-1, hidden)
+        grad_w_ih = token_grad(tokens, flat, flat.new_zeros((ctx.vocab, hidden)))  # (vocab, H)
+        return None, grad_h0, grad_w_ih.T, grad_w_hh, grad_w_ih.sum(0), None
+
+
+class OneHotGRU(torch.autograd.Function):
+    """torch's `nn.GRU` (gates r, z, n in that order) over one-hot inputs; returns (steps, batch, H).
+
+        r = sigmoid(W_ir x + b_ir + W_hr h + b_hr)      z = sigmoid(W_iz x + b_iz + W_hz h + b_hz)
+        n = tanh(W_in x + b_in + r * (W_hn h + b_hn))   h' = (1 - z) * n + z * h
+
+    Each direction of the window is one C call, the hidden units split between two cores when `share`; the weights'
+    gradients are one matmul each over all steps."""
+
+    @staticmethod
+    def forward(ctx, tokens, h0, w_ih, w_hh, b_ih, b_hh, share: bool = False):
+        tokens, h0, b_hh = tokens.contiguous(), h0.contiguous(), b_hh.detach().contiguous()
+        emb = (w_ih.T + b_ih).contiguous()  # (vocab, 3H): row v is W_ih one_hot(v) + b_ih
+        hs = h0.new_empty((*tokens.shape, h0.shape[1]))  # (steps, batch, H)
+        rz, n, h_n = hs.new_empty((*hs.shape[:2], 2 * hs.shape[2])), torch.empty_like(hs), torch.empty_like(hs)
+        run = lambda *worker: native.gru_forward(tokens, h0, emb, b_hh, w_hh.detach(), hs, rz, n, h_n, *worker)  # noqa: E731
+        by_units(hs.shape[2], share, run)
+        ctx.save_for_backward(tokens, h0, w_ih, w_hh, hs, rz, n, h_n)
+        ctx.share = share
+        return hs
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        tokens, h0, w_ih, w_hh, hs, rz, n, h_n = ctx.saved_tensors
+        steps, batch, hidden = hs.shape
+        grad_out = grad_out.contiguous()
+        grad_gates = hs.new_empty((steps, batch, 3 * hidden))  # d loss / d (W_hh h + b_hh)
+        grad_pre_n, grad_h0 = torch.empty_like(hs), torch.empty_like(h0)  # d loss / d (W_in x + b_in), / d h0
+        run = lambda *worker: native.gru_backward(  # noqa: E731
+            h0, hs, rz, n, h_n, grad_out, w_hh.detach(), grad_gates, grad_pre_n, grad_h0, *worker
+        )
+        by_units(hidden, ctx.share, run)
+        grad_w_hh = recurrent_weight_grad(grad_gates, h0, hs, ctx.share)
+        grad_w_ih, grad_b_ih = _gru_input_grads(tokens, w_ih, grad_gates, grad_pre_n)
+        return None, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, _gru_b_hh_grad(grad_b_ih, grad_gates), None
+
+
+def _gru_input_grads(tokens, w_ih, grad_gates, grad_pre_n) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of W_ih and b_ih. d loss / d (W_ih x + b_ih) is the r and z columns of grad_gates (steps,
+    batch, 3H), then grad_pre_n (steps, batch, H); W_ih's is that gathered back to the rows the tokens picked."""
+    hidden = grad_pre_n.shape[-1]
+    grad_w_ih = w_ih.new_zeros(w_ih.T.shape)  # (vocab, 3H)
+    for cols, grad in ((slice(0, 2 * hidden), grad_gates[..., : 2 * hidden]), (slice(2 * hidden, None), grad_pre_n)):
+        token_grad(tokens, grad.reshape(-1, grad.shape[-1]), grad_w_ih[:, cols])
+    return grad_w_ih.T, grad_w_ih.sum(0)
+
+
+def _gru_b_hh_grad(grad_b_ih: torch.Tensor, grad_gates: torch.Tensor) -> torch.Tensor:
+    """b_hh's gradient: b_ih's for the r and z gates (both biases add to the same sums), then the n gate's own sum
+    (b_hn sits inside r * (W_hn h + b_hn))."""
+    hidden = grad_gates.shape[-1] // 3
+    return torch.cat([grad_b_ih[: 2 * hidden], grad_gates[..., 2 * hidden :].sum((0, 1))])
+
+
+class OneHotLSTM(torch.autograd.Function):
+    """torch's `nn.LSTM` (gates i, f, g, o) over one-hot inputs; returns
+    (outputs (steps, batch, H), c of the last step (batch, H)).
+
+        [i f g o] = [sigmoid sigmoid tanh sigmoid](W_ih x + b_ih + W_hh h + b_hh)    c' = f c + i g    h' = o tanh(c')
+
+    The input products are rows of W_ih.T + b_ih + b_hh picked by the tokens; each step is one register-blocked
+    matmul of h by W_hh with the gates fused in (rnnlm/kernels.c), the hidden units' halves on two cores when
+    `share`. W_hh's gradient is one matmul over all steps."""
+
+    @staticmethod
+    def forward(ctx, tokens, h0, c0, w_ih, w_hh, b_ih, b_hh, share: bool = False):
+        tokens, h0, c0, emb, (hs, cs, gates, tcs) = _lstm_window(tokens, h0, c0, w_ih, b_ih, b_hh)
+        run = lambda *worker: native.lstm_forward(  # noqa: E731
+            tokens, h0, c0, emb, w_hh.detach(), hs, cs, gates, tcs, *worker
+        )
+        by_units(hs.shape[2], share, run)
+        ctx.save_for_backward(tokens, h0, c0, w_ih, w_hh, hs, cs, gates, tcs)
+        ctx.share = share
+        return hs, cs[-1]
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_c_last):
+        tokens, h0, c0, w_ih, w_hh, hs, cs, gates, tcs = ctx.saved_tensors
+        steps, batch, hidden = hs.shape
+        grad_out = grad_out.contiguous()
+        grad_c_last = torch.zeros_like(c0) if grad_c_last is None else grad_c_last.contiguous()
+        grad_gates = gates.new_empty(gates.shape)  # d loss / d gates before their activations
+        grad_h0, grad_c0 = torch.empty_like(h0), torch.empty_like(c0)
+        run = lambda *worker: native.lstm_backward(  # noqa: E731
+            c0, cs, gates, tcs, grad_out, grad_c_last, w_hh.detach(), grad_gates, grad_h0, grad_c0, *worker
+        )
+        by_units(hidden, ctx.share, run)
+        flat = grad_gates.reshape(-1, 4 * hidden)
+        grad_w_hh = recurrent_weight_grad(grad_gates, h0, hs, ctx.share)
+        grad_w_ih = token_grad(tokens, flat, flat.new_zeros((w_ih.shape[1], 4 * hidden)))  # (vocab, 4H)
+        grad_b = grad_w_ih.sum(0)
+        return None, grad_h0, grad_c0, grad_w_ih.T, grad_w_hh, grad_b, grad_b, None
+
+
+def _lstm_window(tokens, h0, c0, w_ih, b_ih, b_hh) -> tuple:
+    """What both LSTM kernels start from: tokens, h0, c0 contiguous; emb (vocab, 4H), whose row v is W_ih one_hot(v)
+    plus both biases; and the buffers hs, cs, gates, tanh(cs) for the window ((steps, batch, H), gates 4H wide)."""
+    emb = (w_ih.T + b_ih + b_hh).contiguous()
+    states = _lstm_states(*tokens.shape, h0.shape[1])
+    return tokens.contiguous(), h0.contiguous(), c0.contiguous(), emb, tuple(states.values())
+
+
+def _lstm_states(steps: int, batch: int, hidden: int) -> dict[str, torch.Tensor]:
+    """An LSTM window's saved states: hs, cs, gates (after their activations, 4H wide) and tcs = tanh(cs)."""
+    shapes = {"hs": hidden, "cs": hidden, "gates": 4 * hidden, "tcs": hidden}
+    return {name: torch.empty(steps, batch, width, dtype=torch.float32) for name, width in shapes.items()}
+
+
+def bf16_forward_buffers(steps: int, batch: int, hidden: int, vocab: int) -> dict[str, torch.Tensor]:
+    """What the bf16 LSTM's forward window writes, named as kernels.c's struct lstm_sgd_step names it: the states,
+    hs16 (bf16 of [h0, hs], rows of even length) and the logits (steps * batch, vocab)."""
+    return {
+        **_lstm_states(steps, batch, hidden),
+        "hs16": torch.empty((steps + 1, batch, native.even(hidden)), dtype=torch.bfloat16),
+        "logits": torch.empty(steps * batch, vocab),
+    }
+
+
+def bf16_backward_buffers(steps: int, batch: int, hidden: int, vocab: int) -> dict[str, torch.Tensor]:
+    """What the bf16 LSTM's backward writes, named as kernels.c's struct lstm_sgd_step names it: gpanels (the gate
+    gradients in bf16, for W_hh's), grad_h0, grad_c0, grad_w_hh_t (W_hh's gradient transposed, (H, 4H padded to
+    whole panels)) and token_grad (each of two threads' sums of gate gradients by input token, zeros)."""
+    return {
+        "gpanels": native.pair_panels(steps * batch, 4 * hidden),
+        "grad_h0": torch.empty(batch, hidden),
+        "grad_c0": torch.empty(batch, hidden),
+        "grad_w_hh_t": native.scratch(hidden, 4 * hidden).view(hidden, -1),
+        "token_grad": torch.zeros(2, vocab, 4 * hidden),
+    }
+
+
+class BF16LSTMWindow:
+    """One window of the bf16 LSTM with its output layer (see `OneHotLSTMLogits`), in stages that each run over a
+    share of the work, so that two threads can share the buffers: `forward` and `backward` over batch rows,
+    `weight_grad` over hidden units (W_hh's gradient needs every row's gate gradients: it starts after both threads'
+    backward). The forward's buffers are made here, the backward's by `prepare_backward`."""
+
+    def __init__(self, tokens, h0, c0, w_ih, w_hh, b_ih, b_hh, w_out, b_out):
+        self.tokens, self.h0, self.c0 = tokens.contiguous(), h0.contiguous(), c0.contiguous()
+        self.emb = (w_ih.T + b_ih + b_hh).contiguous()  # row v: W_ih one_hot(v) plus both biases
+        self.w_hh, self.w_out, self.vocab = w_hh.detach(), w_out.detach(), w_out.shape[0]
+        self.buffers = bf16_forward_buffers(*self.tokens.shape, self.h0.shape[1], self.vocab)
+        self.whh16, self.wout = native.pack_bf16(w_hh, trans=True), native.pack(w_out, trans=True)
+        self.b_out = b_out.detach().contiguous()
+
+    def forward(self, rows: tuple[int, int]) -> None:
+        """logits, hs, cs (and what the backward needs) for batch rows `rows`."""
+        b = self.buffers
+        native.lstm_forward_bf16(
+            self.tokens, self.h0, self.c0, self.emb, self.whh16, self.wout, self.b_out, b["hs16"],
+            b["hs"], b["cs"], b["gates"], b["tcs"], b["logits"], rows,
+        )  # fmt: skip
+
+    def prepare_backward(self, grad_logits, grad_h_last=None, grad_c_last=None) -> None:
+        """The backward's inputs (the last state's gradients None: zeros) and buffers."""
+        self.buffers |= bf16_backward_buffers(*self.tokens.shape, self.h0.shape[1], self.vocab)
+        self.grad_logits = grad_logits.contiguous()
+        self.grad_h_last = torch.zeros_like(self.h0) if grad_h_last is None else grad_h_last.contiguous()
+        self.grad_c_last = torch.zeros_like(self.c0) if grad_c_last is None else grad_c_last.contiguous()
+        self.whh16_back, self.wout_back = native.pack_bf16(self.w_hh, trans=False), native.pack(self.w_out, trans=False)
+
+    def backward(self, rows: tuple[int, int]) -> None:
+        """grad_h0, grad_c0 and the gate gradients (by token, and in bf16 for W_hh's) for batch rows `rows`."""
+        b = self.buffers
+        native.lstm_backward_bf16(
+            self.tokens, self.c0, b["cs"], b["gates"], b["tcs"], self.grad_logits, self.wout_back, self.grad_h_last,
+            self.grad_c_last, self.whh16_back, b["gpanels"], b["token_grad"][int(rows[0] > 0)], b["grad_h0"],
+            b["grad_c0"], rows,
+        )  # fmt: skip
+
+    def weight_grad(self, units: tuple[int, int]) -> None:
+        """Rows `units` of W_hh's gradient transposed: sum over steps t of h_{t-1}.T @ the gate gradients of step
+        t, from bf16 products summed in float32."""
+        hs = self.buffers["hs"]
+        h_prev = hs[:-1].reshape(-1, hs.shape[2])  # with h0 in front: what step t multiplied by W_hh
+        native.weight_grad_bf16(self.h0, h_prev, self.buffers["gpanels"], self.buffers["grad_w_hh_t"], units)
+
+    def backward_stages(self, rows: tuple[int, int], units: tuple[int, int], barrier: Callable[[], None]) -> None:
+        """One worker's share of the whole backward (see `by_rows_then_units`)."""
+        self.backward(rows)
+        barrier()  # W_hh's gradient needs every row's gate gradients
+        self.weight_grad(units)
+
+    def grads(self) -> tuple[torch.Tensor, ...]:
+        """After the backward: (grad_h0, grad_c0, W_ih's gradient transposed (vocab, 4H), W_hh's transposed (H, 4H),
+        a view of padded rows). The biases' gradient is the third's sum over its rows."""
+        b, hidden = self.buffers, self.h0.shape[1]
+        return b["grad_h0"], b["grad_c0"], b["token_grad"].sum(0), b["grad_w_hh_t"][:, : 4 * hidden]
+
+
+class OneHotLSTMLogits(torch.autograd.Function):
+    """`OneHotLSTM` with bf16 matmuls (`amp` on CPUs with AVX512-BF16), the output layer fused in; returns (logits
+    (steps * batch, vocab), time-major as the model's, h and c of the last step (batch, H)).
+
+    The recurrent matmuls (both windows' and W_hh's gradient) take bf16 inputs and sum in float32, as autocast does
+    on GPUs; the gates, state, output layer, loss and SGD stay float32. W_hh is then half the size and fits one
+    core's L2, so the two cores take half the batch each instead of meeting at every step. The output layer's logits,
+    and the gradient they send back to h, are computed inside the windows a step at a time (three skinny matmuls over
+    the window cost more than the windows' work for them). `rnnlm.fused` runs the same windows without autograd."""
+
+    @staticmethod
+    def forward(ctx, tokens, h0, c0, w_ih, w_hh, b_ih, b_hh, w_out, b_out, share: bool = False):
+        window = BF16LSTMWindow(tokens, h0, c0, w_ih, w_hh, b_ih, b_hh, w_out, b_out)
+        by_rows(tokens.shape[1], share, window.forward)
+        ctx.save_for_backward(w_ih, w_hh, w_out)  # their versions are checked: the window holds copies
+        logits = window.buffers.pop("logits")  # an output held by its own node would be a reference cycle
+        ctx.window, ctx.share = window, share
+        return logits, window.buffers["hs"][-1], window.buffers["cs"][-1]
+
+    @staticmethod
+    def backward(ctx, grad_logits, grad_h_last, grad_c_last):
+        ctx.saved_tensors  # noqa: B018  (raises if a weight changed in place since the forward)
+        window, hs = ctx.window, ctx.window.buffers["hs"]
+        _, batch, hidden = hs.shape
+        window.prepare_backward(grad_logits, grad_h_last, grad_c_last)
+        by_rows_then_units(batch, hidden, ctx.share, window.backward_stages)
+        grad_h0, grad_c0, grad_w_ih_t, grad_w_hh_t = window.grads()
+        grad_b, grad_logits = grad_w_ih_t.sum(0), window.grad_logits
+        grad_w_out = matmul_tn(grad_logits, hs.reshape(-1, hidden))  # (vocab, H)
+        return (
+            None, grad_h0, grad_c0, grad_w_ih_t.T, grad_w_hh_t.T, grad_b, grad_b, grad_w_out, grad_logits.sum(0), None
+        )  # fmt: skip

@@ -1,0 +1,43 @@
+"""What a training task reports while it trains: per-epoch metrics to MLflow, a log line and the Prefect progress
+bar every `eval_every` epochs, and the epochs a resumed run trained before MLflow heard of them."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+from rnnlm.config import TrainConfig
+from rnnlm.train import EpochStats, TrainState
+from tasks.runs import last_logged_epoch
+from tasks.store import MetricLogger
+
+
+class TrainingProgress:
+    """The callbacks `rnnlm.run.fit` takes (`on_epoch`, `on_resume`), reporting to the log, MLflow and Prefect."""
+
+    def __init__(self, config: TrainConfig, run_id: str):
+        self.config, self.run_id, self.logger = config, run_id, get_run_logger()
+        self.metrics = MetricLogger(run_id, after_step=last_logged_epoch(run_id))
+        self.bar = create_progress_artifact(0.0, key="training-progress", description=f"MLflow run {run_id}")
+
+    def on_epoch(self, stats: EpochStats, state: TrainState) -> None:
+        self.metrics.add(stats.metrics(), stats.epoch, int(time.time() * 1000))
+        if stats.epoch % self.config.eval_every == 0 or stats.epoch == self.config.num_epochs:
+            self.metrics.flush()
+            update_progress_artifact(self.bar, 100.0 * stats.epoch / self.config.num_epochs)
+            val = f"{stats.val_perplexity:.2f}" if stats.val_perplexity is not None else "-"
+            self.logger.info(
+                "epoch %d/%d  train ppl %.2f  val ppl %s  %s tokens/s",
+                stats.epoch, self.config.num_epochs, stats.train_perplexity, val, f"{stats.tokens_per_sec:,.0f}",
+            )  # fmt: skip
+
+    def on_resume(self, state: TrainState) -> None:
+        self.logger.warning(
+            "resuming training from the checkpoint at epoch %d of %d (MLflow run %s continues)",
+            state.epoch, self.config.num_epochs, self.run_id,
+        )  # fmt: skip
+        for stats in state.history:  # epochs trained before the crash that MLflow never received
+            self.metrics.add(stats.metrics(), stats.epoch, int(time.time() * 1000))
+        self.metrics.flush()

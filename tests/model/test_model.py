@@ -1,0 +1,127 @@
+"""Model behaviour: the loss falls, decoding is deterministic, samples stay in the vocab, checkpoints are safe."""
+
+import pickle
+
+import pytest
+import torch
+from helpers import small_text
+
+from rnnlm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from rnnlm.config import TrainConfig
+from rnnlm.generate import MAX_PREDS, GenerationError, generate
+from rnnlm.model import RNNLM
+from rnnlm.tokens import build_vocab, encode, prepare_text
+from rnnlm.train import TrainingDiverged, make_optimizer, train
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    text = prepare_text(small_text(2000), "book", "char")
+    vocab = build_vocab(text, "char")
+    return vocab, encode(text, vocab, "char")
+
+
+def _train(vocab, ids, rnn="rnn", epochs=8, lr=1.0, seed=0):
+    torch.manual_seed(seed)
+    model = RNNLM(len(vocab), 32, rnn)
+    config = TrainConfig(batch_size=8, num_steps=10, lr=lr, grad_clip=1.0, num_epochs=epochs, eval_every=4)
+    state = train(model, ids[:-500], ids[-500:], config, make_optimizer(model, lr), torch.Generator().manual_seed(seed))
+    return model, state
+
+
+@pytest.mark.parametrize("rnn", ["rnn", "gru", "lstm"])
+def test_loss_falls(tiny, rnn):
+    vocab, ids = tiny
+    _, state = _train(vocab, ids, rnn)
+    ppl = [s.train_perplexity for s in state.history]
+    assert ppl[-1] < 0.6 * ppl[0] and ppl[0] < len(vocab) * 1.5
+    assert state.history[-1].val_perplexity is not None and state.best_val_perplexity < len(vocab)
+
+
+def test_training_repeats_exactly_on_cpu(tiny):
+    vocab, ids = tiny
+    a, sa = _train(vocab, ids, epochs=3)
+    b, sb = _train(vocab, ids, epochs=3)
+    assert [s.train_perplexity for s in sa.history] == [s.train_perplexity for s in sb.history]
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_divergence_names_the_epoch(tiny):
+    vocab, ids = tiny
+    with pytest.raises(TrainingDiverged, match="epoch 1.*lower --lr"):
+        _train(vocab, ids, lr=1e6, epochs=3)
+
+
+def test_greedy_generation_is_deterministic_and_in_vocab(tiny):
+    vocab, ids = tiny
+    model, _ = _train(vocab, ids, epochs=2)
+    a = generate(model, vocab, ["time traveller", "the"], num_preds=30)
+    b = generate(model, vocab, ["time traveller", "the"], num_preds=30, seed=123)
+    assert a == b
+    assert a[0].startswith("time traveller") and len(a[0]) == len("time traveller") + 30
+    assert set("".join(a)) <= set(vocab.tokens)
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(tiny):
+    vocab, ids = tiny
+    model, _ = _train(vocab, ids, "lstm", epochs=2)
+    prompts = ["the machine", "a", "time traveller said"]
+    together = generate(model, vocab, prompts, num_preds=20)
+    assert together == [generate(model, vocab, [p], num_preds=20)[0] for p in prompts]
+
+
+def test_sampling_is_seeded_and_differs_from_greedy(tiny):
+    vocab, ids = tiny
+    model, _ = _train(vocab, ids, epochs=2)
+    kwargs = dict(num_preds=80, temperature=1.0, top_k=5)
+    assert generate(model, vocab, ["the"], seed=1, **kwargs) == generate(model, vocab, ["the"], seed=1, **kwargs)
+    assert generate(model, vocab, ["the"], seed=1, **kwargs) != generate(model, vocab, ["the"], num_preds=80)
+
+
+def test_low_temperature_matches_argmax(tiny):
+    vocab, ids = tiny
+    model, _ = _train(vocab, ids, epochs=2)
+    cold = generate(model, vocab, ["the time"], num_preds=40, temperature=1e-4, top_k=28, seed=3)
+    assert cold == generate(model, vocab, ["the time"], num_preds=40)
+
+
+@pytest.mark.parametrize(
+    "prompts, kwargs, message",
+    [
+        (["time?"], {}, "outside the vocabulary"),
+        ([], {}, "non-empty list"),
+        ([""], {}, "at least one token"),
+        (["the"], {"num_preds": -1}, "num_preds"),
+        (["the"], {"num_preds": MAX_PREDS + 1}, "num_preds"),
+        (["the"], {"temperature": 0}, "temperature"),
+        (["the"], {"top_k": 0}, "top_k"),
+    ],
+)
+def test_bad_generation_requests(tiny, prompts, kwargs, message):
+    vocab, _ = tiny
+    model = RNNLM(len(vocab), 8)
+    with pytest.raises(GenerationError, match=message):
+        generate(model, vocab, prompts, **kwargs)
+
+
+def test_checkpoint_roundtrip(tmp_path, tiny):
+    vocab, ids = tiny
+    model, _ = _train(vocab, ids, "gru", epochs=1)
+    config = {"num_hiddens": 32, "rnn": "gru", "num_layers": 1, "tokenization": "char"}
+    path = save_checkpoint(tmp_path / "m.pt", model=model.state_dict(), config=config, vocab=vocab.tokens, epoch=1)
+    restored, restored_vocab, restored_config = model_from_checkpoint(load_checkpoint(path))
+    assert restored_vocab == vocab and restored_config == config
+    assert generate(restored, vocab, ["the"], num_preds=20) == generate(model, vocab, ["the"], num_preds=20)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # the temporary file was renamed away
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": _Exploit()}, path, pickle_module=pickle)
+    with pytest.raises(ValueError, match="weights_only"):
+        load_checkpoint(path)

@@ -1,0 +1,163 @@
+"""The compiled kernels' build and maths: tanh accuracy, the build cache, and the fallback without a compiler."""
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rnnlm.cpu import native
+
+needs_build = pytest.mark.skipif(native.library() is None, reason="no C compiler here: the kernels are not built")
+
+
+@needs_build
+def test_tanh_is_float32_accurate():
+    x = torch.linspace(-20, 20, 400_001)
+    torch.testing.assert_close(native.tanh(x), torch.tanh(x), atol=1e-6, rtol=1e-6)
+    tiny = torch.tensor([1e-30, -3e-8, 1e-4])  # small inputs keep their relative precision
+    torch.testing.assert_close(native.tanh(tiny), torch.tanh(tiny), atol=0, rtol=1e-6)
+
+
+@needs_build
+def test_build_is_cached_by_source_compiler_and_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("RNNLM_KERNEL_CACHE", str(tmp_path))
+    compiler = native._compiler()
+    first = native.build(compiler)
+    assert first.parent == tmp_path and first.exists()
+    stamp = first.stat().st_mtime_ns
+    assert native.build(compiler) == first and first.stat().st_mtime_ns == stamp  # served from the cache
+    monkeypatch.setattr(native, "_cpu_features", lambda: "flags : another cpu")
+    assert native.build(compiler) != first  # another CPU never gets this CPU's build
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".so")] == []  # no temporary left behind
+
+
+@needs_build
+@pytest.mark.parametrize("trans", [True, False], ids=["transposed", "as-is"])
+@pytest.mark.parametrize("shape", [(1024, 256), (75, 37)])
+def test_bf16_packing_gives_the_kernels_layout(shape, trans):
+    """pack_bf16's words are the layout kernels.c describes, built here from torch's bf16 rounding: B = W.T (trans)
+    or W, its k-pairs (rows 2kk, 2kk + 1) in the low and high halves of a word, in panels of whole-vector columns,
+    zeros past the edges (odd sizes run the edge code)."""
+    weight = torch.randn(*shape)
+    b = weight.T if trans else weight
+    (k, n), width = b.shape, native._padded(1)
+    padded = torch.zeros(k + k % 2, native._padded(n))
+    padded[:k, :n] = b
+    bits = padded.bfloat16().view(torch.int16).to(torch.int64) & 0xFFFF
+    words = bits[0::2] | bits[1::2] << 16  # (pairs, padded n), as unsigned 32-bit values
+    words = (words - (words >= 2**31).long() * 2**32).to(torch.int32)
+    expected = words.reshape(words.shape[0], -1, width).transpose(0, 1).reshape(-1)
+    assert torch.equal(native.pack_bf16(weight, trans=trans), expected)
+
+
+@needs_build
+def test_token_grad_adds_rows_where_the_tokens_point():
+    tokens = torch.tensor([2, 0, 2, 1])
+    grad = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    out = native.token_grad(tokens, grad[:, 1:4], torch.zeros(3, 6)[:, :3])  # column slices, as the GRU passes
+    expected = torch.zeros(3, 3).index_add_(0, tokens, grad[:, 1:4])
+    torch.testing.assert_close(out, expected)
+
+
+_FALLBACK = """
+import warnings, torch
+from rnnlm import cpu
+from rnnlm.model import RNNLM
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    enabled = cpu.compiled()
+model = RNNLM(7, 8, "rnn")
+logits, _ = model(torch.randint(0, 7, (2, 9)), model.begin_state(2))
+logits.sum().backward()
+print(enabled, model.rnn.weight_hh_l0.grad.abs().sum().item() > 0, "|".join(str(w.message) for w in caught))
+"""
+
+
+def test_without_a_working_compiler_the_model_falls_back_with_a_warning(tmp_path):
+    env = {**os.environ, "CC": "/bin/false", "RNNLM_KERNEL_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", _FALLBACK], env=env, capture_output=True, text=True, check=True)
+    enabled, trained, message = done.stdout.strip().split(" ", 2)
+    assert (enabled, trained) == ("False", "True")
+    assert "compiled RNN kernels are unavailable" in message and "torch's layers" in message
+    assert list(tmp_path.iterdir()) == []  # nothing half-built left in the cache
+
+
+_ABORT = """
+import sys, torch
+from rnnlm.cpu import native, threads
+failing = int(sys.argv[1])
+steps, batch, hidden, vocab = 6, 4, 32, 5
+tokens, h0, c0 = torch.randint(0, vocab, (steps, batch)), torch.zeros(batch, hidden), torch.zeros(batch, hidden)
+emb, w_hh = torch.randn(vocab, 4 * hidden), torch.randn(4 * hidden, hidden)
+hs, cs, tcs, gates = (torch.empty(steps, batch, n) for n in (hidden, hidden, hidden, 4 * hidden))
+
+def prepare(units, worker, workers, flags):
+    if worker == failing:
+        def fail():
+            raise RuntimeError(f"worker {worker} could not start")
+        return fail
+    return native.lstm_forward(tokens, h0, c0, emb, w_hh, hs, cs, gates, tcs, units, worker, workers, flags)
+
+try:
+    threads.by_units(hidden, True, prepare)
+except RuntimeError as exc:
+    print("raised:", exc)
+"""
+
+
+@needs_build
+@pytest.mark.parametrize("failing", [0, 1], ids=["this-thread", "helper-thread"])
+def test_a_worker_that_fails_to_start_releases_the_other(failing):
+    """The halves of a GRU/LSTM window wait for each other at every step; if one half fails (this thread's or the
+    helper thread's), the other must stop waiting for it (it would spin forever) and the error must reach the
+    caller."""
+    command = [sys.executable, "-c", _ABORT, str(failing)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"raised: worker {failing} could not start"
+
+
+def _host_has(flag: str) -> bool:
+    """Whether this CPU reports `flag` (Linux's /proc/cpuinfo names) and so can run code built for it."""
+    return flag in native._cpu_features().split()
+
+
+@needs_build
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="these builds are x86 variants")
+@pytest.mark.parametrize(
+    "flag, width, needs",
+    [("-mno-avx512f", "16", "avx2"), ("-mno-avx512bf16", "32", "avx512f")],
+    ids=["avx2", "avx512-without-bf16"],
+)
+def test_builds_for_other_x86_cpus_give_torchs_results_too(tmp_path, flag, width, needs):
+    """Machines without AVX-512 get 8-wide vectors and 6-row blocks, and machines without AVX512-BF16 get the bf16
+    matmuls emulated on float32 FMAs (other code paths of kernels.c): built here with those instructions turned off,
+    the kernels must still give torch's outputs and gradients, the bf16 ones and the fused training step included.
+    A build is only tested where the host can run it: the AVX-512 one needs an AVX-512 CPU."""
+    if not _host_has(needs):
+        pytest.skip(f"this CPU has no {needs}: it cannot run a build that uses it")
+    env = {**os.environ, "CC": f"{' '.join(native._compiler())} {flag}", "RNNLM_KERNEL_CACHE": str(tmp_path)}
+    probe = (
+        "from rnnlm.cpu import native; lib = native.library(); print(lib.rnnlm_panel_width(), lib.rnnlm_bf16_native())"
+    )
+    built = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert built.stdout.split() == [width, "0"]  # the panel width of the vector path, and no native bf16
+    tests = [str(Path(__file__).with_name(name)) for name in ("test_recurrence.py", "test_fused.py")]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests, "-k", "compiled"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "--co", "-p", "no:cacheprovider", *tests, "-k", "compiled"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "bf16" in collected and "fused" in collected  # the bf16 tests and the fused step's were among those run

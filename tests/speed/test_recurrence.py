@@ -1,0 +1,241 @@
+"""The CPU engine's compiled RNN, GRU and LSTM against torch's `nn.RNN` / `nn.GRU` / `nn.LSTM`: same outputs,
+states and gradients; and when the engine serves a model."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from rnnlm import cpu
+from rnnlm.cpu import native, recurrence
+from rnnlm.model import RNNLM, matmul_precision
+
+needs_build = pytest.mark.skipif(not cpu.compiled(), reason="no C compiler here: the compiled kernels are not built")
+
+
+def _run(model, tokens, state, compiled: bool, monkeypatch):
+    model.zero_grad()
+    state = tuple(s.clone().requires_grad_() for s in state)
+    monkeypatch.setattr(cpu, "ENABLED", compiled)
+    assert cpu.handles(model, tokens) == compiled
+    logits, new_state = model(tokens, state if len(state) == 2 else state[0])
+    parts = new_state if isinstance(new_state, tuple) else (new_state,)
+    loss = (logits * torch.linspace(-1, 1, logits.shape[-1])).square().sum() + sum(p.sum() * 3 for p in parts)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    grads |= {f"state{i}": s.grad for i, s in enumerate(state)}  # the gradient reaching the initial state
+    return logits.detach(), [p.detach() for p in parts], grads
+
+
+@needs_build
+@pytest.mark.parametrize("rnn", ["rnn", "gru", "lstm"])
+def test_the_model_on_the_engine_equals_torch_layers(rnn, monkeypatch):
+    torch.manual_seed(0)
+    model = RNNLM(11, 16, rnn)
+    tokens = torch.randint(0, 11, (3, cpu.MIN_STEPS))
+    state = model.begin_state(3)
+    state = tuple(torch.randn_like(s) for s in (state if isinstance(state, tuple) else (state,)))
+    ours, theirs = _run(model, tokens, state, True, monkeypatch), _run(model, tokens, state, False, monkeypatch)
+    torch.testing.assert_close(ours[0], theirs[0])
+    for a, b in zip(ours[1], theirs[1], strict=True):
+        torch.testing.assert_close(a, b)
+    assert ours[2].keys() == theirs[2].keys()
+    for name in ours[2]:
+        torch.testing.assert_close(ours[2][name], theirs[2][name], msg=name)
+
+
+@needs_build
+def test_the_engine_serves_one_layer_models_in_float32_only(monkeypatch):
+    tokens = torch.zeros(2, cpu.MIN_STEPS, dtype=torch.int64)
+    assert not cpu.handles(RNNLM(5, 4, "rnn"), tokens[:, :1])  # one step (generation): torch's layer is faster
+    for rnn in ("rnn", "gru", "lstm"):
+        assert cpu.handles(RNNLM(5, 4, rnn), tokens)
+        assert not cpu.handles(RNNLM(5, 4, rnn, num_layers=2), tokens)
+        assert not cpu.handles(RNNLM(5, 4, rnn).double(), tokens)
+    monkeypatch.setattr(cpu, "ENABLED", False)  # RNNLM_NATIVE=0, or no compiler: torch's layers
+    assert not cpu.handles(RNNLM(5, 4, "rnn"), tokens)
+
+
+def test_the_run_says_what_amp_means_for_its_model_here(monkeypatch):
+    on_cpu, on_cuda = torch.device("cpu"), torch.device("cuda")
+    assert matmul_precision(RNNLM(5, 4, "lstm"), on_cpu, amp=False) == "float32"
+    assert matmul_precision(RNNLM(5, 4, "lstm"), on_cuda, amp=True).startswith("bf16 autocast")
+    if not cpu.compiled():
+        pytest.skip("no C compiler here: the compiled kernels are not built")
+    assert matmul_precision(RNNLM(5, 4, "rnn"), on_cpu, amp=True).startswith("float32")  # no bf16 kernel for it
+    monkeypatch.setattr(native, "bf16_native", lambda: False)
+    assert matmul_precision(RNNLM(5, 4, "lstm"), on_cpu, amp=True).startswith("float32")  # bf16 would be slower here
+    monkeypatch.setattr(native, "bf16_native", lambda: True)
+    assert matmul_precision(RNNLM(5, 4, "lstm"), on_cpu, amp=True).startswith("bf16 recurrent matmuls")
+    assert matmul_precision(RNNLM(5, 4, "lstm", num_layers=2), on_cpu, amp=True).startswith("bf16 autocast")
+
+
+@pytest.mark.parametrize("rnn", ["rnn", "lstm"])
+def test_under_cpu_autocast_only_the_lstm_takes_bf16_matmuls(monkeypatch, rnn):
+    """`amp` on the CPU: the LSTM's compiled kernels switch to bf16 matmuls where they run at bf16 speed; the tanh
+    RNN (and GRU) keep their float32 kernels, and the output layer stays float32 for all."""
+    if not cpu.compiled():
+        pytest.skip("no C compiler here: the compiled kernels are not built")
+    monkeypatch.setattr(native, "bf16_native", lambda: True)  # as on an AVX512-BF16 CPU, whatever this one is
+    calls = []
+
+    def counted(name, run):
+        return lambda *args: calls.append(name) or run(*args)
+
+    for name in ("lstm_forward_bf16", "lstm_forward", "rnn_forward"):
+        monkeypatch.setattr(native, name, counted(name, getattr(native, name)))
+    torch.manual_seed(0)
+    model = RNNLM(7, 8, rnn)
+    tokens = torch.randint(0, 7, (2, cpu.MIN_STEPS))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = model(tokens, model.begin_state(2))
+    assert logits.dtype == torch.float32
+    assert set(calls) == {"lstm_forward_bf16" if rnn == "lstm" else "rnn_forward"}
+
+
+@needs_build
+@pytest.mark.parametrize("rnn", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("share", [True, False], ids=["two-threads", "one-thread"])
+def test_compiled_kernels_give_torch_layers_outputs_and_gradients(rnn, share):
+    """The compiled windows, with the work shared with the helper thread or on one thread, give nn.RNN's / nn.GRU's
+    / nn.LSTM's outputs and gradients. The batch (13 rows) and the hidden size (40) are not multiples of the
+    kernels' blocks, so their edge code runs too."""
+    torch.manual_seed(1)
+    steps, batch, vocab, hidden = 12, 13, 9, 40
+    layer = {"rnn": torch.nn.RNN, "gru": torch.nn.GRU, "lstm": torch.nn.LSTM}[rnn](vocab, hidden)
+    tokens = torch.randint(0, vocab, (steps, batch))
+    initial = [torch.randn(batch, hidden) for _ in range(2 if rnn == "lstm" else 1)]  # h0 (and c0)
+    weight = torch.randn(steps, batch, hidden)  # a loss that weighs every output differently
+    cell_weight = torch.randn(batch, hidden)  # and the LSTM's last cell state
+
+    reference = [s.clone().requires_grad_() for s in initial]
+    state = tuple(s[None] for s in reference) if rnn == "lstm" else reference[0][None]
+    outputs, final = layer(torch.nn.functional.one_hot(tokens, vocab).float(), state)
+    cell = final[1][0] if rnn == "lstm" else None
+    _loss(outputs, cell, weight, cell_weight).backward()
+    expected = [outputs.detach()] + [s.grad for s in reference] + [p.grad.clone() for p in layer.parameters()]
+
+    layer.zero_grad()
+    ours_initial = [s.clone().requires_grad_() for s in initial]
+    w_ih, w_hh, b_ih, b_hh = layer.weight_ih_l0, layer.weight_hh_l0, layer.bias_ih_l0, layer.bias_hh_l0
+    cell = None
+    if rnn == "lstm":
+        ours, cell = recurrence.OneHotLSTM.apply(tokens, *ours_initial, w_ih, w_hh, b_ih, b_hh, share)
+    elif rnn == "gru":
+        ours = recurrence.OneHotGRU.apply(tokens, *ours_initial, w_ih, w_hh, b_ih, b_hh, share)
+    else:
+        ours = recurrence.OneHotTanhRNN.apply(tokens, *ours_initial, w_ih, w_hh, b_ih + b_hh, share)
+    _loss(ours, cell, weight, cell_weight).backward()
+    got = [ours.detach()] + [s.grad for s in ours_initial] + [p.grad for p in layer.parameters()]
+    names = ["outputs", "h0"] + (["c0"] if rnn == "lstm" else []) + ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]
+    for name, a, b in zip(names, got, expected, strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+class _RoundedMatmul(torch.autograd.Function):
+    """x @ w.T from inputs rounded to bf16, summed in float64; its backward's two products the same way: the
+    arithmetic that the bf16 kernels promise, without their float32 sums."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return _bf16(x) @ _bf16(w).T
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        return _bf16(grad) @ _bf16(w), _bf16(grad).T @ _bf16(x)
+
+
+def _bf16(t):
+    return t.float().bfloat16().double()
+
+
+def _lstm_with_bf16_matmuls(tokens, h, c, w_ih, w_hh, b_ih, b_hh, w_out, b_out):
+    """nn.LSTM's equations in float64 over one-hot inputs, the recurrent matmul's inputs rounded to bf16, and the
+    output layer: (logits (steps * batch, vocab), h and c of the last step)."""
+    outputs = []
+    for step in tokens:
+        i, f, g, o = (w_ih.T[step] + b_ih + b_hh + _RoundedMatmul.apply(h, w_hh)).chunk(4, 1)
+        c = f.sigmoid() * c + i.sigmoid() * g.tanh()
+        h = o.sigmoid() * c.tanh()
+        outputs.append(h)
+    return torch.cat(outputs) @ w_out.T + b_out, h, c
+
+
+@pytest.mark.parametrize("share", [True, False], ids=["two-threads", "one-thread"])
+def test_compiled_bf16_lstm_rounds_only_the_matmul_inputs(monkeypatch, share):
+    """The LSTM's bf16 kernels with the output layer (`amp` on the CPU) round the recurrent matmuls' inputs to bf16
+    and sum in float32, everything else float32: logits, last state and every gradient agree with float64 arithmetic
+    that rounds the same inputs (to 1.5e-4 of the largest value; they are 1e-3 to 1e-2 away from nn.LSTM's float32
+    results, and zeroing a single gate gradient per row at one step puts them 2e-4 to 2e-3 away). Odd batch, hidden
+    and vocabulary sizes run the edge code, an odd number of steps * batch rows leaves W_hh's gradient a half pair;
+    the two-thread case splits the batch."""
+    if not native.library():
+        pytest.skip("no C compiler here: the compiled kernels are not built")
+    torch.manual_seed(3)
+    steps, batch, vocab, hidden = 11, 13, 9, 41
+    layer, output = torch.nn.LSTM(vocab, hidden), torch.nn.Linear(hidden, vocab)
+    params = (layer.weight_ih_l0, layer.weight_hh_l0, layer.bias_ih_l0, layer.bias_hh_l0, output.weight, output.bias)
+    tokens = torch.randint(0, vocab, (steps, batch))
+    initial = [torch.randn(batch, hidden) for _ in range(2)]
+    weights = [torch.randn(steps * batch, vocab), torch.randn(batch, hidden), torch.randn(batch, hidden)]
+
+    exact_params = [p.detach().double().requires_grad_() for p in params]
+    exact_state = [s.double().requires_grad_() for s in initial]
+    results = _lstm_with_bf16_matmuls(tokens, *exact_state, *exact_params)
+    sum((r * w).sum() for r, w in zip(results, weights, strict=True)).backward()
+    expected = [r.detach() for r in results] + [s.grad for s in exact_state] + [p.grad for p in exact_params]
+
+    buffer = native.pair_panels  # NaNs where the kernels must write: a word they skip shows up in the gradients
+    monkeypatch.setattr(native, "pair_panels", lambda *shape: buffer(*shape).fill_(float("nan")))
+    state = [s.clone().requires_grad_() for s in initial]
+    results = recurrence.OneHotLSTMLogits.apply(tokens, *state, *params, share)
+    sum((r * w).sum() for r, w in zip(results, weights, strict=True)).backward()
+    got = [r.detach() for r in results] + [s.grad for s in state] + [p.grad for p in params]
+    names = ["logits", "h", "c", "h0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_out", "bias_out"]
+    for name, ours, exact in zip(names, got, expected, strict=True):
+        error = float((ours.double() - exact).abs().max() / exact.abs().max())
+        assert error < 1.5e-4, (name, error)
+
+
+def test_compiled_bf16_lstm_outputs_are_freed_without_the_garbage_collector():
+    """The bf16 window keeps its buffers on the autograd node for the backward, but not the logits it returns: an
+    output held by its own node is a reference cycle, and each minibatch's buffers would wait for the collector."""
+    if not native.library():
+        pytest.skip("no C compiler here: the compiled kernels are not built")
+    layer, output = torch.nn.LSTM(9, 16), torch.nn.Linear(16, 9)
+    params = (layer.weight_ih_l0, layer.weight_hh_l0, layer.bias_ih_l0, layer.bias_hh_l0, output.weight, output.bias)
+    tokens, state = torch.randint(0, 9, (10, 4)), (torch.zeros(4, 16), torch.zeros(4, 16))
+    gc.disable()
+    try:
+        logits, h, c = recurrence.OneHotLSTMLogits.apply(tokens, *state, *params, False)
+        logits.sum().backward()
+        freed = weakref.ref(logits)
+        del logits, h, c
+        assert freed() is None
+    finally:
+        gc.enable()
+
+
+def _loss(outputs, cell, weight, cell_weight):
+    return (outputs * weight).sum() + (0 if cell is None else (cell * cell_weight).sum())
+
+
+def test_output_layer_gives_nn_linears_outputs_and_gradients():
+    if not recurrence.ONEDNN:
+        pytest.skip("this torch build has no oneDNN linear ops")
+    torch.manual_seed(2)
+    layer = torch.nn.Linear(16, 9)
+    x = torch.randn(40, 16)
+    weight = torch.randn(40, 9)  # a loss that weighs every logit differently
+    results = []
+    for run in (layer, lambda x: recurrence.Linear.apply(x, layer.weight, layer.bias)):
+        layer.zero_grad()
+        inputs = x.clone().requires_grad_()
+        out = run(inputs)
+        (out * weight).sum().backward()
+        results.append([out.detach(), inputs.grad, layer.weight.grad.clone(), layer.bias.grad.clone()])
+    for name, ours, expected in zip(["logits", "x", "weight", "bias"], results[1], results[0], strict=True):
+        torch.testing.assert_close(ours, expected, msg=name)

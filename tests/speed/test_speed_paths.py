@@ -1,0 +1,118 @@
+"""The speed-related code paths, checked on the CPU: no host sync inside an epoch, thread settings, bf16 autocast."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rnnlm.config import TrainConfig
+from rnnlm.cpu.allocator import keep_freed_memory
+from rnnlm.cpu.threads import torch_threads
+from rnnlm.model import RNNLM, matmul_precision
+from rnnlm.tokens import build_vocab
+from rnnlm.train import make_optimizer, train_epoch
+
+
+@pytest.fixture(scope="module")
+def corpus(char_ids):
+    return char_ids(1500)
+
+
+def _settings(**kw) -> TrainConfig:
+    return TrainConfig(**{"batch_size": 8, "num_steps": 10, "lr": 1.0, "grad_clip": 1.0, "num_epochs": 3, **kw})
+
+
+def test_new_options_default_to_the_books_arithmetic():
+    config = TrainConfig()
+    assert config.amp is False and config.cpu_threads == 1
+
+
+@pytest.mark.parametrize("rnn", ["rnn", "lstm"])
+def test_an_epoch_reads_the_device_once(corpus, rnn, monkeypatch):
+    """Per batch nothing is read back to the host (on a GPU each read would stall it): one float() per epoch."""
+    vocab_size, ids = corpus
+    model = RNNLM(vocab_size, 16, rnn)
+    reads = []
+    for name in ("__float__", "item", "__bool__", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: (reads.append(_n), _o(self, *a, **k))[1]
+        )
+    train_epoch(model, ids, _settings(), make_optimizer(model, 1.0), torch.Generator().manual_seed(0))
+    assert reads == ["__float__"]
+
+
+def test_cpu_threads_are_set_for_the_block_and_restored():
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with torch_threads(0):  # 0 keeps torch's setting
+        assert torch.get_num_threads() == before
+
+
+def _five_epochs(corpus, amp: bool) -> tuple[list[float], RNNLM]:
+    vocab_size, ids = corpus
+    torch.manual_seed(0)
+    model = RNNLM(vocab_size, 32, "lstm")
+    optimizer, generator = make_optimizer(model, 1.0), torch.Generator().manual_seed(0)
+    return [train_epoch(model, ids, _settings(amp=amp), optimizer, generator)[0] for _ in range(5)], model
+
+
+def test_bf16_autocast_trains_like_float32(corpus):
+    """amp runs the LSTM's matmuls in bf16 here (results differ slightly: the compiled bf16 kernels on AVX512-BF16
+    CPUs, torch's autocast without a compiler), or, where bf16 kernels would be slower, keeps float32 (the same
+    results); weights and updates stay float32 either way."""
+    fp32, _ = _five_epochs(corpus, amp=False)
+    bf16, model = _five_epochs(corpus, amp=True)
+    in_bf16 = matmul_precision(model, torch.device("cpu"), amp=True).startswith("bf16")
+    assert (bf16 != fp32) == in_bf16 and bf16 == pytest.approx(fp32, rel=0.02)
+    assert bf16[-1] < 0.5 * bf16[0] and all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("rnn", ["rnn", "lstm"])
+def test_prompts_of_equal_and_different_lengths_generate_as_if_alone(rnn):
+    from rnnlm.generate import generate
+
+    vocab = build_vocab("the time machine was a traveller", "char")
+    torch.manual_seed(0)
+    model = RNNLM(len(vocab), 16, rnn)
+    prompts = ["the", "a", "was", "time", "the", "machine"]  # lengths repeat, in no order
+    together = generate(model, vocab, prompts, num_preds=12)
+    assert together == [generate(model, vocab, [p], num_preds=12)[0] for p in prompts]
+
+
+_FAULTS_SCRIPT = """
+import resource, sys, numpy as np, torch
+import rnnlm.cpu
+import rnnlm.train as T
+from rnnlm.config import TrainConfig
+from rnnlm.model import RNNLM
+if sys.argv[1] == "glibc-default":
+    rnnlm.cpu.keep_freed_memory = lambda: False
+torch.manual_seed(0)
+ids = torch.from_numpy(np.random.default_rng(0).integers(0, 28, 4000))
+model = RNNLM(28, 256, "rnn")
+settings = TrainConfig(batch_size=32, num_steps=35, lr=1.0, grad_clip=1.0, num_epochs=1)
+optimizer, generator = T.make_optimizer(model, 1.0), torch.Generator().manual_seed(0)
+for _ in range(3):  # warm-up: first touches are expected
+    T.train_epoch(model, ids, settings, optimizer, generator)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    T.train_epoch(model, ids, settings, optimizer, generator)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not keep_freed_memory(), reason="glibc's mallopt is not available (not glibc)")
+def test_training_reuses_its_pages_instead_of_faulting_in_new_ones():
+    """The book's model on the CPU, the same epochs in two fresh processes: with the setting, the pages freed by one
+    minibatch serve the next (glibc's defaults fault in about 2,000 fresh pages an epoch; with the setting, 10
+    epochs after the warm-up fault in 5-850 here, now and then one or two activation buffers' worth, which is why the
+    comparison runs over 10 epochs)."""
+    faults = {}
+    for mode in ("glibc-default", "keep"):
+        done = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True)
+        faults[mode] = int(done.stdout.split()[-1])
+    assert faults["keep"] * 5 < faults["glibc-default"], faults
