@@ -103,13 +103,15 @@ def _lstm_bf16(model: nn.Module, tokens: torch.Tensor, state):
 
 
 def sgd_step(model, optimizer, tokens, targets, state, grad_clip: float, amp: bool):
-    """One whole training step in compiled code where it applies (the bf16 LSTM under `amp`, plain SGD): returns
-    (the mean loss, a 0-d tensor; the last state), else None and the caller takes the autograd step."""
-    if not (amp and isinstance(model.rnn, nn.LSTM) and handles(model, tokens) and bf16_fast()):
+    """One whole training step without autograd where it applies (the engine serves the model and the optimizer is
+    plain SGD): returns (the mean loss, a 0-d tensor; the last state), else None and the caller takes the autograd
+    step. Under `amp` where bf16 is quick, the LSTM's step is all compiled (bf16 matmuls); otherwise float32."""
+    if not (handles(model, tokens) and fused.plain_sgd(optimizer, list(model.parameters()))):
         return None
-    if not fused.plain_sgd(optimizer, list(model.parameters())):
-        return None
-    return fused.sgd_step(model, tokens, targets, state, float(optimizer.param_groups[0]["lr"]), grad_clip)
+    lr = float(optimizer.param_groups[0]["lr"])
+    if amp and isinstance(model.rnn, nn.LSTM) and bf16_fast():
+        return fused.sgd_step(model, tokens, targets, state, lr, grad_clip)
+    return fused.float32_step(model, tokens, targets, state, lr, grad_clip)
 
 
 @contextmanager

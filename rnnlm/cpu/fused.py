@@ -1,28 +1,95 @@
-"""A whole training step of the bf16 LSTM (`amp` on CPUs with AVX512-BF16) in compiled code, without autograd.
+"""Whole training steps without autograd: the compiled windows, the output layer and the loss, clip and SGD.
 
-The step is one C call on each core (kernels.c: rnnlm_lstm_sgd_bf16): each packs its half of the weights; runs the
-forward, the loss and its gradient and the backward of its batch rows; computes W_hh's gradient for its hidden units
-and its share of the other gradients with their squares; then clips and updates its share of the parameters. The
-workers wait for each other three times in between. The arithmetic is the autograd path's: the mean cross-entropy,
-torch's global-norm clip (coefficient max_norm / (norm + 1e-6), at most 1) and plain SGD (tests/speed/test_fused.py).
+`float32_step` (the one-layer tanh RNN, GRU and LSTM in float32) calls the windows of `rnnlm.cpu.recurrence`
+forward and backward itself, the output layer with its loss and gradients in one C call per core, and torch's clip
+and SGD in one C call. `sgd_step`, the bf16 LSTM's (`amp` on CPUs with AVX512-BF16), is one C call on each core
+(kernels.c: rnnlm_lstm_sgd_bf16): each packs its half of the weights; runs the forward, the loss and its gradient and
+the backward of its batch rows; computes W_hh's gradient for its hidden units and its share of the other gradients
+with their squares; then clips and updates its share of the parameters, the workers waiting for each other three
+times in between. The arithmetic of both is the autograd path's: the mean cross-entropy, torch's global-norm clip
+(coefficient max_norm / (norm + 1e-6), at most 1) and plain SGD (tests/speed/test_fused.py).
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from rnnlm.cpu import native, threads
-from rnnlm.cpu.recurrence import bf16_backward_buffers, bf16_forward_buffers
+from rnnlm.cpu.recurrence import (
+    OneHotGRU,
+    OneHotLSTM,
+    OneHotTanhRNN,
+    bf16_backward_buffers,
+    bf16_forward_buffers,
+)
 
 
 def plain_sgd(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> bool:
     """Whether `optimizer` is plain SGD (no momentum, weight decay, Nesterov or maximising) over exactly `params`,
-    the six parameters of a one-layer LSTM model, in one group: the step `sgd_step` computes."""
+    the six parameters of a one-layer model, in one group: the step the fused steps compute."""
     if type(optimizer) is not torch.optim.SGD or len(optimizer.param_groups) != 1 or len(params) != 6:
         return False
     group = optimizer.param_groups[0]
     plain = not any(group.get(key) for key in ("momentum", "weight_decay", "nesterov", "maximize"))
     return plain and len(group["params"]) == 6 and all(a is b for a, b in zip(group["params"], params, strict=True))
+
+
+class _Saved:
+    """What autograd's ctx is to a window's forward and backward, when the engine calls them itself."""
+
+    def save_for_backward(self, *tensors: torch.Tensor) -> None:
+        self.saved_tensors = tensors
+
+
+@torch.no_grad()
+def float32_step(model, tokens: torch.Tensor, targets: torch.Tensor, state, lr: float, max_norm: float):
+    """One minibatch of the one-layer tanh RNN, GRU or LSTM in float32: forward window, output layer, mean
+    cross-entropy, backward, gradients clipped to global norm `max_norm`, SGD step with learning rate `lr`.
+    tokens, targets (batch, steps). Returns (the mean loss, a 0-d tensor; the last state), as the trainer's autograd
+    step does; the parameters' .grad are left untouched."""
+    rnn, out, share, saved = model.rnn, model.linear, threads.second_core_free(), _Saved()
+    hs, last_state, backward = _forward(rnn, tokens.T.contiguous(), state, share, saved)
+    logits = torch.empty(hs.shape[0] * hs.shape[1], out.out_features)
+    loss, grad_b = torch.zeros(16, dtype=torch.float64), out.bias.new_zeros(2, out.out_features)
+    grad_w, grad_h = out.weight.new_zeros(2, *out.weight.shape), torch.empty_like(hs)
+    wout, wout_back = native.pack(out.weight, trans=True), native.pack(out.weight, trans=False)
+    targets = targets.T.contiguous()  # time-major, as the logits' rows
+
+    def output(rows: tuple[int, int]) -> None:
+        me = int(rows[0] > 0)
+        native.output_step(
+            hs, wout, out.bias.detach(), wout_back, targets, logits, loss[8 * me :], grad_b[me], grad_w[me], grad_h,
+            rows,
+        )  # fmt: skip
+
+    threads.by_rows(hs.shape[1], share, output)
+    grads = [*backward(grad_h), grad_w.sum(0), grad_b.sum(0)]
+    params = [rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0, out.weight, out.bias]
+    native.clip_sgd([p.detach() for p in params], [g.contiguous() for g in grads], lr, max_norm)
+    return (loss.sum() / targets.numel()).float(), last_state
+
+
+def _forward(rnn: nn.Module, tokens: torch.Tensor, state, share: bool, saved: _Saved):
+    """A window forward: (outputs (steps, batch, H), the last state, backward(grad_h) -> the gradients of W_ih,
+    W_hh, b_ih and b_hh)."""
+    weights = (rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
+    if isinstance(rnn, nn.LSTM):
+        (h0, c0) = state
+        hs, c_last = OneHotLSTM.forward(saved, tokens, h0[0].contiguous(), c0[0].contiguous(), *weights, share)
+        grads = lambda grad_h: OneHotLSTM.backward(saved, grad_h, None)[3:7]  # noqa: E731
+        return hs, (hs[-1:], c_last[None]), grads
+    if isinstance(rnn, nn.GRU):
+        hs = OneHotGRU.forward(saved, tokens, state[0].contiguous(), *weights, share)
+        return hs, hs[-1:], lambda grad_h: OneHotGRU.backward(saved, grad_h)[2:6]
+    bias = rnn.bias_ih_l0 + rnn.bias_hh_l0  # both biases folded in once
+    hs = OneHotTanhRNN.forward(saved, tokens, state[0].contiguous(), rnn.weight_ih_l0, rnn.weight_hh_l0, bias, share)
+
+    def grads(grad_h):
+        _, _, grad_w_ih, grad_w_hh, grad_bias, _ = OneHotTanhRNN.backward(saved, grad_h)
+        return grad_w_ih, grad_w_hh, grad_bias, grad_bias
+
+    return hs, hs[-1:], grads
 
 
 def sgd_step(model, tokens: torch.Tensor, targets: torch.Tensor, state, lr: float, max_norm: float):

@@ -47,38 +47,41 @@ void rnnlm_pack(const float *W, int K, int N, int trans, float *out) {
             }
 }
 
-/* C[0:MR, 0:NR] = A[0:MR, 0:K] @ panel */
-static inline void block_full(int K, const float *A, int lda, const float *B, float *C, int ldc) {
+/* C[0:R, 0:NR] = A[0:R, 0:K] @ panel, for R <= MR known when it is inlined: 2R accumulators stay in registers */
+static inline __attribute__((always_inline)) void block(const int R, int K, const float *A, int lda, const float *B,
+                                                        float *C, int ldc) {
     vf c[MR][2];
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; r++) c[r][0] = c[r][1] = (vf){0};
+    for (int r = 0; r < R; r++) c[r][0] = c[r][1] = (vf){0};
     for (int k = 0; k < K; k++) {
         vf b0 = *(const vf *)(B + (size_t)k * NR), b1 = *(const vf *)(B + (size_t)k * NR + VL);
 #pragma GCC unroll 8
-        for (int r = 0; r < MR; r++) {
-            vf a = (vf){0} + A[(size_t)r * lda + k];
+        for (int r = 0; r < R; r++) {
+            vf a = A[(size_t)r * lda + k] - (vf){0}; /* a broadcast: x - 0 is x, x + 0 is not (-0) */
             c[r][0] += a * b0;
             c[r][1] += a * b1;
         }
     }
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; r++) {
+    for (int r = 0; r < R; r++) {
         *(vf *)(C + (size_t)r * ldc) = c[r][0];
         *(vf *)(C + (size_t)r * ldc + VL) = c[r][1];
     }
 }
 
-/* the same for the last rows < MR of a call */
+/* `block` for the rows < MR left at the end of a call, each count with its own registers (a row at a time would
+   leave the FMA units waiting on two dependent accumulators) */
 static void block_rows(int rows, int K, const float *A, int lda, const float *B, float *C, int ldc) {
-    for (int r = 0; r < rows; r++) {
-        vf c0 = (vf){0}, c1 = (vf){0};
-        for (int k = 0; k < K; k++) {
-            vf a = (vf){0} + A[(size_t)r * lda + k];
-            c0 += a * *(const vf *)(B + (size_t)k * NR);
-            c1 += a * *(const vf *)(B + (size_t)k * NR + VL);
-        }
-        *(vf *)(C + (size_t)r * ldc) = c0;
-        *(vf *)(C + (size_t)r * ldc + VL) = c1;
+    switch (rows) {
+#define ROWS(R)                                                                                                        \
+    case R:                                                                                                            \
+        block(R, K, A, lda, B, C, ldc);                                                                                \
+        break;
+        ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5)
+#if MR > 6
+        ROWS(6) ROWS(7)
+#endif
+#undef ROWS
     }
 }
 
@@ -87,7 +90,7 @@ static void gemm(int M, int K, int panels, const float *A, int lda, const float 
     for (int p = 0; p < panels; p++) {
         const float *B = Bp + (size_t)p * K * NR;
         int i = 0;
-        for (; i + MR <= M; i += MR) block_full(K, A + (size_t)i * lda, lda, B, C + (size_t)i * ldc + p * NR, ldc);
+        for (; i + MR <= M; i += MR) block(MR, K, A + (size_t)i * lda, lda, B, C + (size_t)i * ldc + p * NR, ldc);
         if (i < M) block_rows(M - i, K, A + (size_t)i * lda, lda, B, C + (size_t)i * ldc + p * NR, ldc);
     }
 }
@@ -666,6 +669,61 @@ static inline float exp_approx(float x) {
     return small ? 0.0f : p * scale.f;
 }
 
+/* C[0:R, 0:NR] += A[0:K, 0:R].T @ B[0:K, 0:NR], A and B read in place (row strides lda, ldb), for R <= MR known
+   when it is inlined */
+static inline __attribute__((always_inline)) void block_tn(const int R, int K, const float *A, int lda,
+                                                           const float *B, int ldb, float *C, int ldc) {
+    vf c[MR][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+        c[r][0] = *(const vf *)(C + (size_t)r * ldc);
+        c[r][1] = *(const vf *)(C + (size_t)r * ldc + VL);
+    }
+    for (int k = 0; k < K; k++) {
+        vf b0 = *(const vf *)(B + (size_t)k * ldb), b1 = *(const vf *)(B + (size_t)k * ldb + VL);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            vf a = A[(size_t)k * lda + r] - (vf){0};
+            c[r][0] += a * b0;
+            c[r][1] += a * b1;
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+        *(vf *)(C + (size_t)r * ldc) = c[r][0];
+        *(vf *)(C + (size_t)r * ldc + VL) = c[r][1];
+    }
+}
+
+/* C (M x N, row stride ldc) += A.T @ B for A (K x M) and B (K x N), both row-major and read in place (row strides
+   lda, ldb): a weight's gradient from the rows of a window, without packing (the columns past the last whole panel
+   are summed one by one) */
+static void gemm_tn_acc(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc) {
+    int whole = N / NR * NR;
+    for (int j = 0; j < whole; j += NR)
+        for (int i = 0; i < M; i += MR) {
+            const float *a = A + i, *b = B + j;
+            float *c = C + (size_t)i * ldc + j;
+            switch (M - i < MR ? M - i : MR) {
+#define ROWS(R)                                                                                                        \
+    case R:                                                                                                            \
+        block_tn(R, K, a, lda, b, ldb, c, ldc);                                                                        \
+        break;
+                ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6)
+#if MR > 6
+                ROWS(7) ROWS(8)
+#endif
+#undef ROWS
+            }
+        }
+    for (int i = 0; i < M; i++)
+        for (int j = whole; j < N; j++) {
+            float sum = 0.0f;
+            for (int k = 0; k < K; k++) sum += A[(size_t)k * lda + i] * B[(size_t)k * ldb + j];
+            C[(size_t)i * ldc + j] += sum;
+        }
+}
+
 /* The mean cross-entropy of the logits (steps * batch, V; rows n = t * batch + i, targets the same way) over batch
    rows [r0, r1) of every step, and what it sends back, without autograd: each logits row is replaced by its
    gradient, (softmax - one_hot(target)) * scale with scale = 1 / (steps * batch); loss[0] gets the rows' summed
@@ -674,11 +732,10 @@ static inline float exp_approx(float x) {
 static void output_loss(int steps, int batch, int H, int V, int r0, int r1, const int64_t *targets, const float *hs,
                         float *logits, float scale, double *loss, float *grad_b, float *grad_w) {
     double total = 0.0;
-    for (int t = 0; t < steps; t++)
+    for (int t = 0; t < steps; t++) {
         for (int i = r0; i < r1; i++) {
             size_t n = (size_t)t * batch + i;
             float *row = logits + n * V, top = row[0], sum = 0.0f;
-            const float *h = hs + n * H;
             for (int v = 1; v < V; v++) top = row[v] > top ? row[v] : top;
             total += top - row[targets[n]];
             for (int v = 0; v < V; v++) sum += row[v] = exp_approx(row[v] - top);
@@ -686,14 +743,73 @@ static void output_loss(int steps, int batch, int H, int V, int r0, int r1, cons
             float norm = scale / sum;
             for (int v = 0; v < V; v++) row[v] *= norm;
             row[targets[n]] -= scale;
-            for (int v = 0; v < V; v++) {
-                float g = row[v], *w = grad_w + (size_t)v * H;
-                grad_b[v] += g;
-#pragma GCC ivdep
-                for (int j = 0; j < H; j++) w[j] += g * h[j];
-            }
+            add_row(V, row, grad_b);
         }
+        size_t first = (size_t)t * batch + r0;
+        gemm_tn_acc(V, H, r1 - r0, logits + first * V, V, hs + first * H, H, grad_w, H);
+    }
     loss[0] += total;
+}
+
+/* The output layer's whole training step over batch rows [r0, r1) of every step (the float32 fused step,
+   rnnlm/cpu/fused.py): logits = hs @ W_out.T + b_out, then output_loss (the summed cross-entropy into loss[0], the
+   logits replaced by their gradient, the bias and weight gradients: this worker's share, zeros at the start), then
+   grad_h (steps, batch, H) = dlogits @ W_out, the gradient reaching each step's h. wout: W_out (V x H) packed by
+   rnnlm_pack with trans=1, wout_back with trans=0. scratch: (r1 - r0) x panels(max(V, H)) * NR floats. */
+void rnnlm_output_step(int steps, int batch, int H, int V, int r0, int r1, const float *hs, const float *wout,
+                       const float *b_out, const float *wout_back, const int64_t *targets, float scale, float *logits,
+                       double *loss, float *grad_b, float *grad_w, float *grad_h, float *scratch) {
+    int M = r1 - r0, ldo = panels_of(V) * NR, ldh = panels_of(H) * NR;
+    for (int t = 0; t < steps; t++) {
+        size_t first = (size_t)t * batch + r0;
+        gemm(M, H, panels_of(V), hs + first * H, H, wout, scratch, ldo);
+        for (int i = 0; i < M; i++)
+            for (int v = 0; v < V; v++) logits[(first + i) * V + v] = scratch[(size_t)i * ldo + v] + b_out[v];
+    }
+    output_loss(steps, batch, H, V, r0, r1, targets, hs, logits, scale, loss, grad_b, grad_w);
+    for (int t = 0; t < steps; t++) {
+        output_grad(t, batch, H, V, r0, r1, logits, wout_back, scratch, ldh);
+        float *out = grad_h + ((size_t)t * batch + r0) * H;
+        for (int i = 0; i < M; i++) memcpy(out + (size_t)i * H, scratch + (size_t)i * ldh, sizeof(float) * H);
+    }
+}
+
+/* The sum of squares of x[0:n]: vector sums of 1024 floats at a time, added in double */
+static double squares(const float *x, int64_t n) {
+    double total = 0.0;
+    for (int64_t j0 = 0; j0 < n; j0 += 1024) {
+        int64_t j1 = j0 + 1024 < n ? j0 + 1024 : n, j = j0;
+        vf acc = (vf){0};
+        for (; j + VL <= j1; j += VL) {
+            vf v = *(const vf *)(x + j);
+            acc += v * v;
+        }
+        float part = 0.0f;
+        for (int l = 0; l < VL; l++) part += acc[l];
+        for (; j < j1; j++) part += x[j] * x[j];
+        total += part;
+    }
+    return total;
+}
+
+/* torch's clip_grad_norm_ and SGD step over n tensors at once (the float32 fused step): with the global norm of the
+   gradients (summed in double), coef = min(1, max_norm / (norm + 1e-6)), each parameter p -= lr * coef * g; NaN
+   stays NaN. Returns the norm. params[k], grads[k]: sizes[k] floats each. */
+double rnnlm_clip_sgd(int n, float *const *params, const float *const *grads, const int64_t *sizes, float lr,
+                      float max_norm) {
+    double total = 0.0;
+    for (int k = 0; k < n; k++) total += squares(grads[k], sizes[k]);
+    double norm = __builtin_sqrt(total);
+    float coef = (float)(max_norm / (norm + 1e-6));
+    coef = coef < 1.0f ? coef : 1.0f;
+    if (norm != norm) coef = (float)norm; /* NaN: as torch's clip, the update is NaN */
+    for (int k = 0; k < n; k++) {
+        float *p = params[k];
+        const float *g = grads[k];
+#pragma GCC ivdep
+        for (int64_t j = 0; j < sizes[k]; j++) p[j] -= lr * (g[j] * coef);
+    }
+    return norm;
 }
 
 /* dst (C x R, row stride ld_dst) += alpha * src (R x C, row stride ld_src): the SGD step of a weight whose gradient

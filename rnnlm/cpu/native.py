@@ -26,7 +26,7 @@ import torch
 from rnnlm.paths import kernel_cache
 
 SOURCE = Path(__file__).with_name("kernels.c")
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
 
 _i, _p = ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
@@ -50,9 +50,13 @@ _SIGNATURES = {
     "rnnlm_lstm_sgd_work": [_i] * 6,
     "rnnlm_lstm_sgd_bf16": [_p, _i, _i, _p, _p],
     "rnnlm_barrier": [_p, _i, _i, ctypes.c_int64],
+    # the float32 fused step: steps, batch, H, V, r0, r1, hs, wout, b_out, wout_back, targets, scale, then the rest
+    "rnnlm_output_step": [_i] * 6 + [_p] * 5 + [ctypes.c_float] + [_p] * 6,
+    "rnnlm_clip_sgd": [_i, _p, _p, _p, ctypes.c_float, ctypes.c_float],
 }
 _RESULTS = {name: _i for name in ("rnnlm_panel_width", "rnnlm_bf16_native", "rnnlm_barrier")}
 _RESULTS["rnnlm_lstm_sgd_work"] = ctypes.c_int64
+_RESULTS["rnnlm_clip_sgd"] = ctypes.c_double
 
 
 def _cpu_features() -> str:
@@ -317,6 +321,29 @@ def weight_grad_bf16(first, rest, grad_panels, out, rows: tuple[int, int]) -> No
     a_buf = torch.empty((k1 - k0) * ((n + 1) // 2), dtype=torch.int32)
     arrays = (first, rest, grad_panels, out, a_buf)
     library().rnnlm_weight_grad_bf16(n, k, g, k0, k1, n_first, *map(_ptr, arrays))
+
+
+def output_step(hs, wout, b_out, wout_back, targets, logits, loss, grad_b, grad_w, grad_h, rows) -> None:
+    """The output layer's training step over batch rows `rows` (see kernels.c: rnnlm_output_step): logits, the
+    summed cross-entropy into loss[0], the logits' gradient in their place, this worker's bias and weight gradients
+    (grad_b (V), grad_w (V, H), zeros at the start) and grad_h, the gradient reaching hs."""
+    (steps, batch, hidden), vocab = hs.shape, logits.shape[1]
+    scale = 1.0 / (steps * batch)
+    work = scratch(rows[1] - rows[0], max(vocab, hidden))
+    head = (steps, batch, hidden, vocab, *rows, *map(_ptr, (hs, wout, b_out, wout_back, targets)), scale)
+    library().rnnlm_output_step(*head, *map(_ptr, (logits, loss, grad_b, grad_w, grad_h, work)))
+
+
+def clip_sgd(params: list[torch.Tensor], grads: list[torch.Tensor], lr: float, max_norm: float) -> float:
+    """torch's clip_grad_norm_ then plain SGD, in one call over every parameter (see kernels.c: rnnlm_clip_sgd);
+    the parameters change in place; returns the gradients' global norm before clipping."""
+    assert all(p.shape == g.shape and p.dtype == g.dtype == torch.float32 for p, g in zip(params, grads, strict=True))
+    n = len(params)
+    param_ptrs = (ctypes.c_void_p * n)(*(_ptr(p) for p in params))
+    grad_ptrs = (ctypes.c_void_p * n)(*(_ptr(g) for g in grads))
+    sizes = torch.tensor([p.numel() for p in params], dtype=torch.int64)
+    pointers = (ctypes.cast(param_ptrs, ctypes.c_void_p), ctypes.cast(grad_ptrs, ctypes.c_void_p), _ptr(sizes))
+    return library().rnnlm_clip_sgd(n, *pointers, lr, max_norm)
 
 
 def barrier(flags: torch.Tensor, worker: int, workers: int, step: int) -> bool:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from rnnlm.cpu import native
+from rnnlm.cpu.choice import quickest
 from rnnlm.cpu.threads import by_rows, by_rows_then_units, by_units, helper
 
 
@@ -44,47 +45,65 @@ ONEDNN = _onednn_available()
 
 
 def matmul_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a.T @ b for 2-D a (n, p) and b (n, q), through oneDNN when present (about 2x torch's matmul on AMD CPUs).
-    oneDNN wants its left operand contiguous: the narrower of the two is transposed, and the result may be a
-    transposed view."""
+    """a.T @ b for 2-D a (n, p) and b (n, q): through oneDNN or torch's matmul, whichever is quicker for the shape on
+    this machine (measured once, see `rnnlm.cpu.choice`)."""
     if not ONEDNN:
         return a.T @ b
+    return quickest(f"matmul_tn:{tuple(a.shape)}x{b.shape[1]}", onednn=lambda: _onednn_tn(a, b), torch=lambda: a.T @ b)
+
+
+def _onednn_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a.T @ b through oneDNN, which wants its left operand contiguous: the narrower of the two is transposed, and
+    the result may be a transposed view."""
     if a.shape[1] <= b.shape[1]:
         return _linear(a.T.contiguous(), b.T, None)
     return _linear(b.T.contiguous(), a.T, None).T  # (b.T @ a).T
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T (+ bias): through oneDNN or torch's matmul, whichever is quicker for the shape here."""
+    name = f"linear:{tuple(x.shape)}x{weight.shape[0]}{'+b' if bias is not None else ''}"
+    if bias is None:
+        return quickest(name, onednn=lambda: _linear(x, weight, None), torch=lambda: x @ weight.T)
+    return quickest(name, onednn=lambda: _linear(x, weight, bias), torch=lambda: torch.addmm(bias, x, weight.T))
+
+
 class Linear(torch.autograd.Function):
-    """x @ weight.T + bias, as `nn.Linear`, with all three matmuls (forward, input and weight gradients) through
-    oneDNN: the output layer's shapes (a few thousand rows, a vocabulary of tens of columns) run at about 40% of the
-    speed through torch's matmul on AMD CPUs. Call only when `ONEDNN` holds."""
+    """x @ weight.T + bias, as `nn.Linear`, its three matmuls (forward, input and weight gradients) each through
+    oneDNN or torch's matmul, whichever is quicker for its shape here. Call only when `ONEDNN` holds. (In halves on
+    two cores these skinny matmuls were slower: the hand-over costs more than the half saves.)"""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
-        return _linear(x, weight, bias)
+        return linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad = grad.contiguous()
-        return _linear(grad, weight.T, None), matmul_tn(grad, x), grad.sum(0)
-
-
-def matmul_tn_halves(a: torch.Tensor, b: torch.Tensor, share: bool) -> torch.Tensor:
-    """a.T @ b (see `matmul_tn`), the rows summed in two halves at once when `share`."""
-    if not share or a.shape[0] < 2:
-        return matmul_tn(a, b)
-    half = a.shape[0] // 2
-    first = helper.submit(lambda: matmul_tn(a[:half], b[:half]))
-    return matmul_tn(a[half:], b[half:]).add_(first.result())
+        return linear(grad, weight.T, None), matmul_tn(grad, x), grad.sum(0)
 
 
 def recurrent_weight_grad(grad: torch.Tensor, h0: torch.Tensor, hs: torch.Tensor, share: bool) -> torch.Tensor:
     """The gradient of W_hh, sum over steps t of grad[t].T @ h_{t-1}, for grad (steps, batch, G*H), the outputs hs
-    (steps, batch, H) and the initial state h0 (batch, H): one matmul over all steps, in halves when `share`."""
-    h_prev = torch.cat([h0[None], hs[:-1]]).reshape(-1, hs.shape[-1])  # what step t multiplied by W_hh
-    return matmul_tn_halves(grad.reshape(-1, grad.shape[-1]), h_prev, share)
+    (steps, batch, H) and the initial state h0 (batch, H): matmuls over the steps' rows, without copying h0 and hs
+    into one array; the steps in two halves at once when `share`."""
+    steps = hs.shape[0]
+    if not share or steps < 2:
+        return _weight_grad_of_steps(grad, h0, hs, 0, steps)
+    half = steps // 2
+    first = helper.submit(lambda: _weight_grad_of_steps(grad, h0, hs, 0, half))
+    return _weight_grad_of_steps(grad, h0, hs, half, steps).add_(first.result())
+
+
+def _weight_grad_of_steps(grad, h0, hs, t0: int, t1: int) -> torch.Tensor:
+    """sum over steps t0 <= t < t1 of grad[t].T @ h_{t-1} (h_{-1} = h0)."""
+    rows = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731  (steps, batch, n) -> (steps * batch, n)
+    if t0 > 0:
+        return matmul_tn(rows(grad[t0:t1]), rows(hs[t0 - 1 : t1 - 1]))
+    total = matmul_tn(grad[0], h0)
+    return total.add_(matmul_tn(rows(grad[1:t1]), rows(hs[: t1 - 1]))) if t1 > 1 else total
 
 
 def token_grad(tokens: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

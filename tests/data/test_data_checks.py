@@ -3,9 +3,9 @@
 import numpy as np
 from helpers import TIME_MACHINE_SHA1
 
+from rnnlm.batches import split_corpus
 from rnnlm.config import TrainConfig
 from rnnlm.corpus import read_text, sha1_of
-from rnnlm.batches import split_corpus
 from rnnlm.tokens import build_vocab, encode, prepare_text
 
 

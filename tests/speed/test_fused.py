@@ -53,8 +53,9 @@ def test_compiled_fused_steps_match_autograd_steps(monkeypatch, share, max_norm)
             assert error < 2e-4, (name, error)
 
 
-def test_fused_step_only_for_plain_sgd_under_amp():
-    """The fused step stands in for torch's SGD only when nothing else would change the update."""
+def test_fused_steps_only_for_plain_sgd_on_the_engine(monkeypatch):
+    """A fused step stands in for torch's SGD only when nothing else would change the update, and only for models the
+    engine serves; the bf16 step only under `amp` where bf16 runs at its speed."""
     model = RNNLM(9, 16, "lstm")
     tokens = torch.zeros(4, 10, dtype=torch.int64)
     state = model.begin_state(4)
@@ -68,12 +69,56 @@ def test_fused_step_only_for_plain_sgd_under_amp():
     ):
         assert not fused.plain_sgd(other, list(model.parameters()))
         assert cpu.sgd_step(model, other, tokens, tokens, state, 1.0, amp=True) is None
-    assert cpu.sgd_step(model, plain, tokens, tokens, state, 1.0, amp=False) is None
-    assert cpu.sgd_step(model, plain, tokens[:, :2], tokens[:, :2], state, 1.0, amp=True) is None  # short windows
-    gru = RNNLM(9, 16, "gru")
-    assert cpu.sgd_step(gru, make_optimizer(gru, 1.0), tokens, tokens, gru.begin_state(4), 1.0, amp=True) is None
-    taken = cpu.sgd_step(model, plain, tokens, tokens, state, 1.0, amp=True)
-    assert (taken is not None) == cpu.bf16_fast()  # only where bf16 runs at its speed
+    assert cpu.sgd_step(model, plain, tokens[:, :2], tokens[:, :2], state, 1.0, amp=False) is None  # short windows
+    deep = RNNLM(9, 16, "gru", num_layers=2)
+    assert cpu.sgd_step(deep, make_optimizer(deep, 1.0), tokens, tokens, deep.begin_state(4), 1.0, amp=False) is None
+    calls = []
+    for name in ("sgd_step", "float32_step"):
+        step = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *args, _name=name, _step=step: calls.append(_name) or _step(*args))
+    assert cpu.sgd_step(model, plain, tokens, tokens, state, 1.0, amp=False) is not None
+    assert cpu.sgd_step(model, plain, tokens, tokens, state, 1.0, amp=True) is not None
+    assert calls == ["float32_step", "sgd_step" if cpu.bf16_fast() else "float32_step"]
+
+
+def _autograd_float32_step(model, tokens, targets, state, lr, max_norm):
+    """The reference: the model's forward through autograd, torch's cross-entropy, clip and SGD."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    logits, state = model(tokens, state)
+    loss = F.cross_entropy(logits, targets.T.reshape(-1))
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
+    optimizer.step()
+    detach = lambda s: s.detach()  # noqa: E731
+    return loss.detach(), tuple(map(detach, state)) if isinstance(state, tuple) else detach(state)
+
+
+@pytest.mark.parametrize("rnn", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("max_norm", [0.05, 1e6], ids=["clipped", "unclipped"])
+@pytest.mark.parametrize("share", [True, False], ids=["two-threads", "one-thread"])
+def test_compiled_float32_steps_match_autograd_steps(monkeypatch, rnn, share, max_norm):
+    """The float32 fused step of each model, three steps from the same weights and state: the same losses, states
+    and weights after each step (to 2e-4 of each weight's largest update). Odd sizes run the kernels' edge code."""
+    monkeypatch.setattr(threads, "second_core_free", lambda: share)
+    torch.manual_seed(4)
+    vocab, hidden, batch, steps = 9, 41, 13, 11
+    ours, theirs = RNNLM(vocab, hidden, rnn), RNNLM(vocab, hidden, rnn)
+    theirs.load_state_dict(ours.state_dict())
+    begin = ours.begin_state(batch)
+    state_ours = state_theirs = tuple(map(torch.randn_like, begin)) if rnn == "lstm" else torch.randn_like(begin)
+    for _ in range(3):
+        tokens, targets = torch.randint(0, vocab, (batch, steps)), torch.randint(0, vocab, (batch, steps))
+        before = {n: p.detach().clone() for n, p in theirs.named_parameters()}
+        loss_ours, state_ours = fused.float32_step(ours, tokens, targets, state_ours, 0.7, max_norm)
+        loss_theirs, state_theirs = _autograd_float32_step(theirs, tokens, targets, state_theirs, 0.7, max_norm)
+        torch.testing.assert_close(loss_ours, loss_theirs, rtol=1e-5, atol=1e-6)
+        pairs = zip(state_ours, state_theirs, strict=True) if rnn == "lstm" else [(state_ours, state_theirs)]
+        for a, b in pairs:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        for (name, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+            update = (b.detach() - before[name]).abs().max()
+            assert float((a.detach() - b.detach()).abs().max() / update) < 2e-4, name
 
 
 def test_amp_training_of_the_lstm_takes_the_fused_step(monkeypatch):

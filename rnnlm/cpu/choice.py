@@ -1,0 +1,91 @@
+"""Which of two ways to compute the same thing is quicker on this machine: measured once, then remembered.
+
+A choice is keyed by what it is for (e.g. an LSTM window of a given shape) and by the machine (CPU features, core
+count, torch and kernel builds). It is measured at first use, interleaving the candidates and keeping each one's best
+time, and kept in `choices.json` beside the compiled kernels, so that every later process on the machine takes the
+same path (and so computes the same numbers). Processes that need the same choice at once wait for the one that
+measures it. `RNNLM_CPU_CHOICE=<name>=<candidate>,...` sets a choice by hand.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+
+import torch
+from filelock import FileLock
+
+from rnnlm.cpu import native
+from rnnlm.paths import kernel_cache
+
+ROUNDS = 5  # each candidate is timed this many times, interleaved; the best time counts
+
+_known: dict[str, str] = {}
+decisions: dict[str, str] = {}  # name -> "candidate (measured: 1.2 ms against 1.9 ms)", what this process chose
+
+
+def fastest(name: str, candidates: dict[str, Callable[[], object]]) -> str:
+    """The name of the quickest candidate for `name` on this machine (a candidate is a call that does the work
+    once); measured the first time any process asks, remembered after."""
+    key = f"{name}@{torch.get_num_threads()}@{_machine()}"
+    if key in _known:
+        return _known[key]
+    if (chosen := _forced().get(name.split(":")[0])) in candidates:
+        decisions[name] = f"{chosen} (set by RNNLM_CPU_CHOICE)"
+        _known[key] = chosen
+        return chosen
+    path = kernel_cache() / "choices.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path.with_suffix(".lock")):
+        known = _read(path)
+        if key not in known:
+            known[key], decisions[name] = _measure(candidates)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+            os.replace(tmp, path)
+        else:
+            decisions.setdefault(name, f"{known[key]} (measured before on this machine)")
+    _known[key] = known[key]
+    return known[key]
+
+
+def quickest(name: str, **candidates: Callable[[], object]):
+    """The result of the quickest of `candidates` (calls that compute the same result) for `name` here."""
+    return candidates[fastest(name, candidates)]()
+
+
+def _measure(candidates: dict[str, Callable[[], object]]) -> tuple[str, str]:
+    best = dict.fromkeys(candidates, float("inf"))
+    for run in candidates.values():  # a first call of each: caches, allocations, lazy set-up
+        run()
+    for _ in range(ROUNDS):
+        for name, run in candidates.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    chosen = min(best, key=best.get)
+    times = " against ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in best.items())
+    return chosen, f"{chosen} (measured: {times})"
+
+
+def _read(path) -> dict[str, str]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _forced() -> dict[str, str]:
+    pairs = [item.split("=", 1) for item in os.environ.get("RNNLM_CPU_CHOICE", "").split(",") if "=" in item]
+    return {name.strip(): value.strip() for name, value in pairs}
+
+
+@functools.cache
+def _machine() -> str:
+    """What the speeds depend on: CPU features and cores, torch's build and threads, the kernels' source."""
+    parts = [native._cpu_features(), str(os.cpu_count()), torch.__version__, native.SOURCE.read_text()]
+    return hashlib.sha1("\0".join(parts).encode()).hexdigest()[:12]
