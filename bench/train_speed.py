@@ -26,12 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnnlm import cpu
 from rnnlm.config import TrainConfig
 from rnnlm.corpus import read_text
 from rnnlm.cpu.recurrence import ONEDNN
-from rnnlm.cpu.threads import second_core_free, torch_threads
-from rnnlm.model import RNNLM
+from rnnlm.cpu.threads import torch_threads
+from rnnlm.model import RNNLM, device_name, engine_name
 from rnnlm.tokens import build_vocab, encode, prepare_text
 from rnnlm.train import autocast, make_optimizer, train_epoch
 
@@ -283,7 +282,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="the book's loop with its forward pass and loss under bf16 autocast, for a reference at the precision "
         "of --amp (the book itself trains in float32)",
     )
-    parser.add_argument("--threads", type=int, default=1, help="the project's cpu_threads setting (its default: 1)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="the project's cpu_threads setting (its default, 0: auto)"
+    )
     parser.add_argument("--book_threads", type=int, default=0, help="torch threads for the book's loop; 0: default")
     args = parser.parse_args(argv)
     if args.quick:
@@ -305,8 +306,6 @@ def main(argv=None) -> None:
         f"amp: {args.amp}; book loop under bf16 autocast: {args.book_amp}; "
         f"load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     )
-    if device.type == "cpu":
-        print(f"project's CPU kernels: {project_kernels(args.threads)}")
     peaks = matmul_peak(device)
     peak = max(peaks.values())
     print(
@@ -315,6 +314,8 @@ def main(argv=None) -> None:
     )
     if (args.amp or args.book_amp) and device.type == "cpu":
         print(f"bf16 matmul limit (2048^3, default threads): {bf16_matmul_peak():,.0f} GFLOP/s")
+    for rnn in args.rnn:
+        print(f"project's {rnn}: {project_path(rnn, vocab_size, args, device)}")
     print(
         f"{'model':6} {'seed':>4} {'book tok/s':>11} {'project tok/s':>14} {'ratio':>6} {'book ppl':>9} "
         f"{'project ppl':>12} {'kFLOP/tok':>10} {'book % limit':>13} {'project % limit':>16}"
@@ -349,14 +350,10 @@ def bf16_matmul_peak(size: int = 2048, repeats: int = 10) -> float:
     return best_gflops(lambda: a @ b, 2 * size**3, repeats)
 
 
-def project_kernels(threads: int) -> str:
-    """Which CPU path the project's trainer takes here, and whether it splits work over 2 cores."""
-    with torch_threads(threads):  # as the trainer sets them
-        split = "two cores" if second_core_free() else "one core"
-    if cpu.compiled():
-        bf16 = ", the LSTM's with bf16 matmuls under --amp" if cpu.bf16_fast() else ""
-        return f"compiled (rnnlm/cpu/kernels.c) for RNN, GRU and LSTM, on {split}{bf16}"
-    return "torch's layers (the compiled kernels are off or could not be built)"
+def project_path(rnn: str, vocab_size: int, args, device: torch.device) -> str:
+    """Where and on which code the project's trainer runs this model here (as its MLflow tags say)."""
+    model, window = RNNLM(vocab_size, args.num_hiddens, rnn).to(device), (args.batch_size, args.num_steps)
+    return f"{engine_name(model, window)} on {device_name(model, args.threads, window)}"
 
 
 if __name__ == "__main__":

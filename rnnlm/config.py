@@ -94,11 +94,11 @@ class TrainConfig(BaseModel):
     )
     eval_every: int = run_field(10, "Log progress and validation perplexity every this many epochs.", gt=0)
     cpu_threads: int = Field(
-        1,
+        0,
         ge=0,
         le=1024,
-        description="Torch threads when training on the CPU; 0 keeps torch's default. With 1 the compiled "
-        "recurrences still take a second core for themselves.",
+        description="Torch threads when training on the CPU; 0 (auto): one when the compiled recurrences serve the "
+        "model (they take a second core for themselves), else torch's default, all cores.",
     )
     amp: bool = Field(
         False,

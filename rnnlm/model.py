@@ -63,15 +63,27 @@ def pick_device(preference: str = "auto") -> torch.device:
     return torch.device(preference)
 
 
-def device_name(device: torch.device, cpu_threads: int = 0) -> str:
-    """Human-readable device, e.g. 'cuda:0 (NVIDIA H200)' or 'cpu (2 threads)'; `cpu_threads` 0 = torch's setting."""
+def device_name(model: RNNLM, cpu_threads: int, window: tuple[int, int]) -> str:
+    """Where `model` trains, in words, e.g. 'cuda:0 (NVIDIA H200)' or 'cpu (2 threads)'; `cpu_threads` 0 is auto
+    (see `rnnlm.cpu.threads_for`), for (batch, steps) training windows."""
+    device = next(model.parameters()).device
     if device.type == "cuda":
-        return f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()})"
-    return cpu.device_name(cpu_threads) if device.type == "cpu" else str(device)
+        return f"cuda:{device.index or 0} ({torch.cuda.get_device_name(device)})"
+    return cpu.device_name(cpu.threads_for(cpu_threads, model, window)) if device.type == "cpu" else str(device)
 
 
-def matmul_precision(model: RNNLM, device: torch.device, amp: bool) -> str:
-    """What `amp` means for this model here, in words: the precision its training matmuls take."""
-    if device.type == "cpu":
-        return cpu.matmuls(model, amp)
+def engine_name(model: RNNLM, window: tuple[int, int]) -> str:
+    """Which code trains `model` on (batch, steps) windows here, and why: the CPU engine's compiled kernels, or
+    torch's layers (with the reason), or cuDNN's on a GPU."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return "torch's layers (cuDNN)"
+    return cpu.engine(model, window) if device.type == "cpu" else f"torch's layers ({device.type})"
+
+
+def matmul_precision(model: RNNLM, amp: bool, window: tuple[int, int]) -> str:
+    """What `amp` means for this model where it is, in words: the precision its training matmuls take on (batch,
+    steps) windows."""
+    if next(model.parameters()).device.type == "cpu":
+        return cpu.matmuls(model, amp, window)
     return "bf16 autocast (forward pass)" if amp else "float32"

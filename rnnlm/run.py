@@ -37,7 +37,7 @@ from rnnlm.checkpoint import (
 from rnnlm.config import TrainConfig
 from rnnlm.corpus import fetch_corpus, sha1_of
 from rnnlm.generate import generate
-from rnnlm.model import RNNLM, device_name, matmul_precision, pick_device
+from rnnlm.model import RNNLM, device_name, engine_name, matmul_precision, pick_device
 from rnnlm.tokens import Vocab, tokenize_file
 from rnnlm.train import EpochStats, TrainState, make_optimizer, train
 
@@ -163,6 +163,7 @@ class FitResult:
     train_seconds: float
     device: str
     matmuls: str
+    engine: str  # which code trained it: the CPU engine's kernels or torch's layers, and why
     history: tuple[EpochStats, ...]
     checkpoint: str
 
@@ -198,13 +199,15 @@ def fit(
     on_epoch: Callable[[EpochStats, TrainState], None] | None = None,
     run_id: str | None = None,
     on_resume: Callable[[TrainState], None] | None = None,
+    on_start: Callable[[str, str], None] | None = None,
 ) -> FitResult:
     """Train a model on prepared data and return what it gave.
 
     A resumable checkpoint goes to `checkpoint_path` every `config.checkpoint_every` epochs, on Ctrl-C and at the
     end. If that file exists (and `config.resume` is 'auto') training continues from it exactly: weights, optimizer,
     every RNG and the history are restored, `on_resume(state)` is called, and the first epoch run is the next one.
-    A checkpoint of another config or vocab raises CheckpointMismatch before any training.
+    A checkpoint of another config or vocab raises CheckpointMismatch before any training. `on_start(device,
+    engine)` hears where and on which code the training runs before it starts.
     """
     vocab, train_ids, val_ids = data.load()
     device = pick_device(config.device)
@@ -232,6 +235,9 @@ def fit(
             data_iterator=_iterator_policy(config),
         )
 
+    window = (config.batch_size, config.num_steps)
+    if on_start is not None:
+        on_start(device_name(model, config.cpu_threads, window), engine_name(model, window))
     state = train(model, train_ids, val_ids, config, optimizer, generator, state, on_epoch, save)
     last = state.history[-1]
     return FitResult(
@@ -242,8 +248,9 @@ def fit(
         best_val_perplexity=state.best_val_perplexity,
         tokens_per_sec=float(np.mean([s.tokens_per_sec for s in state.history])),
         train_seconds=float(sum(s.seconds for s in state.history)),
-        device=device_name(device, config.cpu_threads),
-        matmuls=matmul_precision(model, device, config.amp),
+        device=device_name(model, config.cpu_threads, window),
+        matmuls=matmul_precision(model, config.amp, window),
+        engine=engine_name(model, window),
         history=tuple(state.history),
         checkpoint=str(checkpoint_path),
     )

@@ -150,7 +150,7 @@ def train_epoch(
     batches = random_batches if config.use_random_iter else sequential_batches
     start = time.perf_counter()
     loss_sum, num_tokens, hidden = torch.zeros((), device=device), 0, None
-    with cpu.settings(config.cpu_threads, device):
+    with cpu.settings(config.cpu_threads, model, (config.batch_size, config.num_steps)):
         for inputs, targets in batches(corpus, config.batch_size, config.num_steps, generator):
             if hidden is None or config.use_random_iter:
                 hidden = model.begin_state(inputs.shape[0], device)
@@ -185,11 +185,11 @@ def autocast(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
-def evaluate(model: RNNLM, corpus: torch.Tensor, batch_size: int, num_steps: int, cpu_threads: int = 1) -> float:
+def evaluate(model: RNNLM, corpus: torch.Tensor, batch_size: int, num_steps: int, cpu_threads: int = 0) -> float:
     """Perplexity of `corpus`, predicting every token from all before it (state carried), without training."""
     model.eval()
     loss_sum, num_tokens, hidden = torch.zeros((), device=corpus.device), 0, None
-    with cpu.settings(cpu_threads, corpus.device):
+    with cpu.settings(cpu_threads, model, (batch_size, num_steps)):
         for inputs, targets in eval_batches(corpus, batch_size, num_steps):
             hidden = model.begin_state(inputs.shape[0], corpus.device) if hidden is None else hidden
             logits, hidden = model(inputs, hidden)

@@ -33,6 +33,9 @@ class TrainingProgress:
                 stats.epoch, self.config.num_epochs, stats.train_perplexity, val, f"{stats.tokens_per_sec:,.0f}",
             )  # fmt: skip
 
+    def on_start(self, device: str, engine: str) -> None:
+        self.logger.info("training on %s with %s", device, engine)
+
     def on_resume(self, state: TrainState) -> None:
         self.logger.warning(
             "resuming training from the checkpoint at epoch %d of %d (MLflow run %s continues)",

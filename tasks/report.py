@@ -50,6 +50,7 @@ def report(config: TrainConfig, run_id: str, result: run.FitResult, samples: dic
         f"| tokens/s | {result.tokens_per_sec:,.0f} |",
         f"| device | {result.device} |",
         f"| matmuls | {result.matmuls} |",
+        f"| engine | {result.engine} |",
         f"| epochs | {result.epochs} |",
         "",
         "## Samples",

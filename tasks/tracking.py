@@ -48,6 +48,7 @@ def log_results(run_id: str, result: run.FitResult, samples: dict, plot_path: st
     mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in final.items()])
     mlflow_client.set_tag(run_id, "device", result.device)
     mlflow_client.set_tag(run_id, "matmuls", result.matmuls)
+    mlflow_client.set_tag(run_id, "engine", result.engine)
     mlflow_client.log_text(run_id, json.dumps(samples, indent=1), "samples.json")
     mlflow_client.log_artifact(run_id, plot_path)
     mlflow_client.log_artifact(run_id, vocab_path)

@@ -42,8 +42,9 @@ def train_model(config: TrainConfig, data: run.PreparedData, tracked: TrackedRun
     finally:
         progress.metrics.flush()  # what was measured before a failure is kept
     get_run_logger().info(
-        "trained %d epochs on %s, matmuls: %s; train perplexity %.2f, %s tokens/s",
-        result.epochs, result.device, result.matmuls, result.train_perplexity, f"{result.tokens_per_sec:,.0f}",
+        "trained %d epochs on %s with %s, matmuls: %s; train perplexity %.2f, %s tokens/s",
+        result.epochs, result.device, result.engine, result.matmuls, result.train_perplexity,
+        f"{result.tokens_per_sec:,.0f}",
     )  # fmt: skip
     return result
 

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from rnnlm.cpu import fused, native, recurrence
+from rnnlm.cpu import choice, fused, native, recurrence
 from rnnlm.cpu.allocator import keep_freed_memory
 from rnnlm.cpu.threads import second_core_free, torch_threads
 
@@ -32,6 +32,7 @@ MIN_STEPS = 8
 OUTPUT_MIN_ROWS = 128
 
 ENABLED = True  # tests turn the engine off to check the fallback
+DEFAULT_THREADS = torch.get_num_threads()  # torch's own setting, before any run changes it
 
 
 def compiled() -> bool:
@@ -47,17 +48,40 @@ def bf16_fast() -> bool:
 
 def handles(model: nn.Module, tokens: torch.Tensor) -> bool:
     """Whether `forward` serves this call: one-layer tanh RNN, GRU or LSTM in float32 on the CPU, a window of at
-    least MIN_STEPS steps, and the kernels built here."""
+    least MIN_STEPS steps, the kernels built here, and for the LSTM, the compiled step measured quicker here than
+    torch's own LSTM (oneDNN's fused kernel) at this batch size."""
+    return why_not(model, tokens) is None
+
+
+def why_not(model: nn.Module, tokens: torch.Tensor) -> str | None:
+    """Why the engine does not serve this call, in words; None when it does."""
     rnn = model.rnn
-    return (
-        tokens.device.type == "cpu"
-        and tokens.shape[1] >= MIN_STEPS
-        and isinstance(rnn, nn.RNN | nn.GRU | nn.LSTM)
-        and rnn.num_layers == 1
-        and getattr(rnn, "nonlinearity", "tanh") == "tanh"
-        and rnn.weight_hh_l0.dtype == torch.float32
-        and compiled()
-    )
+    if tokens.device.type != "cpu" or rnn.weight_hh_l0.device.type != "cpu":
+        return "not on the CPU"
+    if not compiled():
+        return "the compiled kernels are turned off" if not ENABLED else native.unavailable[0]
+    if not (isinstance(rnn, nn.RNN | nn.GRU | nn.LSTM) and getattr(rnn, "nonlinearity", "tanh") == "tanh"):
+        return f"the kernels take tanh RNN, GRU and LSTM layers, not {type(rnn).__name__}"
+    if rnn.num_layers != 1:
+        return f"the kernels take one layer, not {rnn.num_layers}"
+    if rnn.weight_hh_l0.dtype != torch.float32:
+        return f"the kernels take float32, not {rnn.weight_hh_l0.dtype}"
+    if tokens.shape[1] < MIN_STEPS:
+        return f"windows of fewer than {MIN_STEPS} steps run quicker on torch's layers"
+    if isinstance(rnn, nn.LSTM) and lstm_path(rnn.input_size, rnn.hidden_size, tokens.shape[0]) != "compiled":
+        return "torch's LSTM measured quicker than the compiled one on this machine"
+    return None
+
+
+def lstm_path(vocab: int, hidden: int, batch: int) -> str:
+    """'compiled' or 'torch': which LSTM trains quicker here at this size, each as it runs (the compiled step on one
+    torch thread and the helper thread, torch's on all of torch's threads), measured once for the machine."""
+    name = f"lstm-step:{vocab}x{hidden}x{batch}"
+    keep_freed_memory()  # as in training: freed pages kept for the next minibatch
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        candidates = fused.lstm_candidates(vocab, hidden, batch, steps=35, torch_threads_default=DEFAULT_THREADS)
+    return choice.fastest(name, candidates, per_threads=False)
 
 
 def forward(model: nn.Module, tokens: torch.Tensor, state):
@@ -114,31 +138,46 @@ def sgd_step(model, optimizer, tokens, targets, state, grad_clip: float, amp: bo
     return fused.float32_step(model, tokens, targets, state, lr, grad_clip)
 
 
+def threads_for(cpu_threads: int, model: nn.Module, window: tuple[int, int]) -> int:
+    """The torch threads a CPU run of `model` on (batch, steps) windows takes: `cpu_threads`, or for 0 (auto) one
+    when the engine serves the model (its helper thread takes the second core) and torch's own setting else."""
+    if cpu_threads > 0:
+        return cpu_threads
+    return 1 if handles(model, torch.zeros(window, dtype=torch.int64)) else DEFAULT_THREADS
+
+
 @contextmanager
-def settings(cpu_threads: int, device: torch.device) -> Iterator[None]:
-    """The block runs with `cpu_threads` torch threads on the CPU (0: torch's own setting), with freed memory kept
-    for the next minibatch; elsewhere it runs as it is."""
-    if device.type != "cpu":
+def settings(cpu_threads: int, model: nn.Module, window: tuple[int, int]) -> Iterator[None]:
+    """The block runs with the torch threads `threads_for` gives, on the CPU, with freed memory kept for the next
+    minibatch; elsewhere it runs as it is."""
+    if next(model.parameters()).device.type != "cpu":
         yield
         return
     keep_freed_memory()  # minibatches reuse the same pages instead of faulting in fresh ones
-    with torch_threads(cpu_threads):
+    with torch_threads(threads_for(cpu_threads, model, window)):
         yield
 
 
-def device_name(cpu_threads: int = 0) -> str:
+def device_name(threads: int) -> str:
     """'cpu (2 threads)', or with one torch thread on a machine of several cores 'cpu (1 thread + the recurrence's
     helper thread)'."""
-    threads = cpu_threads or torch.get_num_threads()
     helper = " + the recurrence's helper thread" if threads == 1 and (os.cpu_count() or 1) > 1 else ""
     return f"cpu ({threads} thread{'s' if threads > 1 else ''}{helper})"
 
 
-def matmuls(model: nn.Module, amp: bool) -> str:
-    """What `amp` means for this model's training matmuls on the CPU, in words."""
+def engine(model: nn.Module, window: tuple[int, int]) -> str:
+    """Which path trains `model` on (batch, steps) windows on this CPU, and why, in words: for the run's records."""
+    reason = why_not(model, torch.zeros(window, dtype=torch.int64))
+    if reason is not None:
+        return f"torch's layers ({reason})"
+    return f"compiled kernels ({native.instruction_set()}), two cores"
+
+
+def matmuls(model: nn.Module, amp: bool, window: tuple[int, int]) -> str:
+    """What `amp` means for this model's training matmuls on (batch, steps) windows on the CPU, in words."""
     if not amp:
         return "float32"
-    if not handles(model, torch.zeros(1, MIN_STEPS, dtype=torch.int64)):  # a training window
+    if not handles(model, torch.zeros(window, dtype=torch.int64)):
         return "bf16 autocast (forward pass, torch's CPU layers)"
     if isinstance(model.rnn, nn.LSTM) and bf16_fast():
         return "bf16 recurrent matmuls (AVX512-BF16), float32 elsewhere"

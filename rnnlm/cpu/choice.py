@@ -1,10 +1,10 @@
 """Which of two ways to compute the same thing is quicker on this machine: measured once, then remembered.
 
-A choice is keyed by what it is for (e.g. an LSTM window of a given shape) and by the machine (CPU features, core
-count, torch and kernel builds). It is measured at first use, interleaving the candidates and keeping each one's best
-time, and kept in `choices.json` beside the compiled kernels, so that every later process on the machine takes the
-same path (and so computes the same numbers). Processes that need the same choice at once wait for the one that
-measures it. `RNNLM_CPU_CHOICE=<name>=<candidate>,...` sets a choice by hand.
+A choice is keyed by what it is for (e.g. an LSTM step of a given size) and by the machine (CPU features, core
+count, torch and kernel builds). It is measured at first use, keeping each candidate's best time, and kept in
+`choices.json` beside the compiled kernels, so that every later process on the machine takes the same path (and so
+computes the same numbers): a process that measured a choice another one recorded first takes the recorded one.
+`RNNLM_CPU_CHOICE=<name>=<candidate>,...` sets a choice by hand (e.g. `lstm-step=torch`).
 """
 
 from __future__ import annotations
@@ -22,33 +22,35 @@ from filelock import FileLock
 from rnnlm.cpu import native
 from rnnlm.paths import kernel_cache
 
-ROUNDS = 5  # each candidate is timed this many times, interleaved; the best time counts
+ROUNDS = 5  # each candidate is timed this many times; the best time counts
 
 _known: dict[str, str] = {}
 decisions: dict[str, str] = {}  # name -> "candidate (measured: 1.2 ms against 1.9 ms)", what this process chose
 
 
-def fastest(name: str, candidates: dict[str, Callable[[], object]]) -> str:
+def fastest(name: str, candidates: dict[str, Callable[[], object]], per_threads: bool = True) -> str:
     """The name of the quickest candidate for `name` on this machine (a candidate is a call that does the work
-    once); measured the first time any process asks, remembered after."""
-    key = f"{name}@{torch.get_num_threads()}@{_machine()}"
-    if key in _known:
-        return _known[key]
+    once); measured the first time any process asks, remembered after. With `per_threads`, the choice is made again
+    for each number of torch threads (the candidates run at the caller's)."""
     if (chosen := _forced().get(name.split(":")[0])) in candidates:
         decisions[name] = f"{chosen} (set by RNNLM_CPU_CHOICE)"
-        _known[key] = chosen
         return chosen
+    key = f"{name}@{torch.get_num_threads() if per_threads else 'any'}@{_machine()}"
+    if key in _known:
+        return _known[key]
     path = kernel_cache() / "choices.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(path.with_suffix(".lock")):
-        known = _read(path)
-        if key not in known:
-            known[key], decisions[name] = _measure(candidates)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
-            os.replace(tmp, path)
-        else:
-            decisions.setdefault(name, f"{known[key]} (measured before on this machine)")
+    if key not in (known := _read(path)):
+        # measured without the lock: a candidate may make choices of its own, on this thread or the helper thread
+        chosen, decisions[name] = _measure(candidates)
+        with FileLock(path.with_suffix(".lock")):
+            known = _read(path)
+            if key not in known:  # else another process measured it first: take its choice, as every process will
+                known[key] = chosen
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+                os.replace(tmp, path)
+    decisions.setdefault(name, f"{known[key]} (measured before on this machine)")
     _known[key] = known[key]
     return known[key]
 
@@ -59,17 +61,24 @@ def quickest(name: str, **candidates: Callable[[], object]):
 
 
 def _measure(candidates: dict[str, Callable[[], object]]) -> tuple[str, str]:
+    """Each candidate's best of ROUNDS runs after a first one (caches, allocations, lazy set-up), one candidate
+    after the other in the order given (interleaved, a candidate on several OpenMP threads would leave them spinning
+    on the cores the next one runs on)."""
     best = dict.fromkeys(candidates, float("inf"))
-    for run in candidates.values():  # a first call of each: caches, allocations, lazy set-up
-        run()
-    for _ in range(ROUNDS):
-        for name, run in candidates.items():
-            start = time.perf_counter()
-            run()
-            best[name] = min(best[name], time.perf_counter() - start)
+    with torch.autocast("cpu", enabled=False), torch.enable_grad():  # as in training, whatever the caller's mode
+        _time_each(candidates, best)
     chosen = min(best, key=best.get)
     times = " against ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in best.items())
     return chosen, f"{chosen} (measured: {times})"
+
+
+def _time_each(candidates: dict[str, Callable[[], object]], best: dict[str, float]) -> None:
+    for name, run in candidates.items():
+        run()
+        for _ in range(ROUNDS):
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
 
 
 def _read(path) -> dict[str, str]:

@@ -12,6 +12,8 @@ times in between. The arithmetic of both is the autograd path's: the mean cross-
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from torch import nn
 
@@ -90,6 +92,28 @@ def _forward(rnn: nn.Module, tokens: torch.Tensor, state, share: bool, saved: _S
         return grad_w_ih, grad_w_hh, grad_bias, grad_bias
 
     return hs, hs[-1:], grads
+
+
+def lstm_candidates(vocab: int, hidden: int, batch: int, steps: int, torch_threads_default: int) -> dict:
+    """Two ways to train an LSTM of this size for a minibatch, each as it would run: 'compiled' (`float32_step`, one
+    torch thread and the helper thread) and 'torch' (torch's LSTM through autograd on `torch_threads_default`
+    threads); for `rnnlm.cpu.choice` to time."""
+    layers = SimpleNamespace(rnn=nn.LSTM(vocab, hidden), linear=nn.Linear(hidden, vocab))
+    tokens, targets = torch.randint(0, vocab, (batch, steps)), torch.randint(0, vocab, (batch, steps))
+    state = (torch.zeros(1, batch, hidden), torch.zeros(1, batch, hidden))
+
+    def compiled() -> None:
+        with threads.torch_threads(1):
+            float32_step(layers, tokens, targets, state, 0.0, 1.0)
+
+    def torch_layer() -> None:
+        with threads.torch_threads(torch_threads_default):
+            outputs, _ = layers.rnn(torch.nn.functional.one_hot(tokens.T, vocab).float(), state)
+            logits = layers.linear(outputs.reshape(-1, hidden))
+            torch.nn.functional.cross_entropy(logits, targets.T.reshape(-1)).backward()
+            torch.nn.utils.clip_grad_norm_(list(layers.rnn.parameters()), 1.0, foreach=True)
+
+    return {"compiled": compiled, "torch": torch_layer}
 
 
 def sgd_step(model, tokens: torch.Tensor, targets: torch.Tensor, state, lr: float, max_norm: float):

@@ -96,21 +96,25 @@ def build(compiler: list[str]) -> Path:
     return target
 
 
+unavailable: list[str] = []  # why library() is None, once it is
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels, or None (turned off, no compiler, or a failed build: the reason is warned once)."""
+    """The loaded kernels, or None (turned off, no compiler, or a failed build: the reason is warned once and kept
+    in `unavailable`)."""
     if os.environ.get("RNNLM_NATIVE", "1") == "0":
+        unavailable.append("turned off by RNNLM_NATIVE=0")
         return None
     compiler = _compiler()
     if compiler is None:
-        warnings.warn(
-            "no C compiler found (cc, gcc, clang or $CC): the CPU recurrences run on torch's layers",
-            stacklevel=2,
-        )
+        unavailable.append("no C compiler found (cc, gcc, clang or $CC)")
+        warnings.warn(f"{unavailable[0]}: the CPU recurrences run on torch's layers", stacklevel=2)
         return None
     try:
         lib = ctypes.CDLL(str(build(compiler)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        unavailable.append(f"the kernels failed to build: {str(exc)[:300]}")
         warnings.warn(f"the compiled RNN kernels are unavailable ({exc}); using torch's layers", stacklevel=2)
         return None
     for name, args in _SIGNATURES.items():
@@ -158,6 +162,15 @@ def packed(k: int, n: int) -> torch.Tensor:
 def packed_bf16(k: int, n: int) -> torch.Tensor:
     """A buffer for a K x N matrix in `pack_bf16`'s layout."""
     return torch.empty(_padded(n) * ((k + 1) // 2), dtype=torch.int32)
+
+
+def instruction_set() -> str:
+    """What the build's matmuls use, in words: 'AVX-512, 16-wide' or 'AVX2, 8-wide', and the bf16 dot products."""
+    width = library().rnnlm_panel_width() // 2
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    name = {16: "AVX-512", 8: "AVX2"}.get(width) if x86 else None
+    name = name or f"{platform.machine()}, {width}-wide vectors"
+    return f"{name} float32" + (" and AVX512-BF16" if bf16_native() else "")
 
 
 def bf16_native() -> bool:

@@ -33,6 +33,7 @@ def test_flow_trains_logs_and_registers(tmp_path, corpus_url, mlflow_store):
         assert run.data.params[name] == str(value)
     assert {"corpus_file_sha1", "vocab_size", "torch_version", "git_commit"} <= run.data.params.keys()
     assert run.data.tags["device"].startswith("cpu") and run.data.tags["matmuls"] == "float32"
+    assert run.data.tags["engine"].startswith(("compiled kernels (", "torch's layers ("))  # which path, and why
     history = client.get_metric_history(out["run_id"], "train_perplexity")
     assert [m.step for m in history] == [1, 2, 3, 4]
     assert [m.step for m in client.get_metric_history(out["run_id"], "val_perplexity")] == [2, 4]

@@ -61,7 +61,7 @@ def test_train_compare_promote_and_load_champion(tmp_path, small_corpus, mlflow_
     assert {"run_id", "created", "rnn", "num_layers", "num_hiddens", "tokenization", "max_tokens", "lr"} <= set(
         table[0]
     )
-    assert table[0]["tokens_per_sec"] > 0 and table[0]["device"].startswith("cpu")
+    assert table[0]["tokens_per_sec"] > 0 and table[0]["device"].startswith("cpu") and table[0]["engine"]
 
     [path] = [a.path for a in client.list_artifacts(out["mlflow_run_id"]) if a.path.endswith(".csv")]
     local = client.download_artifacts(out["mlflow_run_id"], path, str(tmp_path))

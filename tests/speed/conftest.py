@@ -1,4 +1,4 @@
-"""Fixtures of the speed-path tests: a small character corpus as token ids."""
+"""Fixtures of the speed-path tests: a small character corpus as token ids, and the compiled LSTM chosen."""
 
 from __future__ import annotations
 
@@ -19,3 +19,10 @@ def char_ids():
         return len(vocab), as_tensor(encode(text, vocab, "char"))
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _compiled_lstm(monkeypatch):
+    """The compiled LSTM, whatever this machine measures (tests of the engine's LSTM need it; tests of the choice
+    itself set their own)."""
+    monkeypatch.setenv("RNNLM_CPU_CHOICE", "lstm-step=compiled")

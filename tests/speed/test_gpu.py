@@ -51,3 +51,11 @@ def test_training_on_gpu_lowers_perplexity(corpus, amp):
     optimizer, generator = make_optimizer(model, 1.0), torch.Generator().manual_seed(0)
     ppl = [train_epoch(model, ids, settings, optimizer, generator)[0] for _ in range(8)]
     assert ppl[-1] < 0.6 * ppl[0]
+
+
+def test_the_run_says_what_amp_means_on_the_gpu():
+    from rnnlm.model import matmul_precision
+
+    model = RNNLM(5, 4, "lstm").cuda()
+    assert matmul_precision(model, True, (2, 8)).startswith("bf16 autocast")
+    assert matmul_precision(model, False, (2, 8)) == "float32"

@@ -58,17 +58,17 @@ def test_the_engine_serves_one_layer_models_in_float32_only(monkeypatch):
 
 
 def test_the_run_says_what_amp_means_for_its_model_here(monkeypatch):
-    on_cpu, on_cuda = torch.device("cpu"), torch.device("cuda")
-    assert matmul_precision(RNNLM(5, 4, "lstm"), on_cpu, amp=False) == "float32"
-    assert matmul_precision(RNNLM(5, 4, "lstm"), on_cuda, amp=True).startswith("bf16 autocast")
+    window = (2, cpu.MIN_STEPS)
+    assert matmul_precision(RNNLM(5, 4, "lstm"), amp=False, window=window) == "float32"
     if not cpu.compiled():
         pytest.skip("no C compiler here: the compiled kernels are not built")
-    assert matmul_precision(RNNLM(5, 4, "rnn"), on_cpu, amp=True).startswith("float32")  # no bf16 kernel for it
+    monkeypatch.setattr(cpu, "lstm_path", lambda *size: "compiled")  # as where the compiled LSTM is quicker
+    assert matmul_precision(RNNLM(5, 4, "rnn"), True, window).startswith("float32")  # no bf16 kernel for it
     monkeypatch.setattr(native, "bf16_native", lambda: False)
-    assert matmul_precision(RNNLM(5, 4, "lstm"), on_cpu, amp=True).startswith("float32")  # bf16 would be slower here
+    assert matmul_precision(RNNLM(5, 4, "lstm"), True, window).startswith("float32")  # bf16 would be slower here
     monkeypatch.setattr(native, "bf16_native", lambda: True)
-    assert matmul_precision(RNNLM(5, 4, "lstm"), on_cpu, amp=True).startswith("bf16 recurrent matmuls")
-    assert matmul_precision(RNNLM(5, 4, "lstm", num_layers=2), on_cpu, amp=True).startswith("bf16 autocast")
+    assert matmul_precision(RNNLM(5, 4, "lstm"), True, window).startswith("bf16 recurrent matmuls")
+    assert matmul_precision(RNNLM(5, 4, "lstm", num_layers=2), True, window).startswith("bf16 autocast")
 
 
 @pytest.mark.parametrize("rnn", ["rnn", "lstm"])

@@ -1,0 +1,76 @@
+"""The engine's one-time measurements (`rnnlm.cpu.choice`): the quicker candidate is chosen, remembered on disk for
+every later process, can be set by hand, and a run's records say which path trained it and why."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from rnnlm import cpu
+from rnnlm.cpu import choice
+from rnnlm.model import RNNLM
+
+
+@pytest.fixture
+def fresh(tmp_path, monkeypatch):
+    """An empty choices file and no choice in memory or in the environment."""
+    monkeypatch.setenv("RNNLM_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.delenv("RNNLM_CPU_CHOICE", raising=False)
+    monkeypatch.setattr(choice, "_known", {})
+    monkeypatch.setattr(choice, "decisions", {})
+    return tmp_path / "choices.json"
+
+
+def counted(calls: list, name: str, seconds: float):
+    def run():
+        calls.append(name)
+        time.sleep(seconds)
+
+    return run
+
+
+def test_the_quicker_candidate_is_chosen_once_and_remembered(fresh):
+    calls = []
+    candidates = {"slow": counted(calls, "slow", 0.004), "quick": counted(calls, "quick", 0.0)}
+    assert choice.fastest("demo:1x2", candidates) == "quick"
+    assert calls.count("slow") == calls.count("quick") == 1 + choice.ROUNDS
+    assert "quick (measured: slow" in choice.decisions["demo:1x2"]
+    assert choice.fastest("demo:1x2", candidates) == "quick" and len(calls) == 2 * (1 + choice.ROUNDS)  # not again
+    [(key, value)] = json.loads(fresh.read_text()).items()
+    assert key.startswith("demo:1x2@") and value == "quick"
+
+
+def test_a_recorded_choice_wins_over_a_new_measurement(fresh):
+    """What another process recorded first is what this one takes, so that every process computes the same."""
+    calls = []
+    candidates = {"slow": counted(calls, "slow", 0.004), "quick": counted(calls, "quick", 0.0)}
+    choice.fastest("demo:3", candidates)
+    known = json.loads(fresh.read_text())
+    fresh.write_text(json.dumps({key: "slow" for key in known}))  # as if another process had measured otherwise
+    choice._known.clear()
+    assert choice.fastest("demo:3", candidates) == "slow"
+    assert len(calls) == 2 * (1 + choice.ROUNDS)  # read back: nothing measured again
+    assert choice.decisions["demo:3"].startswith("quick")  # this process's first decision, before the file was read
+
+
+def test_a_choice_can_be_set_by_hand(fresh, monkeypatch):
+    monkeypatch.setenv("RNNLM_CPU_CHOICE", "demo=slow, other=x")
+    calls = []
+    candidates = {"slow": counted(calls, "slow", 0.0), "quick": counted(calls, "quick", 0.0)}
+    assert choice.fastest("demo:9", candidates) == "slow" and calls == []
+    assert choice.decisions["demo:9"] == "slow (set by RNNLM_CPU_CHOICE)"
+    assert not fresh.exists()
+
+
+def test_the_run_records_which_path_trains_the_lstm_and_why(monkeypatch):
+    window = (8, 10)
+    monkeypatch.setattr(cpu, "lstm_path", lambda *size: "torch")
+    assert not cpu.handles(RNNLM(9, 16, "lstm"), torch.zeros(window, dtype=torch.int64))
+    assert cpu.engine(RNNLM(9, 16, "lstm"), window) == (
+        "torch's layers (torch's LSTM measured quicker than the compiled one on this machine)"
+    )
+    assert cpu.threads_for(0, RNNLM(9, 16, "lstm"), window) == cpu.DEFAULT_THREADS  # torch's layers: all its threads
+    if cpu.compiled():
+        monkeypatch.setattr(cpu, "lstm_path", lambda *size: "compiled")
+        assert cpu.engine(RNNLM(9, 16, "lstm"), window).startswith("compiled kernels (")
