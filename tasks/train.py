@@ -38,7 +38,10 @@ def train_model(config: TrainConfig, data: run.PreparedData, tracked: TrackedRun
     command after a crash, continues from the run's checkpoint and logs only the epochs MLflow does not have yet."""
     progress = TrainingProgress(config, tracked.run_id)
     try:
-        result = run.fit(config, data, Path(tracked.checkpoint), progress.on_epoch, tracked.run_id, progress.on_resume)
+        result = run.fit(
+            config, data, Path(tracked.checkpoint), progress.on_epoch, tracked.run_id, progress.on_resume,
+            on_start=progress.on_start,
+        )  # fmt: skip
     finally:
         progress.metrics.flush()  # what was measured before a failure is kept
     get_run_logger().info(

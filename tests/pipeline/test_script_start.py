@@ -39,6 +39,7 @@ def test_script_run_with_its_own_temporary_server(tmp_path, small_corpus, mlflow
     assert log.count("Started temporary server") == 1, log[-3000:]  # the early start is the one the flow used
     assert "Starting temporary server" not in log  # (Prefect's line when the flow starts one itself)
     assert re.search(r"registered model 'rnnlm' version 1", log)
+    assert re.search(r"training on cpu \(.*\) with (compiled kernels|torch's layers) \(", log)  # the path, and why
     assert "Stopping temporary server" in log  # Prefect's exit handler ran before the quick exit
     port = int(re.search(r"Started temporary server on http://127\.0\.0\.1:(\d+)", log).group(1))
     with socket.socket() as probe:
