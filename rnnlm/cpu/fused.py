@@ -52,24 +52,35 @@ def float32_step(model, tokens: torch.Tensor, targets: torch.Tensor, state, lr: 
     step does; the parameters' .grad are left untouched."""
     rnn, out, share, saved = model.rnn, model.linear, threads.second_core_free(), _Saved()
     hs, last_state, backward = _forward(rnn, tokens.T.contiguous(), state, share, saved)
-    logits = torch.empty(hs.shape[0] * hs.shape[1], out.out_features)
-    loss, grad_b = torch.zeros(16, dtype=torch.float64), out.bias.new_zeros(2, out.out_features)
-    grad_w, grad_h = out.weight.new_zeros(2, *out.weight.shape), torch.empty_like(hs)
-    wout, wout_back = native.pack(out.weight, trans=True), native.pack(out.weight, trans=False)
-    targets = targets.T.contiguous()  # time-major, as the logits' rows
-
-    def output(rows: tuple[int, int]) -> None:
-        me = int(rows[0] > 0)
-        native.output_step(
-            hs, wout, out.bias.detach(), wout_back, targets, logits, loss[8 * me :], grad_b[me], grad_w[me], grad_h,
-            rows,
-        )  # fmt: skip
-
-    threads.by_rows(hs.shape[1], share, output)
-    grads = [*backward(grad_h), grad_w.sum(0), grad_b.sum(0)]
+    grad_h = torch.empty_like(hs)
+    grad_w, grad_b, loss = output_step(
+        out, hs.view(-1, hs.shape[-1]), targets.T.contiguous(), grad_h.view(-1, hs.shape[-1]), share
+    )
+    grads = [*backward(grad_h), grad_w, grad_b]
     params = [rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0, out.weight, out.bias]
     native.clip_sgd([p.detach() for p in params], [g.contiguous() for g in grads], lr, max_norm)
-    return (loss.sum() / targets.numel()).float(), last_state
+    return (loss / targets.numel()).float(), last_state
+
+
+def output_step(out: nn.Linear, hs: torch.Tensor, targets: torch.Tensor, grad_h: torch.Tensor, share: bool):
+    """The output layer's forward, the summed cross-entropy of `targets` (rows of hs, time-major) and every gradient,
+    in one C call per core (each half of the rows), without keeping the logits: fills grad_h (the gradient reaching
+    hs, for a loss that is the mean over the rows) and returns (W_out's gradient, b_out's, the summed loss, 0-d)."""
+    rows, vocab = hs.shape[0], out.out_features
+    logits = torch.empty(rows, native.padded(vocab))
+    loss, grad_b = torch.zeros(16, dtype=torch.float64), out.bias.new_zeros(2, vocab)
+    grad_w = out.weight.new_zeros(2, *out.weight.shape)
+    wout, wout_back = native.pack(out.weight, trans=True), native.pack(out.weight, trans=False)
+
+    def half(span: tuple[int, int]) -> None:
+        me = int(span[0] > 0)
+        native.output_step(
+            hs, wout, out.bias.detach(), wout_back, targets, logits, loss[8 * me :], grad_b[me], grad_w[me], grad_h,
+            span,
+        )  # fmt: skip
+
+    threads.by_rows(rows, share, half)
+    return grad_w.sum(0), grad_b.sum(0), loss.sum()
 
 
 def _forward(rnn: nn.Module, tokens: torch.Tensor, state, share: bool, saved: _Saved):

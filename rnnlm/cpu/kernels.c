@@ -12,6 +12,7 @@
 #include <sched.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -300,14 +301,22 @@ void rnnlm_tanh(const float *x, float *out, int64_t n) {
     for (int64_t i = 0; i < n; i++) out[i] = tanh_approx(x[i]);
 }
 
+/* The input product of row n (n = t * batch + i), G columns wide: row tokens[n] of emb (W_ih.T + biases: a one-hot
+   input's product is a row of it) or, with tokens NULL, row n of emb (the products of dense inputs, computed before
+   the window as one matmul: an embedding's, or a lower layer's outputs). */
+static inline const float *input_row(const int64_t *tokens, const float *emb, size_t n, int G) {
+    return emb + (tokens ? (size_t)tokens[n] : n) * G;
+}
+
 /* The input of step t: `first` (h0 or c0) at t = 0, else row block t - 1 of `seq` (steps, batch, H). */
 static inline const float *previous(const float *first, const float *seq, int t, int batch, int H) {
     return t == 0 ? first : seq + (size_t)(t - 1) * batch * H;
 }
 
 /* Tanh RNN forward over rows [r0, r1): hs[t] = tanh(hs[t-1] @ W_hh.T + emb[tokens[t]]), hs[-1] = h0.
-   emb (vocab x H) is W_ih.T + b_ih + b_hh (the one-hot input's product is a row of it). whh: W_hh packed with
-   trans=1. scratch: (r1 - r0) x panels * NR floats. */
+   emb (vocab x H) is W_ih.T + b_ih + b_hh (the one-hot input's product is a row of it), or with tokens NULL the
+   inputs' products with the biases, (steps * batch) x H (see input_row). whh: W_hh packed with trans=1. scratch:
+   (r1 - r0) x panels * NR floats. */
 void rnnlm_rnn_forward(int steps, int batch, int H, int r0, int r1, const int64_t *tokens, const float *h0,
                        const float *emb, const float *whh, float *hs, float *scratch) {
     int panels = panels_of(H), ldc = panels * NR, M = r1 - r0;
@@ -315,7 +324,7 @@ void rnnlm_rnn_forward(int steps, int batch, int H, int r0, int r1, const int64_
         const float *prev = previous(h0, hs, t, batch, H);
         gemm(M, H, panels, prev + (size_t)r0 * H, H, whh, scratch, ldc);
         for (int i = 0; i < M; i++) {
-            const float *e = emb + (size_t)tokens[(size_t)t * batch + r0 + i] * H;
+            const float *e = input_row(tokens, emb, (size_t)t * batch + r0 + i, H);
             const float *acc = scratch + (size_t)i * ldc;
             float *h = hs + ((size_t)t * batch + r0 + i) * H;
             for (int j = 0; j < H; j++) h[j] = tanh_approx(acc[j] + e[j]);
@@ -414,9 +423,9 @@ static void add_block(int batch, int U, const float *src, int ldc, float *dst) {
 
 /* torch's GRU (gates r, z, n) forward, units [u0, u1) of U = u1 - u0:
      r = sigmoid(xr + gh_r)  z = sigmoid(xz + gh_z)  n = tanh(xn + r * gh_n)  h = n + z * (h_prev - n)
-   with x = emb[tokens[t]] (emb: vocab x 3H, W_ih.T + b_ih) and gh = h_prev @ W_hh.T + b_hh. whh: the rows of W_hh for
-   the worker's units of each gate (3U x H), packed with trans=1. Saved for the backward: rz (steps, batch, 2H), n and
-   hn = gh_n (steps, batch, H). scratch: batch x panels(3U). */
+   with x = emb[tokens[t]] (emb: vocab x 3H, W_ih.T + b_ih; or dense rows, see input_row) and gh = h_prev @ W_hh.T +
+   b_hh. whh: the rows of W_hh for the worker's units of each gate (3U x H), packed with trans=1. Saved for the
+   backward: rz (steps, batch, 2H), n and hn = gh_n (steps, batch, H). scratch: batch x panels(3U). */
 void rnnlm_gru_forward(int steps, int batch, int H, int u0, int u1, int worker, int workers, int64_t *flags,
                        const int64_t *tokens, const float *h0, const float *emb, const float *b_hh, const float *whh,
                        float *hs, float *rz, float *n, float *hn, float *scratch) {
@@ -426,7 +435,7 @@ void rnnlm_gru_forward(int steps, int batch, int H, int u0, int u1, int worker, 
         gemm(batch, H, panels, prev, H, whh, scratch, ldc);
         for (int i = 0; i < batch; i++) {
             size_t row = (size_t)t * batch + i;
-            const float *x = emb + (size_t)tokens[row] * 3 * H + u0, *acc = scratch + (size_t)i * ldc;
+            const float *x = input_row(tokens, emb, row, 3 * H) + u0, *acc = scratch + (size_t)i * ldc;
             const float *h_prev = prev + (size_t)i * H + u0, *b = b_hh + u0;
             float *rz_row = rz + row * 2 * H + u0, *n_row = n + row * H + u0, *hn_row = hn + row * H + u0;
             float *h = hs + row * H + u0;
@@ -521,9 +530,9 @@ static inline void lstm_cell_grad(int U, int H, const float *gt, const float *tc
 
 /* torch's LSTM (gates i, f, g, o) forward, units [u0, u1) of U = u1 - u0:
      [i f g o] = [sigmoid sigmoid tanh sigmoid](emb[tokens[t]] + h_prev @ W_hh.T)   c = f c_prev + i g   h = o tanh(c)
-   with emb (vocab x 4H) = W_ih.T + b_ih + b_hh. whh: the rows of W_hh for the worker's units of each gate (4U x H),
-   packed with trans=1. Saved for the backward: gates (steps, batch, 4H, after their activations), cs and tcs =
-   tanh(cs) (steps, batch, H). scratch: batch x panels(4U). */
+   with emb (vocab x 4H) = W_ih.T + b_ih + b_hh (or dense rows, see input_row). whh: the rows of W_hh for the
+   worker's units of each gate (4U x H), packed with trans=1. Saved for the backward: gates (steps, batch, 4H, after
+   their activations), cs and tcs = tanh(cs) (steps, batch, H). scratch: batch x panels(4U). */
 void rnnlm_lstm_forward(int steps, int batch, int H, int u0, int u1, int worker, int workers, int64_t *flags,
                         const int64_t *tokens, const float *h0, const float *c0, const float *emb, const float *whh,
                         float *hs, float *cs, float *gates, float *tcs, float *scratch) {
@@ -533,7 +542,7 @@ void rnnlm_lstm_forward(int steps, int batch, int H, int u0, int u1, int worker,
         gemm(batch, H, panels, prev_h, H, whh, scratch, ldc);
         for (int i = 0; i < batch; i++) {
             size_t row = (size_t)t * batch + i;
-            lstm_cell(U, H, U, emb + (size_t)tokens[row] * 4 * H + u0, scratch + (size_t)i * ldc,
+            lstm_cell(U, H, U, input_row(tokens, emb, row, 4 * H) + u0, scratch + (size_t)i * ldc,
                       prev_c + (size_t)i * H + u0, gates + row * 4 * H + u0, cs + row * H + u0, tcs + row * H + u0,
                       hs + row * H + u0);
         }
@@ -695,33 +704,65 @@ static inline __attribute__((always_inline)) void block_tn(const int R, int K, c
     }
 }
 
+/* block_tn for rows <= MR rows, each count with its own registers */
+static void block_tn_rows(int rows, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc) {
+    switch (rows) {
+#define ROWS(R)                                                                                                        \
+    case R:                                                                                                            \
+        block_tn(R, K, A, lda, B, ldb, C, ldc);                                                                        \
+        break;
+        ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6)
+#if MR > 6
+        ROWS(7) ROWS(8)
+#endif
+#undef ROWS
+    }
+}
+
+/* The columns [whole, N) of gemm_tn_acc (fewer than a panel): B's columns copied into a zero-padded panel and C's
+   into a tile, so that the same register blocks run over them without reading or writing past a row's end */
+static void tn_acc_tail(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc,
+                        int whole) {
+    int tail = N - whole;
+    float *panel = calloc((size_t)K * NR, sizeof(float)), tile[MR * NR];
+    for (int k = 0; k < K; k++) memcpy(panel + (size_t)k * NR, B + (size_t)k * ldb + whole, sizeof(float) * tail);
+    for (int i = 0; i < M; i += MR) {
+        int rows = M - i < MR ? M - i : MR;
+        for (int r = 0; r < rows; r++) memcpy(tile + r * NR, C + (size_t)(i + r) * ldc + whole, sizeof(float) * tail);
+        block_tn_rows(rows, K, A + i, lda, panel, NR, tile, NR);
+        for (int r = 0; r < rows; r++) memcpy(C + (size_t)(i + r) * ldc + whole, tile + r * NR, sizeof(float) * tail);
+    }
+    free(panel);
+}
+
 /* C (M x N, row stride ldc) += A.T @ B for A (K x M) and B (K x N), both row-major and read in place (row strides
-   lda, ldb): a weight's gradient from the rows of a window, without packing (the columns past the last whole panel
-   are summed one by one) */
+   lda, ldb): a weight's gradient from the rows of a window, without packing */
 static void gemm_tn_acc(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc) {
     int whole = N / NR * NR;
     for (int j = 0; j < whole; j += NR)
-        for (int i = 0; i < M; i += MR) {
-            const float *a = A + i, *b = B + j;
-            float *c = C + (size_t)i * ldc + j;
-            switch (M - i < MR ? M - i : MR) {
-#define ROWS(R)                                                                                                        \
-    case R:                                                                                                            \
-        block_tn(R, K, a, lda, b, ldb, c, ldc);                                                                        \
-        break;
-                ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6)
-#if MR > 6
-                ROWS(7) ROWS(8)
-#endif
-#undef ROWS
-            }
-        }
-    for (int i = 0; i < M; i++)
-        for (int j = whole; j < N; j++) {
-            float sum = 0.0f;
-            for (int k = 0; k < K; k++) sum += A[(size_t)k * lda + i] * B[(size_t)k * ldb + j];
-            C[(size_t)i * ldc + j] += sum;
-        }
+        for (int i = 0; i < M; i += MR)
+            block_tn_rows(M - i < MR ? M - i : MR, K, A + i, lda, B + j, ldb, C + (size_t)i * ldc + j, ldc);
+    if (whole < N) tn_acc_tail(M, N, K, A, lda, B, ldb, C, ldc, whole);
+}
+
+/* The cross-entropy of logits rows [n0, n1) (row stride ld, V classes, targets by row), and what it sends back:
+   each row replaced by its gradient, (softmax - one_hot(target)) * scale; loss[0] += the rows' summed cross-entropy,
+   grad_b (V) += their gradients' sum. */
+static void rows_loss(int64_t n0, int64_t n1, int V, int ld, const int64_t *targets, float *logits, float scale,
+                      double *loss, float *grad_b) {
+    double total = 0.0;
+    for (int64_t n = n0; n < n1; n++) {
+        float *row = logits + (size_t)n * ld, top = row[0], sum = 0.0f;
+        for (int v = 1; v < V; v++) top = row[v] > top ? row[v] : top;
+        total += top - row[targets[n]];
+        for (int v = 0; v < V; v++) sum += row[v] = exp_approx(row[v] - top);
+        total += __builtin_logf(sum);
+        float norm = scale / sum;
+        for (int v = 0; v < V; v++) row[v] *= norm;
+        row[targets[n]] -= scale;
+        add_row(V, row, grad_b);
+    }
+    loss[0] += total;
 }
 
 /* The mean cross-entropy of the logits (steps * batch, V; rows n = t * batch + i, targets the same way) over batch
@@ -731,47 +772,30 @@ static void gemm_tn_acc(int M, int N, int K, const float *A, int lda, const floa
    bias and weight gradients (this worker's share; zeros at the start). */
 static void output_loss(int steps, int batch, int H, int V, int r0, int r1, const int64_t *targets, const float *hs,
                         float *logits, float scale, double *loss, float *grad_b, float *grad_w) {
-    double total = 0.0;
     for (int t = 0; t < steps; t++) {
-        for (int i = r0; i < r1; i++) {
-            size_t n = (size_t)t * batch + i;
-            float *row = logits + n * V, top = row[0], sum = 0.0f;
-            for (int v = 1; v < V; v++) top = row[v] > top ? row[v] : top;
-            total += top - row[targets[n]];
-            for (int v = 0; v < V; v++) sum += row[v] = exp_approx(row[v] - top);
-            total += __builtin_logf(sum);
-            float norm = scale / sum;
-            for (int v = 0; v < V; v++) row[v] *= norm;
-            row[targets[n]] -= scale;
-            add_row(V, row, grad_b);
-        }
         size_t first = (size_t)t * batch + r0;
+        rows_loss(first, first + (r1 - r0), V, V, targets, logits, scale, loss, grad_b);
         gemm_tn_acc(V, H, r1 - r0, logits + first * V, V, hs + first * H, H, grad_w, H);
     }
-    loss[0] += total;
 }
 
-/* The output layer's whole training step over batch rows [r0, r1) of every step (the float32 fused step,
-   rnnlm/cpu/fused.py): logits = hs @ W_out.T + b_out, then output_loss (the summed cross-entropy into loss[0], the
-   logits replaced by their gradient, the bias and weight gradients: this worker's share, zeros at the start), then
-   grad_h (steps, batch, H) = dlogits @ W_out, the gradient reaching each step's h. wout: W_out (V x H) packed by
-   rnnlm_pack with trans=1, wout_back with trans=0. scratch: (r1 - r0) x panels(max(V, H)) * NR floats. */
-void rnnlm_output_step(int steps, int batch, int H, int V, int r0, int r1, const float *hs, const float *wout,
-                       const float *b_out, const float *wout_back, const int64_t *targets, float scale, float *logits,
-                       double *loss, float *grad_b, float *grad_w, float *grad_h, float *scratch) {
-    int M = r1 - r0, ldo = panels_of(V) * NR, ldh = panels_of(H) * NR;
-    for (int t = 0; t < steps; t++) {
-        size_t first = (size_t)t * batch + r0;
-        gemm(M, H, panels_of(V), hs + first * H, H, wout, scratch, ldo);
-        for (int i = 0; i < M; i++)
-            for (int v = 0; v < V; v++) logits[(first + i) * V + v] = scratch[(size_t)i * ldo + v] + b_out[v];
-    }
-    output_loss(steps, batch, H, V, r0, r1, targets, hs, logits, scale, loss, grad_b, grad_w);
-    for (int t = 0; t < steps; t++) {
-        output_grad(t, batch, H, V, r0, r1, logits, wout_back, scratch, ldh);
-        float *out = grad_h + ((size_t)t * batch + r0) * H;
-        for (int i = 0; i < M; i++) memcpy(out + (size_t)i * H, scratch + (size_t)i * ldh, sizeof(float) * H);
-    }
+/* The output layer's whole training step over the rows [n0, n1) of a window (steps * batch rows, time-major; the
+   float32 fused step, rnnlm/cpu/fused.py): logits = hs @ W_out.T + b_out (rows of ldl >= V floats), then
+   rows_loss (the summed cross-entropy into loss[0], the logits replaced by their gradient, the bias gradient), the
+   weight gradient grad_w (V x H) += dlogits.T @ hs, and grad_h (the rows' gradient reaching hs, H wide) = dlogits @
+   W_out. This worker's grad_b, grad_w: zeros at the start. wout: W_out (V x H) packed by rnnlm_pack with trans=1,
+   wout_back with trans=0; ldl = panels(V) * NR; scratch: (n1 - n0) x panels(H) * NR floats. */
+void rnnlm_output_step(int64_t n0, int64_t n1, int H, int V, const float *hs, const float *wout, const float *b_out,
+                       const float *wout_back, const int64_t *targets, float scale, float *logits, double *loss,
+                       float *grad_b, float *grad_w, float *grad_h, float *scratch) {
+    int M = (int)(n1 - n0), ldl = panels_of(V) * NR, ldh = panels_of(H) * NR;
+    float *rows = logits + (size_t)n0 * ldl;
+    gemm(M, H, panels_of(V), hs + (size_t)n0 * H, H, wout, rows, ldl);
+    for (int i = 0; i < M; i++) add_row(V, b_out, rows + (size_t)i * ldl);
+    rows_loss(n0, n1, V, ldl, targets, logits, scale, loss, grad_b);
+    gemm_tn_acc(V, H, M, rows, ldl, hs + (size_t)n0 * H, H, grad_w, H);
+    gemm(M, V, panels_of(H), rows, ldl, wout_back, scratch, ldh);
+    for (int i = 0; i < M; i++) memcpy(grad_h + (size_t)(n0 + i) * H, scratch + (size_t)i * ldh, sizeof(float) * H);
 }
 
 /* The sum of squares of x[0:n]: vector sums of 1024 floats at a time, added in double */

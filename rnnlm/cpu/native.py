@@ -50,8 +50,8 @@ _SIGNATURES = {
     "rnnlm_lstm_sgd_work": [_i] * 6,
     "rnnlm_lstm_sgd_bf16": [_p, _i, _i, _p, _p],
     "rnnlm_barrier": [_p, _i, _i, ctypes.c_int64],
-    # the float32 fused step: steps, batch, H, V, r0, r1, hs, wout, b_out, wout_back, targets, scale, then the rest
-    "rnnlm_output_step": [_i] * 6 + [_p] * 5 + [ctypes.c_float] + [_p] * 6,
+    # the output layer's step: n0, n1, H, V, hs, wout, b_out, wout_back, targets, scale, then the outputs
+    "rnnlm_output_step": [ctypes.c_int64] * 2 + [_i] * 2 + [_p] * 5 + [ctypes.c_float] + [_p] * 6,
     "rnnlm_clip_sgd": [_i, _p, _p, _p, ctypes.c_float, ctypes.c_float],
 }
 _RESULTS = {name: _i for name in ("rnnlm_panel_width", "rnnlm_bf16_native", "rnnlm_barrier")}
@@ -337,14 +337,20 @@ def weight_grad_bf16(first, rest, grad_panels, out, rows: tuple[int, int]) -> No
 
 
 def output_step(hs, wout, b_out, wout_back, targets, logits, loss, grad_b, grad_w, grad_h, rows) -> None:
-    """The output layer's training step over batch rows `rows` (see kernels.c: rnnlm_output_step): logits, the
-    summed cross-entropy into loss[0], the logits' gradient in their place, this worker's bias and weight gradients
-    (grad_b (V), grad_w (V, H), zeros at the start) and grad_h, the gradient reaching hs."""
-    (steps, batch, hidden), vocab = hs.shape, logits.shape[1]
-    scale = 1.0 / (steps * batch)
-    work = scratch(rows[1] - rows[0], max(vocab, hidden))
-    head = (steps, batch, hidden, vocab, *rows, *map(_ptr, (hs, wout, b_out, wout_back, targets)), scale)
+    """The output layer's training step over rows `rows` of the window's (steps * batch) rows (see kernels.c:
+    rnnlm_output_step): the logits (rows of `padded(V)` floats), the summed cross-entropy into loss[0], the logits'
+    gradient in their place, this worker's bias and weight gradients (grad_b (V), grad_w (V, H), zeros at the start)
+    and grad_h, the gradient reaching hs (rows, H)."""
+    hidden, vocab = hs.shape[-1], grad_b.shape[0]
+    scale = 1.0 / targets.numel()
+    work = scratch(rows[1] - rows[0], hidden)
+    head = (*rows, hidden, vocab, *map(_ptr, (hs, wout, b_out, wout_back, targets)), scale)
     library().rnnlm_output_step(*head, *map(_ptr, (logits, loss, grad_b, grad_w, grad_h, work)))
+
+
+def padded(n: int) -> int:
+    """n columns rounded up to whole panels: the row length of the kernels' padded buffers."""
+    return _padded(n)
 
 
 def clip_sgd(params: list[torch.Tensor], grads: list[torch.Tensor], lr: float, max_norm: float) -> float:
