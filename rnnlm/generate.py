@@ -1,11 +1,17 @@
 """Text generation: the book's greedy `predict_ch8`, plus temperature and top-k sampling, for many prompts at once.
 
 The prompts warm the state up in one call per distinct prompt length; then all prompts advance together, one model
-call per generated token for the whole batch, and the tokens are read back to the host once at the end.
+call per generated token for the whole batch, and the tokens are read back to the host once at the end. Each prompt
+samples from its own random stream, keyed by its request's seed and its place in that request, so a prompt's text
+does not depend on which other prompts share the batch (a server batches many requests into one call).
 """
 
 from __future__ import annotations
 
+import math
+import secrets
+
+import numpy as np
 import torch
 
 from rnnlm.model import RNNLM
@@ -14,22 +20,49 @@ from rnnlm.tokens import Vocab, join_tokens, split_tokens
 MAX_PREDS = 10_000
 SAMPLING_DEFAULTS = {"num_preds": 50, "temperature": 1.0, "top_k": 1, "seed": 0}  # a served model's defaults
 MAX_TOP_K = 2**31 - 1  # any top_k >= the vocabulary's size means no truncation
+BUDGET_DEFAULTS = {"max_prompts": 256, "max_work": 100_000}  # what one served request may cost (`check_budget`)
+
+Stream = tuple[int, int]  # one prompt's random stream: (its request's seed, its row in that request)
 
 
 class GenerationError(ValueError):
     """A generation request that cannot be served; the message says what was wrong."""
 
 
-def check_request(prompts: list[str], num_preds: int, temperature: float, top_k: int) -> None:
+def check_request(prompts: list[str], num_preds: int, temperature: float, top_k: int, seed: int | None = None) -> None:
     """Validate a generation request before any model work."""
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise GenerationError("give a non-empty list of prompt strings")
     if isinstance(num_preds, bool) or not isinstance(num_preds, int) or not 0 <= num_preds <= MAX_PREDS:
         raise GenerationError(f"num_preds must be an integer from 0 to {MAX_PREDS:,}, got {num_preds!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not temperature > 0:
-        raise GenerationError(f"temperature must be a number > 0, got {temperature!r} (use top_k=1 for greedy)")
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 < temperature < math.inf:
+        raise GenerationError(f"temperature must be a finite number > 0, got {temperature!r} (use top_k=1 for greedy)")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise GenerationError(f"top_k must be an integer >= 1 (1 = greedy argmax), got {top_k!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise GenerationError(f"seed must be an integer, got {seed!r}")
+
+
+def check_budget(prompts: list[str], num_preds: int, tokenization: str, max_prompts: int, max_work: int) -> None:
+    """Refuse a request over its budget: more than `max_prompts` prompts, or more than `max_work` tokens of work
+    (prompts x (prompt tokens + num_preds)); the message names the limit and how to split the request."""
+    if len(prompts) > max_prompts:
+        raise GenerationError(
+            f"{len(prompts):,} prompts in one request, over the limit of {max_prompts:,} (max_prompts); "
+            f"send them in {-(-len(prompts) // max_prompts):,} requests of at most {max_prompts:,} prompts"
+        )
+    costs = [len(split_tokens(p, tokenization)) + num_preds for p in prompts]  # tokens fed + tokens generated
+    if sum(costs) <= max_work:
+        return
+    limit = f"the limit of {max_work:,} tokens of work per request (max_work: prompts x (prompt tokens + num_preds))"
+    if (largest := max(costs)) > max_work:
+        where = f"prompt {costs.index(largest)} alone costs {largest:,} tokens"
+        raise GenerationError(f"{where}, over {limit}; shorten it or lower num_preds")
+    per_request = max_work // largest
+    raise GenerationError(
+        f"this request costs {sum(costs):,} tokens, over {limit}; split it into {-(-len(prompts) // per_request):,} "
+        f"requests of at most {per_request:,} prompts, or lower num_preds"
+    )
 
 
 def prompt_ids(prompt: str, vocab: Vocab, tokenization: str) -> list[int]:
@@ -39,10 +72,15 @@ def prompt_ids(prompt: str, vocab: Vocab, tokenization: str) -> list[int]:
         raise GenerationError("a prompt needs at least one token")
     if unknown := vocab.unknown(tokens):
         raise GenerationError(
-            f"prompt {prompt!r} has tokens outside the vocabulary: {unknown}; the model knows "
+            f"prompt {_clip(repr(prompt))} has tokens outside the vocabulary: {_clip(str(unknown))}; the model knows "
             f"{len(vocab)} tokens (for the book's corpus: lowercase letters and space)"
         )
     return vocab.to_ids(tokens)
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """`text`, or its first `limit` characters and how many more there were (messages stay short)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit:,} more characters)"
 
 
 @torch.no_grad()
@@ -55,23 +93,27 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 1,
     seed: int | None = None,
+    streams: list[Stream] | None = None,
 ) -> list[str]:
     """Continue each prompt by `num_preds` tokens; returns prompt + continuation for each.
 
     `top_k=1` is the book's greedy argmax (deterministic, no randomness used); otherwise tokens are sampled from the
-    softmax of logits / `temperature`, restricted to the `top_k` most likely, with a generator seeded by `seed`.
+    softmax of logits / `temperature`, restricted to the `top_k` most likely. Prompt i draws from the stream
+    (`seed`, i) (a random seed when None), or from `streams[i]` when given: a batch of several requests passes each
+    prompt's own, so that every request gets the text it would get alone.
     """
-    check_request(prompts, num_preds, temperature, top_k)
+    check_request(prompts, num_preds, temperature, top_k, seed)
+    streams = streams if streams is not None else streams_of(seed, len(prompts))
+    if len(streams) != len(prompts):
+        raise GenerationError(f"{len(streams)} random streams for {len(prompts)} prompts")
     ids = [prompt_ids(p, vocab, tokenization) for p in prompts]
     model.eval()
     device = next(model.parameters()).device
     logits, state = _warm_up(model, ids, device)  # (batch, vocab_size)
-    generator = torch.Generator(device=device)
-    if seed is not None:
-        generator.manual_seed(seed)
+    draws = _draws(streams, num_preds, device) if top_k > 1 else None  # (batch, num_preds) uniforms in [0, 1)
     outputs = []
-    for _ in range(num_preds):
-        next_ids = _pick(logits, temperature, top_k, generator)  # (batch,)
+    for step in range(num_preds):
+        next_ids = _pick(logits, temperature, top_k, None if draws is None else draws[:, step])  # (batch,)
         outputs.append(next_ids)
         logits, state = model(next_ids[:, None], state)
     new = torch.stack(outputs, dim=1).tolist() if outputs else [[] for _ in prompts]
@@ -99,10 +141,26 @@ def _warm_up(model: RNNLM, ids: list[list[int]], device: torch.device):
     return torch.cat(logits)[back], state
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator) -> torch.Tensor:
-    """Next token per row: argmax for top_k=1, else a draw from the tempered, top-k-truncated softmax."""
+def streams_of(seed: int | None, count: int) -> list[Stream]:
+    """The random streams of one request's `count` prompts: (seed, row) for each; a random seed when None."""
+    seed = secrets.randbits(63) if seed is None else seed
+    return [(seed, row) for row in range(count)]
+
+
+def _draws(streams: list[Stream], num_preds: int, device: torch.device) -> torch.Tensor:
+    """One uniform draw in [0, 1) per prompt and generated token, (batch, num_preds), each row from its own stream
+    (numpy's PCG64 seeded with the pair; seeds of any sign and size)."""
+    rows = [np.random.default_rng([seed % 2**64, row]).random(num_preds, dtype=np.float32) for seed, row in streams]
+    return torch.from_numpy(np.stack(rows)).to(device)
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: int, uniforms: torch.Tensor | None) -> torch.Tensor:
+    """Next token per row: argmax for top_k=1, else the token whose cumulative probability first reaches the row's
+    uniform draw (batch,) under the tempered, top-k-truncated softmax."""
     if top_k == 1:
         return logits.argmax(dim=-1)
-    values, indices = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
-    probs = torch.softmax(values / temperature, dim=-1)
-    return indices.gather(-1, torch.multinomial(probs, 1, generator=generator)).squeeze(-1)
+    values, indices = logits.topk(min(top_k, logits.shape[-1]), dim=-1)  # (batch, k), largest first
+    probs = torch.softmax((values - values[:, :1]) / temperature, dim=-1)  # shifted: no overflow at low temperature
+    cumulative = probs.cumsum(dim=-1)
+    chosen = (cumulative < uniforms[:, None] * cumulative[:, -1:]).sum(dim=-1).clamp_(max=values.shape[-1] - 1)
+    return indices.gather(-1, chosen[:, None]).squeeze(-1)

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from rnnlm import cpu
 from rnnlm.batches import as_tensor, eval_batches, random_batches, sequential_batches
@@ -170,8 +169,7 @@ def _step(model: RNNLM, inputs, targets, hidden, optimizer, config: TrainConfig)
     if (compiled := cpu.sgd_step(model, optimizer, inputs, targets, hidden, config.grad_clip, config.amp)) is not None:
         return compiled
     with autocast(inputs.device, config.amp):  # the forward pass only; gradients and SGD stay float32
-        logits, hidden = model(inputs, hidden)  # (num_steps * batch_size, vocab_size)
-        loss = F.cross_entropy(logits.float(), targets.T.reshape(-1))
+        loss, hidden = model.loss(inputs, targets, hidden)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip, foreach=True)
@@ -192,8 +190,8 @@ def evaluate(model: RNNLM, corpus: torch.Tensor, batch_size: int, num_steps: int
     with cpu.settings(cpu_threads, model, (batch_size, num_steps)):
         for inputs, targets in eval_batches(corpus, batch_size, num_steps):
             hidden = model.begin_state(inputs.shape[0], corpus.device) if hidden is None else hidden
-            logits, hidden = model(inputs, hidden)
-            loss_sum += F.cross_entropy(logits, targets.T.reshape(-1), reduction="sum")
+            loss, hidden = model.loss(inputs, targets, hidden, reduction="sum")
+            loss_sum += loss
             num_tokens += targets.numel()
     return perplexity_of(float(loss_sum) / num_tokens)
 

@@ -4,16 +4,57 @@ MLflow copies this file into the model, together with the `rnnlm` package (code_
 (artifacts), so a registered version carries weights, vocab, config and sampling code and needs nothing else.
 Input: a list of prompts. Params: num_preds (default 50, at most 10,000), temperature (> 0), top_k (1 = greedy
 argmax, the book's predict), seed. Output: one string per prompt, the prompt followed by its continuation.
+
+Under `mlflow models serve` (one uvicorn process; each request is parsed and predicted in a thread of the event
+loop's default executor) the model serves many clients at once:
+- batching: predict hands its prompts to one background thread (`Batcher`), which gathers the requests that arrive
+  within `batch_window_ms` of the first, groups those with the same num_preds, temperature and top_k, and runs one
+  `generate` call per group. Each prompt samples from its own stream (its request's seed, its row), so every client
+  gets the text it would get alone.
+- a budget per request (`max_prompts`, `max_work`), checked before any model work: a 400 that says how to split.
+- MLflow's request parsing guarded: a 400 instead of MLflow's 500 for JSON nested too deeply, a 413 for bodies over
+  `max_body_bytes`, error messages without the copy of the input MLflow puts in them.
+- freed memory handed back to the OS (glibc's malloc_trim) after large requests.
+Each setting has a default (the budget's in `rnnlm.generate.BUDGET_DEFAULTS`, the others in `SERVE_DEFAULTS`), may
+be set when the model is logged (its `model_config`, which `register_model` fills with the budget; or MLflow's
+SERVING_MODEL_CONFIG) and when it is served: environment variables `RNNLM_SERVE_<NAME>`, e.g. RNNLM_SERVE_MAX_WORK.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import ctypes
+import functools
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
+
+SERVE_DEFAULTS = {
+    "max_body_bytes": 1024 * 1024,  # request bodies larger than this are refused before MLflow parses them
+    "batch_window_ms": 2,  # how long the batcher waits after a request for others to join its batch
+    "max_batch_rows": 256,  # prompts gathered into one batch (a request that crosses it still joins whole)
+    "threads": 64,  # the scoring server's request threads: each request waiting for its batch holds one
+}
+TRIM_AFTER_CHARS = 20_000  # characters of a batch group's texts, or ...
+TRIM_AFTER_BYTES = 256 * 1024  # ... bytes of a body, after which freed memory is handed back to the OS
+SCORING_APP = "mlflow.pyfunc.scoring_server.app"  # the module `mlflow models serve` runs; it loads the model
+
+Key = tuple[int, float, int]  # what requests must share to run as one batch: num_preds, temperature, top_k
+_logger = logging.getLogger(__name__)
 
 
 class RNNLMModel(PythonModel):
@@ -23,25 +64,235 @@ class RNNLMModel(PythonModel):
         from rnnlm.checkpoint import load_checkpoint, model_from_checkpoint
 
         self.model, self.vocab, self.config = model_from_checkpoint(load_checkpoint(context.artifacts["checkpoint"]))
+        self.settings = serve_settings(context.model_config or {})
+        self.batcher = None
+        if SCORING_APP in sys.modules:  # loaded by `mlflow models serve`: many clients at once
+            window = self.settings["batch_window_ms"] / 1000
+            self.batcher = Batcher(self._generate, window, self.settings["max_batch_rows"])
+            _hook_scoring_server(self.settings)
 
     def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
-        from rnnlm.generate import SAMPLING_DEFAULTS, GenerationError, generate
+        from rnnlm.generate import GenerationError
 
-        options = {**SAMPLING_DEFAULTS, **{k: v for k, v in (params or {}).items() if v is not None}}
-        prompts = list(model_input) if not isinstance(model_input, str) else [model_input]
         try:
-            return generate(
-                self.model,
-                self.vocab,
-                prompts,
-                int(options["num_preds"]),
-                self.config["tokenization"],
-                temperature=float(options["temperature"]),
-                top_k=int(options["top_k"]),
-                seed=int(options["seed"]),
-            )
+            key, prompts, streams = self._request(model_input, params)
+            if self.batcher is None:
+                return self._generate(key, prompts, streams)
+            return self.batcher.submit(key, prompts, streams)
         except GenerationError as err:  # a 400 from `mlflow models serve`, not a 500
             raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from err
+
+    def _request(self, model_input: list[str], params: dict[str, Any] | None):
+        """Check a request (types, budget, vocabulary) before any model work; return its batch key, its prompts
+        and their random streams."""
+        from rnnlm.generate import SAMPLING_DEFAULTS, check_budget, check_request, prompt_ids, streams_of
+
+        given = {k: v.item() if hasattr(v, "item") else v for k, v in (params or {}).items() if v is not None}
+        options = {**SAMPLING_DEFAULTS, **given}  # MLflow hands numpy scalars for some params: plain values here
+        num_preds, temperature, top_k, seed = (options[k] for k in ("num_preds", "temperature", "top_k", "seed"))
+        prompts = list(model_input) if not isinstance(model_input, str) else [model_input]
+        tokenization = self.config["tokenization"]
+        check_request(prompts, num_preds, temperature, top_k, seed)
+        check_budget(prompts, num_preds, tokenization, self.settings["max_prompts"], self.settings["max_work"])
+        for prompt in prompts:  # refused here, alone, rather than failing a batch shared with other requests
+            prompt_ids(prompt, self.vocab, tokenization)
+        top_k = min(top_k, len(self.vocab))  # the same draws: top_k beyond the vocabulary changes nothing
+        key = (num_preds, float(temperature) if top_k > 1 else 1.0, top_k)
+        return key, prompts, streams_of(seed, len(prompts))
+
+    def _generate(self, key: Key, prompts: list[str], streams: list) -> list[str]:
+        """One `generate` call for prompts that share `key`; freed memory goes back to the OS after a large one."""
+        from rnnlm.generate import generate
+
+        num_preds, temperature, top_k = key
+        tokenization = self.config["tokenization"]
+        texts = generate(self.model, self.vocab, prompts, num_preds, tokenization, temperature, top_k, streams=streams)
+        if sum(map(len, texts)) > TRIM_AFTER_CHARS:
+            trim_heap()
+        return texts
+
+
+def serve_settings(model_config: dict[str, Any]) -> dict[str, int]:
+    """The budget's and the server's defaults, overridden by the model's config, overridden by RNNLM_SERVE_<NAME>
+    environment variables; a value that is not a whole number (>= 1; the window >= 0) is refused, naming it."""
+    from rnnlm.generate import BUDGET_DEFAULTS
+
+    settings = {}
+    for name, default in {**BUDGET_DEFAULTS, **SERVE_DEFAULTS}.items():
+        variable, least = f"RNNLM_SERVE_{name.upper()}", 0 if name == "batch_window_ms" else 1
+        value = os.environ.get(variable, model_config.get(name, default))
+        try:
+            settings[name] = int(value)
+        except (TypeError, ValueError):
+            settings[name] = least - 1
+        if settings[name] < least or str(settings[name]) != str(value).strip():
+            raise ValueError(f"{variable} (or model_config {name!r}) must be a whole number >= {least}, got {value!r}")
+    return settings
+
+
+@dataclass
+class _Waiting:
+    """One predict call waiting for its batch: what it asks and, once served, its texts or its error."""
+
+    key: Key
+    prompts: list[str]
+    streams: list
+    done: threading.Event = field(default_factory=threading.Event)
+    texts: list[str] | None = None
+    error: Exception | None = None
+
+
+class Batcher:
+    """Serves `submit` calls from many threads in one background thread, in batches: after a request arrives it
+    waits up to `window_s` for others (up to `max_rows` prompts in all), then calls `run(key, prompts, streams)`
+    once per group of requests with the same key, oldest group first, and hands each request its own rows.
+
+    One batch runs at a time, so a long request (10,000 tokens) delays the requests queued behind it.
+    """
+
+    def __init__(self, run: Callable[[Key, list[str], list], list[str]], window_s: float, max_rows: int):
+        self._run, self._window_s, self._max_rows = run, window_s, max_rows
+        self._queue: queue.SimpleQueue[_Waiting] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, key: Key, prompts: list[str], streams: list) -> list[str]:
+        """Queue a request and wait for its texts (its batch's error is raised here)."""
+        self._start()
+        waiting = _Waiting(key, prompts, streams)
+        self._queue.put(waiting)
+        waiting.done.wait()
+        if waiting.error is not None:
+            raise waiting.error
+        return waiting.texts
+
+    def _start(self) -> None:
+        """The background thread, started at the first request."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="rnnlm-batcher", daemon=True)
+                self._thread.start()
+
+    def _serve(self) -> None:
+        """Forever: gather a batch, run it group by group."""
+        while True:
+            groups: dict[Key, list[_Waiting]] = {}
+            for waiting in self._gather():
+                groups.setdefault(waiting.key, []).append(waiting)
+            for key, members in groups.items():
+                self._run_group(key, members)
+
+    def _gather(self) -> list[_Waiting]:
+        """The oldest waiting request, and those that arrive within the window after it (all already queued)."""
+        batch = [self._queue.get()]
+        rows, deadline = len(batch[0].prompts), time.monotonic() + self._window_s
+        while rows < self._max_rows:
+            try:
+                batch.append(self._queue.get(timeout=max(deadline - time.monotonic(), 0)))
+            except queue.Empty:
+                break
+            rows += len(batch[-1].prompts)
+        return batch
+
+    def _run_group(self, key: Key, members: list[_Waiting]) -> None:
+        """One call for the group; each member gets its slice of the texts, or the call's error."""
+        try:
+            texts = self._run(key, [p for m in members for p in m.prompts], [s for m in members for s in m.streams])
+        except Exception as err:  # handed to every member's thread, which answers its request with it
+            texts, error = None, err
+        start = 0
+        for member in members:
+            if texts is None:
+                member.error = error
+            else:
+                member.texts, start = texts[start : start + len(member.prompts)], start + len(member.prompts)
+            member.done.set()
+
+
+def _hook_scoring_server(settings: dict[str, int]) -> None:
+    """Fit MLflow's scoring server (loading this model now) to batching, in its module's names only: request threads
+    enough for every waiting request (`_PooledAsyncio`), and its request parsing guarded (`_guarded`)."""
+    from mlflow.pyfunc import scoring_server
+
+    if not isinstance(scoring_server.asyncio, _PooledAsyncio):
+        scoring_server.asyncio = _PooledAsyncio(settings["threads"])
+    if not getattr(scoring_server.invocations, "rnnlm_guarded", False):
+        scoring_server.invocations = _guarded(scoring_server.invocations, settings["max_body_bytes"])
+
+
+class _PooledAsyncio:
+    """`asyncio` as MLflow's scoring server module sees it, except that `to_thread` (which runs each request's
+    parsing and predict) uses a pool of `size` threads: the event loop's default pool has os.cpu_count() + 4, and a
+    request waiting for its batch holds its thread, so that pool would cap a batch at 6 requests on 2 cores."""
+
+    def __init__(self, size: int):
+        self._pool = ThreadPoolExecutor(size, thread_name_prefix="rnnlm-request")
+
+    def __getattr__(self, name: str):
+        return getattr(asyncio, name)
+
+    async def to_thread(self, func, /, *args, **kwargs):
+        """`asyncio.to_thread` on this pool."""
+        call = functools.partial(contextvars.copy_context().run, func, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+
+
+def _guarded(invocations: Callable, max_body_bytes: int) -> Callable:
+    """MLflow's `invocations(data, content_type, model, input_schema)` (parse a body, predict, answer), with a 413
+    for bodies over `max_body_bytes`, a 400 for JSON nested deeper than Python's recursion limit (MLflow's json.loads
+    raises RecursionError there, which nothing catches: a 500), short error messages, and freed memory handed back
+    to the OS after a large body."""
+    from mlflow.pyfunc.scoring_server import InvocationsResponse
+
+    def refuse(status: int, message: str) -> InvocationsResponse:
+        body = json.dumps({"error_code": "BAD_REQUEST", "message": message})
+        return InvocationsResponse(response=body, status=status, mimetype="application/json")
+
+    @functools.wraps(invocations)
+    def guarded(data, content_type, model, input_schema):
+        if len(data) > max_body_bytes:
+            return refuse(
+                413,
+                f"the request body has {len(data):,} bytes, over the limit of {max_body_bytes:,} (max_body_bytes, "
+                "RNNLM_SERVE_MAX_BODY_BYTES); split its prompts over several requests",
+            )
+        try:
+            return invocations(data, content_type, model, input_schema)
+        except RecursionError:
+            return refuse(400, 'the JSON body is nested too deeply; send {"inputs": [prompts], "params": {...}}')
+        except MlflowException as err:
+            err.message = short_message(err.message)
+            raise
+        finally:
+            if len(data) > TRIM_AFTER_BYTES:
+                trim_heap()
+
+    guarded.rnnlm_guarded = True
+    return guarded
+
+
+def short_message(message: str, limit: int = 2000) -> str:
+    """An MLflow error message without the copy of the request it embeds (megabytes for a large request)."""
+    head, sep, reason = message.partition("'. \nError: ")
+    if sep and head.startswith("Failed to predict data '"):
+        message = f"Failed to predict: {reason}"
+    message = message.split("\nInput: \n", 1)[0]
+    return message if len(message) <= limit else f"{message[:limit]}... ({len(message) - limit:,} more characters)"
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None under another C library."""
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
+        return None
+
+
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc keeps them otherwise); a no-op without glibc."""
+    if (trim := _malloc_trim()) is not None:
+        trim(0)
 
 
 mlflow.models.set_model(RNNLMModel())

@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from rnnlm import paths, run
 from rnnlm.config import TrainConfig
-from rnnlm.generate import MAX_PREDS, SAMPLING_DEFAULTS
+from rnnlm.generate import BUDGET_DEFAULTS, MAX_PREDS, SAMPLING_DEFAULTS
 from tasks import store
 from tasks.runs import TrackedRun, start_or_resume
 
@@ -74,6 +74,7 @@ def register_model(config: TrainConfig, run_id: str, result: run.FitResult) -> i
             pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"],
             registered_model_name=config.registered_model,
             metadata={"max_num_preds": MAX_PREDS, "tokenization": config.tokenization},
+            model_config=BUDGET_DEFAULTS,  # what one served request may cost; RNNLM_SERVE_* overrides it when served
         )
     version = int(info.registered_model_version)
     tags = {"val_perplexity": result.val_perplexity, "train_perplexity": result.train_perplexity}

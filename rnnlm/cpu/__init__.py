@@ -1,13 +1,16 @@
-"""The CPU engine: the book's one-layer RNN, GRU and LSTM in compiled C (kernels.c), on two cores.
+"""The CPU engine: the book's RNN, GRU and LSTM, at any depth and with embeddings, in compiled C (kernels.c), on
+two cores.
 
-The model hands a training window here in one call (`forward`) when `handles` says the engine serves it, and the
-trainer asks for a whole compiled SGD step (`sgd_step`, the bf16 LSTM); everything else runs on torch's layers, the
-one fallback. The engine imports nothing from the rest of the library: it reads a model through its torch layers
-(`model.rnn`, `model.linear`) only.
+The model hands a training window here in one call (`forward`, or `loss` with the output layer and cross-entropy
+fused) when `handles` says the engine serves it, and the trainer asks for a whole SGD step without autograd
+(`sgd_step`, for one-layer one-hot models); everything else runs on torch's layers, the one fallback. The engine
+imports nothing from the rest of the library: it reads a model through its torch modules (`model.rnn`,
+`model.linear`, and `model.embedding` and `model.drop` where it has them) and `model.forward_torch`, its own path.
 
     native.py      builds kernels.c with the machine's compiler at first use; ctypes wrappers of its functions
-    recurrence.py  the compiled windows as autograd functions
-    fused.py       the bf16 LSTM's whole SGD step in C
+    recurrence.py  the compiled windows as autograd functions, and the matmuls around them
+    fused.py       whole SGD steps without autograd; the output layer with its loss in one C call per core
+    choice.py      which of two ways is quicker on this machine, measured once and remembered
     threads.py     the helper thread on the second core and how a window is shared with it
     allocator.py   glibc kept from handing the trainer's freed memory back to the OS every minibatch
 """
@@ -25,8 +28,8 @@ from rnnlm.cpu import choice, fused, native, recurrence
 from rnnlm.cpu.allocator import keep_freed_memory
 from rnnlm.cpu.threads import second_core_free, torch_threads
 
-# Shortest window for the kernels: one step costs 213 us (RNN) / 252 us (GRU) through them, mostly weight packing,
-# against 35 / 52 us through torch's layers; generation's one-step calls stay on torch's layers.
+# Shortest window for the kernels: packing the weights costs more than a few steps, so generation's one-step calls
+# stay on torch's layers.
 MIN_STEPS = 8
 # Fewest rows for which the output layer goes through oneDNN (torch's call is quicker for generation's few rows).
 OUTPUT_MIN_ROWS = 128
@@ -47,9 +50,9 @@ def bf16_fast() -> bool:
 
 
 def handles(model: nn.Module, tokens: torch.Tensor) -> bool:
-    """Whether `forward` serves this call: one-layer tanh RNN, GRU or LSTM in float32 on the CPU, a window of at
-    least MIN_STEPS steps, the kernels built here, and for the LSTM, the compiled step measured quicker here than
-    torch's own LSTM (oneDNN's fused kernel) at this batch size."""
+    """Whether `forward` and `loss` serve this call: tanh RNN, GRU or LSTM layers in float32 on the CPU, a window of
+    at least MIN_STEPS steps, the kernels built here, and for the LSTM, the compiled one measured quicker here than
+    torch's own (oneDNN's fused kernel) at this size."""
     return why_not(model, tokens) is None
 
 
@@ -62,59 +65,119 @@ def why_not(model: nn.Module, tokens: torch.Tensor) -> str | None:
         return "the compiled kernels are turned off" if not ENABLED else native.unavailable[0]
     if not (isinstance(rnn, nn.RNN | nn.GRU | nn.LSTM) and getattr(rnn, "nonlinearity", "tanh") == "tanh"):
         return f"the kernels take tanh RNN, GRU and LSTM layers, not {type(rnn).__name__}"
-    if rnn.num_layers != 1:
-        return f"the kernels take one layer, not {rnn.num_layers}"
+    if rnn.bidirectional or not rnn.bias or getattr(rnn, "proj_size", 0):
+        return "the kernels take one direction, with biases, without projections"
     if rnn.weight_hh_l0.dtype != torch.float32:
         return f"the kernels take float32, not {rnn.weight_hh_l0.dtype}"
     if tokens.shape[1] < MIN_STEPS:
         return f"windows of fewer than {MIN_STEPS} steps run quicker on torch's layers"
-    if isinstance(rnn, nn.LSTM) and lstm_path(rnn.input_size, rnn.hidden_size, tokens.shape[0]) != "compiled":
+    if isinstance(rnn, nn.LSTM) and lstm_path(model, tokens.shape[0]) != "compiled":
         return "torch's LSTM measured quicker than the compiled one on this machine"
     return None
 
 
-def lstm_path(vocab: int, hidden: int, batch: int) -> str:
-    """'compiled' or 'torch': which LSTM trains quicker here at this size, each as it runs (the compiled step on one
-    torch thread and the helper thread, torch's on all of torch's threads), measured once for the machine."""
-    name = f"lstm-step:{vocab}x{hidden}x{batch}"
+def lstm_path(model: nn.Module, batch: int) -> str:
+    """'compiled' or 'torch': which way trains this LSTM model quicker here at this batch size, each as it runs
+    (the engine on one torch thread and the helper thread, torch's layers on all of torch's threads), measured once
+    for the machine and the model's sizes."""
+    rnn, embedding = model.rnn, getattr(model, "embedding", None)
+    sizes = (rnn.input_size, rnn.hidden_size, rnn.num_layers, model.linear.out_features, embedding is not None, batch)
+    name = "lstm-step:" + "x".join(map(str, sizes))
     keep_freed_memory()  # as in training: freed pages kept for the next minibatch
+    return choice.fastest(name, lambda: _lstm_candidates(model, batch), per_threads=False)
+
+
+def _lstm_candidates(model: nn.Module, batch: int) -> dict:
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        candidates = fused.lstm_candidates(vocab, hidden, batch, steps=35, torch_threads_default=DEFAULT_THREADS)
-    return choice.fastest(name, candidates, per_threads=False)
+        return fused.lstm_candidates(model, batch, 35, DEFAULT_THREADS, engine_loss=loss)
 
 
 def forward(model: nn.Module, tokens: torch.Tensor, state):
     """The model's forward on the kernels: tokens (batch, steps) -> logits (steps * batch, vocab), time-major, and
     the last state, as torch's layers would give them."""
-    bf16 = isinstance(model.rnn, nn.LSTM) and _autocast_on() and bf16_fast()
+    bf16 = _bf16_lstm(model) and _autocast_on()
     with torch.autocast("cpu", enabled=False):  # the kernels set their own precision
         if bf16:
             return _lstm_bf16(model, tokens, state)
-        outputs, state = _recurrence(model.rnn, tokens, state)  # (steps, batch, H)
-        return _output(model.linear, outputs.reshape(-1, outputs.shape[-1])), state
+        outputs, state = _layers(model, tokens.T, state)  # (steps * batch, H)
+        return _output(model.linear, outputs), state
 
 
-def _recurrence(rnn: nn.Module, tokens: torch.Tensor, state):
-    """The one-hot RNN, GRU or LSTM layer over a window: same parameters, same function."""
-    share, weights = second_core_free(), (rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
+def loss(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, state, reduction: str = "mean"):
+    """The mean (or summed) cross-entropy of `targets` on the kernels, tokens and targets (batch, steps), and the
+    last state: the output layer, the loss and their gradients in one C call per core, without keeping the logits."""
+    if _bf16_lstm(model) and _autocast_on():
+        logits, state = forward(model, tokens, state)
+        return torch.nn.functional.cross_entropy(logits, targets.T.reshape(-1), reduction=reduction), state
+    with torch.autocast("cpu", enabled=False):
+        outputs, state = _layers(model, tokens.T, state)
+        out, flat = model.linear, targets.T.reshape(-1)
+        if torch.is_grad_enabled():
+            total = fused.OutputLoss.apply(outputs, out.weight, out.bias, flat)
+        else:  # evaluation: the loss only
+            total = fused.summed_loss(out, outputs, flat)
+    return (total if reduction == "sum" else total / targets.numel()), state
+
+
+def _layers(model: nn.Module, tokens: torch.Tensor, state):
+    """The model's layers over a window, tokens (steps, batch): (the last layer's outputs after the model's dropout,
+    (steps * batch, H); the last state). The first layer's input is a lookup: rows of W_ih.T + biases for the
+    book's one-hot input, or the embedding's rows (dropped out) for a dense one; each layer above takes the one below
+    (dropped out between layers, as torch's layers do)."""
+    rnn, share, embedding = model.rnn, second_core_free(), getattr(model, "embedding", None)
+    drop = getattr(model, "drop", None) or (lambda x: x)
+    inputs = None if embedding is None else drop(embedding(tokens)).reshape(-1, embedding.embedding_dim)
+    lstm = isinstance(rnn, nn.LSTM)
+    last = []
+    for layer in range(rnn.num_layers):
+        layer_state = (state[0][layer], state[1][layer]) if lstm else state[layer]
+        outputs, layer_last = _layer(rnn, layer, tokens, inputs, layer_state, share)
+        last.append(layer_last)
+        between = rnn.dropout if rnn.training and layer + 1 < rnn.num_layers else 0.0
+        inputs = torch.nn.functional.dropout(outputs, between) if between else outputs
+    if lstm:
+        return drop(inputs), (torch.stack([h for h, _ in last]), torch.stack([c for _, c in last]))
+    return drop(inputs), torch.stack(last)
+
+
+def _layer(rnn: nn.Module, layer: int, tokens: torch.Tensor, inputs: torch.Tensor | None, state, share: bool):
+    """One layer over the window: (its outputs (steps * batch, H), its last state). `inputs` (steps * batch, in) is
+    None for the book's one-hot input (the tokens pick rows of W_ih.T + biases)."""
+    names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+    w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{name}_l{layer}") for name in names)
+    hidden, picked = rnn.hidden_size, tokens if inputs is None else None
+
+    def table(bias: torch.Tensor) -> torch.Tensor:  # the input products: a row per token (one-hot) or per input row
+        return w_ih.T + bias if inputs is None else recurrence.Linear.apply(inputs, w_ih, bias)
+
     if isinstance(rnn, nn.LSTM):
-        h0, c0 = state
-        outputs, c_last = recurrence.OneHotLSTM.apply(tokens.T, h0[0], c0[0], *weights, share)
-        return outputs, (outputs[-1:], c_last[None])
+        hs, c_last = recurrence.LSTM.apply(table(b_ih + b_hh), picked, state[0], state[1], w_hh, share)
+        return hs.reshape(-1, hidden), (hs[-1], c_last)
     if isinstance(rnn, nn.GRU):
-        outputs = recurrence.OneHotGRU.apply(tokens.T, state[0], *weights, share)
+        hs = recurrence.GRU.apply(table(b_ih), picked, state, w_hh, b_hh, share)
     else:
-        bias = rnn.bias_ih_l0 + rnn.bias_hh_l0  # both biases folded in once
-        outputs = recurrence.OneHotTanhRNN.apply(tokens.T, state[0], rnn.weight_ih_l0, rnn.weight_hh_l0, bias, share)
-    return outputs, outputs[-1:]  # the state: (1, batch, H)
+        hs = recurrence.TanhRNN.apply(table(b_ih + b_hh), picked, state, w_hh, share)
+    return hs.reshape(-1, hidden), hs[-1]
 
 
 def _output(linear: nn.Linear, outputs: torch.Tensor) -> torch.Tensor:
-    """The output layer, (rows, H) -> (rows, vocab): oneDNN's matmuls for a training window's rows."""
+    """The output layer, (rows, H) -> (rows, vocab): oneDNN's or torch's matmuls, whichever is quicker here, for a
+    training window's rows."""
     if recurrence.ONEDNN and outputs.shape[0] >= OUTPUT_MIN_ROWS:
         return recurrence.Linear.apply(outputs, linear.weight, linear.bias)
     return linear(outputs)
+
+
+def _bf16_lstm(model: nn.Module) -> bool:
+    """Whether `amp` runs this model's LSTM in bf16 here: one layer over one-hot inputs, without dropout, on a CPU
+    with AVX512-BF16."""
+    return isinstance(model.rnn, nn.LSTM) and model.rnn.num_layers == 1 and _one_hot(model) and bf16_fast()
+
+
+def _one_hot(model: nn.Module) -> bool:
+    """Whether the model is the book's kind: one-hot inputs, no dropout."""
+    return getattr(model, "embedding", None) is None and not getattr(getattr(model, "drop", None), "p", 0.0)
 
 
 def _lstm_bf16(model: nn.Module, tokens: torch.Tensor, state):
@@ -127,13 +190,16 @@ def _lstm_bf16(model: nn.Module, tokens: torch.Tensor, state):
 
 
 def sgd_step(model, optimizer, tokens, targets, state, grad_clip: float, amp: bool):
-    """One whole training step without autograd where it applies (the engine serves the model and the optimizer is
-    plain SGD): returns (the mean loss, a 0-d tensor; the last state), else None and the caller takes the autograd
-    step. Under `amp` where bf16 is quick, the LSTM's step is all compiled (bf16 matmuls); otherwise float32."""
-    if not (handles(model, tokens) and fused.plain_sgd(optimizer, list(model.parameters()))):
+    """One whole training step without autograd where it applies (one layer over the book's one-hot input, no
+    dropout, served by the engine, plain SGD): returns (the mean loss, a 0-d tensor; the last state), else None and
+    the caller takes the autograd step. Under `amp` where bf16 is quick, the LSTM's step is all compiled (bf16
+    matmuls); otherwise float32."""
+    if not (_one_hot(model) and model.rnn.num_layers == 1 and handles(model, tokens)):
+        return None
+    if not fused.plain_sgd(optimizer, list(model.parameters())):
         return None
     lr = float(optimizer.param_groups[0]["lr"])
-    if amp and isinstance(model.rnn, nn.LSTM) and bf16_fast():
+    if amp and _bf16_lstm(model):
         return fused.sgd_step(model, tokens, targets, state, lr, grad_clip)
     return fused.float32_step(model, tokens, targets, state, lr, grad_clip)
 
@@ -179,9 +245,9 @@ def matmuls(model: nn.Module, amp: bool, window: tuple[int, int]) -> str:
         return "float32"
     if not handles(model, torch.zeros(window, dtype=torch.int64)):
         return "bf16 autocast (forward pass, torch's CPU layers)"
-    if isinstance(model.rnn, nn.LSTM) and bf16_fast():
+    if _bf16_lstm(model):
         return "bf16 recurrent matmuls (AVX512-BF16), float32 elsewhere"
-    return "float32 (amp's bf16 kernels serve the LSTM on CPUs with AVX512-BF16)"
+    return "float32 (amp's bf16 kernels serve the one-layer one-hot LSTM on CPUs with AVX512-BF16)"
 
 
 def _autocast_on() -> bool:

@@ -28,11 +28,16 @@ _known: dict[str, str] = {}
 decisions: dict[str, str] = {}  # name -> "candidate (measured: 1.2 ms against 1.9 ms)", what this process chose
 
 
-def fastest(name: str, candidates: dict[str, Callable[[], object]], per_threads: bool = True) -> str:
+Candidates = dict[str, Callable[[], object]]
+
+
+def fastest(name: str, candidates: Candidates | Callable[[], Candidates], per_threads: bool = True) -> str:
     """The name of the quickest candidate for `name` on this machine (a candidate is a call that does the work
-    once); measured the first time any process asks, remembered after. With `per_threads`, the choice is made again
-    for each number of torch threads (the candidates run at the caller's)."""
-    if (chosen := _forced().get(name.split(":")[0])) in candidates:
+    once; `candidates` may be a call that makes them, called only to measure); measured the first time any process
+    asks, remembered after. With `per_threads`, the choice is made again for each number of torch threads (the
+    candidates run at the caller's)."""
+    chosen = _forced().get(name.split(":")[0])
+    if chosen is not None and (callable(candidates) or chosen in candidates):
         decisions[name] = f"{chosen} (set by RNNLM_CPU_CHOICE)"
         return chosen
     key = f"{name}@{torch.get_num_threads() if per_threads else 'any'}@{_machine()}"
@@ -42,7 +47,7 @@ def fastest(name: str, candidates: dict[str, Callable[[], object]], per_threads:
     path.parent.mkdir(parents=True, exist_ok=True)
     if key not in (known := _read(path)):
         # measured without the lock: a candidate may make choices of its own, on this thread or the helper thread
-        chosen, decisions[name] = _measure(candidates)
+        chosen, decisions[name] = _measure(candidates() if callable(candidates) else candidates)
         with FileLock(path.with_suffix(".lock")):
             known = _read(path)
             if key not in known:  # else another process measured it first: take its choice, as every process will

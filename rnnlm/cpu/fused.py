@@ -12,6 +12,8 @@ times in between. The arithmetic of both is the autograd path's: the mean cross-
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from copy import deepcopy
 from types import SimpleNamespace
 
 import torch
@@ -19,9 +21,9 @@ from torch import nn
 
 from rnnlm.cpu import native, threads
 from rnnlm.cpu.recurrence import (
-    OneHotGRU,
-    OneHotLSTM,
-    OneHotTanhRNN,
+    GRU,
+    LSTM,
+    TanhRNN,
     bf16_backward_buffers,
     bf16_forward_buffers,
 )
@@ -62,67 +64,111 @@ def float32_step(model, tokens: torch.Tensor, targets: torch.Tensor, state, lr: 
     return (loss / targets.numel()).float(), last_state
 
 
-def output_step(out: nn.Linear, hs: torch.Tensor, targets: torch.Tensor, grad_h: torch.Tensor, share: bool):
+def output_step(out: nn.Linear, hs: torch.Tensor, targets: torch.Tensor, grad_h: torch.Tensor | None, share: bool):
     """The output layer's forward, the summed cross-entropy of `targets` (rows of hs, time-major) and every gradient,
     in one C call per core (each half of the rows), without keeping the logits: fills grad_h (the gradient reaching
-    hs, for a loss that is the mean over the rows) and returns (W_out's gradient, b_out's, the summed loss, 0-d)."""
+    hs, for a loss that is the mean over the rows) and returns (W_out's gradient, b_out's, the summed loss, 0-d).
+    With grad_h None, the loss only (and None for the gradients)."""
     rows, vocab = hs.shape[0], out.out_features
     logits = torch.empty(rows, native.padded(vocab))
     loss, grad_b = torch.zeros(16, dtype=torch.float64), out.bias.new_zeros(2, vocab)
-    grad_w = out.weight.new_zeros(2, *out.weight.shape)
-    wout, wout_back = native.pack(out.weight, trans=True), native.pack(out.weight, trans=False)
+    grad_w = out.weight.new_zeros(2, *out.weight.shape) if grad_h is not None else None
+    wout = native.pack(out.weight, trans=True)
+    wout_back = native.pack(out.weight, trans=False) if grad_h is not None else None
 
     def half(span: tuple[int, int]) -> None:
         me = int(span[0] > 0)
+        worker_grad_w = None if grad_w is None else grad_w[me]
         native.output_step(
-            hs, wout, out.bias.detach(), wout_back, targets, logits, loss[8 * me :], grad_b[me], grad_w[me], grad_h,
-            span,
+            hs, wout, out.bias.detach(), wout_back, targets, logits, loss[8 * me :], grad_b[me], worker_grad_w,
+            grad_h, span,
         )  # fmt: skip
 
     threads.by_rows(rows, share, half)
+    if grad_w is None:
+        return None, None, loss.sum()
     return grad_w.sum(0), grad_b.sum(0), loss.sum()
 
 
+@torch.no_grad()
+def summed_loss(out: nn.Linear, hs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The summed cross-entropy of `targets` under the output layer over `hs` (rows, H), without gradients (a 0-d
+    float tensor): evaluation's."""
+    return output_step(out, hs.contiguous(), targets.contiguous(), None, threads.second_core_free())[2].float()
+
+
+class OutputLoss(torch.autograd.Function):
+    """The summed cross-entropy of `targets` (rows,) under the output layer W_out, b_out over `hs` (rows, H), its
+    gradients computed with it (`output_step`) and scaled in the backward: the logits are never kept."""
+
+    @staticmethod
+    def forward(ctx, hs, w_out, b_out, targets):
+        layer = SimpleNamespace(weight=w_out.detach(), bias=b_out.detach(), out_features=w_out.shape[0])
+        hs, targets = hs.detach().contiguous(), targets.contiguous()
+        grad_h = torch.empty_like(hs)
+        grad_w, grad_b, total = output_step(layer, hs, targets, grad_h, threads.second_core_free())
+        ctx.grads, ctx.rows = (grad_h, grad_w, grad_b), targets.numel()
+        return total.float()
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w, grad_b = ctx.grads
+        scale = grad_total * ctx.rows  # output_step's gradients are of the mean: the sum's are rows times them
+        return grad_h * scale, grad_w * scale, grad_b * scale, None
+
+
 def _forward(rnn: nn.Module, tokens: torch.Tensor, state, share: bool, saved: _Saved):
-    """A window forward: (outputs (steps, batch, H), the last state, backward(grad_h) -> the gradients of W_ih,
-    W_hh, b_ih and b_hh)."""
-    weights = (rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
+    """A one-hot window forward: (outputs (steps, batch, H), the last state, backward(grad_h) -> the gradients of
+    W_ih, W_hh, b_ih and b_hh)."""
+    w_ih, w_hh, b_ih, b_hh = rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0
+    if isinstance(rnn, nn.GRU):
+        hs = GRU.forward(saved, w_ih.T + b_ih, tokens, state[0], w_hh, b_hh, share)
+
+        def gru_grads(grad_h):
+            grad_table, _, _, grad_w_hh, grad_b_hh, _ = GRU.backward(saved, grad_h)
+            return grad_table.T, grad_w_hh, grad_table.sum(0), grad_b_hh
+
+        return hs, hs[-1:], gru_grads
+    table = w_ih.T + b_ih + b_hh  # row v: the one-hot input v's product with both biases
     if isinstance(rnn, nn.LSTM):
         (h0, c0) = state
-        hs, c_last = OneHotLSTM.forward(saved, tokens, h0[0].contiguous(), c0[0].contiguous(), *weights, share)
-        grads = lambda grad_h: OneHotLSTM.backward(saved, grad_h, None)[3:7]  # noqa: E731
-        return hs, (hs[-1:], c_last[None]), grads
-    if isinstance(rnn, nn.GRU):
-        hs = OneHotGRU.forward(saved, tokens, state[0].contiguous(), *weights, share)
-        return hs, hs[-1:], lambda grad_h: OneHotGRU.backward(saved, grad_h)[2:6]
-    bias = rnn.bias_ih_l0 + rnn.bias_hh_l0  # both biases folded in once
-    hs = OneHotTanhRNN.forward(saved, tokens, state[0].contiguous(), rnn.weight_ih_l0, rnn.weight_hh_l0, bias, share)
+        hs, c_last = LSTM.forward(saved, table, tokens, h0[0], c0[0], w_hh, share)
+        backward = lambda grad_h: LSTM.backward(saved, grad_h, None)  # noqa: E731
+        last = (hs[-1:], c_last[None])
+    else:
+        hs = TanhRNN.forward(saved, table, tokens, state[0], w_hh, share)
+        backward, last = (lambda grad_h: TanhRNN.backward(saved, grad_h)), hs[-1:]
 
     def grads(grad_h):
-        _, _, grad_w_ih, grad_w_hh, grad_bias, _ = OneHotTanhRNN.backward(saved, grad_h)
-        return grad_w_ih, grad_w_hh, grad_bias, grad_bias
+        results = backward(grad_h)  # (grad_table, None, grad_h0, [grad_c0,] grad_w_hh, None)
+        grad_table, grad_w_hh = results[0], results[-2]
+        return grad_table.T, grad_w_hh, grad_table.sum(0), grad_table.sum(0)
 
-    return hs, hs[-1:], grads
+    return hs, last, grads
 
 
-def lstm_candidates(vocab: int, hidden: int, batch: int, steps: int, torch_threads_default: int) -> dict:
-    """Two ways to train an LSTM of this size for a minibatch, each as it would run: 'compiled' (`float32_step`, one
-    torch thread and the helper thread) and 'torch' (torch's LSTM through autograd on `torch_threads_default`
-    threads); for `rnnlm.cpu.choice` to time."""
-    layers = SimpleNamespace(rnn=nn.LSTM(vocab, hidden), linear=nn.Linear(hidden, vocab))
+def lstm_candidates(model, batch: int, steps: int, torch_threads_default: int, engine_loss: Callable) -> dict:
+    """Two ways to train a copy of this LSTM model for a minibatch, each as it would run: 'compiled' (the engine on
+    one torch thread and the helper thread: `float32_step` where it applies, else `engine_loss` through autograd)
+    and 'torch' (`model.forward_torch`, torch's layers, through autograd on `torch_threads_default` threads); for
+    `rnnlm.cpu.choice` to time."""
+    copy = deepcopy(model).train()
+    vocab = copy.linear.out_features
     tokens, targets = torch.randint(0, vocab, (batch, steps)), torch.randint(0, vocab, (batch, steps))
-    state = (torch.zeros(1, batch, hidden), torch.zeros(1, batch, hidden))
+    state = copy.begin_state(batch)
+    one_layer_one_hot = copy.rnn.num_layers == 1 and getattr(copy, "embedding", None) is None
 
     def compiled() -> None:
         with threads.torch_threads(1):
-            float32_step(layers, tokens, targets, state, 0.0, 1.0)
+            if one_layer_one_hot and not getattr(getattr(copy, "drop", None), "p", 0.0):
+                float32_step(copy, tokens, targets, state, 0.0, 1.0)
+            else:
+                engine_loss(copy, tokens, targets, state)[0].backward()
 
     def torch_layer() -> None:
         with threads.torch_threads(torch_threads_default):
-            outputs, _ = layers.rnn(torch.nn.functional.one_hot(tokens.T, vocab).float(), state)
-            logits = layers.linear(outputs.reshape(-1, hidden))
+            logits, _ = copy.forward_torch(tokens, state)
             torch.nn.functional.cross_entropy(logits, targets.T.reshape(-1)).backward()
-            torch.nn.utils.clip_grad_norm_(list(layers.rnn.parameters()), 1.0, foreach=True)
 
     return {"compiled": compiled, "torch": torch_layer}
 

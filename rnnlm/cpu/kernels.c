@@ -783,7 +783,8 @@ static void output_loss(int steps, int batch, int H, int V, int r0, int r1, cons
    float32 fused step, rnnlm/cpu/fused.py): logits = hs @ W_out.T + b_out (rows of ldl >= V floats), then
    rows_loss (the summed cross-entropy into loss[0], the logits replaced by their gradient, the bias gradient), the
    weight gradient grad_w (V x H) += dlogits.T @ hs, and grad_h (the rows' gradient reaching hs, H wide) = dlogits @
-   W_out. This worker's grad_b, grad_w: zeros at the start. wout: W_out (V x H) packed by rnnlm_pack with trans=1,
+   W_out (with grad_w NULL, the loss only). This worker's grad_b, grad_w: zeros at the start. wout: W_out (V x H)
+   packed by rnnlm_pack with trans=1,
    wout_back with trans=0; ldl = panels(V) * NR; scratch: (n1 - n0) x panels(H) * NR floats. */
 void rnnlm_output_step(int64_t n0, int64_t n1, int H, int V, const float *hs, const float *wout, const float *b_out,
                        const float *wout_back, const int64_t *targets, float scale, float *logits, double *loss,
@@ -793,6 +794,7 @@ void rnnlm_output_step(int64_t n0, int64_t n1, int H, int V, const float *hs, co
     gemm(M, H, panels_of(V), hs + (size_t)n0 * H, H, wout, rows, ldl);
     for (int i = 0; i < M; i++) add_row(V, b_out, rows + (size_t)i * ldl);
     rows_loss(n0, n1, V, ldl, targets, logits, scale, loss, grad_b);
+    if (grad_w == NULL) return; /* the loss only (evaluation) */
     gemm_tn_acc(V, H, M, rows, ldl, hs + (size_t)n0 * H, H, grad_w, H);
     gemm(M, V, panels_of(H), rows, ldl, wout_back, scratch, ldh);
     for (int i = 0; i < M; i++) memcpy(grad_h + (size_t)(n0 + i) * H, scratch + (size_t)i * ldh, sizeof(float) * H);

@@ -127,7 +127,9 @@ def library() -> ctypes.CDLL | None:
 _DTYPES = (torch.float32, torch.int64, torch.bfloat16, torch.int32, torch.float64)
 
 
-def _ptr(t: torch.Tensor) -> int:
+def _ptr(t: torch.Tensor | None) -> int | None:
+    if t is None:  # NULL: a kernel's optional array
+        return None
     assert t.is_contiguous() and t.dtype in _DTYPES, (t.dtype, t.shape)
     return t.data_ptr()
 
@@ -253,11 +255,11 @@ def _gate_rows(weight: torch.Tensor, gates: int, units: tuple[int, int]) -> torc
 
 
 def _forward_window(name: str, gates: int, w_hh, inputs, outputs, units, worker, workers, flags) -> Call:
-    """One worker's forward window `name` over hidden units `units`: `inputs` (tokens first), then the worker's rows
-    of W_hh packed, then `outputs` (hs first) and a work buffer."""
-    tokens, hs = inputs[0], outputs[0]
+    """One worker's forward window `name` over hidden units `units`: `inputs` (tokens first, None for dense input
+    rows), then the worker's rows of W_hh packed, then `outputs` (hs first) and a work buffer."""
+    hs = outputs[0]
     whh = pack(_gate_rows(w_hh, gates, units), trans=True)
-    work = scratch(tokens.shape[1], gates * (units[1] - units[0]))
+    work = scratch(hs.shape[1], gates * (units[1] - units[0]))
     return _split_call(name, hs.shape, units, worker, workers, flags, (*inputs, whh, *outputs, work))
 
 
@@ -340,10 +342,10 @@ def output_step(hs, wout, b_out, wout_back, targets, logits, loss, grad_b, grad_
     """The output layer's training step over rows `rows` of the window's (steps * batch) rows (see kernels.c:
     rnnlm_output_step): the logits (rows of `padded(V)` floats), the summed cross-entropy into loss[0], the logits'
     gradient in their place, this worker's bias and weight gradients (grad_b (V), grad_w (V, H), zeros at the start)
-    and grad_h, the gradient reaching hs (rows, H)."""
+    and grad_h, the gradient reaching hs (rows, H); with grad_w and grad_h None, the loss only."""
     hidden, vocab = hs.shape[-1], grad_b.shape[0]
     scale = 1.0 / targets.numel()
-    work = scratch(rows[1] - rows[0], hidden)
+    work = scratch(rows[1] - rows[0], hidden) if grad_w is not None else None
     head = (*rows, hidden, vocab, *map(_ptr, (hs, wout, b_out, wout_back, targets)), scale)
     library().rnnlm_output_step(*head, *map(_ptr, (logits, loss, grad_b, grad_w, grad_h, work)))
 

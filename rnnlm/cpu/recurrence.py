@@ -17,7 +17,7 @@ import torch
 
 from rnnlm.cpu import native
 from rnnlm.cpu.choice import quickest
-from rnnlm.cpu.threads import by_rows, by_rows_then_units, by_units, helper
+from rnnlm.cpu.threads import by_rows, by_rows_then_units, by_units, helper, second_core_free
 
 
 def _pack(weight: torch.Tensor, batch: int) -> torch.Tensor:
@@ -68,21 +68,46 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return quickest(name, onednn=lambda: _linear(x, weight, bias), torch=lambda: torch.addmm(bias, x, weight.T))
 
 
+SPLIT_MACS = 1 << 24  # matmuls of at least this many multiply-adds go in halves on the two cores
+
+
 class Linear(torch.autograd.Function):
     """x @ weight.T + bias, as `nn.Linear`, its three matmuls (forward, input and weight gradients) each through
-    oneDNN or torch's matmul, whichever is quicker for its shape here. Call only when `ONEDNN` holds. (In halves on
-    two cores these skinny matmuls were slower: the hand-over costs more than the half saves.)"""
+    oneDNN or torch's matmul, whichever is quicker for its shape here, and in halves on two cores when large (a
+    large vocabulary's output layer, an embedding's input product). Call only when `ONEDNN` holds."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
-        return linear(x, weight, bias)
+        ctx.share = second_core_free() and x.shape[0] * x.shape[1] * weight.shape[0] >= SPLIT_MACS
+        return _by_row_halves(x, ctx.share, lambda rows: linear(rows, weight, bias))
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad = grad.contiguous()
-        return linear(grad, weight.T, None), matmul_tn(grad, x), grad.sum(0)
+        grad_x = _by_row_halves(grad, ctx.share, lambda rows: linear(rows, weight.T, None))
+        grad_w = _summed_halves(grad, x, ctx.share, matmul_tn)
+        return grad_x, grad_w, grad.sum(0)
+
+
+def _by_row_halves(x: torch.Tensor, share: bool, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """run(x) for a 2-D x, its rows in two halves at once, one on the helper thread, when `share`."""
+    if not share:
+        return run(x)
+    half = x.shape[0] // 2
+    first = helper.submit(lambda: run(x[:half]))
+    second = run(x[half:])
+    return torch.cat([first.result(), second])
+
+
+def _summed_halves(a: torch.Tensor, b: torch.Tensor, share: bool, run: Callable) -> torch.Tensor:
+    """run(a, b) for a product summed over rows (a.T @ b), the rows in two halves at once when `share`."""
+    if not share:
+        return run(a, b)
+    half = a.shape[0] // 2
+    first = helper.submit(lambda: run(a[:half], b[:half]))
+    return run(a[half:], b[half:]).add_(first.result())
 
 
 def recurrent_weight_grad(grad: torch.Tensor, h0: torch.Tensor, hs: torch.Tensor, share: bool) -> torch.Tensor:
@@ -114,62 +139,71 @@ def token_grad(tokens: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> t
     return native.token_grad(tokens, grad, out)
 
 
-class OneHotTanhRNN(torch.autograd.Function):
-    """h_t = tanh(W_ih one_hot(x_t) + bias + W_hh h_{t-1}) for t = 1..steps; returns (steps, batch, H).
+def _table_grad(tokens: torch.Tensor | None, grad: torch.Tensor, rows: int) -> torch.Tensor:
+    """The gradient of a window's input table from d loss / d (input product) `grad` (steps, batch, G): gathered back
+    to the table's rows the tokens picked (one-hot inputs, `rows` = vocab), or, for dense inputs, grad itself as
+    (steps * batch, G)."""
+    flat = grad.reshape(-1, grad.shape[-1])
+    return flat if tokens is None else token_grad(tokens, flat, flat.new_zeros((rows, flat.shape[1])))
 
-    `tokens` is (steps, batch) int64 and `bias` is b_ih + b_hh. The gradient reaches h0, W_ih, W_hh and the bias.
-    Each window is one C call, the batch's halves on two cores when `share`.
-    """
+
+class TanhRNN(torch.autograd.Function):
+    """h_t = tanh(x_t + W_hh h_{t-1}) for t = 1..steps over one window; returns hs (steps, batch, H).
+
+    x_t is the input product with both biases: row tokens[t] of `table` (W_ih.T + b_ih + b_hh, vocab x H) for
+    one-hot inputs, or with tokens None the rows of `table` ((steps * batch) x H) for dense ones. The gradient
+    reaches the table, h0 and W_hh. Each direction is one C call, the batch's halves on two cores when `share`."""
 
     @staticmethod
-    def forward(ctx, tokens, h0, w_ih, w_hh, bias, share: bool = False):
-        tokens, h0 = tokens.contiguous(), h0.contiguous()
-        emb = (w_ih.T + bias).contiguous()  # (vocab, H): row v is W_ih one_hot(v) + bias
+    def forward(ctx, table, tokens, h0, w_hh, share: bool = False):
+        table, h0 = table.detach().contiguous(), h0.contiguous()
+        tokens = None if tokens is None else tokens.contiguous()
+        steps, batch = tokens.shape if tokens is not None else (table.shape[0] // h0.shape[0], h0.shape[0])
         whh = native.pack(w_hh, trans=True)
-        hs = h0.new_empty((*tokens.shape, h0.shape[1]))  # (steps, batch, H)
-        by_rows(tokens.shape[1], share, lambda rows: native.rnn_forward(tokens, h0, emb, whh, hs, rows))
+        hs = h0.new_empty((steps, batch, h0.shape[1]))
+        by_rows(batch, share, lambda rows: native.rnn_forward(tokens, h0, table, whh, hs, rows))
         ctx.save_for_backward(tokens, h0, w_hh, hs)
-        ctx.vocab, ctx.share = w_ih.shape[1], share
+        ctx.rows, ctx.share = table.shape[0], share
         return hs
 
     @staticmethod
     def backward(ctx, grad_out):
         tokens, h0, w_hh, hs = ctx.saved_tensors
-        steps, batch, hidden = hs.shape
+        batch = hs.shape[1]
         grad_out = grad_out.contiguous()
         whh = native.pack(w_hh, trans=False)
         g, grad_h0 = torch.empty_like(hs), torch.empty_like(h0)  # g: d loss / d (pre-activation of step t)
         by_rows(batch, ctx.share, lambda rows: native.rnn_backward(hs, grad_out, whh, g, grad_h0, rows))
         grad_w_hh = recurrent_weight_grad(g, h0, hs, ctx.share)
-        flat = g.reshape(-1, hidden)
-        grad_w_ih = token_grad(tokens, flat, flat.new_zeros((ctx.vocab, hidden)))  # (vocab, H)
-        return None, grad_h0, grad_w_ih.T, grad_w_hh, grad_w_ih.sum(0), None
+        return _table_grad(tokens, g, ctx.rows), None, grad_h0, grad_w_hh, None
 
 
-class OneHotGRU(torch.autograd.Function):
-    """torch's `nn.GRU` (gates r, z, n in that order) over one-hot inputs; returns (steps, batch, H).
+class GRU(torch.autograd.Function):
+    """torch's `nn.GRU` (gates r, z, n in that order) over one window; returns hs (steps, batch, H).
 
         r = sigmoid(W_ir x + b_ir + W_hr h + b_hr)      z = sigmoid(W_iz x + b_iz + W_hz h + b_hz)
         n = tanh(W_in x + b_in + r * (W_hn h + b_hn))   h' = (1 - z) * n + z * h
 
-    Each direction of the window is one C call, the hidden units split between two cores when `share`; the weights'
-    gradients are one matmul each over all steps."""
+    W_ih x + b_ih comes from `table` (W_ih.T + b_ih picked by the tokens, or dense rows, as in `TanhRNN`). Each
+    direction is one C call, the hidden units split between two cores when `share`; W_hh's gradient is one matmul
+    over all steps."""
 
     @staticmethod
-    def forward(ctx, tokens, h0, w_ih, w_hh, b_ih, b_hh, share: bool = False):
-        tokens, h0, b_hh = tokens.contiguous(), h0.contiguous(), b_hh.detach().contiguous()
-        emb = (w_ih.T + b_ih).contiguous()  # (vocab, 3H): row v is W_ih one_hot(v) + b_ih
-        hs = h0.new_empty((*tokens.shape, h0.shape[1]))  # (steps, batch, H)
+    def forward(ctx, table, tokens, h0, w_hh, b_hh, share: bool = False):
+        table, h0, b_hh = table.detach().contiguous(), h0.contiguous(), b_hh.detach().contiguous()
+        tokens = None if tokens is None else tokens.contiguous()
+        steps, batch = tokens.shape if tokens is not None else (table.shape[0] // h0.shape[0], h0.shape[0])
+        hs = h0.new_empty((steps, batch, h0.shape[1]))
         rz, n, h_n = hs.new_empty((*hs.shape[:2], 2 * hs.shape[2])), torch.empty_like(hs), torch.empty_like(hs)
-        run = lambda *worker: native.gru_forward(tokens, h0, emb, b_hh, w_hh.detach(), hs, rz, n, h_n, *worker)  # noqa: E731
+        run = lambda *worker: native.gru_forward(tokens, h0, table, b_hh, w_hh.detach(), hs, rz, n, h_n, *worker)  # noqa: E731
         by_units(hs.shape[2], share, run)
-        ctx.save_for_backward(tokens, h0, w_ih, w_hh, hs, rz, n, h_n)
-        ctx.share = share
+        ctx.save_for_backward(tokens, h0, w_hh, hs, rz, n, h_n)
+        ctx.rows, ctx.share = table.shape[0], share
         return hs
 
     @staticmethod
     def backward(ctx, grad_out):
-        tokens, h0, w_ih, w_hh, hs, rz, n, h_n = ctx.saved_tensors
+        tokens, h0, w_hh, hs, rz, n, h_n = ctx.saved_tensors
         steps, batch, hidden = hs.shape
         grad_out = grad_out.contiguous()
         grad_gates = hs.new_empty((steps, batch, 3 * hidden))  # d loss / d (W_hh h + b_hh)
@@ -179,52 +213,39 @@ class OneHotGRU(torch.autograd.Function):
         )
         by_units(hidden, ctx.share, run)
         grad_w_hh = recurrent_weight_grad(grad_gates, h0, hs, ctx.share)
-        grad_w_ih, grad_b_ih = _gru_input_grads(tokens, w_ih, grad_gates, grad_pre_n)
-        return None, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, _gru_b_hh_grad(grad_b_ih, grad_gates), None
+        # d loss / d (W_ih x + b_ih): the r and z columns of grad_gates, then grad_pre_n
+        grad_table = torch.cat([grad_gates[..., : 2 * hidden], grad_pre_n], dim=-1)
+        grad_b_hh = torch.cat([grad_gates[..., : 2 * hidden].sum((0, 1)), grad_gates[..., 2 * hidden :].sum((0, 1))])
+        return _table_grad(tokens, grad_table, ctx.rows), None, grad_h0, grad_w_hh, grad_b_hh, None
 
 
-def _gru_input_grads(tokens, w_ih, grad_gates, grad_pre_n) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients of W_ih and b_ih. d loss / d (W_ih x + b_ih) is the r and z columns of grad_gates (steps,
-    batch, 3H), then grad_pre_n (steps, batch, H); W_ih's is that gathered back to the rows the tokens picked."""
-    hidden = grad_pre_n.shape[-1]
-    grad_w_ih = w_ih.new_zeros(w_ih.T.shape)  # (vocab, 3H)
-    for cols, grad in ((slice(0, 2 * hidden), grad_gates[..., : 2 * hidden]), (slice(2 * hidden, None), grad_pre_n)):
-        token_grad(tokens, grad.reshape(-1, grad.shape[-1]), grad_w_ih[:, cols])
-    return grad_w_ih.T, grad_w_ih.sum(0)
-
-
-def _gru_b_hh_grad(grad_b_ih: torch.Tensor, grad_gates: torch.Tensor) -> torch.Tensor:
-    """b_hh's gradient: b_ih's for the r and z gates (both biases add to the same sums), then the n gate's own sum
-    (b_hn sits inside r * (W_hn h + b_hn))."""
-    hidden = grad_gates.shape[-1] // 3
-    return torch.cat([grad_b_ih[: 2 * hidden], grad_gates[..., 2 * hidden :].sum((0, 1))])
-
-
-class OneHotLSTM(torch.autograd.Function):
-    """torch's `nn.LSTM` (gates i, f, g, o) over one-hot inputs; returns
-    (outputs (steps, batch, H), c of the last step (batch, H)).
+class LSTM(torch.autograd.Function):
+    """torch's `nn.LSTM` (gates i, f, g, o) over one window; returns (hs (steps, batch, H), c of the last step).
 
         [i f g o] = [sigmoid sigmoid tanh sigmoid](W_ih x + b_ih + W_hh h + b_hh)    c' = f c + i g    h' = o tanh(c')
 
-    The input products are rows of W_ih.T + b_ih + b_hh picked by the tokens; each step is one register-blocked
-    matmul of h by W_hh with the gates fused in (rnnlm/kernels.c), the hidden units' halves on two cores when
+    W_ih x + b_ih + b_hh comes from `table` (picked by the tokens, or dense rows, as in `TanhRNN`); each step is one
+    register-blocked matmul of h by W_hh with the gates fused in, the hidden units' halves on two cores when
     `share`. W_hh's gradient is one matmul over all steps."""
 
     @staticmethod
-    def forward(ctx, tokens, h0, c0, w_ih, w_hh, b_ih, b_hh, share: bool = False):
-        tokens, h0, c0, emb, (hs, cs, gates, tcs) = _lstm_window(tokens, h0, c0, w_ih, b_ih, b_hh)
+    def forward(ctx, table, tokens, h0, c0, w_hh, share: bool = False):
+        table, h0, c0 = table.detach().contiguous(), h0.contiguous(), c0.contiguous()
+        tokens = None if tokens is None else tokens.contiguous()
+        steps, batch = tokens.shape if tokens is not None else (table.shape[0] // h0.shape[0], h0.shape[0])
+        hs, cs, gates, tcs = _lstm_states(steps, batch, h0.shape[1]).values()
         run = lambda *worker: native.lstm_forward(  # noqa: E731
-            tokens, h0, c0, emb, w_hh.detach(), hs, cs, gates, tcs, *worker
+            tokens, h0, c0, table, w_hh.detach(), hs, cs, gates, tcs, *worker
         )
         by_units(hs.shape[2], share, run)
-        ctx.save_for_backward(tokens, h0, c0, w_ih, w_hh, hs, cs, gates, tcs)
-        ctx.share = share
+        ctx.save_for_backward(tokens, h0, c0, w_hh, hs, cs, gates, tcs)
+        ctx.rows, ctx.share = table.shape[0], share
         return hs, cs[-1]
 
     @staticmethod
     def backward(ctx, grad_out, grad_c_last):
-        tokens, h0, c0, w_ih, w_hh, hs, cs, gates, tcs = ctx.saved_tensors
-        steps, batch, hidden = hs.shape
+        tokens, h0, c0, w_hh, hs, cs, gates, tcs = ctx.saved_tensors
+        hidden = hs.shape[2]
         grad_out = grad_out.contiguous()
         grad_c_last = torch.zeros_like(c0) if grad_c_last is None else grad_c_last.contiguous()
         grad_gates = gates.new_empty(gates.shape)  # d loss / d gates before their activations
@@ -233,19 +254,8 @@ class OneHotLSTM(torch.autograd.Function):
             c0, cs, gates, tcs, grad_out, grad_c_last, w_hh.detach(), grad_gates, grad_h0, grad_c0, *worker
         )
         by_units(hidden, ctx.share, run)
-        flat = grad_gates.reshape(-1, 4 * hidden)
         grad_w_hh = recurrent_weight_grad(grad_gates, h0, hs, ctx.share)
-        grad_w_ih = token_grad(tokens, flat, flat.new_zeros((w_ih.shape[1], 4 * hidden)))  # (vocab, 4H)
-        grad_b = grad_w_ih.sum(0)
-        return None, grad_h0, grad_c0, grad_w_ih.T, grad_w_hh, grad_b, grad_b, None
-
-
-def _lstm_window(tokens, h0, c0, w_ih, b_ih, b_hh) -> tuple:
-    """What both LSTM kernels start from: tokens, h0, c0 contiguous; emb (vocab, 4H), whose row v is W_ih one_hot(v)
-    plus both biases; and the buffers hs, cs, gates, tanh(cs) for the window ((steps, batch, H), gates 4H wide)."""
-    emb = (w_ih.T + b_ih + b_hh).contiguous()
-    states = _lstm_states(*tokens.shape, h0.shape[1])
-    return tokens.contiguous(), h0.contiguous(), c0.contiguous(), emb, tuple(states.values())
+        return _table_grad(tokens, grad_gates, ctx.rows), None, grad_h0, grad_c0, grad_w_hh, None
 
 
 def _lstm_states(steps: int, batch: int, hidden: int) -> dict[str, torch.Tensor]:

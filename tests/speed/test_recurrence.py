@@ -28,12 +28,20 @@ def _run(model, tokens, state, compiled: bool, monkeypatch):
     return logits.detach(), [p.detach() for p in parts], grads
 
 
+# the book's one-hot model; deeper; with an embedding; with tied weights (embedding_dim == num_hiddens)
+SHAPES = {"one-hot": {}, "two-layers": {"num_layers": 2}, "embedding": {"embedding_dim": 7}, "tied": {}}
+
+
 @needs_build
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("rnn", ["rnn", "gru", "lstm"])
-def test_the_model_on_the_engine_equals_torch_layers(rnn, monkeypatch):
+def test_the_model_on_the_engine_equals_torch_layers(rnn, shape, monkeypatch):
+    """The model's forward and loss on the engine and on torch's layers: the same logits, last state, loss and every
+    gradient (parameters and initial state), for the book's model and the deeper, embedded and tied ones."""
     torch.manual_seed(0)
-    model = RNNLM(11, 16, rnn)
-    tokens = torch.randint(0, 11, (3, cpu.MIN_STEPS))
+    options = SHAPES[shape] if shape != "tied" else {"embedding_dim": 16, "tie_weights": True, "num_layers": 2}
+    model = RNNLM(11, 16, rnn, **options)
+    tokens, targets = torch.randint(0, 11, (3, cpu.MIN_STEPS)), torch.randint(0, 11, (3, cpu.MIN_STEPS))
     state = model.begin_state(3)
     state = tuple(torch.randn_like(s) for s in (state if isinstance(state, tuple) else (state,)))
     ours, theirs = _run(model, tokens, state, True, monkeypatch), _run(model, tokens, state, False, monkeypatch)
@@ -43,18 +51,61 @@ def test_the_model_on_the_engine_equals_torch_layers(rnn, monkeypatch):
     assert ours[2].keys() == theirs[2].keys()
     for name in ours[2]:
         torch.testing.assert_close(ours[2][name], theirs[2][name], msg=name)
+    losses = [_loss_and_grads(model, tokens, targets, state, compiled, monkeypatch) for compiled in (True, False)]
+    torch.testing.assert_close(losses[0][0], losses[1][0])
+    for name in losses[1][1]:
+        torch.testing.assert_close(losses[0][1][name], losses[1][1][name], msg=name)
+
+
+def _loss_and_grads(model, tokens, targets, state, compiled: bool, monkeypatch):
+    """model.loss (the output layer and cross-entropy fused on the engine) and the gradients it sends back."""
+    model.zero_grad()
+    monkeypatch.setattr(cpu, "ENABLED", compiled)
+    loss, _ = model.loss(tokens, targets, state if len(state) == 2 else state[0])
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 @needs_build
-def test_the_engine_serves_one_layer_models_in_float32_only(monkeypatch):
+def test_the_engine_serves_float32_tanh_rnn_gru_and_lstm_layers(monkeypatch):
     tokens = torch.zeros(2, cpu.MIN_STEPS, dtype=torch.int64)
     assert not cpu.handles(RNNLM(5, 4, "rnn"), tokens[:, :1])  # one step (generation): torch's layer is faster
     for rnn in ("rnn", "gru", "lstm"):
         assert cpu.handles(RNNLM(5, 4, rnn), tokens)
-        assert not cpu.handles(RNNLM(5, 4, rnn, num_layers=2), tokens)
+        assert cpu.handles(RNNLM(5, 4, rnn, num_layers=2, embedding_dim=3, dropout=0.2), tokens)
         assert not cpu.handles(RNNLM(5, 4, rnn).double(), tokens)
+    relu = RNNLM(5, 4, "rnn")
+    relu.rnn.nonlinearity = "relu"
+    assert cpu.why_not(relu, tokens) == "the kernels take tanh RNN, GRU and LSTM layers, not RNN"
     monkeypatch.setattr(cpu, "ENABLED", False)  # RNNLM_NATIVE=0, or no compiler: torch's layers
     assert not cpu.handles(RNNLM(5, 4, "rnn"), tokens)
+
+
+@needs_build
+@pytest.mark.parametrize("rnn", ["rnn", "gru", "lstm"])
+def test_dropout_is_off_in_evaluation_and_the_engine_draws_it_as_torch_would_in_training(rnn, monkeypatch):
+    """In evaluation the model is deterministic (the same output twice) on either path; in training, dropout changes
+    the output, and the engine and torch's layers agree under the same seed where their dropout masks are drawn in
+    the same order (one layer: only the embedding's and the output's)."""
+    torch.manual_seed(0)
+    model = RNNLM(11, 16, rnn, embedding_dim=8, dropout=0.5)
+    tokens = torch.randint(0, 11, (3, cpu.MIN_STEPS))
+    state = model.begin_state(3)
+    model.eval()
+    for compiled in (True, False):
+        monkeypatch.setattr(cpu, "ENABLED", compiled)
+        with torch.no_grad():
+            first, second = model(tokens, state)[0], model(tokens, state)[0]
+        assert torch.equal(first, second)
+    model.train()
+    outputs = []
+    for compiled in (True, False):
+        monkeypatch.setattr(cpu, "ENABLED", compiled)
+        torch.manual_seed(5)
+        outputs.append(model(tokens, state)[0].detach())
+    torch.testing.assert_close(outputs[0], outputs[1])
+    model.eval()
+    assert not torch.allclose(outputs[0], model(tokens, state)[0])
 
 
 def test_the_run_says_what_amp_means_for_its_model_here(monkeypatch):
@@ -62,13 +113,14 @@ def test_the_run_says_what_amp_means_for_its_model_here(monkeypatch):
     assert matmul_precision(RNNLM(5, 4, "lstm"), amp=False, window=window) == "float32"
     if not cpu.compiled():
         pytest.skip("no C compiler here: the compiled kernels are not built")
-    monkeypatch.setattr(cpu, "lstm_path", lambda *size: "compiled")  # as where the compiled LSTM is quicker
+    monkeypatch.setenv("RNNLM_CPU_CHOICE", "lstm-step=compiled")  # as where the compiled LSTM is quicker
     assert matmul_precision(RNNLM(5, 4, "rnn"), True, window).startswith("float32")  # no bf16 kernel for it
     monkeypatch.setattr(native, "bf16_native", lambda: False)
     assert matmul_precision(RNNLM(5, 4, "lstm"), True, window).startswith("float32")  # bf16 would be slower here
     monkeypatch.setattr(native, "bf16_native", lambda: True)
     assert matmul_precision(RNNLM(5, 4, "lstm"), True, window).startswith("bf16 recurrent matmuls")
-    assert matmul_precision(RNNLM(5, 4, "lstm", num_layers=2), True, window).startswith("bf16 autocast")
+    assert matmul_precision(RNNLM(5, 4, "lstm", num_layers=2), True, window).startswith("float32")  # two layers
+    assert matmul_precision(RNNLM(5, 4, "lstm").double(), True, window).startswith("bf16 autocast")  # torch's
 
 
 @pytest.mark.parametrize("rnn", ["rnn", "lstm"])
@@ -95,23 +147,26 @@ def test_under_cpu_autocast_only_the_lstm_takes_bf16_matmuls(monkeypatch, rnn):
 
 
 @needs_build
+@pytest.mark.parametrize("inputs", ["one-hot", "dense"])
 @pytest.mark.parametrize("rnn", ["rnn", "gru", "lstm"])
 @pytest.mark.parametrize("share", [True, False], ids=["two-threads", "one-thread"])
-def test_compiled_kernels_give_torch_layers_outputs_and_gradients(rnn, share):
+def test_compiled_kernels_give_torch_layers_outputs_and_gradients(rnn, share, inputs):
     """The compiled windows, with the work shared with the helper thread or on one thread, give nn.RNN's / nn.GRU's
-    / nn.LSTM's outputs and gradients. The batch (13 rows) and the hidden size (40) are not multiples of the
-    kernels' blocks, so their edge code runs too."""
+    / nn.LSTM's outputs and gradients, over one-hot inputs (their table picked by the tokens) and over dense ones
+    (their products computed before the window). The batch (13 rows) and the hidden size (40) are not multiples of
+    the kernels' blocks, so their edge code runs too."""
     torch.manual_seed(1)
     steps, batch, vocab, hidden = 12, 13, 9, 40
     layer = {"rnn": torch.nn.RNN, "gru": torch.nn.GRU, "lstm": torch.nn.LSTM}[rnn](vocab, hidden)
     tokens = torch.randint(0, vocab, (steps, batch))
+    x = torch.nn.functional.one_hot(tokens, vocab).float() if inputs == "one-hot" else torch.randn(steps, batch, vocab)
     initial = [torch.randn(batch, hidden) for _ in range(2 if rnn == "lstm" else 1)]  # h0 (and c0)
     weight = torch.randn(steps, batch, hidden)  # a loss that weighs every output differently
     cell_weight = torch.randn(batch, hidden)  # and the LSTM's last cell state
 
     reference = [s.clone().requires_grad_() for s in initial]
     state = tuple(s[None] for s in reference) if rnn == "lstm" else reference[0][None]
-    outputs, final = layer(torch.nn.functional.one_hot(tokens, vocab).float(), state)
+    outputs, final = layer(x, state)
     cell = final[1][0] if rnn == "lstm" else None
     _loss(outputs, cell, weight, cell_weight).backward()
     expected = [outputs.detach()] + [s.grad for s in reference] + [p.grad.clone() for p in layer.parameters()]
@@ -119,13 +174,16 @@ def test_compiled_kernels_give_torch_layers_outputs_and_gradients(rnn, share):
     layer.zero_grad()
     ours_initial = [s.clone().requires_grad_() for s in initial]
     w_ih, w_hh, b_ih, b_hh = layer.weight_ih_l0, layer.weight_hh_l0, layer.bias_ih_l0, layer.bias_hh_l0
+    bias = b_ih if rnn == "gru" else b_ih + b_hh
+    table = w_ih.T + bias if inputs == "one-hot" else x.reshape(-1, vocab) @ w_ih.T + bias
+    picked = tokens if inputs == "one-hot" else None
     cell = None
     if rnn == "lstm":
-        ours, cell = recurrence.OneHotLSTM.apply(tokens, *ours_initial, w_ih, w_hh, b_ih, b_hh, share)
+        ours, cell = recurrence.LSTM.apply(table, picked, *ours_initial, w_hh, share)
     elif rnn == "gru":
-        ours = recurrence.OneHotGRU.apply(tokens, *ours_initial, w_ih, w_hh, b_ih, b_hh, share)
+        ours = recurrence.GRU.apply(table, picked, *ours_initial, w_hh, b_hh, share)
     else:
-        ours = recurrence.OneHotTanhRNN.apply(tokens, *ours_initial, w_ih, w_hh, b_ih + b_hh, share)
+        ours = recurrence.TanhRNN.apply(table, picked, *ours_initial, w_hh, share)
     _loss(ours, cell, weight, cell_weight).backward()
     got = [ours.detach()] + [s.grad for s in ours_initial] + [p.grad for p in layer.parameters()]
     names = ["outputs", "h0"] + (["c0"] if rnn == "lstm" else []) + ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]
