@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from pydantic_settings import CliApp
 
 from flows.environment import set_quiet_defaults
+from rnnlm.config import RecipeError, read_recipe
 
 # The errors that mean the user's input or setup was wrong: their message says what to do, and a command ends with
 # it as one line instead of a traceback. Anything else is a bug and keeps its traceback.
@@ -31,13 +32,30 @@ _NO_TEMPORARY_SERVER = {"-h", "--help", "--serve"}
 
 def parse_command(command_cls, argv: list[str] | None = None):
     """Set the quiet defaults (the user's environment wins) and parse `argv` (default: sys.argv) into
-    `command_cls`; a bad value exits with status 1 and a line naming each wrong option."""
+    `command_cls`; a bad value exits with status 1 and a line naming each wrong option. A command with a
+    `config_file` option takes its values from that recipe first: the command line's options override them (and
+    they override RNNLM_* variables)."""
     set_quiet_defaults()
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        return CliApp.run(command_cls, cli_args=sys.argv[1:] if argv is None else argv)
+        recipe = read_recipe(path) if "config_file" in command_cls.model_fields and (path := _option(argv)) else {}
+        return CliApp.run(command_cls, cli_args=argv, **recipe)
+    except RecipeError as err:
+        sys.exit(f"error: --config_file: {err}")
     except ValidationError as err:
         problems = "; ".join(f"--{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
         sys.exit(f"error: {problems} (see --help)")
+
+
+def _option(argv: Sequence[str], name: str = "--config_file") -> str | None:
+    """The last value given to `name` in `argv` (as `name value` or `name=value`), if any."""
+    found = None
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif arg.startswith(name + "="):
+            found = arg.split("=", 1)[1]
+    return found
 
 
 def is_user_error(err: BaseException) -> bool:

@@ -7,6 +7,7 @@ experiment (D2L 8.6). Every option is a field of `rnnlm.config.TrainConfig`, the
 # No `from __future__ import annotations` here: Prefect builds the parameter form from these annotations and,
 # on a Dask worker, cannot resolve them from strings.
 import sys
+from copy import copy
 
 from flows.cli import parse_command, run_command, run_script, start_temporary_server
 
@@ -19,7 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from flows.deploy import serve_training
 from rnnlm.config import TrainConfig
-from rnnlm.corpus import check_local, is_url
+from rnnlm.run import preflight
 from tasks.data import fetch_corpus, prepare_data
 from tasks.registry import promote, read_versions
 from tasks.report import plot_history, report
@@ -33,6 +34,7 @@ def train_flow(config: TrainConfig = TrainConfig(), parent_run_id: str | None = 
     """Train, evaluate, sample, log to MLflow and register one model; returns the run id, version and metrics.
 
     `parent_run_id` nests the MLflow run under another (a sweep's)."""
+    preflight(config)  # a local corpus that cannot serve these options fails here, before anything starts
     tracking_uri = check_tracking(config)
     corpus_path = fetch_corpus(config)
     data = prepare_data(corpus_path, config)
@@ -40,7 +42,7 @@ def train_flow(config: TrainConfig = TrainConfig(), parent_run_id: str | None = 
     run_id = tracked.run_id
     with run_guard(tracked):
         result = train_model(config, data, tracked)
-        samples = generate_samples(config, result.checkpoint)
+        samples = generate_samples(config, result)
         plot = plot_history(config, run_id, result)
         log_results(run_id, result, samples, plot, str(data.vocab_path))
         report(config, run_id, result, samples, tracking_uri)
@@ -48,7 +50,11 @@ def train_flow(config: TrainConfig = TrainConfig(), parent_run_id: str | None = 
     print(f"MLflow run {run_id}; registered model {config.registered_model!r} version {version}")
     if config.promote:
         promote(config.registered_model, read_versions(config.registered_model), config.promote_margin)
-    summary = {k: getattr(result, k) for k in ("train_perplexity", "val_perplexity", "tokens_per_sec", "device")}
+    names = (
+        "train_perplexity", "val_perplexity", "tokens_per_sec", "device", "registered", "registered_val_perplexity",
+        "registered_test_perplexity", "stopped",
+    )  # fmt: skip
+    summary = {k: getattr(result, k) for k in names}
     return {"run_id": run_id, "version": version, **summary, "epochs": result.epochs}
 
 
@@ -68,6 +74,13 @@ class TrainCommand(BaseSettings, TrainConfig):
         "its parameters and run its scheduled and UI-triggered runs (needs PREFECT_API_URL; see flows/deploy.py).",
     )
     cron: str | None = Field(None, description="With --serve: a cron schedule for the deployment, e.g. '0 3 * * *'.")
+    config_file: str | None = Field(
+        None,
+        description="A recipe: a TOML (or YAML) file of these options, e.g. recipes/word-lstm.toml; options given "
+        "on the command line override it.",
+    )
+    # pydantic would take the metaclass's ABC `register` method for this inherited field's default: restate it
+    register: TrainConfig.model_fields["register"].annotation = copy(TrainConfig.model_fields["register"])
 
     def config(self) -> TrainConfig:
         """The training configuration given on the command line."""
@@ -88,8 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         serve_training(importable_flow, command.config(), cron=command.cron)
         return {}
     config = command.config()
-    if not is_url(config.corpus):
-        run_command(lambda: check_local(config.corpus))  # a wrong path ends here, before Prefect and MLflow start
+    run_command(lambda: preflight(config))  # a wrong path or split ends here, before Prefect and MLflow start
     _server_ready()
     return run_command(lambda: train_flow(config))
 

@@ -29,30 +29,36 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Split:
-    """Token arrays for training and validation: contiguous, non-overlapping slices of one corpus."""
+    """Token arrays for training, validation and test: contiguous, non-overlapping slices of one corpus, in that
+    order (test last, at the very end)."""
 
     train: np.ndarray
     val: np.ndarray
+    test: np.ndarray
     note: str = ""
 
 
-def split_corpus(ids: np.ndarray, max_tokens: int, val_tokens: int, min_train: int) -> Split:
-    """Training tokens from the start (at most `max_tokens`, -1 for all), validation tokens from the tail.
+def split_corpus(ids: np.ndarray, max_tokens: int, val_tokens: int, min_train: int, test_tokens: int = 0) -> Split:
+    """Training tokens from the start (at most `max_tokens`, -1 for all), then held out from the tail: the last
+    `test_tokens` for test and the `val_tokens` before them for validation.
 
-    The validation slice is taken first, from the end, so that no choice of `max_tokens` can make them overlap.
+    The held-out slices are taken first, from the end, so that no choice of `max_tokens` can make them overlap.
     If the corpus holds fewer training tokens than `max_tokens`, all that is there is used and `note` says so.
     Raises DataError when fewer than `min_train` training tokens remain.
     """
-    n = len(ids)
-    if val_tokens >= n:
-        raise DataError(f"val_tokens={val_tokens:,} leaves nothing to train on in a corpus of {n:,} tokens")
-    available = n - val_tokens
+    n, held_out = len(ids), val_tokens + test_tokens
+    if held_out >= n:
+        raise DataError(
+            f"val_tokens={val_tokens:,} and test_tokens={test_tokens:,} leave nothing to train on in a corpus of "
+            f"{n:,} tokens; hold out fewer"
+        )
+    available = n - held_out
     take = available if max_tokens == -1 else min(max_tokens, available)
     note = ""
     if max_tokens > available:
-        note = f"max_tokens={max_tokens:,} but only {available:,} tokens precede the validation split; using them all"
+        note = f"max_tokens={max_tokens:,} but only {available:,} tokens precede the held-out ones; using them all"
     require_training_tokens(take, min_train)
-    return Split(train=ids[:take], val=ids[n - val_tokens :], note=note)
+    return Split(train=ids[:take], val=ids[available : n - test_tokens], test=ids[n - test_tokens :], note=note)
 
 
 def require_training_tokens(available: int, min_train: int) -> None:

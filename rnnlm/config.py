@@ -8,6 +8,9 @@ hidden units, SGD lr 1, clipping at norm 1, 500 epochs, sequential partitioning.
 
 from __future__ import annotations
 
+import tomllib
+import warnings
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -42,6 +45,11 @@ def run_field(default, description: str, **constraints):
     return Field(default, description=description, json_schema_extra=RUN, **constraints)
 
 
+# `register` (the issue's and the command line's name for which weights to register) shadows ABC's `register`, which
+# neither pydantic nor this project uses on a config
+warnings.filterwarnings("ignore", message='Field name "register" in "Train', category=UserWarning)
+
+
 class TrainConfig(BaseModel):
     """Everything that defines a training run; defaults reproduce D2L section 8.6."""
 
@@ -61,8 +69,10 @@ class TrainConfig(BaseModel):
     download_timeout: float = run_field(
         30.0, "Seconds to wait for the corpus server to connect or send the next bytes.", gt=0, le=3600
     )
-    preprocess: Literal["book", "raw"] = data_field(
-        "book", "'book': every run of non-letters becomes one space, lowercased (D2L); 'raw': keep text as is."
+    preprocess: Literal["book", "words", "raw"] = data_field(
+        "book",
+        "'book': every run of non-letters becomes one space, lowercased (D2L); 'words': lowercased, punctuation "
+        "split off as tokens (real text at word level); 'raw': keep text as is.",
     )
     tokenization: Literal["char", "word"] = data_field("char", "Token level: characters or words.")
     min_freq: int = data_field(0, "Tokens seen fewer times than this map to <unk>.", ge=0)
@@ -72,16 +82,46 @@ class TrainConfig(BaseModel):
     val_tokens: int = data_field(
         10_000, "Validation tokens held out from the tail of the corpus, never seen in training; 0 for none.", ge=0
     )
+    test_tokens: int = data_field(
+        0,
+        "Test tokens held out after the validation tokens, at the very end of the corpus; 0 for none (the book).",
+        ge=0,
+    )
 
     # --- model ------------------------------------------------------------------------------------------------
     rnn: Literal["rnn", "gru", "lstm"] = Field("rnn", description="Recurrent layer: nn.RNN, nn.GRU or nn.LSTM.")
     num_hiddens: int = Field(256, gt=0, le=MAX_HIDDENS, description="Hidden units per recurrent layer.")
     num_layers: int = Field(1, gt=0, le=MAX_LAYERS, description="Stacked recurrent layers.")
+    embedding_dim: int = Field(
+        0, ge=0, le=MAX_HIDDENS, description="Size of a learned input embedding; 0 for the book's one-hot inputs."
+    )
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Dropout on the embedding, between layers and before the output layer (training only).",
+    )
+    tie_weights: bool = Field(
+        False, description="Share the embedding with the output layer (needs embedding_dim == num_hiddens)."
+    )
 
     # --- training ---------------------------------------------------------------------------------------------
     batch_size: int = Field(32, gt=0, le=MAX_BATCH, description="Sequences per minibatch.")
     num_steps: int = Field(35, gt=0, le=MAX_STEPS, description="Time steps per sequence (truncated BPTT length).")
-    lr: float = Field(1.0, gt=0, description="SGD learning rate.")
+    lr: float = Field(1.0, gt=0, description="Learning rate (its peak, with a schedule).")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="'sgd': the book's plain SGD; 'adamw': AdamW.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay (L2 for SGD, decoupled for AdamW).")
+    lr_schedule: Literal["constant", "plateau", "cosine"] = Field(
+        "constant",
+        description="'constant' (the book); 'plateau': divide by lr_decay after an evaluation that does not improve "
+        "on the best validation perplexity; 'cosine': warmup_steps up, then down to lr_min by the end.",
+    )
+    lr_decay: float = Field(4.0, gt=1, description="With the plateau schedule, what the rate is divided by.")
+    warmup_steps: int = Field(0, ge=0, description="With the cosine schedule, steps of linear warmup first.")
+    lr_min: float = Field(0.0, ge=0, description="With the cosine schedule, the rate it ends at.")
+    early_stopping: int = Field(
+        0, ge=0, description="Stop after this many evaluations without a better validation perplexity; 0: never."
+    )
     grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value (D2L's theta).")
     num_epochs: int = Field(500, gt=0, le=1_000_000, description="Passes over the training tokens.")
     use_random_iter: bool = Field(
@@ -92,7 +132,20 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda", "mps"] = run_field(
         "auto", "Where to train: 'auto' picks CUDA, then Apple MPS, then CPU."
     )
-    eval_every: int = run_field(10, "Log progress and validation perplexity every this many epochs.", gt=0)
+    # evaluations steer the plateau schedule and early stopping: when and on what they run is part of a training
+    eval_every: int = Field(10, gt=0, description="Log progress and validation perplexity every this many epochs.")
+    eval_every_steps: int = Field(
+        0, ge=0, description="Evaluate every this many steps (minibatches), also inside an epoch; 0: by epochs."
+    )
+    val_max_tokens: int = Field(
+        0, ge=0, description="Validation tokens the evaluations during training use (the final ones use all); 0: all."
+    )
+    progress_every: int = run_field(
+        200, "Inside epochs longer than this many steps, a progress line (tokens/s, ETA) every this many.", gt=0
+    )
+    max_minutes: float = Field(
+        0.0, ge=0, description="Stop training after this many minutes (then evaluate and register); 0: no limit."
+    )
     cpu_threads: int = Field(
         0,
         ge=0,
@@ -108,6 +161,9 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = run_field(
         10, "Write a resumable checkpoint every this many epochs (and always at the end).", gt=0
     )
+    checkpoint_every_steps: int = run_field(
+        0, "Write a resumable checkpoint every this many steps, also inside an epoch; 0: by epochs only.", ge=0
+    )
     resume: Literal["auto", "never"] = run_field(
         "auto",
         "'auto': continue an interrupted run of the same config from its last checkpoint; 'never': always start over.",
@@ -117,6 +173,9 @@ class TrainConfig(BaseModel):
     num_preds: int = run_field(50, "Tokens generated after each prompt in the samples.", ge=0, le=10_000)
     experiment: str = run_field("rnnlm", "MLflow experiment name.", min_length=1)
     registered_model: str = run_field("rnnlm", "MLflow registered model name.", min_length=1)
+    register: Literal["best", "last"] = run_field(
+        "best", "Which weights to register: 'best' by validation perplexity (kept as training goes), or 'last'."
+    )
 
     # --- registry (after registration) ------------------------------------------------------------------------
     promote: bool = run_field(
@@ -143,6 +202,21 @@ class TrainConfig(BaseModel):
         return value.lower() if value else value
 
     @model_validator(mode="after")
+    def _options_fit_together(self) -> TrainConfig:
+        if self.tie_weights and self.embedding_dim != self.num_hiddens:
+            raise ValueError(
+                f"tie_weights needs embedding_dim == num_hiddens (now {self.embedding_dim} and {self.num_hiddens}): "
+                f"set --embedding_dim {self.num_hiddens}, or leave tie_weights off"
+            )
+        if self.early_stopping and not self.val_tokens:
+            raise ValueError("early_stopping counts evaluations on validation tokens: set --val_tokens above 0")
+        if self.lr_schedule == "plateau" and not self.val_tokens:
+            raise ValueError("the plateau schedule follows the validation perplexity: set --val_tokens above 0")
+        if self.register == "best" and not self.val_tokens:
+            self.__dict__["register"] = "last"  # no validation, no best: the last weights are what there is
+        return self
+
+    @model_validator(mode="after")
     def _corpus_scheme(self) -> TrainConfig:
         scheme = self.corpus.split("://", 1)[0].lower() if "://" in self.corpus else ""
         if scheme not in ("", "http", "https", "file"):
@@ -151,6 +225,11 @@ class TrainConfig(BaseModel):
                 "or a local path"
             )
         return self
+
+    @classmethod
+    def from_recipe(cls, path: str | Path, **overrides) -> TrainConfig:
+        """The config a recipe file gives (see `read_recipe`), with `overrides` on top."""
+        return cls(**{**read_recipe(path), **overrides})
 
     @classmethod
     def fields_with_role(cls, *roles: str) -> list[str]:
@@ -169,6 +248,42 @@ class TrainConfig(BaseModel):
         """The checksum the corpus must have: the one given, else the known one for the default URL."""
         return self.corpus_sha1 or KNOWN_SHA1.get(self.corpus)
 
+    def evaluates(self) -> bool:
+        """Whether training measures validation perplexity at all."""
+        return self.val_tokens > 0
+
     def min_corpus_tokens(self) -> int:
         """Fewest training tokens that give one minibatch under either partitioning (and any random offset)."""
         return self.batch_size * self.num_steps + self.num_steps + 1
+
+
+class RecipeError(ValueError):
+    """A recipe file that cannot be read or names options that do not exist; the message says which."""
+
+
+def read_recipe(path: str | Path) -> dict:
+    """A recipe: TrainConfig options from a TOML file (`key = value` lines, see recipes/), or a YAML one (.yaml,
+    .yml). Unknown options are refused by name, before anything runs; values are checked by TrainConfig."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(f"cannot read the recipe {path}: {err}") from err
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            options = yaml.safe_load(text) or {}
+        else:
+            options = tomllib.loads(text)
+    except Exception as err:  # tomllib.TOMLDecodeError, yaml.YAMLError: both say where
+        raise RecipeError(
+            f"{path} is not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'TOML'}: {err}"
+        ) from err
+    if not isinstance(options, dict):
+        raise RecipeError(f"{path} must hold options as `name = value` pairs, not a {type(options).__name__}")
+    if unknown := sorted(set(options) - set(TrainConfig.model_fields)):
+        raise RecipeError(
+            f"{path} names options that do not exist: {', '.join(unknown)} (see python flows/train_flow.py --help)"
+        )
+    return options

@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -194,12 +195,25 @@ _BOOK_TABLE = bytes(c + 32 if 65 <= c <= 90 else c if 97 <= c <= 122 else 1 if c
 
 def preprocess(text: str, mode: str = "book") -> str:
     """Normalise raw text. 'book' is D2L's `read_time_machine`: per line, runs of non-letters become one space, the
-    line is stripped and lowercased, and the lines are joined with nothing between them. 'raw' returns the text."""
+    line is stripped and lowercased, and the lines are joined with nothing between them. 'words' is for real text
+    at word level: lowercased, each punctuation mark split off as its own token, tokens and lines joined by one
+    space (see `split_words`). 'raw' returns the text."""
     if mode == "raw":
         return text
+    if mode == "words":
+        return " ".join(" ".join(split_words(line)) for line in text.split("\n") if line.strip())
     if mode != "book":
-        raise ValueError(f"unknown preprocess mode {mode!r}; use 'book' or 'raw'")
+        raise ValueError(f"unknown preprocess mode {mode!r}; use 'book', 'words' or 'raw'")
     return preprocess_book_bytes(text.encode("utf-8")).decode("ascii")
+
+
+# A word (letters and digits, with inner apostrophes or hyphens: "don't", "well-known") or one other visible character
+_WORD = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*|[^\w\s]|_")
+
+
+def split_words(line: str) -> list[str]:
+    """One line of text as lowercased words and punctuation marks: "Then, he said: 'Go!'" -> then , he said : ' go ! '."""
+    return _WORD.findall(line.lower())
 
 
 def preprocess_book_bytes(data: bytes) -> bytes:

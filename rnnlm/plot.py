@@ -8,9 +8,12 @@ from pathlib import Path
 from rnnlm.train import EpochStats
 
 
-def plot_perplexity(history: Sequence[EpochStats], path: Path, title: str = "") -> Path:
-    """Draw train (and validation) perplexity against epoch, log-scaled, into `path`. matplotlib's text layout is
-    not safe to run twice at once: callers that plot concurrently serialise the calls."""
+def plot_perplexity(
+    history: Sequence[EpochStats], path: Path, title: str = "", kept: tuple[int, float] | None = None
+) -> Path:
+    """Draw train (and validation) perplexity against epoch, log-scaled, into `path`, with a star at `kept`
+    ((epoch, validation perplexity) of the weights kept as the best). matplotlib's text layout is not safe to run
+    twice at once: callers that plot concurrently serialise the calls."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -21,6 +24,8 @@ def plot_perplexity(history: Sequence[EpochStats], path: Path, title: str = "") 
     val = [h for h in history if h.val_perplexity is not None]
     if val:
         ax.plot([h.epoch for h in val], [h.val_perplexity for h in val], "o-", ms=3, label="validation")
+    if kept is not None:
+        ax.plot(*kept, "*", ms=12, color="tab:red", label=f"kept: epoch {kept[0]}, {kept[1]:.2f}")
     ax.set(xlabel="epoch", ylabel="perplexity", yscale="log", title=title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()

@@ -167,7 +167,12 @@ def tokenize_file(
 def _prepared_chunks(path: Path, preprocess_mode: str, chunk_bytes: int) -> Iterator[bytes]:
     """Preprocessed UTF-8 text, chunk by chunk (the book's preprocessing is per line, so chunks are independent)."""
     for chunk in read_chunks(path, chunk_bytes):
-        yield preprocess_book_bytes(chunk) if preprocess_mode == "book" else chunk
+        if preprocess_mode == "book":
+            yield preprocess_book_bytes(chunk)
+        elif preprocess_mode == "words":  # chunks end at line breaks: a space joins them as it joins lines
+            yield (preprocess(chunk.decode("utf-8"), "words") + " ").encode("utf-8")
+        else:
+            yield chunk
 
 
 def _write_ascii(chunks: Iterator[bytes], out_path: Path) -> dict[str, int] | None:
@@ -206,8 +211,9 @@ def _tokenize_general(
     def texts() -> Iterator[str]:
         for chunk in read_chunks(path, chunk_bytes):
             text = chunk.decode("utf-8")
-            # word level keeps a space at line breaks (see prepare_text); a chunk ends at a line break
-            yield prepare_text(text, preprocess_mode, tokenization) + (" " if tokenization == "word" else "")
+            # word level and 'words' keep a space at line breaks (see prepare_text); a chunk ends at one
+            spaced = tokenization == "word" or preprocess_mode == "words"
+            yield prepare_text(text, preprocess_mode, tokenization) + (" " if spaced else "")
 
     counts: Counter = Counter()
     for text in texts():

@@ -1,8 +1,10 @@
-"""Training and evaluation: the book's `train_ch8` loop without its per-batch host round trips.
+"""Training and evaluation: the book's `train_ch8` loop without its per-batch host round trips, plus what real
+corpora need (schedules, evaluations and checkpoints inside long epochs, the best weights kept, early stopping).
 
 Per batch the book reads the loss back as a Python float and computes the clipping norm in Python; here the loss is
 accumulated on the device and clipping is torch's fused global-norm clip, so the host waits for the device once per
-epoch. The arithmetic is the book's: mean cross-entropy, SGD, gradient norm clipped to theta.
+epoch (and at each progress line inside long ones). The default arithmetic is the book's: mean cross-entropy, plain
+SGD at a constant rate, gradient norm clipped to theta.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import numpy as np
 import torch
 
 from rnnlm import cpu
-from rnnlm.batches import as_tensor, eval_batches, random_batches, sequential_batches
+from rnnlm.batches import as_tensor, eval_batches, num_batches, random_batches, sequential_batches
 from rnnlm.config import TrainConfig
-from rnnlm.model import RNNLM, detach_state
+from rnnlm.model import RNNLM, State, detach_state
 
 
 class TrainingDiverged(RuntimeError):
@@ -29,31 +31,61 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class EpochStats:
-    """What one epoch measured; `val_perplexity` is None on epochs without evaluation."""
+    """What one epoch measured; `val_perplexity` is None on epochs without an evaluation at their end."""
 
     epoch: int  # 1-based, as printed by the book
     train_perplexity: float
     tokens_per_sec: float
     seconds: float
     val_perplexity: float | None = None
+    step: int = 0  # optimizer steps taken by the end of the epoch
+    lr: float = 0.0  # the learning rate at the epoch's end
 
     def metrics(self) -> dict[str, float]:
         """The numeric fields worth logging, without the missing ones."""
-        return {k: v for k, v in asdict(self).items() if k != "epoch" and v is not None}
+        return {k: v for k, v in asdict(self).items() if k not in ("epoch", "step") and v is not None}
 
 
 @dataclass
 class TrainState:
-    """Everything that changes during training and must survive a checkpoint."""
+    """Everything that changes during training and must survive a checkpoint, inside an epoch too."""
 
     epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
     history: list[EpochStats] = field(default_factory=list)
     best_val_perplexity: float | None = None
+    best_epoch: int = 0  # where the best weights were taken: after `best_step` steps, in epoch `best_epoch`
+    best_step: int = 0
+    stale_evals: int = 0  # evaluations since the best one (plateau schedule, early stopping)
+    lr: float | None = None  # the rate the schedule has set
+    elapsed: float = 0.0  # seconds of training so far (max_minutes)
+    stopped: str = ""  # why training ended before num_epochs, if it did
+    # inside an unfinished epoch: its minibatches done, the data generator as the epoch began, the carried state
+    batch: int = 0
+    epoch_rng: torch.Tensor | None = None
+    hidden: State | None = None
+    epoch_loss: float = 0.0
+    epoch_tokens: int = 0
+    epoch_seconds: float = 0.0
 
 
-def make_optimizer(model: RNNLM, lr: float) -> torch.optim.Optimizer:
-    """The book's plain SGD."""
-    return torch.optim.SGD(model.parameters(), lr=lr)
+@dataclass
+class Hooks:
+    """What the caller hears while training runs (every one optional): `on_epoch(stats, state)` after each epoch,
+    `on_progress(state, line_values)` inside long epochs, `save(state)` where a resumable checkpoint is due, and
+    `save_best(state)` when an evaluation finds the best weights so far."""
+
+    on_epoch: Callable[[EpochStats, TrainState], None] | None = None
+    on_progress: Callable[[TrainState, dict], None] | None = None
+    save: Callable[[TrainState], None] | None = None
+    save_best: Callable[[TrainState], None] | None = None
+
+
+def make_optimizer(model: RNNLM, lr: float, config: TrainConfig | None = None) -> torch.optim.Optimizer:
+    """The run's optimizer: the book's plain SGD, or AdamW, with the config's weight decay."""
+    if config is not None and config.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=lr, weight_decay=config.weight_decay if config else 0.0)
 
 
 def train(
@@ -64,58 +96,187 @@ def train(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     state: TrainState | None = None,
-    on_epoch: Callable[[EpochStats, TrainState], None] | None = None,
-    save: Callable[[TrainState], None] | None = None,
+    hooks: Hooks | None = None,
 ) -> TrainState:
-    """Train from `state.epoch` to `config.num_epochs` with `config`'s hyperparameters, calling `on_epoch` after each
-    epoch.
+    """Train from `state` (an epoch boundary, or a checkpoint inside an epoch) to `config.num_epochs`, or until early
+    stopping or `max_minutes` ends it, with `config`'s hyperparameters.
 
-    `generator` (CPU) draws the data offsets and shuffles, so a seeded generator makes CPU runs repeat exactly.
-    `save(state)` is called every `config.checkpoint_every` epochs and after the last one, before `on_epoch`. Ctrl-C
-    (SIGINT) stops at the end of the current epoch: `save` is called there and KeyboardInterrupt raised; a second
-    Ctrl-C stops at once. Raises TrainingDiverged, naming the epoch, as soon as an epoch's loss is not finite.
+    `generator` (CPU) draws the data offsets and shuffles, so a seeded generator makes CPU runs repeat exactly, also
+    across a checkpoint inside an epoch. Ctrl-C (SIGINT) stops after the current minibatch: `hooks.save` is called
+    there and KeyboardInterrupt raised; a second Ctrl-C stops at once. Raises TrainingDiverged, naming the epoch, as
+    soon as an epoch's loss is not finite.
     """
-    state = state or TrainState()
+    state, hooks = state or TrainState(), hooks or Hooks()
     device = next(model.parameters()).device
-    train_tokens, val_tokens = as_tensor(train_ids, device), as_tensor(val_ids, device)
+    corpus, val_tokens = as_tensor(train_ids, device), as_tensor(val_ids, device)
+    val_during = val_tokens[: config.val_max_tokens + 1] if config.val_max_tokens else val_tokens
+    loop = _Loop(model, corpus, val_during, config, optimizer, generator, state, hooks)
     with _sigint_deferred() as interrupted:
+        loop.interrupted = interrupted
         for epoch in range(state.epoch + 1, config.num_epochs + 1):
-            stats = _train_one_epoch(model, train_tokens, val_tokens, config, optimizer, generator, state, epoch)
-            due = epoch == config.num_epochs or epoch % config.checkpoint_every == 0
-            if save is not None and due:
-                save(state)
-            if on_epoch is not None:
-                on_epoch(stats, state)
-            if interrupted():
-                if save is not None and not due:
-                    save(state)
-                raise KeyboardInterrupt(f"interrupted after epoch {epoch}; checkpoint saved, run again to resume")
+            loop.run_epoch(epoch)
+            if state.stopped:
+                break
     return state
 
 
-def _train_one_epoch(model, train_tokens, val_tokens, config, optimizer, generator, state, epoch) -> EpochStats:
-    """One epoch plus its evaluation; updates `state` (epoch, history, best validation perplexity)."""
-    perplexity, speed, seconds = train_epoch(model, train_tokens, config, optimizer, generator)
-    if not math.isfinite(perplexity):
-        raise TrainingDiverged(
-            f"training diverged at epoch {epoch}: the perplexity is {perplexity}; lower --lr (now {config.lr}) "
-            f"or --grad_clip (now {config.grad_clip})"
-        )
-    stats = EpochStats(epoch, perplexity, speed, seconds)
-    if len(val_tokens) > 1 and (epoch % config.eval_every == 0 or epoch == config.num_epochs):
-        stats.val_perplexity = evaluate(
-            model, val_tokens, config.batch_size, config.num_steps, cpu_threads=config.cpu_threads
-        )
-        best = state.best_val_perplexity
-        state.best_val_perplexity = stats.val_perplexity if best is None else min(best, stats.val_perplexity)
-    state.epoch = epoch
-    state.history.append(stats)
-    return stats
+class _Loop:
+    """One training's epochs and steps: the schedule, evaluations, checkpoints and stops that happen between them."""
+
+    def __init__(self, model, corpus, val_tokens, config: TrainConfig, optimizer, generator, state, hooks):
+        self.model, self.corpus, self.val_tokens, self.config = model, corpus, val_tokens, config
+        self.optimizer, self.generator, self.state, self.hooks = optimizer, generator, state, hooks
+        self.per_epoch = num_batches(len(corpus), config.batch_size, config.num_steps, config.use_random_iter)
+        self.schedule = Schedule(config, self.per_epoch * config.num_epochs)
+        self.interrupted: Callable[[], bool] = lambda: False
+        self.epoch_val: float | None = None  # the current epoch's last validation perplexity
+        if state.lr is None:
+            state.lr = self.schedule.lr_at(state.step, state.elapsed)
+        self._set_lr(state.lr)
+
+    def run_epoch(self, epoch: int) -> None:
+        """One epoch (or what is left of it after a checkpoint inside it), then its evaluation and checkpoint."""
+        state, config = self.state, self.config
+        self.model.train()
+        started, seconds_before = time.perf_counter(), state.epoch_seconds
+        loss_sum = torch.tensor(state.epoch_loss, device=self.corpus.device, dtype=torch.float64)
+        with cpu.settings(config.cpu_threads, self.model, (config.batch_size, config.num_steps)):
+            for inputs, targets in self._batches():
+                state.hidden = carried(self.model, state.hidden, inputs, config.use_random_iter)
+                loss, state.hidden = _step(self.model, inputs, targets, state.hidden, self.optimizer, config)
+                loss_sum += loss * targets.numel()  # stays on the device: no host sync per batch
+                state.epoch_tokens += targets.numel()
+                state.batch, state.step = state.batch + 1, state.step + 1
+                state.epoch_seconds = seconds_before + time.perf_counter() - started
+                if self._between_steps(epoch, loss_sum):
+                    break
+        self._end_epoch(epoch, float(loss_sum))  # the epoch's single host sync
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's minibatches, from the first not yet trained: the data generator is put back to where the
+        epoch began (its offset and shuffle are drawn again, the same) and the batches done are skipped."""
+        state = self.state
+        if state.epoch_rng is None:
+            state.epoch_rng = self.generator.get_state()
+        else:
+            self.generator.set_state(state.epoch_rng)
+        return epoch_batches(self.corpus, self.config, self.generator, skip=state.batch)
+
+    def _between_steps(self, epoch: int, loss_sum: torch.Tensor) -> bool:
+        """What is due after a step: the schedule, an evaluation, a checkpoint, a progress line, a stop; True to end
+        the epoch now."""
+        state, config = self.state, self.config
+        if config.lr_schedule == "cosine":
+            self._set_lr(self.schedule.lr_at(state.step, state.elapsed + state.epoch_seconds))
+        if config.eval_every_steps and state.step % config.eval_every_steps == 0 and state.batch < self.per_epoch:
+            self._evaluate(epoch)
+        if config.checkpoint_every_steps and state.step % config.checkpoint_every_steps == 0:
+            self._save(loss_sum)
+        if self.per_epoch > config.progress_every and state.batch % config.progress_every == 0:
+            self._progress(epoch, loss_sum)
+        if self.interrupted():
+            self._save(loss_sum)
+            raise KeyboardInterrupt(f"interrupted in epoch {epoch} after step {state.step}; run again to resume")
+        over = config.max_minutes and state.elapsed + state.epoch_seconds >= 60 * config.max_minutes
+        if over and not state.stopped:
+            state.stopped = f"the time budget of {config.max_minutes:g} minutes ran out in epoch {epoch}"
+        return bool(state.stopped)
+
+    def _end_epoch(self, epoch: int, loss_sum: float) -> None:
+        state, config = self.state, self.config
+        perplexity = perplexity_of(loss_sum / max(state.epoch_tokens, 1))
+        if not math.isfinite(perplexity):
+            raise TrainingDiverged(
+                f"training diverged at epoch {epoch}: the perplexity is {perplexity}; lower --lr (now {config.lr}) "
+                f"or --grad_clip (now {config.grad_clip})"
+            )
+        seconds = state.epoch_seconds
+        stats = EpochStats(epoch, perplexity, state.epoch_tokens / max(seconds, 1e-9), seconds, step=state.step)
+        state.elapsed += seconds
+        state.epoch, state.batch, state.epoch_rng, state.hidden = epoch, 0, None, None
+        state.epoch_loss, state.epoch_tokens, state.epoch_seconds = 0.0, 0, 0.0
+        last = epoch == config.num_epochs or bool(state.stopped)
+        if not config.eval_every_steps and (epoch % config.eval_every == 0 or last) and config.evaluates():
+            self._evaluate(epoch)
+        stats.val_perplexity, self.epoch_val = self.epoch_val, None  # the epoch's last evaluation, if any
+        stats.lr = state.lr
+        state.history.append(stats)
+        if self.hooks.save is not None and (last or epoch % config.checkpoint_every == 0):
+            self.hooks.save(state)
+        if self.hooks.on_epoch is not None:
+            self.hooks.on_epoch(stats, state)
+
+    def _evaluate(self, epoch: int) -> float | None:
+        """Validation perplexity now; keeps the best weights, steps the plateau schedule, counts towards early
+        stopping."""
+        state, config = self.state, self.config
+        if len(self.val_tokens) < 2:
+            return None
+        perplexity = evaluate(self.model, self.val_tokens, config.batch_size, config.num_steps, config.cpu_threads)
+        self.model.train()
+        self.epoch_val = perplexity
+        if state.best_val_perplexity is None or perplexity < state.best_val_perplexity:
+            state.best_val_perplexity, state.best_epoch, state.best_step = perplexity, epoch, state.step
+            state.stale_evals = 0
+            if self.hooks.save_best is not None:
+                self.hooks.save_best(state)
+        else:
+            state.stale_evals += 1
+            if config.lr_schedule == "plateau":
+                self._set_lr(state.lr / config.lr_decay)
+            if config.early_stopping and state.stale_evals >= config.early_stopping:
+                state.stopped = f"early stopping: {state.stale_evals} evaluations without a lower validation perplexity"
+        return perplexity
+
+    def _save(self, loss_sum: torch.Tensor) -> None:
+        if self.hooks.save is not None:
+            self.state.epoch_loss = float(loss_sum)
+            self.hooks.save(self.state)
+
+    def _progress(self, epoch: int, loss_sum: torch.Tensor) -> None:
+        if self.hooks.on_progress is None:
+            return
+        state = self.state
+        per_batch = state.epoch_seconds / state.batch
+        values = {
+            "epoch": epoch, "batch": state.batch, "batches": self.per_epoch, "seconds_per_batch": per_batch,
+            "tokens_per_sec": state.epoch_tokens / max(state.epoch_seconds, 1e-9),
+            "train_perplexity": perplexity_of(float(loss_sum) / state.epoch_tokens),
+            "val_perplexity": self.epoch_val, "epoch_eta_seconds": (self.per_epoch - state.batch) * per_batch,
+            "lr": state.lr,
+        }  # fmt: skip
+        self.hooks.on_progress(state, values)
+
+    def _set_lr(self, lr: float) -> None:
+        self.state.lr = lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+
+class Schedule:
+    """The learning rate as a function of the step: constant (the book), or cosine from `lr` to `lr_min` after a
+    linear warmup (over the planned steps, or the time budget when that is what ends training first). The plateau
+    schedule lowers the rate at evaluations instead (`_Loop._evaluate`)."""
+
+    def __init__(self, config: TrainConfig, total_steps: int):
+        self.config, self.total = config, max(total_steps, 1)
+
+    def lr_at(self, step: int, seconds: float = 0.0) -> float:
+        config = self.config
+        if config.lr_schedule != "cosine":
+            return config.lr
+        if step < config.warmup_steps:
+            return config.lr * (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(self.total - config.warmup_steps, 1)
+        if config.max_minutes:
+            progress = max(progress, seconds / (60 * config.max_minutes))
+        progress = min(progress, 1.0)
+        return config.lr_min + (config.lr - config.lr_min) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @contextmanager
 def _sigint_deferred() -> Iterator[Callable[[], bool]]:
-    """Turn the first Ctrl-C into a flag the loop reads at the epoch's end (a consistent point to checkpoint); the
+    """Turn the first Ctrl-C into a flag the loop reads after each minibatch (a consistent point to checkpoint); the
     second one interrupts at once. Where Python cannot take signals (a Prefect task in a worker pool), Ctrl-C keeps
     its usual effect and the last periodic checkpoint is what remains."""
     seen: list[int] = []
@@ -143,32 +304,44 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
 ) -> tuple[float, float, float]:
-    """One pass over `corpus`; returns (training perplexity, tokens per second, seconds)."""
+    """One pass over `corpus` with `config`'s batches and optimizer step (no evaluation, checkpoint or schedule);
+    returns (training perplexity, tokens per second, seconds)."""
     model.train()
-    device = corpus.device
-    batches = random_batches if config.use_random_iter else sequential_batches
-    start = time.perf_counter()
-    loss_sum, num_tokens, hidden = torch.zeros((), device=device), 0, None
+    started, hidden, tokens = time.perf_counter(), None, 0
+    loss_sum = torch.zeros((), device=corpus.device, dtype=torch.float64)
     with cpu.settings(config.cpu_threads, model, (config.batch_size, config.num_steps)):
-        for inputs, targets in batches(corpus, config.batch_size, config.num_steps, generator):
-            if hidden is None or config.use_random_iter:
-                hidden = model.begin_state(inputs.shape[0], device)
-            else:
-                hidden = detach_state(hidden)
+        for inputs, targets in epoch_batches(corpus, config, generator):
+            hidden = carried(model, hidden, inputs, config.use_random_iter)
             loss, hidden = _step(model, inputs, targets, hidden, optimizer, config)
-            loss_sum += loss * targets.numel()  # stays on the device: no host sync per batch
-            num_tokens += targets.numel()
-    mean_loss = float(loss_sum) / num_tokens  # the epoch's single host sync
-    seconds = time.perf_counter() - start
-    return perplexity_of(mean_loss), num_tokens / seconds, seconds
+            loss_sum += loss * targets.numel()
+            tokens += targets.numel()
+    seconds = time.perf_counter() - started
+    return perplexity_of(float(loss_sum) / tokens), tokens / seconds, seconds
+
+
+def epoch_batches(corpus: torch.Tensor, config: TrainConfig, generator: torch.Generator, skip: int = 0):
+    """An epoch's minibatches under the config's partitioning (offset and shuffle drawn from `generator`), from
+    the `skip`-th on: (inputs, targets), each (batch_size, num_steps)."""
+    batches = random_batches if config.use_random_iter else sequential_batches
+    for index, batch in enumerate(batches(corpus, config.batch_size, config.num_steps, generator)):
+        if index >= skip:
+            yield batch
+
+
+def carried(model: RNNLM, hidden: State | None, inputs: torch.Tensor, random_iter: bool) -> State:
+    """The state a minibatch starts from: zeros at an epoch's start (and always under random sampling), else the
+    last one's, cut from its graph (truncated BPTT)."""
+    if hidden is None or random_iter:
+        return model.begin_state(inputs.shape[0], inputs.device)
+    return detach_state(hidden)
 
 
 def _step(model: RNNLM, inputs, targets, hidden, optimizer, config: TrainConfig):
-    """Forward, backward, clip, SGD step for one minibatch; returns (detached mean loss, state), without a sync.
-    Where the CPU engine has the whole step compiled (the bf16 LSTM), it takes it."""
+    """Forward, backward, clip, optimizer step for one minibatch; returns (detached mean loss, state), without a
+    sync. Where the CPU engine has the whole step compiled, it takes it."""
     if (compiled := cpu.sgd_step(model, optimizer, inputs, targets, hidden, config.grad_clip, config.amp)) is not None:
         return compiled
-    with autocast(inputs.device, config.amp):  # the forward pass only; gradients and SGD stay float32
+    with autocast(inputs.device, config.amp):  # the forward pass only; gradients and the step stay float32
         loss, hidden = model.loss(inputs, targets, hidden)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -184,16 +357,23 @@ def autocast(device: torch.device, enabled: bool):
 
 @torch.no_grad()
 def evaluate(model: RNNLM, corpus: torch.Tensor, batch_size: int, num_steps: int, cpu_threads: int = 0) -> float:
-    """Perplexity of `corpus`, predicting every token from all before it (state carried), without training."""
+    """Perplexity of `corpus`, predicting every token from all before it (state carried), without training
+    (dropout off)."""
+    return perplexity_of(evaluate_loss(model, corpus, batch_size, num_steps, cpu_threads))
+
+
+@torch.no_grad()
+def evaluate_loss(model: RNNLM, corpus: torch.Tensor, batch_size: int, num_steps: int, cpu_threads: int = 0) -> float:
+    """The mean cross-entropy (nats a token) of `corpus`, as `evaluate` walks it."""
     model.eval()
-    loss_sum, num_tokens, hidden = torch.zeros((), device=corpus.device), 0, None
+    loss_sum, num_tokens, hidden = torch.zeros((), device=corpus.device, dtype=torch.float64), 0, None
     with cpu.settings(cpu_threads, model, (batch_size, num_steps)):
         for inputs, targets in eval_batches(corpus, batch_size, num_steps):
             hidden = model.begin_state(inputs.shape[0], corpus.device) if hidden is None else hidden
             loss, hidden = model.loss(inputs, targets, hidden, reduction="sum")
             loss_sum += loss
             num_tokens += targets.numel()
-    return perplexity_of(float(loss_sum) / num_tokens)
+    return float(loss_sum) / num_tokens
 
 
 def perplexity_of(mean_loss: float) -> float:

@@ -17,11 +17,11 @@ from tasks.store import run_link
 _PLOTTING = threading.Lock()
 
 
-def _plot_alone(history, path, title) -> str:
+def _plot_alone(history, path, title, kept) -> str:
     """One plot at a time in this process: sweeps run members on threads, and matplotlib's text layout is not
     thread-safe. (A function, not the task, holds the lock: Prefect may pickle a task's code, and a lock cannot be.)"""
     with _PLOTTING:
-        return str(plot_perplexity(history, path, title))
+        return str(plot_perplexity(history, path, title, kept))
 
 
 @task(name="plot-perplexity", task_run_name="plot-perplexity", cache_policy=NO_CACHE)
@@ -30,7 +30,10 @@ def plot_history(config: TrainConfig, run_id: str, result: run.FitResult) -> str
     title = f"{config.rnn.upper()} {config.num_hiddens}, lr {config.lr}, {config.num_epochs} epochs"
     folder = run.cache_dir(config) / "runs" / run_id
     folder.mkdir(parents=True, exist_ok=True)
-    return _plot_alone(result.history, folder / "perplexity.png", title)
+    kept = None
+    if result.registered == "best" and result.registered_val_perplexity is not None:
+        kept = (result.registered_epoch, result.registered_val_perplexity)
+    return _plot_alone(result.history, folder / "perplexity.png", title, kept)
 
 
 @task(name="report", task_run_name="report", cache_policy=NO_CACHE)
@@ -38,15 +41,26 @@ def report(config: TrainConfig, run_id: str, result: run.FitResult, samples: dic
     """Prefect UI artifacts: a markdown summary (metrics, samples, MLflow link) and the per-epoch metrics table."""
     link = run_link(run_id)
     create_link_artifact(link, link_text=f"MLflow run {run_id}", key="mlflow-run", description="this run in MLflow")
-    val = "-" if result.val_perplexity is None else f"{result.val_perplexity:.3f}"
+
+    def number(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
     lines = [
         f"# {config.rnn.upper()} language model, run `{run_id}`",
         f"MLflow store `{tracking_uri}`; run in the MLflow UI: [{run_id}]({link})",
         "",
+        f"This run {result.describe_registered(config.tokenization)}."
+        + (f" Training stopped early: {result.stopped}." if result.stopped else ""),
+        "",
         "| metric | value |",
         "|---|---|",
-        f"| train perplexity | {result.train_perplexity:.3f} |",
-        f"| validation perplexity | {val} |",
+        f"| train perplexity (last epoch) | {result.train_perplexity:.3f} |",
+        f"| validation perplexity (last weights) | {number(result.val_perplexity)} |",
+        f"| validation perplexity ({result.registered} weights, registered) | "
+        f"{number(result.registered_val_perplexity)} |",
+        f"| test perplexity ({result.registered} weights) | {number(result.registered_test_perplexity)} |",
+        f"| bits per token ({result.registered} weights) | {number(result.registered_bits_per_token)} |",
+        f"| steps | {result.steps:,} |",
         f"| tokens/s | {result.tokens_per_sec:,.0f} |",
         f"| device | {result.device} |",
         f"| matmuls | {result.matmuls} |",

@@ -63,6 +63,7 @@ def member_summary(flow_run_id: str, registered_model: str) -> dict:
         "version": int(version.version),
         "train_perplexity": metrics["final_train_perplexity"],
         "val_perplexity": metrics.get("final_val_perplexity"),
+        "registered_val_perplexity": metrics.get("final_registered_val_perplexity"),
         "tokens_per_sec": metrics["final_tokens_per_sec"],
         "device": run.data.tags.get("device"),
     }
@@ -73,8 +74,13 @@ def _describe(config: TrainConfig) -> str:
     return f"{config.rnn} x{config.num_layers} h{config.num_hiddens} lr{config.lr} tokens={tokens}"
 
 
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
 def sweep_table(members: list[TrainConfig], results: list[dict | BaseException]) -> pd.DataFrame:
-    """One row per member: its setting, the book's training perplexity where the book has one, ours, and more."""
+    """One row per member: its setting, the book's training perplexity where the book has one, ours, the last and the
+    registered weights' validation perplexity, and more."""
     rows = []
     for config, result in zip(members, results, strict=True):
         key = (config.rnn, config.num_layers)
@@ -89,7 +95,8 @@ def sweep_table(members: list[TrainConfig], results: list[dict | BaseException])
                 "epochs": config.num_epochs,
                 "book_train_ppl": None if full else BOOK_PERPLEXITY.get(key),
                 "train_ppl": None if failed else round(result["train_perplexity"], 3),
-                "val_ppl": None if failed or result["val_perplexity"] is None else round(result["val_perplexity"], 2),
+                "val_ppl": _rounded(None if failed else result["val_perplexity"]),
+                "registered_val_ppl": _rounded(None if failed else result.get("registered_val_perplexity")),
                 "tokens_per_s": None if failed else round(result["tokens_per_sec"]),
                 "device": None if failed else result["device"],
                 "run_id": None if failed else result["run_id"],

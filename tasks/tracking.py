@@ -49,15 +49,21 @@ def log_results(run_id: str, result: run.FitResult, samples: dict, plot_path: st
     mlflow_client.set_tag(run_id, "device", result.device)
     mlflow_client.set_tag(run_id, "matmuls", result.matmuls)
     mlflow_client.set_tag(run_id, "engine", result.engine)
+    mlflow_client.set_tag(run_id, "registered_weights", result.registered)
+    if result.stopped:
+        mlflow_client.set_tag(run_id, "stopped", result.stopped)
     mlflow_client.log_text(run_id, json.dumps(samples, indent=1), "samples.json")
     mlflow_client.log_artifact(run_id, plot_path)
     mlflow_client.log_artifact(run_id, vocab_path)
     mlflow_client.log_artifact(run_id, result.checkpoint, artifact_path="checkpoint")
+    if result.registered_checkpoint != result.checkpoint:
+        mlflow_client.log_artifact(run_id, result.registered_checkpoint, artifact_path="checkpoint")
 
 
 @task(name="register-model", task_run_name="register-model", cache_policy=NO_CACHE)
 def register_model(config: TrainConfig, run_id: str, result: run.FitResult) -> int:
-    """Log the checkpoint as a generating pyfunc model and register it as a new version; return the version.
+    """Log the registered weights (the best by validation, or the last: `config.register`) as a generating pyfunc
+    model and register it as a new version, tagged with those weights' own numbers; return the version.
 
     This is the run's last step, so that a failure anywhere earlier leaves no version behind.
     """
@@ -68,7 +74,7 @@ def register_model(config: TrainConfig, run_id: str, result: run.FitResult) -> i
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(MODEL_SCRIPT),
-            artifacts={"checkpoint": result.checkpoint},
+            artifacts={"checkpoint": result.registered_checkpoint or result.checkpoint},
             code_paths=[str(paths.PACKAGE)],
             input_example=(["time traveller"], SAMPLING_DEFAULTS),
             pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"],
@@ -77,7 +83,16 @@ def register_model(config: TrainConfig, run_id: str, result: run.FitResult) -> i
             model_config=BUDGET_DEFAULTS,  # what one served request may cost; RNNLM_SERVE_* overrides it when served
         )
     version = int(info.registered_model_version)
-    tags = {"val_perplexity": result.val_perplexity, "train_perplexity": result.train_perplexity}
+    tags = {
+        "val_perplexity": result.registered_val_perplexity,  # the registered weights' own, on the whole split
+        "test_perplexity": result.registered_test_perplexity,
+        "bits_per_token": result.registered_bits_per_token,
+        "train_perplexity": result.train_perplexity,  # the last epoch's, as the book prints it
+        "weights": result.registered,
+        "epoch": result.registered_epoch,
+        "step": result.registered_step,
+    }
+    tags = {k: v for k, v in tags.items() if v is not None}
     tags |= {"rnn": config.rnn, "tokenization": config.tokenization, "run_id": run_id}
     mlflow_client = store.client()
     for key, value in tags.items():

@@ -40,24 +40,34 @@ def train_model(config: TrainConfig, data: run.PreparedData, tracked: TrackedRun
     try:
         result = run.fit(
             config, data, Path(tracked.checkpoint), progress.on_epoch, tracked.run_id, progress.on_resume,
-            on_start=progress.on_start,
+            on_start=progress.on_start, on_progress=progress.on_progress,
         )  # fmt: skip
     finally:
         progress.metrics.flush()  # what was measured before a failure is kept
-    get_run_logger().info(
-        "trained %d epochs on %s with %s, matmuls: %s; train perplexity %.2f, %s tokens/s",
-        result.epochs, result.device, result.engine, result.matmuls, result.train_perplexity,
+    logger = get_run_logger()
+    logger.info(
+        "trained %d epochs (%d steps) on %s with %s, matmuls: %s; train perplexity %.2f, %s tokens/s",
+        result.epochs, result.steps, result.device, result.engine, result.matmuls, result.train_perplexity,
         f"{result.tokens_per_sec:,.0f}",
     )  # fmt: skip
+    if result.stopped:
+        logger.info("stopped before epoch %d: %s", config.num_epochs, result.stopped)
+    logger.info("this run %s", result.describe_registered(config.tokenization))
     return result
 
 
 @task(name="generate-samples", task_run_name="generate-samples", cache_policy=NO_CACHE)
-def generate_samples(config: TrainConfig, checkpoint: str) -> dict:
-    """The book's two greedy samples, plus sampled ones (temperature, top-k), for fixed prompts."""
+def generate_samples(config: TrainConfig, result: run.FitResult) -> dict:
+    """The book's two greedy samples, plus sampled ones (temperature, top-k), for fixed prompts, from the last
+    weights; where the registered weights are others (the best by validation), their greedy and t0.8-top5 samples
+    too, as `best-greedy` and `best-t0.8-top5`. Returns setting -> {prompt: text}."""
     settings = {name: {"seed": config.seed, **options} for name, options in SAMPLING.items()}
-    texts = run.sample_many(Path(checkpoint), list(run.BOOK_PROMPTS), config.num_preds, settings)
-    samples = {name: dict(zip(run.BOOK_PROMPTS, out, strict=True)) for name, out in texts.items()}
+    samples = run.sample_many(Path(result.checkpoint), list(run.BOOK_PROMPTS), config.num_preds, settings)
     for text in samples["greedy"].values():
         get_run_logger().info("sample: %s", text)
+    if result.registered_checkpoint and result.registered_checkpoint != result.checkpoint:
+        kept = {f"{result.registered}-{name}": settings[name] for name in ("greedy", "t0.8-top5")}
+        samples |= run.sample_many(Path(result.registered_checkpoint), list(run.BOOK_PROMPTS), config.num_preds, kept)
+        for text in samples[f"{result.registered}-greedy"].values():
+            get_run_logger().info("sample (%s weights): %s", result.registered, text)
     return samples

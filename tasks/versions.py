@@ -18,7 +18,10 @@ COLUMNS = [
     "version",
     "aliases",
     "val_perplexity",
+    "test_perplexity",
     "train_perplexity",
+    "weights",
+    "registered_epoch",
     "run_id",
     "created",
     "rnn",
@@ -66,7 +69,16 @@ def version_record(version, aliases: list[str]) -> dict:
         "epochs": params.get("num_epochs"),
         "lr": params.get("lr"),
         "train_perplexity": _number(metrics.get("final_train_perplexity", tags.get("train_perplexity"))),
-        "val_perplexity": _number(metrics.get("final_val_perplexity", tags.get("val_perplexity"))),
+        # the registered weights' own numbers (the best by validation, or the last); runs from before they were
+        # logged have the last epoch's only
+        "val_perplexity": _number(
+            metrics.get(
+                "final_registered_val_perplexity", tags.get("val_perplexity", metrics.get("final_val_perplexity"))
+            )
+        ),
+        "test_perplexity": _number(metrics.get("final_registered_test_perplexity", tags.get("test_perplexity"))),
+        "weights": tags.get("weights", "last"),
+        "registered_epoch": params.get("num_epochs") if "epoch" not in tags else tags["epoch"],
         "tokens_per_sec": None if speed is None else float(round(speed)),
         "device": run_tags.get("device"),
         "engine": run_tags.get("engine"),

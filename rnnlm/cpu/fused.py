@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from rnnlm.cpu import native, threads
+from rnnlm.cpu import native, recurrence, threads
 from rnnlm.cpu.recurrence import (
     GRU,
     LSTM,
@@ -37,6 +37,9 @@ def plain_sgd(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> b
     group = optimizer.param_groups[0]
     plain = not any(group.get(key) for key in ("momentum", "weight_decay", "nesterov", "maximize"))
     return plain and len(group["params"]) == 6 and all(a is b for a, b in zip(group["params"], params, strict=True))
+
+
+SMALL_OUTPUT = 1 << 16  # output layers up to this many weights (vocab x H) run all in C; larger ones on torch's matmuls
 
 
 class _Saved:
@@ -70,6 +73,8 @@ def output_step(out: nn.Linear, hs: torch.Tensor, targets: torch.Tensor, grad_h:
     hs, for a loss that is the mean over the rows) and returns (W_out's gradient, b_out's, the summed loss, 0-d).
     With grad_h None, the loss only (and None for the gradients)."""
     rows, vocab = hs.shape[0], out.out_features
+    if vocab * hs.shape[1] > SMALL_OUTPUT:
+        return _large_output_step(out, hs, targets, grad_h, share)
     logits = torch.empty(rows, native.padded(vocab))
     loss, grad_b = torch.zeros(16, dtype=torch.float64), out.bias.new_zeros(2, vocab)
     grad_w = out.weight.new_zeros(2, *out.weight.shape) if grad_h is not None else None
@@ -88,6 +93,29 @@ def output_step(out: nn.Linear, hs: torch.Tensor, targets: torch.Tensor, grad_h:
     if grad_w is None:
         return None, None, loss.sum()
     return grad_w.sum(0), grad_b.sum(0), loss.sum()
+
+
+def _large_output_step(out: nn.Linear, hs: torch.Tensor, targets: torch.Tensor, grad_h, share: bool):
+    """`output_step` for a large output layer: each core takes half the rows all the way (its logits through torch's
+    or oneDNN's matmul, cache-blocked for large matrices; the loss and its gradient in C; the gradients reaching hs
+    and W_out), so that the logits are never joined and the halves meet once."""
+    weight, bias = out.weight.detach(), out.bias.detach()
+    loss, grad_b = torch.zeros(16, dtype=torch.float64), bias.new_zeros(2, out.out_features)
+    grad_w, scale = [None, None], 1.0 / targets.numel()
+
+    def half(span: tuple[int, int]) -> None:
+        me, rows = int(span[0] > 0), slice(*span)
+        logits = recurrence.linear(hs[rows], weight, bias)  # (rows, vocab), this half's only
+        native.rows_loss(logits, targets[rows], scale, loss[8 * me :], grad_b[me], (0, span[1] - span[0]))
+        if grad_h is not None:
+            grad_h[rows] = recurrence.linear(logits, weight.T, None)
+            grad_w[me] = recurrence.matmul_tn(logits, hs[rows])
+
+    threads.by_rows(hs.shape[0], share, half)
+    if grad_h is None:
+        return None, None, loss.sum()
+    total_w = grad_w[0] if grad_w[1] is None else grad_w[0].add_(grad_w[1])
+    return total_w, grad_b.sum(0), loss.sum()
 
 
 @torch.no_grad()

@@ -748,8 +748,8 @@ static void gemm_tn_acc(int M, int N, int K, const float *A, int lda, const floa
 /* The cross-entropy of logits rows [n0, n1) (row stride ld, V classes, targets by row), and what it sends back:
    each row replaced by its gradient, (softmax - one_hot(target)) * scale; loss[0] += the rows' summed cross-entropy,
    grad_b (V) += their gradients' sum. */
-static void rows_loss(int64_t n0, int64_t n1, int V, int ld, const int64_t *targets, float *logits, float scale,
-                      double *loss, float *grad_b) {
+void rnnlm_rows_loss(int64_t n0, int64_t n1, int V, int ld, const int64_t *targets, float *logits, float scale,
+                     double *loss, float *grad_b) {
     double total = 0.0;
     for (int64_t n = n0; n < n1; n++) {
         float *row = logits + (size_t)n * ld, top = row[0], sum = 0.0f;
@@ -774,18 +774,18 @@ static void output_loss(int steps, int batch, int H, int V, int r0, int r1, cons
                         float *logits, float scale, double *loss, float *grad_b, float *grad_w) {
     for (int t = 0; t < steps; t++) {
         size_t first = (size_t)t * batch + r0;
-        rows_loss(first, first + (r1 - r0), V, V, targets, logits, scale, loss, grad_b);
+        rnnlm_rows_loss(first, first + (r1 - r0), V, V, targets, logits, scale, loss, grad_b);
         gemm_tn_acc(V, H, r1 - r0, logits + first * V, V, hs + first * H, H, grad_w, H);
     }
 }
 
 /* The output layer's whole training step over the rows [n0, n1) of a window (steps * batch rows, time-major; the
-   float32 fused step, rnnlm/cpu/fused.py): logits = hs @ W_out.T + b_out (rows of ldl >= V floats), then
-   rows_loss (the summed cross-entropy into loss[0], the logits replaced by their gradient, the bias gradient), the
-   weight gradient grad_w (V x H) += dlogits.T @ hs, and grad_h (the rows' gradient reaching hs, H wide) = dlogits @
-   W_out (with grad_w NULL, the loss only). This worker's grad_b, grad_w: zeros at the start. wout: W_out (V x H)
-   packed by rnnlm_pack with trans=1,
-   wout_back with trans=0; ldl = panels(V) * NR; scratch: (n1 - n0) x panels(H) * NR floats. */
+   small vocabularies; large ones take torch's matmuls around rnnlm_rows_loss, rnnlm/cpu/fused.py): logits = hs @
+   W_out.T + b_out (rows of ldl >= V floats), then rnnlm_rows_loss (the summed cross-entropy into loss[0], the logits
+   replaced by their gradient, the bias gradient), the weight gradient grad_w (V x H) += dlogits.T @ hs, and grad_h
+   (the rows' gradient reaching hs, H wide) = dlogits @ W_out (with grad_w NULL, the loss only). This worker's
+   grad_b, grad_w: zeros at the start. wout: W_out (V x H) packed by rnnlm_pack with trans=1, wout_back with trans=0;
+   ldl = panels(V) * NR; scratch: (n1 - n0) x panels(H) * NR floats. */
 void rnnlm_output_step(int64_t n0, int64_t n1, int H, int V, const float *hs, const float *wout, const float *b_out,
                        const float *wout_back, const int64_t *targets, float scale, float *logits, double *loss,
                        float *grad_b, float *grad_w, float *grad_h, float *scratch) {
@@ -793,7 +793,7 @@ void rnnlm_output_step(int64_t n0, int64_t n1, int H, int V, const float *hs, co
     float *rows = logits + (size_t)n0 * ldl;
     gemm(M, H, panels_of(V), hs + (size_t)n0 * H, H, wout, rows, ldl);
     for (int i = 0; i < M; i++) add_row(V, b_out, rows + (size_t)i * ldl);
-    rows_loss(n0, n1, V, ldl, targets, logits, scale, loss, grad_b);
+    rnnlm_rows_loss(n0, n1, V, ldl, targets, logits, scale, loss, grad_b);
     if (grad_w == NULL) return; /* the loss only (evaluation) */
     gemm_tn_acc(V, H, M, rows, ldl, hs + (size_t)n0 * H, H, grad_w, H);
     gemm(M, V, panels_of(H), rows, ldl, wout_back, scratch, ldh);

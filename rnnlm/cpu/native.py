@@ -53,6 +53,7 @@ _SIGNATURES = {
     # the output layer's step: n0, n1, H, V, hs, wout, b_out, wout_back, targets, scale, then the outputs
     "rnnlm_output_step": [ctypes.c_int64] * 2 + [_i] * 2 + [_p] * 5 + [ctypes.c_float] + [_p] * 6,
     "rnnlm_clip_sgd": [_i, _p, _p, _p, ctypes.c_float, ctypes.c_float],
+    "rnnlm_rows_loss": [ctypes.c_int64] * 2 + [_i] * 2 + [_p] * 2 + [ctypes.c_float] + [_p] * 2,
 }
 _RESULTS = {name: _i for name in ("rnnlm_panel_width", "rnnlm_bf16_native", "rnnlm_barrier")}
 _RESULTS["rnnlm_lstm_sgd_work"] = ctypes.c_int64
@@ -348,6 +349,14 @@ def output_step(hs, wout, b_out, wout_back, targets, logits, loss, grad_b, grad_
     work = scratch(rows[1] - rows[0], hidden) if grad_w is not None else None
     head = (*rows, hidden, vocab, *map(_ptr, (hs, wout, b_out, wout_back, targets)), scale)
     library().rnnlm_output_step(*head, *map(_ptr, (logits, loss, grad_b, grad_w, grad_h, work)))
+
+
+def rows_loss(logits, targets, scale: float, loss, grad_b, rows) -> None:
+    """The cross-entropy of `logits` rows `rows` (2-D, its rows may be padded), each replaced by its gradient times
+    `scale`; loss[0] += their summed loss, grad_b += their gradients' sum (see kernels.c: rnnlm_rows_loss)."""
+    assert logits.stride(1) == 1
+    head = (*rows, grad_b.shape[0], logits.stride(0), _ptr(targets), logits.data_ptr(), scale)
+    library().rnnlm_rows_loss(*head, _ptr(loss), _ptr(grad_b))
 
 
 def padded(n: int) -> int:

@@ -44,10 +44,13 @@ def _onednn_available() -> bool:
 ONEDNN = _onednn_available()
 
 
+SPLIT_MACS = 1 << 24  # matmuls of at least this many multiply-adds go in halves on the two cores, on torch's matmul
+
+
 def matmul_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a.T @ b for 2-D a (n, p) and b (n, q): through oneDNN or torch's matmul, whichever is quicker for the shape on
-    this machine (measured once, see `rnnlm.cpu.choice`)."""
-    if not ONEDNN:
+    this machine (measured once, see `rnnlm.cpu.choice`); torch's for large ones (see `linear`)."""
+    if not ONEDNN or a.numel() * b.shape[1] >= SPLIT_MACS:
         return a.T @ b
     return quickest(f"matmul_tn:{tuple(a.shape)}x{b.shape[1]}", onednn=lambda: _onednn_tn(a, b), torch=lambda: a.T @ b)
 
@@ -61,14 +64,15 @@ def _onednn_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T (+ bias): through oneDNN or torch's matmul, whichever is quicker for the shape here."""
+    """x @ weight.T (+ bias): through oneDNN or torch's matmul, whichever is quicker for the shape here; torch's for
+    large ones (oneDNN reorders an unpacked weight at every call, which its one-time measurement, on the same weight
+    each time, does not see)."""
+    if x.numel() * weight.shape[0] >= SPLIT_MACS:
+        return torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
     name = f"linear:{tuple(x.shape)}x{weight.shape[0]}{'+b' if bias is not None else ''}"
     if bias is None:
         return quickest(name, onednn=lambda: _linear(x, weight, None), torch=lambda: x @ weight.T)
     return quickest(name, onednn=lambda: _linear(x, weight, bias), torch=lambda: torch.addmm(bias, x, weight.T))
-
-
-SPLIT_MACS = 1 << 24  # matmuls of at least this many multiply-adds go in halves on the two cores
 
 
 class Linear(torch.autograd.Function):

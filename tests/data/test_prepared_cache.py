@@ -12,7 +12,7 @@ from helpers import small_config
 
 from rnnlm.run import prepare_data
 
-FILES = ["info.json", "train.npy", "val.npy", "vocab.json"]
+FILES = ["info.json", "test.npy", "train.npy", "val.npy", "vocab.json"]
 
 
 def test_prepared_data_is_read_back_while_the_corpus_and_settings_are_the_same(tmp_path, small_corpus):

@@ -119,9 +119,11 @@ def test_checkpoint_of_another_vocab_or_corpus_is_refused(tmp_path, prepared):
 def test_checkpoint_folder_is_keyed_by_what_is_trained(tmp_path, prepared):
     config, data = prepared()
     folder = checkpoint_folder(config, data.corpus_sha1)
-    same = config.model_copy(update={"eval_every": 3, "checkpoint_every": 1, "num_preds": 5, "experiment": "x"})
+    same = config.model_copy(update={"progress_every": 3, "checkpoint_every": 1, "num_preds": 5, "experiment": "x"})
     assert checkpoint_folder(same, data.corpus_sha1) == folder
-    for change in ({"seed": 1}, {"num_epochs": 7}, {"rnn": "gru"}, {"use_random_iter": True}):
+    # when evaluations run decides the best weights kept, the plateau schedule and early stopping: part of a training
+    changes = ({"seed": 1}, {"num_epochs": 7}, {"rnn": "gru"}, {"use_random_iter": True}, {"eval_every": 3})
+    for change in changes:
         assert checkpoint_folder(config.model_copy(update=change), data.corpus_sha1) != folder
     assert checkpoint_folder(config, "f" * 40) != folder
 
@@ -141,18 +143,19 @@ def test_resume_refuses_a_checkpoint_with_pickled_code(tmp_path, prepared, monke
 
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals need the main thread")
-def test_ctrl_c_stops_at_the_epoch_end_with_a_checkpoint(tmp_path, prepared):
+def test_ctrl_c_stops_after_the_minibatch_with_a_checkpoint_and_resumes_exactly(tmp_path, prepared):
     config, data = prepared(num_epochs=6, checkpoint_every=100)
 
     def interrupt_at_epoch_3(stats, state):
         if stats.epoch == 3:
             os.kill(os.getpid(), signal.SIGINT)  # a real SIGINT, as Ctrl-C sends
 
-    with pytest.raises(KeyboardInterrupt, match="after epoch (3|4)"):
+    with pytest.raises(KeyboardInterrupt, match="interrupted in epoch 4 after step"):
         fit(config, data, tmp_path / "c.pt", on_epoch=interrupt_at_epoch_3)
-    epoch = load_checkpoint(tmp_path / "c.pt")["epoch"]
-    assert epoch in (3, 4)  # the signal lands at epoch 3's end or early in epoch 4; either way a whole epoch
+    saved = load_checkpoint(tmp_path / "c.pt")
+    assert (saved["epoch"], saved["batch"]) == (3, 1)  # the first minibatch of epoch 4 done, then the checkpoint
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C behaves as usual again
     reference = fit(config, data, tmp_path / "ref.pt")
     resumed = fit(config, data, tmp_path / "c.pt")
-    assert resumed.resumed_from_epoch == epoch and resumed.train_perplexity == reference.train_perplexity
+    assert resumed.resumed_from_epoch == 3 and resumed.train_perplexity == reference.train_perplexity
+    assert resumed.val_perplexity == reference.val_perplexity and resumed.steps == reference.steps

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import PROJECT_ROOT
+from helpers import PROJECT_ROOT, CountingHandler, small_text
 
 from flows.train_flow import main
 
@@ -56,3 +56,61 @@ def test_a_corpus_too_short_fails_in_the_flow_without_tracebacks(tmp_path):
     last = (done.stdout + done.stderr).strip().splitlines()[-1]
     assert last.startswith("error: the corpus gives 13 training tokens, fewer than the 1,156 needed")
     assert "Traceback" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    "options, names",
+    [
+        (["--tie_weights", "--embedding_dim", "64"], ["tie_weights", "embedding_dim 256"]),
+        (["--early_stopping", "3", "--val_tokens", "0"], ["early_stopping", "--val_tokens"]),
+    ],
+)
+def test_options_that_cannot_work_together_end_before_any_download(tmp_path, corpus_url, options, names):
+    done = _script(tmp_path, "--corpus", corpus_url, *options)
+    last = (done.stdout + done.stderr).strip().splitlines()[-1]
+    assert done.returncode == 1 and last.startswith("error: ") and all(name in last for name in names)
+    assert CountingHandler.requests_seen == [] and not (tmp_path / "mlflow.db").exists()
+
+
+def test_held_out_tokens_beyond_a_local_corpus_end_before_anything_starts(tmp_path):
+    corpus = tmp_path / "short.txt"
+    corpus.write_text(small_text(300))
+    done = _script(tmp_path, "--corpus", str(corpus), "--tokenization", "word", "--test_tokens", "5000")
+    output = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 1 and len(output) <= 3 and "Traceback" not in done.stderr
+    assert output[-1].startswith("error: val_tokens=10,000 and test_tokens=5,000 hold out more tokens than")
+    assert "--test_tokens" in output[-1] and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_recipe_file_sets_options_and_the_command_line_overrides_it(tmp_path):
+    from flows.cli import parse_command
+    from flows.train_flow import TrainCommand
+    from rnnlm.config import TrainConfig
+
+    recipe = PROJECT_ROOT / "recipes" / "word-lstm.toml"
+    command = parse_command(TrainCommand, ["--config_file", str(recipe), "--lr", "5", "--corpus", "my.txt"])
+    config = command.config()
+    assert (config.rnn, config.num_layers, config.embedding_dim, config.dropout) == ("lstm", 2, 200, 0.2)
+    assert (config.lr, config.corpus, config.lr_schedule) == (5.0, "my.txt", "plateau")
+    assert config == TrainConfig.from_recipe(recipe, lr=5.0, corpus="my.txt")
+    book = parse_command(TrainCommand, [f"--config_file={PROJECT_ROOT / 'recipes' / 'book.toml'}"]).config()
+    assert book == TrainConfig()  # the book's recipe is the defaults, written out
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("rnn = 'lstm'\nlayers = 2\n", "names options that do not exist: layers"),
+        ("rnn = lstm\n", "is not valid TOML"),
+        ("num_hiddens = -3\n", "--num_hiddens: Input should be greater than 0"),
+    ],
+)
+def test_a_bad_recipe_ends_with_one_line_naming_the_problem(tmp_path, text, message):
+    from flows.cli import parse_command
+    from flows.train_flow import TrainCommand
+
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text(text)
+    with pytest.raises(SystemExit) as ended:
+        parse_command(TrainCommand, ["--config_file", str(recipe)])
+    assert str(ended.value).startswith("error: ") and message in str(ended.value)

@@ -44,7 +44,7 @@ def test_flow_trains_logs_and_registers(tmp_path, corpus_url, mlflow_store):
 
     version = client.get_model_version("rnnlm", str(out["version"]))
     assert version.run_id == out["run_id"]
-    assert float(version.tags["val_perplexity"]) == pytest.approx(out["val_perplexity"])
+    assert float(version.tags["val_perplexity"]) == pytest.approx(out["registered_val_perplexity"])
     assert version.tags["rnn"] == "rnn"
 
     model = mlflow.pyfunc.load_model(f"models:/rnnlm/{out['version']}")
@@ -59,7 +59,7 @@ def test_second_run_reuses_corpus_and_vocab(tmp_path, corpus_url, mlflow_store):
     train_flow(config)
     assert CountingHandler.requests_seen == ["/book.txt"]
     prepared = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "prepared").rglob("*") if p.is_file()}
-    assert {p.name for p in prepared} == {"info.json", "train.npy", "val.npy", "vocab.json"}
+    assert {p.name for p in prepared} == {"info.json", "train.npy", "val.npy", "test.npy", "vocab.json"}
     second = train_flow(config, return_state=True)
     assert CountingHandler.requests_seen == ["/book.txt"]  # nothing downloaded the second time
     now = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "prepared").rglob("*") if p.is_file()}

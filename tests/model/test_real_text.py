@@ -1,0 +1,287 @@
+"""What training on real text needs, in the library: embeddings, dropout and tied weights, the schedules, early
+stopping and the best weights kept, three splits, evaluations and checkpoints inside epochs, progress lines."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from helpers import PROJECT_ROOT, resume_settings, small_text
+
+from rnnlm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from rnnlm.config import TrainConfig
+from rnnlm.generate import generate
+from rnnlm.model import RNNLM
+from rnnlm.run import best_checkpoint, fit, prepare_data
+from rnnlm.tokens import build_vocab, encode, prepare_text
+from rnnlm.train import evaluate, make_optimizer, train
+
+# A word-level model as a real recipe has it, small: embeddings, dropout, two layers
+WORDS = dict(tokenization="word", preprocess="words", embedding_dim=24, dropout=0.1, lr=20.0, grad_clip=0.25)
+
+
+@pytest.fixture
+def words(tmp_path):
+    """A 6,000-word made-up corpus and a config maker for word-level runs on it (val 500, test 500 words)."""
+    path = tmp_path / "words.txt"
+    path.write_text(small_text(6000))
+
+    def config(**overrides) -> TrainConfig:
+        settings = WORDS | dict(val_tokens=500, test_tokens=500, eval_every=1) | overrides
+        return TrainConfig(**resume_settings(tmp_path, path, **settings))
+
+    return path, config
+
+
+@pytest.mark.parametrize("rnn", ["rnn", "gru", "lstm"])
+def test_dropout_is_off_in_evaluation_and_generation(rnn):
+    torch.manual_seed(0)
+    model = RNNLM(30, 16, rnn, num_layers=2, embedding_dim=8, dropout=0.5)
+    tokens = torch.randint(0, 30, (4, 12))
+    model.train()
+    first, _ = model(tokens, model.begin_state(4))
+    second, _ = model(tokens, model.begin_state(4))
+    assert not torch.equal(first, second)  # dropout is on while training
+    model.eval()
+    first, _ = model(tokens, model.begin_state(4))
+    second, _ = model(tokens, model.begin_state(4))
+    assert torch.equal(first, second)
+    ids = torch.randint(0, 30, (400,))
+    assert evaluate(model, ids, 4, 10) == evaluate(model, ids, 4, 10)
+    vocab = build_vocab(" ".join(f"w{i}" for i in range(29)), "word")
+    model.train()  # generation switches dropout off by itself
+    assert generate(model, vocab, ["w1 w2"], 20, "word") == generate(model, vocab, ["w1 w2"], 20, "word")
+
+
+def test_tied_weights_share_one_tensor_through_training_and_checkpoints(tmp_path):
+    text = prepare_text(small_text(1500), "words", "word")
+    vocab = build_vocab(text, "word")
+    ids = encode(text, vocab, "word")
+    torch.manual_seed(0)
+    model = RNNLM(len(vocab), 16, "lstm", embedding_dim=16, tie_weights=True)
+    assert model.linear.weight is model.embedding.weight
+    assert len(list(model.parameters())) == len(list(RNNLM(len(vocab), 16, "lstm", embedding_dim=16).parameters())) - 1
+    config = TrainConfig(rnn="lstm", batch_size=4, num_steps=10, num_epochs=2, lr=1.0, val_tokens=0, tie_weights=True,
+                         embedding_dim=16, num_hiddens=16)  # fmt: skip
+    before = model.embedding.weight.detach().clone()
+    train(model, ids[:-100], ids[-100:], config, make_optimizer(model, 1.0), torch.Generator().manual_seed(0))
+    assert model.linear.weight is model.embedding.weight and not torch.equal(model.embedding.weight, before)
+    save_checkpoint(tmp_path / "t.pt", model=model.state_dict(), config=config.model_dump(mode="json"),
+                    vocab=vocab.tokens)  # fmt: skip
+    loaded, _, _ = model_from_checkpoint(load_checkpoint(tmp_path / "t.pt"))
+    assert loaded.linear.weight is loaded.embedding.weight and torch.equal(loaded.linear.weight, model.linear.weight)
+
+
+@pytest.mark.parametrize(
+    "options, names",
+    [
+        ({"tie_weights": True, "embedding_dim": 100}, ["tie_weights", "embedding_dim"]),
+        ({"early_stopping": 3, "val_tokens": 0}, ["early_stopping", "val_tokens"]),
+        ({"lr_schedule": "plateau", "val_tokens": 0}, ["plateau", "val_tokens"]),
+    ],
+)
+def test_option_combinations_that_cannot_work_are_refused_naming_them(options, names):
+    with pytest.raises(ValueError) as refused:
+        TrainConfig(**options)
+    assert all(name in str(refused.value) for name in names)
+
+
+def test_plateau_divides_the_rate_and_resume_restores_it(tmp_path, words):
+    path, make = words
+    config = make(num_layers=2, rnn="lstm", lr_schedule="plateau", num_epochs=6, checkpoint_every=2)
+    data = prepare_data(path, config)
+    reference = fit(config, data, tmp_path / "reference.pt")
+    rates, best, lr = [], math.inf, config.lr
+    for stats in reference.history:  # every evaluation that does not beat the best divides the rate by lr_decay
+        lr = lr if stats.val_perplexity < best else lr / config.lr_decay
+        best = min(best, stats.val_perplexity)
+        rates.append(lr)
+    assert [s.lr for s in reference.history] == pytest.approx(rates)
+    assert rates[-1] < config.lr  # it did divide (the small corpus stops improving quickly)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after(epoch: int):
+        def on_epoch(stats, state):
+            if stats.epoch == epoch:
+                raise Crash
+
+        return on_epoch
+
+    first_cut = next(i for i, rate in enumerate(rates) if rate < config.lr) + 1  # the epoch of the first division
+    crash_at = first_cut + 1 + (first_cut + 1) % 2  # an odd epoch after it: the last checkpoint is the epoch before
+    with pytest.raises(Crash):
+        fit(config, data, tmp_path / "cut.pt", on_epoch=crash_after(crash_at))
+    saved = load_checkpoint(tmp_path / "cut.pt")
+    assert saved["lr"] == pytest.approx(rates[saved["epoch"] - 1]) and saved["lr"] < config.lr
+    resumed = fit(config, data, tmp_path / "cut.pt")
+    assert resumed.resumed_from_epoch == saved["epoch"]
+    assert [s.lr for s in resumed.history] == [s.lr for s in reference.history]
+    assert resumed.val_perplexity == reference.val_perplexity and resumed.train_perplexity == reference.train_perplexity
+
+
+def test_early_stopping_stops_and_keeps_the_best_weights(tmp_path, words):
+    path, make = words
+    config = make(rnn="gru", num_hiddens=32, embedding_dim=32, tie_weights=True, dropout=0.3, lr=5.0,
+                  num_epochs=30, early_stopping=2)  # fmt: skip
+    data = prepare_data(path, config)
+    result = fit(config, data, tmp_path / "m.pt")
+    vals = [s.val_perplexity for s in result.history]
+    assert result.epochs < config.num_epochs and "early stopping" in result.stopped
+    assert vals[-2:] > [min(vals)] * 2 and min(vals) not in vals[-2:]  # two evaluations without a better one
+    assert result.registered == "best" and result.registered_checkpoint == str(best_checkpoint(tmp_path / "m.pt"))
+    assert result.registered_epoch == vals.index(min(vals)) + 1 and result.registered_epoch < result.epochs
+    assert result.registered_val_perplexity == pytest.approx(min(vals), rel=1e-9) == result.best_val_perplexity
+    assert result.val_perplexity == pytest.approx(vals[-1], rel=1e-9) != result.registered_val_perplexity
+    best, last = load_checkpoint(result.registered_checkpoint), load_checkpoint(result.checkpoint)
+    assert (best["epoch"], best["val_perplexity"]) == (result.registered_epoch, result.best_val_perplexity)
+    assert not torch.equal(best["model"]["linear.weight"], last["model"]["linear.weight"])
+
+
+def test_registering_the_last_weights_evaluates_those(tmp_path, words):
+    path, make = words
+    config = make(num_epochs=3, register="last")
+    result = fit(config, prepare_data(path, config), tmp_path / "m.pt")
+    assert (result.registered, result.registered_checkpoint, result.registered_epoch) == ("last", result.checkpoint, 3)
+    assert result.registered_val_perplexity == result.val_perplexity
+
+
+def test_three_splits_are_disjoint_and_test_is_the_corpus_end(tmp_path, words):
+    path, make = words
+    config = make(max_tokens=-1, val_tokens=700, test_tokens=400)
+    data = prepare_data(path, config)
+    vocab, train_ids, val_ids = data.load()
+    test_ids = data.load_test()
+    ids = encode(prepare_text(path.read_text(), "words", "word"), vocab, "word")
+    n = len(ids)
+    assert (
+        (len(train_ids), len(val_ids), len(test_ids))
+        == (n - 1100, 700, 400)
+        == (data.train_tokens, data.val_tokens, data.test_tokens)
+    )
+    assert np.array_equal(np.concatenate([train_ids, val_ids, test_ids]), ids)  # in order, each token in one split
+    short = make(max_tokens=1000, val_tokens=700, test_tokens=400)
+    small = prepare_data(path, short)
+    _, train_ids, val_ids = small.load()
+    assert np.array_equal(train_ids, ids[:1000]) and np.array_equal(val_ids, ids[n - 1100 : n - 400])
+    assert np.array_equal(small.load_test(), ids[n - 400 :])
+
+
+@pytest.mark.parametrize("tokenization, test_tokens", [("char", 0), ("word", 400)])
+def test_bits_per_token_match_the_perplexity(tmp_path, words, tokenization, test_tokens):
+    path, make = words
+    options = {"embedding_dim": 0, "preprocess": "book", "lr": 1.0, "grad_clip": 1.0} if tokenization == "char" else {}
+    config = make(tokenization=tokenization, num_epochs=2, test_tokens=test_tokens, **options)
+    result = fit(config, prepare_data(path, config), tmp_path / "m.pt")
+    held_out = result.registered_test_perplexity if test_tokens else result.registered_val_perplexity
+    assert (result.registered_test_perplexity is None) == (test_tokens == 0)
+    assert result.registered_bits_per_token == pytest.approx(math.log2(held_out), rel=1e-12)
+    assert 0 < result.registered_bits_per_token < math.log2(prepare_data(path, config).vocab_size) + 1
+
+
+def test_progress_lines_inside_epochs_and_evaluations_by_steps(tmp_path, words):
+    path, make = words
+    config = make(num_epochs=2, progress_every=20, eval_every_steps=25, val_max_tokens=200)
+    data = prepare_data(path, config)
+    lines = []
+    result = fit(config, data, tmp_path / "m.pt", on_progress=lambda state, values: lines.append(dict(values)))
+    per_epoch = result.steps // 2
+    assert [(v["epoch"], v["batch"]) for v in lines] == [(e, b) for e in (1, 2) for b in range(20, per_epoch + 1, 20)]
+    assert all(v["tokens_per_sec"] > 0 and v["epoch_eta_seconds"] >= 0 and v["batches"] == per_epoch for v in lines)
+    assert [v["epoch_eta_seconds"] for v in lines[:2]] == sorted([v["epoch_eta_seconds"] for v in lines[:2]],
+                                                                 reverse=True)  # fmt: skip
+    assert lines[-1]["val_perplexity"] is not None  # an evaluation by steps has run by then
+    # the evaluations during training used 200 validation tokens; the final numbers all 500 of them
+    _, _, val_ids = data.load()
+    model, _, _ = model_from_checkpoint(load_checkpoint(result.checkpoint))
+    full = evaluate(model, torch.as_tensor(np.asarray(val_ids, dtype=np.int64)), config.batch_size, config.num_steps)
+    assert result.val_perplexity == pytest.approx(full, rel=1e-9)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_cosine_warms_up_then_decays_to_lr_min_and_adamw_trains(tmp_path, words, schedule):
+    path, make = words
+    config = make(
+        num_epochs=3,
+        lr_schedule=schedule,
+        warmup_steps=10,
+        lr_min=0.01,
+        optimizer="adamw",
+        lr=0.01 * 30,
+        progress_every=10,
+    )
+    seen = []
+    result = fit(config, prepare_data(path, config), tmp_path / "m.pt",
+                 on_progress=lambda state, values: seen.append(values["lr"]))  # fmt: skip
+    if schedule == "cosine":
+        assert result.history[-1].lr == pytest.approx(0.01, rel=0.05) and max(seen) <= config.lr
+        assert result.history[0].lr > result.history[1].lr > result.history[2].lr
+    else:
+        assert {s.lr for s in result.history} == {config.lr}
+    assert result.history[-1].train_perplexity < result.history[0].train_perplexity
+
+
+def test_max_minutes_stops_and_registers_what_there_is(tmp_path, words):
+    path, make = words
+    config = make(num_epochs=1000, max_minutes=0.02)
+    started = time.perf_counter()
+    result = fit(config, prepare_data(path, config), tmp_path / "m.pt")
+    assert time.perf_counter() - started < 60
+    assert result.epochs < 1000 and "time budget" in result.stopped and result.registered_val_perplexity is not None
+
+
+KILLED_TRAINING = """
+import sys, time
+sys.path.insert(0, {root!r})
+from rnnlm.config import TrainConfig
+from rnnlm.run import fit, prepare_data
+import torch
+torch.set_num_threads(1)
+config = TrainConfig.model_validate_json(sys.argv[1])
+slow = lambda state, values: time.sleep(0.05)  # a step every 50 ms or more: time to kill it inside an epoch
+fit(config, prepare_data(config.corpus, config), sys.argv[2], on_progress=slow)
+"""
+
+
+def test_kill_9_inside_an_epoch_then_rerun_ends_identical(tmp_path, words):
+    path, make = words
+    config = make(num_layers=2, rnn="lstm", num_epochs=3, lr_schedule="plateau", eval_every_steps=30,
+                  checkpoint_every_steps=7, progress_every=1)  # fmt: skip
+    data = prepare_data(path, config)
+    reference = fit(config, data, tmp_path / "reference.pt")
+    checkpoint = tmp_path / "killed" / "model.pt"
+    checkpoint.parent.mkdir()
+    script = KILLED_TRAINING.format(root=str(PROJECT_ROOT))
+    child = subprocess.Popen([sys.executable, "-c", script, config.model_dump_json(), str(checkpoint)])
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and child.poll() is None:
+            if checkpoint.is_file() and (saved := load_checkpoint(checkpoint))["epoch"] >= 1 and saved["batch"] > 0:
+                break
+            time.sleep(0.05)
+        assert child.poll() is None, "the training ended before a checkpoint inside its second epoch"
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    saved = load_checkpoint(checkpoint)
+    assert saved["batch"] > 0 and saved["epoch"] < 3  # the last checkpoint is inside an epoch
+    resumed = fit(config, data, checkpoint)
+    assert resumed.resumed_from_epoch == saved["epoch"]
+    assert [s.train_perplexity for s in resumed.history] == [s.train_perplexity for s in reference.history]
+    assert [s.val_perplexity for s in resumed.history] == [s.val_perplexity for s in reference.history]
+    assert (resumed.registered_epoch, resumed.registered_step) == (
+        reference.registered_epoch,
+        reference.registered_step,
+    )
+    assert resumed.registered_test_perplexity == reference.registered_test_perplexity
+    ours, theirs = load_checkpoint(checkpoint)["model"], load_checkpoint(reference.checkpoint)["model"]
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
