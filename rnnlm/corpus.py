@@ -212,7 +212,10 @@ _WORD = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*|[^\w\s]|_")
 
 
 def split_words(line: str) -> list[str]:
-    """One line of text as lowercased words and punctuation marks: "Then, he said: 'Go!'" -> then , he said : ' go ! '."""
+    """One line of text as lowercased words and punctuation marks.
+
+    "Then, he said: 'Go!'" -> then , he said : ' go ! '
+    """
     return _WORD.findall(line.lower())
 
 

@@ -58,7 +58,7 @@ class TrainState:
     best_step: int = 0
     stale_evals: int = 0  # evaluations since the best one (plateau schedule, early stopping)
     lr: float | None = None  # the rate the schedule has set
-    elapsed: float = 0.0  # seconds of training so far (max_minutes)
+    elapsed: float = 0.0  # seconds of training and evaluations so far (max_minutes, the cosine schedule's clock)
     stopped: str = ""  # why training ended before num_epochs, if it did
     # inside an unfinished epoch: its minibatches done, the data generator as the epoch began, the carried state
     batch: int = 0
@@ -212,8 +212,10 @@ class _Loop:
         state, config = self.state, self.config
         if len(self.val_tokens) < 2:
             return None
+        started = time.perf_counter()
         perplexity = evaluate(self.model, self.val_tokens, config.batch_size, config.num_steps, config.cpu_threads)
         self.model.train()
+        state.elapsed += time.perf_counter() - started  # the time budget (max_minutes) counts evaluations too
         self.epoch_val = perplexity
         if state.best_val_perplexity is None or perplexity < state.best_val_perplexity:
             state.best_val_perplexity, state.best_epoch, state.best_step = perplexity, epoch, state.step

@@ -6,7 +6,7 @@ Each decision is kept on the versions it concerns as the tags `promotion` (the r
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
@@ -34,7 +34,7 @@ def promote(model_name: str, records: list[dict], margin: float = 0.0) -> dict:
         version = getattr(decision, alias)
         if version is not None and version != versions.holder_of(records, alias):
             mlflow_client.set_registered_model_alias(model_name, alias, str(version))
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     for version, reason in decision.reasons.items():
         mlflow_client.set_model_version_tag(model_name, str(version), "promotion", reason)
         mlflow_client.set_model_version_tag(model_name, str(version), "promotion_at", now)

@@ -4,7 +4,7 @@ table of them, best validation perplexity first."""
 from __future__ import annotations
 
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pandas as pd
 from mlflow.exceptions import MlflowException
@@ -60,7 +60,7 @@ def version_record(version, aliases: list[str]) -> dict:
     return {
         "version": int(version.version),
         "run_id": version.run_id,
-        "created": datetime.fromtimestamp(version.creation_timestamp / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "created": datetime.fromtimestamp(version.creation_timestamp / 1000, UTC).strftime("%Y-%m-%d %H:%M"),
         "rnn": params.get("rnn", tags.get("rnn")),
         "num_layers": params.get("num_layers"),
         "num_hiddens": params.get("num_hiddens"),
