@@ -32,6 +32,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +98,7 @@ def write_data(work: Path, corpus: Path, val_tokens: int, test_tokens: int) -> d
     return {"peer": peer, "ours": ours, "train": count(train), "val": count(val), "test": count(test), "vocab": vocab}
 
 
-def run_peer(work: Path, peer_dir: Path, epochs: int, minutes: float | None) -> Side:
+def run_peer(work: Path, peer_dir: Path, epochs: int, minutes: float | None, train_tokens: int) -> Side:
     """The peer's main.py with its defaults; with `minutes`, Ctrl-C (SIGINT) once that much training time is spent
     (its corpus loading, timed beforehand, not counted)."""
     data = work / "peer_data"
@@ -113,30 +114,33 @@ def run_peer(work: Path, peer_dir: Path, epochs: int, minutes: float | None) -> 
     process = subprocess.Popen(command, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = started + loading + 60 * minutes if minutes else None
     lines: list[str] = []
-    os.set_blocking(process.stdout.fileno(), False)
+
+    def read() -> None:  # the peer's output, echoing its epoch and test lines
+        for line in process.stdout:
+            lines.append(line)
+            if EPOCH_LINE.search(line) or TEST_LINE.search(line):
+                print(f"  peer: {line.strip()}", flush=True)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     interrupted = False
-    while True:
-        chunk = process.stdout.read()
-        if chunk:
-            lines += chunk.splitlines()
-            for line in chunk.splitlines():
-                if EPOCH_LINE.search(line) or TEST_LINE.search(line):
-                    print(f"  peer: {line.strip()}", flush=True)
-        if process.poll() is not None:
-            lines += (process.stdout.read() or "").splitlines()
-            break
+    while process.poll() is None:
         if deadline and not interrupted and time.perf_counter() >= deadline:
             process.send_signal(signal.SIGINT)  # the peer then tests its best saved epoch
             interrupted = True
         time.sleep(0.2)
+    reader.join()
     wall = time.perf_counter() - started
-    output = "\n".join(lines)
+    output = "".join(lines)
     epochs_done = [(int(e), float(t), float(p)) for e, t, p in EPOCH_LINE.findall(output)]
     test = TEST_LINE.findall(output)
     if not epochs_done or not test:
         raise RuntimeError(f"the peer ended without a finished epoch and a test perplexity:\n{output[-3000:]}")
     ms_per_batch = [float(ms) for ms in BATCH_LINE.findall(output)]
-    speed = PEER_BATCH * PEER_BPTT * 1000 / (sum(ms_per_batch) / len(ms_per_batch)) if ms_per_batch else float("nan")
+    if ms_per_batch:  # its progress lines' training speed
+        speed = PEER_BATCH * PEER_BPTT * 1000 / (sum(ms_per_batch) / len(ms_per_batch))
+    else:  # epochs shorter than its progress interval: their time, validation included
+        speed = train_tokens * len(epochs_done) / sum(t for _, t, _ in epochs_done)
     best_val = min(p for _, _, p in epochs_done)
     note = "Ctrl-C at the budget's end" if interrupted else ""
     return Side("pytorch/examples word_language_model", best_val, float(test[-1]), speed, wall, len(epochs_done), note)
@@ -242,13 +246,13 @@ def main() -> None:
     results = []
     if args.race in ("same-epochs", "both"):
         print(f"same-epochs race: the peer's defaults, {args.epochs} epochs each", flush=True)
-        peer = run_peer(work, args.peer, args.epochs, None)
+        peer = run_peer(work, args.peer, args.epochs, None, data["train"])
         ours = run_ours(work, data, ROOT / "recipes" / "word-lstm.toml", args.epochs, None, "same-epochs")
         results.append(table(f"Same hyperparameters, {args.epochs} epochs", peer, ours))
         print(results[-1], flush=True)
     if args.race in ("budget", "both"):
         print(f"budget race: {args.minutes:g} minutes of training each", flush=True)
-        peer = run_peer(work, args.peer, 40, args.minutes)
+        peer = run_peer(work, args.peer, 40, args.minutes, data["train"])
         ours = run_ours(work, data, args.recipe, None, args.minutes, "budget")
         results.append(table(f"{args.minutes:g} minutes of training each, our {args.recipe.name}", peer, ours))
         print(results[-1], flush=True)

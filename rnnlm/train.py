@@ -66,7 +66,7 @@ class TrainState:
     hidden: State | None = None
     epoch_loss: float = 0.0
     epoch_tokens: int = 0
-    epoch_seconds: float = 0.0
+    epoch_seconds: float = 0.0  # training only: evaluations inside the epoch are left out
 
 
 @dataclass
@@ -128,6 +128,7 @@ class _Loop:
         self.optimizer, self.generator, self.state, self.hooks = optimizer, generator, state, hooks
         self.per_epoch = num_batches(len(corpus), config.batch_size, config.num_steps, config.use_random_iter)
         self.schedule = Schedule(config, self.per_epoch * config.num_epochs)
+        self.eval_seconds = 0.0  # spent in evaluations by this process: kept out of the epochs' training time
         self.interrupted: Callable[[], bool] = lambda: False
         self.epoch_val: float | None = None  # the current epoch's last validation perplexity
         if state.lr is None:
@@ -138,7 +139,7 @@ class _Loop:
         """One epoch (or what is left of it after a checkpoint inside it), then its evaluation and checkpoint."""
         state, config = self.state, self.config
         self.model.train()
-        started, seconds_before = time.perf_counter(), state.epoch_seconds
+        started, seconds_before, evaluations_before = time.perf_counter(), state.epoch_seconds, self.eval_seconds
         loss_sum = torch.tensor(state.epoch_loss, device=self.corpus.device, dtype=torch.float64)
         with cpu.settings(config.cpu_threads, self.model, (config.batch_size, config.num_steps)):
             for inputs, targets in self._batches():
@@ -147,7 +148,8 @@ class _Loop:
                 loss_sum += loss * targets.numel()  # stays on the device: no host sync per batch
                 state.epoch_tokens += targets.numel()
                 state.batch, state.step = state.batch + 1, state.step + 1
-                state.epoch_seconds = seconds_before + time.perf_counter() - started
+                evaluations = self.eval_seconds - evaluations_before  # not training time: in state.elapsed
+                state.epoch_seconds = seconds_before + time.perf_counter() - started - evaluations
                 if self._between_steps(epoch, loss_sum):
                     break
         self._end_epoch(epoch, float(loss_sum))  # the epoch's single host sync
@@ -215,7 +217,9 @@ class _Loop:
         started = time.perf_counter()
         perplexity = evaluate(self.model, self.val_tokens, config.batch_size, config.num_steps, config.cpu_threads)
         self.model.train()
-        state.elapsed += time.perf_counter() - started  # the time budget (max_minutes) counts evaluations too
+        seconds = time.perf_counter() - started
+        state.elapsed += seconds  # the time budget (max_minutes) counts evaluations too
+        self.eval_seconds += seconds
         self.epoch_val = perplexity
         if state.best_val_perplexity is None or perplexity < state.best_val_perplexity:
             state.best_val_perplexity, state.best_epoch, state.best_step = perplexity, epoch, state.step
@@ -238,14 +242,21 @@ class _Loop:
     def _progress(self, epoch: int, loss_sum: torch.Tensor) -> None:
         if self.hooks.on_progress is None:
             return
-        state = self.state
+        state, config = self.state, self.config
         per_batch = state.epoch_seconds / state.batch
+        epoch_left = (self.per_epoch - state.batch) * per_batch
+        run_left = epoch_left + (config.num_epochs - epoch) * self.per_epoch * per_batch
+        done = ((epoch - 1) * self.per_epoch + state.batch) / (config.num_epochs * self.per_epoch)
+        if config.max_minutes:  # the time budget, if it ends the run first
+            spent = state.elapsed + state.epoch_seconds
+            run_left = min(run_left, max(60 * config.max_minutes - spent, 0.0))
+            done = max(done, min(spent / (60 * config.max_minutes), 1.0))
         values = {
             "epoch": epoch, "batch": state.batch, "batches": self.per_epoch, "seconds_per_batch": per_batch,
             "tokens_per_sec": state.epoch_tokens / max(state.epoch_seconds, 1e-9),
             "train_perplexity": perplexity_of(float(loss_sum) / state.epoch_tokens),
-            "val_perplexity": self.epoch_val, "epoch_eta_seconds": (self.per_epoch - state.batch) * per_batch,
-            "lr": state.lr,
+            "val_perplexity": self.epoch_val, "epoch_eta_seconds": min(epoch_left, run_left),
+            "run_eta_seconds": run_left, "run_done": done, "lr": state.lr,
         }  # fmt: skip
         self.hooks.on_progress(state, values)
 

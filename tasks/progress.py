@@ -38,15 +38,13 @@ class TrainingProgress:
     def on_progress(self, state: TrainState, values: dict) -> None:
         """A line inside a long epoch: where it stands, its speed, when the epoch and the run should end."""
         config, batches = self.config, values["batches"]
-        done = ((values["epoch"] - 1) * batches + values["batch"]) / (config.num_epochs * batches)
-        update_progress_artifact(self.bar, 100.0 * done)
-        run_left = (config.num_epochs - values["epoch"]) * batches * values["seconds_per_batch"]
+        update_progress_artifact(self.bar, 100.0 * values["run_done"])
         val = values.get("val_perplexity")
         self.logger.info(
             "epoch %d/%d batch %d/%d  train ppl %.2f%s  lr %.3g  %s tokens/s  epoch ETA %s, run ETA %s",
             values["epoch"], config.num_epochs, values["batch"], batches, values["train_perplexity"],
             f"  val ppl {val:.2f}" if val is not None else "", values["lr"], f"{values['tokens_per_sec']:,.0f}",
-            _duration(values["epoch_eta_seconds"]), _duration(values["epoch_eta_seconds"] + run_left),
+            _duration(values["epoch_eta_seconds"]), _duration(values["run_eta_seconds"]),
         )  # fmt: skip
         names = ("train_perplexity", "val_perplexity", "lr", "tokens_per_sec")
         step_metrics = {f"step_{name}": values[name] for name in names if values.get(name) is not None}

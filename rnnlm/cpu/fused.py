@@ -105,7 +105,7 @@ def _large_output_step(out: nn.Linear, hs: torch.Tensor, targets: torch.Tensor, 
 
     def half(span: tuple[int, int]) -> None:
         me, rows = int(span[0] > 0), slice(*span)
-        logits = recurrence.linear(hs[rows], weight, bias)  # (rows, vocab), this half's only
+        logits = recurrence.wide_linear(hs[rows], weight, bias)  # (rows, vocab), this half's only
         native.rows_loss(logits, targets[rows], scale, loss[8 * me :], grad_b[me], (0, span[1] - span[0]))
         if grad_h is not None:
             grad_h[rows] = recurrence.linear(logits, weight.T, None)

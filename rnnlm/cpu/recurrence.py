@@ -75,6 +75,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return quickest(name, onednn=lambda: _linear(x, weight, bias), torch=lambda: torch.addmm(bias, x, weight.T))
 
 
+def wide_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block: int = 1024) -> torch.Tensor:
+    """x @ weight.T (+ bias) for a weight with many rows (a large vocabulary's output layer), `block` output
+    columns at a time: the shape torch's matmul is quick at, where over the whole width it is not."""
+    result = x.new_empty(x.shape[0], weight.shape[0])
+    for start in range(0, weight.shape[0], block):
+        part = slice(start, start + block)
+        result[:, part] = x @ weight[part].T if bias is None else torch.addmm(bias[part], x, weight[part].T)
+    return result
+
+
 class Linear(torch.autograd.Function):
     """x @ weight.T + bias, as `nn.Linear`, its three matmuls (forward, input and weight gradients) each through
     oneDNN or torch's matmul, whichever is quicker for its shape here, and in halves on two cores when large (a

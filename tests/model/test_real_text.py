@@ -231,11 +231,15 @@ def test_cosine_warms_up_then_decays_to_lr_min_and_adamw_trains(tmp_path, words,
 
 def test_max_minutes_stops_and_registers_what_there_is(tmp_path, words):
     path, make = words
-    config = make(num_epochs=1000, max_minutes=0.02)
-    started = time.perf_counter()
-    result = fit(config, prepare_data(path, config), tmp_path / "m.pt")
+    config = make(num_epochs=1000, max_minutes=0.02, progress_every=5)
+    started, lines = time.perf_counter(), []
+    result = fit(config, prepare_data(path, config), tmp_path / "m.pt", on_progress=lambda s, v: lines.append(v))
     assert time.perf_counter() - started < 60
     assert result.epochs < 1000 and "time budget" in result.stopped and result.registered_val_perplexity is not None
+    # the progress lines' ETA and share done follow the budget, not the 1,000 epochs
+    assert lines and all(v["run_eta_seconds"] <= 60 * 0.02 for v in lines)
+    done = [v["run_done"] for v in lines]
+    assert done == sorted(done) and 0 < done[0] and done[-1] <= 1 and done[-1] > 10 / 1000
 
 
 KILLED_TRAINING = """
