@@ -155,12 +155,13 @@ def _draws(streams: list[Stream], num_preds: int, device: torch.device) -> torch
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int, uniforms: torch.Tensor | None) -> torch.Tensor:
-    """Next token per row: argmax for top_k=1, else the token whose cumulative probability first reaches the row's
-    uniform draw (batch,) under the tempered, top-k-truncated softmax."""
+    """Next token per row: argmax for top_k=1, else a draw from the tempered, top-k-truncated softmax by inversion:
+    the first token whose cumulative weight reaches the row's uniform draw (batch,) times the total weight."""
     if top_k == 1:
         return logits.argmax(dim=-1)
     values, indices = logits.topk(min(top_k, logits.shape[-1]), dim=-1)  # (batch, k), largest first
-    probs = torch.softmax((values - values[:, :1]) / temperature, dim=-1)  # shifted: no overflow at low temperature
-    cumulative = probs.cumsum(dim=-1)
-    chosen = (cumulative < uniforms[:, None] * cumulative[:, -1:]).sum(dim=-1).clamp_(max=values.shape[-1] - 1)
-    return indices.gather(-1, chosen[:, None]).squeeze(-1)
+    # softmax numerators, shifted (no overflow); below 1e-30 a float32 divisor rounds to 0, and all is argmax already
+    weights = values.sub(values[:, :1]).div_(max(temperature, 1e-30)).exp_()
+    cumulative = weights.cumsum_(dim=-1)
+    chosen = torch.searchsorted(cumulative, cumulative[:, -1:] * uniforms[:, None]).clamp_(max=values.shape[-1] - 1)
+    return indices.gather(-1, chosen).squeeze(-1)

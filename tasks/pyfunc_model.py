@@ -5,12 +5,12 @@ MLflow copies this file into the model, together with the `rnnlm` package (code_
 Input: a list of prompts. Params: num_preds (default 50, at most 10,000), temperature (> 0), top_k (1 = greedy
 argmax, the book's predict), seed. Output: one string per prompt, the prompt followed by its continuation.
 
-Under `mlflow models serve` (one uvicorn process; each request is parsed and predicted in a thread of the event
+Under `mlflow models serve` (uvicorn; each worker process parses and predicts each request in a thread of its event
 loop's default executor) the model serves many clients at once:
-- batching: predict hands its prompts to one background thread (`Batcher`), which gathers the requests that arrive
-  within `batch_window_ms` of the first, groups those with the same num_preds, temperature and top_k, and runs one
-  `generate` call per group. Each prompt samples from its own stream (its request's seed, its row), so every client
-  gets the text it would get alone.
+- batching: predict hands its prompts to one background thread (`Batcher`), which takes the requests queued while
+  the previous batch ran (and, under load, those arriving within `batch_window_ms`), groups those with the same
+  num_preds, temperature and top_k, and runs one `generate` call per group. Each prompt samples from its own stream
+  (its request's seed, its row), so every client gets the text it would get alone.
 - a budget per request (`max_prompts`, `max_work`), checked before any model work: a 400 that says how to split.
 - MLflow's request parsing guarded: a 400 instead of MLflow's 500 for JSON nested too deeply, a 413 for bodies over
   `max_body_bytes`, error messages without the copy of the input MLflow puts in them.
@@ -45,9 +45,10 @@ from mlflow.pyfunc import PythonModel
 
 SERVE_DEFAULTS = {
     "max_body_bytes": 1024 * 1024,  # request bodies larger than this are refused before MLflow parses them
-    "batch_window_ms": 2,  # how long the batcher waits after a request for others to join its batch
+    "batch_window_ms": 10,  # under load, how long a batch waits for more requests (a lone client never waits)
     "max_batch_rows": 256,  # prompts gathered into one batch (a request that crosses it still joins whole)
     "threads": 64,  # the scoring server's request threads: each request waiting for its batch holds one
+    "torch_threads": 1,  # torch's threads in the server: one for the batches, the other cores for HTTP
 }
 TRIM_AFTER_CHARS = 20_000  # characters of a batch group's texts, or ...
 TRIM_AFTER_BYTES = 256 * 1024  # ... bytes of a body, after which freed memory is handed back to the OS
@@ -67,6 +68,9 @@ class RNNLMModel(PythonModel):
         self.settings = serve_settings(context.model_config or {})
         self.batcher = None
         if SCORING_APP in sys.modules:  # loaded by `mlflow models serve`: many clients at once
+            import torch
+
+            torch.set_num_threads(self.settings["torch_threads"])
             window = self.settings["batch_window_ms"] / 1000
             self.batcher = Batcher(self._generate, window, self.settings["max_batch_rows"])
             _hook_scoring_server(self.settings)
@@ -143,9 +147,11 @@ class _Waiting:
 
 
 class Batcher:
-    """Serves `submit` calls from many threads in one background thread, in batches: after a request arrives it
-    waits up to `window_s` for others (up to `max_rows` prompts in all), then calls `run(key, prompts, streams)`
-    once per group of requests with the same key, oldest group first, and hands each request its own rows.
+    """Serves `submit` calls from many threads in one background thread, in batches: it takes every request queued
+    (up to `max_rows` prompts in all), waiting up to `window_s` after the first for more while it is under load (the
+    recent batches held several requests: clients answered together send their next requests together), then calls
+    `run(key, prompts, streams)` once per group of requests with the same key, oldest group first, and hands each
+    request its own rows.
 
     One batch runs at a time, so a long request (10,000 tokens) delays the requests queued behind it.
     """
@@ -155,6 +161,7 @@ class Batcher:
         self._queue: queue.SimpleQueue[_Waiting] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._load = 0.0  # requests per batch lately: the largest, halved at every batch after it
 
     def submit(self, key: Key, prompts: list[str], streams: list) -> list[str]:
         """Queue a request and wait for its texts (its batch's error is raised here)."""
@@ -183,15 +190,18 @@ class Batcher:
                 self._run_group(key, members)
 
     def _gather(self) -> list[_Waiting]:
-        """The oldest waiting request, and those that arrive within the window after it (all already queued)."""
+        """The oldest waiting request and every one queued after it, and under load those that arrive within the
+        window after it."""
         batch = [self._queue.get()]
-        rows, deadline = len(batch[0].prompts), time.monotonic() + self._window_s
+        rows, wait = len(batch[0].prompts), self._window_s if self._load >= 2 else 0.0
+        deadline = time.monotonic() + wait
         while rows < self._max_rows:
             try:
                 batch.append(self._queue.get(timeout=max(deadline - time.monotonic(), 0)))
             except queue.Empty:
                 break
             rows += len(batch[-1].prompts)
+        self._load = max(len(batch), self._load / 2)
         return batch
 
     def _run_group(self, key: Key, members: list[_Waiting]) -> None:

@@ -82,6 +82,21 @@ def wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float
         raise type(err)(f"{err}:\n{tail(log)}") from None
 
 
+@contextmanager
+def model_server(model_uri: str, tracking_uri: str, log: Path, *options: str, **env: str) -> Iterator[tuple[str, int]]:
+    """The real `mlflow models serve` of `model_uri` (this environment's packages, `options` added) on a free loopback
+    port, `env` in its environment; yields its base URL and the id of its process group (it leads one)."""
+    port = free_port()
+    command = ["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", *options]
+    store = {"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri}
+    server = start([*command, "-h", "127.0.0.1", "-p", str(port)], service_env(**store, **env), log)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/ping", server, log)
+        yield f"http://127.0.0.1:{port}", server.pid
+    finally:
+        stop(server)
+
+
 def tail(log: Path, chars: int = 4000) -> str:
     """The end of a log file, for failure messages."""
     return log.read_text(errors="replace")[-chars:] if log.exists() else "(no log)"
