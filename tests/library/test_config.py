@@ -1,6 +1,7 @@
 """The one configuration: book defaults, validation before any work, and the CLI generated from it."""
 
 import pytest
+from helpers import PROJECT_ROOT
 from pydantic import ValidationError
 
 from flows.train_flow import TrainCommand, main
@@ -79,3 +80,9 @@ def test_environment_needs_the_prefix(monkeypatch):
     monkeypatch.setenv("RNNLM_NUM_EPOCHS", "3")
     config = TrainCommand(_cli_parse_args=[]).config()
     assert (config.lr, config.num_epochs) == (1.0, 3)
+
+
+@pytest.mark.parametrize("recipe", sorted((PROJECT_ROOT / "recipes").glob("*.toml")), ids=lambda path: path.name)
+def test_every_shipped_recipe_is_a_valid_config(recipe):
+    config = TrainConfig.from_recipe(recipe)
+    assert config != TrainConfig() or recipe.name == "book.toml"  # each but the book's changes something
