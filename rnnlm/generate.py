@@ -72,13 +72,13 @@ def prompt_ids(prompt: str, vocab: Vocab, tokenization: str) -> list[int]:
         raise GenerationError("a prompt needs at least one token")
     if unknown := vocab.unknown(tokens):
         raise GenerationError(
-            f"prompt {_clip(repr(prompt))} has tokens outside the vocabulary: {_clip(str(unknown))}; the model knows "
-            f"{len(vocab)} tokens (for the book's corpus: lowercase letters and space)"
+            f"prompt {clip_text(repr(prompt))} has tokens outside the vocabulary: {clip_text(str(unknown))}; the model "
+            f"knows {len(vocab)} tokens (for the book's corpus: lowercase letters and space)"
         )
     return vocab.to_ids(tokens)
 
 
-def _clip(text: str, limit: int = 200) -> str:
+def clip_text(text: str, limit: int = 200) -> str:
     """`text`, or its first `limit` characters and how many more there were (messages stay short)."""
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit:,} more characters)"
 

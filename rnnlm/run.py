@@ -309,22 +309,23 @@ def fit(
         on_start(device_name(model, config.cpu_threads, window), engine_name(model, window))
     hooks = Hooks(on_epoch=on_epoch, on_progress=on_progress, save=save, save_best=save_best)
     state = train(model, train_ids, val_ids, config, optimizer, generator, state, hooks)
-    return _result(config, data, model, state, checkpoint_path, resumed_from, window)
+    return _result(config, data, val_ids, model, state, checkpoint_path, resumed_from, window)
 
 
-def _result(config, data: PreparedData, model: RNNLM, state: TrainState, checkpoint_path, resumed_from, window):
+def _result(
+    config, data: PreparedData, val_ids, model: RNNLM, state: TrainState, checkpoint_path, resumed_from, window
+):
     """FitResult from the training's state, with the last and the registered weights evaluated on the whole
     validation and test splits."""
-    _, _, val_ids = data.load()
-    last_val = _evaluate_on(model, val_ids, config)
+    last_val = val = _evaluate_on(model, val_ids, config)
     registered, path, epoch, step = "last", Path(checkpoint_path), state.epoch, state.step
     best = best_checkpoint(checkpoint_path)
     if config.register == "best" and best.is_file():
         saved = load_checkpoint(best, map_location=next(model.parameters()).device)
         model.load_state_dict(saved["model"])
         registered, path, epoch, step = "best", best, saved["epoch"], saved["step"]
-    val, test_ids = _evaluate_on(model, val_ids, config), data.load_test()
-    test = _evaluate_on(model, test_ids, config)
+        val = _evaluate_on(model, val_ids, config)  # the registered weights are others than the last
+    test = _evaluate_on(model, data.load_test(), config)
     loss_for_bits = test if test is not None else val
     return FitResult(
         epochs=state.epoch,
@@ -437,7 +438,7 @@ def sample_many(checkpoint_path: Path, prompts: list[str], num_preds: int, setti
 
 def usable_prompts(prompts: list[str], vocab: Vocab, tokenization: str) -> list[str]:
     """The prompts whose tokens are all in `vocab`; if none is, its two most frequent visible tokens, one each."""
-    known = [p for p in prompts if split_tokens(p, tokenization) and not vocab.unknown(split_tokens(p, tokenization))]
+    known = [p for p in prompts if (tokens := split_tokens(p, tokenization)) and not vocab.unknown(tokens)]
     return known or [token for token in vocab.tokens[1:] if token.strip()][:2]
 
 

@@ -286,8 +286,9 @@ def short_message(message: str, limit: int = 2000) -> str:
     head, sep, reason = message.partition("'. \nError: ")
     if sep and head.startswith("Failed to predict data '"):
         message = f"Failed to predict: {reason}"
-    message = message.split("\nInput: \n", 1)[0]
-    return message if len(message) <= limit else f"{message[:limit]}... ({len(message) - limit:,} more characters)"
+    from rnnlm.generate import clip_text
+
+    return clip_text(message.split("\nInput: \n", 1)[0], limit)
 
 
 @functools.cache
