@@ -109,8 +109,8 @@ def device_name(model: RNNLM, cpu_threads: int, window: tuple[int, int]) -> str:
 
 
 def engine_name(model: RNNLM, window: tuple[int, int]) -> str:
-    """Which code trains `model` on (batch, steps) windows here, and why: the CPU engine's compiled kernels, or
-    torch's layers (with the reason), or cuDNN's on a GPU."""
+    """Which code trains `model` on (batch, steps) windows here, and why: the CPU engine, or torch's layers (with
+    the reason), or cuDNN's on a GPU."""
     device = next(model.parameters()).device
     if device.type == "cuda":
         return "torch's layers (cuDNN)"

@@ -185,7 +185,7 @@ class FitResult:
     train_seconds: float
     device: str
     matmuls: str
-    engine: str  # which code trained it: the CPU engine's kernels or torch's layers, and why
+    engine: str  # which code trained it: the CPU engine or torch's layers, and why
     history: tuple[EpochStats, ...]
     checkpoint: str  # the resumable checkpoint: the last weights
     steps: int = 0
