@@ -50,7 +50,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 def model_from_checkpoint(ckpt: dict[str, Any], device: str | torch.device = "cpu") -> tuple[RNNLM, Vocab, dict]:
     """Rebuild the model (in eval mode), its vocabulary and its config from a loaded checkpoint."""
     config, vocab = ckpt["config"], Vocab(ckpt["vocab"])
-    options = {name: config[name] for name in ("embedding_dim", "dropout", "tie_weights") if name in config}
+    names = ("embedding_dim", "dropout", "tie_weights", "adaptive_cutoffs")  # options older checkpoints may lack
+    options = {name: config[name] for name in names if name in config}
     model = RNNLM(len(vocab), config["num_hiddens"], config["rnn"], config["num_layers"], **options)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), vocab, config

@@ -104,6 +104,11 @@ class TrainConfig(BaseModel):
     tie_weights: bool = Field(
         False, description="Share the embedding with the output layer (needs embedding_dim == num_hiddens)."
     )
+    adaptive_cutoffs: list[int] = Field(
+        [],
+        description="An adaptive softmax for large vocabularies, e.g. 2000,6000: the words ranked below the first "
+        "cutoff in its head, rarer ones in smaller clusters (quicker to train); empty: the full softmax (the book).",
+    )
 
     # --- training ---------------------------------------------------------------------------------------------
     batch_size: int = Field(32, gt=0, le=MAX_BATCH, description="Sequences per minibatch.")
@@ -207,6 +212,11 @@ class TrainConfig(BaseModel):
             raise ValueError(
                 f"tie_weights needs embedding_dim == num_hiddens (now {self.embedding_dim} and {self.num_hiddens}): "
                 f"set --embedding_dim {self.num_hiddens}, or leave tie_weights off"
+            )
+        cutoffs = self.adaptive_cutoffs
+        if cutoffs and (cutoffs != sorted(set(cutoffs)) or cutoffs[0] < 1):
+            raise ValueError(
+                f"adaptive_cutoffs must be word ranks rising strictly from 1 or more (now {cutoffs}), e.g. 2000,6000"
             )
         if self.early_stopping and not self.val_tokens:
             raise ValueError("early_stopping counts evaluations on validation tokens: set --val_tokens above 0")

@@ -1,6 +1,10 @@
-"""The recurrent language model of D2L 8.6: one-hot input, a torch RNN/GRU/LSTM layer, a linear output layer."""
+"""The recurrent language model of D2L 8.6: one-hot input, a torch RNN/GRU/LSTM layer, a linear output layer (or,
+for large vocabularies, an adaptive softmax)."""
 
 from __future__ import annotations
+
+import math
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +23,9 @@ class RNNLM(nn.Module):
     With `embedding_dim` 0 the inputs are the book's one-hot vectors, which the layer's input weights see directly
     (the parameters and the function are the book's). Otherwise tokens go through an embedding of that size, as in
     pytorch/examples' word language model: `dropout` on the embedding, between layers and before the output layer
-    (off in evaluation and generation), and `tie_weights` shares the embedding with the output layer.
+    (off in evaluation and generation), and `tie_weights` shares the embedding with the output layer. With
+    `adaptive_cutoffs` the output layer is an `AdaptiveSoftmax` (`self.adaptive`, `self.linear` None), whose logits
+    are log-probabilities.
     """
 
     def __init__(
@@ -31,6 +37,7 @@ class RNNLM(nn.Module):
         embedding_dim: int = 0,
         dropout: float = 0.0,
         tie_weights: bool = False,
+        adaptive_cutoffs: tuple[int, ...] | list[int] = (),
     ):
         super().__init__()
         if rnn_type not in RNN_TYPES:
@@ -42,9 +49,14 @@ class RNNLM(nn.Module):
         self.drop = nn.Dropout(dropout)
         between = dropout if num_layers > 1 else 0.0  # torch's layers apply dropout between layers only
         self.rnn = RNN_TYPES[rnn_type](embedding_dim or vocab_size, num_hiddens, num_layers, dropout=between)
-        self.linear = nn.Linear(num_hiddens, vocab_size)
-        if tie_weights:
-            self.linear.weight = self.embedding.weight
+        self.linear, self.adaptive = None, None
+        if adaptive_cutoffs:
+            tied = self.embedding if tie_weights else None
+            self.adaptive = AdaptiveSoftmax(num_hiddens, vocab_size, list(adaptive_cutoffs), tied=tied)
+        else:
+            self.linear = nn.Linear(num_hiddens, vocab_size)
+            if tie_weights:
+                self.linear.weight = self.embedding.weight
 
     def forward(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """tokens (batch_size, num_steps) int64 -> logits (num_steps * batch_size, vocab_size), time-major."""
@@ -54,14 +66,25 @@ class RNNLM(nn.Module):
 
     def forward_torch(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """`forward` on torch's layers, whatever the device."""
+        outputs, state = self.hidden_torch(tokens, state)
+        output = self.linear if self.linear is not None else self.adaptive
+        return output(outputs), state  # (steps * batch, vocab)
+
+    def hidden_torch(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """The last layer's outputs (num_steps * batch_size, num_hiddens), time-major, after dropout, on torch's
+        layers, and the last state."""
         outputs, state = self.rnn(self._inputs(tokens.T), state)  # (num_steps, batch_size, num_hiddens)
-        return self.linear(self.drop(outputs).reshape(-1, self.num_hiddens)), state  # (steps * batch, vocab)
+        return self.drop(outputs).reshape(-1, self.num_hiddens), state
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, state: State, reduction: str = "mean"):
         """The cross-entropy of `targets` (batch_size, num_steps) given `tokens`, mean or summed over them, and the
-        last state. On the CPU engine the output layer and the loss are one step, without keeping the logits."""
+        last state. On the CPU engine the output layer and the loss are one step, without keeping the logits; an
+        adaptive softmax computes only its head and each target's cluster."""
         if cpu.handles(self, tokens):
             return cpu.loss(self, tokens, targets, state, reduction)
+        if self.adaptive is not None:
+            outputs, state = self.hidden_torch(tokens, state)
+            return self.adaptive.loss(outputs, targets.T.reshape(-1), reduction), state
         logits, state = self.forward_torch(tokens, state)
         return F.cross_entropy(logits.float(), targets.T.reshape(-1), reduction=reduction), state
 
@@ -78,6 +101,60 @@ class RNNLM(nn.Module):
         if self.rnn_type == "lstm":
             return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
         return torch.zeros(shape, device=device)
+
+
+class AdaptiveSoftmax(nn.Module):
+    """The adaptive softmax of Grave et al. (2017) over a vocabulary ranked by frequency, as torch's
+    AdaptiveLogSoftmaxWithLoss with the head's word weights optionally tied to an embedding's first rows.
+
+    The head scores the words below `cutoffs[0]` and one entry per tail cluster; cluster i scores the words from
+    `cutoffs[i]` to the next cutoff (or the vocabulary's end) through a projection of the hidden state `div_value`
+    ** (i + 1) times narrower. The loss costs the head plus, for each target, its own cluster: about vocab /
+    cutoffs[0] times less than the full softmax when most tokens are frequent words.
+    """
+
+    def __init__(self, hidden: int, vocab: int, cutoffs: list[int], div_value: float = 4.0, tied=None):
+        super().__init__()
+        if not cutoffs or list(cutoffs) != sorted(set(cutoffs)) or cutoffs[0] < 1 or cutoffs[-1] >= vocab:
+            raise ValueError(f"adaptive cutoffs must rise strictly from >= 1 to below the vocabulary size {vocab}")
+        self.cutoffs = [*cutoffs, vocab]
+        bound = 1 / math.sqrt(hidden)  # nn.Linear's initialisation
+        self.words = None if tied is not None else nn.Parameter(torch.empty(cutoffs[0], hidden).uniform_(-bound, bound))
+        self.clusters = nn.Parameter(torch.empty(len(cutoffs), hidden).uniform_(-bound, bound))
+        self.head_bias = nn.Parameter(torch.zeros(cutoffs[0] + len(cutoffs)))
+        sizes = [max(1, int(hidden // div_value ** (i + 1))) for i in range(len(cutoffs))]
+        self.tails = nn.ModuleList(
+            nn.Sequential(nn.Linear(hidden, size, bias=False), nn.Linear(size, high - low, bias=False))
+            for size, (low, high) in zip(sizes, pairwise(self.cutoffs), strict=True)
+        )
+        object.__setattr__(self, "tied", tied)  # not a submodule: the model holds the embedding once
+
+    def head(self, hs: torch.Tensor) -> torch.Tensor:
+        """The head's log-probabilities (rows, cutoffs[0] + clusters)."""
+        words = self.words if self.tied is None else self.tied.weight[: self.cutoffs[0]]
+        return F.log_softmax(F.linear(hs, torch.cat([words, self.clusters]), self.head_bias), dim=-1)
+
+    def forward(self, hs: torch.Tensor) -> torch.Tensor:
+        """Every word's log-probability, (rows, vocab), for generation and as logits."""
+        head, first = self.head(hs), self.cutoffs[0]
+        parts = [head[:, :first]]
+        for i, tail in enumerate(self.tails):
+            parts.append(head[:, first + i, None] + F.log_softmax(tail(hs), dim=-1))
+        return torch.cat(parts, dim=1)
+
+    def loss(self, hs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """The negative log-likelihood of `targets` (rows,), mean or summed, from the head and each target's
+        cluster only."""
+        head, first = self.head(hs.float()), self.cutoffs[0]
+        head_targets, nll = targets.clone(), hs.new_zeros(len(targets), dtype=torch.float32)
+        for i, (tail, (low, high)) in enumerate(zip(self.tails, pairwise(self.cutoffs), strict=True)):
+            rows = ((targets >= low) & (targets < high)).nonzero().squeeze(1)
+            if rows.numel():
+                head_targets[rows] = first + i
+                scores = F.log_softmax(tail(hs[rows]).float(), dim=-1)
+                nll = nll.index_add(0, rows, -scores.gather(1, (targets[rows] - low)[:, None]).squeeze(1))
+        nll = nll - head.gather(1, head_targets[:, None]).squeeze(1)
+        return nll.sum() if reduction == "sum" else nll.mean()
 
 
 def detach_state(state: State) -> State:

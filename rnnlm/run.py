@@ -131,7 +131,7 @@ def prepare_data(corpus_path: Path, config: TrainConfig) -> PreparedData:
     folder = prepared_folder(corpus_sha1, config)
     if (cached := _read_prepared(folder)) is not None:
         require_training_tokens(cached.train_tokens, config.min_corpus_tokens())  # batch and steps may differ
-        return cached
+        return _fits_vocab(cached, config)
     with replacing(folder / "ids.npy", keep=False) as ids_path:  # streamed in chunks: memory does not grow
         vocab, ids = tokenize_file(corpus_path, ids_path, config.preprocess, config.tokenization, config.min_freq)
         if not any(token.strip() for token in vocab.tokens[1:]):
@@ -140,6 +140,17 @@ def prepare_data(corpus_path: Path, config: TrainConfig) -> PreparedData:
         sizes = (len(vocab), len(ids), len(split.train), len(split.val))
         data = PreparedData(str(folder), corpus_sha1, *sizes, split.note, len(split.test))
         _write_prepared(data, vocab, split)
+    return _fits_vocab(data, config)
+
+
+def _fits_vocab(data: PreparedData, config: TrainConfig) -> PreparedData:
+    """`data`, once the model's options fit its vocabulary (an adaptive softmax's cutoffs lie inside it); else a
+    DataError saying what to change, before any training."""
+    if config.adaptive_cutoffs and config.adaptive_cutoffs[-1] >= data.vocab_size:
+        raise DataError(
+            f"adaptive_cutoffs {config.adaptive_cutoffs} reach beyond the vocabulary of {data.vocab_size:,} tokens: "
+            f"give cutoffs below {data.vocab_size:,}, or none for the full softmax"
+        )
     return data
 
 
@@ -253,7 +264,7 @@ def build_model(config: TrainConfig, vocab_size: int) -> RNNLM:
     """The model `config` describes, over a vocabulary of `vocab_size` tokens."""
     return RNNLM(
         vocab_size, config.num_hiddens, config.rnn, config.num_layers, config.embedding_dim, config.dropout,
-        config.tie_weights,
+        config.tie_weights, config.adaptive_cutoffs,
     )  # fmt: skip
 
 

@@ -5,7 +5,8 @@ The model hands a training window here in one call (`forward`, or `loss` with th
 fused) when `handles` says the engine serves it, and the trainer asks for a whole SGD step without autograd
 (`sgd_step`, for one-layer one-hot models); everything else runs on torch's layers, the one fallback. The engine
 imports nothing from the rest of the library: it reads a model through its torch modules (`model.rnn`,
-`model.linear`, and `model.embedding` and `model.drop` where it has them) and `model.forward_torch`, its own path.
+`model.linear` or `model.adaptive`, and `model.embedding` and `model.drop` where it has them) and
+`model.forward_torch`, its own path.
 
     native.py      builds kernels.c with the machine's compiler at first use; ctypes wrappers of its functions
     recurrence.py  the compiled windows as autograd functions, and the matmuls around them
@@ -81,10 +82,17 @@ def lstm_path(model: nn.Module, batch: int) -> str:
     (the engine on one torch thread and the helper thread, torch's layers on all of torch's threads), measured once
     for the machine and the model's sizes."""
     rnn, embedding = model.rnn, getattr(model, "embedding", None)
-    sizes = (rnn.input_size, rnn.hidden_size, rnn.num_layers, model.linear.out_features, embedding is not None, batch)
+    output = _output_sizes(model)
+    sizes = (rnn.input_size, rnn.hidden_size, rnn.num_layers, *output, embedding is not None, batch)
     name = "lstm-step:" + "x".join(map(str, sizes))
     keep_freed_memory()  # as in training: freed pages kept for the next minibatch
     return choice.fastest(name, lambda: _lstm_candidates(model, batch), per_threads=False)
+
+
+def _output_sizes(model: nn.Module) -> tuple[int, ...]:
+    """The output layer's size: the vocabulary's for a linear layer, an adaptive softmax's cutoffs and vocabulary."""
+    linear = getattr(model, "linear", None)
+    return (linear.out_features,) if linear is not None else tuple(model.adaptive.cutoffs)
 
 
 def _lstm_candidates(model: nn.Module, batch: int) -> dict:
@@ -101,6 +109,8 @@ def forward(model: nn.Module, tokens: torch.Tensor, state):
         if bf16:
             return _lstm_bf16(model, tokens, state)
         outputs, state = _layers(model, tokens.T, state)  # (steps * batch, H)
+        if model.linear is None:  # an adaptive softmax: log-probabilities
+            return model.adaptive(outputs), state
         return _output(model.linear, outputs), state
 
 
@@ -113,7 +123,9 @@ def loss(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, state, r
     with torch.autocast("cpu", enabled=False):
         outputs, state = _layers(model, tokens.T, state)
         out, flat = model.linear, targets.T.reshape(-1)
-        if torch.is_grad_enabled():
+        if out is None:  # an adaptive softmax: its head and each target's cluster, on torch's matmuls
+            total = model.adaptive.loss(outputs, flat, "sum")
+        elif torch.is_grad_enabled():
             total = fused.OutputLoss.apply(outputs, out.weight, out.bias, flat)
         else:  # evaluation: the loss only
             total = fused.summed_loss(out, outputs, flat)
@@ -176,8 +188,9 @@ def _bf16_lstm(model: nn.Module) -> bool:
 
 
 def _one_hot(model: nn.Module) -> bool:
-    """Whether the model is the book's kind: one-hot inputs, no dropout."""
-    return getattr(model, "embedding", None) is None and not getattr(getattr(model, "drop", None), "p", 0.0)
+    """Whether the model is the book's kind: one-hot inputs, no dropout, a linear output layer."""
+    plain = getattr(model, "embedding", None) is None and getattr(model, "linear", None) is not None
+    return plain and not getattr(getattr(model, "drop", None), "p", 0.0)
 
 
 def _lstm_bf16(model: nn.Module, tokens: torch.Tensor, state):

@@ -15,6 +15,7 @@ import pytest
 import torch
 from helpers import PROJECT_ROOT, resume_settings, small_text
 
+from rnnlm.batches import DataError
 from rnnlm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from rnnlm.config import TrainConfig
 from rnnlm.generate import generate
@@ -289,3 +290,66 @@ def test_kill_9_inside_an_epoch_then_rerun_ends_identical(tmp_path, words):
     assert resumed.registered_test_perplexity == reference.registered_test_perplexity
     ours, theirs = load_checkpoint(checkpoint)["model"], load_checkpoint(reference.checkpoint)["model"]
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_adaptive_softmax_is_torchs_and_its_loss_reads_only_the_targets_clusters(tied):
+    """The model's adaptive softmax gives torch's AdaptiveLogSoftmaxWithLoss's log-probabilities and loss with the
+    same weights (the head's word rows the embedding's own when tied), normalised, with the loss from the head and
+    each target's cluster equal to the full log-probabilities' cross-entropy."""
+    torch.manual_seed(0)
+    model = RNNLM(40, 32, "gru", embedding_dim=32, tie_weights=tied, adaptive_cutoffs=[10, 25])
+    out = model.adaptive
+    theirs = torch.nn.AdaptiveLogSoftmaxWithLoss(32, 40, [10, 25], div_value=4.0, head_bias=True)
+    with torch.no_grad():
+        words = model.embedding.weight[:10] if tied else out.words
+        theirs.head.weight.copy_(torch.cat([words, out.clusters]))
+        theirs.head.bias.copy_(out.head_bias)
+        for mine, its in zip(out.tails, theirs.tail, strict=True):
+            for a, b in zip(mine, its, strict=True):
+                b.weight.copy_(a.weight)
+    hs, targets = torch.randn(50, 32), torch.cat([torch.arange(40), torch.randint(0, 40, (10,))])
+    log_probs = out(hs)
+    assert log_probs.shape == (50, 40)
+    torch.testing.assert_close(log_probs.exp().sum(1), torch.ones(50))
+    torch.testing.assert_close(log_probs, theirs.log_prob(hs))
+    torch.testing.assert_close(out.loss(hs, targets), theirs(hs, targets).loss)
+    summed = torch.nn.functional.nll_loss(log_probs, targets, reduction="sum")
+    torch.testing.assert_close(out.loss(hs, targets, "sum"), summed)
+    names = [name for name, _ in model.named_parameters()]
+    assert ("adaptive.words" in names) != tied and "embedding.weight" in names and model.linear is None
+    if tied:  # the loss trains the embedding's rows through the head
+        model.zero_grad()
+        out.loss(hs, targets).backward()
+        assert model.embedding.weight.grad[:10].abs().sum() > 0
+
+
+def test_an_adaptive_model_trains_checkpoints_and_generates(tmp_path, words):
+    """An adaptive softmax through a whole run: it learns about as well as the full softmax, its checkpoint rebuilds
+    the same model (the registered weights' perplexity again), and it generates."""
+    path, make = words
+    config = make(rnn="gru", num_epochs=4, embedding_dim=24, num_hiddens=24, tie_weights=True, adaptive_cutoffs=[4, 10],
+                  optimizer="adamw", lr=0.01)  # fmt: skip
+    data = prepare_data(path, config)
+    result = fit(config, data, tmp_path / "model.pt")
+    history = [stats.train_perplexity for stats in result.history]
+    (tmp_path / "full").mkdir()
+    full = fit(config.model_copy(update={"adaptive_cutoffs": []}), data, tmp_path / "full" / "model.pt")
+    assert history[-1] < history[0] and result.registered_val_perplexity < 1.1 * full.registered_val_perplexity
+    model, vocab, saved = model_from_checkpoint(load_checkpoint(result.registered_checkpoint))
+    assert model.adaptive is not None and saved["adaptive_cutoffs"] == [4, 10]
+    val = torch.as_tensor(np.asarray(data.load()[2], dtype=np.int64))
+    again = evaluate(model, val, config.batch_size, config.num_steps)
+    assert math.isclose(again, result.registered_val_perplexity, rel_tol=1e-5)
+    [text] = generate(model, vocab, ["the"], 10, "word")
+    assert text.startswith("the") and len(text.split()) == 11
+
+
+def test_adaptive_cutoffs_are_checked_against_the_options_and_the_vocabulary(tmp_path, words):
+    for cutoffs in ([0, 5], [50, 20], [20, 20]):
+        with pytest.raises(ValueError, match="adaptive_cutoffs"):
+            TrainConfig(adaptive_cutoffs=cutoffs)
+    path, make = words
+    config = make(adaptive_cutoffs=[20, 100_000])
+    with pytest.raises(DataError, match="adaptive_cutoffs .* beyond the vocabulary"):
+        prepare_data(path, config)
