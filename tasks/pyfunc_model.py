@@ -15,6 +15,9 @@ loop's default executor) the model serves many clients at once:
 - MLflow's request parsing guarded: a 400 instead of MLflow's 500 for JSON nested too deeply, a 413 for bodies over
   `max_body_bytes`, error messages without the copy of the input MLflow puts in them.
 - freed memory handed back to the OS (glibc's malloc_trim) after large requests.
+- the request timeout (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, a 504 past it) kept, as a plain ASGI middleware in
+  place of MLflow's Starlette BaseHTTPMiddleware, which cost the event loop more per request than the rest of the
+  app (`_lean_scoring_app`, at the first request).
 Each setting has a default (the budget's in `rnnlm.generate.BUDGET_DEFAULTS`, the others in `SERVE_DEFAULTS`), may
 be set when the model is logged (its `model_config`, which `register_model` fills with the budget; or MLflow's
 SERVING_MODEL_CONFIG) and when it is served: environment variables `RNNLM_SERVE_<NAME>`, e.g. RNNLM_SERVE_MAX_WORK.
@@ -82,6 +85,8 @@ class RNNLMModel(PythonModel):
             key, prompts, streams = self._request(model_input, params)
             if self.batcher is None:
                 return self._generate(key, prompts, streams)
+            if not self.batcher.started():
+                _lean_scoring_app()  # the app exists once a request comes
             return self.batcher.submit(key, prompts, streams)
         except GenerationError as err:  # a 400 from `mlflow models serve`, not a 500
             raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from err
@@ -173,6 +178,10 @@ class Batcher:
             raise waiting.error
         return waiting.texts
 
+    def started(self) -> bool:
+        """Whether the background thread runs (a request came)."""
+        return self._thread is not None
+
     def _start(self) -> None:
         """The background thread, started at the first request."""
         with self._lock:
@@ -228,6 +237,54 @@ def _hook_scoring_server(settings: dict[str, int]) -> None:
         scoring_server.asyncio = _PooledAsyncio(settings["threads"])
     if not getattr(scoring_server.invocations, "rnnlm_guarded", False):
         scoring_server.invocations = _guarded(scoring_server.invocations, settings["max_body_bytes"])
+
+
+def _lean_scoring_app() -> bool:
+    """MLflow's scoring app (built after the model loads, so reachable from the first request on) with its request
+    timeout as a plain ASGI middleware (`_Timeout`) in place of Starlette's BaseHTTPMiddleware, which costs the event
+    loop more per request than the rest of the app; the app rebuilds its middleware from the next request on. False
+    where the app is not as expected (then it stays as it is)."""
+    from starlette.middleware import Middleware
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    app = getattr(sys.modules.get(SCORING_APP), "app", None)
+    for i, middleware in enumerate(getattr(app, "user_middleware", [])):
+        dispatch = middleware.kwargs.get("dispatch")
+        if middleware.cls is BaseHTTPMiddleware and getattr(dispatch, "__name__", "") == "timeout_middleware":
+            from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+
+            app.user_middleware[i] = Middleware(_Timeout, seconds=MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get())
+            app.middleware_stack = None
+            return True
+    return False
+
+
+class _Timeout:
+    """ASGI middleware: a 504 for an HTTP request not answered within `seconds`, as MLflow's timeout middleware
+    answers it."""
+
+    def __init__(self, app, seconds: float):
+        self.app, self.seconds = app, seconds
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await asyncio.wait_for(self.app(scope, receive, tracked), self.seconds)
+        except TimeoutError:
+            if started:  # too late for a 504
+                raise
+            body = b"Request processing time exceeded limit"
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": 504, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
 
 
 class _PooledAsyncio:

@@ -3,9 +3,13 @@ alone and in a batch, the per-request budget, the settings, and the guard around
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 import threading
 import time
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +18,15 @@ from mlflow.exceptions import MlflowException
 from rnnlm.generate import BUDGET_DEFAULTS, GenerationError, check_budget, generate, streams_of
 from rnnlm.model import RNNLM
 from rnnlm.tokens import Vocab
-from tasks.pyfunc_model import Batcher, _guarded, serve_settings, short_message
+from tasks.pyfunc_model import (
+    SCORING_APP,
+    Batcher,
+    _guarded,
+    _lean_scoring_app,
+    _Timeout,
+    serve_settings,
+    short_message,
+)
 
 VOCAB = Vocab(["<unk>", " ", *"etaoinsrhldmucfwgypbvkxjqz"])
 GREEDY, SAMPLED, BUSY, FAILING = (12, 1.0, 1), (12, 0.8, 5), (1, 1.0, 1), (2, 1.0, 1)
@@ -153,3 +165,69 @@ def test_the_guard_answers_bodies_mlflow_cannot_parse_with_4xx():
         guarded(b'{"inputs": ["' + b"a" * 100_000 + b'"]}', "application/json", None, None)
     assert refused.value.message == "Failed to predict: prompt 'x' is refused"
     assert len(short_message("Invalid input.\nInput: \n" + "x" * 10_000)) < 100
+
+
+def test_the_request_timeout_answers_504_past_it_and_passes_quick_requests_through():
+    async def app(scope, receive, send):  # answers after the seconds the path asks for
+        await asyncio.sleep(float(scope["path"].strip("/")))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+
+    async def call(path: str) -> list[dict]:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        await _Timeout(app, seconds=0.2)({"type": "http", "path": path}, None, send)
+        return sent
+
+    quick, slow = asyncio.run(call("/0")), asyncio.run(call("/5"))
+    assert quick[0]["status"] == 200 and quick[1]["body"] == b"done"
+    assert slow[0]["status"] == 504 and b"exceeded" in slow[1]["body"]
+
+
+def test_mlflows_timeout_middleware_is_swapped_for_the_plain_one_and_the_app_still_serves(monkeypatch, tmp_path):
+    """The real scoring app of a logged model: after the swap its middleware is `_Timeout` with MLflow's timeout, and
+    it answers /invocations as before."""
+    from fastapi.testclient import TestClient
+    from mlflow.pyfunc import scoring_server
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    model = scoring_server.load_model(_logged_model(tmp_path))
+    app = scoring_server.init(model)
+    client = TestClient(app)
+    body = {"inputs": ["the time"], "params": {"num_preds": 5}}
+    before = client.post("/invocations", json=body)
+    assert before.status_code == 200, before.text
+    assert [m.cls for m in app.user_middleware] == [BaseHTTPMiddleware]
+    monkeypatch.setitem(sys.modules, SCORING_APP, types.SimpleNamespace(app=app))
+    monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "7")
+    assert _lean_scoring_app()
+    assert [(m.cls, m.kwargs) for m in app.user_middleware] == [(_Timeout, {"seconds": 7})]
+    after = client.post("/invocations", json=body)
+    assert after.status_code == 200 and after.json() == before.json()
+    assert not _lean_scoring_app()  # nothing left to swap
+
+
+def _logged_model(folder) -> str:
+    """A small book-style model logged as the project's pyfunc in a local folder; its path."""
+    import mlflow
+
+    from rnnlm import paths
+    from rnnlm.checkpoint import save_checkpoint
+    from rnnlm.config import TrainConfig
+    from rnnlm.generate import SAMPLING_DEFAULTS
+
+    torch.manual_seed(0)
+    model = RNNLM(len(VOCAB), 8, "rnn")
+    checkpoint = folder / "model.pt"
+    config = TrainConfig(num_hiddens=8).model_dump(mode="json")
+    save_checkpoint(checkpoint, model=model.state_dict(), config=config, vocab=VOCAB.tokens)
+    code = Path(__file__).resolve().parents[2] / "tasks" / "pyfunc_model.py"
+    path = folder / "logged"
+    mlflow.pyfunc.save_model(
+        path, python_model=str(code), artifacts={"checkpoint": str(checkpoint)}, code_paths=[str(paths.PACKAGE)],
+        input_example=(["time"], SAMPLING_DEFAULTS),
+    )  # fmt: skip
+    return str(path)
