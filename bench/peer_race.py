@@ -111,7 +111,9 @@ def run_peer(work: Path, peer_dir: Path, epochs: int, minutes: float | None, tra
         subprocess.run([sys.executable, "-c", load], check=True)
         loading = time.perf_counter() - started
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=_sigint_default
+    )  # fmt: skip
     deadline = started + loading + 60 * minutes if minutes else None
     lines: list[str] = []
 
@@ -144,6 +146,13 @@ def run_peer(work: Path, peer_dir: Path, epochs: int, minutes: float | None, tra
     best_val = min(p for _, _, p in epochs_done)
     note = "Ctrl-C at the budget's end" if interrupted else ""
     return Side("pytorch/examples word_language_model", best_val, float(test[-1]), speed, wall, len(epochs_done), note)
+
+
+def _sigint_default() -> None:
+    """In the peer's process before it starts: SIGINT's default action back, so that Python turns it into
+    KeyboardInterrupt (a benchmark started in the background by a shell inherits SIGINT ignored, and the peer would
+    then train past the budget)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_ours(work: Path, data: dict, recipe: Path, epochs: int | None, minutes: float | None, tag: str) -> Side:

@@ -115,7 +115,7 @@ def generate(
     for step in range(num_preds):
         next_ids = _pick(logits, temperature, top_k, None if draws is None else draws[:, step])  # (batch,)
         outputs.append(next_ids)
-        logits, state = model(next_ids[:, None], state)
+        logits, state = model.step(next_ids, state)
     new = torch.stack(outputs, dim=1).tolist() if outputs else [[] for _ in prompts]
     return [join_tokens(vocab.to_tokens(p + n), tokenization) for p, n in zip(ids, new, strict=True)]
 

@@ -13,6 +13,7 @@ from torch import nn
 from rnnlm import cpu
 
 RNN_TYPES = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
+CELLS = {"rnn": torch.rnn_tanh_cell, "gru": torch.gru_cell, "lstm": torch.lstm_cell}  # one step of a layer
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -69,6 +70,24 @@ class RNNLM(nn.Module):
         outputs, state = self.hidden_torch(tokens, state)
         output = self.linear if self.linear is not None else self.adaptive
         return output(outputs), state  # (steps * batch, vocab)
+
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """One step without dropout, for generation: tokens (batch,) -> logits (batch, vocab), and the next state. Each
+        layer is one call of torch's cell function (what its layer computes for one step, without the layer's checks
+        per call)."""
+        inputs = self.embedding(tokens) if self.embedding is not None else F.one_hot(tokens, self.vocab_size).float()
+        rnn, lstm = self.rnn, self.rnn_type == "lstm"
+        hidden, cells = [], []
+        for layer in range(rnn.num_layers):
+            weights = [getattr(rnn, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            if lstm:
+                inputs, cell = torch.lstm_cell(inputs, (state[0][layer], state[1][layer]), *weights)
+                cells.append(cell)
+            else:
+                inputs = CELLS[self.rnn_type](inputs, state[layer], *weights)
+            hidden.append(inputs)
+        output = self.linear if self.linear is not None else self.adaptive
+        return output(inputs), ((torch.stack(hidden), torch.stack(cells)) if lstm else torch.stack(hidden))
 
     def hidden_torch(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """The last layer's outputs (num_steps * batch_size, num_hiddens), time-major, after dropout, on torch's

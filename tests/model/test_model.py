@@ -125,3 +125,27 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path):
     torch.save({"model": {}, "payload": _Exploit()}, path, pickle_module=pickle)
     with pytest.raises(ValueError, match="weights_only"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("rnn", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize(
+    "options", [{}, {"num_layers": 2, "embedding_dim": 6}, {"embedding_dim": 9, "adaptive_cutoffs": [5, 9]}]
+)
+def test_a_generation_step_is_the_models_forward_on_one_step(rnn, options):
+    """`step` (torch's cell functions, for generation) gives what `forward_torch` gives on a one-step window: the
+    same logits and state, for each layer type, deeper and embedded models and an adaptive softmax."""
+    torch.manual_seed(0)
+    model = RNNLM(13, 9, rnn, dropout=0.3, **options).eval()
+    tokens = torch.randint(0, 13, (4,))
+    state = model.begin_state(4)
+    state = tuple(torch.randn_like(s) for s in state) if isinstance(state, tuple) else torch.randn_like(state)
+    with torch.no_grad():
+        logits, after = model.step(tokens, state)
+        expected, expected_after = model.forward_torch(tokens[:, None], state)
+    torch.testing.assert_close(logits, expected)
+    for a, b in zip(
+        after if isinstance(after, tuple) else (after,),
+        expected_after if isinstance(after, tuple) else (expected_after,),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b)
