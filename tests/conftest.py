@@ -10,6 +10,7 @@ import atexit
 import functools
 import os
 import shutil
+import signal
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -33,6 +34,10 @@ os.environ.update(
 )
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
+# Ctrl-C as in a terminal: a suite started as a shell's background job inherits SIGINT ignored, and so would every
+# command it starts, where the Ctrl-C tests and stopping a Prefect worker need it (a handler is not inherited: the
+# commands get the default)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
