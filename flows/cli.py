@@ -2,6 +2,7 @@
 quick start and exit for `python flows/<flow>.py`."""
 
 import atexit
+import contextlib
 import logging
 import os
 import sys
@@ -43,8 +44,16 @@ def parse_command(command_cls, argv: list[str] | None = None):
     except RecipeError as err:
         sys.exit(f"error: --config_file: {err}")
     except ValidationError as err:
-        problems = "; ".join(f"--{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        problems = "; ".join(_problem(e) for e in err.errors())
         sys.exit(f"error: {problems} (see --help)")
+
+
+def _problem(error: dict) -> str:
+    """One validation error as the user reads it: the option and what is wrong (the message alone where it is about
+    options together, a model check, and names them itself)."""
+    loc = ".".join(map(str, error["loc"]))
+    message = error["msg"].removeprefix("Value error, ")
+    return f"--{loc}: {message}" if loc else message
 
 
 def _option(argv: Sequence[str], name: str = "--config_file") -> str | None:
@@ -114,7 +123,12 @@ def start_temporary_server(argv: Sequence[str] | None = None) -> Callable[[], No
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()
-    thread = threading.Thread(target=server.start, name="prefect-server-start", daemon=True)
+
+    def start() -> None:  # a failure (or the server stopped at exit while it boots) is the flow's to raise, not here
+        with contextlib.suppress(Exception):
+            server.start()
+
+    thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
     thread.start()
 
     def wait() -> None:
