@@ -63,12 +63,14 @@ def test_a_corpus_too_short_fails_in_the_flow_without_tracebacks(tmp_path):
     [
         (["--tie_weights", "--embedding_dim", "64"], ["tie_weights", "embedding_dim 256"]),
         (["--early_stopping", "3", "--val_tokens", "0"], ["early_stopping", "--val_tokens"]),
+        (["--adaptive_cutoffs", "50,20"], ["adaptive_cutoffs must be word ranks rising", "[50, 20]"]),
     ],
 )
 def test_options_that_cannot_work_together_end_before_any_download(tmp_path, corpus_url, options, names):
     done = _script(tmp_path, "--corpus", corpus_url, *options)
     last = (done.stdout + done.stderr).strip().splitlines()[-1]
     assert done.returncode == 1 and last.startswith("error: ") and all(name in last for name in names)
+    assert "--:" not in last and "Value error" not in last and "Exception in thread" not in done.stderr
     assert CountingHandler.requests_seen == [] and not (tmp_path / "mlflow.db").exists()
 
 
