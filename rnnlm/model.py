@@ -68,8 +68,12 @@ class RNNLM(nn.Module):
     def forward_torch(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """`forward` on torch's layers, whatever the device."""
         outputs, state = self.hidden_torch(tokens, state)
-        output = self.linear if self.linear is not None else self.adaptive
-        return output(outputs), state  # (steps * batch, vocab)
+        return self.output_layer(outputs), state  # (steps * batch, vocab)
+
+    @property
+    def output_layer(self) -> nn.Module:
+        """The module that turns the last layer's outputs into logits: the linear layer or the adaptive softmax."""
+        return self.linear if self.linear is not None else self.adaptive
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One step without dropout, for generation: tokens (batch,) -> logits (batch, vocab), and the next state. Each
@@ -86,8 +90,7 @@ class RNNLM(nn.Module):
             else:
                 inputs = CELLS[self.rnn_type](inputs, state[layer], *weights)
             hidden.append(inputs)
-        output = self.linear if self.linear is not None else self.adaptive
-        return output(inputs), ((torch.stack(hidden), torch.stack(cells)) if lstm else torch.stack(hidden))
+        return self.output_layer(inputs), ((torch.stack(hidden), torch.stack(cells)) if lstm else torch.stack(hidden))
 
     def hidden_torch(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """The last layer's outputs (num_steps * batch_size, num_hiddens), time-major, after dropout, on torch's
