@@ -48,12 +48,16 @@ void rnnlm_pack(const float *W, int K, int N, int trans, float *out) {
             }
 }
 
-/* C[0:R, 0:NR] = A[0:R, 0:K] @ panel, for R <= MR known when it is inlined: 2R accumulators stay in registers */
+/* C[0:R, 0:NR] = A[0:R, 0:K] @ panel (with `acc`, C +=), for R <= MR known when it is inlined: 2R accumulators stay
+   in registers */
 static inline __attribute__((always_inline)) void block(const int R, int K, const float *A, int lda, const float *B,
-                                                        float *C, int ldc) {
+                                                        float *C, int ldc, int acc) {
     vf c[MR][2];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; r++) c[r][0] = c[r][1] = (vf){0};
+    for (int r = 0; r < R; r++) {
+        c[r][0] = acc ? *(const vf *)(C + (size_t)r * ldc) : (vf){0};
+        c[r][1] = acc ? *(const vf *)(C + (size_t)r * ldc + VL) : (vf){0};
+    }
     for (int k = 0; k < K; k++) {
         vf b0 = *(const vf *)(B + (size_t)k * NR), b1 = *(const vf *)(B + (size_t)k * NR + VL);
 #pragma GCC unroll 8
@@ -72,11 +76,11 @@ static inline __attribute__((always_inline)) void block(const int R, int K, cons
 
 /* `block` for the rows < MR left at the end of a call, each count with its own registers (a row at a time would
    leave the FMA units waiting on two dependent accumulators) */
-static void block_rows(int rows, int K, const float *A, int lda, const float *B, float *C, int ldc) {
+static void block_rows(int rows, int K, const float *A, int lda, const float *B, float *C, int ldc, int acc) {
     switch (rows) {
 #define ROWS(R)                                                                                                        \
     case R:                                                                                                            \
-        block(R, K, A, lda, B, C, ldc);                                                                                \
+        block(R, K, A, lda, B, C, ldc, acc);                                                                           \
         break;
         ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5)
 #if MR > 6
@@ -91,10 +95,28 @@ static void gemm(int M, int K, int panels, const float *A, int lda, const float 
     for (int p = 0; p < panels; p++) {
         const float *B = Bp + (size_t)p * K * NR;
         int i = 0;
-        for (; i + MR <= M; i += MR) block(MR, K, A + (size_t)i * lda, lda, B, C + (size_t)i * ldc + p * NR, ldc);
-        if (i < M) block_rows(M - i, K, A + (size_t)i * lda, lda, B, C + (size_t)i * ldc + p * NR, ldc);
+        for (; i + MR <= M; i += MR) block(MR, K, A + (size_t)i * lda, lda, B, C + (size_t)i * ldc + p * NR, ldc, 0);
+        if (i < M) block_rows(M - i, K, A + (size_t)i * lda, lda, B, C + (size_t)i * ldc + p * NR, ldc, 0);
     }
 }
+
+/* gemm for a long K (a weight's gradient summed over a window's rows): K in blocks of KB, so that a panel's block
+   stays in L1 while every row block of A goes over it, the products added up in C */
+#define KB 256
+static void gemm_long(int M, int K, int panels, const float *A, int lda, const float *Bp, float *C, int ldc) {
+    for (int k0 = 0; k0 < K; k0 += KB) {
+        int kk = K - k0 < KB ? K - k0 : KB, acc = k0 > 0;
+        for (int p = 0; p < panels; p++) {
+            const float *B = Bp + ((size_t)p * K + k0) * NR;
+            float *Cp = C + p * NR;
+            int i = 0;
+            const float *Ak = A + k0;
+            for (; i + MR <= M; i += MR) block(MR, kk, Ak + (size_t)i * lda, lda, B, Cp + (size_t)i * ldc, ldc, acc);
+            if (i < M) block_rows(M - i, kk, Ak + (size_t)i * lda, lda, B, Cp + (size_t)i * ldc, ldc, acc);
+        }
+    }
+}
+#undef KB
 
 /* bf16 matmuls (the LSTM under `amp`): products of bf16 inputs summed in float32. B is packed as panels of
    ceil(K / 2) k-pairs x NR lanes, each lane a 32-bit word holding B[2kk][j] (low half) and B[2kk + 1][j] (high half),
@@ -533,9 +555,9 @@ static inline void lstm_cell_grad(int U, int H, const float *gt, const float *tc
    with emb (vocab x 4H) = W_ih.T + b_ih + b_hh (or dense rows, see input_row). whh: the rows of W_hh for the
    worker's units of each gate (4U x H), packed with trans=1. Saved for the backward: gates (steps, batch, 4H, after
    their activations), cs and tcs = tanh(cs) (steps, batch, H). scratch: batch x panels(4U). */
-void rnnlm_lstm_forward(int steps, int batch, int H, int u0, int u1, int worker, int workers, int64_t *flags,
-                        const int64_t *tokens, const float *h0, const float *c0, const float *emb, const float *whh,
-                        float *hs, float *cs, float *gates, float *tcs, float *scratch) {
+static int lstm_forward(int steps, int batch, int H, int u0, int u1, int worker, int workers, int64_t *flags,
+                        int64_t base, const int64_t *tokens, const float *h0, const float *c0, const float *emb,
+                        const float *whh, float *hs, float *cs, float *gates, float *tcs, float *scratch) {
     int U = u1 - u0, panels = panels_of(4 * U), ldc = panels * NR;
     for (int t = 0; t < steps; t++) {
         const float *prev_h = previous(h0, hs, t, batch, H), *prev_c = previous(c0, cs, t, batch, H);
@@ -546,8 +568,17 @@ void rnnlm_lstm_forward(int steps, int batch, int H, int u0, int u1, int worker,
                       prev_c + (size_t)i * H + u0, gates + row * 4 * H + u0, cs + row * H + u0, tcs + row * H + u0,
                       hs + row * H + u0);
         }
-        if (barrier(flags, worker, workers, t + 1)) return;
+        if (barrier(flags, worker, workers, base + t + 1)) return 1;
     }
+    return 0;
+}
+
+/* the forward window alone: lstm_forward with the workers' barriers counted from 0 */
+void rnnlm_lstm_forward(int steps, int batch, int H, int u0, int u1, int worker, int workers, int64_t *flags,
+                        const int64_t *tokens, const float *h0, const float *c0, const float *emb, const float *whh,
+                        float *hs, float *cs, float *gates, float *tcs, float *scratch) {
+    lstm_forward(steps, batch, H, u0, u1, worker, workers, flags, 0, tokens, h0, c0, emb, whh, hs, cs, gates, tcs,
+                 scratch);
 }
 
 /* Its backward, units [u0, u1). dh and dc, the gradients reaching the step's h and c, start at grad_out[T-1] and
@@ -556,10 +587,10 @@ void rnnlm_lstm_forward(int steps, int batch, int H, int u0, int u1, int worker,
      dc <- dc_t f     dh <- grad_gates @ W_hh + grad_out[t-1]
    grad_gates is d loss / d gates before activation (steps, batch, 4H); grad_h0, grad_c0 are the last dh, dc.
    whh: the columns [u0, u1) of W_hh (4H x U), packed with trans=0. dh, dc: batch x U; scratch: batch x panels(U). */
-void rnnlm_lstm_backward(int steps, int batch, int H, int u0, int u1, int worker, int workers, int64_t *flags,
-                         const float *c0, const float *cs, const float *gates, const float *tcs, const float *grad_out,
-                         const float *grad_c_last, const float *whh, float *grad_gates, float *grad_h0, float *grad_c0,
-                         float *dh, float *dc, float *scratch) {
+static int lstm_backward(int steps, int batch, int H, int u0, int u1, int worker, int workers, int64_t *flags,
+                         int64_t base, const float *c0, const float *cs, const float *gates, const float *tcs,
+                         const float *grad_out, const float *grad_c_last, const float *whh, float *grad_gates,
+                         float *grad_h0, float *grad_c0, float *dh, float *dc, float *scratch) {
     int U = u1 - u0, panels = panels_of(U), ldc = panels * NR;
     take_units(batch, H, u0, U, grad_out + (size_t)(steps - 1) * batch * H, dh);
     take_units(batch, H, u0, U, grad_c_last, dc);
@@ -571,12 +602,22 @@ void rnnlm_lstm_backward(int steps, int batch, int H, int u0, int u1, int worker
                            t == 0 ? NULL : grad_out + (row - batch) * H + u0, grad_gates + row * 4 * H + u0,
                            dh + (size_t)i * U, dc + (size_t)i * U);
         }
-        if (barrier(flags, worker, workers, steps - t)) return; /* all workers' columns of grad_gates[t] written */
+        if (barrier(flags, worker, workers, base + steps - t)) return 1; /* every worker's grad_gates[t] written */
         gemm(batch, 4 * H, panels, grad_gates + (size_t)t * batch * 4 * H, 4 * H, whh, scratch, ldc);
         add_block(batch, U, scratch, ldc, dh);
     }
-    put_units(batch, H, u0, U, dh, grad_h0);
-    put_units(batch, H, u0, U, dc, grad_c0);
+    if (grad_h0) put_units(batch, H, u0, U, dh, grad_h0);
+    if (grad_c0) put_units(batch, H, u0, U, dc, grad_c0);
+    return 0;
+}
+
+/* the backward window alone: lstm_backward with the workers' barriers counted from 0 */
+void rnnlm_lstm_backward(int steps, int batch, int H, int u0, int u1, int worker, int workers, int64_t *flags,
+                         const float *c0, const float *cs, const float *gates, const float *tcs, const float *grad_out,
+                         const float *grad_c_last, const float *whh, float *grad_gates, float *grad_h0, float *grad_c0,
+                         float *dh, float *dc, float *scratch) {
+    lstm_backward(steps, batch, H, u0, u1, worker, workers, flags, 0, c0, cs, gates, tcs, grad_out, grad_c_last, whh,
+                  grad_gates, grad_h0, grad_c0, dh, dc, scratch);
 }
 
 /* The LSTM with bf16 matmuls (`amp` on CPUs with AVX512-BF16) and the output layer, over batch rows [r0, r1) and
@@ -989,6 +1030,216 @@ void rnnlm_lstm_sgd_bf16(const struct lstm_sgd_step *s, int worker, int workers,
     if (worker == 0) {
         add_transposed(V, G, alpha, s->token_grad, G, s->w_ih, V);
         for (int g = 0; g < G; g++) {
+            s->b_ih[g] += alpha * s->grad_b[g];
+            s->b_hh[g] += alpha * s->grad_b[g];
+        }
+    }
+    if (worker == last) {
+        const float *gw = s->grad_w_out + (size_t)last * V * H, *gb = s->grad_b_out + (size_t)last * V;
+        for (int i = 0; i < V * H; i++) s->w_out[i] += alpha * gw[i];
+        for (int v = 0; v < V; v++) s->b_out[v] += alpha * gb[v];
+    }
+}
+
+/* The float32 LSTM's whole SGD step with its output layer (`float32_step` in rnnlm/cpu/fused.py, CPUs without fast
+   bf16 or without `amp`): one C call per worker, the workers splitting the hidden units as the float32 windows do
+   (W_hh, 1 MB at H = 256, does not fit one core's L2; each worker's quarter of it, packed both ways, stays in its
+   own). Shared between the workers, as struct lstm_sgd_step but in float32: hs, cs, gates, tcs (steps, batch, ..),
+   logits (steps * batch, panels(V) * NR), grad_h (steps * batch, H: the gradient reaching hs from the output layer),
+   grad_gates (steps * batch, 4H), hprev (the states that rows n = t * batch + i multiply, h0's rows then hs's, packed
+   as rnnlm_pack's panels: panels(H) x steps * batch x NR), grad_w_hh (4H x panels(H) * NR), token_grad (V x 4H),
+   grad_b (4H), grad_w_out (workers x V x H), grad_b_out (workers x V), loss (8 doubles a worker). */
+struct lstm_f32_step {
+    int steps, batch, H, V;
+    float lr, max_norm;
+    const int64_t *tokens, *targets;
+    const float *h0, *c0, *zeros;
+    float *w_ih, *w_hh, *b_ih, *b_hh, *w_out, *b_out;
+    float *emb, *wout_fwd, *wout_back;
+    float *hs, *cs, *gates, *tcs, *logits, *grad_h, *grad_gates, *hprev, *grad_w_hh;
+    double *loss;
+    float *token_grad, *grad_b, *grad_w_out, *grad_b_out;
+};
+
+/* B (H x 4U) of the worker's units, packed as rnnlm_pack's panels: column c = gate * U + j is row gate * H + u0 + j
+   of W_hh (4H x H), the operand of the forward's h_prev @ W_hh.T */
+static void pack_unit_rows(const float *W, int H, int u0, int U, float *out) {
+    int N = 4 * U;
+    for (int p = 0; p < panels_of(N); p++)
+        for (int jj = 0; jj < NR; jj++) {
+            int c = p * NR + jj;
+            const float *row = c < N ? W + ((size_t)(c / U) * H + u0 + c % U) * H : NULL;
+            for (int k = 0; k < H; k++) out[((size_t)p * H + k) * NR + jj] = row ? row[k] : 0.0f;
+        }
+}
+
+/* B (4H x U) = the worker's columns [u0, u0 + U) of W_hh (4H x H), packed: the backward's operand */
+static void pack_unit_columns(const float *W, int H, int u0, int U, float *out) {
+    for (int p = 0; p < panels_of(U); p++)
+        for (int k = 0; k < 4 * H; k++)
+            for (int jj = 0; jj < NR; jj++) {
+                int j = p * NR + jj;
+                out[((size_t)p * 4 * H + k) * NR + jj] = j < U ? W[(size_t)k * H + u0 + j] : 0.0f;
+            }
+}
+
+/* the row length of gate_grad_rows' tile: 4U rounded up to a cache line, and one more, so that its rows fall in
+   different cache sets */
+static inline size_t tile_ld(size_t U) { return (4 * U + 15) / 16 * 16 + 16; }
+
+/* The work buffers of a worker of rnnlm_lstm_sgd_f32, as offsets in floats into its work array (each on a cache line
+   of its own); returns the floats they take */
+enum { F_WHH, F_WHH_BACK, F_SCRATCH, F_DH, F_DC, F_SCRATCH_BACK, F_SCRATCH_OUT, F_GATES_T, F_TILE, F_COUNT };
+static size_t f32_work_layout(int steps, int batch, int H, int worker, int workers, size_t at[F_COUNT]) {
+    int u0, u1, n0, n1, N = steps * batch;
+    share(H, worker, workers, &u0, &u1);
+    share(N, worker, workers, &n0, &n1);
+    size_t U = (size_t)(u1 - u0), wide = (size_t)panels_of(4 * (int)U) * NR, narrow = (size_t)panels_of((int)U) * NR;
+    size_t floats[F_COUNT] = {
+        [F_WHH] = wide * H,                                       /* W_hh's rows of its units, packed (forward) */
+        [F_WHH_BACK] = narrow * 4 * H,                            /* their columns, packed (backward) */
+        [F_SCRATCH] = wide * batch,                               /* the forward's matmul */
+        [F_DH] = U * batch,
+        [F_DC] = U * batch,
+        [F_SCRATCH_BACK] = narrow * batch,                        /* the backward's matmul */
+        [F_SCRATCH_OUT] = (size_t)(n1 - n0) * panels_of(H) * NR, /* the output layer's gradient to h */
+        [F_GATES_T] = 4 * U * N,                                  /* its gate gradients, transposed (4U x N) */
+        [F_TILE] = 8 * tile_ld(U),                                /* 8 rows of them, for gate_grad_rows */
+    };
+    size_t used = 0;
+    for (int i = 0; i < F_COUNT; i++) {
+        at[i] = used;
+        used += (floats[i] + 15) / 16 * 16;
+    }
+    return used;
+}
+
+/* The floats of the work array of worker number `worker` for rnnlm_lstm_sgd_f32 */
+int64_t rnnlm_lstm_sgd_f32_work(int steps, int batch, int H, int worker, int workers) {
+    size_t at[F_COUNT];
+    return (int64_t)f32_work_layout(steps, batch, H, worker, workers, at);
+}
+
+/* Rows [n0, n1) of the worker's columns of grad_gates (steps * batch x 4H): added to token_grad's rows of their
+   tokens (W_ih's gradient, transposed, V x 4H), and written transposed into gates_t (4U x N: row gate * U + j is
+   column gate * H + u0 + j). Eight rows at a time are copied into `tile` (8 x ld floats, ld >= 4U), whose
+   columns are then read a cache line at a time; read in place, rows 4H apart (4 KB at H = 256) would share a cache
+   set and evict each other. */
+static void gate_grad_rows(int N, int H, int u0, int U, int n0, int n1, const int64_t *tokens, const float *grad_gates,
+                           float *token_grad, float *gates_t, float *tile, int ld) {
+    int G = 4 * H;
+    for (int b0 = n0; b0 < n1; b0 += 8) {
+        int rows = n1 - b0 < 8 ? n1 - b0 : 8;
+        for (int r = 0; r < rows; r++)
+            for (int gate = 0; gate < 4; gate++) {
+                size_t col = (size_t)gate * H + u0;
+                const float *src = grad_gates + (size_t)(b0 + r) * G + col;
+                memcpy(tile + (size_t)r * ld + gate * U, src, sizeof(float) * U);
+                add_row(U, src, token_grad + (size_t)tokens[b0 + r] * G + col);
+            }
+        for (int c = 0; c < 4 * U; c++)
+            for (int r = 0; r < rows; r++) gates_t[(size_t)c * N + b0 + r] = tile[(size_t)r * ld + c];
+    }
+}
+
+/* Worker number `worker` of `workers` (1 or 2) runs its share of the float32 step, with units [u0, u1) and window
+   rows [n0, n1) (n = t * batch + i): (1) emb's columns and W_hh's packs for its units (the last worker packs W_out);
+   (2) the forward window over its units (lstm_forward), then its share of hprev's panels; (3) the output layer's step
+   over its rows (rnnlm_output_step: loss, logits' gradient, grad_h, its output-layer gradients); (4) the backward
+   window over its units (lstm_backward); (5) its units' rows of W_hh's gradient (its gate gradients, transposed, @
+   hprev, K-blocked), their columns of token_grad (W_ih's gradient, transposed) and of the biases', the last worker
+   the summed output layer's, and their sums of squares; (6) the global-norm clip (torch's: max_norm / (norm + 1e-6),
+   at most 1) and the SGD step of its share of the parameters. Between the stages the workers wait for each other
+   (barrier). */
+void rnnlm_lstm_sgd_f32(const struct lstm_f32_step *s, int worker, int workers, int64_t *flags, float *work) {
+    int steps = s->steps, batch = s->batch, H = s->H, V = s->V, G = 4 * H, N = steps * batch, last = workers - 1;
+    int u0, u1, n0, n1, p0, p1, ldp = panels_of(H) * NR;
+    share(H, worker, workers, &u0, &u1);
+    share(N, worker, workers, &n0, &n1);
+    share(panels_of(H), worker, workers, &p0, &p1);
+    int U = u1 - u0;
+    size_t at[F_COUNT];
+    f32_work_layout(steps, batch, H, worker, workers, at);
+    double *mine = s->loss + 8 * worker;
+    float *grad_w_out = s->grad_w_out + (size_t)worker * V * H, *grad_b_out = s->grad_b_out + (size_t)worker * V;
+    float *gates_t = work + at[F_GATES_T];
+    int64_t step = 0; /* the barriers passed */
+
+    mine[0] = mine[1] = 0.0;
+    memset(grad_w_out, 0, sizeof(float) * V * H);
+    memset(grad_b_out, 0, sizeof(float) * V);
+    for (int v = 0; v < V; v++)
+        for (int gate = 0; gate < 4; gate++) {
+            size_t first = (size_t)gate * H + u0;
+            for (size_t g = first; g < first + U; g++)
+                s->emb[(size_t)v * G + g] = s->w_ih[g * V + v] + s->b_ih[g] + s->b_hh[g];
+            memset(s->token_grad + (size_t)v * G + first, 0, sizeof(float) * U);
+        }
+    pack_unit_rows(s->w_hh, H, u0, U, work + at[F_WHH]);
+    pack_unit_columns(s->w_hh, H, u0, U, work + at[F_WHH_BACK]);
+    if (worker == last) {
+        rnnlm_pack(s->w_out, H, V, 1, s->wout_fwd);
+        rnnlm_pack(s->w_out, V, H, 0, s->wout_back);
+    }
+
+    if (lstm_forward(steps, batch, H, u0, u1, worker, workers, flags, step, s->tokens, s->h0, s->c0, s->emb,
+                     work + at[F_WHH], s->hs, s->cs, s->gates, s->tcs, work + at[F_SCRATCH]))
+        return;
+    step += steps; /* every worker's hs are in */
+    for (int p = p0; p < p1; p++)
+        for (int n = 0; n < N; n++) {
+            const float *h = n < batch ? s->h0 + (size_t)n * H : s->hs + (size_t)(n - batch) * H;
+            float *panel = s->hprev + ((size_t)p * N + n) * NR;
+            for (int jj = 0; jj < NR; jj++) panel[jj] = p * NR + jj < H ? h[p * NR + jj] : 0.0f;
+        }
+    if (barrier(flags, worker, workers, ++step)) return; /* every worker's panels of hprev; W_out's packs */
+
+    rnnlm_output_step(n0, n1, H, V, s->hs, s->wout_fwd, s->b_out, s->wout_back, s->targets, 1.0f / (float)N,
+                      s->logits, mine, grad_b_out, grad_w_out, s->grad_h, work + at[F_SCRATCH_OUT]);
+    if (barrier(flags, worker, workers, ++step)) return; /* every worker's rows of grad_h */
+
+    if (lstm_backward(steps, batch, H, u0, u1, worker, workers, flags, step, s->c0, s->cs, s->gates, s->tcs, s->grad_h,
+                      s->zeros, work + at[F_WHH_BACK], s->grad_gates, NULL, NULL, work + at[F_DH], work + at[F_DC],
+                      work + at[F_SCRATCH_BACK]))
+        return;
+    step += steps;
+
+    gate_grad_rows(N, H, u0, U, 0, N, s->tokens, s->grad_gates, s->token_grad, gates_t, work + at[F_TILE],
+                   (int)tile_ld((size_t)U));
+    double squares = 0.0;
+    for (int gate = 0; gate < 4; gate++) { /* W_hh's rows: sum over rows n of grad_gates[n]^T h_prev[n] */
+        size_t first = (size_t)gate * H + u0;
+        float *rows = s->grad_w_hh + first * ldp, *grad_b = s->grad_b + first, *by_token = s->token_grad + first;
+        gemm_long(U, N, panels_of(H), gates_t + (size_t)gate * U * N, N, s->hprev, rows, ldp);
+        memset(grad_b, 0, sizeof(float) * U); /* the biases' gradient: token_grad's column sums */
+        for (int v = 0; v < V; v++) add_row(U, by_token + (size_t)v * G, grad_b);
+        squares += sum_squares(U, H, rows, ldp) + sum_squares(V, U, by_token, G) + 2.0 * sum_squares(1, U, grad_b, U);
+    }
+    if (worker == last) { /* the output layer's gradients, summed over the workers (all in since (3)) */
+        float *gw = s->grad_w_out + (size_t)last * V * H, *gb = s->grad_b_out + (size_t)last * V;
+        for (int p = 0; p < last; p++) {
+            add_row(V * H, s->grad_w_out + (size_t)p * V * H, gw);
+            add_row(V, s->grad_b_out + (size_t)p * V, gb);
+        }
+        squares += sum_squares(V, H, gw, H) + sum_squares(1, V, gb, V);
+    }
+    mine[1] = squares;
+    if (barrier(flags, worker, workers, ++step)) return;
+
+    double total = 0.0;
+    for (int p = 0; p < workers; p++) total += s->loss[8 * p + 1];
+    float coef = s->max_norm / ((float)__builtin_sqrt(total) + 1e-6f);
+    float alpha = -s->lr * (coef > 1.0f ? 1.0f : coef); /* a NaN norm stays NaN, as in torch */
+    for (int gate = 0; gate < 4; gate++) {
+        size_t first = (size_t)gate * H + u0;
+        for (size_t r = first; r < first + U; r++) {
+            float *w = s->w_hh + r * H;
+            const float *g = s->grad_w_hh + r * ldp;
+#pragma GCC ivdep
+            for (int k = 0; k < H; k++) w[k] += alpha * g[k];
+        }
+        add_transposed(V, U, alpha, s->token_grad + first, G, s->w_ih + first * V, V);
+        for (size_t g = first; g < first + U; g++) {
             s->b_ih[g] += alpha * s->grad_b[g];
             s->b_hh[g] += alpha * s->grad_b[g];
         }

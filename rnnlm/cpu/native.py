@@ -49,6 +49,8 @@ _SIGNATURES = {
     "rnnlm_weight_grad_bf16": [_i] * 6 + [_p] * 5,
     "rnnlm_lstm_sgd_work": [_i] * 6,
     "rnnlm_lstm_sgd_bf16": [_p, _i, _i, _p, _p],
+    "rnnlm_lstm_sgd_f32_work": [_i] * 5,
+    "rnnlm_lstm_sgd_f32": [_p, _i, _i, _p, _p],
     "rnnlm_barrier": [_p, _i, _i, ctypes.c_int64],
     # the output layer's step: n0, n1, H, V, hs, wout, b_out, wout_back, targets, scale, then the outputs
     "rnnlm_output_step": [ctypes.c_int64] * 2 + [_i] * 2 + [_p] * 5 + [ctypes.c_float] + [_p] * 6,
@@ -56,7 +58,7 @@ _SIGNATURES = {
     "rnnlm_rows_loss": [ctypes.c_int64] * 2 + [_i] * 2 + [_p] * 2 + [ctypes.c_float] + [_p] * 2,
 }
 _RESULTS = {name: _i for name in ("rnnlm_panel_width", "rnnlm_bf16_native", "rnnlm_barrier")}
-_RESULTS["rnnlm_lstm_sgd_work"] = ctypes.c_int64
+_RESULTS["rnnlm_lstm_sgd_work"] = _RESULTS["rnnlm_lstm_sgd_f32_work"] = ctypes.c_int64
 _RESULTS["rnnlm_clip_sgd"] = ctypes.c_double
 
 
@@ -382,13 +384,45 @@ def barrier(flags: torch.Tensor, worker: int, workers: int, step: int) -> bool:
     return bool(library().rnnlm_barrier(_ptr(flags), worker, workers, step))
 
 
-class LSTMSGDStep(ctypes.Structure):
-    """kernels.c's struct lstm_sgd_step: one SGD step of the bf16 LSTM, as the threads that run it share it; `of`
-    makes one from the tensors behind its pointers, `worker` one thread's call of it."""
+class _Step(ctypes.Structure):
+    """A kernels.c struct of one whole SGD step, as the threads that run it share it: `of` makes one from the tensors
+    behind its pointers, `worker` one thread's call of it. Subclasses name the struct's fields and its C functions."""
 
-    _fields_ = [(name, ctypes.c_int) for name in ("steps", "batch", "H", "V")]
-    _fields_ += [(name, ctypes.c_float) for name in ("lr", "max_norm")]
-    _fields_ += [
+    function, work_floats = "", ""  # the step's C function, and the one that sizes a worker's work array
+
+    @classmethod
+    def of(cls, arrays: dict[str, torch.Tensor], lr: float, max_norm: float) -> _Step:
+        """The step over `arrays` (a tensor for each pointer, by name; hs gives steps, batch and H, b_out V)."""
+        (steps, batch, hidden), vocab = arrays["hs"].shape, arrays["b_out"].shape[0]
+        step = cls(steps, batch, hidden, vocab, lr, max_norm, *(_ptr(arrays[name]) for name, _ in cls._fields_[6:]))
+        step.arrays = arrays  # the tensors must outlive the calls: the pointers are all C sees
+        return step
+
+    def worker(self, worker: int, workers: int, flags: torch.Tensor | None) -> Call:
+        """The call of the step for worker number `worker`, every argument converted now (see `_split_call`)."""
+        lib = library()
+        work = torch.empty(getattr(lib, self.work_floats)(*self._work_sizes(), worker, workers))
+        pointers = (ctypes.addressof(self), worker, workers, None if flags is None else _ptr(flags), _ptr(work))
+        fn = getattr(lib, self.function)
+
+        def call(keep_alive=(self, work, flags)) -> None:
+            fn(*pointers)
+
+        return call
+
+    def _work_sizes(self) -> tuple[int, ...]:
+        return self.steps, self.batch, self.H, self.V
+
+
+_STEP_SIZES = [(name, ctypes.c_int) for name in ("steps", "batch", "H", "V")]
+_STEP_SIZES += [(name, ctypes.c_float) for name in ("lr", "max_norm")]
+
+
+class LSTMSGDStep(_Step):
+    """kernels.c's struct lstm_sgd_step: one SGD step of the bf16 LSTM (rnnlm_lstm_sgd_bf16)."""
+
+    function, work_floats = "rnnlm_lstm_sgd_bf16", "rnnlm_lstm_sgd_work"
+    _fields_ = _STEP_SIZES + [
         (name, ctypes.c_void_p)
         for name in (
             "tokens", "targets", "h0", "c0", "zeros", "w_ih", "w_hh", "b_ih", "b_hh", "w_out", "b_out", "emb",
@@ -397,22 +431,19 @@ class LSTMSGDStep(ctypes.Structure):
         )
     ]  # fmt: skip
 
-    @classmethod
-    def of(cls, arrays: dict[str, torch.Tensor], lr: float, max_norm: float) -> LSTMSGDStep:
-        """The step over `arrays` (a tensor for each pointer, by name; hs gives steps, batch and H, logits V)."""
-        (steps, batch, hidden), vocab = arrays["hs"].shape, arrays["logits"].shape[1]
-        step = cls(steps, batch, hidden, vocab, lr, max_norm, *(_ptr(arrays[name]) for name, _ in cls._fields_[6:]))
-        step.arrays = arrays  # the tensors must outlive the calls: the pointers are all C sees
-        return step
 
-    def worker(self, worker: int, workers: int, flags: torch.Tensor | None) -> Call:
-        """The call of the step for worker number `worker` (see kernels.c: rnnlm_lstm_sgd_bf16), every argument
-        converted now (see `_split_call`)."""
-        lib = library()
-        work = torch.empty(lib.rnnlm_lstm_sgd_work(self.steps, self.batch, self.H, self.V, worker, workers))
-        pointers = (ctypes.addressof(self), worker, workers, None if flags is None else _ptr(flags), _ptr(work))
+class LSTMFloat32Step(_Step):
+    """kernels.c's struct lstm_f32_step: one SGD step of the float32 LSTM (rnnlm_lstm_sgd_f32)."""
 
-        def call(keep_alive=(self, work, flags)) -> None:
-            lib.rnnlm_lstm_sgd_bf16(*pointers)
+    function, work_floats = "rnnlm_lstm_sgd_f32", "rnnlm_lstm_sgd_f32_work"
+    _fields_ = _STEP_SIZES + [
+        (name, ctypes.c_void_p)
+        for name in (
+            "tokens", "targets", "h0", "c0", "zeros", "w_ih", "w_hh", "b_ih", "b_hh", "w_out", "b_out", "emb",
+            "wout_fwd", "wout_back", "hs", "cs", "gates", "tcs", "logits", "grad_h", "grad_gates", "hprev", "grad_w_hh",
+            "loss", "token_grad", "grad_b", "grad_w_out", "grad_b_out",
+        )
+    ]  # fmt: skip
 
-        return call
+    def _work_sizes(self) -> tuple[int, ...]:
+        return self.steps, self.batch, self.H

@@ -247,7 +247,7 @@ class LSTM(torch.autograd.Function):
         table, h0, c0 = table.detach().contiguous(), h0.contiguous(), c0.contiguous()
         tokens = None if tokens is None else tokens.contiguous()
         steps, batch = tokens.shape if tokens is not None else (table.shape[0] // h0.shape[0], h0.shape[0])
-        hs, cs, gates, tcs = _lstm_states(steps, batch, h0.shape[1]).values()
+        hs, cs, gates, tcs = lstm_states(steps, batch, h0.shape[1]).values()
         run = lambda *worker: native.lstm_forward(  # noqa: E731
             tokens, h0, c0, table, w_hh.detach(), hs, cs, gates, tcs, *worker
         )
@@ -272,7 +272,7 @@ class LSTM(torch.autograd.Function):
         return _table_grad(tokens, grad_gates, ctx.rows), None, grad_h0, grad_c0, grad_w_hh, None
 
 
-def _lstm_states(steps: int, batch: int, hidden: int) -> dict[str, torch.Tensor]:
+def lstm_states(steps: int, batch: int, hidden: int) -> dict[str, torch.Tensor]:
     """An LSTM window's saved states: hs, cs, gates (after their activations, 4H wide) and tcs = tanh(cs)."""
     shapes = {"hs": hidden, "cs": hidden, "gates": 4 * hidden, "tcs": hidden}
     return {name: torch.empty(steps, batch, width, dtype=torch.float32) for name, width in shapes.items()}
@@ -282,7 +282,7 @@ def bf16_forward_buffers(steps: int, batch: int, hidden: int, vocab: int) -> dic
     """What the bf16 LSTM's forward window writes, named as kernels.c's struct lstm_sgd_step names it: the states,
     hs16 (bf16 of [h0, hs], rows of even length) and the logits (steps * batch, vocab)."""
     return {
-        **_lstm_states(steps, batch, hidden),
+        **lstm_states(steps, batch, hidden),
         "hs16": torch.empty((steps + 1, batch, native.even(hidden)), dtype=torch.bfloat16),
         "logits": torch.empty(steps * batch, vocab),
     }
