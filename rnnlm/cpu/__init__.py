@@ -73,7 +73,8 @@ def why_not(model: nn.Module, tokens: torch.Tensor) -> str | None:
     if tokens.shape[1] < MIN_STEPS:
         return f"windows of fewer than {MIN_STEPS} steps run quicker on torch's layers"
     if isinstance(rnn, nn.LSTM) and lstm_path(model, tokens.shape[0]) != "compiled":
-        return "torch's LSTM measured quicker than the compiled one on this machine"
+        how = _lstm_decision(model, tokens.shape[0])
+        return "torch's LSTM measured quicker than the compiled one on this machine" + (f" ({how})" if how else "")
     return None
 
 
@@ -81,12 +82,22 @@ def lstm_path(model: nn.Module, batch: int) -> str:
     """'compiled' or 'torch': which way trains this LSTM model quicker here at this batch size, each as it runs
     (the engine on one torch thread and the helper thread, torch's layers on all of torch's threads), measured once
     for the machine and the model's sizes."""
-    rnn, embedding = model.rnn, getattr(model, "embedding", None)
-    output = _output_sizes(model)
-    sizes = (rnn.input_size, rnn.hidden_size, rnn.num_layers, *output, embedding is not None, batch)
-    name = "lstm-step:" + "x".join(map(str, sizes))
     keep_freed_memory()  # as in training: freed pages kept for the next minibatch
-    return choice.fastest(name, lambda: _lstm_candidates(model, batch), per_threads=False)
+    return choice.fastest(_lstm_choice(model, batch), lambda: _lstm_candidates(model, batch), per_threads=False)
+
+
+def _lstm_choice(model: nn.Module, batch: int) -> str:
+    """The name of `lstm_path`'s choice for this model's sizes and batch."""
+    rnn, embedding = model.rnn, getattr(model, "embedding", None)
+    sizes = (rnn.input_size, rnn.hidden_size, rnn.num_layers, *_output_sizes(model), embedding is not None, batch)
+    return "lstm-step:" + "x".join(map(str, sizes))
+
+
+def _lstm_decision(model: nn.Module, batch: int) -> str | None:
+    """How this process took `lstm_path`'s choice, e.g. 'measured: compiled 15.60 ms against torch 17.30 ms' or
+    'measured before on this machine'; None before it did."""
+    decision = choice.decisions.get(_lstm_choice(model, batch))
+    return decision.split(" (", 1)[1].removesuffix(")") if decision and " (" in decision else None
 
 
 def _output_sizes(model: nn.Module) -> tuple[int, ...]:
@@ -249,7 +260,8 @@ def engine(model: nn.Module, window: tuple[int, int]) -> str:
     reason = why_not(model, torch.zeros(window, dtype=torch.int64))
     if reason is not None:
         return f"torch's layers ({reason})"
-    return f"compiled kernels ({native.instruction_set()}), two cores"
+    how = _lstm_decision(model, window[0]) if isinstance(model.rnn, nn.LSTM) else None
+    return f"compiled kernels ({native.instruction_set()}), two cores" + (f"; over torch's LSTM ({how})" if how else "")
 
 
 def matmuls(model: nn.Module, amp: bool, window: tuple[int, int]) -> str:

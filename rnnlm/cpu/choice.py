@@ -2,8 +2,9 @@
 
 A choice is keyed by what it is for (e.g. an LSTM step of a given size) and by the machine (CPU features, core
 count, torch and kernel builds). It is measured at first use, keeping each candidate's best time, and kept in
-`choices.json` beside the compiled kernels, so that every later process on the machine takes the same path (and so
-computes the same numbers): a process that measured a choice another one recorded first takes the recorded one.
+`choices.json` beside the compiled kernels with the times measured, so that every later process on the machine takes
+the same path (and so computes the same numbers) and can say why: a process that measured a choice another one
+recorded first takes the recorded one.
 `RNNLM_CPU_CHOICE=<name>=<candidate>,...` sets a choice by hand (e.g. `lstm-step=torch`).
 """
 
@@ -23,6 +24,7 @@ from rnnlm.cpu import native
 from rnnlm.paths import kernel_cache
 
 ROUNDS = 5  # each candidate is timed this many times; the best time counts
+_TIMES = "times"  # choices.json keeps each choice's measured times under its key and this word
 
 _known: dict[str, str] = {}
 decisions: dict[str, str] = {}  # name -> "candidate (measured: 1.2 ms against 1.9 ms)", what this process chose
@@ -47,15 +49,17 @@ def fastest(name: str, candidates: Candidates | Callable[[], Candidates], per_th
     path.parent.mkdir(parents=True, exist_ok=True)
     if key not in (known := _read(path)):
         # measured without the lock: a candidate may make choices of its own, on this thread or the helper thread
-        chosen, decisions[name] = _measure(candidates() if callable(candidates) else candidates)
+        chosen, times = _measure(candidates() if callable(candidates) else candidates)
+        decisions[name] = f"{chosen} (measured: {times})"
         with FileLock(path.with_suffix(".lock")):
             known = _read(path)
             if key not in known:  # else another process measured it first: take its choice, as every process will
-                known[key] = chosen
+                known[key], known[f"{key} {_TIMES}"] = chosen, times
                 tmp = path.with_suffix(f".{os.getpid()}.tmp")
                 tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
                 os.replace(tmp, path)
-    decisions.setdefault(name, f"{known[key]} (measured before on this machine)")
+    times = known.get(f"{key} {_TIMES}")
+    decisions.setdefault(name, f"{known[key]} (measured before on this machine{f': {times}' if times else ''})")
     _known[key] = known[key]
     return known[key]
 
@@ -66,15 +70,14 @@ def quickest(name: str, **candidates: Callable[[], object]):
 
 
 def _measure(candidates: dict[str, Callable[[], object]]) -> tuple[str, str]:
-    """Each candidate's best of ROUNDS runs after a first one (caches, allocations, lazy set-up), one candidate
-    after the other in the order given (interleaved, a candidate on several OpenMP threads would leave them spinning
-    on the cores the next one runs on)."""
+    """The quickest candidate, and each one's time in words: its best of ROUNDS runs after a first one (caches,
+    allocations, lazy set-up), one candidate after the other in the order given (interleaved, a candidate on several
+    OpenMP threads would leave them spinning on the cores the next one runs on)."""
     best = dict.fromkeys(candidates, float("inf"))
     with torch.autocast("cpu", enabled=False), torch.enable_grad():  # as in training, whatever the caller's mode
         _time_each(candidates, best)
     chosen = min(best, key=best.get)
-    times = " against ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in best.items())
-    return chosen, f"{chosen} (measured: {times})"
+    return chosen, " against ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in best.items())
 
 
 def _time_each(candidates: dict[str, Callable[[], object]], best: dict[str, float]) -> None:

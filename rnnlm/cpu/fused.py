@@ -3,12 +3,13 @@
 `float32_step` (the one-layer tanh RNN, GRU and LSTM in float32) calls the windows of `rnnlm.cpu.recurrence`
 forward and backward itself, the output layer with its loss and gradients in one C call per core, and torch's clip
 and SGD in one C call; for the LSTM with a small output layer the whole step is one C call per core (kernels.c:
-rnnlm_lstm_sgd_f32, the hidden units split between the cores, W_hh's gradient as one K-blocked matmul). `sgd_step`, the bf16 LSTM's (`amp` on CPUs with AVX512-BF16), is one C call on each core
-(kernels.c: rnnlm_lstm_sgd_bf16): each packs its half of the weights; runs the forward, the loss and its gradient and
-the backward of its batch rows; computes W_hh's gradient for its hidden units and its share of the other gradients
-with their squares; then clips and updates its share of the parameters, the workers waiting for each other three
-times in between. The arithmetic of both is the autograd path's: the mean cross-entropy, torch's global-norm clip
-(coefficient max_norm / (norm + 1e-6), at most 1) and plain SGD (tests/speed/test_fused.py).
+rnnlm_lstm_sgd_f32: the hidden units split between the cores, W_hh's gradient one K-blocked matmul). `sgd_step`, the
+bf16 LSTM's (`amp` on CPUs with AVX512-BF16), is one C call on each core (kernels.c: rnnlm_lstm_sgd_bf16): each packs
+its half of the weights; runs the forward, the loss and its gradient and the backward of its batch rows; computes
+W_hh's gradient for its hidden units and its share of the other gradients with their squares; then clips and updates
+its share of the parameters, the workers waiting for each other three times in between. The arithmetic of all is the
+autograd path's: the mean cross-entropy, torch's global-norm clip (coefficient max_norm / (norm + 1e-6), at most 1)
+and plain SGD (tests/speed/test_fused.py).
 """
 
 from __future__ import annotations
