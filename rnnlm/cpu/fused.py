@@ -1,15 +1,15 @@
 """Whole training steps without autograd: the compiled windows, the output layer and the loss, clip and SGD.
 
-`float32_step` (the one-layer tanh RNN, GRU and LSTM in float32) calls the windows of `rnnlm.cpu.recurrence`
-forward and backward itself, the output layer with its loss and gradients in one C call per core, and torch's clip
-and SGD in one C call; for the LSTM with a small output layer the whole step is one C call per core (kernels.c:
-rnnlm_lstm_sgd_f32: the hidden units split between the cores, W_hh's gradient one K-blocked matmul). `sgd_step`, the
-bf16 LSTM's (`amp` on CPUs with AVX512-BF16), is one C call on each core (kernels.c: rnnlm_lstm_sgd_bf16): each packs
-its half of the weights; runs the forward, the loss and its gradient and the backward of its batch rows; computes
-W_hh's gradient for its hidden units and its share of the other gradients with their squares; then clips and updates
-its share of the parameters, the workers waiting for each other three times in between. The arithmetic of all is the
-autograd path's: the mean cross-entropy, torch's global-norm clip (coefficient max_norm / (norm + 1e-6), at most 1)
-and plain SGD (tests/speed/test_fused.py).
+`float32_step` (the one-layer tanh RNN, GRU and LSTM in float32) calls the windows of `rnnlm.cpu.recurrence` forward
+and backward itself, the output layer with its loss and gradients in one C call per core, and torch's clip and SGD
+in one C call; for the LSTM and the tanh RNN with a small output layer the whole step is one C call per core
+(kernels.c: rnnlm_lstm_sgd_f32, rnnlm_rnn_sgd_f32; W_hh's gradient one K-blocked matmul over the window).
+`sgd_step`, the bf16 LSTM's (`amp` on CPUs with AVX512-BF16), is one C call on each core (kernels.c:
+rnnlm_lstm_sgd_bf16): each packs its half of the weights; runs the forward, the loss and its gradient and the
+backward of its batch rows; computes W_hh's gradient for its hidden units and its share of the other gradients with
+their squares; then clips and updates its share of the parameters, the workers waiting for each other three times in
+between. The arithmetic of all is the autograd path's: the mean cross-entropy, torch's global-norm clip (coefficient
+max_norm / (norm + 1e-6), at most 1) and plain SGD (tests/speed/test_fused.py).
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def float32_step(model, tokens: torch.Tensor, targets: torch.Tensor, state, lr: 
     tokens, targets (batch, steps). Returns (the mean loss, a 0-d tensor; the last state), as the trainer's autograd
     step does; the parameters' .grad are left untouched."""
     rnn, out, share, saved = model.rnn, model.linear, threads.second_core_free(), _Saved()
-    if isinstance(rnn, nn.LSTM) and out.out_features * rnn.hidden_size <= SMALL_OUTPUT:
-        return _lstm_float32_step(model, tokens, targets, state, lr, max_norm, share)
+    if not isinstance(rnn, nn.GRU) and out.out_features * rnn.hidden_size <= SMALL_OUTPUT:
+        return _whole_float32_step(model, tokens, targets, state, lr, max_norm, share)
     hs, last_state, backward = _forward(rnn, tokens.T.contiguous(), state, share, saved)
     grad_h = torch.empty_like(hs)
     grad_w, grad_b, loss = output_step(
@@ -71,40 +71,46 @@ def float32_step(model, tokens: torch.Tensor, targets: torch.Tensor, state, lr: 
     return (loss / targets.numel()).float(), last_state
 
 
-def _lstm_float32_step(model, tokens, targets, state, lr: float, max_norm: float, share: bool):
-    """`float32_step` of the one-layer LSTM with a small output layer: one C call per core (kernels.c:
-    rnnlm_lstm_sgd_f32), the hidden units split between them."""
-    rnn, linear, (h0, c0) = model.rnn, model.linear, state
+def _whole_float32_step(model, tokens, targets, state, lr: float, max_norm: float, share: bool):
+    """`float32_step` of the one-layer LSTM or tanh RNN with a small output layer: one C call per core (kernels.c:
+    rnnlm_lstm_sgd_f32, rnnlm_rnn_sgd_f32)."""
+    rnn, linear = model.rnn, model.linear
     (batch, steps), hidden, vocab = tokens.shape, rnn.hidden_size, linear.out_features
-    rows = steps * batch
+    lstm, rows = isinstance(rnn, nn.LSTM), steps * batch
+    gates = 4 if lstm else 1
+    h0, c0 = state if lstm else (state, None)
     params = [rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0, linear.weight, linear.bias]
-    workers = 2 if share and hidden >= 2 else 1
+    workers = 2 if share and hidden >= 2 and batch >= 2 else 1
+    states = recurrence.lstm_states(steps, batch, hidden) if lstm else {"hs": torch.empty(steps, batch, hidden)}
     arrays = {
         "tokens": tokens.T.contiguous(),
         "targets": targets.T.contiguous(),  # time-major, as the logits' rows
         "h0": h0[0].contiguous(),
-        "c0": c0[0].contiguous(),
-        "zeros": torch.zeros(batch, hidden),
+        "c0": c0[0].contiguous() if lstm else None,
+        "zeros": torch.zeros(batch, hidden) if lstm else None,
         **dict(zip(("w_ih", "w_hh", "b_ih", "b_hh", "w_out", "b_out"), (p.detach() for p in params), strict=True)),
-        "emb": torch.empty(vocab, 4 * hidden),
+        "emb": torch.empty(vocab, gates * hidden),
         "wout_fwd": native.packed(hidden, vocab),
         "wout_back": native.packed(vocab, hidden),
-        **recurrence.lstm_states(steps, batch, hidden),
+        "whh_fwd": None if lstm else native.packed(hidden, hidden),
+        "whh_back": None if lstm else native.packed(hidden, hidden),
+        **{name: states.get(name) for name in ("hs", "cs", "gates", "tcs")},
         "logits": torch.empty(rows, native.padded(vocab)),
         "grad_h": torch.empty(rows, hidden),
-        "grad_gates": torch.empty(rows, 4 * hidden),
+        "grad_gates": torch.empty(rows, gates * hidden),
         "hprev": native.packed(rows, hidden),
-        "grad_w_hh": torch.empty(4 * hidden, native.padded(hidden)),
+        "grad_w_hh": torch.empty(gates * hidden, native.padded(hidden)),
         "loss": torch.zeros(16, dtype=torch.float64),
-        "token_grad": torch.empty(vocab, 4 * hidden),
-        "grad_b": torch.empty(4 * hidden),
+        "token_grad": torch.empty(vocab, gates * hidden),
+        "grad_b": torch.empty(gates * hidden),
         "grad_w_out": torch.empty(workers, vocab, hidden),
         "grad_b_out": torch.empty(workers, vocab),
     }
-    step = native.LSTMFloat32Step.of(arrays, lr, max_norm)
+    step = native.Float32Step.of(arrays, lr, max_norm)
     threads.on_workers(workers, step.worker)
     mean_loss = (arrays["loss"][0::8].sum() / targets.numel()).float()
-    return mean_loss, (arrays["hs"][-1][None], arrays["cs"][-1][None])
+    last = arrays["hs"][-1][None]
+    return mean_loss, ((last, arrays["cs"][-1][None]) if lstm else last)
 
 
 def output_step(out: nn.Linear, hs: torch.Tensor, targets: torch.Tensor, grad_h: torch.Tensor | None, share: bool):

@@ -35,10 +35,10 @@ static inline int panels_of(int n) { return (n + NR - 1) / NR; }
 int rnnlm_panel_width(void) { return NR; }
 
 /* B (K x N), given as W: B[k][j] = W[j][k] when `trans` (a torch weight used as x @ W.T), else W[k][j]; written as
-   ceil(N / NR) panels of K x NR, the last one padded with zeros. */
-void rnnlm_pack(const float *W, int K, int N, int trans, float *out) {
-    int panels = panels_of(N);
-    for (int p = 0; p < panels; p++)
+   ceil(N / NR) panels of K x NR, the last one padded with zeros; panels [p0, p1) only (two workers can pack one
+   matrix in halves). */
+static void pack_panels(const float *W, int K, int N, int trans, int p0, int p1, float *out) {
+    for (int p = p0; p < p1; p++)
         for (int k = 0; k < K; k++)
             for (int jj = 0; jj < NR; jj++) {
                 int j = p * NR + jj;
@@ -46,6 +46,11 @@ void rnnlm_pack(const float *W, int K, int N, int trans, float *out) {
                 if (j < N) v = trans ? W[(size_t)j * K + k] : W[(size_t)k * N + j];
                 out[((size_t)p * K + k) * NR + jj] = v;
             }
+}
+
+/* all of B's panels */
+void rnnlm_pack(const float *W, int K, int N, int trans, float *out) {
+    pack_panels(W, K, N, trans, 0, panels_of(N), out);
 }
 
 /* C[0:R, 0:NR] = A[0:R, 0:K] @ panel (with `acc`, C +=), for R <= MR known when it is inlined: 2R accumulators stay
@@ -356,7 +361,7 @@ void rnnlm_rnn_forward(int steps, int batch, int H, int r0, int r1, const int64_
 
 /* Its backward over rows [r0, r1): with d[t] = 1 - hs[t]^2,
    g[T-1] = grad_out[T-1] * d[T-1];  g[t-1] = (g[t] @ W_hh + grad_out[t-1]) * d[t-1];  grad_h0 = g[0] @ W_hh.
-   g is d loss / d pre-activation, (steps, batch, H). whh: W_hh packed with trans=0. */
+   g is d loss / d pre-activation, (steps, batch, H). whh: W_hh packed with trans=0. grad_h0 NULL: not computed. */
 void rnnlm_rnn_backward(int steps, int batch, int H, int r0, int r1, const float *hs, const float *grad_out,
                         const float *whh, float *g, float *grad_h0, float *scratch) {
     int panels = panels_of(H), ldc = panels * NR, M = r1 - r0;
@@ -367,6 +372,7 @@ void rnnlm_rnn_backward(int steps, int batch, int H, int r0, int r1, const float
             g[last + (size_t)i * H + j] = grad_out[last + (size_t)i * H + j] * (1.0f - h * h);
         }
     for (int t = steps - 1; t >= 0; t--) {
+        if (t == 0 && grad_h0 == NULL) break; /* the caller needs no gradient for h0 */
         gemm(M, H, panels, g + ((size_t)t * batch + r0) * H, H, whh, scratch, ldc);
         for (int i = 0; i < M; i++) {
             const float *acc = scratch + (size_t)i * ldc;
@@ -1041,28 +1047,30 @@ void rnnlm_lstm_sgd_bf16(const struct lstm_sgd_step *s, int worker, int workers,
     }
 }
 
-/* The float32 LSTM's whole SGD step with its output layer (`float32_step` in rnnlm/cpu/fused.py, CPUs without fast
-   bf16 or without `amp`): one C call per worker, the workers splitting the hidden units as the float32 windows do
-   (W_hh, 1 MB at H = 256, does not fit one core's L2; each worker's quarter of it, packed both ways, stays in its
-   own). Shared between the workers, as struct lstm_sgd_step but in float32: hs, cs, gates, tcs (steps, batch, ..),
-   logits (steps * batch, panels(V) * NR), grad_h (steps * batch, H: the gradient reaching hs from the output layer),
-   grad_gates (steps * batch, 4H), hprev (the states that rows n = t * batch + i multiply, h0's rows then hs's, packed
-   as rnnlm_pack's panels: panels(H) x steps * batch x NR), grad_w_hh (4H x panels(H) * NR), token_grad (V x 4H),
-   grad_b (4H), grad_w_out (workers x V x H), grad_b_out (workers x V), loss (8 doubles a worker). */
-struct lstm_f32_step {
+/* The float32 whole SGD steps with their output layers, one C call per worker (`float32_step` in rnnlm/cpu/fused.py:
+   the one-layer one-hot LSTM and tanh RNN with a small vocabulary, where bf16 is not fast or `amp` is off). Their
+   arrays, shared between the workers: the parameters (torch's, updated in place), hs (steps, batch, H) and for the
+   LSTM cs, gates, tcs as its windows keep them; logits (steps * batch, panels(V) * NR); grad_h (steps * batch, H: the
+   gradient reaching hs from the output layer); grad_gates (steps * batch, gates * H: d loss / d the pre-activations);
+   hprev (the states rows n = t * batch + i multiply, h0's rows then hs's, as rnnlm_pack's panels: panels(H) x steps *
+   batch x NR); grad_w_hh (gates * H x panels(H) * NR); emb (V x gates * H: W_ih.T + b_ih + b_hh); token_grad
+   (V x gates * H, W_ih's gradient transposed); grad_b (gates * H); wout_fwd, wout_back (W_out packed with trans=1 and
+   0); grad_w_out (workers x V x H), grad_b_out (workers x V); loss (8 doubles a worker: its summed cross-entropy and
+   its share of the gradients' sum of squares); whh_fwd, whh_back (the RNN's W_hh packed with trans=1 and 0). */
+struct f32_step {
     int steps, batch, H, V;
     float lr, max_norm;
     const int64_t *tokens, *targets;
     const float *h0, *c0, *zeros;
     float *w_ih, *w_hh, *b_ih, *b_hh, *w_out, *b_out;
-    float *emb, *wout_fwd, *wout_back;
+    float *emb, *wout_fwd, *wout_back, *whh_fwd, *whh_back;
     float *hs, *cs, *gates, *tcs, *logits, *grad_h, *grad_gates, *hprev, *grad_w_hh;
     double *loss;
     float *token_grad, *grad_b, *grad_w_out, *grad_b_out;
 };
 
 /* B (H x 4U) of the worker's units, packed as rnnlm_pack's panels: column c = gate * U + j is row gate * H + u0 + j
-   of W_hh (4H x H), the operand of the forward's h_prev @ W_hh.T */
+   of W_hh (4H x H), the operand of the LSTM forward's h_prev @ W_hh.T */
 static void pack_unit_rows(const float *W, int H, int u0, int U, float *out) {
     int N = 4 * U;
     for (int p = 0; p < panels_of(N); p++)
@@ -1073,7 +1081,7 @@ static void pack_unit_rows(const float *W, int H, int u0, int U, float *out) {
         }
 }
 
-/* B (4H x U) = the worker's columns [u0, u0 + U) of W_hh (4H x H), packed: the backward's operand */
+/* B (4H x U) = the worker's columns [u0, u0 + U) of W_hh (4H x H), packed: the LSTM backward's operand */
 static void pack_unit_columns(const float *W, int H, int u0, int U, float *out) {
     for (int p = 0; p < panels_of(U); p++)
         for (int k = 0; k < 4 * H; k++)
@@ -1083,28 +1091,31 @@ static void pack_unit_columns(const float *W, int H, int u0, int U, float *out) 
             }
 }
 
-/* the row length of gate_grad_rows' tile: 4U rounded up to a cache line, and one more, so that its rows fall in
+/* the row length of gate_grad_rows' tile: G * U rounded up to a cache line, and one more, so that its rows fall in
    different cache sets */
-static inline size_t tile_ld(size_t U) { return (4 * U + 15) / 16 * 16 + 16; }
+static inline size_t tile_ld(int gates, size_t U) { return (gates * U + 15) / 16 * 16 + 16; }
 
-/* The work buffers of a worker of rnnlm_lstm_sgd_f32, as offsets in floats into its work array (each on a cache line
-   of its own); returns the floats they take */
+/* The work buffers of a worker of the float32 steps (`gates` 4: the LSTM's, 1: the tanh RNN's), as offsets in floats
+   into its work array (each on a cache line of its own); returns the floats they take. The RNN's windows take batch
+   rows, so it needs no packs or carried state of its own. */
 enum { F_WHH, F_WHH_BACK, F_SCRATCH, F_DH, F_DC, F_SCRATCH_BACK, F_SCRATCH_OUT, F_GATES_T, F_TILE, F_COUNT };
-static size_t f32_work_layout(int steps, int batch, int H, int worker, int workers, size_t at[F_COUNT]) {
-    int u0, u1, n0, n1, N = steps * batch;
+static size_t f32_work_layout(int steps, int batch, int H, int gates, int worker, int workers, size_t at[F_COUNT]) {
+    int u0, u1, r0, r1, n0, n1, N = steps * batch, lstm = gates == 4;
     share(H, worker, workers, &u0, &u1);
+    share(batch, worker, workers, &r0, &r1);
     share(N, worker, workers, &n0, &n1);
     size_t U = (size_t)(u1 - u0), wide = (size_t)panels_of(4 * (int)U) * NR, narrow = (size_t)panels_of((int)U) * NR;
+    size_t ldh = (size_t)panels_of(H) * NR, out_rows = (size_t)(lstm ? n1 - n0 : r1 - r0);
     size_t floats[F_COUNT] = {
-        [F_WHH] = wide * H,                                       /* W_hh's rows of its units, packed (forward) */
-        [F_WHH_BACK] = narrow * 4 * H,                            /* their columns, packed (backward) */
-        [F_SCRATCH] = wide * batch,                               /* the forward's matmul */
-        [F_DH] = U * batch,
-        [F_DC] = U * batch,
-        [F_SCRATCH_BACK] = narrow * batch,                        /* the backward's matmul */
-        [F_SCRATCH_OUT] = (size_t)(n1 - n0) * panels_of(H) * NR, /* the output layer's gradient to h */
-        [F_GATES_T] = 4 * U * N,                                  /* its gate gradients, transposed (4U x N) */
-        [F_TILE] = 8 * tile_ld(U),                                /* 8 rows of them, for gate_grad_rows */
+        [F_WHH] = lstm ? wide * H : 0,              /* the LSTM's W_hh rows of its units, packed (forward) */
+        [F_WHH_BACK] = lstm ? narrow * 4 * H : 0,   /* their columns, packed (backward) */
+        [F_SCRATCH] = lstm ? wide * batch : ldh * (r1 - r0), /* the forward's matmul */
+        [F_DH] = lstm ? U * batch : 0,
+        [F_DC] = lstm ? U * batch : 0,
+        [F_SCRATCH_BACK] = lstm ? narrow * batch : ldh * (r1 - r0), /* the backward's matmul */
+        [F_SCRATCH_OUT] = out_rows * ldh,           /* the output layer's gradient to h */
+        [F_GATES_T] = (size_t)gates * U * N,        /* its gate gradients, transposed (gates * U x N) */
+        [F_TILE] = 8 * tile_ld(gates, U),           /* 8 rows of them, for gate_grad_rows */
     };
     size_t used = 0;
     for (int i = 0; i < F_COUNT; i++) {
@@ -1114,123 +1125,130 @@ static size_t f32_work_layout(int steps, int batch, int H, int worker, int worke
     return used;
 }
 
-/* The floats of the work array of worker number `worker` for rnnlm_lstm_sgd_f32 */
-int64_t rnnlm_lstm_sgd_f32_work(int steps, int batch, int H, int worker, int workers) {
+/* The floats of the work array of worker number `worker` for rnnlm_lstm_sgd_f32 (gates 4) or rnnlm_rnn_sgd_f32 (1) */
+int64_t rnnlm_sgd_f32_work(int steps, int batch, int H, int gates, int worker, int workers) {
     size_t at[F_COUNT];
-    return (int64_t)f32_work_layout(steps, batch, H, worker, workers, at);
+    return (int64_t)f32_work_layout(steps, batch, H, gates, worker, workers, at);
 }
 
-/* Rows [n0, n1) of the worker's columns of grad_gates (steps * batch x 4H): added to token_grad's rows of their
-   tokens (W_ih's gradient, transposed, V x 4H), and written transposed into gates_t (4U x N: row gate * U + j is
-   column gate * H + u0 + j). Eight rows at a time are copied into `tile` (8 x ld floats, ld >= 4U), whose
-   columns are then read a cache line at a time; read in place, rows 4H apart (4 KB at H = 256) would share a cache
-   set and evict each other. */
-static void gate_grad_rows(int N, int H, int u0, int U, int n0, int n1, const int64_t *tokens, const float *grad_gates,
-                           float *token_grad, float *gates_t, float *tile, int ld) {
-    int G = 4 * H;
+typedef float v8 __attribute__((vector_size(32), aligned(4))); /* 8 floats, wherever they start */
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* dst[j][i] = src[i][j] for an 8 x 8 block (row strides ld_src, ld_dst): in registers, three rounds of shuffles */
+static inline void transpose8(const float *src, int ld_src, float *dst, int ld_dst) {
+    v8 r[8], t[8], u[8];
+    for (int i = 0; i < 8; i++) r[i] = *(const v8 *)(src + (size_t)i * ld_src);
+    for (int i = 0; i < 8; i += 2) { /* pairs of rows interleaved */
+        t[i] = __builtin_shuffle(r[i], r[i + 1], (v8i){0, 8, 1, 9, 4, 12, 5, 13});
+        t[i + 1] = __builtin_shuffle(r[i], r[i + 1], (v8i){2, 10, 3, 11, 6, 14, 7, 15});
+    }
+    for (int i = 0; i < 8; i += 4) /* then pairs of pairs */
+        for (int k = 0; k < 2; k++) {
+            u[i + 2 * k] = __builtin_shuffle(t[i + k], t[i + 2 + k], (v8i){0, 1, 8, 9, 4, 5, 12, 13});
+            u[i + 2 * k + 1] = __builtin_shuffle(t[i + k], t[i + 2 + k], (v8i){2, 3, 10, 11, 6, 7, 14, 15});
+        }
+    for (int j = 0; j < 4; j++) { /* u[j] holds columns j and j + 4 of rows 0-3, u[j + 4] of rows 4-7 */
+        *(v8 *)(dst + (size_t)j * ld_dst) = __builtin_shuffle(u[j], u[j + 4], (v8i){0, 1, 2, 3, 8, 9, 10, 11});
+        *(v8 *)(dst + (size_t)(j + 4) * ld_dst) = __builtin_shuffle(u[j], u[j + 4], (v8i){4, 5, 6, 7, 12, 13, 14, 15});
+    }
+}
+
+/* Rows [n0, n1) of the worker's columns of grad_gates (steps * batch x G * H, G = gates): added to token_grad's rows
+   of their tokens (W_ih's gradient, transposed, V x G * H), and written transposed into gates_t (G * U x N: row
+   gate * U + j is column gate * H + u0 + j). Eight rows at a time are copied into `tile` (8 x ld floats, ld >= G * U),
+   whose columns are then read a cache line at a time; read in place, rows 4H apart (4 KB at H = 256) would share a
+   cache set and evict each other. */
+static void gate_grad_rows(int N, int H, int gates, int u0, int U, int n0, int n1, const int64_t *tokens,
+                           const float *grad_gates, float *token_grad, float *gates_t, float *tile, int ld) {
+    int G = gates * H;
     for (int b0 = n0; b0 < n1; b0 += 8) {
         int rows = n1 - b0 < 8 ? n1 - b0 : 8;
         for (int r = 0; r < rows; r++)
-            for (int gate = 0; gate < 4; gate++) {
+            for (int gate = 0; gate < gates; gate++) {
                 size_t col = (size_t)gate * H + u0;
                 const float *src = grad_gates + (size_t)(b0 + r) * G + col;
                 memcpy(tile + (size_t)r * ld + gate * U, src, sizeof(float) * U);
                 add_row(U, src, token_grad + (size_t)tokens[b0 + r] * G + col);
             }
-        for (int c = 0; c < 4 * U; c++)
+        int c = 0;
+        if (rows == 8)
+            for (; c + 8 <= gates * U; c += 8) transpose8(tile + c, ld, gates_t + (size_t)c * N + b0, N);
+        for (; c < gates * U; c++)
             for (int r = 0; r < rows; r++) gates_t[(size_t)c * N + b0 + r] = tile[(size_t)r * ld + c];
     }
 }
 
-/* Worker number `worker` of `workers` (1 or 2) runs its share of the float32 step, with units [u0, u1) and window
-   rows [n0, n1) (n = t * batch + i): (1) emb's columns and W_hh's packs for its units (the last worker packs W_out);
-   (2) the forward window over its units (lstm_forward), then its share of hprev's panels; (3) the output layer's step
-   over its rows (rnnlm_output_step: loss, logits' gradient, grad_h, its output-layer gradients); (4) the backward
-   window over its units (lstm_backward); (5) its units' rows of W_hh's gradient (its gate gradients, transposed, @
-   hprev, K-blocked), their columns of token_grad (W_ih's gradient, transposed) and of the biases', the last worker
-   the summed output layer's, and their sums of squares; (6) the global-norm clip (torch's: max_norm / (norm + 1e-6),
-   at most 1) and the SGD step of its share of the parameters. Between the stages the workers wait for each other
-   (barrier). */
-void rnnlm_lstm_sgd_f32(const struct lstm_f32_step *s, int worker, int workers, int64_t *flags, float *work) {
-    int steps = s->steps, batch = s->batch, H = s->H, V = s->V, G = 4 * H, N = steps * batch, last = workers - 1;
-    int u0, u1, n0, n1, p0, p1, ldp = panels_of(H) * NR;
-    share(H, worker, workers, &u0, &u1);
-    share(N, worker, workers, &n0, &n1);
-    share(panels_of(H), worker, workers, &p0, &p1);
-    int U = u1 - u0;
-    size_t at[F_COUNT];
-    f32_work_layout(steps, batch, H, worker, workers, at);
-    double *mine = s->loss + 8 * worker;
-    float *grad_w_out = s->grad_w_out + (size_t)worker * V * H, *grad_b_out = s->grad_b_out + (size_t)worker * V;
-    float *gates_t = work + at[F_GATES_T];
-    int64_t step = 0; /* the barriers passed */
+/* hprev's panels [p0, p1), batch rows [r0, r1) of every step (see struct f32_step) */
+static void pack_prev(const struct f32_step *s, int p0, int p1, int r0, int r1) {
+    int N = s->steps * s->batch, H = s->H;
+    for (int t = 0; t < s->steps; t++)
+        for (int i = r0; i < r1; i++) {
+            int n = t * s->batch + i;
+            const float *h = t == 0 ? s->h0 + (size_t)i * H : s->hs + (size_t)(n - s->batch) * H;
+            for (int p = p0; p < p1; p++) {
+                float *panel = s->hprev + ((size_t)p * N + n) * NR;
+                for (int jj = 0; jj < NR; jj++) panel[jj] = p * NR + jj < H ? h[p * NR + jj] : 0.0f;
+            }
+        }
+}
 
-    mine[0] = mine[1] = 0.0;
-    memset(grad_w_out, 0, sizeof(float) * V * H);
-    memset(grad_b_out, 0, sizeof(float) * V);
+/* The start every float32 step shares: the worker's loss and output-layer gradient slots zeroed, emb's and
+   token_grad's columns of its units [u0, u1) of each gate block, and (the last worker) W_out's packs */
+static void f32_begin(const struct f32_step *s, int gates, int u0, int u1, int worker, int workers) {
+    int H = s->H, V = s->V, G = gates * H;
+    s->loss[8 * worker] = s->loss[8 * worker + 1] = 0.0;
+    memset(s->grad_w_out + (size_t)worker * V * H, 0, sizeof(float) * V * H);
+    memset(s->grad_b_out + (size_t)worker * V, 0, sizeof(float) * V);
     for (int v = 0; v < V; v++)
-        for (int gate = 0; gate < 4; gate++) {
+        for (int gate = 0; gate < gates; gate++) {
             size_t first = (size_t)gate * H + u0;
-            for (size_t g = first; g < first + U; g++)
+            for (size_t g = first; g < (size_t)gate * H + u1; g++)
                 s->emb[(size_t)v * G + g] = s->w_ih[g * V + v] + s->b_ih[g] + s->b_hh[g];
-            memset(s->token_grad + (size_t)v * G + first, 0, sizeof(float) * U);
+            memset(s->token_grad + (size_t)v * G + first, 0, sizeof(float) * (u1 - u0));
         }
-    pack_unit_rows(s->w_hh, H, u0, U, work + at[F_WHH]);
-    pack_unit_columns(s->w_hh, H, u0, U, work + at[F_WHH_BACK]);
-    if (worker == last) {
-        rnnlm_pack(s->w_out, H, V, 1, s->wout_fwd);
-        rnnlm_pack(s->w_out, V, H, 0, s->wout_back);
+    if (worker == workers - 1) {
+        rnnlm_pack(s->w_out, H, s->V, 1, s->wout_fwd);
+        rnnlm_pack(s->w_out, s->V, H, 0, s->wout_back);
     }
+}
 
-    if (lstm_forward(steps, batch, H, u0, u1, worker, workers, flags, step, s->tokens, s->h0, s->c0, s->emb,
-                     work + at[F_WHH], s->hs, s->cs, s->gates, s->tcs, work + at[F_SCRATCH]))
-        return;
-    step += steps; /* every worker's hs are in */
-    for (int p = p0; p < p1; p++)
-        for (int n = 0; n < N; n++) {
-            const float *h = n < batch ? s->h0 + (size_t)n * H : s->hs + (size_t)(n - batch) * H;
-            float *panel = s->hprev + ((size_t)p * N + n) * NR;
-            for (int jj = 0; jj < NR; jj++) panel[jj] = p * NR + jj < H ? h[p * NR + jj] : 0.0f;
-        }
-    if (barrier(flags, worker, workers, ++step)) return; /* every worker's panels of hprev; W_out's packs */
-
-    rnnlm_output_step(n0, n1, H, V, s->hs, s->wout_fwd, s->b_out, s->wout_back, s->targets, 1.0f / (float)N,
-                      s->logits, mine, grad_b_out, grad_w_out, s->grad_h, work + at[F_SCRATCH_OUT]);
-    if (barrier(flags, worker, workers, ++step)) return; /* every worker's rows of grad_h */
-
-    if (lstm_backward(steps, batch, H, u0, u1, worker, workers, flags, step, s->c0, s->cs, s->gates, s->tcs, s->grad_h,
-                      s->zeros, work + at[F_WHH_BACK], s->grad_gates, NULL, NULL, work + at[F_DH], work + at[F_DC],
-                      work + at[F_SCRATCH_BACK]))
-        return;
-    step += steps;
-
-    gate_grad_rows(N, H, u0, U, 0, N, s->tokens, s->grad_gates, s->token_grad, gates_t, work + at[F_TILE],
-                   (int)tile_ld((size_t)U));
+/* The end every float32 step shares, once every worker's grad_gates, hprev and output-layer gradients are in: the
+   worker's units' rows of W_hh's gradient (each gate block's, its gate gradients transposed @ hprev, K-blocked over
+   the window's rows), their columns of token_grad and of the biases' gradient (token_grad's column sums; b_ih's and
+   b_hh's are the same), the last worker the output layer's summed over the workers, and their sums of squares; then,
+   after the workers' barrier number `step` + 1, the global-norm clip (torch's: max_norm / (norm + 1e-6), at most 1)
+   and the SGD step of the worker's share of the parameters. */
+static void f32_finish(const struct f32_step *s, int gates, int u0, int u1, int worker, int workers, int64_t *flags,
+                       int64_t step, float *gates_t, float *tile) {
+    int H = s->H, V = s->V, G = gates * H, N = s->steps * s->batch, U = u1 - u0, last = workers - 1;
+    int ldp = panels_of(H) * NR;
+    gate_grad_rows(N, H, gates, u0, U, 0, N, s->tokens, s->grad_gates, s->token_grad, gates_t, tile,
+                   (int)tile_ld(gates, (size_t)U));
     double squares = 0.0;
-    for (int gate = 0; gate < 4; gate++) { /* W_hh's rows: sum over rows n of grad_gates[n]^T h_prev[n] */
+    for (int gate = 0; gate < gates; gate++) { /* W_hh's rows: sum over rows n of grad_gates[n]^T h_prev[n] */
         size_t first = (size_t)gate * H + u0;
         float *rows = s->grad_w_hh + first * ldp, *grad_b = s->grad_b + first, *by_token = s->token_grad + first;
         gemm_long(U, N, panels_of(H), gates_t + (size_t)gate * U * N, N, s->hprev, rows, ldp);
-        memset(grad_b, 0, sizeof(float) * U); /* the biases' gradient: token_grad's column sums */
+        memset(grad_b, 0, sizeof(float) * U);
         for (int v = 0; v < V; v++) add_row(U, by_token + (size_t)v * G, grad_b);
         squares += sum_squares(U, H, rows, ldp) + sum_squares(V, U, by_token, G) + 2.0 * sum_squares(1, U, grad_b, U);
     }
-    if (worker == last) { /* the output layer's gradients, summed over the workers (all in since (3)) */
-        float *gw = s->grad_w_out + (size_t)last * V * H, *gb = s->grad_b_out + (size_t)last * V;
+    float *gw = s->grad_w_out + (size_t)last * V * H, *gb = s->grad_b_out + (size_t)last * V;
+    if (worker == last) {
         for (int p = 0; p < last; p++) {
             add_row(V * H, s->grad_w_out + (size_t)p * V * H, gw);
             add_row(V, s->grad_b_out + (size_t)p * V, gb);
         }
         squares += sum_squares(V, H, gw, H) + sum_squares(1, V, gb, V);
     }
-    mine[1] = squares;
-    if (barrier(flags, worker, workers, ++step)) return;
+    s->loss[8 * worker + 1] = squares;
+    if (barrier(flags, worker, workers, step + 1)) return;
 
     double total = 0.0;
     for (int p = 0; p < workers; p++) total += s->loss[8 * p + 1];
     float coef = s->max_norm / ((float)__builtin_sqrt(total) + 1e-6f);
     float alpha = -s->lr * (coef > 1.0f ? 1.0f : coef); /* a NaN norm stays NaN, as in torch */
-    for (int gate = 0; gate < 4; gate++) {
+    for (int gate = 0; gate < gates; gate++) {
         size_t first = (size_t)gate * H + u0;
         for (size_t r = first; r < first + U; r++) {
             float *w = s->w_hh + r * H;
@@ -1245,8 +1263,81 @@ void rnnlm_lstm_sgd_f32(const struct lstm_f32_step *s, int worker, int workers, 
         }
     }
     if (worker == last) {
-        const float *gw = s->grad_w_out + (size_t)last * V * H, *gb = s->grad_b_out + (size_t)last * V;
         for (int i = 0; i < V * H; i++) s->w_out[i] += alpha * gw[i];
         for (int v = 0; v < V; v++) s->b_out[v] += alpha * gb[v];
     }
+}
+
+/* The float32 LSTM's step, worker number `worker` of `workers` (1 or 2), the workers splitting the hidden units as
+   the float32 windows do (W_hh, 1 MB at H = 256, does not fit one core's L2; each worker's quarter of it, packed
+   both ways, stays in its own) and the output layer's rows: (1) f32_begin and W_hh's packs for its units [u0, u1);
+   (2) the forward window over its units (lstm_forward), then its share of hprev's panels; (3) the output layer's
+   step over its rows [n0, n1) of the window (rnnlm_output_step: loss, logits' gradient, grad_h, its output-layer
+   gradients); (4) the backward window over its units (lstm_backward); (5) f32_finish. Between the stages the workers
+   wait for each other (barrier). work: rnnlm_sgd_f32_work floats. */
+void rnnlm_lstm_sgd_f32(const struct f32_step *s, int worker, int workers, int64_t *flags, float *work) {
+    int steps = s->steps, batch = s->batch, H = s->H, V = s->V, N = steps * batch;
+    int u0, u1, n0, n1, p0, p1;
+    share(H, worker, workers, &u0, &u1);
+    share(N, worker, workers, &n0, &n1);
+    share(panels_of(H), worker, workers, &p0, &p1);
+    int U = u1 - u0;
+    size_t at[F_COUNT];
+    f32_work_layout(steps, batch, H, 4, worker, workers, at);
+    int64_t step = 0; /* the barriers passed */
+
+    f32_begin(s, 4, u0, u1, worker, workers);
+    pack_unit_rows(s->w_hh, H, u0, U, work + at[F_WHH]);
+    pack_unit_columns(s->w_hh, H, u0, U, work + at[F_WHH_BACK]);
+    if (lstm_forward(steps, batch, H, u0, u1, worker, workers, flags, step, s->tokens, s->h0, s->c0, s->emb,
+                     work + at[F_WHH], s->hs, s->cs, s->gates, s->tcs, work + at[F_SCRATCH]))
+        return;
+    step += steps; /* every worker's hs are in */
+    pack_prev(s, p0, p1, 0, batch);
+    if (barrier(flags, worker, workers, ++step)) return; /* every worker's panels of hprev; W_out's packs */
+
+    rnnlm_output_step(n0, n1, H, V, s->hs, s->wout_fwd, s->b_out, s->wout_back, s->targets, 1.0f / (float)N,
+                      s->logits, s->loss + 8 * worker, s->grad_b_out + (size_t)worker * V,
+                      s->grad_w_out + (size_t)worker * V * H, s->grad_h, work + at[F_SCRATCH_OUT]);
+    if (barrier(flags, worker, workers, ++step)) return; /* every worker's rows of grad_h */
+
+    if (lstm_backward(steps, batch, H, u0, u1, worker, workers, flags, step, s->c0, s->cs, s->gates, s->tcs, s->grad_h,
+                      s->zeros, work + at[F_WHH_BACK], s->grad_gates, NULL, NULL, work + at[F_DH], work + at[F_DC],
+                      work + at[F_SCRATCH_BACK]))
+        return;
+    step += steps;
+    f32_finish(s, 4, u0, u1, worker, workers, flags, step, work + at[F_GATES_T], work + at[F_TILE]);
+}
+
+/* The float32 tanh RNN's step, worker number `worker` of `workers` (1 or 2): W_hh (256 KB at H = 256) fits a core's
+   L2, so each worker runs its batch rows [r0, r1) through the forward window, the output layer's step (a call per
+   time step, its rows only) and the backward window without waiting for the other; then, by hidden units [u0, u1),
+   f32_finish. Before the windows the workers pack W_hh both ways in halves and wait for each other once.
+   work: rnnlm_sgd_f32_work floats. */
+void rnnlm_rnn_sgd_f32(const struct f32_step *s, int worker, int workers, int64_t *flags, float *work) {
+    int steps = s->steps, batch = s->batch, H = s->H, V = s->V, N = steps * batch;
+    int u0, u1, r0, r1, p0, p1;
+    share(H, worker, workers, &u0, &u1);
+    share(batch, worker, workers, &r0, &r1);
+    share(panels_of(H), worker, workers, &p0, &p1);
+    size_t at[F_COUNT];
+    f32_work_layout(steps, batch, H, 1, worker, workers, at);
+
+    f32_begin(s, 1, u0, u1, worker, workers);
+    pack_panels(s->w_hh, H, H, 1, p0, p1, s->whh_fwd);
+    pack_panels(s->w_hh, H, H, 0, p0, p1, s->whh_back);
+    if (barrier(flags, worker, workers, 1)) return; /* emb and the packs are in */
+
+    rnnlm_rnn_forward(steps, batch, H, r0, r1, s->tokens, s->h0, s->emb, s->whh_fwd, s->hs, work + at[F_SCRATCH]);
+    pack_prev(s, 0, panels_of(H), r0, r1);
+    for (int t = 0; t < steps; t++) {
+        int64_t first = (int64_t)t * batch + r0;
+        rnnlm_output_step(first, first + (r1 - r0), H, V, s->hs, s->wout_fwd, s->b_out, s->wout_back, s->targets,
+                          1.0f / (float)N, s->logits, s->loss + 8 * worker, s->grad_b_out + (size_t)worker * V,
+                          s->grad_w_out + (size_t)worker * V * H, s->grad_h, work + at[F_SCRATCH_OUT]);
+    }
+    rnnlm_rnn_backward(steps, batch, H, r0, r1, s->hs, s->grad_h, s->whh_back, s->grad_gates, NULL,
+                       work + at[F_SCRATCH_BACK]);
+    if (barrier(flags, worker, workers, 2)) return; /* every worker's rows of grad_gates and hprev */
+    f32_finish(s, 1, u0, u1, worker, workers, flags, 2, work + at[F_GATES_T], work + at[F_TILE]);
 }

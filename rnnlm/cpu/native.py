@@ -49,8 +49,9 @@ _SIGNATURES = {
     "rnnlm_weight_grad_bf16": [_i] * 6 + [_p] * 5,
     "rnnlm_lstm_sgd_work": [_i] * 6,
     "rnnlm_lstm_sgd_bf16": [_p, _i, _i, _p, _p],
-    "rnnlm_lstm_sgd_f32_work": [_i] * 5,
+    "rnnlm_sgd_f32_work": [_i] * 6,
     "rnnlm_lstm_sgd_f32": [_p, _i, _i, _p, _p],
+    "rnnlm_rnn_sgd_f32": [_p, _i, _i, _p, _p],
     "rnnlm_barrier": [_p, _i, _i, ctypes.c_int64],
     # the output layer's step: n0, n1, H, V, hs, wout, b_out, wout_back, targets, scale, then the outputs
     "rnnlm_output_step": [ctypes.c_int64] * 2 + [_i] * 2 + [_p] * 5 + [ctypes.c_float] + [_p] * 6,
@@ -58,7 +59,7 @@ _SIGNATURES = {
     "rnnlm_rows_loss": [ctypes.c_int64] * 2 + [_i] * 2 + [_p] * 2 + [ctypes.c_float] + [_p] * 2,
 }
 _RESULTS = {name: _i for name in ("rnnlm_panel_width", "rnnlm_bf16_native", "rnnlm_barrier")}
-_RESULTS["rnnlm_lstm_sgd_work"] = _RESULTS["rnnlm_lstm_sgd_f32_work"] = ctypes.c_int64
+_RESULTS["rnnlm_lstm_sgd_work"] = _RESULTS["rnnlm_sgd_f32_work"] = ctypes.c_int64
 _RESULTS["rnnlm_clip_sgd"] = ctypes.c_double
 
 
@@ -432,18 +433,27 @@ class LSTMSGDStep(_Step):
     ]  # fmt: skip
 
 
-class LSTMFloat32Step(_Step):
-    """kernels.c's struct lstm_f32_step: one SGD step of the float32 LSTM (rnnlm_lstm_sgd_f32)."""
+class Float32Step(_Step):
+    """kernels.c's struct f32_step: one SGD step of the float32 one-layer LSTM (rnnlm_lstm_sgd_f32) or tanh RNN
+    (rnnlm_rnn_sgd_f32), as `function` says."""
 
-    function, work_floats = "rnnlm_lstm_sgd_f32", "rnnlm_lstm_sgd_f32_work"
+    work_floats = "rnnlm_sgd_f32_work"
     _fields_ = _STEP_SIZES + [
         (name, ctypes.c_void_p)
         for name in (
             "tokens", "targets", "h0", "c0", "zeros", "w_ih", "w_hh", "b_ih", "b_hh", "w_out", "b_out", "emb",
-            "wout_fwd", "wout_back", "hs", "cs", "gates", "tcs", "logits", "grad_h", "grad_gates", "hprev", "grad_w_hh",
-            "loss", "token_grad", "grad_b", "grad_w_out", "grad_b_out",
+            "wout_fwd", "wout_back", "whh_fwd", "whh_back", "hs", "cs", "gates", "tcs", "logits", "grad_h",
+            "grad_gates", "hprev", "grad_w_hh", "loss", "token_grad", "grad_b", "grad_w_out", "grad_b_out",
         )
     ]  # fmt: skip
 
+    @classmethod
+    def of(cls, arrays: dict[str, torch.Tensor], lr: float, max_norm: float) -> Float32Step:
+        """The step over `arrays` (None for the pointers the model does not use: the RNN's c0, cs, gates, tcs, the
+        LSTM's whh_fwd, whh_back)."""
+        step = super().of(arrays, lr, max_norm)
+        step.function = "rnnlm_lstm_sgd_f32" if arrays["cs"] is not None else "rnnlm_rnn_sgd_f32"
+        return step
+
     def _work_sizes(self) -> tuple[int, ...]:
-        return self.steps, self.batch, self.H
+        return self.steps, self.batch, self.H, 4 if self.function == "rnnlm_lstm_sgd_f32" else 1
