@@ -74,7 +74,8 @@ def _measure(candidates: dict[str, Callable[[], object]]) -> tuple[str, str]:
     allocations, lazy set-up), one candidate after the other in the order given (interleaved, a candidate on several
     OpenMP threads would leave them spinning on the cores the next one runs on)."""
     best = dict.fromkeys(candidates, float("inf"))
-    with torch.autocast("cpu", enabled=False), torch.enable_grad():  # as in training, whatever the caller's mode
+    # as in training, whatever the caller's mode; the random numbers a candidate draws (dropout) are not the run's
+    with torch.random.fork_rng(devices=[]), torch.autocast("cpu", enabled=False), torch.enable_grad():
         _time_each(candidates, best)
     chosen = min(best, key=best.get)
     return chosen, " against ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in best.items())

@@ -47,6 +47,17 @@ def test_the_quicker_candidate_is_chosen_once_and_remembered(fresh):
     assert choice.decisions["demo:1x2"] == f"quick (measured before on this machine: {recorded[f'{key} times']})"
 
 
+def test_measuring_leaves_the_runs_random_numbers_alone(fresh):
+    """A choice measured in the middle of a run (its first minibatch) must not change what the run computes: the
+    candidates' draws (a dropout model's masks) come from a forked generator."""
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    draws = {"one": lambda: torch.rand(1000), "other": lambda: torch.randn(1000)}
+    choice.fastest("demo:rng", draws)
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_a_recorded_choice_wins_over_a_new_measurement(fresh):
     """What another process recorded first is what this one takes, so that every process computes the same."""
     calls = []
