@@ -97,7 +97,7 @@ def _whole_float32_step(model, tokens, targets, state, lr: float, max_norm: floa
         **{name: states.get(name) for name in ("hs", "cs", "gates", "tcs")},
         "logits": torch.empty(rows, native.padded(vocab)),
         "grad_h": torch.empty(rows, hidden),
-        "grad_gates": torch.empty(rows, gates * hidden),
+        "grad_gates": torch.empty(2 * batch if lstm else rows, gates * hidden),  # the LSTM's: two steps' rows
         "hprev": native.packed(rows, hidden),
         "grad_w_hh": torch.empty(gates * hidden, native.padded(hidden)),
         "loss": torch.zeros(16, dtype=torch.float64),

@@ -520,6 +520,58 @@ void rnnlm_gru_backward(int steps, int batch, int H, int u0, int u1, int worker,
     put_units(batch, H, u0, U, dh, grad_h0);
 }
 
+typedef float v8 __attribute__((vector_size(32), aligned(4))); /* 8 floats, wherever they start */
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* dst[j][i] = src[i][j] for an 8 x 8 block (row strides ld_src, ld_dst): in registers, three rounds of shuffles */
+static inline void transpose8(const float *src, int ld_src, float *dst, int ld_dst) {
+    v8 r[8], t[8], u[8];
+    for (int i = 0; i < 8; i++) r[i] = *(const v8 *)(src + (size_t)i * ld_src);
+    for (int i = 0; i < 8; i += 2) { /* pairs of rows interleaved */
+        t[i] = __builtin_shuffle(r[i], r[i + 1], (v8i){0, 8, 1, 9, 4, 12, 5, 13});
+        t[i + 1] = __builtin_shuffle(r[i], r[i + 1], (v8i){2, 10, 3, 11, 6, 14, 7, 15});
+    }
+    for (int i = 0; i < 8; i += 4) /* then pairs of pairs */
+        for (int k = 0; k < 2; k++) {
+            u[i + 2 * k] = __builtin_shuffle(t[i + k], t[i + 2 + k], (v8i){0, 1, 8, 9, 4, 5, 12, 13});
+            u[i + 2 * k + 1] = __builtin_shuffle(t[i + k], t[i + 2 + k], (v8i){2, 3, 10, 11, 6, 7, 14, 15});
+        }
+    for (int j = 0; j < 4; j++) { /* u[j] holds columns j and j + 4 of rows 0-3, u[j + 4] of rows 4-7 */
+        *(v8 *)(dst + (size_t)j * ld_dst) = __builtin_shuffle(u[j], u[j + 4], (v8i){0, 1, 2, 3, 8, 9, 10, 11});
+        *(v8 *)(dst + (size_t)(j + 4) * ld_dst) = __builtin_shuffle(u[j], u[j + 4], (v8i){4, 5, 6, 7, 12, 13, 14, 15});
+    }
+}
+
+/* Rows [n0, n1) of the worker's columns of the gate gradients (grad_gates: those rows, G * H wide, G = gates): added
+   to token_grad's rows
+   of their tokens (W_ih's gradient, transposed, V x G * H), and written transposed into gates_t (G * U x N: row
+   gate * U + j is column gate * H + u0 + j). Eight rows at a time are copied into `tile` (8 x ld floats, ld >= G * U),
+   whose columns are then read a cache line at a time; read in place, rows 4H apart (4 KB at H = 256) would share a
+   cache set and evict each other. */
+static void gate_grad_rows(int N, int H, int gates, int u0, int U, int n0, int n1, const int64_t *tokens,
+                           const float *grad_gates, float *token_grad, float *gates_t, float *tile, int ld) {
+    int G = gates * H;
+    for (int b0 = n0; b0 < n1; b0 += 8) {
+        int rows = n1 - b0 < 8 ? n1 - b0 : 8;
+        for (int r = 0; r < rows; r++)
+            for (int gate = 0; gate < gates; gate++) {
+                size_t col = (size_t)gate * H + u0;
+                const float *src = grad_gates + (size_t)(b0 - n0 + r) * G + col;
+                memcpy(tile + (size_t)r * ld + gate * U, src, sizeof(float) * U);
+                add_row(U, src, token_grad + (size_t)tokens[b0 + r] * G + col);
+            }
+        int c = 0;
+        if (rows == 8)
+            for (; c + 8 <= gates * U; c += 8) transpose8(tile + c, ld, gates_t + (size_t)c * N + b0, N);
+        for (; c < gates * U; c++)
+            for (int r = 0; r < rows; r++) gates_t[(size_t)c * N + b0 + r] = tile[(size_t)r * ld + c];
+    }
+}
+
+/* the row length of gate_grad_rows' tile: G * U rounded up to a cache line, and one more, so that its rows fall in
+   different cache sets */
+static inline size_t tile_ld(int gates, size_t U) { return (gates * U + 15) / 16 * 16 + 16; }
+
 /* One batch row of an LSTM step over U units (see rnnlm_lstm_forward): x, gt are the row's 4H-wide input product and
    gates, acc the matmul's 4 blocks of `ldg` columns, c_prev, c, tc, h its U-wide cell and state slices. */
 static inline void lstm_cell(int U, int H, int ldg, const float *x, const float *acc, const float *c_prev, float *gt,
@@ -592,24 +644,32 @@ void rnnlm_lstm_forward(int steps, int batch, int H, int u0, int u1, int worker,
      grad_gates = [dc_t g i (1 - i) | dc_t c_prev f (1 - f) | dc_t i (1 - g^2) | dh tanh(c) o (1 - o)]
      dc <- dc_t f     dh <- grad_gates @ W_hh + grad_out[t-1]
    grad_gates is d loss / d gates before activation (steps, batch, 4H); grad_h0, grad_c0 are the last dh, dc.
-   whh: the columns [u0, u1) of W_hh (4H x U), packed with trans=0. dh, dc: batch x U; scratch: batch x panels(U). */
+   whh: the columns [u0, u1) of W_hh (4H x U), packed with trans=0. dh, dc: batch x U; scratch: batch x panels(U).
+   With gates_t, each step's rows of the worker's gate gradients go to gates_t and token_grad (gate_grad_rows, `tile`
+   its buffer) while they are in cache, and grad_gates holds only two steps' rows (batch x 4H each, the step's and the
+   one before, which the other worker may still be reading); grad_h0, grad_c0 NULL: not written. */
 static int lstm_backward(int steps, int batch, int H, int u0, int u1, int worker, int workers, int64_t *flags,
                          int64_t base, const float *c0, const float *cs, const float *gates, const float *tcs,
                          const float *grad_out, const float *grad_c_last, const float *whh, float *grad_gates,
-                         float *grad_h0, float *grad_c0, float *dh, float *dc, float *scratch) {
+                         float *grad_h0, float *grad_c0, float *dh, float *dc, float *scratch,
+                         const int64_t *tokens, float *token_grad, float *gates_t, float *tile) {
     int U = u1 - u0, panels = panels_of(U), ldc = panels * NR;
     take_units(batch, H, u0, U, grad_out + (size_t)(steps - 1) * batch * H, dh);
     take_units(batch, H, u0, U, grad_c_last, dc);
     for (int t = steps - 1; t >= 0; t--) {
+        float *step_grads = grad_gates + (size_t)(gates_t ? t & 1 : t) * batch * 4 * H; /* this step's rows */
         for (int i = 0; i < batch; i++) {
             size_t row = (size_t)t * batch + i;
             lstm_cell_grad(U, H, gates + row * 4 * H + u0, tcs + row * H + u0,
                            previous(c0, cs, t, batch, H) + (size_t)i * H + u0,
-                           t == 0 ? NULL : grad_out + (row - batch) * H + u0, grad_gates + row * 4 * H + u0,
+                           t == 0 ? NULL : grad_out + (row - batch) * H + u0, step_grads + (size_t)i * 4 * H + u0,
                            dh + (size_t)i * U, dc + (size_t)i * U);
         }
+        if (gates_t) /* the step's rows while they are in cache (see gate_grad_rows) */
+            gate_grad_rows(steps * batch, H, 4, u0, U, t * batch, (t + 1) * batch, tokens, step_grads, token_grad,
+                           gates_t, tile, (int)tile_ld(4, (size_t)U));
         if (barrier(flags, worker, workers, base + steps - t)) return 1; /* every worker's grad_gates[t] written */
-        gemm(batch, 4 * H, panels, grad_gates + (size_t)t * batch * 4 * H, 4 * H, whh, scratch, ldc);
+        gemm(batch, 4 * H, panels, step_grads, 4 * H, whh, scratch, ldc);
         add_block(batch, U, scratch, ldc, dh);
     }
     if (grad_h0) put_units(batch, H, u0, U, dh, grad_h0);
@@ -623,7 +683,7 @@ void rnnlm_lstm_backward(int steps, int batch, int H, int u0, int u1, int worker
                          const float *grad_c_last, const float *whh, float *grad_gates, float *grad_h0, float *grad_c0,
                          float *dh, float *dc, float *scratch) {
     lstm_backward(steps, batch, H, u0, u1, worker, workers, flags, 0, c0, cs, gates, tcs, grad_out, grad_c_last, whh,
-                  grad_gates, grad_h0, grad_c0, dh, dc, scratch);
+                  grad_gates, grad_h0, grad_c0, dh, dc, scratch, NULL, NULL, NULL, NULL);
 }
 
 /* The LSTM with bf16 matmuls (`amp` on CPUs with AVX512-BF16) and the output layer, over batch rows [r0, r1) and
@@ -1050,13 +1110,14 @@ void rnnlm_lstm_sgd_bf16(const struct lstm_sgd_step *s, int worker, int workers,
 /* The float32 whole SGD steps with their output layers, one C call per worker (`float32_step` in rnnlm/cpu/fused.py:
    the one-layer one-hot LSTM and tanh RNN with a small vocabulary, where bf16 is not fast or `amp` is off). Their
    arrays, shared between the workers: the parameters (torch's, updated in place), hs (steps, batch, H) and for the
-   LSTM cs, gates, tcs as its windows keep them; logits (steps * batch, panels(V) * NR); grad_h (steps * batch, H: the
-   gradient reaching hs from the output layer); grad_gates (steps * batch, gates * H: d loss / d the pre-activations);
-   hprev (the states rows n = t * batch + i multiply, h0's rows then hs's, as rnnlm_pack's panels: panels(H) x steps *
-   batch x NR); grad_w_hh (gates * H x panels(H) * NR); emb (V x gates * H: W_ih.T + b_ih + b_hh); token_grad
-   (V x gates * H, W_ih's gradient transposed); grad_b (gates * H); wout_fwd, wout_back (W_out packed with trans=1 and
-   0); grad_w_out (workers x V x H), grad_b_out (workers x V); loss (8 doubles a worker: its summed cross-entropy and
-   its share of the gradients' sum of squares); whh_fwd, whh_back (the RNN's W_hh packed with trans=1 and 0). */
+   LSTM cs, gates, tcs as its windows keep them; logits (steps * batch, panels(V) * NR); grad_h (steps * batch, H:
+   the gradient reaching hs from the output layer); grad_gates (d loss / d the pre-activations, gates * H wide: every
+   row n of the RNN's, the LSTM's only for two steps at a time, see lstm_backward); hprev (the states rows n = t *
+   batch + i multiply, h0's rows then hs's, as rnnlm_pack's panels: panels(H) x steps * batch x NR); grad_w_hh (gates
+   * H x panels(H) * NR); emb (V x gates * H: W_ih.T + b_ih + b_hh); token_grad (V x gates * H, W_ih's gradient
+   transposed); grad_b (gates * H); wout_fwd, wout_back (W_out packed with trans=1 and 0); grad_w_out (workers x V x
+   H), grad_b_out (workers x V); loss (8 doubles a worker: its summed cross-entropy and its share of the gradients'
+   sum of squares); whh_fwd, whh_back (the RNN's W_hh packed with trans=1 and 0). */
 struct f32_step {
     int steps, batch, H, V;
     float lr, max_norm;
@@ -1090,10 +1151,6 @@ static void pack_unit_columns(const float *W, int H, int u0, int U, float *out) 
                 out[((size_t)p * 4 * H + k) * NR + jj] = j < U ? W[(size_t)k * H + u0 + j] : 0.0f;
             }
 }
-
-/* the row length of gate_grad_rows' tile: G * U rounded up to a cache line, and one more, so that its rows fall in
-   different cache sets */
-static inline size_t tile_ld(int gates, size_t U) { return (gates * U + 15) / 16 * 16 + 16; }
 
 /* The work buffers of a worker of the float32 steps (`gates` 4: the LSTM's, 1: the tanh RNN's), as offsets in floats
    into its work array (each on a cache line of its own); returns the floats they take. The RNN's windows take batch
@@ -1129,53 +1186,6 @@ static size_t f32_work_layout(int steps, int batch, int H, int gates, int worker
 int64_t rnnlm_sgd_f32_work(int steps, int batch, int H, int gates, int worker, int workers) {
     size_t at[F_COUNT];
     return (int64_t)f32_work_layout(steps, batch, H, gates, worker, workers, at);
-}
-
-typedef float v8 __attribute__((vector_size(32), aligned(4))); /* 8 floats, wherever they start */
-typedef int32_t v8i __attribute__((vector_size(32)));
-
-/* dst[j][i] = src[i][j] for an 8 x 8 block (row strides ld_src, ld_dst): in registers, three rounds of shuffles */
-static inline void transpose8(const float *src, int ld_src, float *dst, int ld_dst) {
-    v8 r[8], t[8], u[8];
-    for (int i = 0; i < 8; i++) r[i] = *(const v8 *)(src + (size_t)i * ld_src);
-    for (int i = 0; i < 8; i += 2) { /* pairs of rows interleaved */
-        t[i] = __builtin_shuffle(r[i], r[i + 1], (v8i){0, 8, 1, 9, 4, 12, 5, 13});
-        t[i + 1] = __builtin_shuffle(r[i], r[i + 1], (v8i){2, 10, 3, 11, 6, 14, 7, 15});
-    }
-    for (int i = 0; i < 8; i += 4) /* then pairs of pairs */
-        for (int k = 0; k < 2; k++) {
-            u[i + 2 * k] = __builtin_shuffle(t[i + k], t[i + 2 + k], (v8i){0, 1, 8, 9, 4, 5, 12, 13});
-            u[i + 2 * k + 1] = __builtin_shuffle(t[i + k], t[i + 2 + k], (v8i){2, 3, 10, 11, 6, 7, 14, 15});
-        }
-    for (int j = 0; j < 4; j++) { /* u[j] holds columns j and j + 4 of rows 0-3, u[j + 4] of rows 4-7 */
-        *(v8 *)(dst + (size_t)j * ld_dst) = __builtin_shuffle(u[j], u[j + 4], (v8i){0, 1, 2, 3, 8, 9, 10, 11});
-        *(v8 *)(dst + (size_t)(j + 4) * ld_dst) = __builtin_shuffle(u[j], u[j + 4], (v8i){4, 5, 6, 7, 12, 13, 14, 15});
-    }
-}
-
-/* Rows [n0, n1) of the worker's columns of grad_gates (steps * batch x G * H, G = gates): added to token_grad's rows
-   of their tokens (W_ih's gradient, transposed, V x G * H), and written transposed into gates_t (G * U x N: row
-   gate * U + j is column gate * H + u0 + j). Eight rows at a time are copied into `tile` (8 x ld floats, ld >= G * U),
-   whose columns are then read a cache line at a time; read in place, rows 4H apart (4 KB at H = 256) would share a
-   cache set and evict each other. */
-static void gate_grad_rows(int N, int H, int gates, int u0, int U, int n0, int n1, const int64_t *tokens,
-                           const float *grad_gates, float *token_grad, float *gates_t, float *tile, int ld) {
-    int G = gates * H;
-    for (int b0 = n0; b0 < n1; b0 += 8) {
-        int rows = n1 - b0 < 8 ? n1 - b0 : 8;
-        for (int r = 0; r < rows; r++)
-            for (int gate = 0; gate < gates; gate++) {
-                size_t col = (size_t)gate * H + u0;
-                const float *src = grad_gates + (size_t)(b0 + r) * G + col;
-                memcpy(tile + (size_t)r * ld + gate * U, src, sizeof(float) * U);
-                add_row(U, src, token_grad + (size_t)tokens[b0 + r] * G + col);
-            }
-        int c = 0;
-        if (rows == 8)
-            for (; c + 8 <= gates * U; c += 8) transpose8(tile + c, ld, gates_t + (size_t)c * N + b0, N);
-        for (; c < gates * U; c++)
-            for (int r = 0; r < rows; r++) gates_t[(size_t)c * N + b0 + r] = tile[(size_t)r * ld + c];
-    }
 }
 
 /* hprev's panels [p0, p1), batch rows [r0, r1) of every step (see struct f32_step) */
@@ -1219,11 +1229,12 @@ static void f32_begin(const struct f32_step *s, int gates, int u0, int u1, int w
    after the workers' barrier number `step` + 1, the global-norm clip (torch's: max_norm / (norm + 1e-6), at most 1)
    and the SGD step of the worker's share of the parameters. */
 static void f32_finish(const struct f32_step *s, int gates, int u0, int u1, int worker, int workers, int64_t *flags,
-                       int64_t step, float *gates_t, float *tile) {
+                       int64_t step, float *gates_t, float *tile) { /* tile NULL: gates_t and token_grad are in */
     int H = s->H, V = s->V, G = gates * H, N = s->steps * s->batch, U = u1 - u0, last = workers - 1;
     int ldp = panels_of(H) * NR;
-    gate_grad_rows(N, H, gates, u0, U, 0, N, s->tokens, s->grad_gates, s->token_grad, gates_t, tile,
-                   (int)tile_ld(gates, (size_t)U));
+    if (tile) /* else the backward window did it a step at a time */
+        gate_grad_rows(N, H, gates, u0, U, 0, N, s->tokens, s->grad_gates, s->token_grad, gates_t, tile,
+                       (int)tile_ld(gates, (size_t)U));
     double squares = 0.0;
     for (int gate = 0; gate < gates; gate++) { /* W_hh's rows: sum over rows n of grad_gates[n]^T h_prev[n] */
         size_t first = (size_t)gate * H + u0;
@@ -1303,10 +1314,10 @@ void rnnlm_lstm_sgd_f32(const struct f32_step *s, int worker, int workers, int64
 
     if (lstm_backward(steps, batch, H, u0, u1, worker, workers, flags, step, s->c0, s->cs, s->gates, s->tcs, s->grad_h,
                       s->zeros, work + at[F_WHH_BACK], s->grad_gates, NULL, NULL, work + at[F_DH], work + at[F_DC],
-                      work + at[F_SCRATCH_BACK]))
+                      work + at[F_SCRATCH_BACK], s->tokens, s->token_grad, work + at[F_GATES_T], work + at[F_TILE]))
         return;
     step += steps;
-    f32_finish(s, 4, u0, u1, worker, workers, flags, step, work + at[F_GATES_T], work + at[F_TILE]);
+    f32_finish(s, 4, u0, u1, worker, workers, flags, step, work + at[F_GATES_T], NULL);
 }
 
 /* The float32 tanh RNN's step, worker number `worker` of `workers` (1 or 2): W_hh (256 KB at H = 256) fits a core's
