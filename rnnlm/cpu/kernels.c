@@ -973,12 +973,16 @@ static double sum_squares(int rows, int n, const float *x, int ld) {
    parameters here. loss: 8 doubles a worker (a cache line each): [0] the worker's summed cross-entropy, [1] its share
    of the gradients' sum of squares. token_grad (V x 4H), grad_w_out (V x H), grad_b_out (V): one each a worker, zeros
    at the start; grad_b: 4H. */
-struct lstm_sgd_step {
-    int steps, batch, H, V;
-    float lr, max_norm;
-    const int64_t *tokens, *targets;
-    const float *h0, *c0, *zeros;
+/* the fields every whole-step struct starts with: sizes, learning rate and clip, inputs, state, parameters */
+#define STEP_HEAD                                                                                                      \
+    int steps, batch, H, V;                                                                                            \
+    float lr, max_norm;                                                                                                \
+    const int64_t *tokens, *targets;                                                                                   \
+    const float *h0, *c0, *zeros;                                                                                      \
     float *w_ih, *w_hh, *b_ih, *b_hh, *w_out, *b_out;
+
+struct lstm_sgd_step {
+    STEP_HEAD
     float *emb;
     uint32_t *whh_fwd, *whh_back;
     float *wout_fwd, *wout_back;
@@ -993,6 +997,17 @@ struct lstm_sgd_step {
 static void share(int n, int worker, int workers, int *lo, int *hi) {
     *lo = (int)((int64_t)n * worker / workers);
     *hi = (int)((int64_t)n * (worker + 1) / workers);
+}
+
+/* at[i]: the offset of buffer i of `count` buffers of floats[i] floats each in one work array, each starting on a
+   cache line of its own; returns the floats they take */
+static size_t lay_out(int count, const size_t *floats, size_t *at) {
+    size_t used = 0;
+    for (int i = 0; i < count; i++) {
+        at[i] = used;
+        used += (floats[i] + 15) / 16 * 16;
+    }
+    return used;
 }
 
 /* The work buffers of worker number `worker` for rnnlm_lstm_sgd_bf16, as offsets in floats into its work array (each
@@ -1014,12 +1029,7 @@ static size_t sgd_work_layout(int steps, int batch, int H, int V, int worker, in
         [W_GO] = M * panels_of(H) * NR,          /* the output layer's gradient to h */
         [W_A] = pairs * (size_t)(k1 - k0),       /* W_hh's gradient: h's row pairs in bf16 */
     };
-    size_t used = 0;
-    for (int i = 0; i < W_COUNT; i++) {
-        at[i] = used;
-        used += (floats[i] + 15) / 16 * 16;
-    }
-    return used;
+    return lay_out(W_COUNT, floats, at);
 }
 
 /* The floats of the work array of worker number `worker` for rnnlm_lstm_sgd_bf16 */
@@ -1119,11 +1129,7 @@ void rnnlm_lstm_sgd_bf16(const struct lstm_sgd_step *s, int worker, int workers,
    H), grad_b_out (workers x V); loss (8 doubles a worker: its summed cross-entropy and its share of the gradients'
    sum of squares); whh_fwd, whh_back (the RNN's W_hh packed with trans=1 and 0). */
 struct f32_step {
-    int steps, batch, H, V;
-    float lr, max_norm;
-    const int64_t *tokens, *targets;
-    const float *h0, *c0, *zeros;
-    float *w_ih, *w_hh, *b_ih, *b_hh, *w_out, *b_out;
+    STEP_HEAD
     float *emb, *wout_fwd, *wout_back, *whh_fwd, *whh_back;
     float *hs, *cs, *gates, *tcs, *logits, *grad_h, *grad_gates, *hprev, *grad_w_hh;
     double *loss;
@@ -1174,12 +1180,7 @@ static size_t f32_work_layout(int steps, int batch, int H, int gates, int worker
         [F_GATES_T] = (size_t)gates * U * N,        /* its gate gradients, transposed (gates * U x N) */
         [F_TILE] = 8 * tile_ld(gates, U),           /* 8 rows of them, for gate_grad_rows */
     };
-    size_t used = 0;
-    for (int i = 0; i < F_COUNT; i++) {
-        at[i] = used;
-        used += (floats[i] + 15) / 16 * 16;
-    }
-    return used;
+    return lay_out(F_COUNT, floats, at);
 }
 
 /* The floats of the work array of worker number `worker` for rnnlm_lstm_sgd_f32 (gates 4) or rnnlm_rnn_sgd_f32 (1) */
