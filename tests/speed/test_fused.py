@@ -81,6 +81,21 @@ def test_fused_steps_only_for_plain_sgd_on_the_engine(monkeypatch):
     assert calls == ["float32_step", "sgd_step" if cpu.bf16_fast() else "float32_step"]
 
 
+def test_the_one_layer_lstm_and_rnn_take_the_whole_step_in_c(monkeypatch):
+    """With a small output layer the LSTM's and the RNN's float32 step is one C call per core; the GRU's, and a large
+    output layer's, the windows called from Python (both give autograd's step: the test below)."""
+    calls = []
+    whole = fused._whole_float32_step
+    monkeypatch.setattr(
+        fused, "_whole_float32_step", lambda *args: calls.append(type(args[0].rnn).__name__) or whole(*args)
+    )
+    tokens = torch.zeros(4, 10, dtype=torch.int64)
+    for rnn, vocab in (("rnn", 9), ("gru", 9), ("lstm", 9), ("lstm", 300)):
+        model = RNNLM(vocab, 256 if vocab == 300 else 16, rnn)
+        assert cpu.sgd_step(model, make_optimizer(model, 1.0), tokens, tokens, model.begin_state(4), 1.0, amp=False)
+    assert calls == ["RNN", "LSTM"]  # 300 x 256 weights in the output layer: over fused.SMALL_OUTPUT
+
+
 def _autograd_float32_step(model, tokens, targets, state, lr, max_norm):
     """The reference: the model's forward through autograd, torch's cross-entropy, clip and SGD."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
@@ -101,8 +116,19 @@ def test_compiled_float32_steps_match_autograd_steps(monkeypatch, rnn, share, ma
     """The float32 fused step of each model, three steps from the same weights and state: the same losses, states
     and weights after each step (to 2e-4 of each weight's largest update). Odd sizes run the kernels' edge code."""
     monkeypatch.setattr(threads, "second_core_free", lambda: share)
+    _float32_steps_match(rnn, max_norm, vocab=9, hidden=41)
+
+
+@pytest.mark.parametrize("rnn", ["rnn", "lstm"])
+def test_compiled_float32_steps_with_a_large_output_layer_match_autograd_steps(rnn):
+    """Over fused.SMALL_OUTPUT the LSTM's and the RNN's step calls the windows from Python instead, the output
+    layer on torch's matmuls: the same as autograd's too."""
+    _float32_steps_match(rnn, 0.05, vocab=301, hidden=230)
+
+
+def _float32_steps_match(rnn: str, max_norm: float, vocab: int, hidden: int) -> None:
     torch.manual_seed(4)
-    vocab, hidden, batch, steps = 9, 41, 13, 11
+    batch, steps = 13, 11
     ours, theirs = RNNLM(vocab, hidden, rnn), RNNLM(vocab, hidden, rnn)
     theirs.load_state_dict(ours.state_dict())
     begin = ours.begin_state(batch)
