@@ -415,20 +415,24 @@ class _Step(ctypes.Structure):
         return self.steps, self.batch, self.H, self.V
 
 
-_STEP_SIZES = [(name, ctypes.c_int) for name in ("steps", "batch", "H", "V")]
-_STEP_SIZES += [(name, ctypes.c_float) for name in ("lr", "max_norm")]
+# kernels.c's STEP_HEAD: the fields every whole-step struct starts with
+_STEP_HEAD = [(name, ctypes.c_int) for name in ("steps", "batch", "H", "V")]
+_STEP_HEAD += [(name, ctypes.c_float) for name in ("lr", "max_norm")]
+_STEP_HEAD += [
+    (name, ctypes.c_void_p)
+    for name in ("tokens", "targets", "h0", "c0", "zeros", "w_ih", "w_hh", "b_ih", "b_hh", "w_out", "b_out")
+]
 
 
 class LSTMSGDStep(_Step):
     """kernels.c's struct lstm_sgd_step: one SGD step of the bf16 LSTM (rnnlm_lstm_sgd_bf16)."""
 
     function, work_floats = "rnnlm_lstm_sgd_bf16", "rnnlm_lstm_sgd_work"
-    _fields_ = _STEP_SIZES + [
+    _fields_ = _STEP_HEAD + [
         (name, ctypes.c_void_p)
         for name in (
-            "tokens", "targets", "h0", "c0", "zeros", "w_ih", "w_hh", "b_ih", "b_hh", "w_out", "b_out", "emb",
-            "whh_fwd", "whh_back", "wout_fwd", "wout_back", "hs16", "hs", "cs", "gates", "tcs", "logits", "gpanels",
-            "grad_h0", "grad_c0", "grad_w_hh_t", "loss", "token_grad", "grad_b", "grad_w_out", "grad_b_out",
+            "emb", "whh_fwd", "whh_back", "wout_fwd", "wout_back", "hs16", "hs", "cs", "gates", "tcs", "logits",
+            "gpanels", "grad_h0", "grad_c0", "grad_w_hh_t", "loss", "token_grad", "grad_b", "grad_w_out", "grad_b_out",
         )
     ]  # fmt: skip
 
@@ -438,11 +442,10 @@ class Float32Step(_Step):
     (rnnlm_rnn_sgd_f32), as `function` says."""
 
     work_floats = "rnnlm_sgd_f32_work"
-    _fields_ = _STEP_SIZES + [
+    _fields_ = _STEP_HEAD + [
         (name, ctypes.c_void_p)
         for name in (
-            "tokens", "targets", "h0", "c0", "zeros", "w_ih", "w_hh", "b_ih", "b_hh", "w_out", "b_out", "emb",
-            "wout_fwd", "wout_back", "whh_fwd", "whh_back", "hs", "cs", "gates", "tcs", "logits", "grad_h",
+            "emb", "wout_fwd", "wout_back", "whh_fwd", "whh_back", "hs", "cs", "gates", "tcs", "logits", "grad_h",
             "grad_gates", "hprev", "grad_w_hh", "loss", "token_grad", "grad_b", "grad_w_out", "grad_b_out",
         )
     ]  # fmt: skip
