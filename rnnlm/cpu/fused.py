@@ -57,10 +57,10 @@ def float32_step(model, tokens: torch.Tensor, targets: torch.Tensor, state, lr: 
     cross-entropy, backward, gradients clipped to global norm `max_norm`, SGD step with learning rate `lr`.
     tokens, targets (batch, steps). Returns (the mean loss, a 0-d tensor; the last state), as the trainer's autograd
     step does; the parameters' .grad are left untouched."""
-    rnn, out, share, saved = model.rnn, model.linear, threads.second_core_free(), _Saved()
+    rnn, out, share = model.rnn, model.linear, threads.second_core_free()
     if not isinstance(rnn, nn.GRU) and out.out_features * rnn.hidden_size <= SMALL_OUTPUT:
         return _whole_float32_step(model, tokens, targets, state, lr, max_norm, share)
-    hs, last_state, backward = _forward(rnn, tokens.T.contiguous(), state, share, saved)
+    hs, last_state, backward = _forward(rnn, tokens.T.contiguous(), state, share, _Saved())
     grad_h = torch.empty_like(hs)
     grad_w, grad_b, loss = output_step(
         out, hs.view(-1, hs.shape[-1]), targets.T.contiguous(), grad_h.view(-1, hs.shape[-1]), share
@@ -106,7 +106,7 @@ def _whole_float32_step(model, tokens, targets, state, lr: float, max_norm: floa
         "grad_w_out": torch.empty(workers, vocab, hidden),
         "grad_b_out": torch.empty(workers, vocab),
     }
-    step = native.Float32Step.of(arrays, lr, max_norm)
+    step = (native.LSTMFloat32Step if lstm else native.RNNFloat32Step).of(arrays, lr, max_norm)
     threads.on_workers(workers, step.worker)
     mean_loss = (arrays["loss"][0::8].sum() / targets.numel()).float()
     last = arrays["hs"][-1][None]

@@ -543,9 +543,8 @@ static inline void transpose8(const float *src, int ld_src, float *dst, int ld_d
 }
 
 /* Rows [n0, n1) of the worker's columns of the gate gradients (grad_gates: those rows, G * H wide, G = gates): added
-   to token_grad's rows
-   of their tokens (W_ih's gradient, transposed, V x G * H), and written transposed into gates_t (G * U x N: row
-   gate * U + j is column gate * H + u0 + j). Eight rows at a time are copied into `tile` (8 x ld floats, ld >= G * U),
+   to token_grad's rows of their tokens (W_ih's gradient, transposed, V x G * H), and written transposed into gates_t
+   (G * U x N: row gate * U + j is column gate * H + u0 + j). Eight rows at a time are copied into `tile` (8 x ld floats, ld >= G * U),
    whose columns are then read a cache line at a time; read in place, rows 4H apart (4 KB at H = 256) would share a
    cache set and evict each other. */
 static void gate_grad_rows(int N, int H, int gates, int u0, int U, int n0, int n1, const int64_t *tokens,
@@ -966,13 +965,33 @@ static double sum_squares(int rows, int n, const float *x, int ld) {
     return total;
 }
 
-/* One SGD step of the bf16 LSTM with its output layer, without autograd (rnnlm/cpu/fused.py): everything the workers
-   (threads) share. tokens, targets: (steps, batch), time-major as the logits; h0, c0: the state (batch x H); zeros:
-   batch x H zeros (the gradient reaching the last state). The parameters are torch's and are updated in place. The
-   other arrays are buffers of the shapes their users above describe; emb (V x 4H) and the packs are made from the
-   parameters here. loss: 8 doubles a worker (a cache line each): [0] the worker's summed cross-entropy, [1] its share
-   of the gradients' sum of squares. token_grad (V x 4H), grad_w_out (V x H), grad_b_out (V): one each a worker, zeros
-   at the start; grad_b: 4H. */
+/* The whole steps' output-layer gradients, one slot a worker (grad_w_out: workers x V x H, grad_b_out: workers x
+   V), summed into the last worker's slot (by the last worker, once all are in); returns their sum of squares */
+static double sum_output_grads(int V, int H, int workers, float *grad_w_out, float *grad_b_out) {
+    int last = workers - 1;
+    float *gw = grad_w_out + (size_t)last * V * H, *gb = grad_b_out + (size_t)last * V;
+    for (int p = 0; p < last; p++) {
+        add_row(V * H, grad_w_out + (size_t)p * V * H, gw);
+        add_row(V, grad_b_out + (size_t)p * V, gb);
+    }
+    return sum_squares(V, H, gw, H) + sum_squares(1, V, gb, V);
+}
+
+/* The SGD step's factor, -lr times torch's global-norm clip coefficient (max_norm / (norm + 1e-6), at most 1), from
+   the workers' shares of the gradients' sum of squares (loss[8 * p + 1]); a NaN norm stays NaN, as in torch */
+static float clipped_rate(const double *loss, int workers, float lr, float max_norm) {
+    double total = 0.0;
+    for (int p = 0; p < workers; p++) total += loss[8 * p + 1];
+    float coef = max_norm / ((float)__builtin_sqrt(total) + 1e-6f);
+    return -lr * (coef > 1.0f ? 1.0f : coef);
+}
+
+/* W_out += alpha * gw, b_out += alpha * gb (V x H and V) */
+static void sgd_output(int V, int H, float alpha, const float *gw, const float *gb, float *w_out, float *b_out) {
+    for (int i = 0; i < V * H; i++) w_out[i] += alpha * gw[i];
+    for (int v = 0; v < V; v++) b_out[v] += alpha * gb[v];
+}
+
 /* the fields every whole-step struct starts with: sizes, learning rate and clip, inputs, state, parameters */
 #define STEP_HEAD                                                                                                      \
     int steps, batch, H, V;                                                                                            \
@@ -981,6 +1000,13 @@ static double sum_squares(int rows, int n, const float *x, int ld) {
     const float *h0, *c0, *zeros;                                                                                      \
     float *w_ih, *w_hh, *b_ih, *b_hh, *w_out, *b_out;
 
+/* One SGD step of the bf16 LSTM with its output layer, without autograd (rnnlm/cpu/fused.py): everything the workers
+   (threads) share. tokens, targets: (steps, batch), time-major as the logits; h0, c0: the state (batch x H); zeros:
+   batch x H zeros (the gradient reaching the last state). The parameters are torch's and are updated in place. The
+   other arrays are buffers of the shapes their users above describe; emb (V x 4H) and the packs are made from the
+   parameters here. loss: 8 doubles a worker (a cache line each): [0] the worker's summed cross-entropy, [1] its share
+   of the gradients' sum of squares. token_grad (V x 4H), grad_w_out (V x H), grad_b_out (V): one each a worker, zeros
+   at the start; grad_b: 4H. */
 struct lstm_sgd_step {
     STEP_HEAD
     float *emb;
@@ -1087,21 +1113,11 @@ void rnnlm_lstm_sgd_bf16(const struct lstm_sgd_step *s, int worker, int workers,
         for (int v = 0; v < V; v++) add_row(G, s->token_grad + (size_t)v * G, s->grad_b);
         squares += sum_squares(V, G, s->token_grad, G) + 2.0 * sum_squares(1, G, s->grad_b, G);
     }
-    if (worker == last) {
-        for (int p = 0; p < last; p++) {
-            add_row(V * H, s->grad_w_out + (size_t)p * V * H, s->grad_w_out + (size_t)last * V * H);
-            add_row(V, s->grad_b_out + (size_t)p * V, s->grad_b_out + (size_t)last * V);
-        }
-        squares += sum_squares(V, H, s->grad_w_out + (size_t)last * V * H, H);
-        squares += sum_squares(1, V, s->grad_b_out + (size_t)last * V, V);
-    }
+    if (worker == last) squares += sum_output_grads(V, H, workers, s->grad_w_out, s->grad_b_out);
     mine[1] = squares;
     if (barrier(flags, worker, workers, 3)) return;
 
-    double total = 0.0;
-    for (int p = 0; p < workers; p++) total += s->loss[8 * p + 1];
-    float coef = s->max_norm / ((float)__builtin_sqrt(total) + 1e-6f);
-    float alpha = -s->lr * (coef > 1.0f ? 1.0f : coef); /* a NaN norm stays NaN, as in torch */
+    float alpha = clipped_rate(s->loss, workers, s->lr, s->max_norm);
     add_transposed(k1 - k0, G, alpha, s->grad_w_hh_t + (size_t)k0 * pG, (int)pG, s->w_hh + k0, H);
     if (worker == 0) {
         add_transposed(V, G, alpha, s->token_grad, G, s->w_ih, V);
@@ -1110,11 +1126,9 @@ void rnnlm_lstm_sgd_bf16(const struct lstm_sgd_step *s, int worker, int workers,
             s->b_hh[g] += alpha * s->grad_b[g];
         }
     }
-    if (worker == last) {
-        const float *gw = s->grad_w_out + (size_t)last * V * H, *gb = s->grad_b_out + (size_t)last * V;
-        for (int i = 0; i < V * H; i++) s->w_out[i] += alpha * gw[i];
-        for (int v = 0; v < V; v++) s->b_out[v] += alpha * gb[v];
-    }
+    if (worker == last)
+        sgd_output(V, H, alpha, s->grad_w_out + (size_t)last * V * H, s->grad_b_out + (size_t)last * V, s->w_out,
+                   s->b_out);
 }
 
 /* The float32 whole SGD steps with their output layers, one C call per worker (`float32_step` in rnnlm/cpu/fused.py:
@@ -1245,21 +1259,11 @@ static void f32_finish(const struct f32_step *s, int gates, int u0, int u1, int 
         for (int v = 0; v < V; v++) add_row(U, by_token + (size_t)v * G, grad_b);
         squares += sum_squares(U, H, rows, ldp) + sum_squares(V, U, by_token, G) + 2.0 * sum_squares(1, U, grad_b, U);
     }
-    float *gw = s->grad_w_out + (size_t)last * V * H, *gb = s->grad_b_out + (size_t)last * V;
-    if (worker == last) {
-        for (int p = 0; p < last; p++) {
-            add_row(V * H, s->grad_w_out + (size_t)p * V * H, gw);
-            add_row(V, s->grad_b_out + (size_t)p * V, gb);
-        }
-        squares += sum_squares(V, H, gw, H) + sum_squares(1, V, gb, V);
-    }
+    if (worker == last) squares += sum_output_grads(V, H, workers, s->grad_w_out, s->grad_b_out);
     s->loss[8 * worker + 1] = squares;
     if (barrier(flags, worker, workers, step + 1)) return;
 
-    double total = 0.0;
-    for (int p = 0; p < workers; p++) total += s->loss[8 * p + 1];
-    float coef = s->max_norm / ((float)__builtin_sqrt(total) + 1e-6f);
-    float alpha = -s->lr * (coef > 1.0f ? 1.0f : coef); /* a NaN norm stays NaN, as in torch */
+    float alpha = clipped_rate(s->loss, workers, s->lr, s->max_norm);
     for (int gate = 0; gate < gates; gate++) {
         size_t first = (size_t)gate * H + u0;
         for (size_t r = first; r < first + U; r++) {
@@ -1274,10 +1278,9 @@ static void f32_finish(const struct f32_step *s, int gates, int u0, int u1, int 
             s->b_hh[g] += alpha * s->grad_b[g];
         }
     }
-    if (worker == last) {
-        for (int i = 0; i < V * H; i++) s->w_out[i] += alpha * gw[i];
-        for (int v = 0; v < V; v++) s->b_out[v] += alpha * gb[v];
-    }
+    if (worker == last)
+        sgd_output(V, H, alpha, s->grad_w_out + (size_t)last * V * H, s->grad_b_out + (size_t)last * V, s->w_out,
+                   s->b_out);
 }
 
 /* The float32 LSTM's step, worker number `worker` of `workers` (1 or 2), the workers splitting the hidden units as

@@ -438,9 +438,10 @@ class LSTMSGDStep(_Step):
 
 
 class Float32Step(_Step):
-    """kernels.c's struct f32_step: one SGD step of the float32 one-layer LSTM (rnnlm_lstm_sgd_f32) or tanh RNN
-    (rnnlm_rnn_sgd_f32), as `function` says."""
+    """kernels.c's struct f32_step: one SGD step of a float32 one-layer model, its kind's `function` (None for the
+    pointers it does not use)."""
 
+    gate_blocks = 0  # of the kind's weights, as rnnlm_sgd_f32_work takes them (not `gates`: a field's name)
     work_floats = "rnnlm_sgd_f32_work"
     _fields_ = _STEP_HEAD + [
         (name, ctypes.c_void_p)
@@ -450,13 +451,17 @@ class Float32Step(_Step):
         )
     ]  # fmt: skip
 
-    @classmethod
-    def of(cls, arrays: dict[str, torch.Tensor], lr: float, max_norm: float) -> Float32Step:
-        """The step over `arrays` (None for the pointers the model does not use: the RNN's c0, cs, gates, tcs, the
-        LSTM's whh_fwd, whh_back)."""
-        step = super().of(arrays, lr, max_norm)
-        step.function = "rnnlm_lstm_sgd_f32" if arrays["cs"] is not None else "rnnlm_rnn_sgd_f32"
-        return step
-
     def _work_sizes(self) -> tuple[int, ...]:
-        return self.steps, self.batch, self.H, 4 if self.function == "rnnlm_lstm_sgd_f32" else 1
+        return self.steps, self.batch, self.H, self.gate_blocks
+
+
+class LSTMFloat32Step(Float32Step):
+    """The float32 LSTM's (rnnlm_lstm_sgd_f32; whh_fwd, whh_back unused)."""
+
+    function, gate_blocks = "rnnlm_lstm_sgd_f32", 4
+
+
+class RNNFloat32Step(Float32Step):
+    """The float32 tanh RNN's (rnnlm_rnn_sgd_f32; c0, zeros, cs, gates, tcs unused)."""
+
+    function, gate_blocks = "rnnlm_rnn_sgd_f32", 1
