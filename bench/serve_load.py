@@ -45,8 +45,8 @@ def register_book_model(folder: Path, corpus: str | None, epochs: int) -> tuple[
 
     from rnnlm import run
     from rnnlm.config import TrainConfig
-    from tasks import store
     from tasks.tracking import register_model
+    from tracking import store
 
     settings = {"num_epochs": epochs, "eval_every": epochs, "cache_dir": str(folder / "cache")}
     config = TrainConfig(**settings, **({"corpus": corpus} if corpus else {}))

@@ -24,7 +24,7 @@ USER_ERRORS = (
     "rnnlm.checkpoint.CheckpointMismatch",
     "rnnlm.generate.GenerationError",
     "rnnlm.train.TrainingDiverged",
-    "tasks.store.TrackingError",
+    "tracking.store.TrackingError",
 )
 
 # Options after which the command never talks to a temporary Prefect server.

@@ -24,9 +24,9 @@ from rnnlm.run import preflight
 from tasks.data import fetch_corpus, prepare_data
 from tasks.registry import promote, read_versions
 from tasks.report import plot_history, report
-from tasks.runs import run_guard
 from tasks.tracking import check_tracking, log_results, register_model, start_run
 from tasks.train import generate_samples, train_model
+from tracking.runs import run_guard
 
 
 @flow(name="train-rnnlm", flow_run_name="{config.rnn}-{config.num_hiddens}h-{config.num_epochs}ep", log_prints=True)

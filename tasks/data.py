@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from rnnlm import run
 from rnnlm.config import TrainConfig
 from rnnlm.corpus import DownloadError
-from tasks.retries import retry_if
+from tracking.retries import retry_if
 
 
 @task(

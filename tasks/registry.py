@@ -13,7 +13,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from rnnlm.promotion import decide
-from tasks import store, versions
+from tracking import store, versions
 
 
 @task(name="read-registry", cache_policy=NO_CACHE)

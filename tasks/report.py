@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from rnnlm import run
 from rnnlm.config import TrainConfig
 from rnnlm.plot import plot_perplexity
-from tasks.store import run_link
+from tracking.store import run_link
 
 _PLOTTING = threading.Lock()
 

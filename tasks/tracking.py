@@ -13,8 +13,8 @@ from prefect.cache_policies import NO_CACHE
 from rnnlm import paths, run
 from rnnlm.config import TrainConfig
 from rnnlm.generate import BUDGET_DEFAULTS, MAX_PREDS, SAMPLING_DEFAULTS
-from tasks import store
-from tasks.runs import TrackedRun, start_or_resume
+from tracking import store
+from tracking.runs import TrackedRun, start_or_resume
 
 MODEL_SCRIPT = Path(__file__).with_name("pyfunc_model.py")  # MLflow runs it to load the model: never imported
 

@@ -11,9 +11,9 @@ from rnnlm import run
 from rnnlm.config import TrainConfig
 from rnnlm.generate import MAX_TOP_K
 from rnnlm.train import TrainingDiverged
-from tasks.progress import TrainingProgress
-from tasks.retries import retry_if
-from tasks.runs import TrackedRun
+from tracking.progress import TrainingProgress
+from tracking.retries import retry_if
+from tracking.runs import TrackedRun
 
 # top_k=1 is greedy; a top_k at least the vocabulary's size samples from the whole distribution
 SAMPLING = {

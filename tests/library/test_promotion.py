@@ -7,7 +7,7 @@ import math
 import pytest
 
 from rnnlm.promotion import Candidate, decide
-from tasks.versions import comparison_table, to_markdown
+from tracking.versions import comparison_table, to_markdown
 
 BOOK = ("abc", "book", "char")
 

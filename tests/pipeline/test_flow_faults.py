@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from flows.train_flow import train_flow
 from rnnlm.checkpoint import load_checkpoint, save_checkpoint
 from rnnlm.run import fetch, fit, prepare_data, run_checkpoint
-from tasks.store import experiment_id
+from tracking.store import experiment_id
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 
 from flows.train_flow import train_flow
 from rnnlm.config import TrainConfig
-from tasks.versions import versions_of
+from tracking.versions import versions_of
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -22,7 +22,7 @@ from rnnlm import run
 from rnnlm.checkpoint import try_lock, unlock
 from rnnlm.config import TrainConfig
 from rnnlm.tokens import Vocab
-from tasks import store
+from tracking import store
 
 RESUMED_FROM_TAG = "rnnlm.resumed_from_run"
 

@@ -11,8 +11,8 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from rnnlm.config import TrainConfig
 from rnnlm.train import EpochStats, TrainState
-from tasks.runs import last_logged_epoch
-from tasks.store import MetricLogger
+from tracking.runs import last_logged_epoch
+from tracking.store import MetricLogger
 
 
 class TrainingProgress:

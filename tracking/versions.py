@@ -11,7 +11,7 @@ from mlflow.exceptions import MlflowException
 from tabulate import tabulate
 
 from rnnlm.promotion import Candidate
-from tasks import store
+from tracking import store
 
 # What a reader scans first comes first: the version, its aliases and its scores.
 COLUMNS = [

@@ -1,0 +1,1 @@
+"""What the tasks lean on: the MLflow store, which run a training trains in, registry records, progress reports."""
