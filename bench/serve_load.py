@@ -45,7 +45,7 @@ def register_book_model(folder: Path, corpus: str | None, epochs: int) -> tuple[
 
     from rnnlm import run
     from rnnlm.config import TrainConfig
-    from tasks.tracking import register_model
+    from tasks.mlflow_run import register_model
     from tracking import store
 
     settings = {"num_epochs": epochs, "eval_every": epochs, "cache_dir": str(folder / "cache")}

@@ -18,8 +18,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from flows.cli import parse_command, run_command
 from flows.train_flow import train_flow
 from rnnlm.config import TrainConfig
+from tasks.mlflow_run import check_tracking
 from tasks.sweep import report_sweep, start_sweep_run, train_member
-from tasks.tracking import check_tracking
 from tracking.runs import TrackedRun, run_guard
 
 

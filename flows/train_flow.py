@@ -22,9 +22,9 @@ from flows.deploy import serve_training
 from rnnlm.config import TrainConfig
 from rnnlm.run import preflight
 from tasks.data import fetch_corpus, prepare_data
+from tasks.mlflow_run import check_tracking, log_results, register_model, start_run
 from tasks.registry import promote, read_versions
 from tasks.report import plot_history, report
-from tasks.tracking import check_tracking, log_results, register_model, start_run
 from tasks.train import generate_samples, train_model
 from tracking.runs import run_guard
 
