@@ -75,19 +75,15 @@ def child(mode: str, path: str, out: str) -> None:
 def _train_some(ids_path: Path, torch) -> dict:
     import numpy as np
 
-    from rnnlm.batches import as_tensor, sequential_batches
     from rnnlm.config import TrainConfig
     from rnnlm.model import RNNLM
-    from rnnlm.train import _step, make_optimizer
+    from rnnlm.train import make_optimizer, train
 
     ids = np.load(ids_path, mmap_mode="r")
-    corpus = as_tensor(ids)
     model = RNNLM(28, 256, "rnn")
     optimizer, settings = make_optimizer(model, 1.0), TrainConfig(batch_size=32, num_steps=35, num_epochs=1)
-    hidden = model.begin_state(32)
-    batches = sequential_batches(corpus, 32, 35, torch.Generator().manual_seed(0))
-    for _, (inputs, targets) in zip(range(20), batches, strict=False):
-        _, hidden = _step(model, inputs, targets, hidden.detach(), optimizer, settings)
+    window = ids[: 21 * 32 * 35 + 1]  # still memory-mapped: an epoch of 20 minibatches (the offset takes up to one)
+    train(model, window, window[:0], settings, optimizer, torch.Generator().manual_seed(0))
     return {"rss_anon_mb": _rss_anon_mb(), "tokens": len(ids)}
 
 

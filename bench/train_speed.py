@@ -22,6 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,7 +33,7 @@ from rnnlm.cpu.recurrence import ONEDNN
 from rnnlm.cpu.threads import torch_threads
 from rnnlm.model import RNNLM, device_name, engine_name
 from rnnlm.tokens import build_vocab, encode, prepare_text
-from rnnlm.train import autocast, make_optimizer, train_epoch
+from rnnlm.train import autocast, make_optimizer, train
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "timemachine.txt"
 
@@ -214,7 +215,8 @@ def race(args, rnn: str, seed: int, vocab_size: int, corpus: list[int], device: 
     project_opt = make_optimizer(project, args.lr)
     generator = torch.Generator().manual_seed(seed)
     offsets = torch.Generator().manual_seed(seed)  # the book loop's: the same stream of offsets as the project's
-    tokens = torch.tensor(corpus, dtype=torch.uint8).to(device)
+    tokens = np.asarray(corpus, dtype=np.uint8)  # the trainer puts them on the model's device
+    one_epoch = settings.model_copy(update={"num_epochs": 1})
 
     def book_step():
         with torch_threads(args.book_threads if device.type == "cpu" else 0):  # 0: torch's default, as the book runs
@@ -223,7 +225,7 @@ def race(args, rnn: str, seed: int, vocab_size: int, corpus: list[int], device: 
             )
 
     def project_step():
-        ppl, _, _ = train_epoch(project, tokens, settings, project_opt, generator)
+        ppl = train(project, tokens, tokens[:0], one_epoch, project_opt, generator).history[-1].train_perplexity
         n = ((len(corpus) - 1) // args.batch_size) // args.num_steps * args.batch_size * args.num_steps
         return ppl, n
 

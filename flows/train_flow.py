@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from flows.deploy import serve_training
 from rnnlm.config import TrainConfig
-from rnnlm.run import preflight
+from rnnlm.data import preflight
 from tasks.data import fetch_corpus, prepare_data
 from tasks.mlflow_run import check_tracking, log_results, register_model, start_run
 from tasks.registry import promote, read_versions
@@ -50,12 +50,7 @@ def train_flow(config: TrainConfig = TrainConfig(), parent_run_id: str | None = 
     print(f"MLflow run {run_id}; registered model {config.registered_model!r} version {version}")
     if config.promote:
         promote(config.registered_model, read_versions(config.registered_model), config.promote_margin)
-    names = (
-        "train_perplexity", "val_perplexity", "tokens_per_sec", "device", "registered", "registered_val_perplexity",
-        "registered_test_perplexity", "stopped",
-    )  # fmt: skip
-    summary = {k: getattr(result, k) for k in names}
-    return {"run_id": run_id, "version": version, **summary, "epochs": result.epochs}
+    return {"run_id": run_id, "version": version, **result.summary()}
 
 
 class TrainCommand(BaseSettings, TrainConfig):

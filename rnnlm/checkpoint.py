@@ -1,4 +1,5 @@
-"""Self-describing checkpoints: state_dicts plus plain data (config, vocab, epoch, metrics), never a pickled module.
+"""Self-describing checkpoints: state_dicts plus plain data (config, vocab, epoch, metrics), never a pickled module;
+where a training's checkpoints go, and how a training resumes from one.
 
 Loading uses `torch.load(weights_only=True)`, which refuses any object but tensors and plain containers, so a
 checkpoint from an untrusted source cannot run code. Random number generator states are stored in the same plain
@@ -7,18 +8,21 @@ form (lists and byte tensors), so a resumed run draws exactly the numbers an uni
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import os
 import random
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
 
+from rnnlm import paths
 from rnnlm.atomic import replacing
-from rnnlm.model import RNNLM
+from rnnlm.config import TrainConfig
+from rnnlm.model import RNNLM, build_model
+from rnnlm.state import EpochStats, TrainState
 from rnnlm.tokens import Vocab
 
 FORMAT_VERSION = 2
@@ -50,9 +54,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 def model_from_checkpoint(ckpt: dict[str, Any], device: str | torch.device = "cpu") -> tuple[RNNLM, Vocab, dict]:
     """Rebuild the model (in eval mode), its vocabulary and its config from a loaded checkpoint."""
     config, vocab = ckpt["config"], Vocab(ckpt["vocab"])
-    names = ("embedding_dim", "dropout", "tie_weights", "adaptive_cutoffs")  # options older checkpoints may lack
-    options = {name: config[name] for name in names if name in config}
-    model = RNNLM(len(vocab), config["num_hiddens"], config["rnn"], config["num_layers"], **options)
+    model = build_model(config, len(vocab))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), vocab, config
 
@@ -119,36 +121,80 @@ def check_compatible(path: Path, ckpt: dict[str, Any], config: dict[str, Any], v
         )
 
 
-# --- ownership of a run's checkpoint by one process --------------------------------------------------------------
+# --- where a training's checkpoints go ----------------------------------------------------------------------------
 
 
-def _lock(path: Path) -> FileLock:
-    """This process's one lock object for `path`, which any of its tasks may take or release."""
-    return _lock_at(str(Path(path).resolve()))
+def checkpoint_folder(config: TrainConfig, corpus_sha1: str) -> Path:
+    """Where resumable checkpoints of this training go: keyed by the corpus content and every field that identifies
+    a training, so that the same command finds its interrupted run and any other config never does."""
+    return paths.cache_dir(config.cache_dir) / "checkpoints" / paths.key_of(corpus_sha1, config.identity())
 
 
-@functools.cache  # the object must live as long as the process may hold the lock: freeing it releases the lock
-def _lock_at(resolved: str) -> FileLock:
-    return FileLock(resolved, thread_local=False)
+def run_checkpoint(config: TrainConfig, corpus_sha1: str, run_id: str) -> Path:
+    """The resumable checkpoint of one tracked run: `<checkpoint folder>/<run id>/model.pt`."""
+    return checkpoint_folder(config, corpus_sha1) / run_id / "model.pt"
 
 
-def try_lock(path: Path) -> bool:
-    """Take an exclusive lock on `path` for this process without waiting; False if another process has it.
+def best_checkpoint(checkpoint_path: Path) -> Path:
+    """Where the best weights of a training go, beside its resumable checkpoint: `best.pt`."""
+    return Path(checkpoint_path).with_name("best.pt")
 
-    The operating system drops the lock when the process dies, even by `kill -9`, so a crashed run never blocks its
-    own resumption. Taking a lock this process already holds succeeds.
-    """
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    lock = _lock(path)
-    if lock.is_locked:
-        return True
+
+# --- resuming a training --------------------------------------------------------------------------------------------
+
+
+def iterator_policy(config: TrainConfig) -> dict:
+    """How the data iterator stands at a checkpoint: every epoch draws a fresh offset (and, for random sampling, a
+    shuffle) from the data generator as it begins (`epoch_rng`); inside an epoch, `batch` minibatches are done."""
+    kind = "random" if config.use_random_iter else "sequential"
+    return {"kind": kind, "position": "epoch_rng and batch", "offset": "drawn per epoch from epoch_rng"}
+
+
+_STATE_FIELDS = tuple(f.name for f in dataclasses.fields(TrainState) if f.name != "history")  # history: below
+
+
+def state_to_checkpoint(state: TrainState) -> dict:
+    """The loop's state as plain data: where it stands (inside an epoch too), the best so far, the schedule,
+    per-epoch history, last metrics."""
+    return {
+        **{name: getattr(state, name) for name in _STATE_FIELDS},
+        "history": [asdict(s) for s in state.history],
+        "metrics": state.history[-1].metrics() if state.history else {},
+    }
+
+
+def resume(
+    path: Path,
+    config: TrainConfig,
+    vocab: Vocab,
+    model: RNNLM,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    corpus_sha1: str | None = None,
+) -> TrainState:
+    """Load `path` into the model, optimizer and RNGs after checking it belongs to this config, vocab and corpus."""
+    ckpt = read_resumable(path, config, vocab, corpus_sha1, next(model.parameters()).device)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    restore_rng_state(ckpt["rng"], generator)
+    history = [EpochStats(**h) for h in ckpt["history"]]
+    saved = {name: ckpt[name] for name in _STATE_FIELDS if name in ckpt}  # checkpoints of earlier versions: epochs only
+    return TrainState(**saved, history=history)
+
+
+def read_resumable(
+    path: Path, config: TrainConfig, vocab: Vocab, corpus_sha1: str | None = None, device: str | torch.device = "cpu"
+) -> dict:
+    """Load a training checkpoint (weights_only) and refuse it, saying what differs, unless it continues a run of
+    this config on this vocab and corpus."""
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return False
-    return True
-
-
-def unlock(path: Path) -> None:
-    """Release a lock taken by `try_lock` (nothing happens if this process does not hold it)."""
-    _lock(path).release(force=True)
+        ckpt = load_checkpoint(path, map_location=device)
+    except ValueError as err:
+        raise CheckpointMismatch(f"{err}; delete it, or start over with --resume never") from err
+    current = {**config.model_dump(mode="json"), "corpus_file_sha1": corpus_sha1 or ckpt.get("corpus_sha1")}
+    saved = {**ckpt.get("config", {}), "corpus_file_sha1": ckpt.get("corpus_sha1")}
+    fields = [*config.identity(), "corpus_file_sha1"]
+    check_compatible(path, {**ckpt, "config": saved}, current, vocab, fields)
+    if not {"rng", "optimizer", "history"} <= ckpt.keys():
+        raise CheckpointMismatch(f"{path} holds a final model, not a training state; start over with --resume never")
+    return ckpt

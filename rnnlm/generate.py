@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 import secrets
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from rnnlm.checkpoint import load_checkpoint, model_from_checkpoint
 from rnnlm.model import RNNLM
 from rnnlm.tokens import Vocab, join_tokens, split_tokens
 
@@ -22,6 +24,7 @@ SAMPLING_DEFAULTS = {"num_preds": 50, "temperature": 1.0, "top_k": 1, "seed": 0}
 MAX_TOP_K = 2**31 - 1  # any top_k >= the vocabulary's size means no truncation
 BUDGET_DEFAULTS = {"max_prompts": 256, "max_work": 100_000}  # what one served request may cost (`check_budget`)
 
+BOOK_PROMPTS = ("time traveller", "traveller")
 Stream = tuple[int, int]  # one prompt's random stream: (its request's seed, its row in that request)
 
 
@@ -165,3 +168,25 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int, uniforms: torch.
     cumulative = weights.cumsum_(dim=-1)
     chosen = torch.searchsorted(cumulative, cumulative[:, -1:] * uniforms[:, None]).clamp_(max=values.shape[-1] - 1)
     return indices.gather(-1, chosen).squeeze(-1)
+
+
+# --- sampling from a saved checkpoint -----------------------------------------------------------------------------
+
+
+def sample_many(checkpoint_path: Path, prompts: list[str], num_preds: int, settings: dict[str, dict]) -> dict:
+    """Generate from a saved checkpoint (loaded once) under several named sampling settings: name -> {prompt: text}.
+    Prompts with tokens the vocabulary lacks are left out; with none left, the two most frequent tokens prompt."""
+    model, vocab, config = model_from_checkpoint(load_checkpoint(checkpoint_path))
+    usable = usable_prompts(prompts, vocab, config["tokenization"])
+    return {
+        name: dict(
+            zip(usable, generate(model, vocab, usable, num_preds, config["tokenization"], **options), strict=True)
+        )
+        for name, options in settings.items()
+    }
+
+
+def usable_prompts(prompts: list[str], vocab: Vocab, tokenization: str) -> list[str]:
+    """The prompts whose tokens are all in `vocab`; if none is, its two most frequent visible tokens, one each."""
+    known = [p for p in prompts if (tokens := split_tokens(p, tokenization)) and not vocab.unknown(tokens)]
+    return known or [token for token in vocab.tokens[1:] if token.strip()][:2]

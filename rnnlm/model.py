@@ -4,13 +4,18 @@ for large vocabularies, an adaptive softmax)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from itertools import pairwise
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rnnlm import cpu
+
+if TYPE_CHECKING:
+    from rnnlm.config import TrainConfig
 
 RNN_TYPES = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 CELLS = {"rnn": torch.rnn_tanh_cell, "gru": torch.gru_cell, "lstm": torch.lstm_cell}  # one step of a layer
@@ -123,6 +128,17 @@ class RNNLM(nn.Module):
         if self.rnn_type == "lstm":
             return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
         return torch.zeros(shape, device=device)
+
+
+MODEL_OPTIONS = ("embedding_dim", "dropout", "tie_weights", "adaptive_cutoffs")  # what older checkpoints may lack
+
+
+def build_model(config: TrainConfig | Mapping[str, Any], vocab_size: int) -> RNNLM:
+    """The model `config` describes over `vocab_size` tokens, for training and for loading alike: `config` is a
+    TrainConfig or a checkpoint's config dict (whose older versions lack some options: those keep RNNLM's defaults)."""
+    given = config if isinstance(config, Mapping) else config.model_dump()
+    options = {name: given[name] for name in MODEL_OPTIONS if name in given}
+    return RNNLM(vocab_size, given["num_hiddens"], given["rnn"], given["num_layers"], **options)
 
 
 class AdaptiveSoftmax(nn.Module):

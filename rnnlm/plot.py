@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from rnnlm.train import EpochStats
+from rnnlm.state import EpochStats
 
 
 def plot_perplexity(

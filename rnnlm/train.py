@@ -14,71 +14,21 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
 from rnnlm import cpu
-from rnnlm.batches import as_tensor, eval_batches, num_batches, random_batches, sequential_batches
+from rnnlm.batches import as_tensor, num_batches, random_batches, sequential_batches
 from rnnlm.config import TrainConfig
+from rnnlm.evaluate import evaluate, perplexity_of
 from rnnlm.model import RNNLM, State, detach_state
+from rnnlm.schedule import Schedule
+from rnnlm.state import EpochStats, Hooks, TrainState
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-@dataclass
-class EpochStats:
-    """What one epoch measured; `val_perplexity` is None on epochs without an evaluation at their end."""
-
-    epoch: int  # 1-based, as printed by the book
-    train_perplexity: float
-    tokens_per_sec: float
-    seconds: float
-    val_perplexity: float | None = None
-    step: int = 0  # optimizer steps taken by the end of the epoch
-    lr: float = 0.0  # the learning rate at the epoch's end
-
-    def metrics(self) -> dict[str, float]:
-        """The numeric fields worth logging, without the missing ones."""
-        return {k: v for k, v in asdict(self).items() if k not in ("epoch", "step") and v is not None}
-
-
-@dataclass
-class TrainState:
-    """Everything that changes during training and must survive a checkpoint, inside an epoch too."""
-
-    epoch: int = 0  # epochs completed
-    step: int = 0  # optimizer steps taken
-    history: list[EpochStats] = field(default_factory=list)
-    best_val_perplexity: float | None = None
-    best_epoch: int = 0  # where the best weights were taken: after `best_step` steps, in epoch `best_epoch`
-    best_step: int = 0
-    stale_evals: int = 0  # evaluations since the best one (plateau schedule, early stopping)
-    lr: float | None = None  # the rate the schedule has set
-    elapsed: float = 0.0  # seconds of training and evaluations so far (max_minutes, the cosine schedule's clock)
-    stopped: str = ""  # why training ended before num_epochs, if it did
-    # inside an unfinished epoch: its minibatches done, the data generator as the epoch began, the carried state
-    batch: int = 0
-    epoch_rng: torch.Tensor | None = None
-    hidden: State | None = None
-    epoch_loss: float = 0.0
-    epoch_tokens: int = 0
-    epoch_seconds: float = 0.0  # training only: evaluations inside the epoch are left out
-
-
-@dataclass
-class Hooks:
-    """What the caller hears while training runs (every one optional): `on_epoch(stats, state)` after each epoch,
-    `on_progress(state, line_values)` inside long epochs, `save(state)` where a resumable checkpoint is due, and
-    `save_best(state)` when an evaluation finds the best weights so far."""
-
-    on_epoch: Callable[[EpochStats, TrainState], None] | None = None
-    on_progress: Callable[[TrainState, dict], None] | None = None
-    save: Callable[[TrainState], None] | None = None
-    save_best: Callable[[TrainState], None] | None = None
 
 
 def make_optimizer(model: RNNLM, lr: float, config: TrainConfig | None = None) -> torch.optim.Optimizer:
@@ -131,9 +81,7 @@ class _Loop:
         self.eval_seconds = 0.0  # spent in evaluations by this process: kept out of the epochs' training time
         self.interrupted: Callable[[], bool] = lambda: False
         self.epoch_val: float | None = None  # the current epoch's last validation perplexity
-        if state.lr is None:
-            state.lr = self.schedule.lr_at(state.step, state.elapsed)
-        self._set_lr(state.lr)
+        self._follow_schedule("start")
 
     def run_epoch(self, epoch: int) -> None:
         """One epoch (or what is left of it after a checkpoint inside it), then its evaluation and checkpoint."""
@@ -168,8 +116,7 @@ class _Loop:
         """What is due after a step: the schedule, an evaluation, a checkpoint, a progress line, a stop; True to end
         the epoch now."""
         state, config = self.state, self.config
-        if config.lr_schedule == "cosine":
-            self._set_lr(self.schedule.lr_at(state.step, state.elapsed + state.epoch_seconds))
+        self._follow_schedule("step")
         if config.eval_every_steps and state.step % config.eval_every_steps == 0 and state.batch < self.per_epoch:
             self._evaluate(epoch)
         if config.checkpoint_every_steps and state.step % config.checkpoint_every_steps == 0:
@@ -209,8 +156,7 @@ class _Loop:
             self.hooks.on_epoch(stats, state)
 
     def _evaluate(self, epoch: int) -> float | None:
-        """Validation perplexity now; keeps the best weights, steps the plateau schedule, counts towards early
-        stopping."""
+        """Validation perplexity now; keeps the best weights, tells the schedule, counts towards early stopping."""
         state, config = self.state, self.config
         if len(self.val_tokens) < 2:
             return None
@@ -221,17 +167,17 @@ class _Loop:
         state.elapsed += seconds  # the time budget (max_minutes) counts evaluations too
         self.eval_seconds += seconds
         self.epoch_val = perplexity
-        if state.best_val_perplexity is None or perplexity < state.best_val_perplexity:
+        improved = state.best_val_perplexity is None or perplexity < state.best_val_perplexity
+        if improved:
             state.best_val_perplexity, state.best_epoch, state.best_step = perplexity, epoch, state.step
             state.stale_evals = 0
             if self.hooks.save_best is not None:
                 self.hooks.save_best(state)
         else:
             state.stale_evals += 1
-            if config.lr_schedule == "plateau":
-                self._set_lr(state.lr / config.lr_decay)
-            if config.early_stopping and state.stale_evals >= config.early_stopping:
-                state.stopped = f"early stopping: {state.stale_evals} evaluations without a lower validation perplexity"
+        self._follow_schedule("improved" if improved else "stale")
+        if config.early_stopping and state.stale_evals >= config.early_stopping:
+            state.stopped = f"early stopping: {state.stale_evals} evaluations without a lower validation perplexity"
         return perplexity
 
     def _save(self, loss_sum: torch.Tensor) -> None:
@@ -260,31 +206,12 @@ class _Loop:
         }  # fmt: skip
         self.hooks.on_progress(state, values)
 
-    def _set_lr(self, lr: float) -> None:
-        self.state.lr = lr
+    def _follow_schedule(self, moment: str) -> None:
+        """Set the rate the schedule gives at `moment` (see `Schedule.rate`): the one place the rate changes."""
+        state = self.state
+        state.lr = self.schedule.rate(moment, state.lr, state.step, state.elapsed + state.epoch_seconds)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
-
-class Schedule:
-    """The learning rate as a function of the step: constant (the book), or cosine from `lr` to `lr_min` after a
-    linear warmup (over the planned steps, or the time budget when that is what ends training first). The plateau
-    schedule lowers the rate at evaluations instead (`_Loop._evaluate`)."""
-
-    def __init__(self, config: TrainConfig, total_steps: int):
-        self.config, self.total = config, max(total_steps, 1)
-
-    def lr_at(self, step: int, seconds: float = 0.0) -> float:
-        config = self.config
-        if config.lr_schedule != "cosine":
-            return config.lr
-        if step < config.warmup_steps:
-            return config.lr * (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(self.total - config.warmup_steps, 1)
-        if config.max_minutes:
-            progress = max(progress, seconds / (60 * config.max_minutes))
-        progress = min(progress, 1.0)
-        return config.lr_min + (config.lr - config.lr_min) * 0.5 * (1 + math.cos(math.pi * progress))
+            group["lr"] = state.lr
 
 
 @contextmanager
@@ -308,28 +235,6 @@ def _sigint_deferred() -> Iterator[Callable[[], bool]]:
         yield lambda: bool(seen)
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def train_epoch(
-    model: RNNLM,
-    corpus: torch.Tensor,
-    config: TrainConfig,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-) -> tuple[float, float, float]:
-    """One pass over `corpus` with `config`'s batches and optimizer step (no evaluation, checkpoint or schedule);
-    returns (training perplexity, tokens per second, seconds)."""
-    model.train()
-    started, hidden, tokens = time.perf_counter(), None, 0
-    loss_sum = torch.zeros((), device=corpus.device, dtype=torch.float64)
-    with cpu.settings(config.cpu_threads, model, (config.batch_size, config.num_steps)):
-        for inputs, targets in epoch_batches(corpus, config, generator):
-            hidden = carried(model, hidden, inputs, config.use_random_iter)
-            loss, hidden = _step(model, inputs, targets, hidden, optimizer, config)
-            loss_sum += loss * targets.numel()
-            tokens += targets.numel()
-    seconds = time.perf_counter() - started
-    return perplexity_of(float(loss_sum) / tokens), tokens / seconds, seconds
 
 
 def epoch_batches(corpus: torch.Tensor, config: TrainConfig, generator: torch.Generator, skip: int = 0):
@@ -366,29 +271,3 @@ def _step(model: RNNLM, inputs, targets, hidden, optimizer, config: TrainConfig)
 def autocast(device: torch.device, enabled: bool):
     """bf16 autocast on `device` when `enabled` (weights, SGD and the loss stay float32); a no-op otherwise."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
-@torch.no_grad()
-def evaluate(model: RNNLM, corpus: torch.Tensor, batch_size: int, num_steps: int, cpu_threads: int = 0) -> float:
-    """Perplexity of `corpus`, predicting every token from all before it (state carried), without training
-    (dropout off)."""
-    return perplexity_of(evaluate_loss(model, corpus, batch_size, num_steps, cpu_threads))
-
-
-@torch.no_grad()
-def evaluate_loss(model: RNNLM, corpus: torch.Tensor, batch_size: int, num_steps: int, cpu_threads: int = 0) -> float:
-    """The mean cross-entropy (nats a token) of `corpus`, as `evaluate` walks it."""
-    model.eval()
-    loss_sum, num_tokens, hidden = torch.zeros((), device=corpus.device, dtype=torch.float64), 0, None
-    with cpu.settings(cpu_threads, model, (batch_size, num_steps)):
-        for inputs, targets in eval_batches(corpus, batch_size, num_steps):
-            hidden = model.begin_state(inputs.shape[0], corpus.device) if hidden is None else hidden
-            loss, hidden = model.loss(inputs, targets, hidden, reduction="sum")
-            loss_sum += loss
-            num_tokens += targets.numel()
-    return float(loss_sum) / num_tokens
-
-
-def perplexity_of(mean_loss: float) -> float:
-    """exp(mean cross-entropy); inf when that overflows a float, nan when the loss is nan."""
-    return math.exp(mean_loss) if mean_loss < 709.0 or math.isnan(mean_loss) else math.inf

@@ -1,7 +1,7 @@
 """Data tasks: fetch the corpus (retried on network errors) and prepare its tokens and vocab.
 
 Both are cached by the library itself, by content: a downloaded corpus is reused while its sha1 matches, prepared
-data while the corpus and the data settings are the same (`rnnlm.run`); deleting `.cache/` clears both.
+data while the corpus and the data settings are the same (`rnnlm.data`); deleting `.cache/` clears both.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from rnnlm import run
+from rnnlm import data as stage
 from rnnlm.config import TrainConfig
 from rnnlm.corpus import DownloadError
 from tracking.retries import retry_if
@@ -27,15 +27,15 @@ from tracking.retries import retry_if
 )
 def fetch_corpus(config: TrainConfig) -> str:
     """Download (or find) the corpus and verify its sha1; returns the local path."""
-    path = run.fetch(config)
+    path = stage.fetch(config)
     get_run_logger().info("corpus %s at %s (%s bytes)", config.corpus, path, f"{path.stat().st_size:,}")
     return str(path)
 
 
 @task(name="prepare-data", task_run_name="prepare-data-{config.tokenization}", cache_policy=NO_CACHE)
-def prepare_data(corpus_path: str, config: TrainConfig) -> run.PreparedData:
+def prepare_data(corpus_path: str, config: TrainConfig) -> stage.PreparedData:
     """Tokenize, build the vocab and split into train/validation token arrays on disk (or find them there)."""
-    data = run.prepare_data(Path(corpus_path), config)
+    data = stage.prepare_data(Path(corpus_path), config)
     logger = get_run_logger()
     logger.info(
         "vocab %d tokens; corpus %s tokens: %s for training, %s held out for validation%s",

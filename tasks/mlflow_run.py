@@ -10,12 +10,15 @@ from mlflow.entities import Metric
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from rnnlm import paths, run
+from rnnlm import paths
 from rnnlm.config import TrainConfig
+from rnnlm.data import PreparedData
 from rnnlm.generate import BUDGET_DEFAULTS, MAX_PREDS, SAMPLING_DEFAULTS
+from rnnlm.run import FitResult
 from tracking import store
 from tracking.runs import TrackedRun, start_or_resume
 
+FINAL = "final_"  # the prefix of a run's final metrics (FitResult.metrics()), apart from the per-epoch ones
 MODEL_SCRIPT = Path(__file__).with_name("pyfunc_model.py")  # MLflow runs it to load the model: never imported
 
 
@@ -31,7 +34,7 @@ def check_tracking(config: TrainConfig) -> str:
 
 
 @task(name="start-mlflow-run", task_run_name="start-mlflow-run", cache_policy=NO_CACHE)
-def start_run(config: TrainConfig, data: run.PreparedData, parent_run_id: str | None = None) -> TrackedRun:
+def start_run(config: TrainConfig, data: PreparedData, parent_run_id: str | None = None) -> TrackedRun:
     """The run to train in, its checkpoint claimed by this process until `run_guard` ends: the interrupted run of
     this same training when one left a checkpoint, else a new run nested under `parent_run_id` when given."""
     tracked = start_or_resume(config, data, parent_run_id)
@@ -41,17 +44,13 @@ def start_run(config: TrainConfig, data: run.PreparedData, parent_run_id: str | 
 
 
 @task(name="log-results", task_run_name="log-results", cache_policy=NO_CACHE)
-def log_results(run_id: str, result: run.FitResult, samples: dict, plot_path: str, vocab_path: str) -> None:
+def log_results(run_id: str, result: FitResult, samples: dict, plot_path: str, vocab_path: str) -> None:
     """Final metrics, samples, the perplexity curve, the vocab and the checkpoint as run artifacts."""
     mlflow_client = store.client()
-    final = {f"final_{k}": v for k, v in result.final_metrics().items()}
+    final = {f"{FINAL}{k}": v for k, v in result.metrics().items()}
     mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in final.items()])
-    mlflow_client.set_tag(run_id, "device", result.device)
-    mlflow_client.set_tag(run_id, "matmuls", result.matmuls)
-    mlflow_client.set_tag(run_id, "engine", result.engine)
-    mlflow_client.set_tag(run_id, "registered_weights", result.registered)
-    if result.stopped:
-        mlflow_client.set_tag(run_id, "stopped", result.stopped)
+    for key, value in result.tags().items():
+        mlflow_client.set_tag(run_id, key, value)
     mlflow_client.log_text(run_id, json.dumps(samples, indent=1), "samples.json")
     mlflow_client.log_artifact(run_id, plot_path)
     mlflow_client.log_artifact(run_id, vocab_path)
@@ -61,7 +60,7 @@ def log_results(run_id: str, result: run.FitResult, samples: dict, plot_path: st
 
 
 @task(name="register-model", task_run_name="register-model", cache_policy=NO_CACHE)
-def register_model(config: TrainConfig, run_id: str, result: run.FitResult) -> int:
+def register_model(config: TrainConfig, run_id: str, result: FitResult) -> int:
     """Log the registered weights (the best by validation, or the last: `config.register`) as a generating pyfunc
     model and register it as a new version, tagged with those weights' own numbers; return the version.
 
@@ -83,17 +82,7 @@ def register_model(config: TrainConfig, run_id: str, result: run.FitResult) -> i
             model_config=BUDGET_DEFAULTS,  # what one served request may cost; RNNLM_SERVE_* overrides it when served
         )
     version = int(info.registered_model_version)
-    tags = {
-        "val_perplexity": result.registered_val_perplexity,  # the registered weights' own, on the whole split
-        "test_perplexity": result.registered_test_perplexity,
-        "bits_per_token": result.registered_bits_per_token,
-        "train_perplexity": result.train_perplexity,  # the last epoch's, as the book prints it
-        "weights": result.registered,
-        "epoch": result.registered_epoch,
-        "step": result.registered_step,
-    }
-    tags = {k: v for k, v in tags.items() if v is not None}
-    tags |= {"rnn": config.rnn, "tokenization": config.tokenization, "run_id": run_id}
+    tags = result.version_tags() | {"rnn": config.rnn, "tokenization": config.tokenization, "run_id": run_id}
     mlflow_client = store.client()
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(config.registered_model, str(version), key, str(value))

@@ -9,9 +9,10 @@ from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from rnnlm import run
+from rnnlm import paths
 from rnnlm.config import TrainConfig
 from rnnlm.plot import plot_perplexity
+from rnnlm.run import FitResult
 from tracking.store import run_link
 
 _PLOTTING = threading.Lock()
@@ -25,10 +26,10 @@ def _plot_alone(history, path, title, kept) -> str:
 
 
 @task(name="plot-perplexity", task_run_name="plot-perplexity", cache_policy=NO_CACHE)
-def plot_history(config: TrainConfig, run_id: str, result: run.FitResult) -> str:
+def plot_history(config: TrainConfig, run_id: str, result: FitResult) -> str:
     """The perplexity curve as a PNG beside the run's other local outputs."""
     title = f"{config.rnn.upper()} {config.num_hiddens}, lr {config.lr}, {config.num_epochs} epochs"
-    folder = run.cache_dir(config) / "runs" / run_id
+    folder = paths.cache_dir(config.cache_dir) / "runs" / run_id
     folder.mkdir(parents=True, exist_ok=True)
     kept = None
     if result.registered == "best" and result.registered_val_perplexity is not None:
@@ -37,13 +38,10 @@ def plot_history(config: TrainConfig, run_id: str, result: run.FitResult) -> str
 
 
 @task(name="report", task_run_name="report", cache_policy=NO_CACHE)
-def report(config: TrainConfig, run_id: str, result: run.FitResult, samples: dict, tracking_uri: str) -> None:
+def report(config: TrainConfig, run_id: str, result: FitResult, samples: dict, tracking_uri: str) -> None:
     """Prefect UI artifacts: a markdown summary (metrics, samples, MLflow link) and the per-epoch metrics table."""
     link = run_link(run_id)
     create_link_artifact(link, link_text=f"MLflow run {run_id}", key="mlflow-run", description="this run in MLflow")
-
-    def number(value: float | None) -> str:
-        return "-" if value is None else f"{value:.3f}"
 
     lines = [
         f"# {config.rnn.upper()} language model, run `{run_id}`",
@@ -54,18 +52,7 @@ def report(config: TrainConfig, run_id: str, result: run.FitResult, samples: dic
         "",
         "| metric | value |",
         "|---|---|",
-        f"| train perplexity (last epoch) | {result.train_perplexity:.3f} |",
-        f"| validation perplexity (last weights) | {number(result.val_perplexity)} |",
-        f"| validation perplexity ({result.registered} weights, registered) | "
-        f"{number(result.registered_val_perplexity)} |",
-        f"| test perplexity ({result.registered} weights) | {number(result.registered_test_perplexity)} |",
-        f"| bits per token ({result.registered} weights) | {number(result.registered_bits_per_token)} |",
-        f"| steps | {result.steps:,} |",
-        f"| tokens/s | {result.tokens_per_sec:,.0f} |",
-        f"| device | {result.device} |",
-        f"| matmuls | {result.matmuls} |",
-        f"| engine | {result.engine} |",
-        f"| epochs | {result.epochs} |",
+        *(f"| {label} | {value} |" for label, value in result.table()),
         "",
         "## Samples",
     ]

@@ -12,6 +12,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 
 from rnnlm.config import TrainConfig
+from rnnlm.run import FitResult
+from tasks.mlflow_run import FINAL
 from tracking.store import as_param, client, experiment_id, run_tags
 
 # Training perplexities the book prints for its chapter 8-9 models (500 epochs, 10,000 tokens, batch 32, 35 steps).
@@ -57,16 +59,8 @@ def member_summary(flow_run_id: str, registered_model: str) -> dict:
         filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'",
     )
     [version] = mlflow_client.search_model_versions(f"name = '{registered_model}' and run_id = '{run.info.run_id}'")
-    metrics = run.data.metrics
-    return {
-        "run_id": run.info.run_id,
-        "version": int(version.version),
-        "train_perplexity": metrics["final_train_perplexity"],
-        "val_perplexity": metrics.get("final_val_perplexity"),
-        "registered_val_perplexity": metrics.get("final_registered_val_perplexity"),
-        "tokens_per_sec": metrics["final_tokens_per_sec"],
-        "device": run.data.tags.get("device"),
-    }
+    summary = FitResult.summary_from_logged(run.data.metrics, run.data.tags, prefix=FINAL)
+    return {"run_id": run.info.run_id, "version": int(version.version), **summary}
 
 
 def _describe(config: TrainConfig) -> str:

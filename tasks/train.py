@@ -7,9 +7,10 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from rnnlm import run
 from rnnlm.config import TrainConfig
-from rnnlm.generate import MAX_TOP_K
+from rnnlm.data import PreparedData
+from rnnlm.generate import BOOK_PROMPTS, MAX_TOP_K, sample_many
+from rnnlm.run import FitResult, fit
 from rnnlm.train import TrainingDiverged
 from tracking.progress import TrainingProgress
 from tracking.retries import retry_if
@@ -33,15 +34,12 @@ SAMPLING = {
     # and CorpusError are ValueErrors) and divergence would only happen again
     retry_condition_fn=retry_if(lambda err: not isinstance(err, ValueError | TrainingDiverged)),
 )
-def train_model(config: TrainConfig, data: run.PreparedData, tracked: TrackedRun) -> run.FitResult:
+def train_model(config: TrainConfig, data: PreparedData, tracked: TrackedRun) -> FitResult:
     """Train, logging progress and per-epoch metrics to MLflow; a retry of this task, or a later run of the same
     command after a crash, continues from the run's checkpoint and logs only the epochs MLflow does not have yet."""
     progress = TrainingProgress(config, tracked.run_id)
     try:
-        result = run.fit(
-            config, data, Path(tracked.checkpoint), progress.on_epoch, tracked.run_id, progress.on_resume,
-            on_start=progress.on_start, on_progress=progress.on_progress,
-        )  # fmt: skip
+        result = fit(config, data, Path(tracked.checkpoint), progress.hooks(), run_id=tracked.run_id)
     finally:
         progress.metrics.flush()  # what was measured before a failure is kept
     logger = get_run_logger()
@@ -57,17 +55,17 @@ def train_model(config: TrainConfig, data: run.PreparedData, tracked: TrackedRun
 
 
 @task(name="generate-samples", task_run_name="generate-samples", cache_policy=NO_CACHE)
-def generate_samples(config: TrainConfig, result: run.FitResult) -> dict:
+def generate_samples(config: TrainConfig, result: FitResult) -> dict:
     """The book's two greedy samples, plus sampled ones (temperature, top-k), for fixed prompts, from the last
     weights; where the registered weights are others (the best by validation), their greedy and t0.8-top5 samples
     too, as `best-greedy` and `best-t0.8-top5`. Returns setting -> {prompt: text}."""
     settings = {name: {"seed": config.seed, **options} for name, options in SAMPLING.items()}
-    samples = run.sample_many(Path(result.checkpoint), list(run.BOOK_PROMPTS), config.num_preds, settings)
+    samples = sample_many(Path(result.checkpoint), list(BOOK_PROMPTS), config.num_preds, settings)
     for text in samples["greedy"].values():
         get_run_logger().info("sample: %s", text)
     if result.registered_checkpoint and result.registered_checkpoint != result.checkpoint:
         kept = {f"{result.registered}-{name}": settings[name] for name in ("greedy", "t0.8-top5")}
-        samples |= run.sample_many(Path(result.registered_checkpoint), list(run.BOOK_PROMPTS), config.num_preds, kept)
+        samples |= sample_many(Path(result.registered_checkpoint), list(BOOK_PROMPTS), config.num_preds, kept)
         for text in samples[f"{result.registered}-greedy"].values():
             get_run_logger().info("sample (%s weights): %s", result.registered, text)
     return samples

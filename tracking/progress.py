@@ -10,19 +10,25 @@ from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from rnnlm.config import TrainConfig
-from rnnlm.train import EpochStats, TrainState
+from rnnlm.state import EpochStats, Hooks, TrainState
 from tracking.runs import last_logged_epoch
 from tracking.store import MetricLogger
 
 
 class TrainingProgress:
-    """The callbacks `rnnlm.run.fit` takes (`on_epoch`, `on_resume`), reporting to the log, MLflow and Prefect."""
+    """The hooks `rnnlm.run.fit` takes (`hooks()`), reporting to the log, MLflow and Prefect."""
 
     def __init__(self, config: TrainConfig, run_id: str):
         self.config, self.run_id, self.logger = config, run_id, get_run_logger()
         self.metrics = MetricLogger(run_id, after_step=last_logged_epoch(run_id))
         self.steps = MetricLogger(run_id)  # inside epochs, by optimizer step: step_train_perplexity, step_lr, ...
         self.bar = create_progress_artifact(0.0, key="training-progress", description=f"MLflow run {run_id}")
+
+    def hooks(self) -> Hooks:
+        """These reports as the training's hooks."""
+        return Hooks(
+            on_epoch=self.on_epoch, on_progress=self.on_progress, on_start=self.on_start, on_resume=self.on_resume
+        )
 
     def on_epoch(self, stats: EpochStats, state: TrainState) -> None:
         self.metrics.add(stats.metrics(), stats.epoch, int(time.time() * 1000))

@@ -1,26 +1,31 @@
 """Which MLflow run a training trains in: a new one, or the interrupted run of the same training, taken over.
 
-A tracked run's resumable checkpoint lives at `rnnlm.run.run_checkpoint(config, corpus sha1, run id)`. The process
-that trains a run holds a lock beside that checkpoint until `run_guard` ends, so two processes never train into the
-same run, and a run whose process died (even by `kill -9`) can be taken over by the next one.
+A tracked run's resumable checkpoint lives at `rnnlm.checkpoint.run_checkpoint(config, corpus sha1, run id)`. The
+process that trains a run holds a lock beside that checkpoint (`try_lock`, below) until `run_guard` ends, so two
+processes never train into the same run, and a run whose process died (even by `kill -9`) can be taken over by the
+next one.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import platform
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from filelock import FileLock, Timeout
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from rnnlm import run
-from rnnlm.checkpoint import try_lock, unlock
+from rnnlm.checkpoint import checkpoint_folder, read_resumable, run_checkpoint
 from rnnlm.config import TrainConfig
+from rnnlm.data import PreparedData
 from rnnlm.tokens import Vocab
 from tracking import store
 
@@ -61,7 +66,7 @@ def lock_of(checkpoint: Path) -> Path:
     return checkpoint.with_suffix(".lock")
 
 
-def start_or_resume(config: TrainConfig, data: run.PreparedData, parent_run_id: str | None = None) -> TrackedRun:
+def start_or_resume(config: TrainConfig, data: PreparedData, parent_run_id: str | None = None) -> TrackedRun:
     """The interrupted run of this same training when one left a checkpoint (same run id, metrics continue), else a
     new run (nested under `parent_run_id` when given) with every config value, the data's identity and the software
     versions as params. The returned run's checkpoint is locked by this process."""
@@ -69,16 +74,16 @@ def start_or_resume(config: TrainConfig, data: run.PreparedData, parent_run_id: 
     if config.resume == "auto" and (resumed := _resumable_run(mlflow_client, config, data, parent_run_id)):
         return resumed
     run_id = new_run(mlflow_client, config, data, parent_run_id)
-    checkpoint = run.run_checkpoint(config, data.corpus_sha1, run_id)
+    checkpoint = run_checkpoint(config, data.corpus_sha1, run_id)
     try_lock(lock_of(checkpoint))
     return TrackedRun(run_id, str(checkpoint))
 
 
-def new_run(mlflow_client: MlflowClient, config: TrainConfig, data: run.PreparedData, parent_run_id: str | None) -> str:
+def new_run(mlflow_client: MlflowClient, config: TrainConfig, data: PreparedData, parent_run_id: str | None) -> str:
     """A new MLflow run of `config` on `data`, its params logged; returns its id."""
     tags = store.run_tags() | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})
     created = mlflow_client.create_run(store.experiment_id(config.experiment), tags=tags)
-    params = {**config.model_dump(mode="json"), **run.environment()}
+    params = {**config.model_dump(mode="json"), **environment()}
     params |= {"corpus_file_sha1": data.corpus_sha1, "vocab_size": data.vocab_size, "git_commit": store.git_commit()}
     params |= {"train_tokens": data.train_tokens, "val_tokens_actual": data.val_tokens}
     mlflow_client.log_batch(created.info.run_id, params=[store.as_param(k, v) for k, v in params.items()])
@@ -86,10 +91,10 @@ def new_run(mlflow_client: MlflowClient, config: TrainConfig, data: run.Prepared
 
 
 def _resumable_run(
-    mlflow_client: MlflowClient, config: TrainConfig, data: run.PreparedData, parent_run_id: str | None
+    mlflow_client: MlflowClient, config: TrainConfig, data: PreparedData, parent_run_id: str | None
 ) -> TrackedRun | None:
     """The newest checkpoint of this training whose process is gone and whose run did not finish, taken over."""
-    folder = run.checkpoint_folder(config, data.corpus_sha1)
+    folder = checkpoint_folder(config, data.corpus_sha1)
     found = folder.glob("*/model.pt") if folder.is_dir() else []
     for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
         if not try_lock(lock_of(path)):
@@ -100,7 +105,7 @@ def _resumable_run(
             shutil.rmtree(path.parent, ignore_errors=True)
             continue
         try:
-            epoch = run.read_resumable(path, config, Vocab.load(data.vocab_path), data.corpus_sha1)["epoch"]
+            epoch = read_resumable(path, config, Vocab.load(data.vocab_path), data.corpus_sha1)["epoch"]
             return _continue(mlflow_client, config, data, path, status, epoch, parent_run_id)
         except BaseException:
             unlock(lock_of(path))  # a refused checkpoint stays for the user to see; nobody holds it
@@ -169,3 +174,43 @@ def run_guard(tracked: TrackedRun) -> Iterator[None]:
     finally:
         if tracked.lock is not None:
             unlock(tracked.lock)
+
+
+def environment() -> dict[str, str]:
+    """Versions worth recording next to a run's numbers."""
+    return {"torch_version": torch.__version__, "python_version": platform.python_version()}
+
+
+# --- ownership of a run's checkpoint by one process --------------------------------------------------------------
+
+
+def _lock(path: Path) -> FileLock:
+    """This process's one lock object for `path`, which any of its tasks may take or release."""
+    return _lock_at(str(Path(path).resolve()))
+
+
+@functools.cache  # the object must live as long as the process may hold the lock: freeing it releases the lock
+def _lock_at(resolved: str) -> FileLock:
+    return FileLock(resolved, thread_local=False)
+
+
+def try_lock(path: Path) -> bool:
+    """Take an exclusive lock on `path` for this process without waiting; False if another process has it.
+
+    The operating system drops the lock when the process dies, even by `kill -9`, so a crashed run never blocks its
+    own resumption. Taking a lock this process already holds succeeds.
+    """
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    lock = _lock(path)
+    if lock.is_locked:
+        return True
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return False
+    return True
+
+
+def unlock(path: Path) -> None:
+    """Release a lock taken by `try_lock` (nothing happens if this process does not hold it)."""
+    _lock(path).release(force=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from helpers import small_config
 
-from rnnlm.run import prepare_data
+from rnnlm.data import prepare_data
 
 FILES = ["info.json", "test.npy", "train.npy", "val.npy", "vocab.json"]
 
@@ -47,7 +47,7 @@ import sys, threading
 import numpy as np
 sys.path.insert(0, sys.argv[3])
 from helpers import small_config
-from rnnlm.run import prepare_data
+from rnnlm.data import prepare_data
 
 corpus, cache = sys.argv[1], sys.argv[2]
 config = small_config(__import__("pathlib").Path(cache), corpus)

@@ -16,13 +16,16 @@ import torch
 from helpers import PROJECT_ROOT, resume_settings, small_text
 
 from rnnlm.batches import DataError
-from rnnlm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from rnnlm.checkpoint import best_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
 from rnnlm.config import TrainConfig
+from rnnlm.data import prepare_data
+from rnnlm.evaluate import evaluate
 from rnnlm.generate import generate
 from rnnlm.model import RNNLM
-from rnnlm.run import best_checkpoint, fit, prepare_data
+from rnnlm.run import fit
+from rnnlm.state import Hooks
 from rnnlm.tokens import build_vocab, encode, prepare_text
-from rnnlm.train import evaluate, make_optimizer, train
+from rnnlm.train import make_optimizer, train
 
 # A word-level model as a real recipe has it, small: embeddings, dropout, two layers
 WORDS = dict(tokenization="word", preprocess="words", embedding_dim=24, dropout=0.1, lr=20.0, grad_clip=0.25)
@@ -120,7 +123,7 @@ def test_plateau_divides_the_rate_and_resume_restores_it(tmp_path, words):
     first_cut = next(i for i, rate in enumerate(rates) if rate < config.lr) + 1  # the epoch of the first division
     crash_at = first_cut + 1 + (first_cut + 1) % 2  # an odd epoch after it: the last checkpoint is the epoch before
     with pytest.raises(Crash):
-        fit(config, data, tmp_path / "cut.pt", on_epoch=crash_after(crash_at))
+        fit(config, data, tmp_path / "cut.pt", Hooks(on_epoch=crash_after(crash_at)))
     saved = load_checkpoint(tmp_path / "cut.pt")
     assert saved["lr"] == pytest.approx(rates[saved["epoch"] - 1]) and saved["lr"] < config.lr
     resumed = fit(config, data, tmp_path / "cut.pt")
@@ -193,7 +196,7 @@ def test_progress_lines_inside_epochs_and_evaluations_by_steps(tmp_path, words):
     config = make(num_epochs=2, progress_every=20, eval_every_steps=25, val_max_tokens=200)
     data = prepare_data(path, config)
     lines = []
-    result = fit(config, data, tmp_path / "m.pt", on_progress=lambda state, values: lines.append(dict(values)))
+    result = fit(config, data, tmp_path / "m.pt", Hooks(on_progress=lambda state, values: lines.append(dict(values))))
     per_epoch = result.steps // 2
     assert [(v["epoch"], v["batch"]) for v in lines] == [(e, b) for e in (1, 2) for b in range(20, per_epoch + 1, 20)]
     assert all(v["tokens_per_sec"] > 0 and v["epoch_eta_seconds"] >= 0 and v["batches"] == per_epoch for v in lines)
@@ -221,7 +224,7 @@ def test_cosine_warms_up_then_decays_to_lr_min_and_adamw_trains(tmp_path, words,
     )
     seen = []
     result = fit(config, prepare_data(path, config), tmp_path / "m.pt",
-                 on_progress=lambda state, values: seen.append(values["lr"]))  # fmt: skip
+                 Hooks(on_progress=lambda state, values: seen.append(values["lr"])))  # fmt: skip
     if schedule == "cosine":
         assert result.history[-1].lr == pytest.approx(0.01, rel=0.05) and max(seen) <= config.lr
         assert result.history[0].lr > result.history[1].lr > result.history[2].lr
@@ -234,7 +237,7 @@ def test_max_minutes_stops_and_registers_what_there_is(tmp_path, words):
     path, make = words
     config = make(num_epochs=1000, max_minutes=0.02, progress_every=5)
     started, lines = time.perf_counter(), []
-    result = fit(config, prepare_data(path, config), tmp_path / "m.pt", on_progress=lambda s, v: lines.append(v))
+    result = fit(config, prepare_data(path, config), tmp_path / "m.pt", Hooks(on_progress=lambda s, v: lines.append(v)))
     assert time.perf_counter() - started < 60
     assert result.epochs < 1000 and "time budget" in result.stopped and result.registered_val_perplexity is not None
     # the progress lines' ETA and share done follow the budget, not the 1,000 epochs
@@ -247,12 +250,14 @@ KILLED_TRAINING = """
 import sys, time
 sys.path.insert(0, {root!r})
 from rnnlm.config import TrainConfig
-from rnnlm.run import fit, prepare_data
+from rnnlm.data import prepare_data
+from rnnlm.run import fit
+from rnnlm.state import Hooks
 import torch
 torch.set_num_threads(1)
 config = TrainConfig.model_validate_json(sys.argv[1])
 slow = lambda state, values: time.sleep(0.05)  # a step every 50 ms or more: time to kill it inside an epoch
-fit(config, prepare_data(config.corpus, config), sys.argv[2], on_progress=slow)
+fit(config, prepare_data(config.corpus, config), sys.argv[2], Hooks(on_progress=slow))
 """
 
 

@@ -12,9 +12,11 @@ import pytest
 import torch
 from helpers import resume_settings
 
-from rnnlm.checkpoint import CheckpointMismatch, load_checkpoint, save_checkpoint
+from rnnlm.checkpoint import CheckpointMismatch, checkpoint_folder, load_checkpoint, save_checkpoint
 from rnnlm.config import TrainConfig
-from rnnlm.run import checkpoint_folder, fit, prepare_data
+from rnnlm.data import prepare_data
+from rnnlm.run import fit
+from rnnlm.state import Hooks
 
 
 def config_for(tmp_path, corpus, **overrides) -> TrainConfig:
@@ -49,10 +51,10 @@ def test_resume_continues_exactly(tmp_path, prepared, use_random_iter):
 
     path = tmp_path / "interrupted.pt"
     with pytest.raises(StopAfter):
-        fit(config, data, path, on_epoch=stop_after(5))  # dies in epoch 5; last checkpoint: epoch 4
+        fit(config, data, path, Hooks(on_epoch=stop_after(5)))  # dies in epoch 5; last checkpoint: epoch 4
     assert load_checkpoint(path)["epoch"] == 4
     resumed_from = []
-    result = fit(config, data, path, on_resume=lambda state: resumed_from.append(state.epoch))
+    result = fit(config, data, path, Hooks(on_resume=lambda state: resumed_from.append(state.epoch)))
 
     assert resumed_from == [4] and result.resumed_from_epoch == 4
     assert replace(result.history[-1], **_timings(reference.history[-1])) == reference.history[-1]
@@ -151,7 +153,7 @@ def test_ctrl_c_stops_after_the_minibatch_with_a_checkpoint_and_resumes_exactly(
             os.kill(os.getpid(), signal.SIGINT)  # a real SIGINT, as Ctrl-C sends
 
     with pytest.raises(KeyboardInterrupt, match="interrupted in epoch 4 after step"):
-        fit(config, data, tmp_path / "c.pt", on_epoch=interrupt_at_epoch_3)
+        fit(config, data, tmp_path / "c.pt", Hooks(on_epoch=interrupt_at_epoch_3))
     saved = load_checkpoint(tmp_path / "c.pt")
     assert (saved["epoch"], saved["batch"]) == (3, 1)  # the first minibatch of epoch 4 done, then the checkpoint
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C behaves as usual again

@@ -17,10 +17,11 @@ import torch
 from helpers import PROJECT_ROOT, resume_settings, small_text
 from mlflow.tracking import MlflowClient
 
-from rnnlm.checkpoint import load_checkpoint
+from rnnlm.checkpoint import checkpoint_folder, load_checkpoint
 from rnnlm.config import TrainConfig
 from rnnlm.corpus import sha1_of
-from rnnlm.run import FitResult, checkpoint_folder, fit, prepare_data
+from rnnlm.data import prepare_data
+from rnnlm.run import FitResult, fit
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 

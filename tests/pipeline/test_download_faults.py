@@ -13,7 +13,7 @@ import pytest
 
 from rnnlm.config import TrainConfig
 from rnnlm.corpus import CorpusError, DownloadError, fetch_corpus
-from rnnlm.run import fetch
+from rnnlm.data import fetch
 
 BODY = b"The Time Machine, by H. G. Wells.\n" * 300
 

@@ -13,8 +13,9 @@ from helpers import CountingHandler, flow_config
 from mlflow.tracking import MlflowClient
 
 from flows.train_flow import train_flow
-from rnnlm.checkpoint import load_checkpoint, save_checkpoint
-from rnnlm.run import fetch, fit, prepare_data, run_checkpoint
+from rnnlm.checkpoint import load_checkpoint, run_checkpoint, save_checkpoint
+from rnnlm.data import fetch, prepare_data
+from rnnlm.run import fit
 from tracking.store import experiment_id
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

@@ -11,7 +11,7 @@ from rnnlm.cpu.allocator import keep_freed_memory
 from rnnlm.cpu.threads import torch_threads
 from rnnlm.model import RNNLM, matmul_precision
 from rnnlm.tokens import build_vocab
-from rnnlm.train import make_optimizer, train_epoch
+from rnnlm.train import make_optimizer, train
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,8 @@ def test_an_epoch_reads_the_device_once(corpus, rnn, monkeypatch):
         monkeypatch.setattr(
             torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: (reads.append(_n), _o(self, *a, **k))[1]
         )
-    train_epoch(model, ids, _settings(), make_optimizer(model, 1.0), torch.Generator().manual_seed(0))
+    ids = ids.numpy()
+    train(model, ids, ids[:0], _settings(num_epochs=1), make_optimizer(model, 1.0), torch.Generator().manual_seed(0))
     assert reads == ["__float__"]
 
 
@@ -72,8 +73,9 @@ def _five_epochs(corpus, amp: bool) -> tuple[list[float], RNNLM]:
     vocab_size, ids = corpus
     torch.manual_seed(0)
     model = RNNLM(vocab_size, 32, "lstm")
-    optimizer, generator = make_optimizer(model, 1.0), torch.Generator().manual_seed(0)
-    return [train_epoch(model, ids, _settings(amp=amp), optimizer, generator)[0] for _ in range(5)], model
+    optimizer, generator, ids = make_optimizer(model, 1.0), torch.Generator().manual_seed(0), ids.numpy()
+    state = train(model, ids, ids[:0], _settings(amp=amp, num_epochs=5), optimizer, generator)
+    return [stats.train_perplexity for stats in state.history], model
 
 
 def test_bf16_autocast_trains_like_float32(corpus):
@@ -108,15 +110,13 @@ from rnnlm.model import RNNLM
 if sys.argv[1] == "glibc-default":
     rnnlm.cpu.keep_freed_memory = lambda: False
 torch.manual_seed(0)
-ids = torch.from_numpy(np.random.default_rng(0).integers(0, 28, 4000))
+ids = np.random.default_rng(0).integers(0, 28, 4000)
 model = RNNLM(28, 256, "gru")
-settings = TrainConfig(batch_size=32, num_steps=35, lr=1.0, grad_clip=1.0, num_epochs=1)
+settings = TrainConfig(batch_size=32, num_steps=35, lr=1.0, grad_clip=1.0, num_epochs=3)
 optimizer, generator = T.make_optimizer(model, 1.0), torch.Generator().manual_seed(0)
-for _ in range(3):  # warm-up: first touches are expected
-    T.train_epoch(model, ids, settings, optimizer, generator)
+T.train(model, ids, ids[:0], settings, optimizer, generator)  # warm-up, 3 epochs: first touches are expected
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-    T.train_epoch(model, ids, settings, optimizer, generator)
+T.train(model, ids, ids[:0], settings.model_copy(update={"num_epochs": 10}), optimizer, generator)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 

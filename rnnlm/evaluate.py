@@ -1,0 +1,37 @@
+"""Evaluation: the perplexity of held-out text, every token predicted from all before it, without training."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rnnlm import cpu
+from rnnlm.batches import eval_batches
+from rnnlm.model import RNNLM
+
+
+@torch.no_grad()
+def evaluate(model: RNNLM, corpus: torch.Tensor, batch_size: int, num_steps: int, cpu_threads: int = 0) -> float:
+    """Perplexity of `corpus`, predicting every token from all before it (state carried), without training
+    (dropout off)."""
+    return perplexity_of(evaluate_loss(model, corpus, batch_size, num_steps, cpu_threads))
+
+
+@torch.no_grad()
+def evaluate_loss(model: RNNLM, corpus: torch.Tensor, batch_size: int, num_steps: int, cpu_threads: int = 0) -> float:
+    """The mean cross-entropy (nats a token) of `corpus`, as `evaluate` walks it."""
+    model.eval()
+    loss_sum, num_tokens, hidden = torch.zeros((), device=corpus.device, dtype=torch.float64), 0, None
+    with cpu.settings(cpu_threads, model, (batch_size, num_steps)):
+        for inputs, targets in eval_batches(corpus, batch_size, num_steps):
+            hidden = model.begin_state(inputs.shape[0], corpus.device) if hidden is None else hidden
+            loss, hidden = model.loss(inputs, targets, hidden, reduction="sum")
+            loss_sum += loss
+            num_tokens += targets.numel()
+    return float(loss_sum) / num_tokens
+
+
+def perplexity_of(mean_loss: float) -> float:
+    """exp(mean cross-entropy); inf when that overflows a float, nan when the loss is nan."""
+    return math.exp(mean_loss) if mean_loss < 709.0 or math.isnan(mean_loss) else math.inf
