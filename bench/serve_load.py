@@ -19,18 +19,21 @@ import argparse
 import http.client
 import json
 import os
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from flows.environment import QUIET_DEFAULTS
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the tests' service helpers start and stop the server
-
-from helpers.services import model_server  # noqa: E402
-
 DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "timemachine.txt"
 PROMPTS = ["time traveller", "the machine", "it was", "the time traveller said", "we", "a"]
 SAMPLED = {"temperature": 0.8, "top_k": 5}
@@ -43,18 +46,59 @@ def register_book_model(folder: Path, corpus: str | None, epochs: int) -> tuple[
     os.environ["MLFLOW_TRACKING_URI"] = uri
     from prefect.logging import disable_run_logger
 
-    from rnnlm import run
     from rnnlm.config import TrainConfig
+    from rnnlm.data import fetch, prepare_data
+    from rnnlm.run import fit
     from tasks.mlflow_run import register_model
     from tracking import store
 
     settings = {"num_epochs": epochs, "eval_every": epochs, "cache_dir": str(folder / "cache")}
     config = TrainConfig(**settings, **({"corpus": corpus} if corpus else {}))
-    result = run.fit(config, run.prepare_data(run.fetch(config), config), folder / "model.pt")
+    result = fit(config, prepare_data(fetch(config), config), folder / "model.pt")
     run_id = store.client().create_run(store.experiment_id(config.experiment)).info.run_id
     with disable_run_logger():  # the task's body, outside a flow
         version = register_model.fn(config, run_id, result)
     return f"models:/{config.registered_model}/{version}", uri
+
+
+@contextmanager
+def model_server(model: str, tracking_uri: str, log: Path, workers: int) -> Iterator[tuple[str, int]]:
+    """The real `mlflow models serve -w workers` of `model` (this environment's packages) on a free loopback port, in
+    a process group of its own; yields its URL and the group's id, and ends the whole group afterwards."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    env = os.environ | QUIET_DEFAULTS | {"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # this venv's uvicorn
+    serve = ["mlflow", "models", "serve", "-m", model, "--env-manager", "local", "-w", str(workers)]
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [*serve, "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=out, stderr=out, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while not _pings(port):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the model server did not come up:\n{log.read_text(errors='replace')[-4000:]}")
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}", server.pid
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+
+
+def _pings(port: int) -> bool:
+    """Whether the server on `port` answers its /ping with 200."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        conn.request("GET", "/ping")
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()
 
 
 def post(port: int, body: bytes, conn: http.client.HTTPConnection | None = None) -> tuple[int, bytes, float]:
@@ -198,7 +242,7 @@ def main(argv=None) -> None:
             model, uri = args.model, args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
         else:
             model, uri = register_book_model(folder, args.corpus, args.epochs)
-        with model_server(model, uri, folder / "serve.log", "-w", str(args.workers)) as (url, group):
+        with model_server(model, uri, folder / "serve.log", args.workers) as (url, group):
             run_all(args, int(url.rsplit(":", 1)[1]), server_pids(group), model)
 
 
