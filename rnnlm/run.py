@@ -16,7 +16,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -68,12 +68,12 @@ class FitResult:
         None  # on the test split, else validation (bits per character at char level)
     )
 
-    METRICS = (
+    METRICS: ClassVar = (  # metrics(): the final numbers, without the per-epoch history
         "train_perplexity", "val_perplexity", "best_val_perplexity", "tokens_per_sec", "train_seconds", "steps",
         "registered_epoch", "registered_step", "registered_val_perplexity", "registered_test_perplexity",
         "registered_bits_per_token",
     )  # fmt: skip
-    SUMMARY = (
+    SUMMARY: ClassVar = (  # summary(): what a training flow returns about the run
         "train_perplexity", "val_perplexity", "tokens_per_sec", "device", "registered", "registered_val_perplexity",
         "registered_test_perplexity", "stopped", "epochs",
     )  # fmt: skip

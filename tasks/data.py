@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from rnnlm import data as stage
+import rnnlm.data
 from rnnlm.config import TrainConfig
 from rnnlm.corpus import DownloadError
 from tracking.retries import retry_if
@@ -27,15 +27,15 @@ from tracking.retries import retry_if
 )
 def fetch_corpus(config: TrainConfig) -> str:
     """Download (or find) the corpus and verify its sha1; returns the local path."""
-    path = stage.fetch(config)
+    path = rnnlm.data.fetch(config)
     get_run_logger().info("corpus %s at %s (%s bytes)", config.corpus, path, f"{path.stat().st_size:,}")
     return str(path)
 
 
 @task(name="prepare-data", task_run_name="prepare-data-{config.tokenization}", cache_policy=NO_CACHE)
-def prepare_data(corpus_path: str, config: TrainConfig) -> stage.PreparedData:
+def prepare_data(corpus_path: str, config: TrainConfig) -> rnnlm.data.PreparedData:
     """Tokenize, build the vocab and split into train/validation token arrays on disk (or find them there)."""
-    data = stage.prepare_data(Path(corpus_path), config)
+    data = rnnlm.data.prepare_data(Path(corpus_path), config)
     logger = get_run_logger()
     logger.info(
         "vocab %d tokens; corpus %s tokens: %s for training, %s held out for validation%s",

@@ -18,7 +18,6 @@ from rnnlm.run import FitResult
 from tracking import store
 from tracking.runs import TrackedRun, start_or_resume
 
-FINAL = "final_"  # the prefix of a run's final metrics (FitResult.metrics()), apart from the per-epoch ones
 MODEL_SCRIPT = Path(__file__).with_name("pyfunc_model.py")  # MLflow runs it to load the model: never imported
 
 
@@ -47,7 +46,7 @@ def start_run(config: TrainConfig, data: PreparedData, parent_run_id: str | None
 def log_results(run_id: str, result: FitResult, samples: dict, plot_path: str, vocab_path: str) -> None:
     """Final metrics, samples, the perplexity curve, the vocab and the checkpoint as run artifacts."""
     mlflow_client = store.client()
-    final = {f"{FINAL}{k}": v for k, v in result.metrics().items()}
+    final = {f"{store.FINAL}{k}": v for k, v in result.metrics().items()}
     mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in final.items()])
     for key, value in result.tags().items():
         mlflow_client.set_tag(run_id, key, value)

@@ -13,8 +13,7 @@ from prefect.deployments import run_deployment
 
 from rnnlm.config import TrainConfig
 from rnnlm.run import FitResult
-from tasks.mlflow_run import FINAL
-from tracking.store import as_param, client, experiment_id, run_tags
+from tracking.store import FINAL, as_param, client, experiment_id, run_tags
 
 # Training perplexities the book prints for its chapter 8-9 models (500 epochs, 10,000 tokens, batch 32, 35 steps).
 BOOK_PERPLEXITY = {("rnn", 1): 1.3, ("gru", 1): 1.0, ("lstm", 1): 1.1, ("lstm", 2): 1.0}

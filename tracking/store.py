@@ -23,6 +23,8 @@ from mlflow.tracking import MlflowClient
 
 from rnnlm import paths
 
+FINAL = "final_"  # the prefix of a run's final metrics (FitResult.metrics()), apart from the per-epoch ones
+
 
 class TrackingError(RuntimeError):
     """The tracking server cannot be used; the message names the URI."""
