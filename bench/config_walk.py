@@ -73,8 +73,9 @@ def parse(name: str, source: str, is_package: bool) -> Module:
                 module.names[local] = (base, alias.name)
                 module.modules[local] = f"{base}.{alias.name}"  # `from pkg import module` binds a module too
         elif isinstance(node, ast.Import):
-            for alias in node.names:
-                module.modules[alias.asname or alias.name.split(".")[0]] = alias.name if alias.asname else alias.name
+            for alias in node.names:  # `import a.b` binds `a`; `import a.b as c` binds `c` to a.b
+                top = alias.name.split(".")[0]
+                module.modules[alias.asname or top] = alias.name if alias.asname else top
     tree = ast.parse(source)
     for node in tree.body:
         if isinstance(node, ast.FunctionDef):
@@ -110,14 +111,14 @@ class Walk:
         """The project function a call's function expression names, if it is one."""
         if isinstance(func, ast.Name):
             return self.resolve(module, func.id)
-        if not isinstance(func, ast.Attribute) or not isinstance(func.value, ast.Name):
+        parts = dotted(func)
+        if not parts:
             return None
-        base = func.value.id
-        if base == "self" and owner is not None:
-            return module.classes[owner].get(func.attr)
-        target = module.modules.get(base)
+        if parts[0] == "self" and owner is not None and len(parts) == 2:
+            return module.classes[owner].get(parts[1])
+        target = ".".join([module.modules.get(parts[0], ""), *parts[1:-1]])  # a module, named as imported
         if target in self.modules:
-            return self.resolve(self.modules[target], func.attr)
+            return self.resolve(self.modules[target], parts[-1])
         return None
 
     def enter(self, function: Function, config_names: set[str], stack: list[str], depth: int) -> None:
@@ -181,6 +182,15 @@ def calls_in(node: ast.FunctionDef) -> list[ast.Call]:
         if not isinstance(statement, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):  # closures run later
             visit(statement)
     return sorted(found, key=lambda c: (c.lineno, c.col_offset))
+
+
+def dotted(node: ast.expr) -> list[str]:
+    """`a.b.c` as ["a", "b", "c"]; empty for anything but names and attributes."""
+    if isinstance(node, ast.Name):
+        return [node.id]
+    if isinstance(node, ast.Attribute) and (base := dotted(node.value)):
+        return [*base, node.attr]
+    return []
 
 
 def is_self(node: ast.expr) -> bool:
