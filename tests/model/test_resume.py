@@ -161,3 +161,15 @@ def test_ctrl_c_stops_after_the_minibatch_with_a_checkpoint_and_resumes_exactly(
     resumed = fit(config, data, tmp_path / "c.pt")
     assert resumed.resumed_from_epoch == 3 and resumed.train_perplexity == reference.train_perplexity
     assert resumed.val_perplexity == reference.val_perplexity and resumed.steps == reference.steps
+
+
+def test_a_checkpoint_keeps_every_field_of_the_training_state():
+    """The saved state is TrainState's own field list: a field added there is saved and resumed without a copy."""
+    from dataclasses import fields
+
+    from rnnlm.checkpoint import state_to_checkpoint
+    from rnnlm.state import TrainState
+
+    saved = state_to_checkpoint(TrainState(epoch=2, step=9, lr=0.25, stale_evals=1))
+    assert {f.name for f in fields(TrainState)} <= saved.keys()
+    assert (saved["epoch"], saved["step"], saved["lr"], saved["stale_evals"]) == (2, 9, 0.25, 1)
