@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 from rnnlm.generate import BUDGET_DEFAULTS, GenerationError, check_budget, generate, streams_of
 from rnnlm.model import RNNLM
 from rnnlm.tokens import Vocab
-from tasks.pyfunc_model import (
+from serving.model import (
     SCORING_APP,
     Batcher,
     _guarded,
@@ -224,7 +224,7 @@ def _logged_model(folder) -> str:
     checkpoint = folder / "model.pt"
     config = TrainConfig(num_hiddens=8).model_dump(mode="json")
     save_checkpoint(checkpoint, model=model.state_dict(), config=config, vocab=VOCAB.tokens)
-    code = Path(__file__).resolve().parents[2] / "tasks" / "pyfunc_model.py"
+    code = Path(__file__).resolve().parents[2] / "serving" / "model.py"
     path = folder / "logged"
     mlflow.pyfunc.save_model(
         path, python_model=str(code), artifacts={"checkpoint": str(checkpoint)}, code_paths=[str(paths.PACKAGE)],
