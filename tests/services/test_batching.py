@@ -18,15 +18,8 @@ from mlflow.exceptions import MlflowException
 from rnnlm.generate import BUDGET_DEFAULTS, GenerationError, check_budget, generate, streams_of
 from rnnlm.model import RNNLM
 from rnnlm.tokens import Vocab
-from serving.model import (
-    SCORING_APP,
-    Batcher,
-    _guarded,
-    _lean_scoring_app,
-    _Timeout,
-    serve_settings,
-    short_message,
-)
+from serving.model import Batcher, serve_settings
+from serving.scoring import SCORING_APP, RequestTimeout, guarded, lean_scoring_app, short_message
 
 VOCAB = Vocab(["<unk>", " ", *"etaoinsrhldmucfwgypbvkxjqz"])
 GREEDY, SAMPLED, BUSY, FAILING = (12, 1.0, 1), (12, 0.8, 5), (1, 1.0, 1), (2, 1.0, 1)
@@ -156,13 +149,13 @@ def test_the_guard_answers_bodies_mlflow_cannot_parse_with_4xx():
             return json.loads(data)  # RecursionError for deep nesting, as in MLflow's parsing
         raise MlflowException(f"Failed to predict data '{data.decode()}'. \nError: prompt 'x' is refused")
 
-    guarded = _guarded(invocations, max_body_bytes=1_000_000)
-    deep = guarded(b"[" * 100_000 + b"]" * 100_000, "application/json", None, None)
+    checked = guarded(invocations, max_body_bytes=1_000_000)
+    deep = checked(b"[" * 100_000 + b"]" * 100_000, "application/json", None, None)
     assert deep.status == 400 and "nested too deeply" in json.loads(deep.response)["message"]
-    large = guarded(b" " * 1_000_001, "application/json", None, None)
+    large = checked(b" " * 1_000_001, "application/json", None, None)
     assert large.status == 413 and "over the limit of 1,000,000 (max_body_bytes" in large.response
     with pytest.raises(MlflowException) as refused:
-        guarded(b'{"inputs": ["' + b"a" * 100_000 + b'"]}', "application/json", None, None)
+        checked(b'{"inputs": ["' + b"a" * 100_000 + b'"]}', "application/json", None, None)
     assert refused.value.message == "Failed to predict: prompt 'x' is refused"
     assert len(short_message("Invalid input.\nInput: \n" + "x" * 10_000)) < 100
 
@@ -179,7 +172,7 @@ def test_the_request_timeout_answers_504_past_it_and_passes_quick_requests_throu
         async def send(message):
             sent.append(message)
 
-        await _Timeout(app, seconds=0.2)({"type": "http", "path": path}, None, send)
+        await RequestTimeout(app, seconds=0.2)({"type": "http", "path": path}, None, send)
         return sent
 
     quick, slow = asyncio.run(call("/0")), asyncio.run(call("/5"))
@@ -188,8 +181,8 @@ def test_the_request_timeout_answers_504_past_it_and_passes_quick_requests_throu
 
 
 def test_mlflows_timeout_middleware_is_swapped_for_the_plain_one_and_the_app_still_serves(monkeypatch, tmp_path):
-    """The real scoring app of a logged model: after the swap its middleware is `_Timeout` with MLflow's timeout, and
-    it answers /invocations as before."""
+    """The real scoring app of a logged model: after the swap its middleware is `RequestTimeout` with MLflow's
+    timeout, and it answers /invocations as before."""
     from fastapi.testclient import TestClient
     from mlflow.pyfunc import scoring_server
     from starlette.middleware.base import BaseHTTPMiddleware
@@ -203,11 +196,11 @@ def test_mlflows_timeout_middleware_is_swapped_for_the_plain_one_and_the_app_sti
     assert [m.cls for m in app.user_middleware] == [BaseHTTPMiddleware]
     monkeypatch.setitem(sys.modules, SCORING_APP, types.SimpleNamespace(app=app))
     monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "7")
-    assert _lean_scoring_app()
-    assert [(m.cls, m.kwargs) for m in app.user_middleware] == [(_Timeout, {"seconds": 7})]
+    assert lean_scoring_app()
+    assert [(m.cls, m.kwargs) for m in app.user_middleware] == [(RequestTimeout, {"seconds": 7})]
     after = client.post("/invocations", json=body)
     assert after.status_code == 200 and after.json() == before.json()
-    assert not _lean_scoring_app()  # nothing left to swap
+    assert not lean_scoring_app()  # nothing left to swap
 
 
 def _logged_model(folder) -> str:
@@ -227,7 +220,7 @@ def _logged_model(folder) -> str:
     code = Path(__file__).resolve().parents[2] / "serving" / "model.py"
     path = folder / "logged"
     mlflow.pyfunc.save_model(
-        path, python_model=str(code), artifacts={"checkpoint": str(checkpoint)}, code_paths=[str(paths.PACKAGE)],
-        input_example=(["time"], SAMPLING_DEFAULTS),
+        path, python_model=str(code), artifacts={"checkpoint": str(checkpoint)},
+        code_paths=[str(paths.PACKAGE), str(code.parent)], input_example=(["time"], SAMPLING_DEFAULTS),
     )  # fmt: skip
     return str(path)
