@@ -21,9 +21,9 @@ SERVING_MODEL_CONFIG) and when it is served: environment variables `RNNLM_SERVE_
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
-import queue
 import sys
 import threading
 import time
@@ -36,7 +36,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
-from serving.scoring import SCORING_APP, hook_scoring_server, lean_scoring_app, trim_heap
+from serving.scoring import SCORING_APP, hook_scoring_server, lean_scoring_app, trim_heap, when_abandoned
 
 SERVE_DEFAULTS = {
     "max_body_bytes": 1024 * 1024,  # request bodies larger than this are refused before MLflow parses them
@@ -56,6 +56,7 @@ class RNNLMModel(PythonModel):
 
     def load_context(self, context) -> None:
         from rnnlm.checkpoint import load_checkpoint, model_from_checkpoint
+        from rnnlm.generate import SAMPLING_DEFAULTS
 
         self.model, self.vocab, self.config = model_from_checkpoint(load_checkpoint(context.artifacts["checkpoint"]))
         self.settings = serve_settings(context.model_config or {})
@@ -66,7 +67,7 @@ class RNNLMModel(PythonModel):
             torch.set_num_threads(self.settings["torch_threads"])
             window = self.settings["batch_window_ms"] / 1000
             self.batcher = Batcher(self._generate, window, self.settings["max_batch_rows"])
-            hook_scoring_server(self.settings)
+            hook_scoring_server(self.settings, list(SAMPLING_DEFAULTS))
 
     def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
         from rnnlm.generate import GenerationError
@@ -129,7 +130,7 @@ def serve_settings(model_config: dict[str, Any]) -> dict[str, int]:
     return settings
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: two equal requests are two requests
 class _Waiting:
     """One predict call waiting for its batch: what it asks and, once served, its texts or its error."""
 
@@ -141,36 +142,59 @@ class _Waiting:
     error: Exception | None = None
 
 
+class Abandoned(Exception):
+    """The request's caller stopped waiting for it (its timeout passed): its work was withdrawn."""
+
+
 class Batcher:
     """Serves `submit` calls from many threads in one background thread, in batches: it takes every request queued
     (up to `max_rows` prompts in all), waiting up to `window_s` after the first for more while it is under load (the
     recent batches held several requests: clients answered together send their next requests together), then calls
     `run(key, prompts, streams)` once per group of requests with the same key, oldest group first, and hands each
-    request its own rows.
+    request its own rows. A request abandoned while it waits (its timeout passed) leaves the queue at once.
 
     One batch runs at a time, so a long request (10,000 tokens) delays the requests queued behind it.
     """
 
     def __init__(self, run: Callable[[Key, list[str], list], list[str]], window_s: float, max_rows: int):
         self._run, self._window_s, self._max_rows = run, window_s, max_rows
-        self._queue: queue.SimpleQueue[_Waiting] = queue.SimpleQueue()
+        self._queue: collections.deque[_Waiting] = collections.deque()
+        self._queued = threading.Condition()  # guards the queue; notified when a request joins it
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._load = 0.0  # requests per batch lately: the largest, halved at every batch after it
 
     def submit(self, key: Key, prompts: list[str], streams: list) -> list[str]:
-        """Queue a request and wait for its texts (its batch's error is raised here)."""
+        """Queue a request and wait for its texts (its batch's error is raised here; `Abandoned` if the server stopped
+        waiting for it first)."""
         self._start()
         waiting = _Waiting(key, prompts, streams)
-        self._queue.put(waiting)
+        with self._queued:
+            self._queue.append(waiting)
+            self._queued.notify()
+        when_abandoned(lambda: self._withdraw(waiting))
         waiting.done.wait()
         if waiting.error is not None:
             raise waiting.error
         return waiting.texts
 
+    def pending(self) -> int:
+        """How many requests are queued for the next batch."""
+        with self._queued:
+            return len(self._queue)
+
     def started(self) -> bool:
         """Whether the background thread runs (a request came)."""
         return self._thread is not None
+
+    def _withdraw(self, waiting: _Waiting) -> None:
+        """A request nobody waits for any more: out of the queue if it is still there (else its batch runs it and its
+        texts are dropped), and its thread freed."""
+        with self._queued:
+            if waiting in self._queue:
+                self._queue.remove(waiting)
+        waiting.error = Abandoned("the request was abandoned before its batch ran (its timeout passed)")
+        waiting.done.set()
 
     def _start(self) -> None:
         """The background thread, started at the first request."""
@@ -191,15 +215,16 @@ class Batcher:
     def _gather(self) -> list[_Waiting]:
         """The oldest waiting request and every one queued after it, and under load those that arrive within the
         window after it."""
-        batch = [self._queue.get()]
-        rows, wait = len(batch[0].prompts), self._window_s if self._load >= 2 else 0.0
-        deadline = time.monotonic() + wait
-        while rows < self._max_rows:
-            try:
-                batch.append(self._queue.get(timeout=max(deadline - time.monotonic(), 0)))
-            except queue.Empty:
-                break
-            rows += len(batch[-1].prompts)
+        with self._queued:
+            self._queued.wait_for(lambda: self._queue)
+            batch = [self._queue.popleft()]
+            rows, wait = len(batch[0].prompts), self._window_s if self._load >= 2 else 0.0
+            deadline = time.monotonic() + wait
+            while rows < self._max_rows:
+                if not self._queued.wait_for(lambda: self._queue, max(deadline - time.monotonic(), 0)):
+                    break
+                batch.append(self._queue.popleft())
+                rows += len(batch[-1].prompts)
         self._load = max(len(batch), self._load / 2)
         return batch
 
