@@ -1,8 +1,9 @@
 """Which MLflow run a training trains in: a new one, or the interrupted run of the same training, taken over.
 
-A tracked run's resumable checkpoint lives at `rnnlm.run.run_checkpoint(config, corpus sha1, run id)`. The process
-that trains a run holds a lock beside that checkpoint until `run_guard` ends, so two processes never train into the
-same run, and a run whose process died (even by `kill -9`) can be taken over by the next one.
+A tracked run's resumable checkpoint lives at `rnnlm.run.run_checkpoint(config, corpus sha1, run id)`. The training
+that trains a run holds a lock beside that checkpoint until `run_guard` ends, so two trainings never train into the
+same run, whether they are two processes or two threads of one (sweep members on one worker), and a run whose
+process died (even by `kill -9`) can be taken over by the next one.
 """
 
 from __future__ import annotations
