@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from helpers import PROJECT_ROOT
 
@@ -22,10 +24,17 @@ sys.stdin.read()  # holds it until this process is told to end or is killed
 """
 
 
-def _other_process(path) -> subprocess.Popen:
-    """A real process that tries to take the lock and says whether it got it ("held" or "refused")."""
+@contextmanager
+def _other_process(path) -> Iterator[str]:
+    """A real process that tries to take the lock; what it says ("held" or "refused"). It is killed after the block
+    (if it holds the lock, the operating system drops it then)."""
     code = HOLD.format(root=str(PROJECT_ROOT), path=str(path))
-    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        yield process.stdout.readline().strip()
+    finally:
+        os.kill(process.pid, signal.SIGKILL)  # as a crashed training dies
+        process.wait()
 
 
 def test_two_threads_asking_at_once_get_one_lock_and_the_other_waits_for_its_release(tmp_path):
@@ -66,37 +75,21 @@ def test_a_thread_cannot_take_a_lock_another_thread_holds(tmp_path):
 
 def test_a_lock_holds_between_processes_and_a_killed_holder_leaves_it_free(tmp_path):
     path = tmp_path / "run.lock"
-    holder = _other_process(path)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with _other_process(path) as said:
+        assert said == "held"
         assert not try_lock(path)
-    finally:
-        os.kill(holder.pid, signal.SIGKILL)  # a crashed training: the OS drops its lock
-        holder.wait()
-    assert try_lock(path)
-    other = _other_process(path)
-    try:
-        assert other.stdout.readline().strip() == "refused"
-    finally:
-        other.kill()
-        other.wait()
+    assert try_lock(path)  # the holder was killed: the OS dropped its lock
+    with _other_process(path) as said:
+        assert said == "refused"
     unlock(path)
-    after = _other_process(path)
-    try:
-        assert after.stdout.readline().strip() == "held"
-    finally:
-        after.kill()
-        after.wait()
+    with _other_process(path) as said:
+        assert said == "held"
 
 
 def test_unlock_without_holding_does_nothing(tmp_path):
     path = tmp_path / "run.lock"
     unlock(path)
-    holder = _other_process(path)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with _other_process(path) as said:
+        assert said == "held"
         unlock(path)  # not this process's lock: the other one still holds it
         assert not try_lock(path)
-    finally:
-        holder.kill()
-        holder.wait()
