@@ -104,8 +104,10 @@ def num_batches(num_tokens: int, batch_size: int, num_steps: int, use_random_ite
 
 
 def eval_batches(corpus: torch.Tensor, batch_size: int, num_steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Every token of `corpus` (but the last) exactly once as an input, sequentially, state carried; the last chunk
-    may be shorter than `num_steps`. Used for validation perplexity."""
+    """The tokens of `corpus` laid into `batch_size` rows of equal length, each once as an input, sequentially, state
+    carried; the last chunk may be shorter than `num_steps`. The last token is only a target, and the tail that
+    does not fill a row (fewer than `batch_size` tokens) is dropped, as the book's and pytorch/examples' batchify
+    drop it, so the perplexity stays comparable with theirs. Used for validation perplexity."""
     rows = max(1, min(batch_size, (len(corpus) - 1) // num_steps))
     cols = (len(corpus) - 1) // rows
     if cols < 1:

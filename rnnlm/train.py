@@ -26,6 +26,8 @@ from rnnlm.model import RNNLM, State, detach_state
 from rnnlm.schedule import Schedule
 from rnnlm.state import EpochStats, Hooks, TrainState
 
+clock: Callable[[], float] = time.perf_counter  # the loop's clock for its times, ETAs and max_minutes (tests set it)
+
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
@@ -87,7 +89,7 @@ class _Loop:
         """One epoch (or what is left of it after a checkpoint inside it), then its evaluation and checkpoint."""
         state, config = self.state, self.config
         self.model.train()
-        started, seconds_before, evaluations_before = time.perf_counter(), state.epoch_seconds, self.eval_seconds
+        started, seconds_before, evaluations_before = clock(), state.epoch_seconds, self.eval_seconds
         loss_sum = torch.tensor(state.epoch_loss, device=self.corpus.device, dtype=torch.float64)
         with cpu.settings(config.cpu_threads, self.model, (config.batch_size, config.num_steps)):
             for inputs, targets in self._batches():
@@ -97,7 +99,7 @@ class _Loop:
                 state.epoch_tokens += targets.numel()
                 state.batch, state.step = state.batch + 1, state.step + 1
                 evaluations = self.eval_seconds - evaluations_before  # not training time: in state.elapsed
-                state.epoch_seconds = seconds_before + time.perf_counter() - started - evaluations
+                state.epoch_seconds = seconds_before + clock() - started - evaluations
                 if self._between_steps(epoch, loss_sum):
                     break
         self._end_epoch(epoch, float(loss_sum))  # the epoch's single host sync
@@ -160,10 +162,10 @@ class _Loop:
         state, config = self.state, self.config
         if len(self.val_tokens) < 2:
             return None
-        started = time.perf_counter()
+        started = clock()
         perplexity = evaluate(self.model, self.val_tokens, config.batch_size, config.num_steps, config.cpu_threads)
         self.model.train()
-        seconds = time.perf_counter() - started
+        seconds = clock() - started
         state.elapsed += seconds  # the time budget (max_minutes) counts evaluations too
         self.eval_seconds += seconds
         self.epoch_val = perplexity

@@ -10,6 +10,7 @@ from mlflow.entities import Metric
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+import serving
 from rnnlm import paths
 from rnnlm.config import TrainConfig
 from rnnlm.data import PreparedData
@@ -18,7 +19,7 @@ from rnnlm.run import FitResult
 from tracking import store
 from tracking.runs import TrackedRun, start_or_resume
 
-MODEL_SCRIPT = Path(__file__).with_name("pyfunc_model.py")  # MLflow runs it to load the model: never imported
+MODEL_SCRIPT = Path(serving.__file__).with_name("model.py")  # MLflow runs it to load the model: never imported
 
 
 @task(name="check-tracking", task_run_name="check-tracking", cache_policy=NO_CACHE)
@@ -73,7 +74,7 @@ def register_model(config: TrainConfig, run_id: str, result: FitResult) -> int:
             name="model",
             python_model=str(MODEL_SCRIPT),
             artifacts={"checkpoint": result.registered_checkpoint or result.checkpoint},
-            code_paths=[str(paths.PACKAGE)],
+            code_paths=[str(paths.PACKAGE), str(MODEL_SCRIPT.parent)],
             input_example=(["time traveller"], SAMPLING_DEFAULTS),
             pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"],
             registered_model_name=config.registered_model,

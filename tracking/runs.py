@@ -1,9 +1,9 @@
 """Which MLflow run a training trains in: a new one, or the interrupted run of the same training, taken over.
 
 A tracked run's resumable checkpoint lives at `rnnlm.checkpoint.run_checkpoint(config, corpus sha1, run id)`. The
-process that trains a run holds a lock beside that checkpoint (`try_lock`, below) until `run_guard` ends, so two
-processes never train into the same run, and a run whose process died (even by `kill -9`) can be taken over by the
-next one.
+training that trains a run holds a lock beside that checkpoint until `run_guard` ends, so two trainings never train
+into the same run, whether they are two processes or two threads of one (sweep members on one worker), and a run whose
+process died (even by `kill -9`) can be taken over by the next one.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import functools
 import os
 import platform
 import shutil
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -194,23 +195,31 @@ def _lock_at(resolved: str) -> FileLock:
     return FileLock(resolved, thread_local=False)
 
 
+_CLAIMS = threading.Lock()  # makes "is it held? take it" one step for the threads of this process
+
+
 def try_lock(path: Path) -> bool:
-    """Take an exclusive lock on `path` for this process without waiting; False if another process has it.
+    """Take an exclusive lock on `path` without waiting; False if anyone holds it: another process, or another thread
+    or task of this one (one claim per run, between threads as between processes).
 
     The operating system drops the lock when the process dies, even by `kill -9`, so a crashed run never blocks its
-    own resumption. Taking a lock this process already holds succeeds.
+    own resumption.
     """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     lock = _lock(path)
-    if lock.is_locked:
-        return True
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return False
+    with _CLAIMS:
+        if lock.is_locked:  # this process holds it already, for another claim
+            return False
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return False
     return True
 
 
 def unlock(path: Path) -> None:
-    """Release a lock taken by `try_lock` (nothing happens if this process does not hold it)."""
-    _lock(path).release(force=True)
+    """Release the lock its holder took with `try_lock` (nothing happens if this process does not hold it)."""
+    lock = _lock(path)
+    with _CLAIMS:
+        if lock.is_locked:
+            lock.release()

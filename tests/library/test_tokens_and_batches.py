@@ -83,7 +83,9 @@ def test_epoch_offsets_are_random_and_seeded():
     assert len(set(first_tokens(1))) > 1
 
 
-def test_eval_batches_cover_every_token_once():
+def test_eval_batches_take_each_token_once_but_the_tail_that_does_not_fill_a_row():
     corpus = torch.arange(103)
-    seen = torch.cat([x.reshape(-1) for x, _ in eval_batches(corpus, batch_size=4, num_steps=5)])
-    assert sorted(seen.tolist()) == list(range(100))  # 4 rows x 25 columns; the remainder is dropped
+    batches = list(eval_batches(corpus, batch_size=4, num_steps=5))
+    seen = torch.cat([x.reshape(-1) for x, _ in batches])
+    assert sorted(seen.tolist()) == list(range(100))  # 4 rows x 25 columns: 100 and 101 dropped, 102 only a target
+    assert all(torch.equal(y, x + 1) for x, y in batches)  # each input's target is the token after it

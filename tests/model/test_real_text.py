@@ -3,18 +3,19 @@ stopping and the best weights kept, three splits, evaluations and checkpoints in
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 from helpers import PROJECT_ROOT, resume_settings, small_text
 
+from rnnlm import train as train_module
 from rnnlm.batches import DataError
 from rnnlm.checkpoint import best_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
 from rnnlm.config import TrainConfig
@@ -191,17 +192,26 @@ def test_bits_per_token_match_the_perplexity(tmp_path, words, tokenization, test
     assert 0 < result.registered_bits_per_token < math.log2(prepare_data(path, config).vocab_size) + 1
 
 
-def test_progress_lines_inside_epochs_and_evaluations_by_steps(tmp_path, words):
+def _ticking(monkeypatch, seconds: float) -> None:
+    """The training loop's clock under the test's control: each reading is `seconds` later than the one before."""
+    readings = itertools.count()
+    monkeypatch.setattr(train_module, "clock", lambda: next(readings) * seconds)
+
+
+def test_progress_lines_inside_epochs_and_evaluations_by_steps(tmp_path, words, monkeypatch):
     path, make = words
     config = make(num_epochs=2, progress_every=20, eval_every_steps=25, val_max_tokens=200)
     data = prepare_data(path, config)
     lines = []
+    _ticking(monkeypatch, 1.0)  # a second per step, and per evaluation
     result = fit(config, data, tmp_path / "m.pt", Hooks(on_progress=lambda state, values: lines.append(dict(values))))
     per_epoch = result.steps // 2
     assert [(v["epoch"], v["batch"]) for v in lines] == [(e, b) for e in (1, 2) for b in range(20, per_epoch + 1, 20)]
     assert all(v["tokens_per_sec"] > 0 and v["epoch_eta_seconds"] >= 0 and v["batches"] == per_epoch for v in lines)
-    assert [v["epoch_eta_seconds"] for v in lines[:2]] == sorted([v["epoch_eta_seconds"] for v in lines[:2]],
-                                                                 reverse=True)  # fmt: skip
+    # the ETA is the batches left at the seconds per batch so far: 1 s at batch 20, a little more by 40 (the clock
+    # reading that started the evaluation at step 25 counts as training)
+    assert lines[0]["epoch_eta_seconds"] == per_epoch - 20
+    assert lines[1]["epoch_eta_seconds"] == pytest.approx((per_epoch - 40) * 41 / 40)
     assert lines[-1]["val_perplexity"] is not None  # an evaluation by steps has run by then
     # the evaluations during training used 200 validation tokens; the final numbers all 500 of them
     _, _, val_ids = data.load()
@@ -233,13 +243,14 @@ def test_cosine_warms_up_then_decays_to_lr_min_and_adamw_trains(tmp_path, words,
     assert result.history[-1].train_perplexity < result.history[0].train_perplexity
 
 
-def test_max_minutes_stops_and_registers_what_there_is(tmp_path, words):
+def test_max_minutes_stops_and_registers_what_there_is(tmp_path, words, monkeypatch):
     path, make = words
     config = make(num_epochs=1000, max_minutes=0.02, progress_every=5)
-    started, lines = time.perf_counter(), []
+    lines = []
+    _ticking(monkeypatch, 0.01)  # the budget (1.2 s) is 120 readings of the loop's clock: fewer than 120 steps
     result = fit(config, prepare_data(path, config), tmp_path / "m.pt", Hooks(on_progress=lambda s, v: lines.append(v)))
-    assert time.perf_counter() - started < 60
-    assert result.epochs < 1000 and "time budget" in result.stopped and result.registered_val_perplexity is not None
+    assert result.steps < 120 and result.epochs < 1000
+    assert "time budget" in result.stopped and result.registered_val_perplexity is not None
     # the progress lines' ETA and share done follow the budget, not the 1,000 epochs
     assert lines and all(v["run_eta_seconds"] <= 60 * 0.02 for v in lines)
     done = [v["run_done"] for v in lines]
@@ -247,7 +258,7 @@ def test_max_minutes_stops_and_registers_what_there_is(tmp_path, words):
 
 
 KILLED_TRAINING = """
-import sys, time
+import sys, threading
 sys.path.insert(0, {root!r})
 from rnnlm.config import TrainConfig
 from rnnlm.data import prepare_data
@@ -256,8 +267,13 @@ from rnnlm.state import Hooks
 import torch
 torch.set_num_threads(1)
 config = TrainConfig.model_validate_json(sys.argv[1])
-slow = lambda state, values: time.sleep(0.05)  # a step every 50 ms or more: time to kill it inside an epoch
-fit(config, prepare_data(config.corpus, config), sys.argv[2], Hooks(on_progress=slow))
+
+def stop_inside_the_second_epoch(state, values):  # once a checkpoint inside it is written: say so, wait to be killed
+    if state.epoch >= 1 and state.batch > 0 and state.step % config.checkpoint_every_steps == 0:
+        print("checkpointed", flush=True)
+        threading.Event().wait()
+
+fit(config, prepare_data(config.corpus, config), sys.argv[2], Hooks(on_progress=stop_inside_the_second_epoch))
 """
 
 
@@ -270,14 +286,11 @@ def test_kill_9_inside_an_epoch_then_rerun_ends_identical(tmp_path, words):
     checkpoint = tmp_path / "killed" / "model.pt"
     checkpoint.parent.mkdir()
     script = KILLED_TRAINING.format(root=str(PROJECT_ROOT))
-    child = subprocess.Popen([sys.executable, "-c", script, config.model_dump_json(), str(checkpoint)])
+    command = [sys.executable, "-c", script, config.model_dump_json(), str(checkpoint)]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and child.poll() is None:
-            if checkpoint.is_file() and (saved := load_checkpoint(checkpoint))["epoch"] >= 1 and saved["batch"] > 0:
-                break
-            time.sleep(0.05)
-        assert child.poll() is None, "the training ended before a checkpoint inside its second epoch"
+        said = child.stdout.readline()  # "" if it ended first
+        assert said == "checkpointed\n", "the training ended before a checkpoint inside its second epoch"
         os.kill(child.pid, signal.SIGKILL)
     finally:
         child.kill()

@@ -9,26 +9,17 @@ import sys
 import threading
 import time
 import types
-from pathlib import Path
 
 import pytest
 import torch
+from helpers.served import VOCAB, logged_model
 from mlflow.exceptions import MlflowException
 
 from rnnlm.generate import BUDGET_DEFAULTS, GenerationError, check_budget, generate, streams_of
 from rnnlm.model import RNNLM
-from rnnlm.tokens import Vocab
-from tasks.pyfunc_model import (
-    SCORING_APP,
-    Batcher,
-    _guarded,
-    _lean_scoring_app,
-    _Timeout,
-    serve_settings,
-    short_message,
-)
+from serving.model import Batcher, serve_settings
+from serving.scoring import SCORING_APP, PooledAsyncio, RequestTimeout, guarded, lean_scoring_app, short_message
 
-VOCAB = Vocab(["<unk>", " ", *"etaoinsrhldmucfwgypbvkxjqz"])
 GREEDY, SAMPLED, BUSY, FAILING = (12, 1.0, 1), (12, 0.8, 5), (1, 1.0, 1), (2, 1.0, 1)
 
 
@@ -36,7 +27,7 @@ class FakeModel:
     """A batcher's `run`: records its calls; BUSY waits until `release`, FAILING raises."""
 
     def __init__(self):
-        self.calls, self.busy, self.release = [], threading.Event(), threading.Event()
+        self.calls, self.prompts, self.busy, self.release = [], [], threading.Event(), threading.Event()
 
     def __call__(self, key, prompts, streams):
         if key == BUSY:
@@ -45,6 +36,7 @@ class FakeModel:
         if key == FAILING:
             raise ValueError("no such model")
         self.calls.append((key, len(prompts)))
+        self.prompts += prompts
         return [f"{key[2]}:{p}:{seed}.{row}" for p, (seed, row) in zip(prompts, streams, strict=True)]
 
 
@@ -65,11 +57,19 @@ def _submit_while_busy(batcher: Batcher, model: FakeModel, requests: list[tuple]
     threads = [threading.Thread(target=client, args=(i, *request)) for i, request in enumerate(requests)]
     for thread in threads:
         thread.start()
-    time.sleep(0.3)  # every client's request queued
+    _until(lambda: batcher.pending() == len(requests))  # every client's request queued
     model.release.set()
     for thread in [busy, *threads]:
         thread.join()
     return results[:-1]
+
+
+def _until(condition, seconds: float = 60) -> None:
+    """Wait until `condition()` holds (checked every millisecond); fail after `seconds` (a hang, not a slow machine)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.001)
 
 
 def test_requests_queued_together_run_as_one_call_per_key():
@@ -98,6 +98,30 @@ def test_a_batch_stops_growing_at_max_rows():
     batcher = Batcher(model, window_s=0.01, max_rows=3)
     _submit_while_busy(batcher, model, [(GREEDY, [f"p{i}"]) for i in range(7)])
     assert sum(n for _, n in model.calls[1:]) == 7 and max(n for _, n in model.calls[1:]) == 3
+
+
+def test_a_request_abandoned_by_its_timeout_leaves_the_queue_and_never_runs():
+    """The request's coroutine cancelled as the request timeout cancels it (then answers 504): its queued work is
+    withdrawn at once, its thread freed, and the batcher never runs it."""
+    model, pool = FakeModel(), PooledAsyncio(4)
+    batcher = Batcher(model, window_s=0.01, max_rows=100)
+
+    async def scenario() -> tuple[int, list[str]]:
+        busy = asyncio.ensure_future(pool.to_thread(batcher.submit, BUSY, ["x"], streams_of(0, 1)))
+        await asyncio.to_thread(model.busy.wait)
+        late = asyncio.ensure_future(pool.to_thread(batcher.submit, GREEDY, ["late"], streams_of(1, 1)))
+        await asyncio.to_thread(_until, lambda: batcher.pending() == 1)
+        late.cancel()  # what RequestTimeout's wait_for does past the timeout
+        with pytest.raises(asyncio.CancelledError):
+            await late
+        queued = batcher.pending()
+        model.release.set()
+        await busy
+        return queued, await pool.to_thread(batcher.submit, GREEDY, ["next"], streams_of(2, 1))
+
+    queued, texts = asyncio.run(scenario())
+    assert queued == 0 and texts == ["1:next:2.0"]
+    assert model.prompts == ["x", "next"]  # "late" never ran
 
 
 @pytest.mark.parametrize("rnn", ["rnn", "gru", "lstm"])
@@ -156,45 +180,46 @@ def test_the_guard_answers_bodies_mlflow_cannot_parse_with_4xx():
             return json.loads(data)  # RecursionError for deep nesting, as in MLflow's parsing
         raise MlflowException(f"Failed to predict data '{data.decode()}'. \nError: prompt 'x' is refused")
 
-    guarded = _guarded(invocations, max_body_bytes=1_000_000)
-    deep = guarded(b"[" * 100_000 + b"]" * 100_000, "application/json", None, None)
+    checked = guarded(invocations, max_body_bytes=1_000_000)
+    deep = checked(b"[" * 100_000 + b"]" * 100_000, "application/json", None, None)
     assert deep.status == 400 and "nested too deeply" in json.loads(deep.response)["message"]
-    large = guarded(b" " * 1_000_001, "application/json", None, None)
+    large = checked(b" " * 1_000_001, "application/json", None, None)
     assert large.status == 413 and "over the limit of 1,000,000 (max_body_bytes" in large.response
     with pytest.raises(MlflowException) as refused:
-        guarded(b'{"inputs": ["' + b"a" * 100_000 + b'"]}', "application/json", None, None)
+        checked(b'{"inputs": ["' + b"a" * 100_000 + b'"]}', "application/json", None, None)
     assert refused.value.message == "Failed to predict: prompt 'x' is refused"
     assert len(short_message("Invalid input.\nInput: \n" + "x" * 10_000)) < 100
 
 
 def test_the_request_timeout_answers_504_past_it_and_passes_quick_requests_through():
-    async def app(scope, receive, send):  # answers after the seconds the path asks for
-        await asyncio.sleep(float(scope["path"].strip("/")))
+    async def app(scope, receive, send):  # "/quick" answers at once; "/stuck" never does
+        if scope["path"] == "/stuck":
+            await asyncio.Event().wait()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"done"})
 
-    async def call(path: str) -> list[dict]:
+    async def call(path: str, seconds: float) -> list[dict]:
         sent = []
 
         async def send(message):
             sent.append(message)
 
-        await _Timeout(app, seconds=0.2)({"type": "http", "path": path}, None, send)
+        await RequestTimeout(app, seconds=seconds)({"type": "http", "path": path}, None, send)
         return sent
 
-    quick, slow = asyncio.run(call("/0")), asyncio.run(call("/5"))
+    quick, stuck = asyncio.run(call("/quick", 600)), asyncio.run(call("/stuck", 0.01))
     assert quick[0]["status"] == 200 and quick[1]["body"] == b"done"
-    assert slow[0]["status"] == 504 and b"exceeded" in slow[1]["body"]
+    assert stuck[0]["status"] == 504 and b"exceeded" in stuck[1]["body"]
 
 
 def test_mlflows_timeout_middleware_is_swapped_for_the_plain_one_and_the_app_still_serves(monkeypatch, tmp_path):
-    """The real scoring app of a logged model: after the swap its middleware is `_Timeout` with MLflow's timeout, and
-    it answers /invocations as before."""
+    """The real scoring app of a logged model: after the swap its middleware is `RequestTimeout` with MLflow's
+    timeout, and it answers /invocations as before."""
     from fastapi.testclient import TestClient
     from mlflow.pyfunc import scoring_server
     from starlette.middleware.base import BaseHTTPMiddleware
 
-    model = scoring_server.load_model(_logged_model(tmp_path))
+    model = scoring_server.load_model(logged_model(tmp_path))
     app = scoring_server.init(model)
     client = TestClient(app)
     body = {"inputs": ["the time"], "params": {"num_preds": 5}}
@@ -203,31 +228,37 @@ def test_mlflows_timeout_middleware_is_swapped_for_the_plain_one_and_the_app_sti
     assert [m.cls for m in app.user_middleware] == [BaseHTTPMiddleware]
     monkeypatch.setitem(sys.modules, SCORING_APP, types.SimpleNamespace(app=app))
     monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "7")
-    assert _lean_scoring_app()
-    assert [(m.cls, m.kwargs) for m in app.user_middleware] == [(_Timeout, {"seconds": 7})]
+    assert lean_scoring_app()
+    assert [(m.cls, m.kwargs) for m in app.user_middleware] == [(RequestTimeout, {"seconds": 7})]
     after = client.post("/invocations", json=body)
     assert after.status_code == 200 and after.json() == before.json()
-    assert not _lean_scoring_app()  # nothing left to swap
+    assert not lean_scoring_app()  # nothing left to swap
 
 
-def _logged_model(folder) -> str:
-    """A small book-style model logged as the project's pyfunc in a local folder; its path."""
-    import mlflow
+def test_the_app_refuses_unknown_params_and_bodies_over_the_limit_before_reading_them(monkeypatch, tmp_path):
+    """The real scoring app built with the hooks `load_context` installs: a 400 naming an unknown parameter, a 413
+    from a Content-Length over the limit and from a chunked body as soon as it passes the limit, and requests within
+    the limits served."""
+    from fastapi.testclient import TestClient
+    from mlflow.pyfunc import scoring_server
 
-    from rnnlm import paths
-    from rnnlm.checkpoint import save_checkpoint
-    from rnnlm.config import TrainConfig
-    from rnnlm.generate import SAMPLING_DEFAULTS
+    from serving.scoring import checked_params, limiting
 
-    torch.manual_seed(0)
-    model = RNNLM(len(VOCAB), 8, "rnn")
-    checkpoint = folder / "model.pt"
-    config = TrainConfig(num_hiddens=8).model_dump(mode="json")
-    save_checkpoint(checkpoint, model=model.state_dict(), config=config, vocab=VOCAB.tokens)
-    code = Path(__file__).resolve().parents[2] / "tasks" / "pyfunc_model.py"
-    path = folder / "logged"
-    mlflow.pyfunc.save_model(
-        path, python_model=str(code), artifacts={"checkpoint": str(checkpoint)}, code_paths=[str(paths.PACKAGE)],
-        input_example=(["time"], SAMPLING_DEFAULTS),
-    )  # fmt: skip
-    return str(path)
+    monkeypatch.setattr(scoring_server, "_async_catch_mlflow_exception", limiting(
+        scoring_server._async_catch_mlflow_exception, 2000))  # fmt: skip
+    split = checked_params(scoring_server._split_data_and_params, ["num_preds", "seed", "temperature", "top_k"])
+    monkeypatch.setattr(scoring_server, "_split_data_and_params", split)
+    client = TestClient(scoring_server.init(scoring_server.load_model(logged_model(tmp_path))))
+
+    served = client.post("/invocations", json={"inputs": ["the time"], "params": {"num_preds": 5}})
+    assert served.status_code == 200, served.text
+    misspelled = client.post("/invocations", json={"inputs": ["the time"], "params": {"topk": 5, "sead": 1}})
+    assert misspelled.status_code == 400
+    assert misspelled.json()["message"] == (
+        "unknown parameters 'sead', 'topk'; the accepted ones are num_preds, seed, temperature, top_k"
+    )
+    declared = client.post("/invocations", json={"inputs": ["the"] * 1000})
+    assert declared.status_code == 413 and "has 6,012 bytes, over the limit of 2,000" in declared.json()["message"]
+    chunks = (b" " * 1000 for _ in range(100))  # a chunked body: no Content-Length, counted as it comes
+    streamed = client.post("/invocations", content=chunks, headers={"Content-Type": "application/json"})
+    assert streamed.status_code == 413 and "more than 2,000 bytes" in streamed.json()["message"]

@@ -2,7 +2,6 @@
 every later process, can be set by hand, and a run's records say which path trained it and why."""
 
 import json
-import time
 
 import pytest
 import torch
@@ -19,13 +18,26 @@ def fresh(tmp_path, monkeypatch):
     monkeypatch.delenv("RNNLM_CPU_CHOICE", raising=False)
     monkeypatch.setattr(choice, "_known", {})
     monkeypatch.setattr(choice, "decisions", {})
+    monkeypatch.setattr(choice, "time", Clock)
     return tmp_path / "choices.json"
 
 
+class Clock:
+    """The measurement's clock (`time` as `choice` sees it) under the test's control: only the candidates move it."""
+
+    now = 0.0
+
+    @classmethod
+    def perf_counter(cls) -> float:
+        return cls.now
+
+
 def counted(calls: list, name: str, seconds: float):
+    """A candidate that records its calls and takes `seconds` by the test's clock."""
+
     def run():
         calls.append(name)
-        time.sleep(seconds)
+        Clock.now += seconds
 
     return run
 

@@ -1,6 +1,6 @@
 """The registered model, written as an MLflow "model from code": a pyfunc that generates text.
 
-MLflow copies this file into the model, together with the `rnnlm` package (code_paths) and the checkpoint
+MLflow copies this file into the model, together with the `rnnlm` and `serving` packages (code_paths) and the checkpoint
 (artifacts), so a registered version carries weights, vocab, config and sampling code and needs nothing else.
 Input: a list of prompts. Params: num_preds (default 50, at most 10,000), temperature (> 0), top_k (1 = greedy
 argmax, the book's predict), seed. Output: one string per prompt, the prompt followed by its continuation.
@@ -12,12 +12,8 @@ loop's default executor) the model serves many clients at once:
   num_preds, temperature and top_k, and runs one `generate` call per group. Each prompt samples from its own stream
   (its request's seed, its row), so every client gets the text it would get alone.
 - a budget per request (`max_prompts`, `max_work`), checked before any model work: a 400 that says how to split.
-- MLflow's request parsing guarded: a 400 instead of MLflow's 500 for JSON nested too deeply, a 413 for bodies over
-  `max_body_bytes`, error messages without the copy of the input MLflow puts in them.
-- freed memory handed back to the OS (glibc's malloc_trim) after large requests.
-- the request timeout (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, a 504 past it) kept, as a plain ASGI middleware in
-  place of MLflow's Starlette BaseHTTPMiddleware, which cost the event loop more per request than the rest of the
-  app (`_lean_scoring_app`, at the first request).
+- MLflow's scoring server fitted to this (request threads, guarded parsing, the body limit, the request timeout):
+  `serving/scoring.py`.
 Each setting has a default (the budget's in `rnnlm.generate.BUDGET_DEFAULTS`, the others in `SERVE_DEFAULTS`), may
 be set when the model is logged (its `model_config`, which `register_model` fills with the budget; or MLflow's
 SERVING_MODEL_CONFIG) and when it is served: environment variables `RNNLM_SERVE_<NAME>`, e.g. RNNLM_SERVE_MAX_WORK.
@@ -25,19 +21,13 @@ SERVING_MODEL_CONFIG) and when it is served: environment variables `RNNLM_SERVE_
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import ctypes
-import functools
-import json
+import collections
 import logging
 import os
-import queue
 import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +36,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
+from serving.scoring import SCORING_APP, hook_scoring_server, lean_scoring_app, trim_heap, when_abandoned
+
 SERVE_DEFAULTS = {
     "max_body_bytes": 1024 * 1024,  # request bodies larger than this are refused before MLflow parses them
     "batch_window_ms": 10,  # under load, how long a batch waits for more requests (a lone client never waits)
@@ -53,9 +45,7 @@ SERVE_DEFAULTS = {
     "threads": 64,  # the scoring server's request threads: each request waiting for its batch holds one
     "torch_threads": 1,  # torch's threads in the server: one for the batches, the other cores for HTTP
 }
-TRIM_AFTER_CHARS = 20_000  # characters of a batch group's texts, or ...
-TRIM_AFTER_BYTES = 256 * 1024  # ... bytes of a body, after which freed memory is handed back to the OS
-SCORING_APP = "mlflow.pyfunc.scoring_server.app"  # the module `mlflow models serve` runs; it loads the model
+TRIM_AFTER_CHARS = 20_000  # characters of a batch group's texts after which freed memory is handed back to the OS
 
 Key = tuple[int, float, int]  # what requests must share to run as one batch: num_preds, temperature, top_k
 _logger = logging.getLogger(__name__)
@@ -66,6 +56,7 @@ class RNNLMModel(PythonModel):
 
     def load_context(self, context) -> None:
         from rnnlm.checkpoint import load_checkpoint, model_from_checkpoint
+        from rnnlm.generate import SAMPLING_DEFAULTS
 
         self.model, self.vocab, self.config = model_from_checkpoint(load_checkpoint(context.artifacts["checkpoint"]))
         self.settings = serve_settings(context.model_config or {})
@@ -76,7 +67,7 @@ class RNNLMModel(PythonModel):
             torch.set_num_threads(self.settings["torch_threads"])
             window = self.settings["batch_window_ms"] / 1000
             self.batcher = Batcher(self._generate, window, self.settings["max_batch_rows"])
-            _hook_scoring_server(self.settings)
+            hook_scoring_server(self.settings, list(SAMPLING_DEFAULTS))
 
     def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
         from rnnlm.generate import GenerationError
@@ -86,7 +77,7 @@ class RNNLMModel(PythonModel):
             if self.batcher is None:
                 return self._generate(key, prompts, streams)
             if not self.batcher.started():
-                _lean_scoring_app()  # the app exists once a request comes
+                lean_scoring_app()  # the app exists once a request comes
             return self.batcher.submit(key, prompts, streams)
         except GenerationError as err:  # a 400 from `mlflow models serve`, not a 500
             raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from err
@@ -139,7 +130,7 @@ def serve_settings(model_config: dict[str, Any]) -> dict[str, int]:
     return settings
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: two equal requests are two requests
 class _Waiting:
     """One predict call waiting for its batch: what it asks and, once served, its texts or its error."""
 
@@ -151,36 +142,59 @@ class _Waiting:
     error: Exception | None = None
 
 
+class Abandoned(Exception):
+    """The request's caller stopped waiting for it (its timeout passed): its work was withdrawn."""
+
+
 class Batcher:
     """Serves `submit` calls from many threads in one background thread, in batches: it takes every request queued
     (up to `max_rows` prompts in all), waiting up to `window_s` after the first for more while it is under load (the
     recent batches held several requests: clients answered together send their next requests together), then calls
     `run(key, prompts, streams)` once per group of requests with the same key, oldest group first, and hands each
-    request its own rows.
+    request its own rows. A request abandoned while it waits (its timeout passed) leaves the queue at once.
 
     One batch runs at a time, so a long request (10,000 tokens) delays the requests queued behind it.
     """
 
     def __init__(self, run: Callable[[Key, list[str], list], list[str]], window_s: float, max_rows: int):
         self._run, self._window_s, self._max_rows = run, window_s, max_rows
-        self._queue: queue.SimpleQueue[_Waiting] = queue.SimpleQueue()
+        self._queue: collections.deque[_Waiting] = collections.deque()
+        self._queued = threading.Condition()  # guards the queue; notified when a request joins it
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._load = 0.0  # requests per batch lately: the largest, halved at every batch after it
 
     def submit(self, key: Key, prompts: list[str], streams: list) -> list[str]:
-        """Queue a request and wait for its texts (its batch's error is raised here)."""
+        """Queue a request and wait for its texts (its batch's error is raised here; `Abandoned` if the server stopped
+        waiting for it first)."""
         self._start()
         waiting = _Waiting(key, prompts, streams)
-        self._queue.put(waiting)
+        with self._queued:
+            self._queue.append(waiting)
+            self._queued.notify()
+        when_abandoned(lambda: self._withdraw(waiting))
         waiting.done.wait()
         if waiting.error is not None:
             raise waiting.error
         return waiting.texts
 
+    def pending(self) -> int:
+        """How many requests are queued for the next batch."""
+        with self._queued:
+            return len(self._queue)
+
     def started(self) -> bool:
         """Whether the background thread runs (a request came)."""
         return self._thread is not None
+
+    def _withdraw(self, waiting: _Waiting) -> None:
+        """A request nobody waits for any more: out of the queue if it is still there (else its batch runs it and its
+        texts are dropped), and its thread freed."""
+        with self._queued:
+            if waiting in self._queue:
+                self._queue.remove(waiting)
+        waiting.error = Abandoned("the request was abandoned before its batch ran (its timeout passed)")
+        waiting.done.set()
 
     def _start(self) -> None:
         """The background thread, started at the first request."""
@@ -201,15 +215,16 @@ class Batcher:
     def _gather(self) -> list[_Waiting]:
         """The oldest waiting request and every one queued after it, and under load those that arrive within the
         window after it."""
-        batch = [self._queue.get()]
-        rows, wait = len(batch[0].prompts), self._window_s if self._load >= 2 else 0.0
-        deadline = time.monotonic() + wait
-        while rows < self._max_rows:
-            try:
-                batch.append(self._queue.get(timeout=max(deadline - time.monotonic(), 0)))
-            except queue.Empty:
-                break
-            rows += len(batch[-1].prompts)
+        with self._queued:
+            self._queued.wait_for(lambda: self._queue)
+            batch = [self._queue.popleft()]
+            rows, wait = len(batch[0].prompts), self._window_s if self._load >= 2 else 0.0
+            deadline = time.monotonic() + wait
+            while rows < self._max_rows:
+                if not self._queued.wait_for(lambda: self._queue, max(deadline - time.monotonic(), 0)):
+                    break
+                batch.append(self._queue.popleft())
+                rows += len(batch[-1].prompts)
         self._load = max(len(batch), self._load / 2)
         return batch
 
@@ -228,139 +243,7 @@ class Batcher:
             member.done.set()
 
 
-def _hook_scoring_server(settings: dict[str, int]) -> None:
-    """Fit MLflow's scoring server (loading this model now) to batching, in its module's names only: request threads
-    enough for every waiting request (`_PooledAsyncio`), and its request parsing guarded (`_guarded`)."""
-    from mlflow.pyfunc import scoring_server
-
-    if not isinstance(scoring_server.asyncio, _PooledAsyncio):
-        scoring_server.asyncio = _PooledAsyncio(settings["threads"])
-    if not getattr(scoring_server.invocations, "rnnlm_guarded", False):
-        scoring_server.invocations = _guarded(scoring_server.invocations, settings["max_body_bytes"])
-
-
-def _lean_scoring_app() -> bool:
-    """MLflow's scoring app (built after the model loads, so reachable from the first request on) with its request
-    timeout as a plain ASGI middleware (`_Timeout`) in place of Starlette's BaseHTTPMiddleware, which costs the event
-    loop more per request than the rest of the app; the app rebuilds its middleware from the next request on. False
-    where the app is not as expected (then it stays as it is)."""
-    from starlette.middleware import Middleware
-    from starlette.middleware.base import BaseHTTPMiddleware
-
-    app = getattr(sys.modules.get(SCORING_APP), "app", None)
-    for i, middleware in enumerate(getattr(app, "user_middleware", [])):
-        dispatch = middleware.kwargs.get("dispatch")
-        if middleware.cls is BaseHTTPMiddleware and getattr(dispatch, "__name__", "") == "timeout_middleware":
-            from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
-
-            app.user_middleware[i] = Middleware(_Timeout, seconds=MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get())
-            app.middleware_stack = None
-            return True
-    return False
-
-
-class _Timeout:
-    """ASGI middleware: a 504 for an HTTP request not answered within `seconds`, as MLflow's timeout middleware
-    answers it."""
-
-    def __init__(self, app, seconds: float):
-        self.app, self.seconds = app, seconds
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = False
-
-        async def tracked(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await asyncio.wait_for(self.app(scope, receive, tracked), self.seconds)
-        except TimeoutError:
-            if started:  # too late for a 504
-                raise
-            body = b"Request processing time exceeded limit"
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            await send({"type": "http.response.start", "status": 504, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-
-
-class _PooledAsyncio:
-    """`asyncio` as MLflow's scoring server module sees it, except that `to_thread` (which runs each request's
-    parsing and predict) uses a pool of `size` threads: the event loop's default pool has os.cpu_count() + 4, and a
-    request waiting for its batch holds its thread, so that pool would cap a batch at 6 requests on 2 cores."""
-
-    def __init__(self, size: int):
-        self._pool = ThreadPoolExecutor(size, thread_name_prefix="rnnlm-request")
-
-    def __getattr__(self, name: str):
-        return getattr(asyncio, name)
-
-    async def to_thread(self, func, /, *args, **kwargs):
-        """`asyncio.to_thread` on this pool."""
-        call = functools.partial(contextvars.copy_context().run, func, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
-
-
-def _guarded(invocations: Callable, max_body_bytes: int) -> Callable:
-    """MLflow's `invocations(data, content_type, model, input_schema)` (parse a body, predict, answer), with a 413
-    for bodies over `max_body_bytes`, a 400 for JSON nested deeper than Python's recursion limit (MLflow's json.loads
-    raises RecursionError there, which nothing catches: a 500), short error messages, and freed memory handed back
-    to the OS after a large body."""
-    from mlflow.pyfunc.scoring_server import InvocationsResponse
-
-    def refuse(status: int, message: str) -> InvocationsResponse:
-        body = json.dumps({"error_code": "BAD_REQUEST", "message": message})
-        return InvocationsResponse(response=body, status=status, mimetype="application/json")
-
-    @functools.wraps(invocations)
-    def guarded(data, content_type, model, input_schema):
-        if len(data) > max_body_bytes:
-            return refuse(
-                413,
-                f"the request body has {len(data):,} bytes, over the limit of {max_body_bytes:,} (max_body_bytes, "
-                "RNNLM_SERVE_MAX_BODY_BYTES); split its prompts over several requests",
-            )
-        try:
-            return invocations(data, content_type, model, input_schema)
-        except RecursionError:
-            return refuse(400, 'the JSON body is nested too deeply; send {"inputs": [prompts], "params": {...}}')
-        except MlflowException as err:
-            err.message = short_message(err.message)
-            raise
-        finally:
-            if len(data) > TRIM_AFTER_BYTES:
-                trim_heap()
-
-    guarded.rnnlm_guarded = True
-    return guarded
-
-
-def short_message(message: str, limit: int = 2000) -> str:
-    """An MLflow error message without the copy of the request it embeds (megabytes for a large request)."""
-    head, sep, reason = message.partition("'. \nError: ")
-    if sep and head.startswith("Failed to predict data '"):
-        message = f"Failed to predict: {reason}"
-    from rnnlm.generate import clip_text
-
-    return clip_text(message.split("\nInput: \n", 1)[0], limit)
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, or None under another C library."""
-    try:
-        return getattr(ctypes.CDLL(None), "malloc_trim", None)
-    except OSError:
-        return None
-
-
-def trim_heap() -> None:
-    """Hand the heap's free pages back to the OS (glibc keeps them otherwise); a no-op without glibc."""
-    if (trim := _malloc_trim()) is not None:
-        trim(0)
+mlflow.models.set_model(RNNLMModel())
 
 
 mlflow.models.set_model(RNNLMModel())
