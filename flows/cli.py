@@ -92,12 +92,8 @@ def _recipe(argv: Sequence[str], prefix: str) -> str | None:
 def _former_names(command_cls, argv: Sequence[str], recipe: dict) -> tuple[list[str], dict]:
     """`argv` and `recipe` with options under their former names (RENAMED) given their new ones, and a variable under
     a former name (RNNLM_REGISTER) taken when the new one is not set; prints one note when a former name was used."""
-    used, args, recipe = set(), [], dict(recipe)
-    for arg in argv:
-        if (found := re.fullmatch(r"--((?:\w+\.)*)(\w+)(=.*)?", arg, re.DOTALL)) and found[2] in RENAMED:
-            used.add(found[2])
-            arg = f"--{found[1]}{RENAMED[found[2]]}{found[3] or ''}"
-        args.append(arg)
+    used, recipe = set(), dict(recipe)
+    args = [_new_name(arg, used) for arg in argv]
     prefix = command_cls.model_config.get("env_prefix", "")
     for old, new in RENAMED.items():
         if new not in command_cls.model_fields:
@@ -114,6 +110,15 @@ def _former_names(command_cls, argv: Sequence[str], recipe: dict) -> tuple[list[
         renamed = ", ".join(f"{old} is now {RENAMED[old]}" for old in sorted(used))
         print(f"note: options renamed ({renamed}); the former names still work", file=sys.stderr)
     return args, recipe
+
+
+def _new_name(arg: str, used: set[str]) -> str:
+    """`arg` with an option's former name (`--register`, `--base.register=last`) replaced, adding it to `used`."""
+    found = re.fullmatch(r"--((?:\w+\.)*)(\w+)(=.*)?", arg, re.DOTALL)
+    if not found or found[2] not in RENAMED:
+        return arg
+    used.add(found[2])
+    return f"--{found[1]}{RENAMED[found[2]]}{found[3] or ''}"
 
 
 def _problem(error: dict, argv: Sequence[str] = (), prefix: str = "", recipe: dict | None = None) -> str:
