@@ -1,5 +1,7 @@
 """The one configuration: book defaults, validation before any work, and the CLI generated from it."""
 
+from typing import Literal
+
 import pytest
 from helpers import PROJECT_ROOT
 from pydantic import ValidationError
@@ -166,3 +168,32 @@ def test_the_former_name_register_still_works_with_one_note(monkeypatch, capsys,
     assert parse_command(TrainCommand, argv).config().register_weights == "last"
     notes = capsys.readouterr().err.strip().splitlines()
     assert notes == ["note: options renamed (register is now register_weights); the former names still work"]
+
+
+def _another_value(name: str, field) -> tuple[str, object]:
+    """A valid value for `name` other than its default: as the environment writes it, and as the config holds it."""
+    default, kind = field.default, field.annotation
+    if getattr(kind, "__origin__", None) is Literal:
+        choice = next(c for c in kind.__args__ if c != default)
+        return choice, choice
+    if kind is bool:
+        return str(not default).lower(), not default
+    if kind is int:
+        return str(default + 1), default + 1
+    if kind is float:
+        return str(default + 0.5), default + 0.5
+    if kind == list[int]:
+        return "3,5", [3, 5]
+    text = "ab" * 20 if name == "corpus_sha1" else f"/tmp/{name}"  # the sha1: 40 hexadecimal characters
+    return text, text
+
+
+@pytest.mark.parametrize("name", TrainConfig.model_fields)
+def test_every_option_can_come_from_the_environment(monkeypatch, name):
+    from flows.cli import parse_command
+
+    text, value = _another_value(name, TrainConfig.model_fields[name])
+    monkeypatch.setenv(f"RNNLM_{name.upper()}", text)
+    if name == "tie_weights":
+        monkeypatch.setenv("RNNLM_EMBEDDING_DIM", "256")  # tying needs an embedding as wide as the hidden state
+    assert getattr(parse_command(TrainCommand, []).config(), name) == value
