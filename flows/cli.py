@@ -5,15 +5,17 @@ import atexit
 import contextlib
 import logging
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable, Sequence
 
 from pydantic import ValidationError
-from pydantic_settings import CliApp
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, CliApp, EnvSettingsSource, SettingsError
 
-from flows.environment import set_quiet_defaults
-from rnnlm.config import RecipeError, read_recipe
+from flows.environment import environment_value, set_quiet_defaults
+from rnnlm.config import RENAMED, RecipeError, read_recipe
 
 # The errors that mean the user's input or setup was wrong: their message says what to do, and a command ends with
 # it as one line instead of a traceback. Anything else is a bug and keeps its traceback.
@@ -31,29 +33,108 @@ USER_ERRORS = (
 _NO_TEMPORARY_SERVER = {"-h", "--help", "--serve"}
 
 
+class CommandSettings(BaseSettings):
+    """A command's settings: from the command line, a recipe and the environment, where a list field takes the
+    command line's syntax too (`RNNLM_ADAPTIVE_CUTOFFS=2000,6000` as well as `[2000, 6000]`)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):  # the order pydantic-settings gives them, the environment read by _EnvSource
+        return init_settings, _EnvSource(settings_cls), dotenv_settings, file_secret_settings
+
+
+class _EnvSource(EnvSettingsSource):
+    """Environment variables as pydantic-settings reads them, but a list may also be written as on the command line:
+    comma-separated values."""
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value):
+        try:
+            return super().decode_complex_value(field_name, field, value)
+        except ValueError:
+            if isinstance(value, str) and getattr(field.annotation, "__origin__", None) is list:
+                return [part.strip() for part in value.split(",") if part.strip()]
+            raise
+
+
 def parse_command(command_cls, argv: list[str] | None = None):
     """Set the quiet defaults (the user's environment wins) and parse `argv` (default: sys.argv) into
-    `command_cls`; a bad value exits with status 1 and a line naming each wrong option. A command with a
-    `config_file` option takes its values from that recipe first: the command line's options override them (and
-    they override RNNLM_* variables)."""
+    `command_cls`; a bad value exits with status 1 and a line naming each wrong option (the RNNLM_* variable where
+    the value came from the environment). A command with a `config_file` option (or its variable, e.g.
+    RNNLM_CONFIG_FILE) takes its values from that recipe first: the command line's options override them (and
+    they override RNNLM_* variables). Options under their former names (rnnlm.config.RENAMED) are taken, with one
+    note saying so."""
     set_quiet_defaults()
     argv = sys.argv[1:] if argv is None else argv
+    prefix = command_cls.model_config.get("env_prefix", "")
+    recipe_option = "--config_file" if _option(argv) else f"{prefix.upper()}CONFIG_FILE"
+    recipe = {}
     try:
-        recipe = read_recipe(path) if "config_file" in command_cls.model_fields and (path := _option(argv)) else {}
+        if "config_file" in command_cls.model_fields and (path := _recipe(argv, prefix)):
+            recipe = read_recipe(path)
+        argv, recipe = _former_names(command_cls, argv, recipe)
         return CliApp.run(command_cls, cli_args=argv, **recipe)
     except RecipeError as err:
-        sys.exit(f"error: --config_file: {err}")
+        sys.exit(f"error: {recipe_option}: {err}")
     except ValidationError as err:
-        problems = "; ".join(_problem(e) for e in err.errors())
+        problems = "; ".join(dict.fromkeys(_problem(e, argv, prefix, recipe) for e in err.errors()))
         sys.exit(f"error: {problems} (see --help)")
+    except SettingsError as err:  # a variable that cannot be read as its field's type, e.g. a list
+        cause = f": {err.__cause__}" if err.__cause__ else ""
+        sys.exit(f"error: {err}{cause} (see docs/usage.md, 'Settings in the environment')")
 
 
-def _problem(error: dict) -> str:
-    """One validation error as the user reads it: the option and what is wrong (the message alone where it is about
-    options together, a model check, and names them itself)."""
+def _recipe(argv: Sequence[str], prefix: str) -> str | None:
+    """The recipe named on the command line, else by the environment (RNNLM_CONFIG_FILE)."""
+    return _option(argv) or environment_value(prefix + "config_file")
+
+
+def _former_names(command_cls, argv: Sequence[str], recipe: dict) -> tuple[list[str], dict]:
+    """`argv` and `recipe` with options under their former names (RENAMED) given their new ones, and a variable under
+    a former name (RNNLM_REGISTER) taken when the new one is not set; prints one note when a former name was used."""
+    used, recipe = set(), dict(recipe)
+    args = [_new_name(arg, used) for arg in argv]
+    prefix = command_cls.model_config.get("env_prefix", "")
+    for old, new in RENAMED.items():
+        if new not in command_cls.model_fields:
+            continue
+        if old in recipe:
+            used.add(old)
+            if new not in recipe:
+                recipe[new] = recipe.pop(old)
+        elif (value := environment_value(prefix + old)) is not None:
+            used.add(old)
+            if new not in recipe and environment_value(prefix + new) is None:
+                recipe[new] = value
+    if used:
+        renamed = ", ".join(f"{old} is now {RENAMED[old]}" for old in sorted(used))
+        print(f"note: options renamed ({renamed}); the former names still work", file=sys.stderr)
+    return args, recipe
+
+
+def _new_name(arg: str, used: set[str]) -> str:
+    """`arg` with an option's former name (`--register`, `--base.register=last`) replaced, adding it to `used`."""
+    found = re.fullmatch(r"--((?:\w+\.)*)(\w+)(=.*)?", arg, re.DOTALL)
+    if not found or found[2] not in RENAMED:
+        return arg
+    used.add(found[2])
+    return f"--{found[1]}{RENAMED[found[2]]}{found[3] or ''}"
+
+
+def _problem(error: dict, argv: Sequence[str] = (), prefix: str = "", recipe: dict | None = None) -> str:
+    """One validation error as the user reads it: the option (or the RNNLM_* variable, where the value came from the
+    environment) and what is wrong; the message alone where it is about options together (a model check, which
+    names them itself)."""
     loc = ".".join(map(str, error["loc"]))
     message = error["msg"].removeprefix("Value error, ")
-    return f"--{loc}: {message}" if loc else message
+    if not loc:
+        return message
+    name = str(error["loc"][0])
+    given = name in (recipe or {}) or any(arg == f"--{name}" or arg.startswith(f"--{name}=") for arg in argv)
+    if not given and prefix and environment_value(prefix + name) is not None:
+        item = f" (item {'.'.join(map(str, error['loc'][1:]))})" if len(error["loc"]) > 1 else ""
+        return f"{prefix.upper()}{name.upper()}{item}: {message}"
+    return f"--{loc}: {message}"
 
 
 def _option(argv: Sequence[str], name: str = "--config_file") -> str | None:

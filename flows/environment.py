@@ -15,3 +15,9 @@ def set_quiet_defaults() -> None:
     """Turn off telemetry and lengthen the temporary server's start-up timeout, unless the environment says else."""
     for key, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+def environment_value(name: str) -> str | None:
+    """The value of the environment variable `name`, its case ignored (as pydantic-settings reads them)."""
+    name = name.lower()
+    return next((value for key, value in os.environ.items() if key.lower() == name), None)

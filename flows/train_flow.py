@@ -7,16 +7,16 @@ experiment (D2L 8.6). Every option is a field of `rnnlm.config.TrainConfig`, the
 # No `from __future__ import annotations` here: Prefect builds the parameter form from these annotations and,
 # on a Dask worker, cannot resolve them from strings.
 import sys
-from copy import copy
 
 from flows.cli import parse_command, run_command, run_script, start_temporary_server
+from flows.train_command import TrainCommand
 
-# Run as a script, Prefect's temporary server boots on another core while the imports below load (about 3 s saved).
-_server_ready = start_temporary_server() if __name__ == "__main__" else lambda: None
+# Run as a script, the command line is read first (a bad option ends here, before anything starts); then Prefect's
+# temporary server boots on another core while the imports below load (about 3 s saved).
+_command = parse_command(TrainCommand) if __name__ == "__main__" else None
+_server_ready = start_temporary_server() if _command is not None else lambda: None
 
 from prefect import flow  # imported after the server's start on purpose (E402 allowed in pyproject.toml)
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from flows.deploy import serve_training
 from rnnlm.config import TrainConfig
@@ -27,6 +27,8 @@ from tasks.registry import promote, read_versions
 from tasks.report import plot_history, report
 from tasks.train import generate_samples, train_model
 from tracking.runs import run_guard
+
+__all__ = ["TrainCommand", "main", "train_flow"]  # TrainCommand lives in flows.train_command, light to import
 
 
 @flow(name="train-rnnlm", flow_run_name="{config.rnn}-{config.num_hiddens}h-{config.num_epochs}ep", log_prints=True)
@@ -53,39 +55,10 @@ def train_flow(config: TrainConfig = TrainConfig(), parent_run_id: str | None = 
     return {"run_id": run_id, "version": version, **result.summary()}
 
 
-class TrainCommand(BaseSettings, TrainConfig):
-    """The command line: every TrainConfig field as `--field value`, plus what to do with it."""
-
-    model_config = SettingsConfigDict(
-        env_prefix="RNNLM_",  # an unrelated LR or SEED in the environment cannot change a run
-        cli_prog_name="python flows/train_flow.py",
-        cli_implicit_flags=True,
-        extra="forbid",
-    )
-
-    serve: bool = Field(
-        False,
-        description="Instead of training once, create the deployment 'train-rnnlm/train-rnnlm' with these options as "
-        "its parameters and run its scheduled and UI-triggered runs (needs PREFECT_API_URL; see flows/deploy.py).",
-    )
-    cron: str | None = Field(None, description="With --serve: a cron schedule for the deployment, e.g. '0 3 * * *'.")
-    config_file: str | None = Field(
-        None,
-        description="A recipe: a TOML (or YAML) file of these options, e.g. recipes/word-lstm.toml; options given "
-        "on the command line override it.",
-    )
-    # pydantic would take the metaclass's ABC `register` method for this inherited field's default: restate it
-    register: TrainConfig.model_fields["register"].annotation = copy(TrainConfig.model_fields["register"])
-
-    def config(self) -> TrainConfig:
-        """The training configuration given on the command line."""
-        return TrainConfig(**self.model_dump(include=set(TrainConfig.model_fields)))
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Parse the command line and run the flow; a bad option or input ends with one line, `error: ...`, and
     status 1, before any expensive work where it can be seen beforehand."""
-    command = parse_command(TrainCommand, argv)
+    command = _command if argv is None and _command is not None else parse_command(TrainCommand, argv)
     if command.cron and not command.serve:
         sys.exit("error: --cron schedules the deployment made by --serve; add --serve (see --help)")
     if command.serve:

@@ -9,11 +9,10 @@ hidden units, SGD lr 1, clipping at norm 1, 500 epochs, sequential partitioning.
 from __future__ import annotations
 
 import tomllib
-import warnings
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 TIME_MACHINE_URL = "http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt"
 TIME_MACHINE_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
@@ -45,15 +44,17 @@ def run_field(default, description: str, **constraints):
     return Field(default, description=description, json_schema_extra=RUN, **constraints)
 
 
-# `register` (the issue's and the command line's name for which weights to register) shadows ABC's `register`, which
-# neither pydantic nor this project uses on a config
-warnings.filterwarnings("ignore", message='Field name "register" in "Train', category=UserWarning)
+# Options that were renamed: old name -> new name. The old names are still accepted (recipes, checkpoints, the
+# parameters of deployments made before); the command line says once that they were renamed. `register` became
+# `register_weights` because a field named `register` shadows ABCMeta's `register` on the model class.
+RENAMED = {"register": "register_weights"}
 
 
 class TrainConfig(BaseModel):
     """Everything that defines a training run; defaults reproduce D2L section 8.6."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no inf or nan in any float field: none of them means anything by it (0 is "no limit" where there is one)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     # --- data -------------------------------------------------------------------------------------------------
     corpus: str = run_field(TIME_MACHINE_URL, "Corpus to train on: an http(s):// or file:// URL, or a local path.")
@@ -68,6 +69,12 @@ class TrainConfig(BaseModel):
     max_download_mb: float = run_field(1024.0, "Refuse downloads larger than this many megabytes.", gt=0)
     download_timeout: float = run_field(
         30.0, "Seconds to wait for the corpus server to connect or send the next bytes.", gt=0, le=3600
+    )
+    download_deadline: float = run_field(
+        3600.0,
+        "Seconds a whole download may take, however steadily the bytes come (checked between reads).",
+        gt=0,
+        le=7 * 86400,
     )
     preprocess: Literal["book", "words", "raw"] = data_field(
         "book",
@@ -178,8 +185,10 @@ class TrainConfig(BaseModel):
     num_preds: int = run_field(50, "Tokens generated after each prompt in the samples.", ge=0, le=10_000)
     experiment: str = run_field("rnnlm", "MLflow experiment name.", min_length=1)
     registered_model: str = run_field("rnnlm", "MLflow registered model name.", min_length=1)
-    register: Literal["best", "last"] = run_field(
-        "best", "Which weights to register: 'best' by validation perplexity (kept as training goes), or 'last'."
+    register_weights: Literal["best", "last"] = run_field(
+        "best",
+        "Which weights to register: 'best' by validation perplexity (kept as training goes), or 'last' (formerly "
+        "`register`, still accepted).",
     )
 
     # --- registry (after registration) ------------------------------------------------------------------------
@@ -191,6 +200,30 @@ class TrainConfig(BaseModel):
     promote_margin: float = run_field(
         0.0, "Fraction by which a version must beat the champion (0 = any improvement).", ge=0, lt=1
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, values):
+        """Options under their former names (see RENAMED) count as the new ones; both at once must agree."""
+        if not isinstance(values, dict) or not RENAMED.keys() & values.keys():
+            return values
+        values = dict(values)
+        for old, new in RENAMED.items():
+            if old in values:
+                value = values.pop(old)
+                if new in values and values[new] != value:
+                    raise ValueError(f"{old} is the former name of {new}: give only {new}")
+                values[new] = value
+        return values
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, value, info: ValidationInfo):
+        """A number field refuses true/false (pydantic would take them as 1/0): `num_hiddens: true` is a mistake."""
+        if isinstance(value, bool) or (isinstance(value, list) and any(isinstance(v, bool) for v in value)):
+            if cls.model_fields[info.field_name].annotation in (int, float, list[int]):
+                raise ValueError(f"{info.field_name} takes numbers, not true or false")
+        return value
 
     @field_validator("max_tokens")
     @classmethod
@@ -222,8 +255,8 @@ class TrainConfig(BaseModel):
             raise ValueError("early_stopping counts evaluations on validation tokens: set --val_tokens above 0")
         if self.lr_schedule == "plateau" and not self.val_tokens:
             raise ValueError("the plateau schedule follows the validation perplexity: set --val_tokens above 0")
-        if self.register == "best" and not self.val_tokens:
-            self.__dict__["register"] = "last"  # no validation, no best: the last weights are what there is
+        if self.register_weights == "best" and not self.val_tokens:
+            self.__dict__["register_weights"] = "last"  # no validation, no best: the last weights are what there is
         return self
 
     @model_validator(mode="after")
@@ -292,7 +325,10 @@ def read_recipe(path: str | Path) -> dict:
         ) from err
     if not isinstance(options, dict):
         raise RecipeError(f"{path} must hold options as `name = value` pairs, not a {type(options).__name__}")
-    if unknown := sorted(set(options) - set(TrainConfig.model_fields)):
+    if odd := [key for key in options if not isinstance(key, str)]:  # YAML reads `1:` and `null:` as non-strings
+        raise RecipeError(f"{path} has keys that are not option names: {', '.join(map(repr, odd))}")
+    known = {*TrainConfig.model_fields, *RENAMED}
+    if unknown := sorted(set(options) - known):
         raise RecipeError(
             f"{path} names options that do not exist: {', '.join(unknown)} (see python flows/train_flow.py --help)"
         )

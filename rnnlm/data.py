@@ -25,13 +25,14 @@ from rnnlm.tokens import Vocab, tokenize_file
 
 def fetch(config: TrainConfig) -> Path:
     """The verified local corpus file for `config` (downloaded into the cache when it is a URL, reused from there
-    when its sha1 matches or none is expected)."""
+    when its sha1 matches or, with none expected, its size and time are the download's)."""
     return fetch_corpus(
         config.corpus,
         paths.cache_dir(config.cache_dir),
         sha1=config.expected_sha1(),
         max_bytes=int(config.max_download_mb * 2**20),
         timeout=(config.download_timeout, config.download_timeout),
+        deadline=config.download_deadline,
     )
 
 

@@ -219,7 +219,7 @@ def _result(
     last_val = val = _evaluate_on(model, val_ids, config)
     registered, path, epoch, step = "last", Path(checkpoint_path), state.epoch, state.step
     best = best_checkpoint(checkpoint_path)
-    if config.register == "best" and best.is_file():
+    if config.register_weights == "best" and best.is_file():
         saved = load_checkpoint(best, map_location=next(model.parameters()).device)
         model.load_state_dict(saved["model"])
         registered, path, epoch, step = "best", best, saved["epoch"], saved["step"]

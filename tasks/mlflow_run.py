@@ -61,8 +61,8 @@ def log_results(run_id: str, result: FitResult, samples: dict, plot_path: str, v
 
 @task(name="register-model", task_run_name="register-model", cache_policy=NO_CACHE)
 def register_model(config: TrainConfig, run_id: str, result: FitResult) -> int:
-    """Log the registered weights (the best by validation, or the last: `config.register`) as a generating pyfunc
-    model and register it as a new version, tagged with those weights' own numbers; return the version.
+    """Log the registered weights (the best by validation, or the last: `config.register_weights`) as a generating
+    pyfunc model and register it as a new version, tagged with those weights' own numbers; return the version.
 
     This is the run's last step, so that a failure anywhere earlier leaves no version behind.
     """

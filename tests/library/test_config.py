@@ -1,5 +1,7 @@
 """The one configuration: book defaults, validation before any work, and the CLI generated from it."""
 
+from typing import Literal
+
 import pytest
 from helpers import PROJECT_ROOT
 from pydantic import ValidationError
@@ -86,3 +88,112 @@ def test_environment_needs_the_prefix(monkeypatch):
 def test_every_shipped_recipe_is_a_valid_config(recipe):
     config = TrainConfig.from_recipe(recipe)
     assert config != TrainConfig() or recipe.name == "book.toml"  # each but the book's changes something
+
+
+# --- every way a setting arrives: honoured, or refused naming it ---------------------------------------------------
+
+FLOAT_FIELDS = [name for name, field in TrainConfig.model_fields.items() if field.annotation is float]
+NUMBER_FIELDS = [name for name, field in TrainConfig.model_fields.items() if field.annotation in (int, float)]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), "inf", "nan"])
+@pytest.mark.parametrize("field", FLOAT_FIELDS)
+def test_no_float_field_takes_a_non_finite_number(field, value):
+    with pytest.raises(ValidationError, match=f"{field}\n  Input should be a finite number"):
+        TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize("value", [True, False])
+@pytest.mark.parametrize("field", NUMBER_FIELDS)
+def test_no_number_field_takes_a_boolean(field, value):
+    with pytest.raises(ValidationError, match=f"{field} takes numbers, not true or false"):
+        TrainConfig(**{field: value})
+
+
+def test_numbers_still_come_as_text_from_the_command_line_and_the_environment():
+    config = TrainConfig(num_hiddens="64", lr="0.5", adaptive_cutoffs=["2", "6"])
+    assert (config.num_hiddens, config.lr, config.adaptive_cutoffs) == (64, 0.5, [2, 6])
+    with pytest.raises(ValidationError, match="adaptive_cutoffs takes numbers"):
+        TrainConfig(adaptive_cutoffs=[2, True])
+
+
+def test_register_is_the_former_name_of_register_weights():
+    assert TrainConfig(register="last").register_weights == "last"  # recipes, checkpoints, old deployments
+    assert TrainConfig(register="last", register_weights="last").register_weights == "last"
+    with pytest.raises(ValidationError, match="register is the former name of register_weights"):
+        TrainConfig(register="last", register_weights="best")
+    assert "register" not in TrainConfig().model_dump()  # the MLflow params and checkpoints carry the new name
+
+
+@pytest.mark.parametrize("text, key", [("1: 2\n", "1"), ("null: lstm\n", "None"), ("rnn: gru\n3.5: x\n", "3.5")])
+def test_a_recipe_key_that_is_not_a_string_is_refused_by_name(tmp_path, text, key):
+    from rnnlm.config import RecipeError, read_recipe
+
+    recipe = tmp_path / "odd.yaml"
+    recipe.write_text(text)
+    with pytest.raises(RecipeError, match=f"has keys that are not option names: {key}$"):
+        read_recipe(recipe)
+
+
+def test_every_list_field_reads_the_command_line_syntax_from_the_environment(monkeypatch):
+    from flows.cli import parse_command
+
+    fields = TrainConfig.model_fields.items()
+    lists = [name for name, field in fields if getattr(field.annotation, "__origin__", None) is list]
+    assert lists == ["adaptive_cutoffs"]  # a new list field: add it below
+    for text in ("2000,6000", "[2000, 6000]", " 2000 , 6000 "):
+        monkeypatch.setenv("RNNLM_ADAPTIVE_CUTOFFS", text)
+        assert parse_command(TrainCommand, []).config().adaptive_cutoffs == [2000, 6000]
+
+
+def test_rnnlm_config_file_is_read_and_the_command_line_still_wins(monkeypatch):
+    from flows.cli import parse_command
+
+    recipe = PROJECT_ROOT / "recipes" / "word-lstm.toml"
+    monkeypatch.setenv("RNNLM_CONFIG_FILE", str(recipe))
+    assert parse_command(TrainCommand, []).config() == TrainConfig.from_recipe(recipe)
+    assert parse_command(TrainCommand, ["--lr", "5"]).config() == TrainConfig.from_recipe(recipe, lr=5.0)
+
+
+@pytest.mark.parametrize(
+    "argv, env",
+    [(["--register", "last"], {}), (["--register=last"], {}), ([], {"RNNLM_REGISTER": "last"})],
+    ids=["option", "option=", "environment"],
+)
+def test_the_former_name_register_still_works_with_one_note(monkeypatch, capsys, argv, env):
+    from flows.cli import parse_command
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert parse_command(TrainCommand, argv).config().register_weights == "last"
+    notes = capsys.readouterr().err.strip().splitlines()
+    assert notes == ["note: options renamed (register is now register_weights); the former names still work"]
+
+
+def _another_value(name: str, field) -> tuple[str, object]:
+    """A valid value for `name` other than its default: as the environment writes it, and as the config holds it."""
+    default, kind = field.default, field.annotation
+    if getattr(kind, "__origin__", None) is Literal:
+        choice = next(c for c in kind.__args__ if c != default)
+        return choice, choice
+    if kind is bool:
+        return str(not default).lower(), not default
+    if kind is int:
+        return str(default + 1), default + 1
+    if kind is float:
+        return str(default + 0.5), default + 0.5
+    if kind == list[int]:
+        return "3,5", [3, 5]
+    text = "ab" * 20 if name == "corpus_sha1" else f"/tmp/{name}"  # the sha1: 40 hexadecimal characters
+    return text, text
+
+
+@pytest.mark.parametrize("name", TrainConfig.model_fields)
+def test_every_option_can_come_from_the_environment(monkeypatch, name):
+    from flows.cli import parse_command
+
+    text, value = _another_value(name, TrainConfig.model_fields[name])
+    monkeypatch.setenv(f"RNNLM_{name.upper()}", text)
+    if name == "tie_weights":
+        monkeypatch.setenv("RNNLM_EMBEDDING_DIM", "256")  # tying needs an embedding as wide as the hidden state
+    assert getattr(parse_command(TrainCommand, []).config(), name) == value

@@ -153,7 +153,7 @@ def test_early_stopping_stops_and_keeps_the_best_weights(tmp_path, words):
 
 def test_registering_the_last_weights_evaluates_those(tmp_path, words):
     path, make = words
-    config = make(num_epochs=3, register="last")
+    config = make(num_epochs=3, register_weights="last")
     result = fit(config, prepare_data(path, config), tmp_path / "m.pt")
     assert (result.registered, result.registered_checkpoint, result.registered_epoch) == ("last", result.checkpoint, 3)
     assert result.registered_val_perplexity == result.val_perplexity

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import PROJECT_ROOT, CountingHandler, small_text
@@ -25,13 +26,15 @@ def test_compare_cli_refuses_a_negative_margin():
         compare_main(["--promote_margin", "-0.1"])
 
 
-def _script(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    """`python flows/train_flow.py ARGS` as a user runs it, with a private MLflow store and Prefect home."""
+def _script(tmp_path, *args: str, **variables: str) -> subprocess.CompletedProcess:
+    """`python flows/train_flow.py ARGS` as a user runs it, with a private MLflow store and Prefect home (and
+    `variables` in its environment)."""
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("RNNLM_")},
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "PREFECT_HOME": str(tmp_path / "prefect"),
         "RNNLM_CACHE_DIR": str(tmp_path / "cache"),
+        **variables,
     }
     env.pop("PREFECT_API_URL", None)
     command = [sys.executable, "flows/train_flow.py", *args]
@@ -116,3 +119,80 @@ def test_a_bad_recipe_ends_with_one_line_naming_the_problem(tmp_path, text, mess
     with pytest.raises(SystemExit) as ended:
         parse_command(TrainCommand, ["--config_file", str(recipe)])
     assert str(ended.value).startswith("error: ") and message in str(ended.value)
+
+
+# Each way a setting arrives, with a value that cannot work: the options, the environment, a recipe file (name, text)
+# or None, and the one line the command ends with; "{recipe}" stands for the recipe's path
+BAD_SETTINGS = {
+    "list-in-environment": (
+        [], {"RNNLM_ADAPTIVE_CUTOFFS": "2000,x"}, None,
+        "error: RNNLM_ADAPTIVE_CUTOFFS (item 1): Input should be a valid integer, unable to parse string as an "
+        "integer (see --help)",
+    ),
+    "list-in-environment-read-as-a-list": (
+        [], {"RNNLM_ADAPTIVE_CUTOFFS": "6000,2000"}, None,
+        "error: adaptive_cutoffs must be word ranks rising strictly from 1 or more (now [6000, 2000]), e.g. "
+        "2000,6000 (see --help)",
+    ),
+    "config-file-in-environment-is-read": (
+        [], {"RNNLM_CONFIG_FILE": "{recipe}"}, ("r.toml", "rnn = 'lstm'\nlr = inf\n"),
+        "error: --lr: Input should be a finite number (see --help)",
+    ),
+    "config-file-in-environment-missing": (
+        [], {"RNNLM_CONFIG_FILE": "/nonexistent/r.toml"}, None,
+        "error: RNNLM_CONFIG_FILE: cannot read the recipe /nonexistent/r.toml: [Errno 2] No such file or "
+        "directory: '/nonexistent/r.toml'",
+    ),
+    "yaml-number-key": (
+        ["--config_file", "{recipe}"], {}, ("r.yaml", "rnn: gru\n1: 2\n"),
+        "error: --config_file: {recipe} has keys that are not option names: 1",
+    ),
+    "yaml-null-key": (
+        ["--config_file", "{recipe}"], {}, ("r.yaml", "null: lstm\n"),
+        "error: --config_file: {recipe} has keys that are not option names: None",
+    ),
+    "boolean-as-number": (
+        ["--config_file", "{recipe}"], {}, ("r.yaml", "num_hiddens: true\n"),
+        "error: --num_hiddens: num_hiddens takes numbers, not true or false (see --help)",
+    ),
+    "lr-inf": (["--lr", "inf"], {}, None, "error: --lr: Input should be a finite number (see --help)"),
+    "grad_clip-nan": (
+        ["--grad_clip", "nan"], {}, None, "error: --grad_clip: Input should be a finite number (see --help)"
+    ),
+    "weight_decay-inf": (
+        ["--weight_decay", "inf"], {}, None, "error: --weight_decay: Input should be a finite number (see --help)"
+    ),
+    "max_download_mb-inf-in-environment": (
+        [], {"RNNLM_MAX_DOWNLOAD_MB": "inf"}, None,
+        "error: RNNLM_MAX_DOWNLOAD_MB: Input should be a finite number (see --help)",
+    ),
+    "download_deadline-nan": (
+        ["--download_deadline", "nan"], {}, None,
+        "error: --download_deadline: Input should be a finite number (see --help)",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("options, variables, recipe, line", BAD_SETTINGS.values(), ids=BAD_SETTINGS.keys())
+def test_a_bad_setting_from_anywhere_ends_with_one_line_before_anything_starts(
+    tmp_path, corpus_url, options, variables, recipe, line
+):
+    path = str(tmp_path / (recipe[0] if recipe else "none"))
+    if recipe:
+        Path(path).write_text(recipe[1])
+    options = [option.replace("{recipe}", path) for option in options]
+    variables = {name: value.replace("{recipe}", path) for name, value in variables.items()}
+    done = _script(tmp_path, "--corpus", corpus_url, *options, **variables)
+    output = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 1 and output == [line.replace("{recipe}", path)]
+    assert CountingHandler.requests_seen == []  # nothing downloaded ...
+    assert not (tmp_path / "prefect").exists() and not (tmp_path / "mlflow.db").exists()  # ... or started
+
+
+def test_the_former_name_register_is_taken_with_one_note(tmp_path, corpus_url):
+    done = _script(tmp_path, "--corpus", corpus_url, "--register", "last", "--lr", "-1")
+    output = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 1 and output == [
+        "note: options renamed (register is now register_weights); the former names still work",
+        "error: --lr: Input should be greater than 0 (see --help)",
+    ]

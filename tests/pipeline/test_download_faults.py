@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -12,19 +15,45 @@ from pathlib import Path
 import pytest
 
 from rnnlm.config import TrainConfig
-from rnnlm.corpus import CorpusError, DownloadError, fetch_corpus
+from rnnlm.corpus import CorpusError, DownloadError, _check_redirect, fetch_corpus
 from rnnlm.data import fetch
 
 BODY = b"The Time Machine, by H. G. Wells.\n" * 300
 
 
 class Handler(BaseHTTPRequestHandler):
-    """Answers by the `mode` of its server: 'flaky' (500 twice, then the file), 'truncate', 'endless', '404'."""
+    """Answers by the `mode` of its server: 'flaky' (500 twice, then the file), 'truncate', 'endless', '404', 'gzip'
+    (the file compressed whatever the client asks), 'trickle' (a byte at a time, for as long as the client reads),
+    'redirect' (302 to the server's `location`); else the file."""
 
     def do_GET(self) -> None:
         server = self.server
         server.hits += 1
-        if server.mode == "flaky" and server.hits <= 2:
+        server.encodings.append(self.headers.get("Accept-Encoding"))
+        if server.mode == "gzip":
+            body = gzip.compress(BODY)
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif server.mode == "trickle":
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(BODY)))
+            self.end_headers()
+            try:
+                for byte in BODY:  # about 10,000 bytes at 20 ms each: minutes, if the client never gave up
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.02)
+            except OSError:
+                pass  # the client gave up, as it should
+        elif server.mode == "redirect":
+            self.send_response(302)
+            self.send_header("Location", server.location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif server.mode == "flaky" and server.hits <= 2:
             self.send_error(500, "try again later")
         elif server.mode == "404":
             self.send_error(404)
@@ -62,7 +91,7 @@ def server() -> Iterator:
 
     def start(mode: str):
         httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        httpd.mode, httpd.hits, httpd.sent = mode, 0, 0
+        httpd.mode, httpd.hits, httpd.sent, httpd.encodings = mode, 0, 0, []
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
         servers.append(httpd)
         return httpd, f"http://127.0.0.1:{httpd.server_address[1]}/book.txt"
@@ -136,3 +165,62 @@ def test_server_errors_are_retried_by_the_task_until_the_file_comes(tmp_path, se
     assert httpd.hits == 3  # 500, 500, then the file
     assert path.read_bytes() == BODY
     assert [p.name for p in files_in(tmp_path / "cache") if p.parent.name == "corpus"] == [path.name]
+
+
+# --- what real servers do ------------------------------------------------------------------------------------------
+
+
+def test_a_server_that_gzips_anyway_is_decoded_and_checked_against_its_length(tmp_path, server):
+    httpd, url = server("gzip")
+    path = fetch_corpus(url, tmp_path / "cache", sha1=hashlib.sha1(BODY).hexdigest(), timeout=(5, 5))
+    assert path.read_bytes() == BODY  # the text, not its gzip: the Content-Length (compressed) matched the wire
+    assert httpd.hits == 1 and httpd.encodings == ["identity"]  # asked for the body as is, and not retried
+
+
+def test_a_body_trickling_in_ends_at_the_overall_deadline(tmp_path, server):
+    httpd, url = server("trickle")
+    config = TrainConfig(corpus=url, cache_dir=str(tmp_path / "cache"), download_timeout=5, download_deadline=0.3)
+    with pytest.raises(CorpusError, match=r"took longer than 0\.3 s .*--download_deadline"):
+        fetch(config)  # each byte comes well within the 5 s read timeout: only the deadline can stop it
+    assert files_in(tmp_path / "cache") == [] and httpd.hits == 1
+
+
+def test_a_redirect_on_the_same_host_is_followed(tmp_path, server):
+    _, target = server("ok")
+    httpd, url = server("redirect")
+    httpd.location = target
+    assert fetch_corpus(url, tmp_path / "cache").read_bytes() == BODY
+
+
+def test_a_redirect_to_another_host_needs_a_checksum(tmp_path, server):
+    other, target = server("ok")
+    httpd, url = server("redirect")
+    httpd.location = target.replace("127.0.0.1", "localhost")  # the same machine under another host name
+    with pytest.raises(CorpusError, match=f"redirects to another host \\({httpd.location}\\).*--corpus_sha1"):
+        fetch_corpus(url, tmp_path / "cache")
+    assert other.hits == 0 and files_in(tmp_path / "cache") == []  # refused before asking the other host
+    path = fetch_corpus(url, tmp_path / "cache", sha1=hashlib.sha1(BODY).hexdigest())  # verified: followed
+    assert path.read_bytes() == BODY and other.hits == 1
+
+
+def test_a_redirect_to_another_scheme_is_refused(tmp_path, server):
+    httpd, url = server("redirect")
+    httpd.location = "ftp://127.0.0.1/book.txt"
+    with pytest.raises(CorpusError, match="redirects from http:// to ftp://127.0.0.1/book.txt; refused"):
+        fetch_corpus(url, tmp_path / "cache", sha1=hashlib.sha1(BODY).hexdigest())
+    assert files_in(tmp_path / "cache") == []
+
+
+def test_https_never_redirects_down_to_http_even_with_a_checksum():
+    with pytest.raises(CorpusError, match="redirects from https:// to http://example.org/b.txt; refused"):
+        _check_redirect("https://example.org/a.txt", "https://example.org/a.txt", "http://example.org/b.txt", True)
+    _check_redirect("http://example.org/a.txt", "http://example.org/a.txt", "https://example.org/a.txt", False)
+
+
+def test_a_cached_download_without_checksum_is_reused_only_while_unchanged(tmp_path, server):
+    httpd, url = server("ok")
+    path = fetch_corpus(url, tmp_path / "cache")
+    assert fetch_corpus(url, tmp_path / "cache") == path and httpd.hits == 1  # unchanged: reused, no request
+    path.write_bytes(BODY[:-1] + b"?")  # same size, but written since: its stamp no longer matches
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert fetch_corpus(url, tmp_path / "cache").read_bytes() == BODY and httpd.hits == 2  # downloaded again

@@ -16,7 +16,7 @@ from flows.train_flow import train_flow
 from rnnlm.checkpoint import load_checkpoint, run_checkpoint, save_checkpoint
 from rnnlm.data import fetch, prepare_data
 from rnnlm.run import fit
-from tracking.store import experiment_id
+from tracking.store import TrackingError, check_reachable, experiment_id
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -45,6 +45,52 @@ def test_unreachable_tracking_server_fails_in_seconds_naming_the_uri(tmp_path, c
     assert "mlflow server --host 127.0.0.1" in str(err.value)
     assert CountingHandler.requests_seen == []  # before any download, so before any training
     assert not (tmp_path / "cache" / "checkpoints").exists()
+    # "in seconds", without a clock: one attempt (MLflow's own client would retry with backoff for minutes) ...
+    hang_up = Listener(hold=0)
+    with pytest.raises(TrackingError, match=r"unreachable \(ConnectionError\)"):
+        check_reachable(hang_up.uri)
+    assert hang_up.connections() == 1
+    # ... that gives up by itself, long before a server that stays silent for 12 times its timeout (5 s) would
+    silent = Listener(hold=60)
+    with pytest.raises(TrackingError, match=r"unreachable \(ReadTimeout\)"):
+        check_reachable(silent.uri)
+    assert silent.connections() == 1 and silent.outcome == "the client hung up"
+
+
+class Listener:
+    """A loopback TCP server whose first connection it ends after `hold` seconds of silence (at once for 0), recording
+    who hung up; it counts the connections made to it (its backlog drained once the client is done)."""
+
+    def __init__(self, hold: float):
+        self.socket = socket.create_server(("127.0.0.1", 0))
+        self.uri = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        self.hold, self.outcome = hold, None
+        self.thread = threading.Thread(target=self._first, daemon=True)
+        self.thread.start()
+
+    def _first(self) -> None:
+        conn, _ = self.socket.accept()
+        with conn:
+            conn.settimeout(self.hold or None)
+            try:
+                while self.hold and conn.recv(4096):  # the request, then silence until one side hangs up
+                    pass
+                self.outcome = "the client hung up" if self.hold else "the server hung up"
+            except TimeoutError:
+                self.outcome = "the server hung up"
+
+    def connections(self) -> int:
+        """The connections made so far; call it once the client has returned (its connections are all made)."""
+        self.thread.join()
+        count = 1
+        self.socket.setblocking(False)
+        with self.socket:
+            while True:
+                try:
+                    self.socket.accept()[0].close()
+                except BlockingIOError:
+                    return count
+                count += 1
 
 
 def test_silent_tracking_server_times_out(tmp_path, corpus_url, monkeypatch):
