@@ -32,6 +32,16 @@ def evaluate_loss(model: RNNLM, corpus: torch.Tensor, batch_size: int, num_steps
     return float(loss_sum) / num_tokens
 
 
+def bits_per_byte(mean_loss: float, num_tokens: int, num_bytes: int, unk_bytes: int = 0) -> float | None:
+    """Bits per byte of held-out text: its tokens' mean cross-entropy (nats a token) in bits, times its tokens, plus
+    8 bits for every byte of text the vocabulary mapped to `<unk>` (a model never gains by not knowing a word: it
+    pays for spelling it, at the cost of bytes sent as they are), over the text's UTF-8 bytes after preprocessing.
+    For characters of ASCII text (the book) this is bits per character. None for text of no bytes."""
+    if num_bytes <= 0:
+        return None
+    return (mean_loss / math.log(2) * num_tokens + 8 * unk_bytes) / num_bytes
+
+
 def perplexity_of(mean_loss: float) -> float:
     """exp(mean cross-entropy); inf when that overflows a float, nan when the loss is nan."""
     return math.exp(mean_loss) if mean_loss < 709.0 or math.isnan(mean_loss) else math.inf

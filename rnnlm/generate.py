@@ -17,7 +17,7 @@ import torch
 
 from rnnlm.checkpoint import load_checkpoint, model_from_checkpoint
 from rnnlm.model import RNNLM
-from rnnlm.tokens import Vocab, join_tokens, split_tokens
+from rnnlm.tokens import Vocab, ids_text, split_tokens, text_ids
 
 MAX_PREDS = 10_000
 SAMPLING_DEFAULTS = {"num_preds": 50, "temperature": 1.0, "top_k": 1, "seed": 0}  # a served model's defaults
@@ -54,7 +54,7 @@ def check_budget(prompts: list[str], num_preds: int, tokenization: str, max_prom
             f"{len(prompts):,} prompts in one request, over the limit of {max_prompts:,} (max_prompts); "
             f"send them in {-(-len(prompts) // max_prompts):,} requests of at most {max_prompts:,} prompts"
         )
-    costs = [len(split_tokens(p, tokenization)) + num_preds for p in prompts]  # tokens fed + tokens generated
+    costs = [_most_tokens(p, tokenization) + num_preds for p in prompts]  # tokens fed + tokens generated
     if sum(costs) <= max_work:
         return
     limit = f"the limit of {max_work:,} tokens of work per request (max_work: prompts x (prompt tokens + num_preds))"
@@ -68,8 +68,18 @@ def check_budget(prompts: list[str], num_preds: int, tokenization: str, max_prom
     )
 
 
+def _most_tokens(prompt: str, tokenization: str) -> int:
+    """A prompt's tokens, or for BPE at most as many as its UTF-8 bytes (counted without its tokenizer)."""
+    return len(prompt.encode("utf-8")) if tokenization == "bpe" else len(split_tokens(prompt, tokenization))
+
+
 def prompt_ids(prompt: str, vocab: Vocab, tokenization: str) -> list[int]:
-    """Indices of a prompt's tokens; a prompt with no tokens or with tokens outside the vocabulary is refused."""
+    """Indices of a prompt's tokens; a prompt with no tokens or with tokens outside the vocabulary is refused (a
+    BPE vocabulary knows every text)."""
+    if tokenization == "bpe":
+        if not (ids := text_ids(prompt, vocab, tokenization)):
+            raise GenerationError("a prompt needs at least one token")
+        return ids
     tokens = split_tokens(prompt, tokenization)
     if not tokens:
         raise GenerationError("a prompt needs at least one token")
@@ -120,7 +130,7 @@ def generate(
         outputs.append(next_ids)
         logits, state = model.step(next_ids, state)
     new = torch.stack(outputs, dim=1).tolist() if outputs else [[] for _ in prompts]
-    return [join_tokens(vocab.to_tokens(p + n), tokenization) for p, n in zip(ids, new, strict=True)]
+    return [ids_text(p + n, vocab, tokenization) for p, n in zip(ids, new, strict=True)]
 
 
 def _warm_up(model: RNNLM, ids: list[list[int]], device: torch.device):
@@ -187,6 +197,9 @@ def sample_many(checkpoint_path: Path, prompts: list[str], num_preds: int, setti
 
 
 def usable_prompts(prompts: list[str], vocab: Vocab, tokenization: str) -> list[str]:
-    """The prompts whose tokens are all in `vocab`; if none is, its two most frequent visible tokens, one each."""
+    """The prompts whose tokens are all in `vocab` (for BPE, every non-empty one); if none is, its two most frequent
+    visible tokens, one each."""
+    if tokenization == "bpe":
+        return [p for p in prompts if p] or [" "]
     known = [p for p in prompts if (tokens := split_tokens(p, tokenization)) and not vocab.unknown(tokens)]
     return known or [token for token in vocab.tokens[1:] if token.strip()][:2]
