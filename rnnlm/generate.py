@@ -196,6 +196,26 @@ def sample_many(checkpoint_path: Path, prompts: list[str], num_preds: int, setti
     }
 
 
+def prompts_for(data, tokenization: str, count: int = 2) -> list[str]:
+    """Sample prompts for a run on `data` (a `PreparedData`): the book's for The Time Machine; for any other text,
+    taken from its own held-out text (validation, else test): the first two words of its first whole lines (of a
+    line without spaces, as in Chinese, its first four characters), or words from the middle of the text when it
+    has no lines (the book's preprocessing)."""
+    from rnnlm.config import KNOWN_SHA1
+
+    if data.corpus_sha1 in KNOWN_SHA1.values():
+        return list(BOOK_PROMPTS)
+    vocab, _, val_ids = data.load()
+    ids = val_ids if len(val_ids) else data.load_test()
+    text = ids_text(np.asarray(ids[:4000]).tolist(), vocab, tokenization)
+    lines = [line.split() for line in text.split("\n")[1:-1] if line.strip()]
+    if not lines:  # no line breaks: two words from inside the text
+        words = text.split()[1:-1]
+        lines = [words[i : i + 2] for i in range(0, len(words), max(len(words) // count, 1))]
+    prompts = [" ".join(words[:2]) if len(words[0]) <= 20 else words[0][:4] for words in lines if words]
+    return list(dict.fromkeys(prompts))[:count] or list(BOOK_PROMPTS)
+
+
 def usable_prompts(prompts: list[str], vocab: Vocab, tokenization: str) -> list[str]:
     """The prompts whose tokens are all in `vocab` (for BPE, every non-empty one); if none is, its two most frequent
     visible tokens, one each."""
