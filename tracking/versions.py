@@ -1,5 +1,6 @@
 """Registered versions as records: each version joined with its run's params and final metrics, and the comparison
-table of them, best validation perplexity first."""
+table of them: the versions scored on the reference version's held-out text (the champion's, else the newest's)
+ranked by validation bits per byte, the others unranked with the reason (`rnnlm.promotion.not_comparable`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from tabulate import tabulate
 
-from rnnlm.promotion import Candidate
+from rnnlm.promotion import Candidate, not_comparable
 from tracking import store
 
 # What a reader scans first comes first: the version, its aliases and its scores.
@@ -18,6 +19,9 @@ COLUMNS = [
     "version",
     "aliases",
     "val_perplexity",
+    "val_bits_per_byte",
+    "test_bits_per_byte",
+    "rank",
     "test_perplexity",
     "train_perplexity",
     "weights",
@@ -36,6 +40,8 @@ COLUMNS = [
     "engine",
     "preprocess",
     "corpus_sha1",
+    "held_out",
+    "not_ranked",
     "promotion",
 ]
 
@@ -77,6 +83,13 @@ def version_record(version, aliases: list[str]) -> dict:
             )
         ),
         "test_perplexity": _number(metrics.get("final_registered_test_perplexity", tags.get("test_perplexity"))),
+        "val_bits_per_byte": _number(
+            metrics.get("final_registered_val_bits_per_byte", tags.get("val_bits_per_byte"))
+        ),
+        "test_bits_per_byte": _number(
+            metrics.get("final_registered_test_bits_per_byte", tags.get("test_bits_per_byte"))
+        ),
+        "held_out": tags.get("held_out", run_tags.get("held_out")) or None,
         "weights": tags.get("weights", "last"),
         "registered_epoch": params.get("num_epochs") if "epoch" not in tags else tags["epoch"],
         "tokens_per_sec": None if speed is None else float(round(speed)),
@@ -108,10 +121,12 @@ def candidate(record: dict) -> Candidate:
     """A record as the promotion rule sees it."""
     return Candidate(
         version=record["version"],
-        val_perplexity=record["val_perplexity"],
-        corpus_sha1=record["corpus_sha1"],
-        preprocess=record["preprocess"],
-        tokenization=record["tokenization"],
+        val_perplexity=record.get("val_perplexity"),
+        corpus_sha1=record.get("corpus_sha1"),
+        preprocess=record.get("preprocess"),
+        tokenization=record.get("tokenization"),
+        val_bits_per_byte=record.get("val_bits_per_byte"),
+        held_out=record.get("held_out"),
     )
 
 
@@ -120,10 +135,33 @@ def holder_of(records: list[dict], alias: str) -> int | None:
     return next((r["version"] for r in records if alias in r["aliases"].split(",")), None)
 
 
+def ranking(records: list[dict]) -> dict[int, tuple[int | None, str]]:
+    """Version -> (its rank, or None; why it is not ranked). The versions scored on the same text as the reference
+    (the champion, else the newest version with a score) are ranked by their score (`Candidate.score`: bits per
+    byte, or for versions from before them, perplexity); the others are not, each with the reason."""
+    candidates = {c.version: c for c in map(candidate, records)}
+    scored = [c for c in candidates.values() if c.has_score()]
+    champion = candidates.get(holder_of(records, "champion")) if any("aliases" in r for r in records) else None
+    newest = max(scored, key=lambda c: c.version, default=None)
+    reference = champion if champion is not None and champion.has_score() else newest
+    if reference is None:
+        return {v: (None, "no validation score") for v in candidates}
+    pool = sorted((c for c in scored if c.data_key() == reference.data_key()), key=lambda c: (c.score, -c.version))
+    ranks = {c.version: (i, "") for i, c in enumerate(pool, start=1)}
+    for version, c in candidates.items():
+        if version not in ranks:
+            why = not_comparable(c, reference) if c.has_score() else "no validation score"
+            ranks[version] = (None, f"not comparable with v{reference.version}: {why}" if c.has_score() else why)
+    return ranks
+
+
 def comparison_table(records: list[dict]) -> pd.DataFrame:
-    """The records as a table, best validation perplexity first (versions without one last)."""
-    table = pd.DataFrame(records, columns=COLUMNS)
-    table = table.sort_values(["val_perplexity", "version"], ascending=[True, False], na_position="last")
+    """The records as a table: the versions of the reference's held-out text by rank (best first), then the others,
+    newest first, with why they are not ranked."""
+    ranks = ranking(records)
+    rows = [{**r, "rank": ranks[r["version"]][0], "not_ranked": ranks[r["version"]][1]} for r in records]
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    table = table.sort_values(["rank", "version"], ascending=[True, False], na_position="last")
     return table.reset_index(drop=True)
 
 
