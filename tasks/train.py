@@ -57,8 +57,9 @@ def train_model(config: TrainConfig, data: PreparedData, tracked: TrackedRun) ->
 @task(name="generate-samples", task_run_name="generate-samples", cache_policy=NO_CACHE)
 def generate_samples(config: TrainConfig, result: FitResult, data: PreparedData) -> dict:
     """Greedy samples, plus sampled ones (temperature, top-k), from the last weights, for the book's two prompts on
-    the book's corpus and for prompts from the held-out text on any other (`prompts_for`); where the registered weights are others (the best by validation), their greedy and t0.8-top5 samples
-    too, as `best-greedy` and `best-t0.8-top5`. Returns setting -> {prompt: text}."""
+    the book's corpus and for prompts from the held-out text on any other (`prompts_for`); where the registered
+    weights are others (the best by validation), their greedy and t0.8-top5 samples too, as `best-greedy` and
+    `best-t0.8-top5`. Returns setting -> {prompt: text}."""
     settings = {name: {"seed": config.seed, **options} for name, options in SAMPLING.items()}
     prompts = prompts_for(data, config.tokenization)
     samples = sample_many(Path(result.checkpoint), prompts, config.num_preds, settings)
