@@ -130,8 +130,7 @@ def tokenize_spans(
         with open(raw, "wb") as f:
             for start, end in spans.bounds():
                 count = 0
-                for text in texts(start, end):
-                    ids = _encode_piecewise(text, vocab, tokenization).astype(dtype, copy=False)
+                for ids in span_ids(path, start, end, preprocess_mode, tokenization, vocab, chunk_bytes):
                     f.write(ids.tobytes())
                     count += len(ids)
                 counts.append(count)
@@ -139,6 +138,21 @@ def tokenize_spans(
     finally:
         raw.unlink(missing_ok=True)
     return vocab, np.load(out_path, mmap_mode="r"), tuple(counts)
+
+
+def span_ids(
+    path: Path,
+    start: int,
+    end: int,
+    preprocess_mode: str,
+    tokenization: str,
+    vocab: Vocab,
+    chunk_bytes: int = TEXT_CHUNK,
+) -> Iterator[np.ndarray]:
+    """The ids of a span of `path` (start to end, line boundaries), prepared and tokenized chunk by chunk."""
+    texts = prepared_texts(span_chunks(path, start, end, chunk_bytes), preprocess_mode, tokenization)
+    for text in texts:
+        yield _encode_piecewise(text, vocab, tokenization).astype(id_dtype(len(vocab)), copy=False)
 
 
 def _encode_piecewise(text: str, vocab: Vocab, tokenization: str) -> np.ndarray:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from tabulate import tabulate
 
+from rnnlm import paths
 from rnnlm.promotion import Candidate, not_comparable
 from tracking import store
 
@@ -99,6 +101,7 @@ def version_record(version, aliases: list[str]) -> dict:
         "preprocess": params.get("preprocess"),
         "corpus_sha1": params.get("corpus_file_sha1"),
         "promotion": tags.get("promotion", ""),
+        "model_id": model_id_of(version),
     }
 
 
@@ -128,6 +131,92 @@ def candidate(record: dict) -> Candidate:
         val_bits_per_byte=record.get("val_bits_per_byte"),
         held_out=record.get("held_out"),
     )
+
+
+# --- scores of versions on a text (flows/evaluate_flow.py) ---------------------------------------------------------
+
+
+def resolve(model_ref: str):
+    """The registry's ModelVersion for `name@alias` or `name/version`; TrackingError naming what is missing."""
+    mlflow_client = store.client()
+    name, alias = model_ref.split("@", 1) if "@" in model_ref else (model_ref, None)
+    name, number = name.rsplit("/", 1) if alias is None and "/" in name else (name, None)
+    if alias is None and (number is None or not number.isdigit()):
+        raise store.TrackingError(f"model {model_ref!r}: give name@alias or name/version, e.g. rnnlm@champion, rnnlm/3")
+    try:
+        if alias is not None:
+            return mlflow_client.get_model_version_by_alias(name, alias)
+        return mlflow_client.get_model_version(name, number)
+    except MlflowException as err:
+        raise store.TrackingError(f"model {model_ref!r} is not in the registry at {store.tracking_uri()}") from err
+
+
+def model_id_of(version) -> str | None:
+    """The id of the LoggedModel a version registers (a SQLite registry leaves `model_id` empty; its source names
+    it: models:/m-...)."""
+    if found := getattr(version, "model_id", None):
+        return found
+    source = getattr(version, "source", "") or ""
+    return source.removeprefix("models:/") if source.startswith("models:/m-") else None
+
+
+def download_checkpoint(version) -> Path:
+    """The version's checkpoint (its pyfunc's `checkpoint` artifact), downloaded once into the cache."""
+    import mlflow
+
+    folder = paths.cache_dir(None) / "models" / f"{version.name}-{version.version}-{version.run_id}"
+    if not (found := sorted(folder.glob("**/artifacts/*.pt"))):
+        folder.mkdir(parents=True, exist_ok=True)
+        with store.global_store(store.tracking_uri()):
+            uri = f"models:/{version.name}/{version.version}"
+            mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(folder))
+        found = sorted(folder.glob("**/artifacts/*.pt"))
+    if not found:
+        raise store.TrackingError(f"{version.name} v{version.version} holds no rnnlm checkpoint")
+    return found[0]
+
+
+def score_metrics(score) -> dict[str, float]:
+    """The metrics a score of a version on a text is logged as (an `rnnlm.evaluate.TextScore`)."""
+    metrics = {
+        "text_bits_per_byte": score.bits_per_byte,
+        "text_perplexity": score.perplexity,
+        "text_bits_per_token": score.bits_per_token,
+    }
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+
+
+def text_scores(records: list[dict], digest: str) -> dict[int, dict[str, float]]:
+    """Version -> its logged scores on the text of `digest` (its LoggedModel's metrics on that dataset), for the
+    versions that have some."""
+    mlflow_client, found = store.client(), {}
+    for record in records:
+        if not record.get("model_id"):
+            continue
+        metrics = mlflow_client.get_logged_model(record["model_id"]).metrics or []
+        scores = {m.key: m.value for m in sorted(metrics, key=lambda m: m.timestamp) if m.dataset_digest == digest}
+        if scores:
+            found[record["version"]] = scores
+    return found
+
+
+def on_text(records: list[dict], scores: dict[int, dict[str, float]], digest: str, name: str) -> list[dict]:
+    """The records of the versions scored on one text, with those scores in place of their held-out ones, so that
+    `comparison_table` ranks them and `rnnlm.promotion.decide` promotes among them: all are scored on the same text,
+    and those of the same preprocessing (which decides the text a model sees) compare, whatever their tokens."""
+    return [
+        {
+            **record,
+            "val_bits_per_byte": scores[record["version"]].get("text_bits_per_byte"),
+            "val_perplexity": scores[record["version"]].get("text_perplexity"),
+            "test_bits_per_byte": None,
+            "test_perplexity": None,
+            "corpus_sha1": digest,
+            "held_out": f"all of {name}",
+        }
+        for record in records
+        if record["version"] in scores
+    ]
 
 
 def holder_of(records: list[dict], alias: str) -> int | None:
