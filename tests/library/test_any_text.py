@@ -12,12 +12,12 @@ import torch
 
 from rnnlm import bpe, data
 from rnnlm.config import TrainConfig
-from rnnlm.corpus import preprocess, split_words
-from rnnlm.evaluate import bits_per_byte, evaluate_loss
+from rnnlm.corpus import CorpusError, preprocess, split_words
+from rnnlm.evaluate import bits_per_byte, evaluate_loss, score_file
 from rnnlm.generate import generate, prompts_for
 from rnnlm.model import build_model
 from rnnlm.promotion import Candidate, decide, not_comparable
-from rnnlm.run import _bits_per_byte
+from rnnlm.run import _bits_per_byte, fit
 from rnnlm.tokens import ids_text
 from tracking.versions import comparison_table
 
@@ -230,3 +230,18 @@ def test_compare_table_ranks_by_bits_per_byte_and_refuses_other_held_out_text():
     assert unranked["rank"].isna().all()
     assert "other held-out text (bytes 0-15-30 vs bytes 10-20-30)" in unranked.loc[3, "not_ranked"]
     assert "other corpora" in unranked.loc[4, "not_ranked"]
+
+
+def test_text_that_is_not_utf8_is_refused_by_spans_and_scoring(tmp_path, monkeypatch):
+    monkeypatch.setenv("RNNLM_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(corpus_text(200).encode("utf-8") + "señor año\n".encode("latin-1") * 50)
+    with pytest.raises(CorpusError, match="not valid UTF-8"):
+        data.prepare_data(path, config_for(path, "bpe"))
+    good = tmp_path / "good.txt"
+    good.write_text(corpus_text(300), encoding="utf-8")
+    cfg = config_for(good, "char", num_epochs=1)
+    result = fit(cfg, data.prepare_data(good, cfg), tmp_path / "m.pt")
+    assert score_file(result.registered_checkpoint, good).bytes == good.stat().st_size
+    with pytest.raises(CorpusError, match="not valid UTF-8"):
+        score_file(result.registered_checkpoint, path)
