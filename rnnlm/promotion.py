@@ -46,7 +46,10 @@ class Candidate:
     @property
     def measure(self) -> str:
         """The name of `score`, for messages."""
-        return "validation bits per byte" if self.in_bits() else "validation perplexity"
+        if not self.in_bits():
+            return "validation perplexity"
+        scored_on = self.held_out.removeprefix("all of ")  # a score on a whole text file (flows/evaluate_flow.py)
+        return f"bits per byte of {scored_on}" if scored_on != self.held_out else "validation bits per byte"
 
     def has_score(self) -> bool:
         """True when there is a finite score to compare."""
