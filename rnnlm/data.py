@@ -137,19 +137,25 @@ def _prepare(corpus_path: Path, config: TrainConfig, folder: Path, corpus_sha1: 
             raise DataError(f"{corpus_path} holds no tokens after '{config.preprocess}' preprocessing; check the file")
         split = split_corpus(ids, config.max_tokens, val_count, least, test_count)
         sizes = (len(vocab), len(ids), len(split.train), len(split.val))
-        held_out = _held_out(corpus_path, config, vocab, spans)
+        held_out = _held_out(corpus_path, config, vocab, spans, split)
         data = PreparedData(str(folder), corpus_sha1, *sizes, split.note, len(split.test), **held_out)
         _write_prepared(data, vocab, split)
     return data
 
 
-def _held_out(corpus_path: Path, config: TrainConfig, vocab: Vocab, spans) -> dict:
-    """Which text is held out and its bytes (`PreparedData`'s held-out fields): from the corpus's spans, or from
-    the last tokens of the prepared text when the held-out sizes count tokens."""
+def _held_out(corpus_path: Path, config: TrainConfig, vocab: Vocab, spans, split) -> dict:
+    """Which text is held out and its bytes (`PreparedData`'s held-out fields): from the corpus's spans, or when the
+    held-out sizes count tokens, from those tokens (their text read again from the corpus's tail when some of them
+    may be `<unk>`: the vocabulary is the whole corpus's, so only a `min_freq` above 1 makes any)."""
     if spans is not None:
         key = spans.key()
         val = span_bytes(corpus_path, *spans.bounds()[1], config.preprocess, config.tokenization, vocab)
         test = span_bytes(corpus_path, *spans.bounds()[2], config.preprocess, config.tokenization, vocab)
+    elif config.min_freq <= 1:
+        key = f"tokens {config.tokenization} {config.val_tokens}+{config.test_tokens}"
+        spaced = config.tokenization == "word"  # a word and the space after it
+        lengths = np.array([len(token.encode("utf-8")) + spaced for token in vocab.tokens], dtype=np.int64)
+        val, test = (HeldOutBytes(int(lengths[np.asarray(ids)].sum()), 0) for ids in (split.val, split.test))
     else:
         key = f"tokens {config.tokenization} {config.val_tokens}+{config.test_tokens}"
         held = config.val_tokens + config.test_tokens

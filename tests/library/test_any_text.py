@@ -164,11 +164,13 @@ def test_bits_per_byte_of_a_char_model_is_bits_per_char_times_chars_per_byte(cor
     assert _bits_per_byte(loss, len(val), prepared, "val") == pytest.approx(loss / math.log(2) * chars / size)
 
 
-def test_a_word_models_unknown_words_pay_their_spelling(tmp_path, monkeypatch):
+@pytest.mark.parametrize("held_out, count", [("lines", 2), ("tokens", 6)])
+def test_a_word_models_unknown_words_pay_their_spelling(tmp_path, monkeypatch, held_out, count):
     monkeypatch.setenv("RNNLM_CACHE_DIR", str(tmp_path / "cache"))
     path = tmp_path / "w.txt"
     path.write_text(corpus_text(300) + "мир редкослово дом.\n世界 唯一 和平.\n", encoding="utf-8")
-    prepared = data.prepare_data(path, config_for(path, "word", min_freq=2, val_tokens=2, test_tokens=0))
+    settings = {"min_freq": 2, "held_out": held_out, "val_tokens": count, "test_tokens": 0}
+    prepared = data.prepare_data(path, config_for(path, "word", **settings))
     unknown = ["редкослово", "唯一"]  # seen once in the whole corpus: below min_freq, so <unk>
     assert prepared.val_unk_bytes == sum(len(w.encode("utf-8")) for w in unknown)
     free = bits_per_byte(2.0, prepared.val_tokens, prepared.val_bytes)
@@ -185,6 +187,13 @@ def test_held_out_bytes_in_tokens_mode_count_the_held_out_text(tmp_path, monkeyp
     assert prepared.test_bytes == len(text[-200:].encode("utf-8"))
     assert prepared.val_bytes == len(text[-500:-200].encode("utf-8"))
     assert prepared.held_out_span == "tokens char 300+200"
+    words = data.prepare_data(path, config_for(path, "word", held_out="tokens", val_tokens=30, test_tokens=20))
+    tail = text.split()
+    assert words.test_bytes == sum(len(w.encode("utf-8")) + 1 for w in tail[-20:])  # a word and its space
+    assert words.val_bytes == sum(len(w.encode("utf-8")) + 1 for w in tail[-50:-20])
+    rare_config = config_for(path, "word", held_out="tokens", val_tokens=30, test_tokens=20, min_freq=2)
+    rare = data.prepare_data(path, rare_config)
+    assert (rare.val_bytes, rare.test_bytes) == (words.val_bytes, words.test_bytes)  # the same text, read again
 
 
 def test_prompts_come_from_the_held_out_text(corpus):
