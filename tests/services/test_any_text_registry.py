@@ -95,6 +95,9 @@ def test_the_served_bpe_model_writes_in_the_script_of_its_prompt(registered, tmp
     continuation = texts[0][len(prompts[0]) :]
     assert any("\u0400" <= ch <= "\u04ff" for ch in continuation)  # Cyrillic after a Cyrillic prompt
     assert texts == mlflow.pyfunc.load_model(uri).predict(prompts, params={"num_preds": 12, "seed": 0})
+    char_model = mlflow.pyfunc.load_model(f"models:/rnnlm/{outs['char']['version']}")
+    [greek] = char_model.predict(["κόσμος "], params={"num_preds": 12, "seed": 0})
+    assert greek.startswith("κόσμος ") and any("\u0370" <= ch <= "\u03ff" for ch in greek[len("κόσμος ") :])
 
 
 def test_models_on_the_command_line_take_several_values():
