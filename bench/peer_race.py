@@ -5,8 +5,12 @@ non-empty line lowercased with punctuation split off (`rnnlm.corpus.split_words`
 into train / validation / test, test at the very end. The peer reads train.txt, valid.txt and test.txt and adds
 `<eos>` at each line's end; this project trains on the same lines with the same `<eos>` written out
 (`--preprocess raw --tokenization word`), its held-out tokens counted to the same lines. Both see the same token
-streams and the same vocabulary. Two races, each printed as a table (validation and test perplexity, tokens/s
-of training, wall time):
+streams and the same vocabulary. With `--tokenization char` or `bpe` our side trains instead on the same lines as
+plain text (the peer's three files one after the other; `--held_out lines`, the peer's validation and test lines),
+characters or byte-level BPE subwords (`--bpe_vocab_size`). Both sides are also scored in bits per byte of the same
+held-out text, the peer's valid.txt and test.txt (a line break where the peer predicts `<eos>`): a side's summed
+negative log-likelihood in bits over that text's UTF-8 bytes, so char, word and BPE models compare. Two races, each
+printed as a table (validation and test bits per byte and perplexity, tokens/s of training, wall time):
 
   same-epochs  the peer's defaults on both sides (2-layer LSTM, 200 embedding, 200 hidden, dropout 0.2, SGD lr 20
                divided by 4 when validation does not improve, clip 0.25, 35 steps, batch 20): recipes/word-lstm.toml
@@ -17,6 +21,7 @@ of training, wall time):
     .venv/bin/python bench/peer_race.py                        # both races: 2 epochs, then 10 minutes (about 40 min)
     .venv/bin/python bench/peer_race.py --race same-epochs --epochs 1
     .venv/bin/python bench/peer_race.py --race budget --minutes 10 --recipe recipes/kjv-best.toml
+    .venv/bin/python bench/peer_race.py --race budget --minutes 10 --tokenization bpe --bpe_vocab_size 8192
 
 Our side runs `python flows/train_flow.py` for real (the temporary Prefect server, a private MLflow store in the
 work folder); its numbers are read back from that store. Each side gets all the machine's cores.
@@ -25,6 +30,7 @@ work folder); its numbers are read back from that store. Each side gets all the 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import re
@@ -41,7 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
-from rnnlm.corpus import split_words  # noqa: E402  (the project's root on the path first, for a fresh clone)
+from rnnlm.config import read_recipe  # noqa: E402  (the project's root on the path first, for a fresh clone)
+from rnnlm.corpus import split_words  # noqa: E402
 
 EPOCH_LINE = re.compile(r"\| end of epoch\s+(\d+) \| time:\s*([\d.]+)s \| valid loss\s+[\d.]+ \| valid ppl\s+([\d.]+)")
 BATCH_LINE = re.compile(r"\| epoch\s+\d+ \|\s+\d+/\s*\d+ batches \| lr [\d.]+ \| ms/batch\s+([\d.]+)")
@@ -60,6 +67,14 @@ class Side:
     wall_seconds: float
     epochs: int
     note: str = ""
+    val_bits_per_byte: float = math.nan  # of the same held-out text for both sides
+    test_bits_per_byte: float = math.nan
+
+
+def bits_per_byte(perplexity: float, tokens: int, num_bytes: int) -> float:
+    """Bits per byte of a text from a model's perplexity over its `tokens` tokens: log2 of the perplexity is bits
+    per token; times the tokens, over the text's bytes."""
+    return math.log2(perplexity) * tokens / num_bytes
 
 
 def tokenized_lines(corpus: Path) -> list[list[str]]:
@@ -93,21 +108,27 @@ def write_data(work: Path, corpus: Path, val_tokens: int, test_tokens: int) -> d
         (peer / f"{name}.txt").write_text("".join(" ".join(words) + "\n" for words in lines), encoding="utf-8")
     ours = work / "corpus.txt"
     ours.write_text("".join(" ".join(words) + " <eos>\n" for words in train + val + test), encoding="utf-8")
+    plain = work / "corpus-plain.txt"  # the peer's three files one after the other: for char and BPE models
+    plain.write_text("".join((peer / f"{name}.txt").read_text(encoding="utf-8") for name in ("train", "valid", "test")))
     count = lambda part: sum(len(words) + 1 for words in part)  # noqa: E731
     vocab = len({w for words in train + val + test for w in words}) + 1  # + <eos>
-    return {"peer": peer, "ours": ours, "train": count(train), "val": count(val), "test": count(test), "vocab": vocab}
+    held_out = {"val_lines": len(val), "test_lines": len(test), "plain": plain}
+    for split, name in (("val", "valid"), ("test", "test")):
+        held_out[f"{split}_bytes"] = (peer / f"{name}.txt").stat().st_size
+    sizes = {"train": count(train), "val": count(val), "test": count(test), "vocab": vocab}
+    return {"peer": peer, "ours": ours, **sizes, **held_out}
 
 
-def run_peer(work: Path, peer_dir: Path, epochs: int, minutes: float | None, train_tokens: int) -> Side:
+def run_peer(work: Path, peer_dir: Path, epochs: int, minutes: float | None, data: dict) -> Side:
     """The peer's main.py with its defaults; with `minutes`, Ctrl-C (SIGINT) once that much training time is spent
     (its corpus loading, timed beforehand, not counted)."""
-    data = work / "peer_data"
-    command = [sys.executable, "-u", str(peer_dir / "main.py"), "--data", str(data), "--save", str(work / "peer.pt")]
+    train_tokens, folder = data["train"], work / "peer_data"
+    command = [sys.executable, "-u", str(peer_dir / "main.py"), "--data", str(folder), "--save", str(work / "peer.pt")]
     command += ["--epochs", str(epochs)]
     loading = 0.0
     if minutes:
         started = time.perf_counter()
-        load = f"import sys; sys.path.insert(0, {str(peer_dir)!r}); import data; data.Corpus({str(data)!r})"
+        load = f"import sys; sys.path.insert(0, {str(peer_dir)!r}); import data; data.Corpus({str(folder)!r})"
         subprocess.run([sys.executable, "-c", load], check=True)
         loading = time.perf_counter() - started
     started = time.perf_counter()
@@ -145,7 +166,11 @@ def run_peer(work: Path, peer_dir: Path, epochs: int, minutes: float | None, tra
         speed = train_tokens * len(epochs_done) / sum(t for _, t, _ in epochs_done)
     best_val = min(p for _, _, p in epochs_done)
     note = "Ctrl-C at the budget's end" if interrupted else ""
-    return Side("pytorch/examples word_language_model", best_val, float(test[-1]), speed, wall, len(epochs_done), note)
+    bits = bits_per_byte(best_val, data["val"], data["val_bytes"]), bits_per_byte(
+        float(test[-1]), data["test"], data["test_bytes"]
+    )
+    name = "pytorch/examples word_language_model"
+    return Side(name, best_val, float(test[-1]), speed, wall, len(epochs_done), note, *bits)
 
 
 def _sigint_default() -> None:
@@ -155,14 +180,32 @@ def _sigint_default() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def run_ours(work: Path, data: dict, recipe: Path, epochs: int | None, minutes: float | None, tag: str) -> Side:
-    """`python flows/train_flow.py --config_file RECIPE` on our corpus file, in a private MLflow store."""
+def run_ours(
+    work: Path,
+    data: dict,
+    recipe: Path,
+    epochs: int | None,
+    minutes: float | None,
+    tag: str,
+    tokenization: str = "word",
+    bpe_vocab_size: int = 8192,
+) -> Side:
+    """`python flows/train_flow.py --config_file RECIPE` on our corpus file, in a private MLflow store: words with
+    `<eos>` (the peer's tokens), or characters or BPE subwords of the same lines as plain text."""
     store = f"sqlite:///{work / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PREFECT_HOME": str(work / "prefect")}
     env.pop("PREFECT_API_URL", None)
-    options = ["--config_file", str(recipe), "--corpus", str(data["ours"]), "--preprocess", "raw"]
-    options += ["--tokenization", "word", "--min_freq", "0", "--max_tokens", "-1"]
-    options += ["--val_tokens", str(data["val"]), "--test_tokens", str(data["test"])]
+    options = ["--config_file", str(recipe), "--preprocess", "raw", "--min_freq", "0", "--max_tokens", "-1"]
+    options += ["--tokenization", tokenization]
+    if tokenization == "word":
+        options += ["--corpus", str(data["ours"]), "--val_tokens", str(data["val"]), "--test_tokens", str(data["test"])]
+    else:  # the same held-out lines, as text
+        options += ["--corpus", str(data["plain"]), "--held_out", "lines"]
+        options += ["--val_tokens", str(data["val_lines"]), "--test_tokens", str(data["test_lines"])]
+        options += ["--bpe_vocab_size", str(bpe_vocab_size)] if tokenization == "bpe" else []
+        cutoffs = read_recipe(recipe).get("adaptive_cutoffs") or []
+        if cutoffs and (tokenization == "char" or cutoffs[-1] >= bpe_vocab_size):  # the word ranks do not fit
+            options += ["--adaptive_cutoffs", "[]"]
     options += ["--cache_dir", str(work / "cache")]
     options += ["--experiment", f"race-{tag}", "--registered_model", f"race-{tag}", "--resume", "never"]
     if epochs:
@@ -188,26 +231,33 @@ def run_ours(work: Path, data: dict, recipe: Path, epochs: int | None, minutes: 
     [run] = client.search_runs([client.get_experiment_by_name(f"race-{tag}").experiment_id], max_results=1)
     m = run.data.metrics
     note = run.data.tags.get("stopped", "")
-    return Side(
-        f"this project ({recipe.name})", m["final_registered_val_perplexity"], m["final_registered_test_perplexity"],
-        m["final_tokens_per_sec"], wall, len(client.get_metric_history(run.info.run_id, "train_perplexity")), note,
-    )  # fmt: skip
+    val, test = m["final_registered_val_perplexity"], m["final_registered_test_perplexity"]
+    if tokenization == "word":  # the peer's tokens: bits over the same text's bytes, as for the peer
+        bits = bits_per_byte(val, data["val"], data["val_bytes"]), bits_per_byte(test, data["test"], data["test_bytes"])
+    else:  # the run measured them itself, over the same text
+        bits = m["final_registered_val_bits_per_byte"], m["final_registered_test_bits_per_byte"]
+    epochs_done = len(client.get_metric_history(run.info.run_id, "train_perplexity"))
+    name = f"this project ({recipe.name}, {tokenization})"
+    return Side(name, val, test, m["final_tokens_per_sec"], wall, epochs_done, note, *bits)
 
 
 def table(title: str, peer: Side, ours: Side) -> str:
     """The two sides as a markdown table, with our figures as ratios of the peer's."""
     rows = [
-        "| | validation ppl | test ppl | tokens/s (training) | wall | epochs |",
-        "|---|---|---|---|---|---|",
+        "| | validation bits/byte | test bits/byte | validation ppl | test ppl | tokens/s (training) | wall | epochs |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for side in (peer, ours):
         note = f" ({side.note})" if side.note else ""
         rows.append(
-            f"| {side.name}{note} | {side.val_perplexity:.2f} | {side.test_perplexity:.2f} | "
+            f"| {side.name}{note} | {side.val_bits_per_byte:.4f} | {side.test_bits_per_byte:.4f} | "
+            f"{side.val_perplexity:.2f} | {side.test_perplexity:.2f} | "
             f"{side.tokens_per_sec:,.0f} | {side.wall_seconds:,.0f} s | {side.epochs} |"
         )
     ratio = (
-        f"ours / peer: validation ppl {ours.val_perplexity / peer.val_perplexity:.3f}x, "
+        f"ours / peer: validation bits per byte {ours.val_bits_per_byte / peer.val_bits_per_byte:.3f}x, "
+        f"test bits per byte {ours.test_bits_per_byte / peer.test_bits_per_byte:.3f}x, "
+        f"validation ppl {ours.val_perplexity / peer.val_perplexity:.3f}x, "
         f"test ppl {ours.test_perplexity / peer.test_perplexity:.3f}x, "
         f"tokens/s {ours.tokens_per_sec / peer.tokens_per_sec:.2f}x"
     )
@@ -239,6 +289,9 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0, help="Training minutes of each side in the budget race.")
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "kjv-best.toml",
                         help="Our recipe in the budget race.")  # fmt: skip
+    parser.add_argument("--tokenization", choices=["char", "word", "bpe"], default="word",
+                        help="Our side's tokens (the peer's are words).")  # fmt: skip
+    parser.add_argument("--bpe_vocab_size", type=int, default=8192, help="With --tokenization bpe: subword tokens.")
     parser.add_argument("--val_tokens", type=int, default=80_000, help="Validation tokens (whole lines) held out.")
     parser.add_argument("--test_tokens", type=int, default=80_000, help="Test tokens (whole lines) at the end.")
     parser.add_argument("--work", type=Path, default=None, help="Work folder (default: a new temporary one).")
@@ -255,14 +308,15 @@ def main() -> None:
     results = []
     if args.race in ("same-epochs", "both"):
         print(f"same-epochs race: the peer's defaults, {args.epochs} epochs each", flush=True)
-        peer = run_peer(work, args.peer, args.epochs, None, data["train"])
-        ours = run_ours(work, data, ROOT / "recipes" / "word-lstm.toml", args.epochs, None, "same-epochs")
+        peer = run_peer(work, args.peer, args.epochs, None, data)
+        recipe = ROOT / "recipes" / "word-lstm.toml"
+        ours = run_ours(work, data, recipe, args.epochs, None, "same-epochs", args.tokenization, args.bpe_vocab_size)
         results.append(table(f"Same hyperparameters, {args.epochs} epochs", peer, ours))
         print(results[-1], flush=True)
     if args.race in ("budget", "both"):
         print(f"budget race: {args.minutes:g} minutes of training each", flush=True)
-        peer = run_peer(work, args.peer, 40, args.minutes, data["train"])
-        ours = run_ours(work, data, args.recipe, None, args.minutes, "budget")
+        peer = run_peer(work, args.peer, 40, args.minutes, data)
+        ours = run_ours(work, data, args.recipe, None, args.minutes, "budget", args.tokenization, args.bpe_vocab_size)
         results.append(table(f"{args.minutes:g} minutes of training each, our {args.recipe.name}", peer, ours))
         print(results[-1], flush=True)
     print("\n".join(results))

@@ -1,9 +1,10 @@
 """Compare every registered version, optionally promote the best: `python flows/compare_flow.py --help`.
 
-Prints the versions sorted by validation perplexity, publishes the table in the Prefect UI (artifact
-`registry-comparison`) and in MLflow (`comparison.csv` and `comparison.md` in a run of the `rnnlm-compare`
-experiment). With `--promote`, the best version on the champion's data becomes `champion` if it beats it by more than
-`--promote_margin`, and the newest version becomes `challenger`.
+Prints the versions ranked by validation bits per byte among those of the champion's held-out text (the others
+unranked, with why), publishes the table in the Prefect UI (artifact `registry-comparison`) and in MLflow
+(`comparison.csv` and `comparison.md` in a run of the `rnnlm-compare` experiment). With `--promote`, the best version
+on the champion's held-out text becomes `champion` if it beats it by more than `--promote_margin`, and the newest
+version becomes `challenger`.
 """
 
 from typing import Annotated

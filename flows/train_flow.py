@@ -44,7 +44,7 @@ def train_flow(config: TrainConfig = TrainConfig(), parent_run_id: str | None = 
     run_id = tracked.run_id
     with run_guard(tracked):
         result = train_model(config, data, tracked)
-        samples = generate_samples(config, result)
+        samples = generate_samples(config, result, data)
         plot = plot_history(config, run_id, result)
         log_results(run_id, result, samples, plot, str(data.vocab_path))
         report(config, run_id, result, samples, tracking_uri)

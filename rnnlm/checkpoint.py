@@ -53,7 +53,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 
 def model_from_checkpoint(ckpt: dict[str, Any], device: str | torch.device = "cpu") -> tuple[RNNLM, Vocab, dict]:
     """Rebuild the model (in eval mode), its vocabulary and its config from a loaded checkpoint."""
-    config, vocab = ckpt["config"], Vocab(ckpt["vocab"])
+    config, vocab = ckpt["config"], Vocab(ckpt["vocab"], ckpt.get("tokenizer"))
     model = build_model(config, len(vocab))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), vocab, config

@@ -81,7 +81,21 @@ class TrainConfig(BaseModel):
         "'book': every run of non-letters becomes one space, lowercased (D2L); 'words': lowercased, punctuation "
         "split off as tokens (real text at word level); 'raw': keep text as is.",
     )
-    tokenization: Literal["char", "word"] = data_field("char", "Token level: characters or words.")
+    tokenization: Literal["char", "word", "bpe"] = data_field(
+        "char",
+        "Token level: characters, words, or 'bpe': byte-level BPE subwords (any script, no <unk>; bpe_vocab_size "
+        "of them, learned from the training text only; needs held_out bytes or lines).",
+    )
+    bpe_vocab_size: int = data_field(
+        2000, "With tokenization 'bpe': how many subword tokens (<unk>, the 256 bytes, then merges).", ge=258,
+        le=1_000_000,
+    )  # fmt: skip
+    held_out: Literal["tokens", "bytes", "lines"] = data_field(
+        "tokens",
+        "The unit of val_tokens and test_tokens: 'tokens' of the prepared text (the book), or 'bytes' / 'lines' of "
+        "the corpus file, cut at a line boundary, so that runs of one corpus with any tokenization hold out the "
+        "same text (their bits per byte compare).",
+    )
     min_freq: int = data_field(0, "Tokens seen fewer times than this map to <unk>.", ge=0)
     max_tokens: int = data_field(
         10_000, "Training tokens taken from the start of the corpus (D2L uses 10,000); -1 for all not held out."
@@ -257,6 +271,15 @@ class TrainConfig(BaseModel):
             raise ValueError("the plateau schedule follows the validation perplexity: set --val_tokens above 0")
         if self.register_weights == "best" and not self.val_tokens:
             self.__dict__["register_weights"] = "last"  # no validation, no best: the last weights are what there is
+        return self
+
+    @model_validator(mode="after")
+    def _bpe_holds_out_text(self) -> TrainConfig:
+        if self.tokenization == "bpe" and self.held_out == "tokens" and (self.val_tokens or self.test_tokens):
+            raise ValueError(
+                "tokenization bpe learns its tokens from the training text, so the held-out text is given in the "
+                "corpus's bytes or lines: add --held_out bytes (or lines), e.g. --held_out bytes --val_tokens 100000"
+            )
         return self
 
     @model_validator(mode="after")

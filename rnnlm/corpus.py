@@ -15,11 +15,13 @@ has an overall deadline besides the timeout of each read.
 from __future__ import annotations
 
 import codecs
+import functools
 import hashlib
 import json
 import os
 import re
 import time
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlparse
@@ -277,26 +279,37 @@ def preprocess(text: str, mode: str = "book") -> str:
     """Normalise raw text. 'book' is D2L's `read_time_machine`: per line, runs of non-letters become one space, the
     line is stripped and lowercased, and the lines are joined with nothing between them. 'words' is for real text
     at word level: lowercased, each punctuation mark split off as its own token, tokens and lines joined by one
-    space (see `split_words`). 'raw' returns the text."""
+    space (see `split_words`). 'raw' returns the text. Both 'words' and 'raw' take text of any script, NFC-normalised
+    (a letter and its accent typed apart or together are one character)."""
     if mode == "raw":
-        return text
+        return text if text.isascii() else unicodedata.normalize("NFC", text)
     if mode == "words":
+        text = text if text.isascii() else unicodedata.normalize("NFC", text)
         return " ".join(" ".join(split_words(line)) for line in text.split("\n") if line.strip())
     if mode != "book":
         raise ValueError(f"unknown preprocess mode {mode!r}; use 'book', 'words' or 'raw'")
     return preprocess_book_bytes(text.encode("utf-8")).decode("ascii")
 
 
-# A word (letters and digits, with inner apostrophes or hyphens: "don't", "well-known") or one other visible character
-_WORD = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*|[^\w\s]|_")
+# Scripts written without spaces between words (CJK ideographs, kana): each character is a word of its own
+_NO_SPACES = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
+
+
+@functools.cache
+def _word_pattern() -> re.Pattern:
+    """A word (letters and digits, with their combining marks, e.g. Devanagari's vowel signs, and inner apostrophes
+    or hyphens: "don't", "well-known"), one character of a script without spaces, or one other visible character."""
+    marks = "".join(chr(c) for c in range(0x300, 0x10000) if unicodedata.category(chr(c))[0] == "M")
+    letter = f"(?:[^\\W_{_NO_SPACES}]|[{re.escape(marks)}])"
+    return re.compile(f"{letter}+(?:['’-]{letter}+)*|[{_NO_SPACES}]|[^\\w\\s]|_")
 
 
 def split_words(line: str) -> list[str]:
-    """One line of text as lowercased words and punctuation marks.
+    """One line of text as lowercased words and punctuation marks; in CJK scripts, one word a character.
 
     "Then, he said: 'Go!'" -> then , he said : ' go ! '
     """
-    return _WORD.findall(line.lower())
+    return _word_pattern().findall(line.lower())
 
 
 def preprocess_book_bytes(data: bytes) -> bytes:

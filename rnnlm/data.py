@@ -20,6 +20,7 @@ from rnnlm.atomic import replacing
 from rnnlm.batches import DataError, require_training_tokens, split_corpus
 from rnnlm.config import TrainConfig
 from rnnlm.corpus import check_local, fetch_corpus, is_url, sha1_of
+from rnnlm.spans import HeldOutBytes, held_out_spans, span_bytes, tail_tokens, token_bytes, tokenize_spans
 from rnnlm.tokens import Vocab, tokenize_file
 
 
@@ -43,12 +44,14 @@ def preflight(config: TrainConfig) -> None:
     if is_url(config.corpus):
         return
     size = check_local(config.corpus).stat().st_size
-    most = size if config.tokenization == "char" else (size + 1) // 2  # a word and the space after it: 2 bytes
+    unit = config.held_out if config.held_out != "tokens" else f"{config.tokenization} tokens"
+    # a word and the space after it: 2 bytes; a BPE token or a line: 1 byte at least
+    most = (size + 1) // 2 if unit == "word tokens" else size
     held_out = config.val_tokens + config.test_tokens
     if held_out and held_out >= most:
         raise DataError(
             f"val_tokens={config.val_tokens:,} and test_tokens={config.test_tokens:,} hold out more tokens than "
-            f"{config.corpus} ({size:,} bytes, at most {most:,} {config.tokenization} tokens) can have; lower "
+            f"{config.corpus} ({size:,} bytes, at most {most:,} {unit}) can have; lower "
             f"--val_tokens or --test_tokens"
         )
 
@@ -68,6 +71,11 @@ class PreparedData:
     val_tokens: int
     note: str = ""
     test_tokens: int = 0
+    held_out_span: str = ""  # which text is held out: its byte offsets in the corpus, or its count of tokens
+    val_bytes: int = 0  # the held-out text's UTF-8 bytes after preprocessing (`rnnlm.spans.HeldOutBytes`)
+    val_unk_bytes: int = 0
+    test_bytes: int = 0
+    test_unk_bytes: int = 0
     reused: bool = field(default=False, compare=False)  # found in the cache, not prepared by this call
 
     # the files a preparation writes, info.json last
@@ -84,6 +92,10 @@ class PreparedData:
     def load_test(self) -> np.ndarray:
         """The test tokens (empty without a test split), memory-mapped."""
         return np.load(self.test_path, mmap_mode="r")
+
+    def held_out_bytes(self, split: str) -> HeldOutBytes:
+        """The bytes of the 'val' or 'test' text, and of its tokens mapped to `<unk>`."""
+        return HeldOutBytes(getattr(self, f"{split}_bytes"), getattr(self, f"{split}_unk_bytes"))
 
 
 def prepared_folder(corpus_sha1: str, config: TrainConfig) -> Path:
@@ -113,14 +125,48 @@ def prepare_data(corpus_path: Path, config: TrainConfig) -> PreparedData:
 def _prepare(corpus_path: Path, config: TrainConfig, folder: Path, corpus_sha1: str, least: int) -> PreparedData:
     """Tokenize, build the vocab and split, into `folder` (`prepare_data` without the cache)."""
     with replacing(folder / "ids.npy", keep=False) as ids_path:  # streamed in chunks: memory does not grow
-        vocab, ids = tokenize_file(corpus_path, ids_path, config.preprocess, config.tokenization, config.min_freq)
+        if config.held_out == "tokens":
+            vocab, ids = tokenize_file(corpus_path, ids_path, config.preprocess, config.tokenization, config.min_freq)
+            val_count, test_count, spans = config.val_tokens, config.test_tokens, None
+        else:
+            spans = held_out_spans(corpus_path, config.held_out, config.val_tokens, config.test_tokens)
+            vocab, ids, (_, val_count, test_count) = tokenize_spans(
+                corpus_path, ids_path, spans, config.preprocess, config.tokenization, config.min_freq,
+                config.bpe_vocab_size,
+            )  # fmt: skip
         if not any(token.strip() for token in vocab.tokens[1:]):
             raise DataError(f"{corpus_path} holds no tokens after '{config.preprocess}' preprocessing; check the file")
-        split = split_corpus(ids, config.max_tokens, config.val_tokens, least, config.test_tokens)
+        split = split_corpus(ids, config.max_tokens, val_count, least, test_count)
         sizes = (len(vocab), len(ids), len(split.train), len(split.val))
-        data = PreparedData(str(folder), corpus_sha1, *sizes, split.note, len(split.test))
+        held_out = _held_out(corpus_path, config, vocab, spans, split)
+        data = PreparedData(str(folder), corpus_sha1, *sizes, split.note, len(split.test), **held_out)
         _write_prepared(data, vocab, split)
     return data
+
+
+def _held_out(corpus_path: Path, config: TrainConfig, vocab: Vocab, spans, split) -> dict:
+    """Which text is held out and its bytes (`PreparedData`'s held-out fields): from the corpus's spans, or when the
+    held-out sizes count tokens, from those tokens (their text read again from the corpus's tail when some of them
+    may be `<unk>`: the vocabulary is the whole corpus's, so only a `min_freq` above 1 makes any)."""
+    if spans is not None:
+        key = spans.key()
+        val = span_bytes(corpus_path, *spans.bounds()[1], config.preprocess, config.tokenization, vocab)
+        test = span_bytes(corpus_path, *spans.bounds()[2], config.preprocess, config.tokenization, vocab)
+    elif config.min_freq <= 1:
+        key = f"tokens {config.tokenization} {config.val_tokens}+{config.test_tokens}"
+        spaced = config.tokenization == "word"  # a word and the space after it
+        lengths = np.array([len(token.encode("utf-8")) + spaced for token in vocab.tokens], dtype=np.int64)
+        val, test = (HeldOutBytes(int(lengths[np.asarray(ids)].sum()), 0) for ids in (split.val, split.test))
+    else:
+        key = f"tokens {config.tokenization} {config.val_tokens}+{config.test_tokens}"
+        held = config.val_tokens + config.test_tokens
+        tail = tail_tokens(corpus_path, config.preprocess, config.tokenization, held)
+        val = token_bytes(tail[: config.val_tokens], vocab, config.tokenization)
+        test = token_bytes(tail[config.val_tokens :], vocab, config.tokenization)
+    return {
+        "held_out_span": key, "val_bytes": val.num_bytes, "val_unk_bytes": val.unk_bytes,
+        "test_bytes": test.num_bytes, "test_unk_bytes": test.unk_bytes,
+    }  # fmt: skip
 
 
 def _fits_vocab(data: PreparedData, config: TrainConfig) -> PreparedData:

@@ -17,7 +17,7 @@ import torch
 
 from rnnlm.checkpoint import load_checkpoint, model_from_checkpoint
 from rnnlm.model import RNNLM
-from rnnlm.tokens import Vocab, join_tokens, split_tokens
+from rnnlm.tokens import Vocab, ids_text, split_tokens, text_ids
 
 MAX_PREDS = 10_000
 SAMPLING_DEFAULTS = {"num_preds": 50, "temperature": 1.0, "top_k": 1, "seed": 0}  # a served model's defaults
@@ -54,7 +54,7 @@ def check_budget(prompts: list[str], num_preds: int, tokenization: str, max_prom
             f"{len(prompts):,} prompts in one request, over the limit of {max_prompts:,} (max_prompts); "
             f"send them in {-(-len(prompts) // max_prompts):,} requests of at most {max_prompts:,} prompts"
         )
-    costs = [len(split_tokens(p, tokenization)) + num_preds for p in prompts]  # tokens fed + tokens generated
+    costs = [_most_tokens(p, tokenization) + num_preds for p in prompts]  # tokens fed + tokens generated
     if sum(costs) <= max_work:
         return
     limit = f"the limit of {max_work:,} tokens of work per request (max_work: prompts x (prompt tokens + num_preds))"
@@ -68,8 +68,18 @@ def check_budget(prompts: list[str], num_preds: int, tokenization: str, max_prom
     )
 
 
+def _most_tokens(prompt: str, tokenization: str) -> int:
+    """A prompt's tokens, or for BPE at most as many as its UTF-8 bytes (counted without its tokenizer)."""
+    return len(prompt.encode("utf-8")) if tokenization == "bpe" else len(split_tokens(prompt, tokenization))
+
+
 def prompt_ids(prompt: str, vocab: Vocab, tokenization: str) -> list[int]:
-    """Indices of a prompt's tokens; a prompt with no tokens or with tokens outside the vocabulary is refused."""
+    """Indices of a prompt's tokens; a prompt with no tokens or with tokens outside the vocabulary is refused (a
+    BPE vocabulary knows every text)."""
+    if tokenization == "bpe":
+        if not (ids := text_ids(prompt, vocab, tokenization)):
+            raise GenerationError("a prompt needs at least one token")
+        return ids
     tokens = split_tokens(prompt, tokenization)
     if not tokens:
         raise GenerationError("a prompt needs at least one token")
@@ -120,7 +130,7 @@ def generate(
         outputs.append(next_ids)
         logits, state = model.step(next_ids, state)
     new = torch.stack(outputs, dim=1).tolist() if outputs else [[] for _ in prompts]
-    return [join_tokens(vocab.to_tokens(p + n), tokenization) for p, n in zip(ids, new, strict=True)]
+    return [ids_text(p + n, vocab, tokenization) for p, n in zip(ids, new, strict=True)]
 
 
 def _warm_up(model: RNNLM, ids: list[list[int]], device: torch.device):
@@ -186,7 +196,30 @@ def sample_many(checkpoint_path: Path, prompts: list[str], num_preds: int, setti
     }
 
 
+def prompts_for(data, tokenization: str, count: int = 2) -> list[str]:
+    """Sample prompts for a run on `data` (a `PreparedData`): the book's for The Time Machine; for any other text,
+    taken from its own held-out text (validation, else test): the first two words of its first whole lines (of a
+    line without spaces, as in Chinese, its first four characters), or words from the middle of the text when it
+    has no lines (the book's preprocessing)."""
+    from rnnlm.config import KNOWN_SHA1
+
+    if data.corpus_sha1 in KNOWN_SHA1.values():
+        return list(BOOK_PROMPTS)
+    vocab, _, val_ids = data.load()
+    ids = val_ids if len(val_ids) else data.load_test()
+    text = ids_text(np.asarray(ids[:4000]).tolist(), vocab, tokenization)
+    lines = [line.split() for line in text.split("\n")[1:-1] if line.strip()]
+    if not lines:  # no line breaks: two words from inside the text
+        words = text.split()[1:-1]
+        lines = [words[i : i + 2] for i in range(0, len(words), max(len(words) // count, 1))]
+    prompts = [" ".join(words[:2]) if len(words[0]) <= 20 else words[0][:4] for words in lines if words]
+    return list(dict.fromkeys(prompts))[:count] or list(BOOK_PROMPTS)
+
+
 def usable_prompts(prompts: list[str], vocab: Vocab, tokenization: str) -> list[str]:
-    """The prompts whose tokens are all in `vocab`; if none is, its two most frequent visible tokens, one each."""
+    """The prompts whose tokens are all in `vocab` (for BPE, every non-empty one); if none is, its two most frequent
+    visible tokens, one each."""
+    if tokenization == "bpe":
+        return [p for p in prompts if p] or [" "]
     known = [p for p in prompts if (tokens := split_tokens(p, tokenization)) and not vocab.unknown(tokens)]
     return known or [token for token in vocab.tokens[1:] if token.strip()][:2]

@@ -33,7 +33,7 @@ from rnnlm.checkpoint import (
 )
 from rnnlm.config import TrainConfig
 from rnnlm.data import PreparedData
-from rnnlm.evaluate import evaluate_loss, perplexity_of
+from rnnlm.evaluate import bits_per_byte, evaluate_loss, perplexity_of
 from rnnlm.model import RNNLM, build_model, device_name, engine_name, matmul_precision, pick_device
 from rnnlm.state import EpochStats, Hooks, TrainState
 from rnnlm.train import make_optimizer, train
@@ -67,15 +67,21 @@ class FitResult:
     registered_bits_per_token: float | None = (
         None  # on the test split, else validation (bits per character at char level)
     )
+    # bits per byte of the held-out text (`rnnlm.evaluate.bits_per_byte`): models of one text compare whatever their
+    # tokens, when their runs held out the same text (`held_out_span`)
+    registered_val_bits_per_byte: float | None = None
+    registered_test_bits_per_byte: float | None = None
+    held_out_span: str = ""
 
     METRICS: ClassVar = (  # metrics(): the final numbers, without the per-epoch history
         "train_perplexity", "val_perplexity", "best_val_perplexity", "tokens_per_sec", "train_seconds", "steps",
         "registered_epoch", "registered_step", "registered_val_perplexity", "registered_test_perplexity",
-        "registered_bits_per_token",
+        "registered_bits_per_token", "registered_val_bits_per_byte", "registered_test_bits_per_byte",
     )  # fmt: skip
     SUMMARY: ClassVar = (  # summary(): what a training flow returns about the run
         "train_perplexity", "val_perplexity", "tokens_per_sec", "device", "registered", "registered_val_perplexity",
-        "registered_test_perplexity", "stopped", "epochs",
+        "registered_test_perplexity", "registered_val_bits_per_byte", "registered_test_bits_per_byte", "stopped",
+        "epochs",
     )  # fmt: skip
 
     def metrics(self) -> dict[str, float]:
@@ -87,6 +93,7 @@ class FitResult:
         it stopped early (only if it did)."""
         tags = {"device": self.device, "matmuls": self.matmuls, "engine": self.engine}
         tags["registered_weights"] = self.registered
+        tags["held_out"] = self.held_out_span
         return tags | ({"stopped": self.stopped} if self.stopped else {})
 
     def version_tags(self) -> dict[str, Any]:
@@ -96,6 +103,9 @@ class FitResult:
             "val_perplexity": self.registered_val_perplexity,
             "test_perplexity": self.registered_test_perplexity,
             "bits_per_token": self.registered_bits_per_token,
+            "val_bits_per_byte": self.registered_val_bits_per_byte,
+            "test_bits_per_byte": self.registered_test_bits_per_byte,
+            "held_out": self.held_out_span or None,
             "train_perplexity": self.train_perplexity,
             "weights": self.registered,
             "epoch": self.registered_epoch,
@@ -126,6 +136,9 @@ class FitResult:
             (f"validation perplexity ({which} weights, registered)", number(self.registered_val_perplexity)),
             (f"test perplexity ({which} weights)", number(self.registered_test_perplexity)),
             (f"bits per token ({which} weights)", number(self.registered_bits_per_token)),
+            (f"validation bits per byte ({which} weights)", number(self.registered_val_bits_per_byte)),
+            (f"test bits per byte ({which} weights)", number(self.registered_test_bits_per_byte)),
+            ("held-out text", self.held_out_span or "-"),
             ("steps", f"{self.steps:,}"),
             ("tokens/s", f"{self.tokens_per_sec:,.0f}"),
             ("device", self.device),
@@ -143,6 +156,8 @@ class FitResult:
                 ("validation perplexity", self.registered_val_perplexity),
                 ("test perplexity", self.registered_test_perplexity),
                 (f"bits per {'character' if tokenization == 'char' else 'token'}", self.registered_bits_per_token),
+                ("validation bits per byte", self.registered_val_bits_per_byte),
+                ("test bits per byte", self.registered_test_bits_per_byte),
             )
             if value is not None
         ]
@@ -188,6 +203,7 @@ def fit(
             hooks.on_resume(state)
     resumed_from = state.epoch if state else 0
     common = {"config": config.model_dump(mode="json"), "vocab": vocab.tokens, "corpus_sha1": data.corpus_sha1}
+    common |= {"tokenizer": vocab.tokenizer} if vocab.tokenizer is not None else {}  # BPE's, as a JSON string
 
     def save(current: TrainState) -> None:
         save_checkpoint(
@@ -224,7 +240,8 @@ def _result(
         model.load_state_dict(saved["model"])
         registered, path, epoch, step = "best", best, saved["epoch"], saved["step"]
         val = _evaluate_on(model, val_ids, config)  # the registered weights are others than the last
-    test = _evaluate_on(model, data.load_test(), config)
+    test_ids = data.load_test()
+    test = _evaluate_on(model, test_ids, config)
     loss_for_bits = test if test is not None else val
     return FitResult(
         epochs=state.epoch,
@@ -248,7 +265,18 @@ def _result(
         registered_val_perplexity=perplexity_of(val) if val is not None else None,
         registered_test_perplexity=perplexity_of(test) if test is not None else None,
         registered_bits_per_token=loss_for_bits / math.log(2) if loss_for_bits is not None else None,
+        registered_val_bits_per_byte=_bits_per_byte(val, len(val_ids), data, "val"),
+        registered_test_bits_per_byte=_bits_per_byte(test, len(test_ids), data, "test"),
+        held_out_span=data.held_out_span,
     )
+
+
+def _bits_per_byte(mean_loss: float | None, num_tokens: int, data: PreparedData, split: str) -> float | None:
+    """Bits per byte of a held-out split, from its mean loss (None without one, or without its bytes)."""
+    if mean_loss is None:
+        return None
+    held = data.held_out_bytes(split)
+    return bits_per_byte(mean_loss, num_tokens, held.num_bytes, held.unk_bytes)
 
 
 def _evaluate_on(model: RNNLM, ids: np.ndarray, config: TrainConfig) -> float | None:

@@ -22,21 +22,35 @@ UNK = "<unk>"
 
 
 class Vocab:
-    """Token <-> index mapping. `tokens[0]` is always `<unk>`; unknown tokens map to 0."""
+    """Token <-> index mapping. `tokens[0]` is always `<unk>`; unknown tokens map to 0. A byte-level BPE vocabulary
+    (tokenization 'bpe', see `rnnlm.bpe`) also carries its tokenizer as JSON, which encodes and decodes its text."""
 
-    def __init__(self, tokens: list[str]):
+    def __init__(self, tokens: list[str], tokenizer: str | None = None):
         if not tokens or tokens[0] != UNK:
             raise ValueError(f"a vocabulary starts with {UNK!r}")
         if len(set(tokens)) != len(tokens):
             raise ValueError("a vocabulary cannot repeat a token")
         self.tokens = list(tokens)
         self.index = {token: i for i, token in enumerate(self.tokens)}
+        self.tokenizer = tokenizer
+        self._bpe = None
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Vocab) and self.tokens == other.tokens
+        return isinstance(other, Vocab) and self.tokens == other.tokens and self.tokenizer == other.tokenizer
+
+    @property
+    def bpe(self):
+        """The byte-level BPE tokenizer (a `tokenizers.Tokenizer`) of a 'bpe' vocabulary; ValueError for others."""
+        if self.tokenizer is None:
+            raise ValueError("this vocabulary has no BPE tokenizer (tokenization 'char' or 'word')")
+        if self._bpe is None:
+            from rnnlm import bpe
+
+            self._bpe = bpe.from_json(self.tokenizer)
+        return self._bpe
 
     def to_ids(self, tokens: list[str]) -> list[int]:
         """Indices of tokens; unknown ones become 0 (`<unk>`)."""
@@ -60,21 +74,42 @@ class Vocab:
 
     def save(self, path: Path) -> None:
         """Write the vocabulary as JSON (`{"tokens": [...]}`)."""
-        Path(path).write_text(json.dumps({"tokens": self.tokens}, ensure_ascii=False))
+        extra = {"tokenizer": self.tokenizer} if self.tokenizer is not None else {}
+        Path(path).write_text(json.dumps({"tokens": self.tokens, **extra}, ensure_ascii=False))
 
     @classmethod
     def load(cls, path: Path) -> Vocab:
         """Read a vocabulary written by `save`."""
-        return cls(json.loads(Path(path).read_text())["tokens"])
+        saved = json.loads(Path(path).read_text())
+        return cls(saved["tokens"], saved.get("tokenizer"))
 
 
 def split_tokens(text: str, tokenization: str) -> list[str]:
-    """Split prepared text into tokens: characters, or whitespace-separated words."""
+    """Split prepared text into tokens: characters, or whitespace-separated words (BPE needs its tokenizer: see
+    `text_ids`)."""
     if tokenization == "char":
         return list(text)
     if tokenization == "word":
         return text.split()
-    raise ValueError(f"unknown tokenization {tokenization!r}; use 'char' or 'word'")
+    raise ValueError(f"unknown tokenization {tokenization!r}; use 'char' or 'word' (or 'bpe' through its vocab)")
+
+
+def text_ids(text: str, vocab: Vocab, tokenization: str) -> list[int]:
+    """The ids of prepared text under any tokenization (unknown characters or words become 0, `<unk>`)."""
+    if tokenization == "bpe":
+        from rnnlm import bpe
+
+        return bpe.encode(vocab.bpe, text)
+    return vocab.to_ids(split_tokens(text, tokenization))
+
+
+def ids_text(ids, vocab: Vocab, tokenization: str) -> str:
+    """The text of ids under any tokenization (`join_tokens` of their tokens; BPE decodes its bytes)."""
+    if tokenization == "bpe":
+        from rnnlm import bpe
+
+        return bpe.decode(vocab.bpe, ids)
+    return join_tokens(vocab.to_tokens(ids), tokenization)
 
 
 def join_tokens(tokens: list[str], tokenization: str) -> str:
@@ -83,8 +118,9 @@ def join_tokens(tokens: list[str], tokenization: str) -> str:
 
 
 def prepare_text(raw: str, preprocess_mode: str, tokenization: str) -> str:
-    """Preprocess raw text for a tokenization. The book joins lines with nothing between them at character level;
-    words must not merge across a line break, so word level keeps a space there."""
+    """Preprocess raw text for a tokenization. The book joins lines with nothing between them at character level
+    (and for BPE, which sees the same text); words must not merge across a line break, so word level keeps a space
+    there."""
     if preprocess_mode == "book" and tokenization == "word":
         return " ".join(preprocess(line, "book") for line in raw.split("\n"))
     return preprocess(raw, preprocess_mode)
@@ -130,7 +166,7 @@ def encode(text: str, vocab: Vocab, tokenization: str) -> np.ndarray:
     """Prepared text as one compact integer array of vocabulary indices."""
     if tokenization == "char" and text.isascii():
         return vocab.ascii_ids()[np.frombuffer(text.encode("ascii"), dtype=np.uint8)]
-    return np.asarray(vocab.to_ids(split_tokens(text, tokenization)), dtype=id_dtype(len(vocab)))
+    return np.asarray(text_ids(text, vocab, tokenization), dtype=id_dtype(len(vocab)))
 
 
 # --- corpora of any size ------------------------------------------------------------------------------------------
@@ -172,7 +208,24 @@ def _prepared_chunks(path: Path, preprocess_mode: str, chunk_bytes: int) -> Iter
         elif preprocess_mode == "words":  # chunks end at line breaks: a space joins them as it joins lines
             yield (preprocess(chunk.decode("utf-8"), "words") + " ").encode("utf-8")
         else:
-            yield chunk
+            yield chunk if chunk.isascii() else preprocess(chunk.decode("utf-8"), "raw").encode("utf-8")
+
+
+def prepared_texts(chunks: Iterator[bytes], preprocess_mode: str, tokenization: str) -> Iterator[str]:
+    """Raw UTF-8 chunks that end at line breaks (`read_chunks`) as prepared text, chunk by chunk; their
+    concatenation is `prepare_text` of the whole text, as far as its tokens go."""
+    # word level and 'words' keep a space at line breaks (see prepare_text); a chunk ends at one
+    spaced = tokenization == "word" or preprocess_mode == "words"
+    for chunk in chunks:
+        yield prepare_text(chunk.decode("utf-8"), preprocess_mode, tokenization) + (" " if spaced else "")
+
+
+def count_tokens(texts: Iterator[str], tokenization: str) -> Counter:
+    """Character or word counts of prepared texts, in order of first appearance."""
+    counts: Counter = Counter()
+    for text in texts:
+        counts.update(text if tokenization == "char" else text.split())
+    return counts
 
 
 def _write_ascii(chunks: Iterator[bytes], out_path: Path) -> dict[str, int] | None:
@@ -209,15 +262,9 @@ def _tokenize_general(
     """Any tokenization and any UTF-8 text, chunk by chunk: a Counter pass, then an encoding pass."""
 
     def texts() -> Iterator[str]:
-        for chunk in read_chunks(path, chunk_bytes):
-            text = chunk.decode("utf-8")
-            # word level and 'words' keep a space at line breaks (see prepare_text); a chunk ends at one
-            spaced = tokenization == "word" or preprocess_mode == "words"
-            yield prepare_text(text, preprocess_mode, tokenization) + (" " if spaced else "")
+        return prepared_texts(read_chunks(path, chunk_bytes), preprocess_mode, tokenization)
 
-    counts: Counter = Counter()
-    for text in texts():
-        counts.update(text if tokenization == "char" else text.split())
+    counts = count_tokens(texts(), tokenization)
     vocab = Vocab(rank_counts(dict(counts), min_freq))
     ids = np.lib.format.open_memmap(out_path, mode="w+", dtype=id_dtype(len(vocab)), shape=(sum(counts.values()),))
     written = 0

@@ -54,7 +54,7 @@ def publish_comparison(model_name: str, records: list[dict], experiment: str) ->
     created = mlflow_client.create_run(store.experiment_id(experiment), run_name=f"compare-{model_name}")
     run_id = created.info.run_id
     mlflow_client.log_text(run_id, table.to_csv(index=False), "comparison.csv")
-    title = f"# {model_name}: versions by validation perplexity"
+    title = f"# {model_name}: versions by validation bits per byte of one held-out text"
     mlflow_client.log_text(run_id, f"{title}\n\n{versions.to_markdown(table)}\n", "comparison.md")
     mlflow_client.set_tag(run_id, "registered_model", model_name)
     mlflow_client.set_terminated(run_id, "FINISHED")

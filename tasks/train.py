@@ -9,7 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 from rnnlm.config import TrainConfig
 from rnnlm.data import PreparedData
-from rnnlm.generate import BOOK_PROMPTS, MAX_TOP_K, sample_many
+from rnnlm.generate import MAX_TOP_K, prompts_for, sample_many
 from rnnlm.run import FitResult, fit
 from rnnlm.train import TrainingDiverged
 from tracking.progress import TrainingProgress
@@ -55,17 +55,19 @@ def train_model(config: TrainConfig, data: PreparedData, tracked: TrackedRun) ->
 
 
 @task(name="generate-samples", task_run_name="generate-samples", cache_policy=NO_CACHE)
-def generate_samples(config: TrainConfig, result: FitResult) -> dict:
-    """The book's two greedy samples, plus sampled ones (temperature, top-k), for fixed prompts, from the last
-    weights; where the registered weights are others (the best by validation), their greedy and t0.8-top5 samples
-    too, as `best-greedy` and `best-t0.8-top5`. Returns setting -> {prompt: text}."""
+def generate_samples(config: TrainConfig, result: FitResult, data: PreparedData) -> dict:
+    """Greedy samples, plus sampled ones (temperature, top-k), from the last weights, for the book's two prompts on
+    the book's corpus and for prompts from the held-out text on any other (`prompts_for`); where the registered
+    weights are others (the best by validation), their greedy and t0.8-top5 samples too, as `best-greedy` and
+    `best-t0.8-top5`. Returns setting -> {prompt: text}."""
     settings = {name: {"seed": config.seed, **options} for name, options in SAMPLING.items()}
-    samples = sample_many(Path(result.checkpoint), list(BOOK_PROMPTS), config.num_preds, settings)
+    prompts = prompts_for(data, config.tokenization)
+    samples = sample_many(Path(result.checkpoint), prompts, config.num_preds, settings)
     for text in samples["greedy"].values():
         get_run_logger().info("sample: %s", text)
     if result.registered_checkpoint and result.registered_checkpoint != result.checkpoint:
         kept = {f"{result.registered}-{name}": settings[name] for name in ("greedy", "t0.8-top5")}
-        samples |= sample_many(Path(result.registered_checkpoint), list(BOOK_PROMPTS), config.num_preds, kept)
+        samples |= sample_many(Path(result.registered_checkpoint), prompts, config.num_preds, kept)
         for text in samples[f"{result.registered}-greedy"].values():
             get_run_logger().info("sample (%s weights): %s", result.registered, text)
     return samples

@@ -1,16 +1,19 @@
 """Registered versions as records: each version joined with its run's params and final metrics, and the comparison
-table of them, best validation perplexity first."""
+table of them: the versions scored on the reference version's held-out text (the champion's, else the newest's)
+ranked by validation bits per byte, the others unranked with the reason (`rnnlm.promotion.not_comparable`)."""
 
 from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from tabulate import tabulate
 
-from rnnlm.promotion import Candidate
+from rnnlm import paths
+from rnnlm.promotion import Candidate, not_comparable
 from tracking import store
 
 # What a reader scans first comes first: the version, its aliases and its scores.
@@ -18,6 +21,9 @@ COLUMNS = [
     "version",
     "aliases",
     "val_perplexity",
+    "val_bits_per_byte",
+    "test_bits_per_byte",
+    "rank",
     "test_perplexity",
     "train_perplexity",
     "weights",
@@ -36,6 +42,8 @@ COLUMNS = [
     "engine",
     "preprocess",
     "corpus_sha1",
+    "held_out",
+    "not_ranked",
     "promotion",
 ]
 
@@ -77,6 +85,13 @@ def version_record(version, aliases: list[str]) -> dict:
             )
         ),
         "test_perplexity": _number(metrics.get("final_registered_test_perplexity", tags.get("test_perplexity"))),
+        "val_bits_per_byte": _number(
+            metrics.get("final_registered_val_bits_per_byte", tags.get("val_bits_per_byte"))
+        ),
+        "test_bits_per_byte": _number(
+            metrics.get("final_registered_test_bits_per_byte", tags.get("test_bits_per_byte"))
+        ),
+        "held_out": tags.get("held_out", run_tags.get("held_out")) or None,
         "weights": tags.get("weights", "last"),
         "registered_epoch": params.get("num_epochs") if "epoch" not in tags else tags["epoch"],
         "tokens_per_sec": None if speed is None else float(round(speed)),
@@ -86,6 +101,7 @@ def version_record(version, aliases: list[str]) -> dict:
         "preprocess": params.get("preprocess"),
         "corpus_sha1": params.get("corpus_file_sha1"),
         "promotion": tags.get("promotion", ""),
+        "model_id": model_id_of(version),
     }
 
 
@@ -108,11 +124,99 @@ def candidate(record: dict) -> Candidate:
     """A record as the promotion rule sees it."""
     return Candidate(
         version=record["version"],
-        val_perplexity=record["val_perplexity"],
-        corpus_sha1=record["corpus_sha1"],
-        preprocess=record["preprocess"],
-        tokenization=record["tokenization"],
+        val_perplexity=record.get("val_perplexity"),
+        corpus_sha1=record.get("corpus_sha1"),
+        preprocess=record.get("preprocess"),
+        tokenization=record.get("tokenization"),
+        val_bits_per_byte=record.get("val_bits_per_byte"),
+        held_out=record.get("held_out"),
     )
+
+
+# --- scores of versions on a text (flows/evaluate_flow.py) ---------------------------------------------------------
+
+
+def resolve(model_ref: str):
+    """The registry's ModelVersion for `name@alias` or `name/version`; TrackingError naming what is missing."""
+    mlflow_client = store.client()
+    name, alias = model_ref.split("@", 1) if "@" in model_ref else (model_ref, None)
+    name, number = name.rsplit("/", 1) if alias is None and "/" in name else (name, None)
+    if alias is None and (number is None or not number.isdigit()):
+        raise store.TrackingError(f"model {model_ref!r}: give name@alias or name/version, e.g. rnnlm@champion, rnnlm/3")
+    try:
+        if alias is not None:
+            return mlflow_client.get_model_version_by_alias(name, alias)
+        return mlflow_client.get_model_version(name, number)
+    except MlflowException as err:
+        raise store.TrackingError(f"model {model_ref!r} is not in the registry at {store.tracking_uri()}") from err
+
+
+def model_id_of(version) -> str | None:
+    """The id of the LoggedModel a version registers (a SQLite registry leaves `model_id` empty; its source names
+    it: models:/m-...)."""
+    if found := getattr(version, "model_id", None):
+        return found
+    source = getattr(version, "source", "") or ""
+    return source.removeprefix("models:/") if source.startswith("models:/m-") else None
+
+
+def download_checkpoint(version) -> Path:
+    """The version's checkpoint (its pyfunc's `checkpoint` artifact), downloaded once into the cache."""
+    import mlflow
+
+    folder = paths.cache_dir(None) / "models" / f"{version.name}-{version.version}-{version.run_id}"
+    if not (found := sorted(folder.glob("**/artifacts/*.pt"))):
+        folder.mkdir(parents=True, exist_ok=True)
+        with store.global_store(store.tracking_uri()):
+            uri = f"models:/{version.name}/{version.version}"
+            mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(folder))
+        found = sorted(folder.glob("**/artifacts/*.pt"))
+    if not found:
+        raise store.TrackingError(f"{version.name} v{version.version} holds no rnnlm checkpoint")
+    return found[0]
+
+
+def score_metrics(score) -> dict[str, float]:
+    """The metrics a score of a version on a text is logged as (an `rnnlm.evaluate.TextScore`)."""
+    metrics = {
+        "text_bits_per_byte": score.bits_per_byte,
+        "text_perplexity": score.perplexity,
+        "text_bits_per_token": score.bits_per_token,
+    }
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+
+
+def text_scores(records: list[dict], digest: str) -> dict[int, dict[str, float]]:
+    """Version -> its logged scores on the text of `digest` (its LoggedModel's metrics on that dataset), for the
+    versions that have some."""
+    mlflow_client, found = store.client(), {}
+    for record in records:
+        if not record.get("model_id"):
+            continue
+        metrics = mlflow_client.get_logged_model(record["model_id"]).metrics or []
+        scores = {m.key: m.value for m in sorted(metrics, key=lambda m: m.timestamp) if m.dataset_digest == digest}
+        if scores:
+            found[record["version"]] = scores
+    return found
+
+
+def on_text(records: list[dict], scores: dict[int, dict[str, float]], digest: str, name: str) -> list[dict]:
+    """The records of the versions scored on one text, with those scores in place of their held-out ones, so that
+    `comparison_table` ranks them and `rnnlm.promotion.decide` promotes among them: all are scored on the same text,
+    and those of the same preprocessing (which decides the text a model sees) compare, whatever their tokens."""
+    return [
+        {
+            **record,
+            "val_bits_per_byte": scores[record["version"]].get("text_bits_per_byte"),
+            "val_perplexity": scores[record["version"]].get("text_perplexity"),
+            "test_bits_per_byte": None,
+            "test_perplexity": None,
+            "corpus_sha1": digest,
+            "held_out": f"all of {name}",
+        }
+        for record in records
+        if record["version"] in scores
+    ]
 
 
 def holder_of(records: list[dict], alias: str) -> int | None:
@@ -120,10 +224,33 @@ def holder_of(records: list[dict], alias: str) -> int | None:
     return next((r["version"] for r in records if alias in r["aliases"].split(",")), None)
 
 
+def ranking(records: list[dict]) -> dict[int, tuple[int | None, str]]:
+    """Version -> (its rank, or None; why it is not ranked). The versions scored on the same text as the reference
+    (the champion, else the newest version with a score) are ranked by their score (`Candidate.score`: bits per
+    byte, or for versions from before them, perplexity); the others are not, each with the reason."""
+    candidates = {c.version: c for c in map(candidate, records)}
+    scored = [c for c in candidates.values() if c.has_score()]
+    champion = candidates.get(holder_of(records, "champion")) if any("aliases" in r for r in records) else None
+    newest = max(scored, key=lambda c: c.version, default=None)
+    reference = champion if champion is not None and champion.has_score() else newest
+    if reference is None:
+        return {v: (None, "no validation score") for v in candidates}
+    pool = sorted((c for c in scored if c.data_key() == reference.data_key()), key=lambda c: (c.score, -c.version))
+    ranks = {c.version: (i, "") for i, c in enumerate(pool, start=1)}
+    for version, c in candidates.items():
+        if version not in ranks:
+            why = not_comparable(c, reference) if c.has_score() else "no validation score"
+            ranks[version] = (None, f"not comparable with v{reference.version}: {why}" if c.has_score() else why)
+    return ranks
+
+
 def comparison_table(records: list[dict]) -> pd.DataFrame:
-    """The records as a table, best validation perplexity first (versions without one last)."""
-    table = pd.DataFrame(records, columns=COLUMNS)
-    table = table.sort_values(["val_perplexity", "version"], ascending=[True, False], na_position="last")
+    """The records as a table: the versions of the reference's held-out text by rank (best first), then the others,
+    newest first, with why they are not ranked."""
+    ranks = ranking(records)
+    rows = [{**r, "rank": ranks[r["version"]][0], "not_ranked": ranks[r["version"]][1]} for r in records]
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    table = table.sort_values(["rank", "version"], ascending=[True, False], na_position="last")
     return table.reset_index(drop=True)
 
 

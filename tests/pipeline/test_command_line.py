@@ -196,3 +196,17 @@ def test_the_former_name_register_is_taken_with_one_note(tmp_path, corpus_url):
         "note: options renamed (register is now register_weights); the former names still work",
         "error: --lr: Input should be greater than 0 (see --help)",
     ]
+
+
+def test_bpe_without_held_out_text_is_refused_naming_the_option():
+    with pytest.raises(SystemExit, match=r"^error: tokenization bpe learns its tokens .* add --held_out bytes"):
+        main(["--tokenization", "bpe"])
+
+
+def test_the_evaluate_cli_refuses_a_missing_text_in_one_line(tmp_path, capsys):
+    from flows.evaluate_flow import main as evaluate_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(["--text", str(tmp_path / "missing.txt"), "--models", "rnnlm@champion", "rnnlm/2"])
+    message = str(exit_info.value) + capsys.readouterr().err
+    assert "missing.txt" in message and "does not exist" in message

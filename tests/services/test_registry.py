@@ -44,7 +44,7 @@ def test_train_compare_promote_and_load_champion(tmp_path, small_corpus, mlflow_
     longer = train_flow(registry_config(tmp_path, str(small_corpus), num_epochs=4, promote=True, promote_margin=0.9))
     assert longer["val_perplexity"] < short["val_perplexity"]
     assert (alias_version(client, "champion"), alias_version(client, "challenger")) == (1, 2)
-    assert promotion_tag(client, 2).startswith("not promoted: validation perplexity")
+    assert promotion_tag(client, 2).startswith("not promoted: validation bits per byte")
     assert "margin 90.00%" in promotion_tag(client, 2)
 
     # The compare flow with the default margin (any improvement) promotes it.
@@ -55,7 +55,7 @@ def test_train_compare_promote_and_load_champion(tmp_path, small_corpus, mlflow_
     assert [r["version"] for r in out["records"]] == [1, 2]
 
     table = prefect_table("registry-comparison")
-    assert [row["version"] for row in table] == [2, 1]  # best validation perplexity first
+    assert [row["version"] for row in table] == [2, 1]  # best validation bits per byte first
     assert table[0]["aliases"] == "challenger,champion" and table[0]["epochs"] == "4"
     assert table[0]["val_perplexity"] == pytest.approx(longer["val_perplexity"], abs=1e-4)
     assert {"run_id", "created", "rnn", "num_layers", "num_hiddens", "tokenization", "max_tokens", "lr"} <= set(
