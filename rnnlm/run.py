@@ -93,8 +93,8 @@ class FitResult:
         it stopped early (only if it did)."""
         tags = {"device": self.device, "matmuls": self.matmuls, "engine": self.engine}
         tags["registered_weights"] = self.registered
-        tags["held_out"] = self.held_out_span
-        return tags | ({"stopped": self.stopped} if self.stopped else {})
+        optional = {"held_out": self.held_out_span, "stopped": self.stopped}
+        return tags | {name: value for name, value in optional.items() if value}
 
     def version_tags(self) -> dict[str, Any]:
         """The registered weights' own numbers (on the whole splits) and where they were taken, as a registered
@@ -277,14 +277,6 @@ def _bits_per_byte(mean_loss: float | None, num_tokens: int, data: PreparedData,
         return None
     held = data.held_out_bytes(split)
     return bits_per_byte(mean_loss, num_tokens, held.num_bytes, held.unk_bytes)
-
-
-def _evaluate_on(model: RNNLM, ids: np.ndarray, config: TrainConfig) -> float | None:
-    """The mean cross-entropy of a whole held-out split (None for an empty one)."""
-    if len(ids) < 2:
-        return None
-    tokens = as_tensor(ids, next(model.parameters()).device)
-    return evaluate_loss(model, tokens, config.batch_size, config.num_steps, config.cpu_threads)
 
 
 def _evaluate_on(model: RNNLM, ids: np.ndarray, config: TrainConfig) -> float | None:
