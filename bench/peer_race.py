@@ -22,6 +22,7 @@ printed as a table (validation and test bits per byte and perplexity, tokens/s o
     .venv/bin/python bench/peer_race.py --race same-epochs --epochs 1
     .venv/bin/python bench/peer_race.py --race budget --minutes 10 --recipe recipes/kjv-best.toml
     .venv/bin/python bench/peer_race.py --race budget --minutes 10 --tokenization bpe --bpe_vocab_size 8192
+    .venv/bin/python bench/peer_race.py --race budget --tokenization char word bpe   # one peer run, three of ours
 
 Our side runs `python flows/train_flow.py` for real (the temporary Prefect server, a private MLflow store in the
 work folder); its numbers are read back from that store. Each side gets all the machine's cores.
@@ -241,27 +242,28 @@ def run_ours(
     return Side(name, val, test, m["final_tokens_per_sec"], wall, epochs_done, note, *bits)
 
 
-def table(title: str, peer: Side, ours: Side) -> str:
-    """The two sides as a markdown table, with our figures as ratios of the peer's."""
+def table(title: str, peer: Side, ours: list[Side]) -> str:
+    """The peer and each of our sides as a markdown table, with our figures as ratios of the peer's."""
     rows = [
         "| | validation bits/byte | test bits/byte | validation ppl | test ppl | tokens/s (training) | wall | epochs |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for side in (peer, ours):
+    for side in (peer, *ours):
         note = f" ({side.note})" if side.note else ""
         rows.append(
             f"| {side.name}{note} | {side.val_bits_per_byte:.4f} | {side.test_bits_per_byte:.4f} | "
             f"{side.val_perplexity:.2f} | {side.test_perplexity:.2f} | "
             f"{side.tokens_per_sec:,.0f} | {side.wall_seconds:,.0f} s | {side.epochs} |"
         )
-    ratio = (
-        f"ours / peer: validation bits per byte {ours.val_bits_per_byte / peer.val_bits_per_byte:.3f}x, "
-        f"test bits per byte {ours.test_bits_per_byte / peer.test_bits_per_byte:.3f}x, "
-        f"validation ppl {ours.val_perplexity / peer.val_perplexity:.3f}x, "
-        f"test ppl {ours.test_perplexity / peer.test_perplexity:.3f}x, "
-        f"tokens/s {ours.tokens_per_sec / peer.tokens_per_sec:.2f}x"
-    )
-    return f"### {title}\n\n" + "\n".join(rows) + f"\n\n{ratio}\n"
+    ratios = [
+        f"{side.name} / peer: validation bits per byte {side.val_bits_per_byte / peer.val_bits_per_byte:.3f}x, "
+        f"test bits per byte {side.test_bits_per_byte / peer.test_bits_per_byte:.3f}x, "
+        f"validation ppl {side.val_perplexity / peer.val_perplexity:.3f}x, "
+        f"test ppl {side.test_perplexity / peer.test_perplexity:.3f}x, "
+        f"tokens/s {side.tokens_per_sec / peer.tokens_per_sec:.2f}x"
+        for side in ours
+    ]
+    return f"### {title}\n\n" + "\n".join(rows) + "\n\n" + "\n".join(ratios) + "\n"
 
 
 def machine() -> str:
@@ -289,8 +291,9 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0, help="Training minutes of each side in the budget race.")
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "kjv-best.toml",
                         help="Our recipe in the budget race.")  # fmt: skip
-    parser.add_argument("--tokenization", choices=["char", "word", "bpe"], default="word",
-                        help="Our side's tokens (the peer's are words).")  # fmt: skip
+    parser.add_argument("--tokenization", choices=["char", "word", "bpe"], nargs="+", default=["word"],
+                        help="Our side's tokens (the peer's are words); several: one run of ours each against one "
+                        "run of the peer.")  # fmt: skip
     parser.add_argument("--bpe_vocab_size", type=int, default=8192, help="With --tokenization bpe: subword tokens.")
     parser.add_argument("--val_tokens", type=int, default=80_000, help="Validation tokens (whole lines) held out.")
     parser.add_argument("--test_tokens", type=int, default=80_000, help="Test tokens (whole lines) at the end.")
@@ -310,13 +313,19 @@ def main() -> None:
         print(f"same-epochs race: the peer's defaults, {args.epochs} epochs each", flush=True)
         peer = run_peer(work, args.peer, args.epochs, None, data)
         recipe = ROOT / "recipes" / "word-lstm.toml"
-        ours = run_ours(work, data, recipe, args.epochs, None, "same-epochs", args.tokenization, args.bpe_vocab_size)
+        ours = [
+            run_ours(work, data, recipe, args.epochs, None, f"same-epochs-{kind}", kind, args.bpe_vocab_size)
+            for kind in args.tokenization
+        ]
         results.append(table(f"Same hyperparameters, {args.epochs} epochs", peer, ours))
         print(results[-1], flush=True)
     if args.race in ("budget", "both"):
         print(f"budget race: {args.minutes:g} minutes of training each", flush=True)
         peer = run_peer(work, args.peer, 40, args.minutes, data)
-        ours = run_ours(work, data, args.recipe, None, args.minutes, "budget", args.tokenization, args.bpe_vocab_size)
+        ours = [
+            run_ours(work, data, args.recipe, None, args.minutes, f"budget-{kind}", kind, args.bpe_vocab_size)
+            for kind in args.tokenization
+        ]
         results.append(table(f"{args.minutes:g} minutes of training each, our {args.recipe.name}", peer, ours))
         print(results[-1], flush=True)
     print("\n".join(results))
