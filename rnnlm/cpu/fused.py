@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from rnnlm.cpu import native, recurrence, threads
+from rnnlm.cpu import checks, native, recurrence, threads
 from rnnlm.cpu.recurrence import (
     GRU,
     LSTM,
@@ -44,6 +44,21 @@ def plain_sgd(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> b
 SMALL_OUTPUT = 1 << 16  # output layers up to this many weights (vocab x H) run all in C; larger ones on torch's matmuls
 
 
+def checked_step(model, tokens, targets, state):
+    """A whole step's inputs checked before any C call, as torch's layers would check them (`checks.window`), and
+    the model's parameters contiguous (the step updates them in place): (tokens, targets, state)."""
+    tokens, state, targets, ignored = checks.window(model, tokens, state, targets)
+    if ignored:
+        raise checks.IdOutOfRange(f"Target {checks.IGNORE_INDEX} is out of bounds (the fused step has no ignore_index)")
+    checks.ids(tokens, "tokens", model.rnn.input_size, "the vocabulary")
+    for name, param in model.named_parameters():
+        if not param.is_contiguous() or param.dtype != torch.float32:
+            layout = "contiguous" if param.is_contiguous() else "non-contiguous"
+            raise RuntimeError(f"{name} must be a contiguous float32 tensor (the fused step updates it in place), "
+                               f"got a {layout} {param.dtype} one")  # fmt: skip
+    return tokens, targets, state
+
+
 class _Saved:
     """What autograd's ctx is to a window's forward and backward, when the engine calls them itself."""
 
@@ -55,8 +70,9 @@ class _Saved:
 def float32_step(model, tokens: torch.Tensor, targets: torch.Tensor, state, lr: float, max_norm: float):
     """One minibatch of the one-layer tanh RNN, GRU or LSTM in float32: forward window, output layer, mean
     cross-entropy, backward, gradients clipped to global norm `max_norm`, SGD step with learning rate `lr`.
-    tokens, targets (batch, steps). Returns (the mean loss, a 0-d tensor; the last state), as the trainer's autograd
-    step does; the parameters' .grad are left untouched."""
+    tokens, targets (batch, steps), checked first (`checked_step`). Returns (the mean loss, a 0-d tensor; the last
+    state), as the trainer's autograd step does; the parameters' .grad are left untouched."""
+    tokens, targets, state = checked_step(model, tokens, targets, state)
     rnn, out, share = model.rnn, model.linear, threads.second_core_free()
     if not isinstance(rnn, nn.GRU) and out.out_features * rnn.hidden_size <= SMALL_OUTPUT:
         return _whole_float32_step(model, tokens, targets, state, lr, max_norm, share)
@@ -255,7 +271,9 @@ def lstm_candidates(model, batch: int, steps: int, torch_threads_default: int, e
 def sgd_step(model, tokens: torch.Tensor, targets: torch.Tensor, state, lr: float, max_norm: float):
     """One minibatch: forward, mean cross-entropy, backward, gradients clipped to global norm `max_norm`, SGD step
     with learning rate `lr`, all on the CPU. tokens, targets (batch, steps). Returns (the mean loss, a 0-d tensor;
-    the last step's state), as the trainer's autograd step does; the parameters' .grad are left untouched."""
+    the last step's state), as the trainer's autograd step does; the parameters' .grad are left untouched. The
+    inputs are checked first (`checked_step`)."""
+    tokens, targets, state = checked_step(model, tokens, targets, state)
     arrays = _arrays(model, tokens, targets, state)
     step = native.LSTMSGDStep.of(arrays, lr, max_norm)
     workers = 2 if threads.second_core_free() and step.batch >= 2 and step.H >= 2 else 1
