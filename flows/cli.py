@@ -22,6 +22,7 @@ USER_ERRORS = (
     "rnnlm.corpus.DownloadError",
     "rnnlm.batches.DataError",
     "rnnlm.checkpoint.CheckpointMismatch",
+    "rnnlm.cpu.checks.EngineSettingError",
     "rnnlm.generate.GenerationError",
     "rnnlm.train.TrainingDiverged",
     "tasks.store.TrackingError",

@@ -40,6 +40,8 @@ MIN_STEPS = 8
 # Fewest rows for which the output layer goes through oneDNN (torch's call is quicker for generation's few rows).
 OUTPUT_MIN_ROWS = 128
 
+_NOT_MEASURED = "the LSTM's path is not measured yet at this size (rnnlm.cpu.prepare measures it)"
+
 ENABLED = True  # tests turn the engine off to check the fallback
 DEFAULT_THREADS = torch.get_num_threads()  # torch's own setting, before any run changes it
 
@@ -71,7 +73,7 @@ def why_not(model: nn.Module, tokens: torch.Tensor) -> str | None:
         return f"windows of fewer than {MIN_STEPS} steps run quicker on torch's layers"
     if isinstance(model.rnn, nn.LSTM) and (path := lstm_path(model, tokens.shape[0])) != "compiled":
         if path is None:
-            return "the LSTM's path is not measured yet at this size (rnnlm.cpu.prepare measures it)"
+            return _NOT_MEASURED
         how = _lstm_decision(model, tokens.shape[0])
         return "torch's LSTM measured quicker than the compiled one on this machine" + (f" ({how})" if how else "")
     return None
@@ -332,10 +334,12 @@ def engine_name(model: nn.Module, window: tuple[int, int]) -> str:
         return "torch's layers (cuDNN)"
     if device.type != "cpu":
         return f"torch's layers ({device.type})"
-    reason = why_not(model, torch.zeros(window, dtype=torch.int64))
+    reason, lstm = why_not(model, torch.zeros(window, dtype=torch.int64)), isinstance(model.rnn, nn.LSTM)
+    if reason == _NOT_MEASURED:
+        return f"compiled kernels ({native.instruction_set()}) or torch's LSTM, whichever measures quicker at the start"
     if reason is not None:
         return f"torch's layers ({reason})"
-    how = _lstm_decision(model, window[0]) if isinstance(model.rnn, nn.LSTM) else None
+    how = _lstm_decision(model, window[0]) if lstm else None
     return f"compiled kernels ({native.instruction_set()}), two cores" + (f"; over torch's LSTM ({how})" if how else "")
 
 

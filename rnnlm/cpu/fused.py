@@ -140,14 +140,14 @@ def output_step(out: nn.Linear, hs: torch.Tensor, targets: torch.Tensor, grad_h:
     logits = torch.empty(rows, native.padded(vocab))
     loss, grad_b = torch.zeros(16, dtype=torch.float64), out.bias.new_zeros(2, vocab)
     grad_w = out.weight.new_zeros(2, *out.weight.shape) if grad_h is not None else None
-    wout = native.pack(out.weight, trans=True)
+    wout, bias = native.pack(out.weight, trans=True), out.bias.detach().contiguous()
     wout_back = native.pack(out.weight, trans=False) if grad_h is not None else None
 
     def half(span: tuple[int, int]) -> None:
         me = int(span[0] > 0)
         worker_grad_w = None if grad_w is None else grad_w[me]
         native.output_step(
-            hs, wout, out.bias.detach(), wout_back, targets, logits, loss[8 * me :], grad_b[me], worker_grad_w,
+            hs, wout, bias, wout_back, targets, logits, loss[8 * me :], grad_b[me], worker_grad_w,
             grad_h, span,
         )  # fmt: skip
 
