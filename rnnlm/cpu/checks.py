@@ -83,14 +83,14 @@ def targets(values: object, shape: torch.Size, classes: int) -> tuple[torch.Tens
         raise RuntimeError(f"expected target dtype to be Long or Byte, but got {values.dtype} (targets)")
     if values.shape != shape:
         raise ValueError(f"targets' shape {tuple(values.shape)} does not match tokens' {tuple(shape)}: one per token")
-    values = values.long()
+    values = values if values.dtype == torch.int64 else values.long()
     if values.numel() == 0:
         return values, False
-    low, high = torch.aminmax(values)
-    if int(high) >= classes or (int(low) < 0 and not _only_ignored(values)):
+    low, high = (int(bound) for bound in torch.aminmax(values))
+    if high >= classes or (low < 0 and not _only_ignored(values)):
         bad = values[(values >= classes) | ((values < 0) & (values != IGNORE_INDEX))][0]
         raise IdOutOfRange(f"Target {int(bad)} is out of bounds (targets; the output layer has {classes} classes)")
-    return values, int(low) == IGNORE_INDEX
+    return values, low == IGNORE_INDEX
 
 
 def _only_ignored(values: torch.Tensor) -> bool:

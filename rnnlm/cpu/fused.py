@@ -44,19 +44,28 @@ def plain_sgd(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> b
 SMALL_OUTPUT = 1 << 16  # output layers up to this many weights (vocab x H) run all in C; larger ones on torch's matmuls
 
 
+def step_params(model) -> dict[str, torch.Tensor]:
+    """The six parameters a whole step of a one-layer model updates, by their names in the model."""
+    rnn, linear = model.rnn, model.linear
+    names = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+    return {**{f"rnn.{name}": getattr(rnn, name) for name in names}, "linear.weight": linear.weight,
+            "linear.bias": linear.bias}  # fmt: skip
+
+
 def checked_step(model, tokens, targets, state):
     """A whole step's inputs checked before any C call, as torch's layers would check them (`checks.window`), and
-    the model's parameters contiguous (the step updates them in place): (tokens, targets, state)."""
+    the model's parameters contiguous (the step updates them in place): (tokens, targets, state, the parameters)."""
     tokens, state, targets, ignored = checks.window(model, tokens, state, targets)
     if ignored:
         raise checks.IdOutOfRange(f"Target {checks.IGNORE_INDEX} is out of bounds (the fused step has no ignore_index)")
     checks.ids(tokens, "tokens", model.rnn.input_size, "the vocabulary")
-    for name, param in model.named_parameters():
+    params = step_params(model)
+    for name, param in params.items():
         if not param.is_contiguous() or param.dtype != torch.float32:
             layout = "contiguous" if param.is_contiguous() else "non-contiguous"
             raise RuntimeError(f"{name} must be a contiguous float32 tensor (the fused step updates it in place), "
                                f"got a {layout} {param.dtype} one")  # fmt: skip
-    return tokens, targets, state
+    return tokens, targets, state, list(params.values())
 
 
 class _Saved:
@@ -72,22 +81,21 @@ def float32_step(model, tokens: torch.Tensor, targets: torch.Tensor, state, lr: 
     cross-entropy, backward, gradients clipped to global norm `max_norm`, SGD step with learning rate `lr`.
     tokens, targets (batch, steps), checked first (`checked_step`). Returns (the mean loss, a 0-d tensor; the last
     state), as the trainer's autograd step does; the parameters' .grad are left untouched."""
-    tokens, targets, state = checked_step(model, tokens, targets, state)
+    tokens, targets, state, params = checked_step(model, tokens, targets, state)
     rnn, out, share = model.rnn, model.linear, threads.second_core_free()
     if not isinstance(rnn, nn.GRU) and out.out_features * rnn.hidden_size <= SMALL_OUTPUT:
-        return _whole_float32_step(model, tokens, targets, state, lr, max_norm, share)
+        return _whole_float32_step(model, tokens, targets, state, params, lr, max_norm, share)
     hs, last_state, backward = _forward(rnn, tokens.T.contiguous(), state, share, _Saved())
     grad_h = torch.empty_like(hs)
     grad_w, grad_b, loss = output_step(
         out, hs.view(-1, hs.shape[-1]), targets.T.contiguous(), grad_h.view(-1, hs.shape[-1]), share
     )
     grads = [*backward(grad_h), grad_w, grad_b]
-    params = [rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0, out.weight, out.bias]
     native.clip_sgd([p.detach() for p in params], [g.contiguous() for g in grads], lr, max_norm)
     return (loss / targets.numel()).float(), last_state
 
 
-def _whole_float32_step(model, tokens, targets, state, lr: float, max_norm: float, share: bool):
+def _whole_float32_step(model, tokens, targets, state, params, lr: float, max_norm: float, share: bool):
     """`float32_step` of the one-layer LSTM or tanh RNN with a small output layer: one C call per core (kernels.c:
     rnnlm_lstm_sgd_f32, rnnlm_rnn_sgd_f32)."""
     rnn, linear = model.rnn, model.linear
@@ -95,7 +103,6 @@ def _whole_float32_step(model, tokens, targets, state, lr: float, max_norm: floa
     lstm, rows = isinstance(rnn, nn.LSTM), steps * batch
     gates = 4 if lstm else 1
     h0, c0 = state if lstm else (state, None)
-    params = [rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0, linear.weight, linear.bias]
     workers = 2 if share and hidden >= 2 and batch >= 2 else 1
     states = recurrence.lstm_states(steps, batch, hidden) if lstm else {"hs": torch.empty(steps, batch, hidden)}
     arrays = {
@@ -273,8 +280,8 @@ def sgd_step(model, tokens: torch.Tensor, targets: torch.Tensor, state, lr: floa
     with learning rate `lr`, all on the CPU. tokens, targets (batch, steps). Returns (the mean loss, a 0-d tensor;
     the last step's state), as the trainer's autograd step does; the parameters' .grad are left untouched. The
     inputs are checked first (`checked_step`)."""
-    tokens, targets, state = checked_step(model, tokens, targets, state)
-    arrays = _arrays(model, tokens, targets, state)
+    tokens, targets, state, params = checked_step(model, tokens, targets, state)
+    arrays = _arrays(model, tokens, targets, state, params)
     step = native.LSTMSGDStep.of(arrays, lr, max_norm)
     workers = 2 if threads.second_core_free() and step.batch >= 2 and step.H >= 2 else 1
     threads.on_workers(workers, step.worker)
@@ -282,11 +289,10 @@ def sgd_step(model, tokens: torch.Tensor, targets: torch.Tensor, state, lr: floa
     return mean_loss, (arrays["hs"][-1][None], arrays["cs"][-1][None])
 
 
-def _arrays(model, tokens: torch.Tensor, targets: torch.Tensor, state) -> dict[str, torch.Tensor]:
+def _arrays(model, tokens: torch.Tensor, targets: torch.Tensor, state, params) -> dict[str, torch.Tensor]:
     """The tensors behind `native.LSTMSGDStep`'s pointers: inputs, parameters (updated in place), buffers."""
     rnn, linear, (h0, c0) = model.rnn, model.linear, state
     (batch, steps), hidden, vocab = tokens.shape, rnn.hidden_size, linear.out_features
-    params = [rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0, linear.weight, linear.bias]
     return {
         "tokens": tokens.T.contiguous(),
         "targets": targets.T.contiguous(),  # time-major, as the logits' rows
