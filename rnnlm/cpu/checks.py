@@ -131,7 +131,7 @@ def window(model: nn.Module, tokens_in: object, state_in, targets_in: object = N
 
 
 # The engine's own variables: the values each takes, in words
-_NATIVE = {"0": "turn the compiled kernels off", "1": "use them (the default)"}
+_NATIVE = {"0": "the compiled kernels off", "1": "on, the default"}
 
 
 def native_setting() -> bool:

@@ -2,10 +2,14 @@
 every later process, can be set by hand, and a run's records say which path trained it and why."""
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
+from helpers import PROJECT_ROOT
 
 from rnnlm import cpu
 from rnnlm.cpu import checks, choice
@@ -125,7 +129,7 @@ def test_unknown_values_of_the_engines_variables_are_refused_in_one_line(fresh, 
     monkeypatch.setenv(variable, value)
     with pytest.raises(checks.EngineSettingError, match=variable) as raised:
         cpu.check_environment()
-    accepted = "lstm-step=compiled|torch" if variable == "RNNLM_CPU_CHOICE" else "0 (turn the compiled kernels off)"
+    accepted = "lstm-step=compiled|torch" if variable == "RNNLM_CPU_CHOICE" else "0 (the compiled kernels off)"
     assert accepted in str(raised.value)
     if variable == "RNNLM_CPU_CHOICE":  # where the engine reads it: the LSTM's path, also in the pure check
         with pytest.raises(checks.EngineSettingError, match=variable):
@@ -158,3 +162,23 @@ def test_handles_never_measures_prepare_does_once_and_it_is_remembered(fresh, mo
     choice._known.clear()  # as a later process
     choice._unrecorded.clear()
     assert cpu.lstm_path(model, window[0]) == chosen and measured == [1]
+
+
+@pytest.mark.slow
+def test_an_unknown_lstm_choice_ends_the_command_with_one_error_line(tmp_path, small_corpus):
+    """`RNNLM_CPU_CHOICE=lstm-step=<anything>` on the command line: status 1, one `error:` line, no traceback."""
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "RNNLM_CACHE_DIR": str(tmp_path / "cache"),
+        "RNNLM_CPU_CHOICE": "lstm-step=fast",
+    }
+    env.pop("PREFECT_API_URL", None)
+    args = ["--rnn", "lstm", "--num_epochs", "1", "--val_tokens", "1000", "--test_tokens", "1000"]
+    command = [sys.executable, "flows/train_flow.py", "--corpus", str(small_corpus), *args]
+    done = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1
+    last = (done.stdout + done.stderr).strip().splitlines()[-1]
+    assert last.startswith("error: RNNLM_CPU_CHOICE: 'lstm-step=fast' is not a choice the engine takes (lstm-step=")
+    assert "Traceback" not in done.stdout + done.stderr
