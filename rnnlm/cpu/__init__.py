@@ -276,14 +276,14 @@ def _lstm_bf16(model: nn.Module, tokens: torch.Tensor, state):
 def sgd_step(model, optimizer, tokens, targets, state, grad_clip: float, amp: bool):
     """One whole training step without autograd where it applies (one layer over the book's one-hot input, no
     dropout, served by the engine, plain SGD): returns (the mean loss, a 0-d tensor; the last state), else None and
-    the caller takes the autograd step. The fused steps check the inputs
-    (`checks.window`). Under `amp` where bf16 is quick, the LSTM's step is all compiled (bf16
-    matmuls); otherwise float32."""
+    the caller takes the autograd step (also for parameters that are views: the fused steps update them in place).
+    The fused steps check the inputs (`fused.checked_step`). Under `amp` where bf16 is quick, the LSTM's step is all
+    compiled (bf16 matmuls); otherwise float32."""
     if not (_one_hot(model) and model.rnn.num_layers == 1 and handles(model, tokens)):
         return None
     params = list(model.parameters())
     if not (fused.plain_sgd(optimizer, params) and all(p.is_contiguous() for p in params)):
-        return None  # the step updates the parameters where they are: in place, as C sees them
+        return None
     lr = float(optimizer.param_groups[0]["lr"])
     if amp and _bf16_lstm(model):
         return fused.sgd_step(model, tokens, targets, state, lr, grad_clip)

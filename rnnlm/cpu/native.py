@@ -322,7 +322,7 @@ def rnn_backward(hs, grad_out, whh, g, grad_h0, rows: tuple[int, int]) -> None:
 
 def token_grad(tokens: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out[tokens[i]] += grad[i] for 2-D grad (rows, N) and out (vocab, N), both with unit column stride (column
-    slices are fine); returns out."""
+    slices are fine); returns out. The ids are trusted to be rows of out (the windows checked them)."""
     _require(
         grad.stride(1) == 1 and out.stride(1) == 1 and grad.shape[1] == out.shape[1] and grad.dtype == out.dtype,
         lambda: f"token_grad takes rows of unit stride and equal width, got {_described(grad)}, {_described(out)}",
