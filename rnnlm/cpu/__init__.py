@@ -75,6 +75,8 @@ def why_not(model: nn.Module, tokens: torch.Tensor) -> str | None:
         if path is None:
             return _NOT_MEASURED
         how = _lstm_decision(model, tokens.shape[0])
+        if how == "set by RNNLM_CPU_CHOICE":
+            return "torch's LSTM, set by RNNLM_CPU_CHOICE=lstm-step=torch"
         return "torch's LSTM measured quicker than the compiled one on this machine" + (f" ({how})" if how else "")
     return None
 

@@ -104,6 +104,10 @@ def test_the_run_records_which_path_trains_the_lstm_and_why(monkeypatch):
         "torch's layers (torch's LSTM measured quicker than the compiled one on this machine (measured: compiled 2.00 "
         "ms against torch 1.00 ms))"
     )
+    decisions[cpu._lstm_choice(RNNLM(9, 16, "lstm"), 8)] = "torch (set by RNNLM_CPU_CHOICE)"
+    assert cpu.engine_name(RNNLM(9, 16, "lstm"), window) == (
+        "torch's layers (torch's LSTM, set by RNNLM_CPU_CHOICE=lstm-step=torch)"  # not "measured quicker"
+    )
     monkeypatch.setattr(cpu, "lstm_path", lambda *size: "compiled")
     decisions[cpu._lstm_choice(RNNLM(9, 16, "lstm"), 8)] = "compiled (measured before on this machine: ...)"
     assert cpu.engine_name(RNNLM(9, 16, "lstm"), window) == (
