@@ -140,8 +140,14 @@ def output_step(out: nn.Linear, hs: torch.Tensor, targets: torch.Tensor, grad_h:
     """The output layer's forward, the summed cross-entropy of `targets` (rows of hs, time-major) and every gradient,
     in one C call per core (each half of the rows), without keeping the logits: fills grad_h (the gradient reaching
     hs, for a loss that is the mean over the rows) and returns (W_out's gradient, b_out's, the summed loss, 0-d).
-    With grad_h None, the loss only (and None for the gradients)."""
+    With grad_h None, the loss only (and None for the gradients). The C calls index the logits by target: the
+    targets are checked first (one int64 per row of hs, each a row of W_out)."""
     rows, vocab = hs.shape[0], out.out_features
+    if targets.dtype != torch.int64 or targets.numel() != rows or hs.shape[1] != out.weight.shape[1]:
+        raise ValueError(f"the output layer takes {rows} int64 targets for hs {tuple(hs.shape)} and W_out "
+                         f"{tuple(out.weight.shape)}, got {targets.dtype} {tuple(targets.shape)}")  # fmt: skip
+    axes = ("step", "row") if targets.dim() == 2 else ("index",)  # time-major windows, or their rows flat
+    checks.ids(targets, "targets", vocab, "the output layer's classes", axes=axes)
     if vocab * hs.shape[1] > SMALL_OUTPUT:
         return _large_output_step(out, hs, targets, grad_h, share)
     logits = torch.empty(rows, native.padded(vocab))
