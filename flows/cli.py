@@ -24,6 +24,7 @@ USER_ERRORS = (
     "rnnlm.corpus.DownloadError",
     "rnnlm.batches.DataError",
     "rnnlm.checkpoint.CheckpointMismatch",
+    "rnnlm.cpu.checks.EngineSettingError",
     "rnnlm.generate.GenerationError",
     "rnnlm.train.TrainingDiverged",
     "tracking.store.TrackingError",

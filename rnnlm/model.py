@@ -13,6 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnnlm import cpu
+from rnnlm.cpu import device_name as device_name  # the engine describes where and how a model trains
+from rnnlm.cpu import engine_name as engine_name
+from rnnlm.cpu import matmul_precision as matmul_precision
 
 if TYPE_CHECKING:
     from rnnlm.config import TrainConfig
@@ -212,29 +215,3 @@ def pick_device(preference: str = "auto") -> torch.device:
     if not available.get(preference, False):
         raise ValueError(f"device {preference!r} is not available on this machine; use --device auto or cpu")
     return torch.device(preference)
-
-
-def device_name(model: RNNLM, cpu_threads: int, window: tuple[int, int]) -> str:
-    """Where `model` trains, in words, e.g. 'cuda:0 (NVIDIA H200)' or 'cpu (2 threads)'; `cpu_threads` 0 is auto
-    (see `rnnlm.cpu.threads_for`), for (batch, steps) training windows."""
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        return f"cuda:{device.index or 0} ({torch.cuda.get_device_name(device)})"
-    return cpu.device_name(cpu.threads_for(cpu_threads, model, window)) if device.type == "cpu" else str(device)
-
-
-def engine_name(model: RNNLM, window: tuple[int, int]) -> str:
-    """Which code trains `model` on (batch, steps) windows here, and why: the CPU engine, or torch's layers (with
-    the reason), or cuDNN's on a GPU."""
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        return "torch's layers (cuDNN)"
-    return cpu.engine(model, window) if device.type == "cpu" else f"torch's layers ({device.type})"
-
-
-def matmul_precision(model: RNNLM, amp: bool, window: tuple[int, int]) -> str:
-    """What `amp` means for this model where it is, in words: the precision its training matmuls take on (batch,
-    steps) windows."""
-    if next(model.parameters()).device.type == "cpu":
-        return cpu.matmuls(model, amp, window)
-    return "bf16 autocast (forward pass)" if amp else "float32"

@@ -1,8 +1,8 @@
-"""Where the project keeps its files: the download and preparation cache, MLflow's local store, the compiled kernels.
+"""Where the project keeps its files: the download and preparation cache and MLflow's local store.
 
-Each moves with an environment variable. By default the first two sit in the project's home: `$RNNLM_HOME`, else
-the source checkout the package runs from (the folder holding pyproject.toml), else the current directory (an
-installed package). The compiled kernels go to the user's cache, shared by every checkout.
+Each moves with an environment variable. By default both sit in the project's home: `$RNNLM_HOME`, else the source
+checkout the package runs from (the folder holding pyproject.toml), else the current directory (an installed
+package). The CPU engine keeps its compiled kernels in a cache of its own (`rnnlm.cpu.native.cache()`).
 """
 
 from __future__ import annotations
@@ -33,13 +33,6 @@ def cache_dir(override: str | None = None) -> Path:
 def mlruns() -> Path:
     """MLflow's local store (`mlflow.db` and `artifacts/`) when `MLFLOW_TRACKING_URI` names none: `<home>/mlruns`."""
     return home() / "mlruns"
-
-
-def kernel_cache() -> Path:
-    """The compiled CPU kernels: `$RNNLM_KERNEL_CACHE`, else `$XDG_CACHE_HOME/rnnlm/kernels` (`~/.cache/...`)."""
-    if os.environ.get("RNNLM_KERNEL_CACHE"):
-        return Path(os.environ["RNNLM_KERNEL_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rnnlm" / "kernels"
 
 
 def key_of(*parts: object, length: int = 16) -> str:

@@ -1,7 +1,8 @@
 """Fixtures every folder of tests may use: corpora, a file server, Prefect's test server, private MLflow stores.
 
 Environment for Prefect and MLflow is set before either is imported, so that results, caches and telemetry never
-leak into the user's ~/.prefect or out of the machine. Shared helpers (not fixtures) are in `helpers`.
+leak into the user's ~/.prefect or out of the machine; the CPU engine's kernel cache is a temporary folder too.
+Shared helpers (not fixtures) are in `helpers`.
 """
 
 from __future__ import annotations
@@ -23,11 +24,17 @@ from helpers import PROJECT_ROOT, SHARED_CORPUS, QuietHandler, find_real_corpus,
 from flows.environment import QUIET_DEFAULTS
 
 _PREFECT_HOME = tempfile.mkdtemp(prefix="rnnlm-prefect-")
-atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
+# the compiled kernels and the engine's measured choices (choices.json): built and measured once per session here,
+# never in the user's ~/.cache/rnnlm/kernels (the commands the tests start inherit it); tests that measure a choice
+# point RNNLM_KERNEL_CACHE at a folder of their own
+_KERNEL_CACHE = tempfile.mkdtemp(prefix="rnnlm-kernels-")
+for _folder in (_PREFECT_HOME, _KERNEL_CACHE):
+    atexit.register(shutil.rmtree, _folder, ignore_errors=True)
 os.environ.update(
     {
         **QUIET_DEFAULTS,
         "PREFECT_HOME": _PREFECT_HOME,
+        "RNNLM_KERNEL_CACHE": _KERNEL_CACHE,
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
         "GIT_PYTHON_REFRESH": "quiet",
     }

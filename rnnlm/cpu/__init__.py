@@ -3,11 +3,16 @@ two cores.
 
 The model hands a training window here in one call (`forward`, or `loss` with the output layer and cross-entropy
 fused) when `handles` says the engine serves it, and the trainer asks for a whole SGD step without autograd
-(`sgd_step`, for one-layer one-hot models); everything else runs on torch's layers, the one fallback. The engine
-imports nothing from the rest of the library: it reads a model through its torch modules (`model.rnn`,
-`model.linear` or `model.adaptive`, and `model.embedding` and `model.drop` where it has them) and
-`model.forward_torch`, its own path.
+(`sgd_step`, for one-layer one-hot models); everything else runs on torch's layers, the one fallback. Each entry
+checks what it is given before any C call (`checks`: the errors torch's layers raise). `handles` is a pure check;
+the one measurement it depends on (which path trains an LSTM quicker here) runs in `prepare`, when a run hands the
+model over (`settings`, which the trainer and evaluation enter). The engine imports nothing from the rest of the
+library: it reads a model through its torch modules (`model.rnn`, `model.linear` or `model.adaptive`, and
+`model.embedding` and `model.drop` where it has them) and `model.forward_torch`, its own path, keeps its builds in
+its own cache folder (`native.cache()`), and describes itself for a run's records (`device_name`, `engine_name`,
+`matmul_precision`).
 
+    checks.py      what every entry checks before any C call, and the engine's own RNNLM_* variables
     native.py      builds kernels.c with the machine's compiler at first use; ctypes wrappers of its functions
     recurrence.py  the compiled windows as autograd functions, and the matmuls around them
     fused.py       whole SGD steps without autograd; the output layer with its loss in one C call per core
@@ -25,7 +30,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from rnnlm.cpu import choice, fused, native, recurrence
+from rnnlm.cpu import checks, choice, fused, native, recurrence
 from rnnlm.cpu.allocator import keep_freed_memory
 from rnnlm.cpu.threads import second_core_free, torch_threads
 
@@ -34,6 +39,8 @@ from rnnlm.cpu.threads import second_core_free, torch_threads
 MIN_STEPS = 8
 # Fewest rows for which the output layer goes through oneDNN (torch's call is quicker for generation's few rows).
 OUTPUT_MIN_ROWS = 128
+
+_NOT_MEASURED = "the LSTM's path is not measured yet at this size (rnnlm.cpu.prepare measures it)"
 
 ENABLED = True  # tests turn the engine off to check the fallback
 DEFAULT_THREADS = torch.get_num_threads()  # torch's own setting, before any run changes it
@@ -51,15 +58,34 @@ def bf16_fast() -> bool:
 
 
 def handles(model: nn.Module, tokens: torch.Tensor) -> bool:
-    """Whether `forward` and `loss` serve this call: tanh RNN, GRU or LSTM layers in float32 on the CPU, a window of
-    at least MIN_STEPS steps, the kernels built here, and for the LSTM, the compiled one measured quicker here than
-    torch's own (oneDNN's fused kernel) at this size."""
+    """Whether `forward` and `loss` serve this call: tanh RNN, GRU or LSTM layers in float32 on the CPU, (batch,
+    steps) tokens of at least MIN_STEPS steps, the kernels built here, and for the LSTM, the compiled one measured
+    quicker here than torch's own (oneDNN's fused kernel) at this size. Pure and cheap: it reads the LSTM's choice
+    (`prepare` makes it), never measures."""
     return why_not(model, tokens) is None
 
 
 def why_not(model: nn.Module, tokens: torch.Tensor) -> str | None:
     """Why the engine does not serve this call, in words; None when it does."""
+    if (reason := _unsupported(model, tokens)) is not None:
+        return reason
+    if tokens.shape[1] < MIN_STEPS:
+        return f"windows of fewer than {MIN_STEPS} steps run quicker on torch's layers"
+    if isinstance(model.rnn, nn.LSTM) and (path := lstm_path(model, tokens.shape[0])) != "compiled":
+        if path is None:
+            return _NOT_MEASURED
+        how = _lstm_decision(model, tokens.shape[0])
+        if how == "set by RNNLM_CPU_CHOICE":
+            return "torch's LSTM, set by RNNLM_CPU_CHOICE=lstm-step=torch"
+        return "torch's LSTM measured quicker than the compiled one on this machine" + (f" ({how})" if how else "")
+    return None
+
+
+def _unsupported(model: nn.Module, tokens: torch.Tensor) -> str | None:
+    """Why the kernels cannot compute this call at all, in words; None when they can."""
     rnn = model.rnn
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+        return "the kernels take (batch, steps) token tensors"
     if tokens.device.type != "cpu" or rnn.weight_hh_l0.device.type != "cpu":
         return "not on the CPU"
     if not compiled():
@@ -70,18 +96,37 @@ def why_not(model: nn.Module, tokens: torch.Tensor) -> str | None:
         return "the kernels take one direction, with biases, without projections"
     if rnn.weight_hh_l0.dtype != torch.float32:
         return f"the kernels take float32, not {rnn.weight_hh_l0.dtype}"
-    if tokens.shape[1] < MIN_STEPS:
-        return f"windows of fewer than {MIN_STEPS} steps run quicker on torch's layers"
-    if isinstance(rnn, nn.LSTM) and lstm_path(model, tokens.shape[0]) != "compiled":
-        how = _lstm_decision(model, tokens.shape[0])
-        return "torch's LSTM measured quicker than the compiled one on this machine" + (f" ({how})" if how else "")
     return None
 
 
-def lstm_path(model: nn.Module, batch: int) -> str:
-    """'compiled' or 'torch': which way trains this LSTM model quicker here at this batch size, each as it runs
-    (the engine on one torch thread and the helper thread, torch's layers on all of torch's threads), measured once
-    for the machine and the model's sizes."""
+def prepare(model: nn.Module, window: tuple[int, int]) -> None:
+    """Make the engine's one measured decision for training `model` on (batch, steps) windows, before it is needed:
+    for an LSTM it can serve, which path trains it quicker here (`_measure_lstm_path`: once per machine and size,
+    remembered in choices.json; set by hand with RNNLM_CPU_CHOICE). `settings` calls it when a run hands the model to
+    the engine; after the first call it is a lookup."""
+    check_environment()
+    tokens = torch.zeros(window, dtype=torch.int64)
+    if isinstance(model.rnn, nn.LSTM) and _unsupported(model, tokens) is None and window[1] >= MIN_STEPS:
+        if lstm_path(model, window[0]) is None:
+            _measure_lstm_path(model, window[0])
+
+
+def check_environment() -> None:
+    """checks.EngineSettingError, naming the variable and the values it takes, where RNNLM_NATIVE or
+    RNNLM_CPU_CHOICE holds a value the engine does not take."""
+    checks.native_setting()
+    choice.forced()
+
+
+def lstm_path(model: nn.Module, batch: int) -> str | None:
+    """'compiled' or 'torch': which way trains this LSTM model quicker here at this batch size, as `prepare`
+    measured it (or an earlier process, or RNNLM_CPU_CHOICE set it); None before it did."""
+    return choice.made(_lstm_choice(model, batch), per_threads=False)
+
+
+def _measure_lstm_path(model: nn.Module, batch: int) -> str:
+    """`lstm_path`, measured where no choice is recorded: each way as it runs (the engine on one torch thread and
+    the helper thread, torch's layers on all of torch's threads), on a forked generator."""
     keep_freed_memory()  # as in training: freed pages kept for the next minibatch
     return choice.fastest(_lstm_choice(model, batch), lambda: _lstm_candidates(model, batch), per_threads=False)
 
@@ -114,7 +159,22 @@ def _lstm_candidates(model: nn.Module, batch: int) -> dict:
 
 def forward(model: nn.Module, tokens: torch.Tensor, state):
     """The model's forward on the kernels: tokens (batch, steps) -> logits (steps * batch, vocab), time-major, and
-    the last state, as torch's layers would give them."""
+    the last state, as torch's layers would give them (and their errors for bad input, before any C call)."""
+    tokens, state, _, _ = _checked(model, tokens, state)
+    return _forward(model, tokens, state)
+
+
+def _checked(model: nn.Module, tokens, state, targets=None):
+    """An entry's inputs checked (`checks.window`: tokens, state, targets as int64 or None, whether one is ignored),
+    and the model one the kernels can compute (ValueError else)."""
+    checked = checks.window(model, tokens, state, targets)
+    if (reason := _unsupported(model, checked[0])) is not None:
+        raise ValueError(f"the CPU engine cannot take this call: {reason}")
+    return checked
+
+
+def _forward(model: nn.Module, tokens: torch.Tensor, state):
+    """`forward` of checked inputs."""
     bf16 = _bf16_lstm(model) and _autocast_on()
     with torch.autocast("cpu", enabled=False):  # the kernels set their own precision
         if bf16:
@@ -127,9 +187,11 @@ def forward(model: nn.Module, tokens: torch.Tensor, state):
 
 def loss(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, state, reduction: str = "mean"):
     """The mean (or summed) cross-entropy of `targets` on the kernels, tokens and targets (batch, steps), and the
-    last state: the output layer, the loss and their gradients in one C call per core, without keeping the logits."""
-    if _bf16_lstm(model) and _autocast_on():
-        logits, state = forward(model, tokens, state)
+    last state: the output layer, the loss and their gradients in one C call per core, without keeping the logits.
+    Targets of torch's ignore_index (-100) are skipped as cross_entropy skips them, on the logits."""
+    tokens, state, targets, ignored = _checked(model, tokens, state, targets)
+    if (_bf16_lstm(model) and _autocast_on()) or (ignored and model.linear is not None):
+        logits, state = _forward(model, tokens, state)
         return torch.nn.functional.cross_entropy(logits, targets.T.reshape(-1), reduction=reduction), state
     with torch.autocast("cpu", enabled=False):
         outputs, state = _layers(model, tokens.T, state)
@@ -216,11 +278,13 @@ def _lstm_bf16(model: nn.Module, tokens: torch.Tensor, state):
 def sgd_step(model, optimizer, tokens, targets, state, grad_clip: float, amp: bool):
     """One whole training step without autograd where it applies (one layer over the book's one-hot input, no
     dropout, served by the engine, plain SGD): returns (the mean loss, a 0-d tensor; the last state), else None and
-    the caller takes the autograd step. Under `amp` where bf16 is quick, the LSTM's step is all compiled (bf16
-    matmuls); otherwise float32."""
+    the caller takes the autograd step (also for parameters that are views: the fused steps update them in place).
+    The fused steps check the inputs (`fused.checked_step`). Under `amp` where bf16 is quick, the LSTM's step is all
+    compiled (bf16 matmuls); otherwise float32."""
     if not (_one_hot(model) and model.rnn.num_layers == 1 and handles(model, tokens)):
         return None
-    if not fused.plain_sgd(optimizer, list(model.parameters())):
+    params = list(model.parameters())
+    if not (fused.plain_sgd(optimizer, params) and all(p.is_contiguous() for p in params)):
         return None
     lr = float(optimizer.param_groups[0]["lr"])
     if amp and _bf16_lstm(model):
@@ -238,34 +302,53 @@ def threads_for(cpu_threads: int, model: nn.Module, window: tuple[int, int]) -> 
 
 @contextmanager
 def settings(cpu_threads: int, model: nn.Module, window: tuple[int, int]) -> Iterator[None]:
-    """The block runs with the torch threads `threads_for` gives, on the CPU, with freed memory kept for the next
-    minibatch; elsewhere it runs as it is."""
+    """The block runs on the CPU with the engine prepared for `model` on (batch, steps) windows (`prepare`: the
+    moment a run hands the model over, where the LSTM's path is measured once), with the torch threads `threads_for`
+    gives and freed memory kept for the next minibatch; elsewhere it runs as it is."""
     if next(model.parameters()).device.type != "cpu":
         yield
         return
+    prepare(model, window)
     keep_freed_memory()  # minibatches reuse the same pages instead of faulting in fresh ones
     with torch_threads(threads_for(cpu_threads, model, window)):
         yield
 
 
-def device_name(threads: int) -> str:
-    """'cpu (2 threads)', or with one torch thread on a machine of several cores 'cpu (1 thread + the recurrence's
-    helper thread)'."""
+def device_name(model: nn.Module, cpu_threads: int, window: tuple[int, int]) -> str:
+    """Where `model` trains, in words, e.g. 'cuda:0 (NVIDIA H200)', 'cpu (2 threads)', or with one torch thread on a
+    machine of several cores 'cpu (1 thread + the recurrence's helper thread)'; `cpu_threads` 0 is auto (see
+    `threads_for`), for (batch, steps) training windows."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return f"cuda:{device.index or 0} ({torch.cuda.get_device_name(device)})"
+    if device.type != "cpu":
+        return str(device)
+    threads = threads_for(cpu_threads, model, window)
     helper = " + the recurrence's helper thread" if threads == 1 and (os.cpu_count() or 1) > 1 else ""
     return f"cpu ({threads} thread{'s' if threads > 1 else ''}{helper})"
 
 
-def engine(model: nn.Module, window: tuple[int, int]) -> str:
-    """Which path trains `model` on (batch, steps) windows on this CPU, and why, in words: for the run's records."""
-    reason = why_not(model, torch.zeros(window, dtype=torch.int64))
+def engine_name(model: nn.Module, window: tuple[int, int]) -> str:
+    """Which code trains `model` on (batch, steps) windows here, and why, in words, for the run's records: the CPU
+    engine, or torch's layers (with the reason), or cuDNN's on a GPU."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return "torch's layers (cuDNN)"
+    if device.type != "cpu":
+        return f"torch's layers ({device.type})"
+    reason, lstm = why_not(model, torch.zeros(window, dtype=torch.int64)), isinstance(model.rnn, nn.LSTM)
+    if reason == _NOT_MEASURED:
+        return f"compiled kernels ({native.instruction_set()}) or torch's LSTM, whichever measures quicker at the start"
     if reason is not None:
         return f"torch's layers ({reason})"
-    how = _lstm_decision(model, window[0]) if isinstance(model.rnn, nn.LSTM) else None
+    how = _lstm_decision(model, window[0]) if lstm else None
     return f"compiled kernels ({native.instruction_set()}), two cores" + (f"; over torch's LSTM ({how})" if how else "")
 
 
-def matmuls(model: nn.Module, amp: bool, window: tuple[int, int]) -> str:
-    """What `amp` means for this model's training matmuls on (batch, steps) windows on the CPU, in words."""
+def matmul_precision(model: nn.Module, amp: bool, window: tuple[int, int]) -> str:
+    """What `amp` means for `model`'s training matmuls on (batch, steps) windows where it is, in words."""
+    if next(model.parameters()).device.type != "cpu":
+        return "bf16 autocast (forward pass)" if amp else "float32"
     if not amp:
         return "float32"
     if not handles(model, torch.zeros(window, dtype=torch.int64)):

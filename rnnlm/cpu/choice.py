@@ -5,7 +5,8 @@ count, torch and kernel builds). It is measured at first use, keeping each candi
 `choices.json` beside the compiled kernels with the times measured, so that every later process on the machine takes
 the same path (and so computes the same numbers) and can say why: a process that measured a choice another one
 recorded first takes the recorded one.
-`RNNLM_CPU_CHOICE=<name>=<candidate>,...` sets a choice by hand (e.g. `lstm-step=torch`).
+`RNNLM_CPU_CHOICE=<name>=<candidate>,...` sets a choice by hand (e.g. `lstm-step=torch`); a name or candidate
+not in KNOWN is refused (`checks.EngineSettingError`).
 """
 
 from __future__ import annotations
@@ -20,13 +21,20 @@ from collections.abc import Callable
 import torch
 from filelock import FileLock
 
-from rnnlm.cpu import native
-from rnnlm.paths import kernel_cache
+from rnnlm.cpu import checks, native
 
 ROUNDS = 5  # each candidate is timed this many times; the best time counts
 _TIMES = "times"  # choices.json keeps each choice's measured times under its key and this word
 
+# the choices the engine makes (a name's part before ':') and their candidates, as RNNLM_CPU_CHOICE may set them
+KNOWN: dict[str, tuple[str, ...]] = {
+    "lstm-step": ("compiled", "torch"),
+    "matmul_tn": ("onednn", "torch"),
+    "linear": ("onednn", "torch"),
+}
+
 _known: dict[str, str] = {}
+_unrecorded: set[str] = set()  # keys `made` found in no choices.json: not read again by this process
 decisions: dict[str, str] = {}  # name -> "candidate (measured: 1.2 ms against 1.9 ms)", what this process chose
 
 
@@ -38,15 +46,12 @@ def fastest(name: str, candidates: Candidates | Callable[[], Candidates], per_th
     once; `candidates` may be a call that makes them, called only to measure); measured the first time any process
     asks, remembered after. With `per_threads`, the choice is made again for each number of torch threads (the
     candidates run at the caller's)."""
-    chosen = _forced().get(name.split(":")[0])
-    if chosen is not None and (callable(candidates) or chosen in candidates):
-        decisions[name] = f"{chosen} (set by RNNLM_CPU_CHOICE)"
+    if (chosen := _set_by_hand(name)) is not None:
         return chosen
-    key = f"{name}@{torch.get_num_threads() if per_threads else 'any'}@{_machine()}"
+    key = _key(name, per_threads)
     if key in _known:
         return _known[key]
-    path = kernel_cache() / "choices.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = native.cache() / "choices.json"
     if key not in (known := _read(path)):
         # measured without the lock: a candidate may make choices of its own, on this thread or the helper thread
         chosen, times = _measure(candidates() if callable(candidates) else candidates)
@@ -58,10 +63,43 @@ def fastest(name: str, candidates: Candidates | Callable[[], Candidates], per_th
                 tmp = path.with_suffix(f".{os.getpid()}.tmp")
                 tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
                 os.replace(tmp, path)
+    return _remember(name, key, known)
+
+
+def made(name: str, per_threads: bool = True) -> str | None:
+    """The choice `fastest` made or would take for `name` without measuring: set by hand, taken by this process, or
+    recorded in choices.json by an earlier one; None when none was made (a dict lookup after the first call)."""
+    if (chosen := _set_by_hand(name)) is not None:
+        return chosen
+    key = _key(name, per_threads)
+    if key in _known or key in _unrecorded:
+        return _known.get(key)
+    known = _read(native.cache() / "choices.json")
+    if key not in known:
+        _unrecorded.add(key)
+        return None
+    return _remember(name, key, known)
+
+
+def _set_by_hand(name: str) -> str | None:
+    """The candidate RNNLM_CPU_CHOICE sets for `name`, if any, noted in `decisions`."""
+    chosen = forced().get(name.split(":")[0])
+    if chosen is not None:
+        decisions[name] = f"{chosen} (set by RNNLM_CPU_CHOICE)"
+    return chosen
+
+
+def _remember(name: str, key: str, known: dict[str, str]) -> str:
+    """Keep the recorded choice `known[key]` for this process, with how it was taken."""
     times = known.get(f"{key} {_TIMES}")
     decisions.setdefault(name, f"{known[key]} (measured before on this machine{f': {times}' if times else ''})")
     _known[key] = known[key]
+    _unrecorded.discard(key)
     return known[key]
+
+
+def _key(name: str, per_threads: bool) -> str:
+    return f"{name}@{torch.get_num_threads() if per_threads else 'any'}@{_machine()}"
 
 
 def quickest(name: str, **candidates: Callable[[], object]):
@@ -97,9 +135,8 @@ def _read(path) -> dict[str, str]:
         return {}
 
 
-def _forced() -> dict[str, str]:
-    pairs = [item.split("=", 1) for item in os.environ.get("RNNLM_CPU_CHOICE", "").split(",") if "=" in item]
-    return {name.strip(): value.strip() for name, value in pairs}
+def forced() -> dict[str, str]:
+    return checks.forced_choices(KNOWN)
 
 
 @functools.cache

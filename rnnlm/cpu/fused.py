@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from rnnlm.cpu import native, recurrence, threads
+from rnnlm.cpu import checks, native, recurrence, threads
 from rnnlm.cpu.recurrence import (
     GRU,
     LSTM,
@@ -44,6 +44,30 @@ def plain_sgd(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> b
 SMALL_OUTPUT = 1 << 16  # output layers up to this many weights (vocab x H) run all in C; larger ones on torch's matmuls
 
 
+def step_params(model) -> dict[str, torch.Tensor]:
+    """The six parameters a whole step of a one-layer model updates, by their names in the model."""
+    rnn, linear = model.rnn, model.linear
+    names = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+    return {**{f"rnn.{name}": getattr(rnn, name) for name in names}, "linear.weight": linear.weight,
+            "linear.bias": linear.bias}  # fmt: skip
+
+
+def checked_step(model, tokens, targets, state):
+    """A whole step's inputs checked before any C call, as torch's layers would check them (`checks.window`), and
+    the model's parameters contiguous (the step updates them in place): (tokens, targets, state, the parameters)."""
+    tokens, state, targets, ignored = checks.window(model, tokens, state, targets)
+    if ignored:
+        raise checks.IdOutOfRange(f"Target {checks.IGNORE_INDEX} is out of bounds (the fused step has no ignore_index)")
+    checks.ids(tokens, "tokens", model.rnn.input_size, "the vocabulary")
+    params = step_params(model)
+    for name, param in params.items():
+        if not param.is_contiguous() or param.dtype != torch.float32:
+            layout = "contiguous" if param.is_contiguous() else "non-contiguous"
+            raise RuntimeError(f"{name} must be a contiguous float32 tensor (the fused step updates it in place), "
+                               f"got a {layout} {param.dtype} one")  # fmt: skip
+    return tokens, targets, state, list(params.values())
+
+
 class _Saved:
     """What autograd's ctx is to a window's forward and backward, when the engine calls them itself."""
 
@@ -55,23 +79,23 @@ class _Saved:
 def float32_step(model, tokens: torch.Tensor, targets: torch.Tensor, state, lr: float, max_norm: float):
     """One minibatch of the one-layer tanh RNN, GRU or LSTM in float32: forward window, output layer, mean
     cross-entropy, backward, gradients clipped to global norm `max_norm`, SGD step with learning rate `lr`.
-    tokens, targets (batch, steps). Returns (the mean loss, a 0-d tensor; the last state), as the trainer's autograd
-    step does; the parameters' .grad are left untouched."""
+    tokens, targets (batch, steps), checked first (`checked_step`). Returns (the mean loss, a 0-d tensor; the last
+    state), as the trainer's autograd step does; the parameters' .grad are left untouched."""
+    tokens, targets, state, params = checked_step(model, tokens, targets, state)
     rnn, out, share = model.rnn, model.linear, threads.second_core_free()
     if not isinstance(rnn, nn.GRU) and out.out_features * rnn.hidden_size <= SMALL_OUTPUT:
-        return _whole_float32_step(model, tokens, targets, state, lr, max_norm, share)
+        return _whole_float32_step(model, tokens, targets, state, params, lr, max_norm, share)
     hs, last_state, backward = _forward(rnn, tokens.T.contiguous(), state, share, _Saved())
     grad_h = torch.empty_like(hs)
     grad_w, grad_b, loss = output_step(
         out, hs.view(-1, hs.shape[-1]), targets.T.contiguous(), grad_h.view(-1, hs.shape[-1]), share
     )
     grads = [*backward(grad_h), grad_w, grad_b]
-    params = [rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0, out.weight, out.bias]
     native.clip_sgd([p.detach() for p in params], [g.contiguous() for g in grads], lr, max_norm)
     return (loss / targets.numel()).float(), last_state
 
 
-def _whole_float32_step(model, tokens, targets, state, lr: float, max_norm: float, share: bool):
+def _whole_float32_step(model, tokens, targets, state, params, lr: float, max_norm: float, share: bool):
     """`float32_step` of the one-layer LSTM or tanh RNN with a small output layer: one C call per core (kernels.c:
     rnnlm_lstm_sgd_f32, rnnlm_rnn_sgd_f32)."""
     rnn, linear = model.rnn, model.linear
@@ -79,7 +103,6 @@ def _whole_float32_step(model, tokens, targets, state, lr: float, max_norm: floa
     lstm, rows = isinstance(rnn, nn.LSTM), steps * batch
     gates = 4 if lstm else 1
     h0, c0 = state if lstm else (state, None)
-    params = [rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0, linear.weight, linear.bias]
     workers = 2 if share and hidden >= 2 and batch >= 2 else 1
     states = recurrence.lstm_states(steps, batch, hidden) if lstm else {"hs": torch.empty(steps, batch, hidden)}
     arrays = {
@@ -117,21 +140,27 @@ def output_step(out: nn.Linear, hs: torch.Tensor, targets: torch.Tensor, grad_h:
     """The output layer's forward, the summed cross-entropy of `targets` (rows of hs, time-major) and every gradient,
     in one C call per core (each half of the rows), without keeping the logits: fills grad_h (the gradient reaching
     hs, for a loss that is the mean over the rows) and returns (W_out's gradient, b_out's, the summed loss, 0-d).
-    With grad_h None, the loss only (and None for the gradients)."""
+    With grad_h None, the loss only (and None for the gradients). The C calls index the logits by target: the
+    targets are checked first (one int64 per row of hs, each a row of W_out)."""
     rows, vocab = hs.shape[0], out.out_features
+    if targets.dtype != torch.int64 or targets.numel() != rows or hs.shape[1] != out.weight.shape[1]:
+        raise ValueError(f"the output layer takes {rows} int64 targets for hs {tuple(hs.shape)} and W_out "
+                         f"{tuple(out.weight.shape)}, got {targets.dtype} {tuple(targets.shape)}")  # fmt: skip
+    axes = ("step", "row") if targets.dim() == 2 else ("index",)  # time-major windows, or their rows flat
+    checks.ids(targets, "targets", vocab, "the output layer's classes", axes=axes)
     if vocab * hs.shape[1] > SMALL_OUTPUT:
         return _large_output_step(out, hs, targets, grad_h, share)
     logits = torch.empty(rows, native.padded(vocab))
     loss, grad_b = torch.zeros(16, dtype=torch.float64), out.bias.new_zeros(2, vocab)
     grad_w = out.weight.new_zeros(2, *out.weight.shape) if grad_h is not None else None
-    wout = native.pack(out.weight, trans=True)
+    wout, bias = native.pack(out.weight, trans=True), out.bias.detach().contiguous()
     wout_back = native.pack(out.weight, trans=False) if grad_h is not None else None
 
     def half(span: tuple[int, int]) -> None:
         me = int(span[0] > 0)
         worker_grad_w = None if grad_w is None else grad_w[me]
         native.output_step(
-            hs, wout, out.bias.detach(), wout_back, targets, logits, loss[8 * me :], grad_b[me], worker_grad_w,
+            hs, wout, bias, wout_back, targets, logits, loss[8 * me :], grad_b[me], worker_grad_w,
             grad_h, span,
         )  # fmt: skip
 
@@ -255,8 +284,10 @@ def lstm_candidates(model, batch: int, steps: int, torch_threads_default: int, e
 def sgd_step(model, tokens: torch.Tensor, targets: torch.Tensor, state, lr: float, max_norm: float):
     """One minibatch: forward, mean cross-entropy, backward, gradients clipped to global norm `max_norm`, SGD step
     with learning rate `lr`, all on the CPU. tokens, targets (batch, steps). Returns (the mean loss, a 0-d tensor;
-    the last step's state), as the trainer's autograd step does; the parameters' .grad are left untouched."""
-    arrays = _arrays(model, tokens, targets, state)
+    the last step's state), as the trainer's autograd step does; the parameters' .grad are left untouched. The
+    inputs are checked first (`checked_step`)."""
+    tokens, targets, state, params = checked_step(model, tokens, targets, state)
+    arrays = _arrays(model, tokens, targets, state, params)
     step = native.LSTMSGDStep.of(arrays, lr, max_norm)
     workers = 2 if threads.second_core_free() and step.batch >= 2 and step.H >= 2 else 1
     threads.on_workers(workers, step.worker)
@@ -264,11 +295,10 @@ def sgd_step(model, tokens: torch.Tensor, targets: torch.Tensor, state, lr: floa
     return mean_loss, (arrays["hs"][-1][None], arrays["cs"][-1][None])
 
 
-def _arrays(model, tokens: torch.Tensor, targets: torch.Tensor, state) -> dict[str, torch.Tensor]:
+def _arrays(model, tokens: torch.Tensor, targets: torch.Tensor, state, params) -> dict[str, torch.Tensor]:
     """The tensors behind `native.LSTMSGDStep`'s pointers: inputs, parameters (updated in place), buffers."""
     rnn, linear, (h0, c0) = model.rnn, model.linear, state
     (batch, steps), hidden, vocab = tokens.shape, rnn.hidden_size, linear.out_features
-    params = [rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0, linear.weight, linear.bias]
     return {
         "tokens": tokens.T.contiguous(),
         "targets": targets.T.contiguous(),  # time-major, as the logits' rows

@@ -1,16 +1,22 @@
 """The compiled recurrences of `kernels.c`: built with the machine's C compiler at first use, cached, called via ctypes.
 
-No torch headers are involved, so the build takes under a second. The library goes to `rnnlm.paths.kernel_cache()`,
-named by a hash of the source, the compiler and the CPU's features, so that a cache shared between machines never
-serves code built for another CPU. Where no compiler is found or the build fails, `library()` is None and the model
-uses torch's layers instead (one warning says why); `RNNLM_NATIVE=0` turns the compiled kernels off.
+No torch headers are involved, so the build takes under a second. The library goes to the kernel cache (`cache()`:
+`$RNNLM_KERNEL_CACHE`, else `$XDG_CACHE_HOME/rnnlm/kernels`), named by a hash of the source, the compiler and the
+CPU's features, so that a cache shared between machines never serves code built for another CPU. The cache is
+private: made with mode 0700, and one that another user owns or can write is not used (the kernels are built in a
+private temporary folder instead, with a warning). A library is loaded only when the sha256 recorded beside it when
+it was built here matches it, with the hash of what built it; anything else under its name is rebuilt. Where no
+compiler is found or the build fails, `library()` is None and the model uses torch's layers instead (one warning says
+why); `RNNLM_NATIVE=0` turns the compiled kernels off.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import hashlib
+import json
 import os
 import platform
 import shlex
@@ -23,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from rnnlm.paths import kernel_cache
+from rnnlm.cpu import checks
 
 SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
@@ -82,22 +88,93 @@ def _compiler() -> list[str] | None:
     return [found] if found else None
 
 
+def requested_cache() -> Path:
+    """Where the kernels and the measured choices are asked to go: `$RNNLM_KERNEL_CACHE`, else
+    `$XDG_CACHE_HOME/rnnlm/kernels` (`~/.cache/rnnlm/kernels`)."""
+    if os.environ.get("RNNLM_KERNEL_CACHE"):
+        return Path(os.environ["RNNLM_KERNEL_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rnnlm" / "kernels"
+
+
+_instead: dict[Path, Path] = {}  # an unsafe requested cache -> the private folder this process uses instead
+
+
+def cache() -> Path:
+    """The kernel cache in use: `requested_cache()`, made with mode 0700, when only this user can write it; else
+    (another user owns it, or group or others can write it) a private temporary folder for this process, with a
+    warning saying why."""
+    folder = requested_cache()
+    problem = _not_private(folder)
+    if problem is None:
+        return folder
+    if folder not in _instead:
+        _instead[folder] = Path(tempfile.mkdtemp(prefix="rnnlm-kernels-"))
+        atexit.register(shutil.rmtree, _instead[folder], ignore_errors=True)
+        warnings.warn(
+            f"the kernel cache {folder} {problem}: the kernels are built in {_instead[folder]} for this process "
+            "instead (make it yours with mode 700, or set RNNLM_KERNEL_CACHE to a private folder)",
+            stacklevel=2,
+        )
+    return _instead[folder]
+
+
+def _not_private(path: Path) -> str | None:
+    """Why `path` (made if missing, mode 0700) is not this user's alone, in words; None when it is."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = path.stat()
+    except OSError as exc:
+        return f"cannot be used ({exc})"
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        return f"belongs to another user (uid {info.st_uid})"
+    if info.st_mode & 0o022:
+        return f"can be written by group or others (mode {oct(info.st_mode & 0o777)})"
+    return None
+
+
 def build(compiler: list[str]) -> Path:
-    """The compiled library for this source, compiler and CPU: from the cache, or built into it atomically."""
+    """The compiled library for this source, compiler and CPU: from the cache where its record vouches for it, or
+    built into it atomically (the library, then its record)."""
     version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, check=True).stdout
     parts = [SOURCE.read_text(), " ".join(compiler), version, " ".join(_FLAGS), _cpu_features()]
-    key = hashlib.sha256("\0".join(parts).encode())
-    target = kernel_cache() / f"kernels-{key.hexdigest()[:16]}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()
+    target = cache() / f"kernels-{key[:16]}.so"
+    if not _vouched_for(target, key):
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
             command = [*compiler, *_FLAGS, "-o", str(built), str(SOURCE)]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"{' '.join(compiler)} failed on {SOURCE.name}: {done.stderr.strip()[-2000:]}")
+            record = Path(tmp) / "record.json"
+            record.write_text(json.dumps({"build": key, "sha256": _sha256(built)}))
             os.replace(built, target)  # a reader sees the whole library or none
+            os.replace(record, _record(target))
     return target
+
+
+def _record(library_path: Path) -> Path:
+    """The file beside a built library that records what built it and the library's sha256."""
+    return library_path.with_suffix(".json")
+
+
+def _vouched_for(path: Path, key: str) -> bool:
+    """Whether `path` is the library this process would build for `key`: its record says so, and the file's sha256
+    is the one recorded when it was built; both files this user's, writable by no one else."""
+    try:
+        record = json.loads(_record(path).read_text())
+        return all(_own_file(p) for p in (path, _record(path))) and record == {"build": key, "sha256": _sha256(path)}
+    except (OSError, ValueError):
+        return False
+
+
+def _own_file(path: Path) -> bool:
+    info = path.stat()
+    return (not hasattr(os, "getuid") or info.st_uid == os.getuid()) and not info.st_mode & 0o022
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 unavailable: list[str] = []  # why library() is None, once it is
@@ -107,7 +184,7 @@ unavailable: list[str] = []  # why library() is None, once it is
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None (turned off, no compiler, or a failed build: the reason is warned once and kept
     in `unavailable`)."""
-    if os.environ.get("RNNLM_NATIVE", "1") == "0":
+    if not checks.native_setting():
         unavailable.append("turned off by RNNLM_NATIVE=0")
         return None
     compiler = _compiler()
@@ -132,10 +209,28 @@ _DTYPES = (torch.float32, torch.int64, torch.bfloat16, torch.int32, torch.float6
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
-    if t is None:  # NULL: a kernel's optional array
+    """The address C reads `t` at (None: NULL, a kernel's optional array): a contiguous CPU tensor of a type the
+    kernels take, else RuntimeError (also under `python -O`)."""
+    if t is None:
         return None
-    assert t.is_contiguous() and t.dtype in _DTYPES, (t.dtype, t.shape)
+    _require(
+        isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.is_contiguous() and t.dtype in _DTYPES,
+        lambda: f"the kernels take contiguous CPU tensors, got {_described(t)}",
+    )
     return t.data_ptr()
+
+
+def _require(condition: bool, message: Callable[[], str]) -> None:
+    """RuntimeError(message()) unless `condition`: a check that `python -O` keeps."""
+    if not condition:
+        raise RuntimeError(message())
+
+
+def _described(t: object) -> str:
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
+    layout = "contiguous" if t.is_contiguous() else "non-contiguous"
+    return f"a {layout} {t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
 
 
 @functools.cache
@@ -227,9 +322,13 @@ def rnn_backward(hs, grad_out, whh, g, grad_h0, rows: tuple[int, int]) -> None:
 
 def token_grad(tokens: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out[tokens[i]] += grad[i] for 2-D grad (rows, N) and out (vocab, N), both with unit column stride (column
-    slices are fine); returns out."""
-    assert grad.stride(1) == 1 and out.stride(1) == 1 and grad.shape[1] == out.shape[1] and grad.dtype == out.dtype
+    slices are fine); returns out. The ids are trusted to be rows of out (the windows checked them)."""
+    _require(
+        grad.stride(1) == 1 and out.stride(1) == 1 and grad.shape[1] == out.shape[1] and grad.dtype == out.dtype,
+        lambda: f"token_grad takes rows of unit stride and equal width, got {_described(grad)}, {_described(out)}",
+    )
     tokens = tokens.reshape(-1).contiguous()
+    _require(tokens.dtype == torch.int64 and tokens.numel() == grad.shape[0], lambda: "one int64 token per row")
     lib, (rows, n) = library(), grad.shape
     lib.rnnlm_token_grad(rows, n, _ptr(tokens), grad.data_ptr(), grad.stride(0), out.data_ptr(), out.stride(0))
     return out
@@ -357,7 +456,7 @@ def output_step(hs, wout, b_out, wout_back, targets, logits, loss, grad_b, grad_
 def rows_loss(logits, targets, scale: float, loss, grad_b, rows) -> None:
     """The cross-entropy of `logits` rows `rows` (2-D, its rows may be padded), each replaced by its gradient times
     `scale`; loss[0] += their summed loss, grad_b += their gradients' sum (see kernels.c: rnnlm_rows_loss)."""
-    assert logits.stride(1) == 1
+    _require(logits.stride(1) == 1, lambda: f"rows_loss takes rows of unit stride, got {_described(logits)}")
     head = (*rows, grad_b.shape[0], logits.stride(0), _ptr(targets), logits.data_ptr(), scale)
     library().rnnlm_rows_loss(*head, _ptr(loss), _ptr(grad_b))
 
@@ -370,7 +469,10 @@ def padded(n: int) -> int:
 def clip_sgd(params: list[torch.Tensor], grads: list[torch.Tensor], lr: float, max_norm: float) -> float:
     """torch's clip_grad_norm_ then plain SGD, in one call over every parameter (see kernels.c: rnnlm_clip_sgd);
     the parameters change in place; returns the gradients' global norm before clipping."""
-    assert all(p.shape == g.shape and p.dtype == g.dtype == torch.float32 for p, g in zip(params, grads, strict=True))
+    _require(
+        all(p.shape == g.shape and p.dtype == g.dtype == torch.float32 for p, g in zip(params, grads, strict=True)),
+        lambda: "clip_sgd takes float32 parameters and gradients of the same shapes",
+    )
     n = len(params)
     param_ptrs = (ctypes.c_void_p * n)(*(_ptr(p) for p in params))
     grad_ptrs = (ctypes.c_void_p * n)(*(_ptr(g) for g in grads))

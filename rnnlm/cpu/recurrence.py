@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from rnnlm.cpu import native
+from rnnlm.cpu import checks, native
 from rnnlm.cpu.choice import quickest
 from rnnlm.cpu.threads import by_rows, by_rows_then_units, by_units, helper, second_core_free
 
@@ -153,6 +153,25 @@ def token_grad(tokens: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> t
     return native.token_grad(tokens, grad, out)
 
 
+def window_inputs(table, tokens, h0, w_hh, gates: int):
+    """A window's inputs checked before its C calls (they index the table by token and trust every size): (table,
+    tokens (None for dense inputs), h0), contiguous. The table has a row per token (or per input row) of `gates`
+    blocks of H, h0 is (batch, H), W_hh (gates * H, H), tokens (steps, batch) ids of the table's rows."""
+    h0 = checks.tensor(h0, "h0")
+    if h0.dim() != 2 or h0.dtype != torch.float32:
+        raise RuntimeError(f"h0 must be a float32 (batch, H) tensor, got {h0.dtype} {tuple(h0.shape)}")
+    (batch, hidden), width = h0.shape, gates * h0.shape[1]
+    table = checks.tensor(table, "table")
+    if table.dim() != 2 or table.shape[1] != width or table.dtype != torch.float32:
+        raise RuntimeError(f"the input table must be float32 (rows, {width}), got {table.dtype} {tuple(table.shape)}")
+    if tuple(w_hh.shape) != (width, hidden):
+        raise RuntimeError(f"W_hh must be ({width}, {hidden}), got {tuple(w_hh.shape)}")
+    if tokens is None and table.shape[0] % max(batch, 1):
+        raise RuntimeError(f"dense inputs need steps * {batch} rows, got {table.shape[0]}")
+    tokens = checks.window_tokens(tokens, table.shape[0], batch)
+    return table.detach().contiguous(), tokens, h0.contiguous()
+
+
 def _table_grad(tokens: torch.Tensor | None, grad: torch.Tensor, rows: int) -> torch.Tensor:
     """The gradient of a window's input table from d loss / d (input product) `grad` (steps, batch, G): gathered back
     to the table's rows the tokens picked (one-hot inputs, `rows` = vocab), or, for dense inputs, grad itself as
@@ -170,8 +189,7 @@ class TanhRNN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, table, tokens, h0, w_hh, share: bool = False):
-        table, h0 = table.detach().contiguous(), h0.contiguous()
-        tokens = None if tokens is None else tokens.contiguous()
+        table, tokens, h0 = window_inputs(table, tokens, h0, w_hh, 1)
         steps, batch = tokens.shape if tokens is not None else (table.shape[0] // h0.shape[0], h0.shape[0])
         whh = native.pack(w_hh, trans=True)
         hs = h0.new_empty((steps, batch, h0.shape[1]))
@@ -204,8 +222,10 @@ class GRU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, table, tokens, h0, w_hh, b_hh, share: bool = False):
-        table, h0, b_hh = table.detach().contiguous(), h0.contiguous(), b_hh.detach().contiguous()
-        tokens = None if tokens is None else tokens.contiguous()
+        table, tokens, h0 = window_inputs(table, tokens, h0, w_hh, 3)
+        if tuple(b_hh.shape) != (table.shape[1],):
+            raise RuntimeError(f"b_hh must be ({table.shape[1]},), got {tuple(b_hh.shape)}")
+        b_hh = b_hh.detach().contiguous()
         steps, batch = tokens.shape if tokens is not None else (table.shape[0] // h0.shape[0], h0.shape[0])
         hs = h0.new_empty((steps, batch, h0.shape[1]))
         rz, n, h_n = hs.new_empty((*hs.shape[:2], 2 * hs.shape[2])), torch.empty_like(hs), torch.empty_like(hs)
@@ -244,8 +264,10 @@ class LSTM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, table, tokens, h0, c0, w_hh, share: bool = False):
-        table, h0, c0 = table.detach().contiguous(), h0.contiguous(), c0.contiguous()
-        tokens = None if tokens is None else tokens.contiguous()
+        table, tokens, h0 = window_inputs(table, tokens, h0, w_hh, 4)
+        if checks.tensor(c0, "c0").shape != h0.shape or c0.dtype != h0.dtype:
+            raise RuntimeError(f"c0 must be float32 {tuple(h0.shape)} as h0, got {c0.dtype} {tuple(c0.shape)}")
+        c0 = c0.contiguous()
         steps, batch = tokens.shape if tokens is not None else (table.shape[0] // h0.shape[0], h0.shape[0])
         hs, cs, gates, tcs = lstm_states(steps, batch, h0.shape[1]).values()
         run = lambda *worker: native.lstm_forward(  # noqa: E731
@@ -308,8 +330,11 @@ class BF16LSTMWindow:
     backward). The forward's buffers are made here, the backward's by `prepare_backward`."""
 
     def __init__(self, tokens, h0, c0, w_ih, w_hh, b_ih, b_hh, w_out, b_out):
-        self.tokens, self.h0, self.c0 = tokens.contiguous(), h0.contiguous(), c0.contiguous()
-        self.emb = (w_ih.T + b_ih + b_hh).contiguous()  # row v: W_ih one_hot(v) plus both biases
+        emb = w_ih.T + b_ih + b_hh  # row v: W_ih one_hot(v) plus both biases
+        self.emb, self.tokens, self.h0 = window_inputs(emb, tokens, h0, w_hh, 4)
+        if tuple(c0.shape) != tuple(h0.shape) or w_out.shape[1] != h0.shape[1] or b_out.shape != w_out.shape[:1]:
+            raise RuntimeError(f"c0 must be as h0 {tuple(h0.shape)}, W_out (vocab, {h0.shape[1]}), b_out (vocab,)")
+        self.c0 = c0.contiguous()
         self.w_hh, self.w_out, self.vocab = w_hh.detach(), w_out.detach(), w_out.shape[0]
         self.buffers = bf16_forward_buffers(*self.tokens.shape, self.h0.shape[1], self.vocab)
         self.whh16, self.wout = native.pack_bf16(w_hh, trans=True), native.pack(w_out, trans=True)

@@ -2,12 +2,16 @@
 every later process, can be set by hand, and a run's records say which path trained it and why."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from helpers import PROJECT_ROOT
 
 from rnnlm import cpu
-from rnnlm.cpu import choice
+from rnnlm.cpu import checks, choice
 from rnnlm.model import RNNLM
 
 
@@ -19,6 +23,7 @@ def fresh(tmp_path, monkeypatch):
     monkeypatch.setattr(choice, "_known", {})
     monkeypatch.setattr(choice, "decisions", {})
     monkeypatch.setattr(choice, "time", Clock)
+    monkeypatch.setattr(choice, "_unrecorded", set())
     return tmp_path / "choices.json"
 
 
@@ -84,7 +89,8 @@ def test_a_recorded_choice_wins_over_a_new_measurement(fresh):
 
 
 def test_a_choice_can_be_set_by_hand(fresh, monkeypatch):
-    monkeypatch.setenv("RNNLM_CPU_CHOICE", "demo=slow, other=x")
+    monkeypatch.setitem(choice.KNOWN, "demo", ("slow", "quick"))
+    monkeypatch.setenv("RNNLM_CPU_CHOICE", "demo=slow, lstm-step=torch")
     calls = []
     candidates = {"slow": counted(calls, "slow", 0.0), "quick": counted(calls, "quick", 0.0)}
     assert choice.fastest("demo:9", candidates) == "slow" and calls == []
@@ -100,19 +106,95 @@ def test_the_run_records_which_path_trains_the_lstm_and_why(monkeypatch):
     window = (8, 10)
     monkeypatch.setattr(cpu, "lstm_path", lambda *size: "torch")
     assert not cpu.handles(RNNLM(9, 16, "lstm"), torch.zeros(window, dtype=torch.int64))
-    assert cpu.engine(RNNLM(9, 16, "lstm"), window) == (
+    assert cpu.engine_name(RNNLM(9, 16, "lstm"), window) == (
         "torch's layers (torch's LSTM measured quicker than the compiled one on this machine)"
     )
     assert cpu.threads_for(0, RNNLM(9, 16, "lstm"), window) == cpu.DEFAULT_THREADS  # torch's layers: all its threads
     decisions = {cpu._lstm_choice(RNNLM(9, 16, "lstm"), 8): "torch (measured: compiled 2.00 ms against torch 1.00 ms)"}
     monkeypatch.setattr(choice, "decisions", decisions)
-    assert cpu.engine(RNNLM(9, 16, "lstm"), window) == (
+    assert cpu.engine_name(RNNLM(9, 16, "lstm"), window) == (
         "torch's layers (torch's LSTM measured quicker than the compiled one on this machine (measured: compiled 2.00 "
         "ms against torch 1.00 ms))"
     )
+    decisions[cpu._lstm_choice(RNNLM(9, 16, "lstm"), 8)] = "torch (set by RNNLM_CPU_CHOICE)"
+    assert cpu.engine_name(RNNLM(9, 16, "lstm"), window) == (
+        "torch's layers (torch's LSTM, set by RNNLM_CPU_CHOICE=lstm-step=torch)"  # not "measured quicker"
+    )
     monkeypatch.setattr(cpu, "lstm_path", lambda *size: "compiled")
     decisions[cpu._lstm_choice(RNNLM(9, 16, "lstm"), 8)] = "compiled (measured before on this machine: ...)"
-    assert cpu.engine(RNNLM(9, 16, "lstm"), window) == (
+    assert cpu.engine_name(RNNLM(9, 16, "lstm"), window) == (
         f"compiled kernels ({cpu.native.instruction_set()}), two cores; over torch's LSTM (measured before on this "
         "machine: ...)"
     )
+
+
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        ("RNNLM_CPU_CHOICE", "lstm-step=anything"),
+        ("RNNLM_CPU_CHOICE", "lstm=torch"),
+        ("RNNLM_CPU_CHOICE", "lstm-step"),
+        ("RNNLM_NATIVE", "off"),
+    ],
+)
+def test_unknown_values_of_the_engines_variables_are_refused_in_one_line(fresh, monkeypatch, variable, value):
+    """Refused with the variable and the values it takes, as one `error:` line on the command line; never a
+    silent choice (`lstm-step=<anything>` picked torch's LSTM)."""
+    from flows.cli import run_command
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(checks.EngineSettingError, match=variable) as raised:
+        cpu.check_environment()
+    accepted = "lstm-step=compiled|torch" if variable == "RNNLM_CPU_CHOICE" else "0 (the compiled kernels off)"
+    assert accepted in str(raised.value)
+    if variable == "RNNLM_CPU_CHOICE":  # where the engine reads it: the LSTM's path, also in the pure check
+        with pytest.raises(checks.EngineSettingError, match=variable):
+            cpu.lstm_path(RNNLM(9, 16, "lstm"), 8)
+    with pytest.raises(SystemExit) as ended:
+        run_command(cpu.check_environment)
+    assert str(ended.value).startswith(f"error: {variable}") and "\n" not in str(ended.value)
+
+
+def test_handles_never_measures_prepare_does_once_and_it_is_remembered(fresh, monkeypatch):
+    """The pure check and the run's descriptions read the LSTM's choice; `prepare` (what `settings` calls when a run
+    hands the model over) measures it once; a later process reads it from choices.json."""
+    if not cpu.compiled():
+        pytest.skip("no compiled kernels here: the LSTM trains on torch's layers without a choice")
+    measured = []
+    measure = choice._measure
+    monkeypatch.setattr(choice, "_measure", lambda candidates: measured.append(1) or measure(candidates))
+    model, window = RNNLM(9, 16, "lstm"), (4, 10)
+    tokens = torch.zeros(window, dtype=torch.int64)
+    assert not cpu.handles(model, tokens)
+    assert cpu.why_not(model, tokens).startswith("the LSTM's path is not measured yet at this size")
+    cpu.engine_name(model, window), cpu.device_name(model, 0, window), cpu.matmul_precision(model, True, window)
+    assert measured == [] and not fresh.exists()
+    with cpu.settings(0, model, window):
+        chosen = cpu.lstm_path(model, window[0])
+    assert measured == [1] and chosen in ("compiled", "torch")
+    assert cpu.handles(model, tokens) == (chosen == "compiled")
+    cpu.prepare(model, window)
+    assert measured == [1]  # not again
+    choice._known.clear()  # as a later process
+    choice._unrecorded.clear()
+    assert cpu.lstm_path(model, window[0]) == chosen and measured == [1]
+
+
+@pytest.mark.slow
+def test_an_unknown_lstm_choice_ends_the_command_with_one_error_line(tmp_path, small_corpus):
+    """`RNNLM_CPU_CHOICE=lstm-step=<anything>` on the command line: status 1, one `error:` line, no traceback."""
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "RNNLM_CACHE_DIR": str(tmp_path / "cache"),
+        "RNNLM_CPU_CHOICE": "lstm-step=fast",
+    }
+    env.pop("PREFECT_API_URL", None)
+    args = ["--rnn", "lstm", "--num_epochs", "1", "--val_tokens", "1000", "--test_tokens", "1000"]
+    command = [sys.executable, "flows/train_flow.py", "--corpus", str(small_corpus), *args]
+    done = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1
+    last = (done.stdout + done.stderr).strip().splitlines()[-1]
+    assert last.startswith("error: RNNLM_CPU_CHOICE: 'lstm-step=fast' is not a choice the engine takes (lstm-step=")
+    assert "Traceback" not in done.stdout + done.stderr

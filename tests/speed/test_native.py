@@ -1,5 +1,6 @@
 """The compiled kernels' build and maths: tanh accuracy, the build cache, and the fallback without a compiler."""
 
+import json
 import os
 import platform
 import subprocess
@@ -32,7 +33,8 @@ def test_build_is_cached_by_source_compiler_and_cpu(tmp_path, monkeypatch):
     assert native.build(compiler) == first and first.stat().st_mtime_ns == stamp  # served from the cache
     monkeypatch.setattr(native, "_cpu_features", lambda: "flags : another cpu")
     assert native.build(compiler) != first  # another CPU never gets this CPU's build
-    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".so")] == []  # no temporary left behind
+    # no temporary left behind: the libraries and their records only
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".json", ".so", ".so"]
 
 
 @needs_build
@@ -161,3 +163,81 @@ def test_builds_for_other_x86_cpus_give_torchs_results_too(tmp_path, flag, width
         text=True,
     ).stdout
     assert "bf16" in collected and "fused" in collected  # the bf16 tests and the fused step's were among those run
+
+
+def test_the_kernel_cache_is_made_private(tmp_path, monkeypatch):
+    monkeypatch.setenv("RNNLM_KERNEL_CACHE", str(tmp_path / "new" / "kernels"))
+    assert native.cache() == tmp_path / "new" / "kernels"
+    assert (tmp_path / "new" / "kernels").stat().st_mode & 0o777 == 0o700
+
+
+_LOAD = """
+import warnings
+from rnnlm.cpu import native
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    lib = native.library()
+print(lib is not None and lib.rnnlm_panel_width() > 0, native.cache(), "|".join(str(w.message) for w in caught))
+"""
+
+
+def _load_in_child(cache) -> tuple[str, str, str]:
+    """(whether the kernels loaded and run, the cache folder used, the warnings) in a fresh process."""
+    env = {**os.environ, "RNNLM_KERNEL_CACHE": str(cache)}
+    done = subprocess.run([sys.executable, "-c", _LOAD], env=env, capture_output=True, text=True, check=True)
+    loaded, used, *warned = done.stdout.strip().split(" ", 2)
+    return loaded, used, "".join(warned)
+
+
+@needs_build
+def test_a_cache_folder_others_can_write_is_not_used(tmp_path):
+    """Another user could plant code there: the kernels are built in a private folder instead, with a warning."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    loaded, used, warned = _load_in_child(shared)
+    assert loaded == "True" and Path(used) != shared
+    assert f"the kernel cache {shared} can be written by group or others (mode 0o777)" in warned
+    assert list(shared.iterdir()) == []
+
+
+@needs_build
+@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="only root can give a folder to another user")
+def test_a_cache_folder_of_another_user_is_not_used(tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, 65534, 65534)  # nobody's
+    loaded, used, warned = _load_in_child(theirs)
+    assert loaded == "True" and Path(used) != theirs
+    assert "belongs to another user (uid 65534)" in warned
+    assert list(theirs.iterdir()) == []
+
+
+_PLANTED = r"""
+#include <stdio.h>
+__attribute__((constructor)) static void planted(void) {
+    FILE *f = fopen(MARKER, "w");
+    if (f) { fputs("loaded", f); fclose(f); }
+}
+int rnnlm_panel_width(void) { return 1; }
+"""
+
+
+@needs_build
+@pytest.mark.parametrize("record", ["kept", "removed"])
+def test_a_planted_library_under_the_expected_name_is_not_loaded(tmp_path, monkeypatch, record):
+    """A library that is not what this process built (another file under the built one's name, with its record
+    left beside it or gone) is rebuilt, never loaded: the planted one would leave a marker when loaded."""
+    cache, marker = tmp_path / "cache", tmp_path / "marker"
+    monkeypatch.setenv("RNNLM_KERNEL_CACHE", str(cache))
+    built = native.build(native._compiler())
+    source = tmp_path / "planted.c"
+    source.write_text(_PLANTED)
+    compiler = [*native._compiler(), f'-DMARKER="{marker}"', "-shared", "-fPIC", "-o", str(built), str(source)]
+    subprocess.run(compiler, check=True, capture_output=True)
+    if record == "removed":
+        built.with_suffix(".json").unlink()
+    loaded, used, _ = _load_in_child(cache)
+    assert (loaded, Path(used)) == ("True", cache)  # the kernels, rebuilt in place
+    assert not marker.exists()
+    assert native._vouched_for(built, json.loads(built.with_suffix(".json").read_text())["build"])

@@ -57,7 +57,7 @@ def test_auto_threads_are_one_where_the_engine_serves_the_model_and_all_cores_el
         assert cpu.threads_for(0, RNNLM(9, 16, "rnn"), window) == 1
     monkeypatch.setattr(cpu, "ENABLED", False)
     assert cpu.threads_for(0, RNNLM(9, 16, "rnn"), window) == 7
-    assert cpu.engine(RNNLM(9, 16, "rnn"), window) == "torch's layers (the compiled kernels are turned off)"
+    assert cpu.engine_name(RNNLM(9, 16, "rnn"), window) == "torch's layers (the compiled kernels are turned off)"
 
 
 def test_cpu_threads_are_set_for_the_block_and_restored():
