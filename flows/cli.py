@@ -74,7 +74,9 @@ def parse_command(command_cls, argv: list[str] | None = None):
         if "config_file" in command_cls.model_fields and (path := _recipe(argv, prefix)):
             recipe = read_recipe(path)
         argv, recipe = _former_names(command_cls, argv, recipe)
-        return CliApp.run(command_cls, cli_args=argv, **recipe)
+        command = CliApp.run(command_cls, cli_args=argv, **recipe)
+        _check_engine_settings()
+        return command
     except RecipeError as err:
         sys.exit(f"error: {recipe_option}: {err}")
     except ValidationError as err:
@@ -83,6 +85,18 @@ def parse_command(command_cls, argv: list[str] | None = None):
     except SettingsError as err:  # a variable that cannot be read as its field's type, e.g. a list
         cause = f": {err.__cause__}" if err.__cause__ else ""
         sys.exit(f"error: {err}{cause} (see docs/usage.md, 'Settings in the environment')")
+
+
+def _check_engine_settings() -> None:
+    """The CPU engine's own variables (RNNLM_NATIVE, RNNLM_CPU_CHOICE) checked with the options, so that a value it
+    does not take ends the command in one line before anything starts, not when training reaches the engine."""
+    from rnnlm.cpu import check_environment  # torch: imported only once the options are good
+    from rnnlm.cpu.checks import EngineSettingError
+
+    try:
+        check_environment()
+    except EngineSettingError as err:
+        sys.exit(f"error: {err}")
 
 
 def _recipe(argv: Sequence[str], prefix: str) -> str | None:
