@@ -21,9 +21,9 @@ from rnnlm.config import RENAMED, RecipeError, read_recipe
 # it as one line instead of a traceback. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (
     "rnnlm.corpus.CorpusError",
-    "rnnlm.corpus.DownloadError",
     "rnnlm.batches.DataError",
     "rnnlm.checkpoint.CheckpointMismatch",
+    "rnnlm.download.DownloadError",
     "rnnlm.cpu.checks.EngineSettingError",
     "rnnlm.generate.GenerationError",
     "rnnlm.train.TrainingDiverged",

@@ -19,7 +19,8 @@ from rnnlm import paths
 from rnnlm.atomic import replacing
 from rnnlm.batches import DataError, require_training_tokens, split_corpus
 from rnnlm.config import TrainConfig
-from rnnlm.corpus import check_local, fetch_corpus, is_url, sha1_of
+from rnnlm.corpus import check_local, is_url, sha1_of
+from rnnlm.download import fetch_corpus
 from rnnlm.spans import HeldOutBytes, held_out_spans, span_bytes, tail_tokens, token_bytes, tokenize_spans
 from rnnlm.tokens import Vocab, tokenize_file
 

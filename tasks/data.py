@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 import rnnlm.data
 from rnnlm.config import TrainConfig
-from rnnlm.corpus import DownloadError
+from rnnlm.download import DownloadError
 from tracking.retries import retry_if
 
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from rnnlm.corpus import CorpusError, DownloadError, cache_path_for, fetch_corpus, preprocess, read_text
+from rnnlm.corpus import CorpusError, preprocess, read_text
+from rnnlm.download import DownloadError, cache_path_for, fetch_corpus
 
 
 def _publish(tmp_path: Path, text: str = "The Time Machine, by H. G. Wells.\n") -> tuple[Path, str]:

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from rnnlm.config import TrainConfig
-from rnnlm.corpus import CorpusError, DownloadError, _check_redirect, fetch_corpus
+from rnnlm.corpus import CorpusError
 from rnnlm.data import fetch
+from rnnlm.download import DownloadError, _check_redirect, fetch_corpus
 
 BODY = b"The Time Machine, by H. G. Wells.\n" * 300
 
