@@ -79,13 +79,13 @@ def test_the_pruner_stops_a_diverging_trial_and_the_runs_are_what_the_study_hold
     assert client.get_model_version("rnnlm", str(found["final"]["version"])).run_id == final.info.run_id
 
 
-def _finished(db: Path) -> list[int]:
-    """The numbers of the trials stored as complete or pruned (read straight from the study's SQLite file)."""
+def _finished(db: Path, states: str = "'COMPLETE', 'PRUNED'") -> list[int]:
+    """The numbers of the trials stored in `states` (read straight from the study's SQLite file)."""
     if not db.exists():
         return []
     with sqlite3.connect(db, timeout=30) as connection:
         try:
-            rows = connection.execute("select number from trials where state in ('COMPLETE', 'PRUNED')").fetchall()
+            rows = connection.execute(f"select number from trials where state in ({states})").fetchall()
         except sqlite3.OperationalError:  # the tables are not there yet
             return []
     return sorted(r[0] for r in rows)
@@ -102,15 +102,15 @@ def test_a_search_killed_with_sigkill_resumes_without_repeating_finished_trials(
     db = Path(mlflow_store.removeprefix("sqlite:///")).parent / "optuna.db"
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not _finished(db) and process.poll() is None:
+    while not (_finished(db) and _finished(db, "'RUNNING'")) and process.poll() is None:  # one done, one in flight
         assert time.time() < deadline, "no trial finished in 5 minutes"
         time.sleep(0.2)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    before = _finished(db)
+    before, in_flight = _finished(db), _finished(db, "'RUNNING'")
     study = studies.open_study("tiny", f"sqlite:///{db}")
     kept = {t.number: (t.params, t.value) for t in study.trials if t.number in before}
-    assert before and len(before) < 4
+    assert before and in_flight and len(before) < 4
 
     resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -120,5 +120,25 @@ def test_a_search_killed_with_sigkill_resumes_without_repeating_finished_trials(
     assert len(studies.records(study)) - len([t for t in study.trials if t.state.name == "FAIL"]) == 4
     retried = [t.user_attrs.get("retry_of") for t in study.trials if "retry_of" in t.user_attrs]
     assert not set(retried) & set(before)  # no finished trial ran again
+    assert sorted(retried) == in_flight and all(study.trials[n].state.name == "FAIL" for n in in_flight)
     assert all(t.state.name in ("COMPLETE", "PRUNED", "FAIL") for t in study.trials)
     assert study.user_attrs["final"]["version"] >= 1
+
+
+@pytest.mark.parametrize(
+    "space, says",
+    [
+        ("[hidden]\nchoices = [8]\n", "error: {space}: hidden: no such option"),
+        ("[dropout]\nlow = 0.5\nhigh = 0.1\n", "error: {space}: dropout: a bad range: low (0.5) must be below high"),
+        ("[dropout]\nlow = 0.5\nhigh = 1.5\n", "error: {space}: dropout: Input should be less than 1"),
+    ],
+)
+def test_a_bad_space_ends_the_command_with_one_error_line_before_any_work(tmp_path, mlflow_store, space, says):
+    tune = tiny_search(tmp_path, space)
+    command = [sys.executable, str(PROJECT_ROOT / "flows" / "tune_flow.py"), "--config_file", tune.recipe]
+    command += ["--corpus", tune.corpus, "--space", tune.space, "--max_minutes", "1"]
+    done = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, capture_output=True, text=True)
+    assert done.returncode == 1 and done.stdout == ""
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(says.format(space=tune.space))
+    assert not (Path(mlflow_store.removeprefix("sqlite:///")).parent / "optuna.db").exists()  # nothing started

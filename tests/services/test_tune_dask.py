@@ -1,0 +1,39 @@
+"""The search's trials on a real local Dask cluster (a scheduler and two workers as processes), the study shared
+through its database."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from test_sweep import dask_cluster  # noqa: F401  (the fixture: a real scheduler and two workers)
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "pipeline"))
+from test_tune import tiny_search  # noqa: E402
+
+from flows.tune_flow import run_tune  # noqa: E402
+from tracking import study as studies  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+@pytest.mark.slow
+def test_trials_run_in_parallel_on_a_real_dask_cluster(tmp_path, mlflow_store, dask_cluster):  # noqa: F811
+    from distributed import Client
+
+    tune = tiny_search(tmp_path, "[lr]\nlow = 0.5\nhigh = 2.0\n", n_trials=4, dask_address=dask_cluster)
+    found = run_tune(tune)
+
+    study = studies.open_study("tiny", studies.default_storage())
+    assert len(study.trials) == 4 and all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+    client = MlflowClient(mlflow_store)
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.data.params["runner"] == dask_cluster
+    for trial in study.trials:
+        assert client.get_run(trial.user_attrs["run_id"]).data.tags["mlflow.parentRunId"] == parent.info.run_id
+    with Client(dask_cluster, timeout=60) as dask:
+        executed = dask.run(lambda dask_worker: dask_worker.state.executed_count)
+    assert sum(executed.values()) >= 4 and all(count > 0 for count in executed.values()), executed  # both workers
+    assert found["final"]["version"] >= 1
