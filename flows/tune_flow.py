@@ -1,6 +1,6 @@
 """Search for the best recipe for a corpus and a time budget: `python flows/tune_flow.py --help`.
 
-Optuna's TPE draws configurations from a space file (recipes/space-real-text.toml); each trial is a real training
+Optuna's TPE draws configurations from a space file (recipes/spaces/real-text.toml); each trial is a real training
 for `--trial_minutes`, its evaluations fed to a median pruner; survivors train again for eta times longer
 (asynchronous successive halving) up to the final budget, until `--max_minutes` of search are spent; then the best
 configuration is written as a recipe and trained by the training flow for the final budget and registered. The study
@@ -26,11 +26,11 @@ from rnnlm.config import RecipeError, TrainConfig, read_recipe
 from rnnlm.data import preflight
 from rnnlm.search import Budgets, SearchSpace, SpaceError, read_space
 from tasks.mlflow_run import check_tracking
-from tasks.tune import report_study, start_study_run, train_trial
+from tasks.tune import STOPPING, report_study, start_study_run, train_trial
 from tracking import study as studies
 from tracking.runs import TrackedRun, run_guard
 
-DEFAULT_SPACE = "recipes/space-real-text.toml"
+DEFAULT_SPACE = "recipes/spaces/real-text.toml"
 
 
 class TuneConfig(BaseModel):
@@ -116,7 +116,16 @@ def tune_flow(tune: TuneConfig) -> dict:
 
 def _search(tune, study, space: SearchSpace, base: TrainConfig, budgets: Budgets, url: str, parent: str) -> None:
     """Run trials (`parallel` at once) until the search's minutes, or `n_trials`, are spent; a stopped search's
-    minutes count (kept in the study)."""
+    minutes count (kept in the study). Stopped (Ctrl-C), it tells the trials in this process to stop too."""
+    STOPPING.clear()
+    try:
+        _trials(tune, study, space, base, budgets, url, parent)
+    except BaseException:
+        STOPPING.set()
+        raise
+
+
+def _trials(tune, study, space: SearchSpace, base: TrainConfig, budgets: Budgets, url: str, parent: str) -> None:
     started, before = time.monotonic(), study.user_attrs.get("search_seconds", 0.0)
     parallel = _parallel(tune)
     running, failures = {}, []

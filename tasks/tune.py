@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
+import threading
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +31,13 @@ from tracking.runs import TrackedRun, new_run, run_guard
 from tracking.study import RUNG, load_study
 
 PARENT_ATTR = "mlflow_parent_run_id"
+# Set by the search when it stops (Ctrl-C, an error): the trials training in this process stop at their next epoch
+# or progress line instead of training on to the end of their budget for nobody.
+STOPPING = threading.Event()
+
+
+class SearchStopped(RuntimeError):
+    """The search that started this trial has stopped."""
 
 
 @task(name="start-study-run", task_run_name="start-study-run", cache_policy=NO_CACHE)
@@ -61,12 +69,14 @@ class TrialPruning:
         self.last: float | None = None
 
     def on_epoch(self, stats: EpochStats, state: TrainState) -> None:
+        _stop_if_stopping()
         if stats.val_perplexity is not None:
             self._report(
                 max(stats.epoch / self.config.num_epochs, self._time_done(state.elapsed)), stats.val_perplexity
             )
 
     def on_progress(self, state: TrainState, values: dict) -> None:
+        _stop_if_stopping()
         if values.get("val_perplexity") is not None and values["val_perplexity"] != self.last:
             self._report(values["run_done"], values["val_perplexity"])
 
@@ -83,6 +93,11 @@ class TrialPruning:
             raise optuna.TrialPruned(f"validation perplexity {value} at step {step}")
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"validation perplexity {value:.2f} at step {step}: worse than the median")
+
+
+def _stop_if_stopping() -> None:
+    if STOPPING.is_set():
+        raise SearchStopped("the search stopped; this trial is run again when it resumes")
 
 
 def both(first: Hooks, second: TrialPruning) -> Hooks:

@@ -23,8 +23,6 @@ from rnnlm.config import TrainConfig
 from rnnlm.search import Budgets, Job, SearchSpace, TrialRecord, best_trial, next_job
 from tracking import store
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)  # Optuna's per-trial INFO lines would repeat ours
-
 RUNG, PROMOTED_FROM, RETRY_OF = "rung", "promoted_from", "retry_of"
 
 
@@ -61,6 +59,7 @@ def storage(url: str) -> optuna.storages.RDBStorage:
 def open_study(name: str, url: str, seed: int = 0) -> optuna.Study:
     """The study `name` in `url`, created on first use: TPE (with a constant liar for the trials in flight), the
     median pruner, perplexity minimised."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its per-trial INFO lines would repeat the tasks' own
     sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
     return optuna.create_study(
         study_name=name, storage=storage(url), sampler=sampler, pruner=make_pruner(), direction="minimize",

@@ -32,7 +32,7 @@ def space(tmp_path, text: str, name: str = "space.toml"):
 
 
 def test_the_default_space_is_sound_for_its_base_recipe():
-    shipped = read_space(PROJECT_ROOT / "recipes" / "space-real-text.toml")
+    shipped = read_space(PROJECT_ROOT / "recipes" / "spaces" / "real-text.toml")
     shipped.check(KJV_BEST, draws=200)
     rng = random.Random(0)
     for _ in range(50):
