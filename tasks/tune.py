@@ -168,7 +168,9 @@ def importances(study: optuna.Study) -> dict[str, float]:
     if len(complete) < 2:
         return {}
     try:
-        return optuna.importance.get_param_importances(study)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a value tried by one trial only makes it say so, for each such param
+            return optuna.importance.get_param_importances(study)
     except (RuntimeError, ValueError):  # e.g. no param varies across the complete trials
         return {}
 

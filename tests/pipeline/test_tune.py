@@ -39,7 +39,7 @@ def tiny_search(tmp_path: Path, space: str, **overrides) -> TuneConfig:
 
 
 def test_the_pruner_stops_a_diverging_trial_and_the_runs_are_what_the_study_holds(tmp_path, mlflow_store):
-    tune = tiny_search(tmp_path, "[lr]\nchoices = [1.0, 2.0, 30.0]\n")
+    tune = tiny_search(tmp_path, "[lr]\nchoices = [1.0, 2.0, 30.0]\n", promote=True)
     url = studies.default_storage()
     study = studies.open_study("tiny", url)
     for lr in (1.0, 2.0, 30.0):  # two sound trainings first, then one whose perplexity explodes (finite, huge)
@@ -77,6 +77,7 @@ def test_the_pruner_stops_a_diverging_trial_and_the_runs_are_what_the_study_hold
     final = client.get_run(found["final"]["run_id"])
     assert final.data.tags["mlflow.parentRunId"] == parent.info.run_id and final.data.params["lr"] == str(written.lr)
     assert client.get_model_version("rnnlm", str(found["final"]["version"])).run_id == final.info.run_id
+    assert client.get_model_version_by_alias("rnnlm", "champion").run_id == final.info.run_id  # --promote: the first
 
 
 def _finished(db: Path, states: str = "'COMPLETE', 'PRUNED'") -> list[int]:
