@@ -92,6 +92,7 @@ class TuneConfig(BaseModel):
 def tune_flow(tune: TuneConfig) -> dict:
     """Search, write the best recipe, train it for the final budget and register it; returns what it found."""
     base, space, budgets, name = tune.base(), read_space(tune.space_path()), tune.budgets(), tune.name()
+    space.check(base)  # as the command line does before it starts the flow: for callers from Python
     check_tracking(base)
     url = tune.storage or studies.default_storage()
     with studies.driving(name, url):
@@ -132,6 +133,7 @@ def _trials(tune, study, space: SearchSpace, base: TrainConfig, budgets: Budgets
     while True:
         while len(running) < parallel and _more(tune, study, budgets, before + time.monotonic() - started, running):
             trial, rung, config = studies.ask(study, space, base, budgets)
+            # the worker reopens the trial by its storage id (Optuna's Trial(study, trial_id) takes no number)
             future = train_trial.submit(study.study_name, url, trial._trial_id, trial.number, rung, config, parent)
             running[future] = trial
         if not running:
