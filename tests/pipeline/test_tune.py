@@ -12,30 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import PROJECT_ROOT, SMALL_TRAINING, small_text
+from helpers import PROJECT_ROOT
+from helpers.tune import tiny_search
 from mlflow.tracking import MlflowClient
 
-from flows.tune_flow import TuneConfig, run_tune
+from flows.tune_flow import run_tune
 from rnnlm.config import TrainConfig
-from rnnlm.search import to_toml
 from tracking import study as studies
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
-
-
-def tiny_search(tmp_path: Path, space: str, **overrides) -> TuneConfig:
-    """A search of a few seconds: a small corpus and recipe written here, trials of 6 quick epochs."""
-    corpus = tmp_path / "small.txt"
-    corpus.write_text(small_text(2500))
-    recipe = tmp_path / "base.toml"
-    base = SMALL_TRAINING | {"num_epochs": 6, "cache_dir": str(tmp_path / "cache"), "device": "cpu"}
-    recipe.write_text(to_toml(base))
-    (tmp_path / "space.toml").write_text(space)
-    settings = dict(
-        config_file=str(recipe), corpus=str(corpus), space=str(tmp_path / "space.toml"), trial_minutes=0.5,
-        final_minutes=1.0, max_minutes=30, n_trials=3, study_name="tiny", recipe_out=str(tmp_path / "best.toml"),
-    )  # fmt: skip
-    return TuneConfig(**settings | overrides)
 
 
 def test_the_pruner_stops_a_diverging_trial_and_the_runs_are_what_the_study_holds(tmp_path, mlflow_store):

@@ -3,18 +3,13 @@ through its database."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from helpers.tune import tiny_search
 from mlflow.tracking import MlflowClient
 from test_sweep import dask_cluster  # noqa: F401  (the fixture: a real scheduler and two workers)
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "pipeline"))
-from test_tune import tiny_search  # noqa: E402
-
-from flows.tune_flow import run_tune  # noqa: E402
-from tracking import study as studies  # noqa: E402
+from flows.tune_flow import run_tune
+from tracking import study as studies
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
