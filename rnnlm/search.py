@@ -53,6 +53,9 @@ OPERATORS = {
 _CONDITION = re.compile(r"^\s*(\w+)\s*(==|!=|<=|>=|<|>)\s*(.+?)\s*$")
 # fields a search must not move: where a run's data and results go, and how it is told to stop or register
 NOT_SEARCHABLE = {"corpus", "corpus_sha1", "cache_dir", "experiment", "registered_model", "max_minutes", "resume"}
+# fields that change what the validation perplexity measures (what a token is, which tokens are <unk>, which text is
+# held out): trials that differ in them would be ranked by numbers that do not compare
+NOT_COMPARABLE = {"preprocess", "tokenization", "min_freq", "val_tokens", "test_tokens"}
 
 
 class SpaceError(ValueError):
@@ -221,6 +224,11 @@ def _param(path: Path, name: str, spec: Any, known: set[str]) -> Param:
         raise refuse("no such option (see python flows/train_flow.py --help)")
     if name in NOT_SEARCHABLE:
         raise refuse("is not searched (it says where data and results go or how the tuner runs trials)")
+    if name in NOT_COMPARABLE:
+        raise refuse(
+            "changes what the validation perplexity is measured on, so trials would not compare: run one search per "
+            "value instead (set it in the base recipe)"
+        )
     if not isinstance(spec, dict):
         raise refuse("give a table: low/high (log, step), choices, or same_as")
     if unknown := sorted(set(spec) - KEYS):

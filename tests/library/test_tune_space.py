@@ -53,6 +53,7 @@ def test_the_default_space_is_sound_for_its_base_recipe():
         ("[lr]\nlow = 0.1\n", "lr: a range needs low and high"),
         ("[lr]\nlo = 0.1\nhigh = 1.0\n", "lr: unknown keys lo"),
         ("[corpus]\nchoices = ['a.txt']\n", "corpus: is not searched"),
+        ("[tokenization]\nchoices = ['char', 'word']\n", "tokenization: changes what the validation perplexity"),
         ("[tie_weights]\nchoices = [true]\nwhen = 'embedding_dim = num_hiddens'\n", "tie_weights: when ="),
         ("[dropout]\nchoices = [0.1]\nwhen = 'rnn == lstm'\n", "dropout: when = 'rnn == lstm': 'lstm' is neither"),
         ("[tie_weights]\nchoices = [true]\nwhen = 'num_layers > 1'\n[num_layers]\nchoices = [1, 2]\n", "after it"),
