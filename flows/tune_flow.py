@@ -26,9 +26,10 @@ from rnnlm.config import RecipeError, TrainConfig, read_recipe
 from rnnlm.data import preflight
 from rnnlm.search import Budgets, SearchSpace, SpaceError, read_space
 from tasks.mlflow_run import check_tracking
-from tasks.tune import STOPPING, report_study, start_study_run, train_trial
+from tasks.tune import report_study, start_study_run, train_trial
 from tracking import study as studies
 from tracking.runs import TrackedRun, run_guard
+from tracking.study import STOPPING
 
 DEFAULT_SPACE = "recipes/spaces/real-text.toml"
 

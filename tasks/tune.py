@@ -3,10 +3,8 @@ and the study's report: the trials' table, the pictures, the best configuration 
 
 from __future__ import annotations
 
-import math
 import shutil
 import tempfile
-import threading
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,22 +20,14 @@ from rnnlm import data as rnnlm_data
 from rnnlm.checkpoint import run_checkpoint
 from rnnlm.config import TrainConfig
 from rnnlm.run import fit
-from rnnlm.search import SearchSpace, StepReports, to_toml
-from rnnlm.state import EpochStats, Hooks, TrainState
+from rnnlm.search import SearchSpace, to_toml
 from rnnlm.train import TrainingDiverged
 from tracking import store
 from tracking.progress import TrainingProgress
 from tracking.runs import TrackedRun, new_run, run_guard
-from tracking.study import RUNG, load_study
+from tracking.study import RUNG, TrialPruning, both, load_study
 
 PARENT_ATTR = "mlflow_parent_run_id"
-# Set by the search when it stops (Ctrl-C, an error): the trials training in this process stop at their next epoch
-# or progress line instead of training on to the end of their budget for nobody.
-STOPPING = threading.Event()
-
-
-class SearchStopped(RuntimeError):
-    """The search that started this trial has stopped."""
 
 
 @task(name="start-study-run", task_run_name="start-study-run", cache_policy=NO_CACHE)
@@ -58,60 +48,6 @@ def start_study_run(study: optuna.Study, base: TrainConfig, settings: dict, spac
     study.set_user_attr(PARENT_ATTR, run.info.run_id)
     logger.info("search %r, MLflow parent run %s", study.study_name, run.info.run_id)
     return run.info.run_id
-
-
-class TrialPruning:
-    """Hooks that report each evaluation to the trial (at `rnnlm.search.report_step`) and stop the training, by
-    raising optuna.TrialPruned, when the pruner says so or the perplexity is not finite."""
-
-    def __init__(self, trial: optuna.Trial, rung: int, config: TrainConfig):
-        self.trial, self.config, self.reports = trial, config, StepReports(rung)
-        self.last: float | None = None
-
-    def on_epoch(self, stats: EpochStats, state: TrainState) -> None:
-        _stop_if_stopping()
-        if stats.val_perplexity is not None:
-            self._report(
-                max(stats.epoch / self.config.num_epochs, self._time_done(state.elapsed)), stats.val_perplexity
-            )
-
-    def on_progress(self, state: TrainState, values: dict) -> None:
-        _stop_if_stopping()
-        if values.get("val_perplexity") is not None and values["val_perplexity"] != self.last:
-            self._report(values["run_done"], values["val_perplexity"])
-
-    def _time_done(self, seconds: float) -> float:
-        return seconds / (60 * self.config.max_minutes) if self.config.max_minutes else 0.0
-
-    def _report(self, done: float, value: float) -> None:
-        self.last = value
-        step = self.reports.add(done, value)
-        if step is None:
-            return
-        self.trial.report(value, step)
-        if not math.isfinite(value):
-            raise optuna.TrialPruned(f"validation perplexity {value} at step {step}")
-        if self.trial.should_prune():
-            raise optuna.TrialPruned(f"validation perplexity {value:.2f} at step {step}: worse than the median")
-
-
-def _stop_if_stopping() -> None:
-    if STOPPING.is_set():
-        raise SearchStopped("the search stopped; this trial is run again when it resumes")
-
-
-def both(first: Hooks, second: TrialPruning) -> Hooks:
-    """The training's reports (`first`) followed by the pruner's."""
-
-    def chained(a, b):
-        return b if a is None else (lambda *args: (a(*args), b(*args)))
-
-    return Hooks(
-        on_epoch=chained(first.on_epoch, second.on_epoch),
-        on_progress=chained(first.on_progress, second.on_progress),
-        on_start=first.on_start,
-        on_resume=first.on_resume,
-    )
 
 
 @task(name="train-trial", task_run_name="trial-{number}-rung-{rung}", cache_policy=NO_CACHE)

@@ -1,5 +1,6 @@
 """The Optuna study of a search: where it is stored, which trial runs next (`rnnlm.search.next_job`), what each
-trial gave, and the trials a killed search left running.
+trial gave, the trials a killed search left running, and what a trial reports while it trains (`TrialPruning`, the
+training's hooks that feed the pruner).
 
 The study lives in a real database (SQLite beside the MLflow store by default, any SQLAlchemy URL such as
 PostgreSQL for a team), so a search killed by `kill -9` or Ctrl-C resumes from it: the process that drives a study
@@ -10,6 +11,7 @@ marked FAIL and its configuration queued again, at the same rung.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,10 +22,19 @@ from optuna.trial import TrialState
 
 from rnnlm import paths
 from rnnlm.config import TrainConfig
-from rnnlm.search import Budgets, Job, SearchSpace, TrialRecord, best_trial, next_job
+from rnnlm.search import Budgets, Job, SearchSpace, StepReports, TrialRecord, best_trial, next_job
+from rnnlm.state import EpochStats, Hooks, TrainState
 from tracking import store
 
 RUNG, PROMOTED_FROM, RETRY_OF = "rung", "promoted_from", "retry_of"
+
+# Set by the search when it stops (Ctrl-C, an error): the trials training in this process stop at their next epoch
+# or progress line instead of training on to the end of their budget for nobody.
+STOPPING = threading.Event()
+
+
+class SearchStopped(RuntimeError):
+    """The search that started this trial has stopped."""
 
 
 class StudyBusy(RuntimeError):
@@ -147,3 +158,60 @@ def best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     """The best complete trial of the highest rung that has one (`rnnlm.search.best_trial`)."""
     found = best_trial(records(study))
     return None if found is None else study.trials[found.number]
+
+
+# --- what a trial reports while it trains ---------------------------------------------------------------------
+
+
+class TrialPruning:
+    """Hooks that report each evaluation to the trial (at `rnnlm.search.report_step`) and stop the training, by
+    raising optuna.TrialPruned, when the pruner says so or the perplexity is not finite."""
+
+    def __init__(self, trial: optuna.Trial, rung: int, config: TrainConfig):
+        self.trial, self.config, self.reports = trial, config, StepReports(rung)
+        self.last: float | None = None
+
+    def on_epoch(self, stats: EpochStats, state: TrainState) -> None:
+        _stop_if_stopping()
+        if stats.val_perplexity is not None:
+            self._report(
+                max(stats.epoch / self.config.num_epochs, self._time_done(state.elapsed)), stats.val_perplexity
+            )
+
+    def on_progress(self, state: TrainState, values: dict) -> None:
+        _stop_if_stopping()
+        if values.get("val_perplexity") is not None and values["val_perplexity"] != self.last:
+            self._report(values["run_done"], values["val_perplexity"])
+
+    def _time_done(self, seconds: float) -> float:
+        return seconds / (60 * self.config.max_minutes) if self.config.max_minutes else 0.0
+
+    def _report(self, done: float, value: float) -> None:
+        self.last = value
+        step = self.reports.add(done, value)
+        if step is None:
+            return
+        self.trial.report(value, step)
+        if not math.isfinite(value):
+            raise optuna.TrialPruned(f"validation perplexity {value} at step {step}")
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"validation perplexity {value:.2f} at step {step}: worse than the median")
+
+
+def _stop_if_stopping() -> None:
+    if STOPPING.is_set():
+        raise SearchStopped("the search stopped; this trial is run again when it resumes")
+
+
+def both(first: Hooks, second: TrialPruning) -> Hooks:
+    """The training's reports (`first`) followed by the pruner's."""
+
+    def chained(a, b):
+        return b if a is None else (lambda *args: (a(*args), b(*args)))
+
+    return Hooks(
+        on_epoch=chained(first.on_epoch, second.on_epoch),
+        on_progress=chained(first.on_progress, second.on_progress),
+        on_start=first.on_start,
+        on_resume=first.on_resume,
+    )
