@@ -1,9 +1,12 @@
-"""The search's trials on a real local Dask cluster (a scheduler and two workers as processes), the study shared
-through its database."""
+"""The search against real services: trials on a local Dask cluster (a scheduler and two workers as processes), the
+study shared through its database; the study in PostgreSQL (`--storage`)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from helpers.services import postgres_bin, postgres_server
 from helpers.tune import tiny_search
 from mlflow.tracking import MlflowClient
 from test_sweep import dask_cluster  # noqa: F401  (the fixture: a real scheduler and two workers)
@@ -32,3 +35,13 @@ def test_trials_run_in_parallel_on_a_real_dask_cluster(tmp_path, mlflow_store, d
         executed = dask.run(lambda dask_worker: dask_worker.state.executed_count)
     assert sum(executed.values()) >= 4 and all(count > 0 for count in executed.values()), executed  # both workers
     assert found["final"]["version"] >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(postgres_bin() is None, reason="PostgreSQL is not installed (apt-get install postgresql)")
+def test_the_study_lives_in_postgresql_when_storage_names_it(tmp_path, mlflow_store):
+    with postgres_server() as database:
+        found = run_tune(tiny_search(tmp_path, "[lr]\nlow = 0.5\nhigh = 2.0\n", n_trials=2, storage=database))
+        study = studies.open_study("tiny", database)
+        assert len(study.trials) == 2 and study.user_attrs["final"] == found["final"]
+    assert not (Path(mlflow_store.removeprefix("sqlite:///")).parent / "optuna.db").exists()  # not the default
