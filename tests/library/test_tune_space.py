@@ -1,0 +1,115 @@
+"""The search space file and the search's budget rule: what is refused before a search starts, conditions,
+successive halving, the written recipe."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from helpers import PROJECT_ROOT
+
+from rnnlm.config import TrainConfig, read_recipe
+from rnnlm.search import (
+    Budgets,
+    Job,
+    RandomPicker,
+    SpaceError,
+    TrialRecord,
+    best_trial,
+    next_job,
+    read_space,
+    report_step,
+    to_toml,
+)
+
+KJV_BEST = TrainConfig.from_recipe(PROJECT_ROOT / "recipes" / "kjv-best.toml")
+
+
+def space(tmp_path, text: str, name: str = "space.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return read_space(path)
+
+
+def test_the_default_space_is_sound_for_its_base_recipe():
+    shipped = read_space(PROJECT_ROOT / "recipes" / "spaces" / "real-text.toml")
+    shipped.check(KJV_BEST, draws=200)
+    rng = random.Random(0)
+    for _ in range(50):
+        chosen = shipped.draw(RandomPicker(rng), KJV_BEST)
+        config = shipped.config(KJV_BEST, chosen)
+        assert config.embedding_dim == config.num_hiddens and 0.0005 <= config.lr <= 0.01
+        assert "warmup_steps" not in chosen or config.lr_schedule == "cosine"
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("[hidden_units]\nchoices = [1, 2]\n", "hidden_units: no such option"),
+        ("[lr]\nlow = 0.1\nhigh = 0.01\n", "lr: a bad range: low (0.1) must be below high (0.01)"),
+        ("[lr]\nlow = 0.0\nhigh = 0.1\nlog = true\n", "lr: log must be true or false, and a log range must start"),
+        ("[num_hiddens]\nlow = 16\nhigh = 64.5\n", "num_hiddens: is a whole number"),
+        ("[rnn]\nlow = 1\nhigh = 2\n", "rnn: is not a number"),
+        ("[lr]\nlow = 0.1\n", "lr: a range needs low and high"),
+        ("[lr]\nlo = 0.1\nhigh = 1.0\n", "lr: unknown keys lo"),
+        ("[corpus]\nchoices = ['a.txt']\n", "corpus: is not searched"),
+        ("[tokenization]\nchoices = ['char', 'word']\n", "tokenization: changes what the validation perplexity"),
+        ("[tie_weights]\nchoices = [true]\nwhen = 'embedding_dim = num_hiddens'\n", "tie_weights: when ="),
+        ("[dropout]\nchoices = [0.1]\nwhen = 'rnn == lstm'\n", "dropout: when = 'rnn == lstm': 'lstm' is neither"),
+        ("[tie_weights]\nchoices = [true]\nwhen = 'num_layers > 1'\n[num_layers]\nchoices = [1, 2]\n", "after it"),
+    ],
+)
+def test_a_space_file_is_refused_naming_the_field(tmp_path, text, says):
+    with pytest.raises(SpaceError, match="space.toml: ") as refused:
+        space(tmp_path, text)
+    assert says in str(refused.value)
+
+
+def test_values_and_combinations_the_config_refuses_are_found_before_a_search(tmp_path):
+    with pytest.raises(SpaceError, match=r"dropout: Input should be less than 1"):
+        space(tmp_path, "[dropout]\nlow = 0.2\nhigh = 1.0\n").check(KJV_BEST)
+    with pytest.raises(SpaceError, match=r"adaptive_cutoffs must be word ranks rising strictly"):
+        space(tmp_path, "[adaptive_cutoffs]\nchoices = [[2000, 6000], [6000, 2000]]\n").check(KJV_BEST)
+    untied = "[num_hiddens]\nchoices = [128, 200]\n"  # the recipe ties 200-wide weights: 128 needs its embedding
+    with pytest.raises(SpaceError, match=r"tie_weights needs embedding_dim == num_hiddens.*num_hiddens=128"):
+        space(tmp_path, untied).check(KJV_BEST)
+    space(tmp_path, untied + "[embedding_dim]\nsame_as = 'num_hiddens'\n").check(KJV_BEST)  # the fix: refused no more
+
+
+def test_a_condition_decides_whether_a_field_is_searched(tmp_path):
+    searched = space(
+        tmp_path,
+        "[num_hiddens]\nchoices = [128, 200]\n[embedding_dim]\nchoices = [128, 200]\n"
+        "[tie_weights]\nchoices = [true, false]\nwhen = 'embedding_dim == num_hiddens'\n",
+    )
+    base = KJV_BEST.model_copy(update={"tie_weights": False})
+    searched.check(base)
+    draws = [searched.draw(RandomPicker(random.Random(seed)), base) for seed in range(40)]
+    assert all(("tie_weights" in d) == (d["embedding_dim"] == d["num_hiddens"]) for d in draws)
+    assert any("tie_weights" in d for d in draws) and any("tie_weights" not in d for d in draws)
+
+
+def test_successive_halving_promotes_a_rungs_best_third_and_then_starts_new_trials():
+    budgets = Budgets(trial_minutes=2, final_minutes=10, eta=3)
+    assert budgets.top() == 2 and [budgets.minutes(r) for r in range(3)] == [2, 6, 10]
+    done = [TrialRecord(n, 0, "COMPLETE", v) for n, v in enumerate([50.0, 40.0, 60.0])]
+    assert next_job(done[:2], budgets) == Job(0)  # two at rung 0: no third yet
+    assert next_job(done, budgets) == Job(1, promote=1)  # the best of three goes up
+    promoted = done + [TrialRecord(3, 1, "RUNNING", None, promoted_from=1)]
+    assert next_job(promoted, budgets) == Job(0)  # promoted once only
+    pruned = done + [TrialRecord(3, 0, "PRUNED", None)] * 3
+    assert next_job(pruned, budgets) == Job(1, promote=1)  # pruned trials are not ranked
+    assert Budgets(trial_minutes=10, final_minutes=10).top() == 0
+
+
+def test_the_best_is_taken_at_the_longest_budget_and_steps_keep_rungs_apart():
+    trials = [TrialRecord(0, 0, "COMPLETE", 30.0), TrialRecord(1, 1, "COMPLETE", 35.0), TrialRecord(2, 1, "FAIL")]
+    assert best_trial(trials).number == 1  # trained longer: trusted over a better short trial
+    assert best_trial([TrialRecord(0, 0, "PRUNED")]) is None
+    assert [report_step(0, d) for d in (0.0, 0.15, 1.0)] == [0, 1, 9] and report_step(1, 0.5) == 105
+
+
+def test_a_written_recipe_reads_back_as_the_same_config(tmp_path):
+    options = {"rnn": "gru", "lr": 0.00123, "tie_weights": True, "adaptive_cutoffs": [2000, 6000], "corpus_sha1": None}
+    (tmp_path / "r.toml").write_text(to_toml(options, "a comment\non two lines"))
+    assert read_recipe(tmp_path / "r.toml") == {k: v for k, v in options.items() if v is not None}

@@ -1,0 +1,130 @@
+"""The search flow on tiny trainings: the pruner stops a diverging trial, the parent and child runs and the written
+recipe are what the study holds, and a search killed by SIGKILL resumes without repeating finished trials."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import PROJECT_ROOT
+from helpers.tune import tiny_search
+from mlflow.tracking import MlflowClient
+
+from flows.tune_flow import run_tune
+from rnnlm.config import TrainConfig
+from tracking import study as studies
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def test_the_pruner_stops_a_diverging_trial_and_the_runs_are_what_the_study_holds(tmp_path, mlflow_store):
+    tune = tiny_search(tmp_path, "[lr]\nchoices = [1.0, 2.0, 30.0]\n", promote=True)
+    url = studies.default_storage()
+    study = studies.open_study("tiny", url)
+    for lr in (1.0, 2.0, 30.0):  # two sound trainings first, then one whose perplexity explodes (finite, huge)
+        study.enqueue_trial({"lr": lr})
+
+    found = run_tune(tune)
+
+    study = studies.open_study("tiny", url)
+    states = {t.params["lr"]: t for t in study.trials}
+    assert [states[lr].state.name for lr in (1.0, 2.0, 30.0)] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    bad = states[30.0]
+    assert len(bad.intermediate_values) == 1 < len(states[1.0].intermediate_values)  # stopped at its first report
+    assert "median" in bad.user_attrs["reason"]
+
+    client = MlflowClient(mlflow_store)
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    trial_runs = {r.info.run_id: r for r in children if "tune.trial" in r.data.tags}
+    assert {t.user_attrs["run_id"] for t in study.trials} == set(trial_runs)
+    for trial in study.trials:
+        run = trial_runs[trial.user_attrs["run_id"]]
+        assert float(run.data.params["lr"]) == trial.params["lr"]
+        assert run.data.tags["tune.state"] == trial.state.name
+        curve = client.get_metric_history(run.info.run_id, "val_perplexity")
+        assert len(curve) == len(trial.intermediate_values)  # the validation curve the pruner saw
+    assert {"trials.csv", "space.toml", "history.png", "best.toml"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)
+    }
+
+    best = min((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    assert found["trial"] == best.number and found["values"] == {"lr": best.params["lr"]}
+    written = TrainConfig.from_recipe(tmp_path / "best.toml", corpus=tune.corpus)
+    assert written.lr == best.params["lr"] and written.max_minutes == tune.final_minutes
+    final = client.get_run(found["final"]["run_id"])
+    assert final.data.tags["mlflow.parentRunId"] == parent.info.run_id and final.data.params["lr"] == str(written.lr)
+    assert client.get_model_version("rnnlm", str(found["final"]["version"])).run_id == final.info.run_id
+    assert client.get_model_version_by_alias("rnnlm", "champion").run_id == final.info.run_id  # --promote: the first
+
+
+def _finished(db: Path, states: str = "'COMPLETE', 'PRUNED'") -> list[int]:
+    """The numbers of the trials stored in `states` (read straight from the study's SQLite file)."""
+    if not db.exists():
+        return []
+    with sqlite3.connect(db, timeout=30) as connection:
+        try:
+            rows = connection.execute(f"select number from trials where state in ({states})").fetchall()
+        except sqlite3.OperationalError:  # the tables are not there yet
+            return []
+    return sorted(r[0] for r in rows)
+
+
+@pytest.mark.slow
+def test_a_search_killed_with_sigkill_resumes_without_repeating_finished_trials(tmp_path, mlflow_store):
+    tune = tiny_search(tmp_path, "[lr]\nlow = 0.5\nhigh = 2.0\n[num_hiddens]\nchoices = [8, 16]\n", n_trials=4)
+    command = [sys.executable, str(PROJECT_ROOT / "flows" / "tune_flow.py")]
+    for name in ("config_file", "corpus", "space", "trial_minutes", "final_minutes", "max_minutes", "n_trials",
+                 "recipe_out", "study_name"):  # fmt: skip
+        command += [f"--{name}", str(getattr(tune, "recipe" if name == "config_file" else name))]
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "RNNLM_CPU_THREADS": "1"}
+    db = Path(mlflow_store.removeprefix("sqlite:///")).parent / "optuna.db"
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (_finished(db) and _finished(db, "'RUNNING'")) and process.poll() is None:  # one done, one in flight
+        assert time.time() < deadline, "no trial finished in 5 minutes"
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    before, in_flight = _finished(db), _finished(db, "'RUNNING'")
+    study = studies.open_study("tiny", f"sqlite:///{db}")
+    kept = {t.number: (t.params, t.value) for t in study.trials if t.number in before}
+    assert before and in_flight and len(before) < 4
+
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    study = studies.open_study("tiny", f"sqlite:///{db}")
+    assert {t.number: (t.params, t.value) for t in study.trials if t.number in before} == kept  # untouched
+    assert len(studies.records(study)) - len([t for t in study.trials if t.state.name == "FAIL"]) == 4
+    retried = [t.user_attrs.get("retry_of") for t in study.trials if "retry_of" in t.user_attrs]
+    assert not set(retried) & set(before)  # no finished trial ran again
+    assert sorted(retried) == in_flight and all(study.trials[n].state.name == "FAIL" for n in in_flight)
+    assert all(t.state.name in ("COMPLETE", "PRUNED", "FAIL") for t in study.trials)
+    assert study.user_attrs["final"]["version"] >= 1
+
+
+@pytest.mark.parametrize(
+    "space, says",
+    [
+        ("[hidden]\nchoices = [8]\n", "error: {space}: hidden: no such option"),
+        ("[dropout]\nlow = 0.5\nhigh = 0.1\n", "error: {space}: dropout: a bad range: low (0.5) must be below high"),
+        ("[dropout]\nlow = 0.5\nhigh = 1.5\n", "error: {space}: dropout: Input should be less than 1"),
+    ],
+)
+def test_a_bad_space_ends_the_command_with_one_error_line_before_any_work(tmp_path, mlflow_store, space, says):
+    tune = tiny_search(tmp_path, space)
+    command = [sys.executable, str(PROJECT_ROOT / "flows" / "tune_flow.py"), "--config_file", tune.recipe]
+    command += ["--corpus", tune.corpus, "--space", tune.space, "--max_minutes", "1"]
+    done = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, capture_output=True, text=True)
+    assert done.returncode == 1 and done.stdout == ""
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(says.format(space=tune.space))
+    assert not (Path(mlflow_store.removeprefix("sqlite:///")).parent / "optuna.db").exists()  # nothing started
