@@ -1283,6 +1283,21 @@ static void f32_finish(const struct f32_step *s, int gates, int u0, int u1, int 
                    s->b_out);
 }
 
+/* What one worker of a whole float32 step takes: its hidden units [u0, u1), its part [a0, a1) of what the step also
+   splits (the window's rows for the LSTM, the batch's rows for the RNN), its panels [p0, p1) of H, and where its
+   work arrays lie (at, indexed by F_*). */
+struct worker_part {
+    int u0, u1, a0, a1, p0, p1;
+    size_t at[F_COUNT];
+};
+
+static void take_part(const struct f32_step *s, int gates, int along, int worker, int workers, struct worker_part *w) {
+    share(s->H, worker, workers, &w->u0, &w->u1);
+    share(along, worker, workers, &w->a0, &w->a1);
+    share(panels_of(s->H), worker, workers, &w->p0, &w->p1);
+    f32_work_layout(s->steps, s->batch, s->H, gates, worker, workers, w->at);
+}
+
 /* The float32 LSTM's step, worker number `worker` of `workers` (1 or 2), the workers splitting the hidden units as
    the float32 windows do (W_hh, 1 MB at H = 256, does not fit one core's L2; each worker's quarter of it, packed
    both ways, stays in its own) and the output layer's rows: (1) f32_begin and W_hh's packs for its units [u0, u1);
@@ -1292,13 +1307,10 @@ static void f32_finish(const struct f32_step *s, int gates, int u0, int u1, int 
    wait for each other (barrier). work: rnnlm_sgd_f32_work floats. */
 void rnnlm_lstm_sgd_f32(const struct f32_step *s, int worker, int workers, int64_t *flags, float *work) {
     int steps = s->steps, batch = s->batch, H = s->H, V = s->V, N = steps * batch;
-    int u0, u1, n0, n1, p0, p1;
-    share(H, worker, workers, &u0, &u1);
-    share(N, worker, workers, &n0, &n1);
-    share(panels_of(H), worker, workers, &p0, &p1);
-    int U = u1 - u0;
-    size_t at[F_COUNT];
-    f32_work_layout(steps, batch, H, 4, worker, workers, at);
+    struct worker_part w;
+    take_part(s, 4, N, worker, workers, &w);
+    int u0 = w.u0, u1 = w.u1, n0 = w.a0, n1 = w.a1, p0 = w.p0, p1 = w.p1, U = u1 - u0;
+    const size_t *at = w.at;
     int64_t step = 0; /* the barriers passed */
 
     f32_begin(s, 4, u0, u1, worker, workers);
@@ -1331,12 +1343,10 @@ void rnnlm_lstm_sgd_f32(const struct f32_step *s, int worker, int workers, int64
    work: rnnlm_sgd_f32_work floats. */
 void rnnlm_rnn_sgd_f32(const struct f32_step *s, int worker, int workers, int64_t *flags, float *work) {
     int steps = s->steps, batch = s->batch, H = s->H, V = s->V, N = steps * batch;
-    int u0, u1, r0, r1, p0, p1;
-    share(H, worker, workers, &u0, &u1);
-    share(batch, worker, workers, &r0, &r1);
-    share(panels_of(H), worker, workers, &p0, &p1);
-    size_t at[F_COUNT];
-    f32_work_layout(steps, batch, H, 1, worker, workers, at);
+    struct worker_part w;
+    take_part(s, 1, batch, worker, workers, &w);
+    int u0 = w.u0, u1 = w.u1, r0 = w.a0, r1 = w.a1, p0 = w.p0, p1 = w.p1;
+    const size_t *at = w.at;
 
     f32_begin(s, 1, u0, u1, worker, workers);
     pack_panels(s->w_hh, H, H, 1, p0, p1, s->whh_fwd);
