@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from rnnlm.config import read_recipe  # noqa: E402  (the project's root on the path first, for a fresh clone)
 from rnnlm.corpus import split_words  # noqa: E402
+from rnnlm.evaluate import bits_per_byte  # noqa: E402
 
 EPOCH_LINE = re.compile(r"\| end of epoch\s+(\d+) \| time:\s*([\d.]+)s \| valid loss\s+[\d.]+ \| valid ppl\s+([\d.]+)")
 BATCH_LINE = re.compile(r"\| epoch\s+\d+ \|\s+\d+/\s*\d+ batches \| lr [\d.]+ \| ms/batch\s+([\d.]+)")
@@ -72,10 +73,10 @@ class Side:
     test_bits_per_byte: float = math.nan
 
 
-def bits_per_byte(perplexity: float, tokens: int, num_bytes: int) -> float:
-    """Bits per byte of a text from a model's perplexity over its `tokens` tokens: log2 of the perplexity is bits
-    per token; times the tokens, over the text's bytes."""
-    return math.log2(perplexity) * tokens / num_bytes
+def bits_of(perplexity: float, tokens: int, num_bytes: int) -> float:
+    """Bits per byte of a text from a model's perplexity over its `tokens` word tokens (`rnnlm.evaluate.bits_per_byte`
+    of the mean loss, the log of the perplexity)."""
+    return bits_per_byte(math.log(perplexity), tokens, num_bytes)
 
 
 def tokenized_lines(corpus: Path) -> list[list[str]]:
@@ -167,9 +168,7 @@ def run_peer(work: Path, peer_dir: Path, epochs: int, minutes: float | None, dat
         speed = train_tokens * len(epochs_done) / sum(t for _, t, _ in epochs_done)
     best_val = min(p for _, _, p in epochs_done)
     note = "Ctrl-C at the budget's end" if interrupted else ""
-    bits = bits_per_byte(best_val, data["val"], data["val_bytes"]), bits_per_byte(
-        float(test[-1]), data["test"], data["test_bytes"]
-    )
+    bits = bits_of(best_val, data["val"], data["val_bytes"]), bits_of(float(test[-1]), data["test"], data["test_bytes"])
     name = "pytorch/examples word_language_model"
     return Side(name, best_val, float(test[-1]), speed, wall, len(epochs_done), note, *bits)
 
@@ -234,7 +233,7 @@ def run_ours(
     note = run.data.tags.get("stopped", "")
     val, test = m["final_registered_val_perplexity"], m["final_registered_test_perplexity"]
     if tokenization == "word":  # the peer's tokens: bits over the same text's bytes, as for the peer
-        bits = bits_per_byte(val, data["val"], data["val_bytes"]), bits_per_byte(test, data["test"], data["test_bytes"])
+        bits = bits_of(val, data["val"], data["val_bytes"]), bits_of(test, data["test"], data["test_bytes"])
     else:  # the run measured them itself, over the same text
         bits = m["final_registered_val_bits_per_byte"], m["final_registered_test_bits_per_byte"]
     epochs_done = len(client.get_metric_history(run.info.run_id, "train_perplexity"))

@@ -58,13 +58,13 @@ class _EnvSource(EnvSettingsSource):
             raise
 
 
-def parse_command(command_cls, argv: list[str] | None = None):
+def parse_command(command_cls, argv: list[str] | None = None, engine: bool = False):
     """Set the quiet defaults (the user's environment wins) and parse `argv` (default: sys.argv) into
     `command_cls`; a bad value exits with status 1 and a line naming each wrong option (the RNNLM_* variable where
     the value came from the environment). A command with a `config_file` option (or its variable, e.g.
     RNNLM_CONFIG_FILE) takes its values from that recipe first: the command line's options override them (and
     they override RNNLM_* variables). Options under their former names (rnnlm.config.RENAMED) are taken, with one
-    note saying so."""
+    note saying so. With `engine` (commands that train), the CPU engine's own variables are checked too."""
     set_quiet_defaults()
     argv = sys.argv[1:] if argv is None else argv
     prefix = command_cls.model_config.get("env_prefix", "")
@@ -75,7 +75,8 @@ def parse_command(command_cls, argv: list[str] | None = None):
             recipe = read_recipe(path)
         argv, recipe = _former_names(command_cls, argv, recipe)
         command = CliApp.run(command_cls, cli_args=argv, **recipe)
-        _check_engine_settings()
+        if engine:  # a command that trains: the CPU engine's own variables too
+            _check_engine_settings()
         return command
     except RecipeError as err:
         sys.exit(f"error: {recipe_option}: {err}")

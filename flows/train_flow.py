@@ -13,7 +13,7 @@ from flows.train_command import TrainCommand
 
 # Run as a script, the command line is read first (a bad option ends here, before anything starts); then Prefect's
 # temporary server boots on another core while the imports below load (about 3 s saved).
-_command = parse_command(TrainCommand) if __name__ == "__main__" else None
+_command = parse_command(TrainCommand, engine=True) if __name__ == "__main__" else None
 _server_ready = start_temporary_server() if _command is not None else lambda: None
 
 from prefect import flow  # imported after the server's start on purpose (E402 allowed in pyproject.toml)
@@ -58,7 +58,7 @@ def train_flow(config: TrainConfig = TrainConfig(), parent_run_id: str | None = 
 def main(argv: list[str] | None = None) -> dict:
     """Parse the command line and run the flow; a bad option or input ends with one line, `error: ...`, and
     status 1, before any expensive work where it can be seen beforehand."""
-    command = _command if argv is None and _command is not None else parse_command(TrainCommand, argv)
+    command = _command if argv is None and _command is not None else parse_command(TrainCommand, argv, engine=True)
     if command.cron and not command.serve:
         sys.exit("error: --cron schedules the deployment made by --serve; add --serve (see --help)")
     if command.serve:

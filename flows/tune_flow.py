@@ -219,7 +219,7 @@ class TuneCommand(BaseSettings, TuneConfig):
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse the command line, refuse a bad recipe or space with one `error:` line, then search."""
-    command = parse_command(TuneCommand, argv)
+    command = parse_command(TuneCommand, argv, engine=True)
     tune = TuneConfig(**command.model_dump(include=set(TuneConfig.model_fields)))
     try:
         check(tune)

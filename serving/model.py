@@ -244,6 +244,3 @@ class Batcher:
 
 
 mlflow.models.set_model(RNNLMModel())
-
-
-mlflow.models.set_model(RNNLMModel())

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import Metric
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -47,8 +46,7 @@ def start_run(config: TrainConfig, data: PreparedData, parent_run_id: str | None
 def log_results(run_id: str, result: FitResult, samples: dict, plot_path: str, vocab_path: str) -> None:
     """Final metrics, samples, the perplexity curve, the vocab and the checkpoint as run artifacts."""
     mlflow_client = store.client()
-    final = {f"{store.FINAL}{k}": v for k, v in result.metrics().items()}
-    mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in final.items()])
+    store.log_final(mlflow_client, run_id, result.metrics())
     for key, value in result.tags().items():
         mlflow_client.set_tag(run_id, key, value)
     mlflow_client.log_text(run_id, json.dumps(samples, indent=1), "samples.json")

@@ -75,8 +75,7 @@ def train_trial(
         else:
             value = result.registered_val_perplexity
             outcome |= {"state": "COMPLETE", "value": value, "epochs": result.epochs, "reason": result.stopped}
-            final = [Metric(f"{store.FINAL}{k}", float(v), 0, 0) for k, v in result.metrics().items()]
-            mlflow_client.log_batch(run_id, metrics=final)
+            store.log_final(mlflow_client, run_id, result.metrics())
         finally:
             progress.metrics.flush()
         mlflow_client.set_tag(run_id, "tune.state", outcome["state"])

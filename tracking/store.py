@@ -123,6 +123,12 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def log_final(mlflow_client: MlflowClient, run_id: str, metrics: dict[str, float]) -> None:
+    """A run's final metrics (a FitResult's `metrics()`) in one batch, under the FINAL prefix."""
+    final = [mlflow.entities.Metric(f"{FINAL}{k}", float(v), 0, 0) for k, v in metrics.items()]
+    mlflow_client.log_batch(run_id, metrics=final)
+
+
 def as_param(key: str, value) -> mlflow.entities.Param:
     """A run param; None is written as 'None', as MLflow shows missing values."""
     return mlflow.entities.Param(key, "None" if value is None else str(value))
