@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from rnnlm import cpu
 from rnnlm.batches import as_tensor
 from rnnlm.checkpoint import (
     best_checkpoint,
@@ -220,6 +221,8 @@ def fit(
         save_checkpoint(best_checkpoint(checkpoint_path), model=model.state_dict(), **common, **weights)
 
     window = (config.batch_size, config.num_steps)
+    if next(model.parameters()).device.type == "cpu":  # the engine's one measured choice (an LSTM's path), made
+        cpu.prepare(model, window)  # here at the start, so that the start line below names the path that trains
     if hooks.on_start is not None:
         hooks.on_start(device_name(model, config.cpu_threads, window), engine_name(model, window))
     hooks = dataclasses.replace(hooks, save=save, save_best=save_best)
