@@ -32,7 +32,7 @@ from torch import nn
 
 from rnnlm.cpu import checks, choice, fused, native, recurrence
 from rnnlm.cpu.allocator import keep_freed_memory
-from rnnlm.cpu.threads import second_core_free, torch_threads
+from rnnlm.cpu.threads import second_core_free, torch_threads, usable_cores
 
 # Shortest window for the kernels: packing the weights costs more than a few steps, so generation's one-step calls
 # stay on torch's layers.
@@ -324,7 +324,7 @@ def device_name(model: nn.Module, cpu_threads: int, window: tuple[int, int]) -> 
     if device.type != "cpu":
         return str(device)
     threads = threads_for(cpu_threads, model, window)
-    helper = " + the recurrence's helper thread" if threads == 1 and (os.cpu_count() or 1) > 1 else ""
+    helper = " + the recurrence's helper thread" if threads == 1 and usable_cores() > 1 else ""
     return f"cpu ({threads} thread{'s' if threads > 1 else ''}{helper})"
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from filelock import FileLock
 
-from rnnlm.cpu import checks, native
+from rnnlm.cpu import checks, native, threads
 
 ROUNDS = 5  # each candidate is timed this many times; the best time counts
 _TIMES = "times"  # choices.json keeps each choice's measured times under its key and this word
@@ -142,5 +142,5 @@ def forced() -> dict[str, str]:
 @functools.cache
 def _machine() -> str:
     """What the speeds depend on: CPU features and cores, torch's build and threads, the kernels' source."""
-    parts = [native._cpu_features(), str(os.cpu_count()), torch.__version__, native.SOURCE.read_text()]
+    parts = [native._cpu_features(), str(threads.usable_cores()), torch.__version__, native.SOURCE.read_text()]
     return hashlib.sha1("\0".join(parts).encode()).hexdigest()[:12]

@@ -41,9 +41,18 @@ class _Helper:
 helper = _Helper()
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (`taskset`, a cgroup's cpuset), else all the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS, Windows)
+        return os.cpu_count() or 1
+
+
 def second_core_free() -> bool:
-    """Whether the helper thread takes a share of the work: torch computes on one thread and another core exists."""
-    return torch.get_num_threads() == 1 and (os.cpu_count() or 1) > 1
+    """Whether the helper thread takes a share of the work: torch computes on one thread and this process may run
+    on another core (a process pinned to one core, e.g. `taskset -c 0`, keeps the whole work on its thread)."""
+    return torch.get_num_threads() == 1 and usable_cores() > 1
 
 
 @contextmanager
