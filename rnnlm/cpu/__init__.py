@@ -342,7 +342,8 @@ def engine_name(model: nn.Module, window: tuple[int, int]) -> str:
     if reason is not None:
         return f"torch's layers ({reason})"
     how = _lstm_decision(model, window[0]) if lstm else None
-    return f"compiled kernels ({native.instruction_set()}), two cores" + (f"; over torch's LSTM ({how})" if how else "")
+    cores = "two cores" if usable_cores() > 1 else "one core"
+    return f"compiled kernels ({native.instruction_set()}), {cores}" + (f"; over torch's LSTM ({how})" if how else "")
 
 
 def matmul_precision(model: nn.Module, amp: bool, window: tuple[int, int]) -> str:

@@ -1,5 +1,6 @@
 """The speed-related code paths, checked on the CPU: no host sync inside an epoch, thread settings, bf16 autocast."""
 
+import os
 import subprocess
 import sys
 
@@ -58,6 +59,28 @@ def test_auto_threads_are_one_where_the_engine_serves_the_model_and_all_cores_el
     monkeypatch.setattr(cpu, "ENABLED", False)
     assert cpu.threads_for(0, RNNLM(9, 16, "rnn"), window) == 7
     assert cpu.engine_name(RNNLM(9, 16, "rnn"), window) == "torch's layers (the compiled kernels are turned off)"
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this system")
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="this process may run on one core only")
+def test_a_process_pinned_to_one_core_keeps_the_work_on_its_thread():
+    """Under `taskset -c N` (or a cpuset of one core) the helper thread would only take turns with the calling thread
+    on the same core: the engine counts the cores the process may use, not the machine's."""
+    import rnnlm.cpu as cpu
+    from rnnlm.cpu import threads
+
+    window, allowed = (8, 10), os.sched_getaffinity(0)
+    with torch_threads(1):
+        assert threads.usable_cores() == len(allowed) and threads.second_core_free()
+        os.sched_setaffinity(0, {min(allowed)})
+        try:
+            assert threads.usable_cores() == 1 and not threads.second_core_free()
+            assert "helper" not in cpu.device_name(RNNLM(9, 16, "rnn"), 1, window)
+            if cpu.compiled():
+                assert "one core" in cpu.engine_name(RNNLM(9, 16, "rnn"), window)
+        finally:
+            os.sched_setaffinity(0, allowed)
+        assert threads.second_core_free()
 
 
 def test_cpu_threads_are_set_for_the_block_and_restored():
