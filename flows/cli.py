@@ -30,6 +30,9 @@ USER_ERRORS = (
     "tracking.store.TrackingError",
 )
 
+# Errors that only say the user stopped the work (Ctrl-C reaching a trial on another thread): logged in one line.
+STOPS = ("tracking.study.SearchStopped",)
+
 # Options after which the command never talks to a temporary Prefect server.
 _NO_TEMPORARY_SERVER = {"-h", "--help", "--serve"}
 
@@ -164,9 +167,9 @@ def _option(argv: Sequence[str], name: str = "--config_file") -> str | None:
     return found
 
 
-def is_user_error(err: BaseException) -> bool:
-    """Whether `err` is one of USER_ERRORS (by class path, so that this module imports none of them)."""
-    return any(f"{c.__module__}.{c.__qualname__}" in USER_ERRORS for c in type(err).__mro__)
+def is_user_error(err: BaseException, kinds: tuple[str, ...] = USER_ERRORS) -> bool:
+    """Whether `err` is one of USER_ERRORS (or of `kinds`), by class path, so that this module imports none of them."""
+    return any(f"{c.__module__}.{c.__qualname__}" in kinds for c in type(err).__mro__)
 
 
 def run_command(run: Callable[[], object]):
@@ -186,13 +189,14 @@ def run_command(run: Callable[[], object]):
 
 class _NoUserErrorTracebacks(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[1] is not None and is_user_error(record.exc_info[1]):
+        err = record.exc_info[1] if record.exc_info else None
+        if err is not None and is_user_error(err, USER_ERRORS + STOPS):
             record.exc_info, record.exc_text = None, None
         return True
 
 
 def _quiet_tracebacks_of_user_errors() -> None:
-    """Drop the tracebacks of USER_ERRORS from the console handlers of Prefect's loggers."""
+    """Drop the tracebacks of USER_ERRORS and STOPS from the console handlers of Prefect's loggers."""
     from prefect.logging.handlers import APILogHandler
 
     for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", ""):

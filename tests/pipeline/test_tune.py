@@ -78,7 +78,8 @@ def _finished(db: Path, states: str = "'COMPLETE', 'PRUNED'") -> list[int]:
 
 
 @pytest.mark.slow
-def test_a_search_killed_with_sigkill_resumes_without_repeating_finished_trials(tmp_path, mlflow_store):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["kill -9", "ctrl-c"])
+def test_a_stopped_search_resumes_without_repeating_finished_trials(tmp_path, mlflow_store, stop):
     tune = tiny_search(tmp_path, "[lr]\nlow = 0.5\nhigh = 2.0\n[num_hiddens]\nchoices = [8, 16]\n", n_trials=4)
     command = [sys.executable, str(PROJECT_ROOT / "flows" / "tune_flow.py")]
     for name in ("config_file", "corpus", "space", "trial_minutes", "final_minutes", "max_minutes", "n_trials",
@@ -86,13 +87,18 @@ def test_a_search_killed_with_sigkill_resumes_without_repeating_finished_trials(
         command += [f"--{name}", str(getattr(tune, "recipe" if name == "config_file" else name))]
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "RNNLM_CPU_THREADS": "1"}
     db = Path(mlflow_store.removeprefix("sqlite:///")).parent / "optuna.db"
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (_finished(db) and _finished(db, "'RUNNING'")) and process.poll() is None:  # one done, one in flight
-        assert time.time() < deadline, "no trial finished in 5 minutes"
-        time.sleep(0.2)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    with open(tmp_path / "first.err", "w") as err:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.time() + 300
+        while not (_finished(db) and _finished(db, "'RUNNING'")) and process.poll() is None:  # one done, one running
+            assert time.time() < deadline, "no trial finished in 5 minutes"
+            time.sleep(0.2)
+        os.kill(process.pid, stop)
+        code = process.wait(timeout=120)
+    if stop == signal.SIGINT:  # as Ctrl-C in a terminal: one line and status 130, no traceback of the stopped trial
+        said = (tmp_path / "first.err").read_text()
+        assert code == 130 and "\ninterrupted" in said, said[-3000:]
+        assert "Traceback" not in said, said[-3000:]
     before, in_flight = _finished(db), _finished(db, "'RUNNING'")
     study = studies.open_study("tiny", f"sqlite:///{db}")
     kept = {t.number: (t.params, t.value) for t in study.trials if t.number in before}
