@@ -23,7 +23,6 @@ its own cache folder (`native.cache()`), and describes itself for a run's record
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
