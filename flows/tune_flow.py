@@ -24,7 +24,7 @@ from flows.train_flow import train_flow
 from rnnlm import paths
 from rnnlm.config import RecipeError, TrainConfig, read_recipe
 from rnnlm.data import preflight
-from rnnlm.search import Budgets, SearchSpace, SpaceError, read_space
+from rnnlm.search import MEASURES, Budgets, SearchSpace, SpaceError, read_space
 from tasks.mlflow_run import check_tracking
 from tasks.tune import report_study, start_study_run, train_trial
 from tracking import study as studies
@@ -98,7 +98,8 @@ def tune_flow(tune: TuneConfig) -> dict:
     url = tune.storage or studies.default_storage()
     with studies.driving(name, url):
         study = studies.open_study(name, url, tune.seed)
-        settings = {"study": name, "storage": url, "space": str(tune.space_path()), **budgets.__dict__}
+        settings = {"study": name, "storage": url, "space": str(tune.space_path()), "measure": space.measure}
+        settings |= budgets.__dict__
         settings |= {"max_minutes_search": tune.max_minutes, "runner": tune.dask_address or "here"}
         parent = start_study_run(study, base, settings, str(tune.space_path()))
         with run_guard(TrackedRun(parent)):
@@ -112,7 +113,8 @@ def tune_flow(tune: TuneConfig) -> dict:
             recipe_path = tune.recipe_out or str(studies.store_folder() / "tuned" / f"{name}.toml")
             found = report_study(study, best.number, space, base, recipe, recipe_path, parent)
             final = study.user_attrs.get("final") or _final_training(tune, study, base, found, budgets, parent)
-    print(f"best of {name!r}: trial {found['trial']}, validation perplexity {found['value']:.3f}; recipe {recipe_path}")
+    label = MEASURES[found["measure"]][1]
+    print(f"best of {name!r}: trial {found['trial']}, {label} {found['value']:.4g}; recipe {recipe_path}")
     return {"study": name, "recipe": recipe_path, **found, "final": final}
 
 
@@ -135,7 +137,9 @@ def _trials(tune, study, space: SearchSpace, base: TrainConfig, budgets: Budgets
         while len(running) < parallel and _more(tune, study, budgets, before + time.monotonic() - started, running):
             trial, rung, config = studies.ask(study, space, base, budgets)
             # the worker reopens the trial by its storage id (Optuna's Trial(study, trial_id) takes no number)
-            future = train_trial.submit(study.study_name, url, trial._trial_id, trial.number, rung, config, parent)
+            future = train_trial.submit(
+                study.study_name, url, trial._trial_id, trial.number, rung, config, parent, space.measure
+            )
             running[future] = trial
         if not running:
             return

@@ -53,9 +53,17 @@ OPERATORS = {
 _CONDITION = re.compile(r"^\s*(\w+)\s*(==|!=|<=|>=|<|>)\s*(.+?)\s*$")
 # fields a search must not move: where a run's data and results go, and how it is told to stop or register
 NOT_SEARCHABLE = {"corpus", "corpus_sha1", "cache_dir", "experiment", "registered_model", "max_minutes", "resume"}
-# fields that change what the validation perplexity measures (what a token is, which tokens are <unk>, which text is
-# held out): trials that differ in them would be ranked by numbers that do not compare
-NOT_COMPARABLE = {"preprocess", "tokenization", "min_freq", "val_tokens", "test_tokens"}
+# fields that change what the validation figures are measured on (the text itself, which of it is held out, which
+# words are <unk>): trials that differ in them would be ranked by numbers that do not compare
+NOT_COMPARABLE = {"preprocess", "min_freq", "max_tokens", "held_out", "val_tokens", "test_tokens"}
+# fields that change what a token is: a space that searches one ranks its trials by validation bits per byte, on the
+# same held-out text for every trial (held_out bytes or lines), as the registry ranks models of one text
+BY_BYTES = {"tokenization", "bpe_vocab_size"}
+# what ranks a search's trials, and its name in tables and reports
+MEASURES = {
+    "perplexity": ("val_ppl", "validation perplexity"),
+    "bits_per_byte": ("val_bpb", "validation bits per byte"),
+}
 
 
 class SpaceError(ValueError):
@@ -135,9 +143,22 @@ class SearchSpace:
                 values[param.name] = chosen[param.name] = param.draw(picker)
         return chosen
 
+    @property
+    def measure(self) -> str:
+        """What ranks the trials: 'perplexity', or 'bits_per_byte' where a searched field changes what a token is."""
+        return "bits_per_byte" if any(p.name in BY_BYTES for p in self.params) else "perplexity"
+
     def check(self, base: TrainConfig, draws: int = 64, seed: int = 0) -> None:
         """Refuse, before a search starts, a space where TrainConfig refuses some value or combination: every end
-        of every range and every choice (with the other fields drawn at random), then `draws` random trials."""
+        of every range and every choice (with the other fields drawn at random), then `draws` random trials; and a
+        search of what a token is over text held out in tokens (each trial would hold out different text)."""
+        if self.measure == "bits_per_byte" and base.held_out == "tokens":
+            name = next(p.name for p in self.params if p.name in BY_BYTES)
+            raise SpaceError(
+                f"{self.source}: {name}: trials that differ in what a token is are ranked by validation bits per "
+                "byte of the same held-out text: set held_out = \"bytes\" (or \"lines\") in the base recipe, with "
+                "val_tokens and test_tokens in that unit"
+            )
         rng = random.Random(seed)
         for param in self.params:
             for value in param.extremes():
@@ -226,8 +247,8 @@ def _param(path: Path, name: str, spec: Any, known: set[str]) -> Param:
         raise refuse("is not searched (it says where data and results go or how the tuner runs trials)")
     if name in NOT_COMPARABLE:
         raise refuse(
-            "changes what the validation perplexity is measured on, so trials would not compare: run one search per "
-            "value instead (set it in the base recipe)"
+            "changes the text the validation figures are measured on, so trials would not compare: run one search "
+            "per value instead (set it in the base recipe)"
         )
     if not isinstance(spec, dict):
         raise refuse("give a table: low/high (log, step), choices, or same_as")

@@ -20,12 +20,12 @@ from rnnlm import data as rnnlm_data
 from rnnlm.checkpoint import run_checkpoint
 from rnnlm.config import TrainConfig
 from rnnlm.run import fit
-from rnnlm.search import SearchSpace, to_toml
+from rnnlm.search import MEASURES, SearchSpace, to_toml
 from rnnlm.train import TrainingDiverged
 from tracking import store
 from tracking.progress import TrainingProgress
 from tracking.runs import TrackedRun, new_run, run_guard
-from tracking.study import RUNG, TrialPruning, both, load_study
+from tracking.study import RUNG, TrialPruning, both, load_study, measure_of
 
 PARENT_ATTR = "mlflow_parent_run_id"
 
@@ -52,11 +52,19 @@ def start_study_run(study: optuna.Study, base: TrainConfig, settings: dict, spac
 
 @task(name="train-trial", task_run_name="trial-{number}-rung-{rung}", cache_policy=NO_CACHE)
 def train_trial(
-    study_name: str, storage_url: str, trial_id: int, number: int, rung: int, config: TrainConfig, parent_run_id: str
+    study_name: str,
+    storage_url: str,
+    trial_id: int,
+    number: int,
+    rung: int,
+    config: TrainConfig,
+    parent_run_id: str,
+    measure: str = "perplexity",
 ) -> dict:
     """One trial: a real training of `config` (`rnnlm.run.fit`, its budget in `config.max_minutes`) in its own
     MLflow run nested under the study's, its evaluations reported to the study's pruner; returns its state
-    (COMPLETE, PRUNED), the registered weights' validation perplexity, the run id and why it stopped."""
+    (COMPLETE, PRUNED), the registered weights' validation `measure` (perplexity or bits_per_byte), the run id and
+    why it stopped."""
     trial = optuna.trial.Trial(load_study(study_name, storage_url), trial_id)
     logger = get_run_logger()
     prepared = rnnlm_data.prepare_data(rnnlm_data.fetch(config), config)
@@ -69,11 +77,12 @@ def train_trial(
     outcome = {"run_id": run_id, "number": number}
     with run_guard(TrackedRun(run_id, str(checkpoint))):
         try:
-            result = fit(config, prepared, checkpoint, both(progress.hooks(), TrialPruning(trial, rung, config)))
+            pruning = TrialPruning(trial, rung, config, measure_of(measure, prepared))
+            result = fit(config, prepared, checkpoint, both(progress.hooks(), pruning))
         except (optuna.TrialPruned, TrainingDiverged) as stop:
             outcome |= {"state": "PRUNED", "reason": f"{type(stop).__name__}: {stop}"}
         else:
-            value = result.registered_val_perplexity
+            value = getattr(result, f"registered_val_{measure}")
             outcome |= {"state": "COMPLETE", "value": value, "epochs": result.epochs, "reason": result.stopped}
             store.log_final(mlflow_client, run_id, result.metrics())
         finally:
@@ -85,13 +94,13 @@ def train_trial(
     return outcome
 
 
-def trials_table(study: optuna.Study) -> pd.DataFrame:
-    """One row per trial: number, state, rung, budget, validation perplexity, its params, MLflow run."""
-    rows = []
+def trials_table(study: optuna.Study, measure: str = "perplexity") -> pd.DataFrame:
+    """One row per trial: number, state, rung, budget, its value (validation `measure`), params, MLflow run."""
+    rows, column = [], MEASURES[measure][0]
     for t in study.trials:
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
         row = {"trial": t.number, "state": t.state.name, "rung": t.user_attrs.get(RUNG, 0)}
-        row |= {"val_ppl": None if t.value is None else round(t.value, 3), "seconds": seconds and round(seconds)}
+        row |= {column: None if t.value is None else round(t.value, 4), "seconds": seconds and round(seconds)}
         row |= {"evaluations": len(t.intermediate_values)} | dict(t.params)
         rows.append(row | {"run_id": t.user_attrs.get("run_id"), "note": t.user_attrs.get("reason", "")})
     return pd.DataFrame(rows)
@@ -145,19 +154,19 @@ def report_study(
 ) -> dict:
     """Write the best configuration as a recipe; keep the trials' table, the importances and the pictures in the
     Prefect UI and on the parent MLflow run. Returns the best trial's number, value and values."""
-    best = study.trials[best_number]
+    best, (column, label) = study.trials[best_number], MEASURES[space.measure]
     chosen = space.draw(optuna.trial.FixedTrial(best.params), base)
     header = (
         f"The best of search {study.study_name!r} (trial {best.number}, rung {best.user_attrs.get(RUNG, 0)}, "
-        f"validation perplexity {best.value:.3f}), {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, by flows/tune_flow.py"
+        f"{label} {best.value:.4g}), {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, by flows/tune_flow.py"
     )
     Path(recipe_path).parent.mkdir(parents=True, exist_ok=True)
     Path(recipe_path).write_text(to_toml(recipe | chosen, header))
-    table, weights = trials_table(study), importances(study)
+    table, weights = trials_table(study, space.measure), importances(study)
     get_run_logger().info("search %r: %d trials\n%s", study.study_name, len(table), table.to_string(index=False))
     records = table.astype(object).where(table.notna(), None).to_dict(orient="records")
     create_table_artifact(records, key="tune-trials", description=f"the trials of {study.study_name}")
-    lines = [f"# Search {study.study_name}", "", f"best: trial {best.number}, validation perplexity {best.value:.3f}"]
+    lines = [f"# Search {study.study_name}", "", f"best: trial {best.number}, {label} {best.value:.4g}"]
     lines += ["", "| param | value | importance |", "|---|---|---|"]
     lines += [f"| {k} | {v} | {weights.get(k, 0):.3f} |" for k, v in chosen.items()]
     create_markdown_artifact("\n".join(lines), key="tune-best", description="the best configuration, importances")
@@ -168,8 +177,9 @@ def report_study(
     with tempfile.TemporaryDirectory() as folder:
         for picture in _pictures(study, Path(folder), weights):
             mlflow_client.log_artifact(parent_run_id, str(picture))
-    metrics = {"best_val_perplexity": best.value, "trials": len(table)} | {
+    metrics = {f"best_{column}": best.value, "trials": len(table)} | {
         f"importance.{k}": v for k, v in weights.items()
     }
     mlflow_client.log_batch(parent_run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()])
-    return {"trial": best.number, "value": best.value, "values": chosen, "importances": weights}
+    found = {"trial": best.number, "value": best.value, "measure": space.measure, "values": chosen}
+    return found | {"importances": weights}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,6 +22,8 @@ from optuna.trial import TrialState
 
 from rnnlm import paths
 from rnnlm.config import TrainConfig
+from rnnlm.data import PreparedData
+from rnnlm.evaluate import bits_per_byte
 from rnnlm.search import Budgets, Job, SearchSpace, StepReports, TrialRecord, best_trial, next_job
 from rnnlm.state import EpochStats, Hooks, TrainState
 from tracking import store
@@ -167,8 +169,9 @@ class TrialPruning:
     """Hooks that report each evaluation to the trial (at `rnnlm.search.report_step`) and stop the training, by
     raising optuna.TrialPruned, when the pruner says so or the perplexity is not finite."""
 
-    def __init__(self, trial: optuna.Trial, rung: int, config: TrainConfig):
-        self.trial, self.config, self.reports = trial, config, StepReports(rung)
+    def __init__(self, trial: optuna.Trial, rung: int, config: TrainConfig, measure: Callable[[float], float] = float):
+        """`measure` turns an evaluation's validation perplexity into what ranks the study's trials."""
+        self.trial, self.config, self.reports, self.measure = trial, config, StepReports(rung), measure
         self.last: float | None = None
 
     def on_epoch(self, stats: EpochStats, state: TrainState) -> None:
@@ -186,16 +189,26 @@ class TrialPruning:
     def _time_done(self, seconds: float) -> float:
         return seconds / (60 * self.config.max_minutes) if self.config.max_minutes else 0.0
 
-    def _report(self, done: float, value: float) -> None:
-        self.last = value
+    def _report(self, done: float, perplexity: float) -> None:
+        self.last = perplexity
+        value = self.measure(perplexity)
         step = self.reports.add(done, value)
         if step is None:
             return
         self.trial.report(value, step)
         if not math.isfinite(value):
-            raise optuna.TrialPruned(f"validation perplexity {value} at step {step}")
+            raise optuna.TrialPruned(f"validation perplexity {perplexity} at step {step}")
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"validation perplexity {value:.2f} at step {step}: worse than the median")
+            raise optuna.TrialPruned(f"validation perplexity {perplexity:.2f} at step {step}: worse than the median")
+
+
+def measure_of(name: str, data: PreparedData) -> Callable[[float], float]:
+    """How a validation perplexity during training becomes the study's measure: itself, or for 'bits_per_byte' the
+    bits per byte of the validation text at its tokens per byte (the evaluations read a part of it: an estimate
+    good enough to prune by; a trial's final value is measured on the whole text)."""
+    if name == "perplexity":
+        return float
+    return lambda perplexity: bits_per_byte(math.log(perplexity), data.val_tokens, data.val_bytes) or math.inf
 
 
 def _stop_if_stopping() -> None:

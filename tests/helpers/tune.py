@@ -7,15 +7,16 @@ from pathlib import Path
 from helpers import SMALL_TRAINING, small_text
 
 
-def tiny_search(tmp_path: Path, space: str, **overrides):
-    """A TuneConfig over a small corpus and recipe written here: trials of 6 quick epochs, 3 of them."""
+def tiny_search(tmp_path: Path, space: str, changes: dict | None = None, **overrides):
+    """A TuneConfig over a small corpus and recipe written here (with `changes`): trials of 6 quick epochs,
+    3 of them."""
     from flows.tune_flow import TuneConfig
     from rnnlm.search import to_toml
 
     corpus = tmp_path / "small.txt"
     corpus.write_text(small_text(2500))
     recipe = tmp_path / "base.toml"
-    base = SMALL_TRAINING | {"num_epochs": 6, "cache_dir": str(tmp_path / "cache"), "device": "cpu"}
+    base = SMALL_TRAINING | {"num_epochs": 6, "cache_dir": str(tmp_path / "cache"), "device": "cpu"} | (changes or {})
     recipe.write_text(to_toml(base))
     (tmp_path / "space.toml").write_text(space)
     settings = dict(

@@ -53,7 +53,8 @@ def test_the_default_space_is_sound_for_its_base_recipe():
         ("[lr]\nlow = 0.1\n", "lr: a range needs low and high"),
         ("[lr]\nlo = 0.1\nhigh = 1.0\n", "lr: unknown keys lo"),
         ("[corpus]\nchoices = ['a.txt']\n", "corpus: is not searched"),
-        ("[tokenization]\nchoices = ['char', 'word']\n", "tokenization: changes what the validation perplexity"),
+        ("[min_freq]\nchoices = [1, 2]\n", "min_freq: changes the text the validation figures are measured on"),
+        ("[held_out]\nchoices = ['bytes', 'lines']\n", "held_out: changes the text the validation figures"),
         ("[tie_weights]\nchoices = [true]\nwhen = 'embedding_dim = num_hiddens'\n", "tie_weights: when ="),
         ("[dropout]\nchoices = [0.1]\nwhen = 'rnn == lstm'\n", "dropout: when = 'rnn == lstm': 'lstm' is neither"),
         ("[tie_weights]\nchoices = [true]\nwhen = 'num_layers > 1'\n[num_layers]\nchoices = [1, 2]\n", "after it"),
@@ -63,6 +64,17 @@ def test_a_space_file_is_refused_naming_the_field(tmp_path, text, says):
     with pytest.raises(SpaceError, match="space.toml: ") as refused:
         space(tmp_path, text)
     assert says in str(refused.value)
+
+
+def test_a_space_over_what_a_token_is_ranks_by_bits_per_byte_of_text_held_out_in_bytes(tmp_path):
+    """Trials of other tokens compare only on the same held-out text, by bits per byte: a base recipe that holds
+    out tokens is refused, naming the field; the other spaces keep perplexity."""
+    assert space(tmp_path, "[lr]\nlow = 0.001\nhigh = 0.01\n").measure == "perplexity"
+    searched = space(tmp_path, "[tokenization]\nchoices = ['word', 'bpe']\n[bpe_vocab_size]\nchoices = [500, 2000]\n")
+    assert searched.measure == "bits_per_byte"
+    with pytest.raises(SpaceError, match=r"space.toml: tokenization: .*bits per byte.*held_out = \"bytes\""):
+        searched.check(KJV_BEST)  # the recipe holds out 50,000 tokens
+    searched.check(KJV_BEST.model_copy(update={"held_out": "bytes"}))
 
 
 def test_values_and_combinations_the_config_refuses_are_found_before_a_search(tmp_path):

@@ -65,6 +65,31 @@ def test_the_pruner_stops_a_diverging_trial_and_the_runs_are_what_the_study_hold
     assert client.get_model_version_by_alias("rnnlm", "champion").run_id == final.info.run_id  # --promote: the first
 
 
+def test_a_search_over_what_a_token_is_ranks_its_trials_by_bits_per_byte(tmp_path, mlflow_store):
+    """Characters and words give perplexities that do not compare; their bits per byte of the same held-out bytes
+    do: each trial's value is its run's validation bits per byte, and the report says so."""
+    held_out = {"held_out": "bytes", "val_tokens": 4000, "test_tokens": 0, "num_epochs": 3}
+    tune = tiny_search(tmp_path, "[tokenization]\nchoices = ['char', 'word']\n", held_out, n_trials=2)
+    study = studies.open_study("tiny", studies.default_storage())
+    for tokenization in ("char", "word"):
+        study.enqueue_trial({"tokenization": tokenization})
+
+    found = run_tune(tune)
+
+    study = studies.open_study("tiny", studies.default_storage())
+    client = MlflowClient(mlflow_store)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    for trial in study.trials:
+        metrics = client.get_run(trial.user_attrs["run_id"]).data.metrics
+        assert trial.value == pytest.approx(metrics["final_registered_val_bits_per_byte"], rel=1e-9)
+        assert trial.value != pytest.approx(metrics["final_registered_val_perplexity"])
+    best = min(study.trials, key=lambda t: t.value)
+    assert found["measure"] == "bits_per_byte" and found["values"] == {"tokenization": best.params["tokenization"]}
+    assert "validation bits per byte" in (tmp_path / "best.toml").read_text().splitlines()[0]
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.data.params["measure"] == "bits_per_byte" and "best_val_bpb" in parent.data.metrics
+
+
 def _finished(db: Path, states: str = "'COMPLETE', 'PRUNED'") -> list[int]:
     """The numbers of the trials stored in `states` (read straight from the study's SQLite file)."""
     if not db.exists():
