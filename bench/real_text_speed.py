@@ -1,0 +1,135 @@
+"""Training speed of the real-text models as a share of this machine's float32 matmul limit, and where the time goes.
+
+Each model trains `--steps` minibatches of the corpus's training split with the project's trainer
+(`rnnlm.train.train`: the CPU engine where it serves the model, AdamW as the recipe says), after a few untimed ones.
+Printed per model: tokens/s, the matmul FLOP a training token costs (forward and backward, counted from the model's
+matmuls and, for the adaptive softmax, how often the training text's targets fall in each cluster), the GFLOP/s
+that makes, and its share of the float32 matmul limit measured in the same run (before and after the models). With
+`--profile`, torch.profiler's operations that take the most time in a few more steps.
+
+    .venv/bin/python bench/real_text_speed.py                          # kjv.txt: the three models
+    .venv/bin/python bench/real_text_speed.py --models adaptive --profile --steps 100
+
+Models: `adaptive` is recipes/kjv-best.toml (2-layer LSTM 200, tied, adaptive softmax [2000, 6000]); `full` the same
+with the full softmax (pytorch/examples' word_language_model's model); `char` a 2-layer character LSTM 512 on the
+same text (raw characters, any script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from train_speed import matmul_peak
+
+from rnnlm.config import TrainConfig
+from rnnlm.data import fetch, prepare_data
+from rnnlm.model import build_model, device_name, engine_name
+from rnnlm.train import make_optimizer, train
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "kjv-best.toml"
+DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "kjv.txt"
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+MODELS = {
+    "adaptive": {},
+    "full": {"adaptive_cutoffs": []},
+    "char": {"preprocess": "raw", "tokenization": "char", "num_hiddens": 512, "embedding_dim": 512,
+             "adaptive_cutoffs": [], "held_out": "bytes", "val_tokens": 100_000, "test_tokens": 100_000},
+}  # fmt: skip
+
+
+def flops_per_token(config: TrainConfig, vocab_size: int, train_ids: np.ndarray) -> float:
+    """Matmul FLOP of one training token, forward and backward (3x the forward's 2 per multiply-add): each layer's
+    gates on its input and hidden state, then the output layer (full, or the adaptive head plus each target's
+    cluster, weighted by how often the training targets fall in it). The embedding is a lookup: none."""
+    width = config.embedding_dim or vocab_size
+    macs = 0
+    for layer in range(config.num_layers):
+        inputs = width if layer == 0 else config.num_hiddens
+        macs += GATES[config.rnn] * config.num_hiddens * (inputs + config.num_hiddens)
+    cutoffs = config.adaptive_cutoffs
+    if not cutoffs:
+        return 6.0 * (macs + vocab_size * config.num_hiddens)
+    bounds = [*cutoffs, vocab_size]
+    macs += (cutoffs[0] + len(cutoffs)) * config.num_hiddens  # the head
+    for i, (low, high) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        share = float(np.mean((train_ids >= low) & (train_ids < high)))
+        size = max(1, int(config.num_hiddens // 4.0 ** (i + 1)))
+        macs += share * size * (config.num_hiddens + high - low)
+    return 6.0 * macs
+
+
+def timed_training(config: TrainConfig, vocab_size: int, train_ids: np.ndarray, steps: int, warmup: int) -> dict:
+    """Tokens/s of `steps` minibatches after `warmup` untimed ones, from one model, with the trainer."""
+    torch.manual_seed(0)
+    model, window = build_model(config, vocab_size), (config.batch_size, config.num_steps)
+    optimizer, generator = make_optimizer(model, config.lr, config), torch.Generator().manual_seed(0)
+    per_step = config.batch_size * config.num_steps
+    for count in (warmup, steps):
+        part = train_ids[: count * per_step + 1]
+        state = train(model, part, part[:0], config, optimizer, generator)
+    stats = state.history[-1]
+    where = {"device": device_name(model, config.cpu_threads, window), "engine": engine_name(model, window)}
+    return {"tokens_per_sec": stats.tokens_per_sec, "model": model, "optimizer": optimizer} | where
+
+
+def profile(config: TrainConfig, model, optimizer, train_ids: np.ndarray, steps: int) -> str:
+    """torch.profiler's table of the operations with the most time of their own over `steps` minibatches."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    part = train_ids[: steps * config.batch_size * config.num_steps + 1]
+    started = time.perf_counter()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        train(model, part, part[:0], config, optimizer, torch.Generator().manual_seed(1))
+    wall = time.perf_counter() - started
+    events = prof.key_averages()
+    recorded = sum(e.self_cpu_time_total for e in events) / 1e6
+    table = events.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60)
+    note = f"wall {wall:.2f} s; torch ops' own time {recorded:.2f} s (the rest: the engine's C calls, Python)"
+    return f"{table}\n{note}"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="the text to train on (kjv.txt)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="which models")
+    parser.add_argument("--steps", type=int, default=300, help="timed minibatches per model")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed minibatches first")
+    parser.add_argument("--profile", action="store_true", help="also print where the time goes (torch.profiler)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    before = matmul_peak(torch.device("cpu"))
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        for name in args.models:
+            settings = {"corpus": str(args.corpus), "cache_dir": cache, "num_epochs": 1} | MODELS[name]
+            config = TrainConfig.from_recipe(RECIPE, **settings)  # one pass over the part given to the trainer
+            data = prepare_data(fetch(config), config)
+            vocab, train_ids, _ = data.load()
+            result = timed_training(config, len(vocab), train_ids, args.steps, args.warmup)
+            flops = flops_per_token(config, len(vocab), np.asarray(train_ids))
+            rows.append((name, len(vocab), result, flops))
+            print(f"{name}: {len(vocab):,} tokens in the vocabulary; {result['device']}; {result['engine']}")
+            if args.profile:
+                print(profile(config, result["model"], result["optimizer"], train_ids, max(args.steps // 3, 10)))
+    after = matmul_peak(torch.device("cpu"))
+    peak = max(max(before.values()), max(after.values()))
+    print(f"\nfloat32 matmul limit: {peak:.0f} GFLOP/s (before {before}, after {after})")
+    print("| model | vocabulary | tokens/s | MFLOP a token | GFLOP/s | share of the limit |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, vocab_size, result, flops in rows:
+        speed = result["tokens_per_sec"]
+        print(f"| {name} | {vocab_size:,} | {speed:,.0f} | {flops / 1e6:.2f} | {speed * flops / 1e9:.1f} | "
+              f"{speed * flops / 1e9 / peak:.0%} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
