@@ -34,9 +34,12 @@ class TrainingDiverged(RuntimeError):
 
 
 def make_optimizer(model: RNNLM, lr: float, config: TrainConfig | None = None) -> torch.optim.Optimizer:
-    """The run's optimizer: the book's plain SGD, or AdamW, with the config's weight decay."""
+    """The run's optimizer: the book's plain SGD, or AdamW, with the config's weight decay. AdamW updates every
+    parameter in one fused kernel on CPUs and GPUs (torch's loop of per-tensor ops costs a tenth of a real-text
+    step on a CPU); same arithmetic, to float rounding."""
     if config is not None and config.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay)
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay, fused=fused or None)
     return torch.optim.SGD(model.parameters(), lr=lr, weight_decay=config.weight_decay if config else 0.0)
 
 

@@ -243,6 +243,26 @@ def test_cosine_warms_up_then_decays_to_lr_min_and_adamw_trains(tmp_path, words,
     assert result.history[-1].train_perplexity < result.history[0].train_perplexity
 
 
+def test_adamw_updates_all_weights_in_one_fused_kernel_as_torchs_loop_would():
+    """The fused AdamW (one kernel for every parameter) takes torch's per-tensor AdamW steps, to float rounding."""
+    config = TrainConfig(optimizer="adamw", lr=0.01, weight_decay=0.1, num_hiddens=16)
+    torch.manual_seed(0)
+    model, reference = RNNLM(30, 16, "lstm", 2, embedding_dim=16), RNNLM(30, 16, "lstm", 2, embedding_dim=16)
+    reference.load_state_dict(model.state_dict())
+    initial = [p.detach().clone() for p in model.parameters()]
+    fused, loop = make_optimizer(model, config.lr, config), torch.optim.AdamW(reference.parameters(), lr=0.01,
+                                                                              weight_decay=0.1, foreach=False)
+    assert fused.defaults["fused"] and not loop.defaults["fused"]
+    for _ in range(5):
+        for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        fused.step(), loop.step()
+    for a, b, before in zip(model.parameters(), reference.parameters(), initial, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(a, before)
+
+
 def test_max_minutes_stops_and_registers_what_there_is(tmp_path, words, monkeypatch):
     path, make = words
     config = make(num_epochs=1000, max_minutes=0.02, progress_every=5)
@@ -277,10 +297,12 @@ fit(config, prepare_data(config.corpus, config), sys.argv[2], Hooks(on_progress=
 """
 
 
-def test_kill_9_inside_an_epoch_then_rerun_ends_identical(tmp_path, words):
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_kill_9_inside_an_epoch_then_rerun_ends_identical(tmp_path, words, optimizer):
     path, make = words
     config = make(num_layers=2, rnn="lstm", num_epochs=3, lr_schedule="plateau", eval_every_steps=30,
-                  checkpoint_every_steps=7, progress_every=1)  # fmt: skip
+                  checkpoint_every_steps=7, progress_every=1, optimizer=optimizer,
+                  **({"lr": 0.01} if optimizer == "adamw" else {}))  # fmt: skip
     data = prepare_data(path, config)
     reference = fit(config, data, tmp_path / "reference.pt")
     checkpoint = tmp_path / "killed" / "model.pt"
