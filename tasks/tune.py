@@ -13,7 +13,7 @@ import optuna
 import pandas as pd
 from mlflow.entities import Metric
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from rnnlm import data as rnnlm_data
@@ -169,6 +169,11 @@ def report_study(
     lines = [f"# Search {study.study_name}", "", f"best: trial {best.number}, {label} {best.value:.4g}"]
     lines += ["", "| param | value | importance |", "|---|---|---|"]
     lines += [f"| {k} | {v} | {weights.get(k, 0):.3f} |" for k, v in chosen.items()]
+    link = store.run_link(parent_run_id)
+    lines += ["", f"The search's history, the trials' validation curves and the importances as pictures, and the "
+              f"trials' table: [the study's MLflow run]({link})"]  # fmt: skip
+    create_link_artifact(link, link_text=f"MLflow run {parent_run_id}", key="tune-mlflow-run",
+                         description="the study's parent run: pictures, trials, best recipe")  # fmt: skip
     create_markdown_artifact("\n".join(lines), key="tune-best", description="the best configuration, importances")
     mlflow_client = store.client()
     mlflow_client.log_text(parent_run_id, table.to_csv(index=False), "trials.csv")

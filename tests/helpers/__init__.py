@@ -92,3 +92,15 @@ class CountingHandler(QuietHandler):
     def do_GET(self):
         CountingHandler.requests_seen.append(self.path)
         super().do_GET()
+
+
+def prefect_artifact(key: str):
+    """The newest Prefect artifact under `key`, from the Prefect server the tests use."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort="CREATED_DESC", limit=1
+        )
+    return artifact

@@ -3,6 +3,7 @@ recipe are what the study holds, and a search killed by SIGKILL resumes without 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import PROJECT_ROOT
+from helpers import PROJECT_ROOT, prefect_artifact
 from helpers.tune import tiny_search
 from mlflow.tracking import MlflowClient
 
@@ -54,6 +55,11 @@ def test_the_pruner_stops_a_diverging_trial_and_the_runs_are_what_the_study_hold
     assert {"trials.csv", "space.toml", "history.png", "best.toml"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id)
     }
+    table = prefect_artifact("tune-trials").data  # the Prefect UI's artifacts: the trials, the best, the pictures' run
+    rows = table if isinstance(table, list) else json.loads(table)
+    assert [(r["trial"], r["state"]) for r in rows] == [(t.number, t.state.name) for t in study.trials]
+    assert parent.info.run_id in prefect_artifact("tune-best").data
+    assert prefect_artifact("tune-mlflow-run").data.endswith(f"/runs/{parent.info.run_id})")
 
     best = min((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
     assert found["trial"] == best.number and found["values"] == {"lr": best.params["lr"]}

@@ -6,7 +6,7 @@ import csv
 
 import mlflow
 import pytest
-from helpers import registry_config, small_text
+from helpers import prefect_artifact, registry_config, small_text
 from mlflow.tracking import MlflowClient
 
 from flows.compare_flow import compare_flow
@@ -24,14 +24,8 @@ def promotion_tag(client: MlflowClient, version: int) -> str:
 
 
 def prefect_table(key: str) -> list[dict]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    with get_client(sync_client=True) as client:
-        [artifact] = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort="CREATED_DESC", limit=1
-        )
-    return artifact.data if isinstance(artifact.data, list) else __import__("json").loads(artifact.data)
+    data = prefect_artifact(key).data
+    return data if isinstance(data, list) else __import__("json").loads(data)
 
 
 def test_train_compare_promote_and_load_champion(tmp_path, small_corpus, mlflow_store):
