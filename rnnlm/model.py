@@ -65,9 +65,10 @@ class RNNLM(nn.Module):
         self.vocab_size, self.num_hiddens, self.rnn_type = vocab_size, num_hiddens, rnn_type
         self.embedding = nn.Embedding(vocab_size, embedding_dim) if embedding_dim else None
         self.drop = nn.Dropout(dropout)
-        self.weight_drop, self.embed_dropout, self.locked_dropout = weight_drop, embed_dropout, locked_dropout
+        self.weight_drop, self.embed_dropout = weight_drop, embed_dropout
+        self.locked_dropout = bool(locked_dropout and dropout)
         self.regularisers = regularisers_on(
-            {"weight_drop": weight_drop, "embed_dropout": embed_dropout, "locked_dropout": locked_dropout and dropout}
+            {"weight_drop": weight_drop, "embed_dropout": embed_dropout, "locked_dropout": self.locked_dropout}
         )
         between = dropout if num_layers > 1 else 0.0  # torch's layers apply dropout between layers only
         self.rnn = RNN_TYPES[rnn_type](embedding_dim or vocab_size, num_hiddens, num_layers, dropout=between)
@@ -152,16 +153,15 @@ class RNNLM(nn.Module):
         state, on torch's layers: the stacked layer as it is, or (training with weight drop or locked dropout)
         torch's layer function on the dropped weights, a layer at a time under locked dropout."""
         inputs = self._inputs(tokens.T)
-        if not (self.training and (self.weight_drop or "locked_dropout" in self.regularisers)):
+        if not (self.training and (self.weight_drop or self.locked_dropout)):
             return self.rnn(inputs, state)
         weights = self.recurrent_weights()
-        if "locked_dropout" not in self.regularisers:
+        if not self.locked_dropout:
             return self._layers(inputs, state, [w for layer in weights for w in layer], self.rnn.dropout)
         last = []
         for layer, layer_weights in enumerate(weights):
             inputs = self.dropped(inputs) if layer else inputs  # locked dropout between layers
-            layer_state = tuple(s[layer : layer + 1] for s in state) if isinstance(state, tuple) else state[layer:][:1]
-            inputs, layer_last = self._layers(inputs, layer_state, layer_weights, 0.0)
+            inputs, layer_last = self._layers(inputs, _layer_of(state, layer), layer_weights, 0.0)
             last.append(layer_last)
         if self.rnn_type == "lstm":
             return inputs, (torch.cat([h for h, _ in last]), torch.cat([c for _, c in last]))
@@ -187,7 +187,7 @@ class RNNLM(nn.Module):
     def dropped(self, x: torch.Tensor) -> torch.Tensor:
         """`dropout` on x (num_steps, batch, features): a mask per element, or under locked dropout one mask per
         sequence, the same at every time step; none in evaluation."""
-        if not (self.training and "locked_dropout" in self.regularisers):
+        if not (self.training and self.locked_dropout):
             return self.drop(x)
         keep = 1 - self.drop.p
         return x * x.new_empty(1, *x.shape[1:]).bernoulli_(keep).div_(keep)
@@ -294,6 +294,13 @@ class AdaptiveSoftmax(nn.Module):
                 nll = nll.index_add(0, rows, -scores.gather(1, (targets[rows] - low)[:, None]).squeeze(1))
         nll = nll - head.gather(1, head_targets[:, None]).squeeze(1)
         return nll.sum() if reduction == "sum" else nll.mean()
+
+
+def _layer_of(state: State, layer: int) -> State:
+    """One layer's part of a state, keeping its layer dimension: (1, batch, num_hiddens), a pair for the LSTM."""
+    if isinstance(state, tuple):
+        return tuple(s[layer : layer + 1] for s in state)
+    return state[layer : layer + 1]
 
 
 def detach_state(state: State) -> State:
