@@ -9,6 +9,8 @@ can be carried over::
              [i j k l m n o p]      Y is the same window shifted by one token
              [q r s t u v w x]
 
+With variable windows (AWD-LSTM), the same rows are walked in windows of random lengths around `num_steps`.
+
 Random sampling (`seq_data_iter_random`) cuts the corpus, after a random offset, into `num_steps`-long subsequences
 and serves them shuffled, so neighbouring batches are unrelated and the state is reset each batch.
 """
@@ -74,13 +76,41 @@ def sequential_batches(
     corpus: torch.Tensor, batch_size: int, num_steps: int, generator: torch.Generator
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of sequential partitioning; X and Y are int64 of shape (batch_size, num_steps)."""
+    xs, ys = _rows(corpus, batch_size, num_steps, generator)
+    num_batches = xs.shape[1] // num_steps
+    for i in range(0, num_batches * num_steps, num_steps):
+        yield xs[:, i : i + num_steps].long(), ys[:, i : i + num_steps].long()
+
+
+def variable_batches(
+    corpus: torch.Tensor, batch_size: int, num_steps: int, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of sequential partitioning in windows of AWD-LSTM's random lengths (`window_length`, drawn from
+    `generator` as the epoch goes), to the rows' end; X and Y are int64 of shape (batch_size, length)."""
+    xs, ys = _rows(corpus, batch_size, num_steps, generator)
+    i = 0
+    while i < xs.shape[1]:
+        length = min(window_length(num_steps, generator), xs.shape[1] - i)
+        yield xs[:, i : i + length].long(), ys[:, i : i + length].long()
+        i += length
+
+
+def window_length(num_steps: int, generator: torch.Generator) -> int:
+    """AWD-LSTM's window length: around `num_steps` (with probability 0.95, else around half of it), normal with a
+    deviation of 5 steps, at least 5 and at most 2 * num_steps."""
+    centre = num_steps if float(torch.rand((), generator=generator)) < 0.95 else num_steps / 2
+    length = int(torch.normal(float(centre), 5.0, (1,), generator=generator))
+    return min(max(length, 5), 2 * num_steps)
+
+
+def _rows(corpus: torch.Tensor, batch_size: int, num_steps: int, generator: torch.Generator):
+    """The corpus after a random offset (drawn from `generator`) laid into `batch_size` rows: inputs and targets,
+    each (batch_size, columns)."""
     offset = int(torch.randint(0, num_steps + 1, (1,), generator=generator))
     num_tokens = ((len(corpus) - offset - 1) // batch_size) * batch_size
     xs = corpus[offset : offset + num_tokens].view(batch_size, -1)
     ys = corpus[offset + 1 : offset + 1 + num_tokens].view(batch_size, -1)
-    num_batches = xs.shape[1] // num_steps
-    for i in range(0, num_batches * num_steps, num_steps):
-        yield xs[:, i : i + num_steps].long(), ys[:, i : i + num_steps].long()
+    return xs, ys
 
 
 def random_batches(

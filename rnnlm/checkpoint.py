@@ -172,9 +172,11 @@ def resume(
     generator: torch.Generator,
     corpus_sha1: str | None = None,
 ) -> TrainState:
-    """Load `path` into the model, optimizer and RNGs after checking it belongs to this config, vocab and corpus."""
+    """Load `path` into the model, optimizer and RNGs after checking it belongs to this config, vocab and corpus.
+    The model gets the weights training goes on from: under NT-ASGD's averaging, `training_weights` (the checkpoint's
+    `model` is then the average, what is evaluated)."""
     ckpt = read_resumable(path, config, vocab, corpus_sha1, next(model.parameters()).device)
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(ckpt.get("training_weights", ckpt["model"]))
     optimizer.load_state_dict(ckpt["optimizer"])
     restore_rng_state(ckpt["rng"], generator)
     history = [EpochStats(**h) for h in ckpt["history"]]

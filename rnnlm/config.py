@@ -130,12 +130,45 @@ class TrainConfig(BaseModel):
         description="An adaptive softmax for large vocabularies, e.g. 2000,6000: the words ranked below the first "
         "cutoff in its head, rarer ones in smaller clusters (quicker to train); empty: the full softmax (the book).",
     )
+    # AWD-LSTM's regularisers (Merity et al. 2017), all off by default; torch's layers train a model with any of them
+    weight_drop: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="DropConnect on every layer's hidden-to-hidden weights: one mask per minibatch (training only).",
+    )
+    embed_dropout: float = Field(
+        0.0, ge=0, lt=1, description="Drop whole words (the same word everywhere in a minibatch) from the inputs."
+    )
+    locked_dropout: bool = Field(
+        False,
+        description="The dropout on the embedding, between layers and before the output layer with one mask per "
+        "sequence, the same at every time step (variational); needs dropout above 0.",
+    )
 
     # --- training ---------------------------------------------------------------------------------------------
     batch_size: int = Field(32, gt=0, le=MAX_BATCH, description="Sequences per minibatch.")
     num_steps: int = Field(35, gt=0, le=MAX_STEPS, description="Time steps per sequence (truncated BPTT length).")
     lr: float = Field(1.0, gt=0, description="Learning rate (its peak, with a schedule).")
-    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="'sgd': the book's plain SGD; 'adamw': AdamW.")
+    optimizer: Literal["sgd", "adamw", "ntasgd"] = Field(
+        "sgd",
+        description="'sgd': the book's plain SGD; 'adamw': AdamW; 'ntasgd': SGD, then averaged weights (evaluated, "
+        "kept and registered) once validation has not improved for asgd_patience evaluations.",
+    )
+    asgd_patience: int = Field(
+        5, gt=0, description="With the ntasgd optimizer, evaluations without improvement before averaging starts."
+    )
+    ar_alpha: float = Field(
+        0.0, ge=0, description="Activation regularisation: alpha * mean square of the last layer's dropped outputs."
+    )
+    tar_beta: float = Field(
+        0.0, ge=0, description="Temporal activation regularisation: beta * mean square of the last layer's steps."
+    )
+    variable_steps: bool = Field(
+        False,
+        description="AWD-LSTM's random window lengths around num_steps (sequential batches), the rate scaled by "
+        "each window's length / num_steps.",
+    )
     weight_decay: float = Field(0.0, ge=0, description="Weight decay (L2 for SGD, decoupled for AdamW).")
     lr_schedule: Literal["constant", "plateau", "cosine"] = Field(
         "constant",
@@ -265,6 +298,7 @@ class TrainConfig(BaseModel):
             raise ValueError(
                 f"adaptive_cutoffs must be word ranks rising strictly from 1 or more (now {cutoffs}), e.g. 2000,6000"
             )
+        self._regularisers_fit()
         if self.early_stopping and not self.val_tokens:
             raise ValueError("early_stopping counts evaluations on validation tokens: set --val_tokens above 0")
         if self.lr_schedule == "plateau" and not self.val_tokens:
@@ -272,6 +306,15 @@ class TrainConfig(BaseModel):
         if self.register_weights == "best" and not self.val_tokens:
             self.__dict__["register_weights"] = "last"  # no validation, no best: the last weights are what there is
         return self
+
+    def _regularisers_fit(self) -> None:
+        """ValueError where a regulariser is asked for where it cannot act."""
+        if self.locked_dropout and not self.dropout:
+            raise ValueError("locked_dropout shares dropout's masks across time steps: set --dropout above 0")
+        if self.variable_steps and self.use_random_iter:
+            raise ValueError("variable_steps varies the windows of sequential batches: leave use_random_iter off")
+        if self.optimizer == "ntasgd" and not self.val_tokens:
+            raise ValueError("the ntasgd optimizer starts averaging when validation stalls: set --val_tokens above 0")
 
     @model_validator(mode="after")
     def _bpe_holds_out_text(self) -> TrainConfig:

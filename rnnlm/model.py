@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import _VF, nn
 
 from rnnlm import cpu
 from rnnlm.cpu import device_name as device_name  # the engine describes where and how a model trains
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 RNN_TYPES = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 CELLS = {"rnn": torch.rnn_tanh_cell, "gru": torch.gru_cell, "lstm": torch.lstm_cell}  # one step of a layer
+LAYERS = {"rnn": _VF.rnn_tanh, "gru": _VF.gru, "lstm": _VF.lstm}  # what torch's layers call, on weights given
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -35,6 +36,11 @@ class RNNLM(nn.Module):
     (off in evaluation and generation), and `tie_weights` shares the embedding with the output layer. With
     `adaptive_cutoffs` the output layer is an `AdaptiveSoftmax` (`self.adaptive`, `self.linear` None), whose logits
     are log-probabilities.
+
+    AWD-LSTM's regularisers act in training only: `weight_drop` drops each layer's hidden-to-hidden weights with one
+    mask per call (a minibatch), `embed_dropout` drops whole words from the inputs, and `locked_dropout` draws
+    `dropout`'s masks once per sequence for all time steps (the layers then run one at a time). `regularisers` names
+    the regularisers on, of the model and of its training (`build_model`): the CPU engine declines such a model.
     """
 
     def __init__(
@@ -47,6 +53,9 @@ class RNNLM(nn.Module):
         dropout: float = 0.0,
         tie_weights: bool = False,
         adaptive_cutoffs: tuple[int, ...] | list[int] = (),
+        weight_drop: float = 0.0,
+        embed_dropout: float = 0.0,
+        locked_dropout: bool = False,
     ):
         super().__init__()
         if rnn_type not in RNN_TYPES:
@@ -56,6 +65,11 @@ class RNNLM(nn.Module):
         self.vocab_size, self.num_hiddens, self.rnn_type = vocab_size, num_hiddens, rnn_type
         self.embedding = nn.Embedding(vocab_size, embedding_dim) if embedding_dim else None
         self.drop = nn.Dropout(dropout)
+        self.weight_drop, self.embed_dropout = weight_drop, embed_dropout
+        self.locked_dropout = bool(locked_dropout and dropout)
+        self.regularisers = regularisers_on(
+            {"weight_drop": weight_drop, "embed_dropout": embed_dropout, "locked_dropout": self.locked_dropout}
+        )
         between = dropout if num_layers > 1 else 0.0  # torch's layers apply dropout between layers only
         self.rnn = RNN_TYPES[rnn_type](embedding_dim or vocab_size, num_hiddens, num_layers, dropout=between)
         self.linear, self.adaptive = None, None
@@ -103,8 +117,8 @@ class RNNLM(nn.Module):
     def hidden_torch(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """The last layer's outputs (num_steps * batch_size, num_hiddens), time-major, after dropout, on torch's
         layers, and the last state."""
-        outputs, state = self.rnn(self._inputs(tokens.T), state)  # (num_steps, batch_size, num_hiddens)
-        return self.drop(outputs).reshape(-1, self.num_hiddens), state
+        outputs, state = self.recurrent(tokens, state)  # (num_steps, batch_size, num_hiddens)
+        return self.dropped(outputs).reshape(-1, self.num_hiddens), state
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, state: State, reduction: str = "mean"):
         """The cross-entropy of `targets` (batch_size, num_steps) given `tokens`, mean or summed over them, and the
@@ -118,12 +132,82 @@ class RNNLM(nn.Module):
         logits, state = self.forward_torch(tokens, state)
         return F.cross_entropy(logits.float(), targets.T.reshape(-1), reduction=reduction), state
 
+    def penalised_loss(self, tokens, targets, state: State, ar_alpha: float = 0.0, tar_beta: float = 0.0):
+        """(the mean cross-entropy of `targets`, AWD-LSTM's activation penalties, the last state) on torch's layers:
+        AR is `ar_alpha` * the mean square of the last layer's dropped outputs, TAR `tar_beta` * the mean square of
+        the steps between its outputs before dropout. Training adds the two; the cross-entropy is what it reports."""
+        outputs, state = self.recurrent(tokens, state)  # (num_steps, batch_size, num_hiddens)
+        dropped = self.dropped(outputs)
+        flat, flat_targets = dropped.reshape(-1, self.num_hiddens), targets.T.reshape(-1)
+        if self.adaptive is not None:
+            loss = self.adaptive.loss(flat, flat_targets)
+        else:
+            loss = F.cross_entropy(self.linear(flat).float(), flat_targets)
+        penalty = ar_alpha * dropped.float().pow(2).mean()
+        if len(outputs) > 1:
+            penalty = penalty + tar_beta * (outputs[1:] - outputs[:-1]).float().pow(2).mean()
+        return loss, penalty, state
+
+    def recurrent(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """The last layer's outputs before the output dropout (num_steps, batch_size, num_hiddens), and the last
+        state, on torch's layers: the stacked layer as it is, or (training with weight drop or locked dropout)
+        torch's layer function on the dropped weights, a layer at a time under locked dropout."""
+        inputs = self._inputs(tokens.T)
+        if not (self.training and (self.weight_drop or self.locked_dropout)):
+            return self.rnn(inputs, state)
+        weights = self.recurrent_weights()
+        if not self.locked_dropout:
+            return self._layers(inputs, state, [w for layer in weights for w in layer], self.rnn.dropout)
+        last = []
+        for layer, layer_weights in enumerate(weights):
+            inputs = self.dropped(inputs) if layer else inputs  # locked dropout between layers
+            inputs, layer_last = self._layers(inputs, _layer_of(state, layer), layer_weights, 0.0)
+            last.append(layer_last)
+        if self.rnn_type == "lstm":
+            return inputs, (torch.cat([h for h, _ in last]), torch.cat([c for _, c in last]))
+        return inputs, torch.cat(last)
+
+    def recurrent_weights(self) -> list[list[torch.Tensor]]:
+        """Each layer's [W_ih, W_hh, b_ih, b_hh], W_hh with weight drop's mask (drawn now, once for the whole
+        window) in training: DropConnect, scaled by 1 / (1 - p) as dropout is; the stored weights stay as they are."""
+        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        layers = [[getattr(self.rnn, f"{name}_l{layer}") for name in names] for layer in range(self.rnn.num_layers)]
+        if self.training and self.weight_drop:
+            for layer in layers:
+                layer[1] = F.dropout(layer[1], self.weight_drop)
+        return layers
+
+    def _layers(self, inputs: torch.Tensor, state: State, weights: list[torch.Tensor], between: float):
+        """torch's layer function (what `self.rnn` calls) over inputs (num_steps, batch, in) with `weights` (four a
+        layer): (outputs (num_steps, batch, num_hiddens), the last state)."""
+        layers, hx = len(weights) // 4, tuple(state) if self.rnn_type == "lstm" else state
+        result = LAYERS[self.rnn_type](inputs, hx, weights, True, layers, between, self.training, False, False)
+        return result[0], (tuple(result[1:]) if self.rnn_type == "lstm" else result[1])
+
+    def dropped(self, x: torch.Tensor) -> torch.Tensor:
+        """`dropout` on x (num_steps, batch, features): a mask per element, or under locked dropout one mask per
+        sequence, the same at every time step; none in evaluation."""
+        if not (self.training and self.locked_dropout):
+            return self.drop(x)
+        keep = 1 - self.drop.p
+        return x * x.new_empty(1, *x.shape[1:]).bernoulli_(keep).div_(keep)
+
     def _inputs(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (num_steps, batch_size) as the first layer's input: the embedding's rows (dropped out), or the
-        book's one-hot vectors (num_steps, batch_size, vocab_size)."""
+        book's one-hot vectors (num_steps, batch_size, vocab_size); without the words embedding dropout drops."""
         if self.embedding is not None:
-            return self.drop(self.embedding(tokens))
-        return F.one_hot(tokens, self.vocab_size).float()
+            return self.dropped(self._without_dropped_words(self.embedding(tokens), tokens))
+        return self._without_dropped_words(F.one_hot(tokens, self.vocab_size).float(), tokens)
+
+    def _without_dropped_words(self, inputs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Embedding dropout in training: each word of the vocabulary dropped (its inputs zero wherever it occurs in
+        this call) with probability `embed_dropout`, the others scaled by 1 / (1 - p), as dropping the embedding's
+        rows does."""
+        if not (self.training and self.embed_dropout):
+            return inputs
+        keep = 1 - self.embed_dropout
+        words = inputs.new_empty(self.vocab_size).bernoulli_(keep).div_(keep)
+        return inputs * words[tokens].unsqueeze(-1)
 
     def begin_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
         """Zero state: (num_layers, batch_size, num_hiddens), a pair of them for the LSTM."""
@@ -133,15 +217,29 @@ class RNNLM(nn.Module):
         return torch.zeros(shape, device=device)
 
 
-MODEL_OPTIONS = ("embedding_dim", "dropout", "tie_weights", "adaptive_cutoffs")  # what older checkpoints may lack
+MODEL_OPTIONS = (  # what older checkpoints may lack
+    "embedding_dim", "dropout", "tie_weights", "adaptive_cutoffs", "weight_drop", "embed_dropout", "locked_dropout",
+)  # fmt: skip
+# AWD-LSTM's regularisers, of the model and of its training, by their config fields: each is on when its value is
+# true (a rate above 0, a flag set), and NT-ASGD when the optimizer is "ntasgd"
+REGULARISERS = ("weight_drop", "embed_dropout", "locked_dropout", "ar_alpha", "tar_beta", "variable_steps")
+
+
+def regularisers_on(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The names of the regularisers `config` (config fields by name) turns on."""
+    on = tuple(name for name in REGULARISERS if config.get(name))
+    return (*on, "ntasgd") if config.get("optimizer") == "ntasgd" else on
 
 
 def build_model(config: TrainConfig | Mapping[str, Any], vocab_size: int) -> RNNLM:
     """The model `config` describes over `vocab_size` tokens, for training and for loading alike: `config` is a
-    TrainConfig or a checkpoint's config dict (whose older versions lack some options: those keep RNNLM's defaults)."""
+    TrainConfig or a checkpoint's config dict (whose older versions lack some options: those keep RNNLM's defaults).
+    The model's `regularisers` name those of its training too."""
     given = config if isinstance(config, Mapping) else config.model_dump()
     options = {name: given[name] for name in MODEL_OPTIONS if name in given}
-    return RNNLM(vocab_size, given["num_hiddens"], given["rnn"], given["num_layers"], **options)
+    model = RNNLM(vocab_size, given["num_hiddens"], given["rnn"], given["num_layers"], **options)
+    model.regularisers = tuple(dict.fromkeys((*model.regularisers, *regularisers_on(given))))
+    return model
 
 
 class AdaptiveSoftmax(nn.Module):
@@ -196,6 +294,13 @@ class AdaptiveSoftmax(nn.Module):
                 nll = nll.index_add(0, rows, -scores.gather(1, (targets[rows] - low)[:, None]).squeeze(1))
         nll = nll - head.gather(1, head_targets[:, None]).squeeze(1)
         return nll.sum() if reduction == "sum" else nll.mean()
+
+
+def _layer_of(state: State, layer: int) -> State:
+    """One layer's part of a state, keeping its layer dimension: (1, batch, num_hiddens), a pair for the LSTM."""
+    if isinstance(state, tuple):
+        return tuple(s[layer : layer + 1] for s in state)
+    return state[layer : layer + 1]
 
 
 def detach_state(state: State) -> State:

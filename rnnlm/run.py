@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from rnnlm import cpu
+from rnnlm import averaging, cpu
 from rnnlm.batches import as_tensor
 from rnnlm.checkpoint import (
     best_checkpoint,
@@ -207,10 +207,13 @@ def fit(
     common |= {"tokenizer": vocab.tokenizer} if vocab.tokenizer is not None else {}  # BPE's, as a JSON string
 
     def save(current: TrainState) -> None:
-        save_checkpoint(
-            checkpoint_path, model=model.state_dict(), optimizer=optimizer.state_dict(), **common, run_id=run_id,
-            **state_to_checkpoint(current), rng=rng_state(generator), data_iterator=iterator_policy(config),
-        )  # fmt: skip
+        with averaging.averaged(model, current) as training:  # NT-ASGD: `model` the average, SGD's weights beside
+            more = {"training_weights": training} if training is not None else {}
+            save_checkpoint(
+                checkpoint_path, model=model.state_dict(), optimizer=optimizer.state_dict(), **common, run_id=run_id,
+                **state_to_checkpoint(current), rng=rng_state(generator), data_iterator=iterator_policy(config),
+                **more,
+            )  # fmt: skip
 
     def save_best(current: TrainState) -> None:
         weights = {

@@ -49,6 +49,9 @@ class TrainState:
     epoch_loss: float = 0.0
     epoch_tokens: int = 0
     epoch_seconds: float = 0.0  # training only: evaluations inside the epoch are left out
+    # NT-ASGD, once averaging started: the running average of the weights (by parameter name), over this many steps
+    average: dict[str, torch.Tensor] | None = None
+    averaged_steps: int = 0
 
 
 @dataclass

@@ -18,8 +18,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from rnnlm import cpu
-from rnnlm.batches import as_tensor, num_batches, random_batches, sequential_batches
+from rnnlm import averaging, cpu
+from rnnlm.batches import as_tensor, num_batches, random_batches, sequential_batches, variable_batches
 from rnnlm.config import TrainConfig
 from rnnlm.evaluate import evaluate, perplexity_of
 from rnnlm.model import RNNLM, State, detach_state
@@ -34,9 +34,9 @@ class TrainingDiverged(RuntimeError):
 
 
 def make_optimizer(model: RNNLM, lr: float, config: TrainConfig | None = None) -> torch.optim.Optimizer:
-    """The run's optimizer: the book's plain SGD, or AdamW, with the config's weight decay. AdamW updates every
-    parameter in one fused kernel on CPUs and GPUs (torch's loop of per-tensor ops costs a tenth of a real-text
-    step on a CPU); same arithmetic, to float rounding."""
+    """The run's optimizer: the book's plain SGD (also NT-ASGD's, which averages beside it), or AdamW, with the
+    config's weight decay. AdamW updates every parameter in one fused kernel on CPUs and GPUs (torch's loop of
+    per-tensor ops costs a tenth of a real-text step on a CPU); same arithmetic, to float rounding."""
     if config is not None and config.optimizer == "adamw":
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay, fused=fused or None)
@@ -72,6 +72,7 @@ def train(
             loop.run_epoch(epoch)
             if state.stopped:
                 break
+    averaging.finish(model, state)  # NT-ASGD: the averaged weights are the training's result
     return state
 
 
@@ -97,7 +98,9 @@ class _Loop:
         with cpu.settings(config.cpu_threads, self.model, (config.batch_size, config.num_steps)):
             for inputs, targets in self._batches():
                 state.hidden = carried(self.model, state.hidden, inputs, config.use_random_iter)
+                self._scale_rate(inputs.shape[1])
                 loss, state.hidden = _step(self.model, inputs, targets, state.hidden, self.optimizer, config)
+                averaging.update(self.model, state)
                 loss_sum += loss * targets.numel()  # stays on the device: no host sync per batch
                 state.epoch_tokens += targets.numel()
                 state.batch, state.step = state.batch + 1, state.step + 1
@@ -116,6 +119,13 @@ class _Loop:
         else:
             self.generator.set_state(state.epoch_rng)
         return epoch_batches(self.corpus, self.config, self.generator, skip=state.batch)
+
+    def _scale_rate(self, length: int) -> None:
+        """Variable windows (AWD-LSTM): this step's rate is the schedule's scaled by its window's length / num_steps
+        (the schedule sets its own rate back after the step)."""
+        if self.config.variable_steps:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.state.lr * length / self.config.num_steps
 
     def _between_steps(self, epoch: int, loss_sum: torch.Tensor) -> bool:
         """What is due after a step: the schedule, an evaluation, a checkpoint, a progress line, a stop; True to end
@@ -161,17 +171,31 @@ class _Loop:
             self.hooks.on_epoch(stats, state)
 
     def _evaluate(self, epoch: int) -> float | None:
-        """Validation perplexity now; keeps the best weights, tells the schedule, counts towards early stopping."""
+        """Validation perplexity now; keeps the best weights, tells the schedule, counts towards early stopping and
+        NT-ASGD's start. Once NT-ASGD averages, the averaged weights are the ones evaluated and kept."""
         state, config = self.state, self.config
         if len(self.val_tokens) < 2:
             return None
-        started = clock()
-        perplexity = evaluate(self.model, self.val_tokens, config.batch_size, config.num_steps, config.cpu_threads)
-        self.model.train()
-        seconds = clock() - started
+        with averaging.averaged(self.model, state):
+            started = clock()
+            perplexity = evaluate(self.model, self.val_tokens, config.batch_size, config.num_steps, config.cpu_threads)
+            self.model.train()
+            seconds = clock() - started
+            improved = self._keep_if_best(perplexity, epoch)
         state.elapsed += seconds  # the time budget (max_minutes) counts evaluations too
         self.eval_seconds += seconds
         self.epoch_val = perplexity
+        self._follow_schedule("improved" if improved else "stale")
+        if config.early_stopping and state.stale_evals >= config.early_stopping:
+            state.stopped = f"early stopping: {state.stale_evals} evaluations without a lower validation perplexity"
+        if config.optimizer == "ntasgd" and state.average is None and state.stale_evals >= config.asgd_patience:
+            averaging.start(self.model, state)
+        return perplexity
+
+    def _keep_if_best(self, perplexity: float, epoch: int) -> bool:
+        """Whether `perplexity` is the best so far; if so the model's weights are kept (`hooks.save_best`), else the
+        evaluation counts as stale."""
+        state = self.state
         improved = state.best_val_perplexity is None or perplexity < state.best_val_perplexity
         if improved:
             state.best_val_perplexity, state.best_epoch, state.best_step = perplexity, epoch, state.step
@@ -180,10 +204,7 @@ class _Loop:
                 self.hooks.save_best(state)
         else:
             state.stale_evals += 1
-        self._follow_schedule("improved" if improved else "stale")
-        if config.early_stopping and state.stale_evals >= config.early_stopping:
-            state.stopped = f"early stopping: {state.stale_evals} evaluations without a lower validation perplexity"
-        return perplexity
+        return improved
 
     def _save(self, loss_sum: torch.Tensor) -> None:
         if self.hooks.save is not None:
@@ -246,6 +267,7 @@ def epoch_batches(corpus: torch.Tensor, config: TrainConfig, generator: torch.Ge
     """An epoch's minibatches under the config's partitioning (offset and shuffle drawn from `generator`), from
     the `skip`-th on: (inputs, targets), each (batch_size, num_steps)."""
     batches = random_batches if config.use_random_iter else sequential_batches
+    batches = variable_batches if config.variable_steps else batches
     for index, batch in enumerate(batches(corpus, config.batch_size, config.num_steps, generator)):
         if index >= skip:
             yield batch
@@ -265,12 +287,22 @@ def _step(model: RNNLM, inputs, targets, hidden, optimizer, config: TrainConfig)
     if (compiled := cpu.sgd_step(model, optimizer, inputs, targets, hidden, config.grad_clip, config.amp)) is not None:
         return compiled
     with autocast(inputs.device, config.amp):  # the forward pass only; gradients and the step stay float32
-        loss, hidden = model.loss(inputs, targets, hidden)
+        loss, objective, hidden = _losses(model, inputs, targets, hidden, config)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    objective.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip, foreach=True)
     optimizer.step()
     return loss.detach(), hidden
+
+
+def _losses(model: RNNLM, inputs, targets, hidden, config: TrainConfig):
+    """(the mean cross-entropy, what the step minimises, the last state): the cross-entropy itself, or with AR/TAR
+    the cross-entropy plus their penalties (the cross-entropy alone is what training reports)."""
+    if not (config.ar_alpha or config.tar_beta):
+        loss, hidden = model.loss(inputs, targets, hidden)
+        return loss, loss, hidden
+    loss, penalty, hidden = model.penalised_loss(inputs, targets, hidden, config.ar_alpha, config.tar_beta)
+    return loss, loss + penalty, hidden
 
 
 def autocast(device: torch.device, enabled: bool):

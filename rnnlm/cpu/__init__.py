@@ -8,9 +8,9 @@ checks what it is given before any C call (`checks`: the errors torch's layers r
 the one measurement it depends on (which path trains an LSTM quicker here) runs in `prepare`, when a run hands the
 model over (`settings`, which the trainer and evaluation enter). The engine imports nothing from the rest of the
 library: it reads a model through its torch modules (`model.rnn`, `model.linear` or `model.adaptive`, and
-`model.embedding` and `model.drop` where it has them) and `model.forward_torch`, its own path, keeps its builds in
-its own cache folder (`native.cache()`), and describes itself for a run's records (`device_name`, `engine_name`,
-`matmul_precision`).
+`model.embedding` and `model.drop` where it has them, and `model.regularisers`, which it declines) and
+`model.forward_torch`, its own path, keeps its builds in its own cache folder (`native.cache()`), and describes
+itself for a run's records (`device_name`, `engine_name`, `matmul_precision`).
 
     checks.py      what every entry checks before any C call, and the engine's own RNNLM_* variables
     native.py      builds kernels.c with the machine's compiler at first use; ctypes wrappers of its functions
@@ -66,7 +66,7 @@ def handles(model: nn.Module, tokens: torch.Tensor) -> bool:
 
 def why_not(model: nn.Module, tokens: torch.Tensor) -> str | None:
     """Why the engine does not serve this call, in words; None when it does."""
-    if (reason := _unsupported(model, tokens)) is not None:
+    if (reason := _declined(model) or _unsupported(model, tokens)) is not None:
         return reason
     if tokens.shape[1] < MIN_STEPS:
         return f"windows of fewer than {MIN_STEPS} steps run quicker on torch's layers"
@@ -77,6 +77,15 @@ def why_not(model: nn.Module, tokens: torch.Tensor) -> str | None:
         if how == "set by RNNLM_CPU_CHOICE":
             return "torch's LSTM, set by RNNLM_CPU_CHOICE=lstm-step=torch"
         return "torch's LSTM measured quicker than the compiled one on this machine" + (f" ({how})" if how else "")
+    return None
+
+
+def _declined(model: nn.Module) -> str | None:
+    """Why the engine leaves a model it could compute to torch's layers, in words: the regularisers the model names
+    (`model.regularisers`: AWD-LSTM's weight drop, embedding and locked dropout, AR/TAR, variable windows, NT-ASGD),
+    which its kernels do not apply; None when it names none."""
+    if names := getattr(model, "regularisers", ()):
+        return f"the compiled kernels do not apply the regularisers {', '.join(names)}"
     return None
 
 
@@ -105,7 +114,8 @@ def prepare(model: nn.Module, window: tuple[int, int]) -> None:
     the engine; after the first call it is a lookup."""
     check_environment()
     tokens = torch.zeros(window, dtype=torch.int64)
-    if isinstance(model.rnn, nn.LSTM) and _unsupported(model, tokens) is None and window[1] >= MIN_STEPS:
+    served = _declined(model) is None and _unsupported(model, tokens) is None
+    if isinstance(model.rnn, nn.LSTM) and served and window[1] >= MIN_STEPS:
         if lstm_path(model, window[0]) is None:
             _measure_lstm_path(model, window[0])
 

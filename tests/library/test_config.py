@@ -196,4 +196,6 @@ def test_every_option_can_come_from_the_environment(monkeypatch, name):
     monkeypatch.setenv(f"RNNLM_{name.upper()}", text)
     if name == "tie_weights":
         monkeypatch.setenv("RNNLM_EMBEDDING_DIM", "256")  # tying needs an embedding as wide as the hidden state
+    if name == "locked_dropout":
+        monkeypatch.setenv("RNNLM_DROPOUT", "0.5")  # locked dropout shares dropout's masks across time steps
     assert getattr(parse_command(TrainCommand, []).config(), name) == value

@@ -47,7 +47,7 @@ def start(args: dict, store: str, log: Path) -> subprocess.Popen:
     }
     argv = [sys.executable, "flows/train_flow.py"]
     for key, value in args.items():
-        argv += [f"--{key}", str(value)]
+        argv += [f"--{key}"] if value is True else [f"--{key}", str(value)]  # a flag stands alone
     out = open(log, "ab")  # noqa: SIM115 (closed with the process in finish())
     return subprocess.Popen(
         argv, cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -121,9 +121,19 @@ def the_run(store: str):
     return client, run
 
 
-def assert_epochs_logged_once(client: MlflowClient, run_id: str) -> None:
+def assert_epochs_logged_once(client: MlflowClient, run_id: str, epochs: int = NUM_EPOCHS) -> None:
     steps = sorted(m.step for m in client.get_metric_history(run_id, "train_perplexity"))
-    assert steps == list(range(1, NUM_EPOCHS + 1))
+    assert steps == list(range(1, epochs + 1))
+
+
+def latest_checkpoint(folder: Path) -> dict:
+    """The resumable checkpoint in `folder` (an empty dict while there is none, or while it is being renamed)."""
+    for path in folder.rglob("model.pt"):
+        try:
+            return load_checkpoint(path)
+        except (ValueError, FileNotFoundError):
+            pass
+    return {}
 
 
 def test_kill_9_then_same_command_resumes_and_matches_an_uninterrupted_run(tmp_path, corpus, store):
@@ -159,6 +169,42 @@ def test_kill_9_then_same_command_resumes_and_matches_an_uninterrupted_run(tmp_p
     assert metrics["final_val_perplexity"] == reference.val_perplexity
     [version] = client.search_model_versions("name = 'rnnlm'")
     assert version.run_id == run.info.run_id
+
+
+REGULARISED = dict(
+    rnn="lstm", num_layers=2, embedding_dim=16, num_hiddens=16, dropout=0.3, weight_drop=0.3, embed_dropout=0.1,
+    locked_dropout=True, ar_alpha=2.0, tar_beta=1.0, variable_steps=True, optimizer="ntasgd", asgd_patience=1,
+    max_tokens=3000, val_max_tokens=400, eval_every_steps=5, checkpoint_every_steps=4, num_epochs=4,
+)  # fmt: skip
+
+
+def test_kill_9_inside_an_epoch_with_every_regulariser_on_resumes_identically(tmp_path, corpus, store):
+    args = settings(tmp_path, corpus, **REGULARISED)
+    folder = checkpoint_folder(TrainConfig(**args), sha1_of(corpus))
+
+    def averaging_inside_an_epoch() -> bool:  # NT-ASGD's average and the variable windows' place in the checkpoint
+        saved = latest_checkpoint(folder)
+        return saved.get("averaged_steps", 0) > 0 and saved["batch"] > 0 and saved["epoch"] < args["num_epochs"] - 1
+
+    first = start(args, store, tmp_path / "first.log")
+    try:
+        wait_for(averaging_inside_an_epoch, "a checkpoint inside an epoch with averaged weights", first)
+        os.kill(first.pid, signal.SIGKILL)
+    finally:
+        code = finish(first)
+    assert code == -signal.SIGKILL
+    assert finish(start(args, store, tmp_path / "second.log")) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    log = (tmp_path / "second.log").read_text()
+    assert "resuming training from the checkpoint" in log and "regularisers" in log  # the engine line says why
+
+    client, resumed = the_run(store)
+    assert resumed.info.status == "FINISHED"
+    assert_epochs_logged_once(client, resumed.info.run_id, args["num_epochs"])
+    reference = reference_run(tmp_path, args)
+    metrics = resumed.data.metrics
+    assert metrics["final_train_perplexity"] == reference.train_perplexity  # exactly equal on CPU
+    assert metrics["final_val_perplexity"] == reference.val_perplexity
+    assert metrics["final_registered_val_perplexity"] == reference.registered_val_perplexity
 
 
 def test_ctrl_c_checkpoints_marks_killed_and_the_next_run_resumes(tmp_path, corpus, store):
