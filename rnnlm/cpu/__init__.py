@@ -83,8 +83,8 @@ def why_not(model: nn.Module, tokens: torch.Tensor) -> str | None:
 def _declined(model: nn.Module) -> str | None:
     """Why the engine leaves a model it could compute to torch's layers, in words: the regularisers the model names
     (`model.regularisers`: AWD-LSTM's weight drop, embedding and locked dropout, AR/TAR, variable windows, NT-ASGD),
-    which its kernels do not apply; None when it names none."""
-    if names := getattr(model, "regularisers", ()):
+    which its kernels do not apply; None when it names none, or in evaluation, where none of them acts."""
+    if model.training and (names := getattr(model, "regularisers", ())):
         return f"the compiled kernels do not apply the regularisers {', '.join(names)}"
     return None
 
