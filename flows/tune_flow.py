@@ -24,7 +24,7 @@ from flows.train_flow import train_flow
 from rnnlm import paths
 from rnnlm.config import RecipeError, TrainConfig, read_recipe
 from rnnlm.data import preflight
-from rnnlm.search import MEASURES, Budgets, SearchSpace, SpaceError, read_space
+from rnnlm.search import Budgets, SearchSpace, SpaceError, read_space
 from tasks.mlflow_run import check_tracking
 from tasks.tune import report_study, start_study_run, train_trial
 from tracking import study as studies
@@ -60,6 +60,10 @@ class TuneConfig(BaseModel):
     dask_address: str | None = Field(None, description="A Dask scheduler (tcp://host:8786) to run trials on.")
     parallel: int = Field(0, ge=0, description="Trials at once; 0: one here, the workers' number on Dask.")
     seed: int = Field(0, ge=0, description="The sampler's seed.")
+    base_trial: bool = Field(
+        True, description="First train the base recipe at the final budget: the yardstick the best must beat (it "
+        "stays the best when no configuration does).",
+    )  # fmt: skip
     promote: bool = Field(False, description="After the final training, move 'champion' if it beats it.")
     promote_margin: float = Field(0.0, ge=0, lt=1, description="Fraction by which it must beat the champion.")
 
@@ -105,6 +109,8 @@ def tune_flow(tune: TuneConfig) -> dict:
         with run_guard(TrackedRun(parent)):
             if stale := studies.release_stale(study):
                 print(f"trials {stale} were left running by a stopped search: queued again")
+            if tune.base_trial and (said := studies.enqueue_base(study, space, base, budgets)):
+                print(said)
             _search(tune, study, space, base, budgets, url, parent)
             best = studies.best(study)
             if best is None:
@@ -113,8 +119,7 @@ def tune_flow(tune: TuneConfig) -> dict:
             recipe_path = tune.recipe_out or str(studies.store_folder() / "tuned" / f"{name}.toml")
             found = report_study(study, best.number, space, base, recipe, recipe_path, parent)
             final = study.user_attrs.get("final") or _final_training(tune, study, base, found, budgets, parent)
-    label = MEASURES[found["measure"]][1]
-    print(f"best of {name!r}: trial {found['trial']}, {label} {found['value']:.4g}; recipe {recipe_path}")
+    print(f"{found['verdict']}; recipe {recipe_path}")
     return {"study": name, "recipe": recipe_path, **found, "final": final}
 
 

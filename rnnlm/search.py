@@ -178,6 +178,15 @@ class SearchSpace:
                 f"{self.source}: {where}: {message} (with {', '.join(f'{k}={v!r}' for k, v in chosen.items())})"
             ) from None
 
+    def base_params(self, base: TrainConfig) -> dict:
+        """The base recipe's values of the searched fields as a trial's params; SpaceError, naming them, where some
+        lie outside the space."""
+        picker = BasePicker(base)
+        self.draw(picker, base)
+        if picker.outside:
+            raise SpaceError(f"{self.source}: the base recipe's {', '.join(picker.outside)} outside the space")
+        return picker.params
+
     def config(self, base: TrainConfig, chosen: dict) -> TrainConfig:
         """The base configuration with a trial's values."""
         return TrainConfig(**{**base.model_dump(), **chosen})
@@ -205,6 +214,30 @@ class RandomPicker:
 
     def suggest_categorical(self, name: str, choices: list) -> Any:
         return _encode(self.fixed[name]) if name in self.fixed else self.rng.choice(choices)
+
+
+class BasePicker:
+    """Picks the base recipe's own values, as Optuna's params (what `study.enqueue_trial` takes), and says which
+    one lies outside the space (`outside`), where the base recipe cannot be one of the search's trials."""
+
+    def __init__(self, base: TrainConfig):
+        self.values, self.params, self.outside = base.model_dump(), {}, []
+
+    def _take(self, name: str, value: Any, inside: bool) -> Any:
+        if not inside:
+            self.outside.append(f"{name}={self.values[name]!r}")
+        self.params[name] = value
+        return value
+
+    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int:
+        return self._take(name, self.values[name], low <= self.values[name] <= high)
+
+    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False):
+        return self._take(name, self.values[name], low <= self.values[name] <= high)
+
+    def suggest_categorical(self, name: str, choices: list) -> Any:
+        encoded = _encode(self.values[name])
+        return self._take(name, encoded, encoded in choices)
 
 
 def read_space(path: str | Path) -> SearchSpace:

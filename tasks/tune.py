@@ -25,7 +25,7 @@ from rnnlm.train import TrainingDiverged
 from tracking import store
 from tracking.progress import TrainingProgress
 from tracking.runs import TrackedRun, new_run, run_guard
-from tracking.study import RUNG, TrialPruning, both, load_study, measure_of
+from tracking.study import RUNG, TrialPruning, base_trial, both, load_study, measure_of
 
 PARENT_ATTR = "mlflow_parent_run_id"
 
@@ -142,6 +142,18 @@ def _pictures(study: optuna.Study, folder: Path, weights: dict) -> list[Path]:
     return made
 
 
+def _verdict(study: optuna.Study, best: optuna.trial.FrozenTrial, label: str) -> str:
+    """What the search found, in a line: the best, and how it compares with the base recipe at the same budget."""
+    found = f"best of {study.study_name!r}: trial {best.number} (rung {best.user_attrs.get(RUNG, 0)}), {label} " \
+            f"{best.value:.4g}"  # fmt: skip
+    base = base_trial(study)
+    if base is None or base.user_attrs.get(RUNG) != best.user_attrs.get(RUNG):
+        return found
+    if base.number == best.number:
+        return f"{found}: no configuration beat the base recipe at the final budget; it stays the best"
+    return f"{found}, {1 - best.value / base.value:.1%} below the base recipe's {base.value:.4g} at the same budget"
+
+
 @task(name="report-study", task_run_name="report-study", cache_policy=NO_CACHE)
 def report_study(
     study: optuna.Study,
@@ -155,6 +167,7 @@ def report_study(
     """Write the best configuration as a recipe; keep the trials' table, the importances and the pictures in the
     Prefect UI and on the parent MLflow run. Returns the best trial's number, value and values."""
     best, (column, label) = study.trials[best_number], MEASURES[space.measure]
+    verdict = _verdict(study, best, label)
     chosen = space.draw(optuna.trial.FixedTrial(best.params), base)
     header = (
         f"The best of search {study.study_name!r} (trial {best.number}, rung {best.user_attrs.get(RUNG, 0)}, "
@@ -166,7 +179,7 @@ def report_study(
     get_run_logger().info("search %r: %d trials\n%s", study.study_name, len(table), table.to_string(index=False))
     records = table.astype(object).where(table.notna(), None).to_dict(orient="records")
     create_table_artifact(records, key="tune-trials", description=f"the trials of {study.study_name}")
-    lines = [f"# Search {study.study_name}", "", f"best: trial {best.number}, {label} {best.value:.4g}"]
+    lines = [f"# Search {study.study_name}", "", verdict]
     lines += ["", "| param | value | importance |", "|---|---|---|"]
     lines += [f"| {k} | {v} | {weights.get(k, 0):.3f} |" for k, v in chosen.items()]
     link = store.run_link(parent_run_id)
@@ -186,5 +199,5 @@ def report_study(
         f"importance.{k}": v for k, v in weights.items()
     }
     mlflow_client.log_batch(parent_run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()])
-    found = {"trial": best.number, "value": best.value, "measure": space.measure, "values": chosen}
+    found = {"trial": best.number, "value": best.value, "measure": space.measure, "values": chosen, "verdict": verdict}
     return found | {"importances": weights}

@@ -24,11 +24,11 @@ from rnnlm import paths
 from rnnlm.config import TrainConfig
 from rnnlm.data import PreparedData
 from rnnlm.evaluate import bits_per_byte
-from rnnlm.search import Budgets, Job, SearchSpace, StepReports, TrialRecord, best_trial, next_job
+from rnnlm.search import Budgets, Job, SearchSpace, SpaceError, StepReports, TrialRecord, best_trial, next_job
 from rnnlm.state import EpochStats, Hooks, TrainState
 from tracking import store
 
-RUNG, PROMOTED_FROM, RETRY_OF = "rung", "promoted_from", "retry_of"
+RUNG, PROMOTED_FROM, RETRY_OF, BASE = "rung", "promoted_from", "retry_of", "base_recipe"
 
 # Set by the search when it stops (Ctrl-C, an error): the trials training in this process stop at their next epoch
 # or progress line instead of training on to the end of their budget for nobody.
@@ -154,6 +154,26 @@ def tell(study: optuna.Study, trial: optuna.Trial, outcome: dict) -> None:
 def finished(study: optuna.Study) -> int:
     """How many trials ended with a result (complete or pruned)."""
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def enqueue_base(study: optuna.Study, space: SearchSpace, base: TrainConfig, budgets: Budgets) -> str:
+    """Queue the base recipe as the study's first trial, at the top rung (the final budget): the yardstick the
+    search's configurations must beat where the best is chosen. Only in a study with no trials yet; returns what
+    was done, in words."""
+    if study.trials:
+        return ""
+    try:
+        params = space.base_params(base)
+    except SpaceError as err:
+        return f"no base trial: {err}"
+    study.enqueue_trial(params, user_attrs={RUNG: budgets.top(), BASE: True})
+    return f"trial 0 is the base recipe at the final budget ({budgets.final_minutes:g} min)"
+
+
+def base_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The base recipe's trial, when it completed."""
+    done = [t for t in study.trials if t.user_attrs.get(BASE) and t.state == TrialState.COMPLETE]
+    return done[0] if done else None
 
 
 def best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:

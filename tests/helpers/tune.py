@@ -22,5 +22,6 @@ def tiny_search(tmp_path: Path, space: str, changes: dict | None = None, **overr
     settings = dict(
         config_file=str(recipe), corpus=str(corpus), space=str(tmp_path / "space.toml"), trial_minutes=0.5,
         final_minutes=1.0, max_minutes=30, n_trials=3, study_name="tiny", recipe_out=str(tmp_path / "best.toml"),
+        base_trial=False,
     )  # fmt: skip
     return TuneConfig(**settings | overrides)

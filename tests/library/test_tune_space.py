@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import optuna
 import pytest
 from helpers import PROJECT_ROOT
 
@@ -75,6 +76,16 @@ def test_a_space_over_what_a_token_is_ranks_by_bits_per_byte_of_text_held_out_in
     with pytest.raises(SpaceError, match=r"space.toml: tokenization: .*bits per byte.*held_out = \"bytes\""):
         searched.check(KJV_BEST)  # the recipe holds out 50,000 tokens
     searched.check(KJV_BEST.model_copy(update={"held_out": "bytes"}))
+
+
+def test_the_base_recipes_values_as_a_trials_params_or_which_lie_outside(tmp_path):
+    shipped = read_space(PROJECT_ROOT / "recipes" / "spaces" / "real-text.toml")
+    params = shipped.base_params(KJV_BEST)
+    assert params["lr"] == KJV_BEST.lr and params["num_hiddens"] == KJV_BEST.num_hiddens
+    assert "embedding_dim" not in params  # it follows num_hiddens
+    assert shipped.config(KJV_BEST, shipped.draw(optuna.trial.FixedTrial(params), KJV_BEST)) == KJV_BEST
+    with pytest.raises(SpaceError, match=r"space.toml: the base recipe's lr=0.003 outside the space"):
+        space(tmp_path, "[lr]\nlow = 0.01\nhigh = 0.1\n").base_params(KJV_BEST)
 
 
 def test_values_and_combinations_the_config_refuses_are_found_before_a_search(tmp_path):

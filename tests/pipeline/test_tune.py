@@ -71,6 +71,21 @@ def test_the_pruner_stops_a_diverging_trial_and_the_runs_are_what_the_study_hold
     assert client.get_model_version_by_alias("rnnlm", "champion").run_id == final.info.run_id  # --promote: the first
 
 
+def test_the_base_recipe_is_the_first_trial_at_the_final_budget_and_stays_best_unless_beaten(tmp_path, mlflow_store):
+    tune = tiny_search(tmp_path, "[lr]\nchoices = [0.02, 1.0]\n", {"lr": 1.0}, base_trial=True)
+    study = studies.open_study("tiny", studies.default_storage())
+
+    found = run_tune(tune)
+
+    study = studies.open_study("tiny", studies.default_storage())
+    first, top = study.trials[0], tune.budgets().top()
+    assert first.params == {"lr": 1.0} and first.user_attrs[studies.BASE] and first.user_attrs["rung"] == top > 0
+    assert [t.user_attrs["rung"] for t in study.trials[1:]] == [0, 0]  # the search's own, at the lowest rung
+    assert studies.best(study).number == 0 == found["trial"]  # the only one measured at the final budget
+    assert "no configuration beat the base recipe" in found["verdict"]
+    assert TrainConfig.from_recipe(tmp_path / "best.toml", corpus=tune.corpus).lr == 1.0
+
+
 def test_a_search_over_what_a_token_is_ranks_its_trials_by_bits_per_byte(tmp_path, mlflow_store):
     """Characters and words give perplexities that do not compare; their bits per byte of the same held-out bytes
     do: each trial's value is its run's validation bits per byte, and the report says so."""
