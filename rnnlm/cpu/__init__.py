@@ -64,9 +64,11 @@ def handles(model: nn.Module, tokens: torch.Tensor) -> bool:
     return why_not(model, tokens) is None
 
 
-def why_not(model: nn.Module, tokens: torch.Tensor) -> str | None:
-    """Why the engine does not serve this call, in words; None when it does."""
-    if (reason := _declined(model) or _unsupported(model, tokens)) is not None:
+def why_not(model: nn.Module, tokens: torch.Tensor, training: bool | None = None) -> str | None:
+    """Why the engine does not serve this call (in training or not: the model's mode unless said), in words; None
+    when it does."""
+    training = model.training if training is None else training
+    if (reason := _declined(model, training) or _unsupported(model, tokens)) is not None:
         return reason
     if tokens.shape[1] < MIN_STEPS:
         return f"windows of fewer than {MIN_STEPS} steps run quicker on torch's layers"
@@ -80,11 +82,11 @@ def why_not(model: nn.Module, tokens: torch.Tensor) -> str | None:
     return None
 
 
-def _declined(model: nn.Module) -> str | None:
+def _declined(model: nn.Module, training: bool) -> str | None:
     """Why the engine leaves a model it could compute to torch's layers, in words: the regularisers the model names
     (`model.regularisers`: AWD-LSTM's weight drop, embedding and locked dropout, AR/TAR, variable windows, NT-ASGD),
     which its kernels do not apply; None when it names none, or in evaluation, where none of them acts."""
-    if model.training and (names := getattr(model, "regularisers", ())):
+    if training and (names := getattr(model, "regularisers", ())):
         return f"the compiled kernels do not apply the regularisers {', '.join(names)}"
     return None
 
@@ -114,7 +116,7 @@ def prepare(model: nn.Module, window: tuple[int, int]) -> None:
     the engine; after the first call it is a lookup."""
     check_environment()
     tokens = torch.zeros(window, dtype=torch.int64)
-    served = _declined(model) is None and _unsupported(model, tokens) is None
+    served = _declined(model, model.training) is None and _unsupported(model, tokens) is None
     if isinstance(model.rnn, nn.LSTM) and served and window[1] >= MIN_STEPS:
         if lstm_path(model, window[0]) is None:
             _measure_lstm_path(model, window[0])
@@ -345,7 +347,8 @@ def engine_name(model: nn.Module, window: tuple[int, int]) -> str:
         return "torch's layers (cuDNN)"
     if device.type != "cpu":
         return f"torch's layers ({device.type})"
-    reason, lstm = why_not(model, torch.zeros(window, dtype=torch.int64)), isinstance(model.rnn, nn.LSTM)
+    reason = why_not(model, torch.zeros(window, dtype=torch.int64), training=True)  # what trains it, in any mode
+    lstm = isinstance(model.rnn, nn.LSTM)
     if reason == _NOT_MEASURED:
         return f"compiled kernels ({native.instruction_set()}) or torch's LSTM, whichever measures quicker at the start"
     if reason is not None:

@@ -287,6 +287,7 @@ def test_the_engine_declines_any_regulariser_saying_why(field, value):
     assert reason is not None and name in reason and "regularisers" in reason
     assert name in cpu.engine_name(model, (4, 10)) and cpu.engine_name(model, (4, 10)).startswith("torch's layers")
     model.eval()  # none of them acts in evaluation: the engine evaluates and serves the model as any other
+    assert name in cpu.engine_name(model, (4, 10))  # while the run's records still say what trained it
     assert cpu.why_not(model, torch.zeros(4, 10, dtype=torch.int64)) == cpu.why_not(
         build_model(TrainConfig(rnn="gru", dropout=0.2), 28).eval(), torch.zeros(4, 10, dtype=torch.int64)
     )
