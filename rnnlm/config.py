@@ -39,6 +39,11 @@ def data_field(default, description: str, **constraints):
     return Field(default, description=description, json_schema_extra=DATA, **constraints)
 
 
+def rate_field(description: str):
+    """A probability of dropping something in training: 0 (off, the default) up to below 1."""
+    return Field(0.0, ge=0, lt=1, description=description)
+
+
 def run_field(default, description: str, **constraints):
     """A field that never changes the trained weights."""
     return Field(default, description=description, json_schema_extra=RUN, **constraints)
@@ -116,12 +121,7 @@ class TrainConfig(BaseModel):
     embedding_dim: int = Field(
         0, ge=0, le=MAX_HIDDENS, description="Size of a learned input embedding; 0 for the book's one-hot inputs."
     )
-    dropout: float = Field(
-        0.0,
-        ge=0,
-        lt=1,
-        description="Dropout on the embedding, between layers and before the output layer (training only).",
-    )
+    dropout: float = rate_field("Dropout on the embedding, between layers and before the output layer (training only).")
     tie_weights: bool = Field(
         False, description="Share the embedding with the output layer (needs embedding_dim == num_hiddens)."
     )
@@ -131,15 +131,10 @@ class TrainConfig(BaseModel):
         "cutoff in its head, rarer ones in smaller clusters (quicker to train); empty: the full softmax (the book).",
     )
     # AWD-LSTM's regularisers (Merity et al. 2017), all off by default; torch's layers train a model with any of them
-    weight_drop: float = Field(
-        0.0,
-        ge=0,
-        lt=1,
-        description="DropConnect on every layer's hidden-to-hidden weights: one mask per minibatch (training only).",
+    weight_drop: float = rate_field(
+        "DropConnect on every layer's hidden-to-hidden weights: one mask per minibatch (training only)."
     )
-    embed_dropout: float = Field(
-        0.0, ge=0, lt=1, description="Drop whole words (the same word everywhere in a minibatch) from the inputs."
-    )
+    embed_dropout: float = rate_field("Drop whole words (the same word everywhere in a minibatch) from the inputs.")
     locked_dropout: bool = Field(
         False,
         description="The dropout on the embedding, between layers and before the output layer with one mask per "
