@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 
 import optuna
-import pandas as pd
 from mlflow.entities import Metric
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -23,9 +21,10 @@ from rnnlm.run import fit
 from rnnlm.search import MEASURES, SearchSpace, to_toml
 from rnnlm.train import TrainingDiverged
 from tracking import store
+from tracking import study_report as report
 from tracking.progress import TrainingProgress
 from tracking.runs import TrackedRun, new_run, run_guard
-from tracking.study import RUNG, TrialPruning, base_trial, both, load_study, measure_of
+from tracking.study import RUNG, TrialPruning, both, load_study, measure_of
 
 PARENT_ATTR = "mlflow_parent_run_id"
 
@@ -94,66 +93,6 @@ def train_trial(
     return outcome
 
 
-def trials_table(study: optuna.Study, measure: str = "perplexity") -> pd.DataFrame:
-    """One row per trial: number, state, rung, budget, its value (validation `measure`), params, MLflow run."""
-    rows, column = [], MEASURES[measure][0]
-    for t in study.trials:
-        seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
-        row = {"trial": t.number, "state": t.state.name, "rung": t.user_attrs.get(RUNG, 0)}
-        row |= {column: None if t.value is None else round(t.value, 4), "seconds": seconds and round(seconds)}
-        row |= {"evaluations": len(t.intermediate_values)} | dict(t.params)
-        rows.append(row | {"run_id": t.user_attrs.get("run_id"), "note": t.user_attrs.get("reason", "")})
-    return pd.DataFrame(rows)
-
-
-def importances(study: optuna.Study) -> dict[str, float]:
-    """The params' importance over the complete trials (Optuna's default evaluator); empty with under two."""
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if len(complete) < 2:
-        return {}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a value tried by one trial only makes it say so, for each such param
-            return optuna.importance.get_param_importances(study)
-    except (RuntimeError, ValueError):  # e.g. no param varies across the complete trials
-        return {}
-
-
-def _pictures(study: optuna.Study, folder: Path, weights: dict) -> list[Path]:
-    """The search's history, the params' importance and the trials' validation curves as PNGs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from optuna.visualization import matplotlib as plots
-
-    made = []
-    drawings = {"history.png": plots.plot_optimization_history, "curves.png": plots.plot_intermediate_values}
-    if weights:
-        drawings["importance.png"] = plots.plot_param_importances
-    for name, draw in drawings.items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
-            axes = draw(study)
-        figure = getattr(axes, "figure", None) or axes.flat[0].figure
-        figure.set_size_inches(8, 5)
-        figure.savefig(folder / name, dpi=100, bbox_inches="tight")
-        matplotlib.pyplot.close(figure)
-        made.append(folder / name)
-    return made
-
-
-def _verdict(study: optuna.Study, best: optuna.trial.FrozenTrial, label: str) -> str:
-    """What the search found, in a line: the best, and how it compares with the base recipe at the same budget."""
-    found = f"best of {study.study_name!r}: trial {best.number} (rung {best.user_attrs.get(RUNG, 0)}), {label} " \
-            f"{best.value:.4g}"  # fmt: skip
-    base = base_trial(study)
-    if base is None or base.user_attrs.get(RUNG) != best.user_attrs.get(RUNG):
-        return found
-    if base.number == best.number:
-        return f"{found}: no configuration beat the base recipe at the final budget; it stays the best"
-    return f"{found}, {1 - best.value / base.value:.1%} below the base recipe's {base.value:.4g} at the same budget"
-
-
 @task(name="report-study", task_run_name="report-study", cache_policy=NO_CACHE)
 def report_study(
     study: optuna.Study,
@@ -167,7 +106,7 @@ def report_study(
     """Write the best configuration as a recipe; keep the trials' table, the importances and the pictures in the
     Prefect UI and on the parent MLflow run. Returns the best trial's number, value and values."""
     best, (column, label) = study.trials[best_number], MEASURES[space.measure]
-    verdict = _verdict(study, best, label)
+    verdict = report.verdict(study, best, label)
     chosen = space.draw(optuna.trial.FixedTrial(best.params), base)
     header = (
         f"The best of search {study.study_name!r} (trial {best.number}, rung {best.user_attrs.get(RUNG, 0)}, "
@@ -175,7 +114,7 @@ def report_study(
     )
     Path(recipe_path).parent.mkdir(parents=True, exist_ok=True)
     Path(recipe_path).write_text(to_toml(recipe | chosen, header))
-    table, weights = trials_table(study, space.measure), importances(study)
+    table, weights = report.trials_table(study, space.measure), report.importances(study)
     get_run_logger().info("search %r: %d trials\n%s", study.study_name, len(table), table.to_string(index=False))
     records = table.astype(object).where(table.notna(), None).to_dict(orient="records")
     create_table_artifact(records, key="tune-trials", description=f"the trials of {study.study_name}")
@@ -193,7 +132,7 @@ def report_study(
     mlflow_client.log_text(parent_run_id, table.to_markdown(index=False), "trials.md")
     mlflow_client.log_artifact(parent_run_id, recipe_path)
     with tempfile.TemporaryDirectory() as folder:
-        for picture in _pictures(study, Path(folder), weights):
+        for picture in report.pictures(study, Path(folder), weights):
             mlflow_client.log_artifact(parent_run_id, str(picture))
     metrics = {f"best_{column}": best.value, "trials": len(table)} | {
         f"importance.{k}": v for k, v in weights.items()
