@@ -113,7 +113,7 @@ def release_stale(study: optuna.Study) -> list[int]:
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in stale:
         study.tell(trial.number, state=TrialState.FAIL)
-        attrs = {k: v for k, v in trial.user_attrs.items() if k in (RUNG, PROMOTED_FROM)}
+        attrs = {k: v for k, v in trial.user_attrs.items() if k in (RUNG, PROMOTED_FROM, BASE)}
         study.enqueue_trial(trial.params, user_attrs=attrs | {RETRY_OF: trial.number})
     return [t.number for t in stale]
 
