@@ -10,6 +10,7 @@ files keeps two scores. The run (experiment `rnnlm-evaluate`) holds the table an
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from dataclasses import asdict
@@ -41,7 +42,14 @@ def text_dataset(path: Path) -> MetaDataset:
     with warnings.catch_warnings():  # MLflow registers its local-file source twice, and says so each time
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(path.as_uri())
-    return MetaDataset(source, name=path.name, digest=sha1_of(path)[:32])
+    stat = path.stat()
+    return MetaDataset(source, name=path.name, digest=_sha1(str(path), stat.st_size, stat.st_mtime_ns)[:32])
+
+
+@functools.lru_cache(maxsize=16)
+def _sha1(path: str, size: int, mtime_ns: int) -> str:
+    """A text's sha1, read once per version of the file (its size and time) however many versions score it."""
+    return sha1_of(Path(path))
 
 
 @task(name="models-to-score", cache_policy=NO_CACHE)
