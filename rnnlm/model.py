@@ -126,11 +126,16 @@ class RNNLM(nn.Module):
         adaptive softmax computes only its head and each target's cluster."""
         if cpu.handles(self, tokens):
             return cpu.loss(self, tokens, targets, state, reduction)
+        outputs, state = self.hidden_torch(tokens, state)
+        return self._output_loss(outputs, targets, reduction), state
+
+    def _output_loss(self, outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """The cross-entropy of `targets` (batch_size, num_steps) from the last layer's dropped outputs
+        (num_steps * batch_size, num_hiddens), on torch's output layer: the full softmax or the adaptive one."""
+        flat_targets = targets.T.reshape(-1)
         if self.adaptive is not None:
-            outputs, state = self.hidden_torch(tokens, state)
-            return self.adaptive.loss(outputs, targets.T.reshape(-1), reduction), state
-        logits, state = self.forward_torch(tokens, state)
-        return F.cross_entropy(logits.float(), targets.T.reshape(-1), reduction=reduction), state
+            return self.adaptive.loss(outputs, flat_targets, reduction)
+        return F.cross_entropy(self.linear(outputs).float(), flat_targets, reduction=reduction)
 
     def penalised_loss(self, tokens, targets, state: State, ar_alpha: float = 0.0, tar_beta: float = 0.0):
         """(the mean cross-entropy of `targets`, AWD-LSTM's activation penalties, the last state) on torch's layers:
@@ -138,11 +143,7 @@ class RNNLM(nn.Module):
         the steps between its outputs before dropout. Training adds the two; the cross-entropy is what it reports."""
         outputs, state = self.recurrent(tokens, state)  # (num_steps, batch_size, num_hiddens)
         dropped = self.dropped(outputs)
-        flat, flat_targets = dropped.reshape(-1, self.num_hiddens), targets.T.reshape(-1)
-        if self.adaptive is not None:
-            loss = self.adaptive.loss(flat, flat_targets)
-        else:
-            loss = F.cross_entropy(self.linear(flat).float(), flat_targets)
+        loss = self._output_loss(dropped.reshape(-1, self.num_hiddens), targets)
         penalty = ar_alpha * dropped.float().pow(2).mean()
         if len(outputs) > 1:
             penalty = penalty + tar_beta * (outputs[1:] - outputs[:-1]).float().pow(2).mean()
