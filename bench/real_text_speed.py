@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from train_speed import matmul_peak
+from train_speed import GATES, matmul_peak
 
 from rnnlm.config import TrainConfig
 from rnnlm.data import fetch, prepare_data
@@ -33,7 +33,6 @@ from rnnlm.train import make_optimizer, train
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "kjv-best.toml"
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "kjv.txt"
-GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 MODELS = {
     "adaptive": {},
     "full": {"adaptive_cutoffs": []},
@@ -42,7 +41,7 @@ MODELS = {
 }  # fmt: skip
 
 
-def flops_per_token(config: TrainConfig, vocab_size: int, train_ids: np.ndarray) -> float:
+def flops_per_token(config: TrainConfig, model, vocab_size: int, train_ids: np.ndarray) -> float:
     """Matmul FLOP of one training token, forward and backward (3x the forward's 2 per multiply-add): each layer's
     gates on its input and hidden state, then the output layer (full, or the adaptive head plus each target's
     cluster, weighted by how often the training targets fall in it). The embedding is a lookup: none."""
@@ -58,7 +57,7 @@ def flops_per_token(config: TrainConfig, vocab_size: int, train_ids: np.ndarray)
     macs += (cutoffs[0] + len(cutoffs)) * config.num_hiddens  # the head
     for i, (low, high) in enumerate(zip(bounds, bounds[1:], strict=False)):
         share = float(np.mean((train_ids >= low) & (train_ids < high)))
-        size = max(1, int(config.num_hiddens // 4.0 ** (i + 1)))
+        size = model.adaptive.tails[i][0].out_features  # the cluster's projection
         macs += share * size * (config.num_hiddens + high - low)
     return 6.0 * macs
 
@@ -115,7 +114,7 @@ def main(argv=None) -> None:
             data = prepare_data(fetch(config), config)
             vocab, train_ids, _ = data.load()
             result = timed_training(config, len(vocab), train_ids, args.steps, args.warmup)
-            flops = flops_per_token(config, len(vocab), np.asarray(train_ids))
+            flops = flops_per_token(config, result["model"], len(vocab), np.asarray(train_ids))
             rows.append((name, len(vocab), result, flops))
             print(f"{name}: {len(vocab):,} tokens in the vocabulary; {result['device']}; {result['engine']}")
             if args.profile:
