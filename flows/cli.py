@@ -167,8 +167,13 @@ def _option(argv: Sequence[str], name: str = "--config_file") -> str | None:
     return found
 
 
-def is_user_error(err: BaseException, kinds: tuple[str, ...] = USER_ERRORS) -> bool:
-    """Whether `err` is one of USER_ERRORS (or of `kinds`), by class path, so that this module imports none of them."""
+def is_user_error(err: BaseException) -> bool:
+    """Whether `err` is one of USER_ERRORS."""
+    return _is_one_of(err, USER_ERRORS)
+
+
+def _is_one_of(err: BaseException, kinds: tuple[str, ...]) -> bool:
+    """Whether `err` is of one of `kinds`, by class path, so that this module imports none of them."""
     return any(f"{c.__module__}.{c.__qualname__}" in kinds for c in type(err).__mro__)
 
 
@@ -190,7 +195,7 @@ def run_command(run: Callable[[], object]):
 class _NoUserErrorTracebacks(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         err = record.exc_info[1] if record.exc_info else None
-        if err is not None and is_user_error(err, USER_ERRORS + STOPS):
+        if err is not None and _is_one_of(err, USER_ERRORS + STOPS):
             record.exc_info, record.exc_text = None, None
         return True
 
