@@ -47,7 +47,10 @@ class TuneConfig(BaseModel):
     corpus: str | None = Field(None, description="The corpus to tune for (overrides the recipe's).")
     space: str = Field(DEFAULT_SPACE, description="The search space file (see docs/tuning.md).")
     max_minutes: float = Field(60.0, gt=0, description="Minutes of search (trials); the final training comes after.")
-    trial_minutes: float = Field(2.0, gt=0, description="Training minutes of a new trial (the lowest rung).")
+    trial_minutes: float = Field(
+        0.0, ge=0, description="Training minutes of a new trial (the lowest rung); 0: the final budget over eta (rungs "
+        "3.3 and 10 minutes for a 10-minute final training).",
+    )  # fmt: skip
     final_minutes: float = Field(
         0.0, ge=0, description="Minutes of the final training of the best (and the top rung); 0: the recipe's "
         "max_minutes, else 10.",
@@ -75,7 +78,8 @@ class TuneConfig(BaseModel):
     def budgets(self) -> Budgets:
         recipe_minutes = self.base().max_minutes
         final = self.final_minutes or recipe_minutes or 10.0
-        return Budgets(self.trial_minutes, max(final, self.trial_minutes), self.eta)
+        trial = self.trial_minutes or final / self.eta
+        return Budgets(trial, max(final, trial), self.eta)
 
     def space_path(self) -> Path:
         """The space file, from the working directory or else from the project."""

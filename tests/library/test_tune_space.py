@@ -40,7 +40,7 @@ def test_the_default_space_is_sound_for_its_base_recipe():
         chosen = shipped.draw(RandomPicker(rng), KJV_BEST)
         config = shipped.config(KJV_BEST, chosen)
         assert config.embedding_dim == config.num_hiddens and 0.0005 <= config.lr <= 0.01
-        assert "warmup_steps" not in chosen or config.lr_schedule == "cosine"
+        assert config.rnn == "lstm" and config.tie_weights and config.lr_schedule == "cosine"
 
 
 @pytest.mark.parametrize(
