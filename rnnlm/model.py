@@ -40,7 +40,8 @@ class RNNLM(nn.Module):
     AWD-LSTM's regularisers act in training only: `weight_drop` drops each layer's hidden-to-hidden weights with one
     mask per call (a minibatch), `embed_dropout` drops whole words from the inputs, and `locked_dropout` draws
     `dropout`'s masks once per sequence for all time steps (the layers then run one at a time). `regularisers` names
-    the regularisers on, of the model and of its training (`build_model`): the CPU engine declines such a model.
+    the regularisers on, of the model and of its training (`build_model`); the CPU engine applies them with the
+    functions here (`first_inputs`, `recurrent_weights`, `dropped`), all but embedding dropout over one-hot inputs.
     """
 
     def __init__(
@@ -141,7 +142,10 @@ class RNNLM(nn.Module):
         """(the mean cross-entropy of `targets`, AWD-LSTM's activation penalties, the last state) on torch's layers:
         AR is `ar_alpha` * the mean square of the last layer's dropped outputs, TAR `tar_beta` * the mean square of
         the steps between its outputs before dropout. Training adds the two; the cross-entropy is what it reports."""
-        outputs, state = self.recurrent(tokens, state)  # (num_steps, batch_size, num_hiddens)
+        if cpu.handles(self, tokens):  # the layers compiled for the CPU, the penalties on torch's ops
+            outputs, state = cpu.recurrent(self, tokens, state)  # (num_steps, batch_size, num_hiddens)
+        else:
+            outputs, state = self.recurrent(tokens, state)
         dropped = self.dropped(outputs)
         loss = self._output_loss(dropped.reshape(-1, self.num_hiddens), targets)
         penalty = ar_alpha * dropped.float().pow(2).mean()
@@ -153,7 +157,7 @@ class RNNLM(nn.Module):
         """The last layer's outputs before the output dropout (num_steps, batch_size, num_hiddens), and the last
         state, on torch's layers: the stacked layer as it is, or (training with weight drop or locked dropout)
         torch's layer function on the dropped weights, a layer at a time under locked dropout."""
-        inputs = self._inputs(tokens.T)
+        inputs = self.first_inputs(tokens.T)
         if not (self.training and (self.weight_drop or self.locked_dropout)):
             return self.rnn(inputs, state)
         weights = self.recurrent_weights()
@@ -193,7 +197,7 @@ class RNNLM(nn.Module):
         keep = 1 - self.drop.p
         return x * x.new_empty(1, *x.shape[1:]).bernoulli_(keep).div_(keep)
 
-    def _inputs(self, tokens: torch.Tensor) -> torch.Tensor:
+    def first_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (num_steps, batch_size) as the first layer's input: the embedding's rows (dropped out), or the
         book's one-hot vectors (num_steps, batch_size, vocab_size); without the words embedding dropout drops."""
         if self.embedding is not None:

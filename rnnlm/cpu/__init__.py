@@ -7,9 +7,9 @@ fused) when `handles` says the engine serves it, and the trainer asks for a whol
 checks what it is given before any C call (`checks`: the errors torch's layers raise). `handles` is a pure check;
 the one measurement it depends on (which path trains an LSTM quicker here) runs in `prepare`, when a run hands the
 model over (`settings`, which the trainer and evaluation enter). The engine imports nothing from the rest of the
-library: it reads a model through its torch modules (`model.rnn`, `model.linear` or `model.adaptive`, and
-`model.embedding` and `model.drop` where it has them, and `model.regularisers`, which it declines) and
-`model.forward_torch`, its own path, keeps its builds in its own cache folder (`native.cache()`), and describes
+library: it reads a model through its torch modules (`model.rnn`, `model.linear` or `model.adaptive`,
+`model.embedding`, `model.drop`), the functions that draw its regularisers' masks (`first_inputs`,
+`recurrent_weights`, `dropped`: the engine applies them as torch's path does) and `model.forward_torch`, its own path, keeps its builds in its own cache folder (`native.cache()`), and describes
 itself for a run's records (`device_name`, `engine_name`, `matmul_precision`).
 
     checks.py      what every entry checks before any C call, and the engine's own RNNLM_* variables
@@ -83,11 +83,11 @@ def why_not(model: nn.Module, tokens: torch.Tensor, training: bool | None = None
 
 
 def _declined(model: nn.Module, training: bool) -> str | None:
-    """Why the engine leaves a model it could compute to torch's layers, in words: the regularisers the model names
-    (`model.regularisers`: AWD-LSTM's weight drop, embedding and locked dropout, AR/TAR, variable windows, NT-ASGD),
-    which its kernels do not apply; None when it names none, or in evaluation, where none of them acts."""
-    if training and (names := getattr(model, "regularisers", ())):
-        return f"the compiled kernels do not apply the regularisers {', '.join(names)}"
+    """Why the engine leaves a model it could compute to torch's layers, in words: embedding dropout over the book's
+    one-hot inputs (the kernels look those up as rows of W_ih.T, where no word can be dropped); None otherwise. The
+    other regularisers act through the model's own functions (`_layers`) or outside the model's call."""
+    if training and getattr(model, "embed_dropout", 0.0) and getattr(model, "embedding", None) is None:
+        return "the compiled kernels take one-hot inputs as rows of W_ih: embedding dropout runs on torch's layers"
     return None
 
 
@@ -190,7 +190,8 @@ def _forward(model: nn.Module, tokens: torch.Tensor, state):
     with torch.autocast("cpu", enabled=False):  # the kernels set their own precision
         if bf16:
             return _lstm_bf16(model, tokens, state)
-        outputs, state = _layers(model, tokens.T, state)  # (steps * batch, H)
+        outputs, state = _layers(model, tokens.T, state)
+        outputs = _dropped_rows(model, outputs)  # (steps * batch, H)
         if model.linear is None:  # an adaptive softmax: log-probabilities
             return model.adaptive(outputs), state
         return _output(model.linear, outputs), state
@@ -206,7 +207,7 @@ def loss(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, state, r
         return torch.nn.functional.cross_entropy(logits, targets.T.reshape(-1), reduction=reduction), state
     with torch.autocast("cpu", enabled=False):
         outputs, state = _layers(model, tokens.T, state)
-        out, flat = model.linear, targets.T.reshape(-1)
+        outputs, out, flat = _dropped_rows(model, outputs), model.linear, targets.T.reshape(-1)
         if out is None:  # an adaptive softmax: its head and each target's cluster, on torch's matmuls
             total = model.adaptive.loss(outputs, flat, "sum")
         elif torch.is_grad_enabled():
@@ -216,45 +217,64 @@ def loss(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, state, r
     return (total if reduction == "sum" else total / targets.numel()), state
 
 
+def recurrent(model: nn.Module, tokens: torch.Tensor, state):
+    """The model's `recurrent` on the kernels: tokens (batch, steps) -> the last layer's outputs before the output
+    dropout (steps, batch, H) and the last state, as torch's layers give them (for AWD-LSTM's activation penalties)."""
+    tokens, state, _, _ = _checked(model, tokens, state)
+    with torch.autocast("cpu", enabled=False):
+        return _layers(model, tokens.T, state)
+
+
 def _layers(model: nn.Module, tokens: torch.Tensor, state):
-    """The model's layers over a window, tokens (steps, batch): (the last layer's outputs after the model's dropout,
-    (steps * batch, H); the last state). The first layer's input is a lookup: rows of W_ih.T + biases for the
-    book's one-hot input, or the embedding's rows (dropped out) for a dense one; each layer above takes the one below
-    (dropped out between layers, as torch's layers do)."""
-    rnn, share, embedding = model.rnn, second_core_free(), getattr(model, "embedding", None)
-    drop = getattr(model, "drop", None) or (lambda x: x)
-    inputs = None if embedding is None else drop(embedding(tokens)).reshape(-1, embedding.embedding_dim)
-    lstm = isinstance(rnn, nn.LSTM)
+    """The model's layers over a window, tokens (steps, batch): (the last layer's outputs before the output dropout,
+    (steps, batch, H); the last state). The first layer's input is a lookup: rows of W_ih.T + biases for the book's
+    one-hot input, or the model's own (`model.first_inputs`: the embedding's rows, dropped out); each layer above
+    takes the one below, dropped out between layers as torch's layers do, or with `model.dropped` under locked
+    dropout. W_hh is the model's `recurrent_weights()` (with weight drop's mask), so that a regularised model draws
+    its masks with the functions, and in the order, of its path on torch's layers."""
+    rnn, share = model.rnn, second_core_free()
+    inputs = None if model.embedding is None else model.first_inputs(tokens)
+    weights = model.recurrent_weights()
+    lstm, locked = isinstance(rnn, nn.LSTM), model.training and model.locked_dropout
     last = []
-    for layer in range(rnn.num_layers):
+    for layer, layer_weights in enumerate(weights):
+        if layer and locked:
+            inputs = model.dropped(inputs)
+        elif layer and rnn.training and rnn.dropout:
+            inputs = torch.nn.functional.dropout(inputs, rnn.dropout)
         layer_state = (state[0][layer], state[1][layer]) if lstm else state[layer]
-        outputs, layer_last = _layer(rnn, layer, tokens, inputs, layer_state, share)
+        inputs, layer_last = _layer(rnn, layer_weights, tokens, inputs, layer_state, share)
         last.append(layer_last)
-        between = rnn.dropout if rnn.training and layer + 1 < rnn.num_layers else 0.0
-        inputs = torch.nn.functional.dropout(outputs, between) if between else outputs
     if lstm:
-        return drop(inputs), (torch.stack([h for h, _ in last]), torch.stack([c for _, c in last]))
-    return drop(inputs), torch.stack(last)
+        return inputs, (torch.stack([h for h, _ in last]), torch.stack([c for _, c in last]))
+    return inputs, torch.stack(last)
 
 
-def _layer(rnn: nn.Module, layer: int, tokens: torch.Tensor, inputs: torch.Tensor | None, state, share: bool):
-    """One layer over the window: (its outputs (steps * batch, H), its last state). `inputs` (steps * batch, in) is
-    None for the book's one-hot input (the tokens pick rows of W_ih.T + biases)."""
-    names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-    w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{name}_l{layer}") for name in names)
-    hidden, picked = rnn.hidden_size, tokens if inputs is None else None
+def _dropped_rows(model: nn.Module, outputs: torch.Tensor) -> torch.Tensor:
+    """The last layer's outputs (steps, batch, H) after the model's output dropout, as rows (steps * batch, H)."""
+    return model.dropped(outputs).reshape(-1, outputs.shape[-1])
+
+
+def _layer(rnn: nn.Module, weights: list, tokens: torch.Tensor, inputs: torch.Tensor | None, state, share: bool):
+    """One layer over the window with its [W_ih, W_hh, b_ih, b_hh]: (its outputs (steps, batch, H), its last
+    state). `inputs` (steps, batch, in) is None for the book's one-hot input (the tokens pick rows of W_ih.T +
+    biases)."""
+    w_ih, w_hh, b_ih, b_hh = weights
+    picked = tokens if inputs is None else None
 
     def table(bias: torch.Tensor) -> torch.Tensor:  # the input products: a row per token (one-hot) or per input row
-        return w_ih.T + bias if inputs is None else recurrence.Linear.apply(inputs, w_ih, bias)
+        if inputs is None:
+            return w_ih.T + bias
+        return recurrence.Linear.apply(inputs.reshape(-1, inputs.shape[-1]), w_ih, bias)
 
     if isinstance(rnn, nn.LSTM):
         hs, c_last = recurrence.LSTM.apply(table(b_ih + b_hh), picked, state[0], state[1], w_hh, share)
-        return hs.reshape(-1, hidden), (hs[-1], c_last)
+        return hs, (hs[-1], c_last)
     if isinstance(rnn, nn.GRU):
         hs = recurrence.GRU.apply(table(b_ih), picked, state, w_hh, b_hh, share)
     else:
         hs = recurrence.TanhRNN.apply(table(b_ih + b_hh), picked, state, w_hh, share)
-    return hs.reshape(-1, hidden), hs[-1]
+    return hs, hs[-1]
 
 
 def _output(linear: nn.Linear, outputs: torch.Tensor) -> torch.Tensor:
@@ -272,9 +292,11 @@ def _bf16_lstm(model: nn.Module) -> bool:
 
 
 def _one_hot(model: nn.Module) -> bool:
-    """Whether the model is the book's kind: one-hot inputs, no dropout, a linear output layer."""
+    """Whether the model is the book's kind: one-hot inputs, no dropout, a linear output layer, and in training no
+    regulariser (the compiled whole steps and bf16 windows apply none)."""
     plain = getattr(model, "embedding", None) is None and getattr(model, "linear", None) is not None
-    return plain and not getattr(getattr(model, "drop", None), "p", 0.0)
+    regularised = model.training and getattr(model, "regularisers", ())
+    return plain and not getattr(getattr(model, "drop", None), "p", 0.0) and not regularised
 
 
 def _lstm_bf16(model: nn.Module, tokens: torch.Tensor, state):
