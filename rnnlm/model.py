@@ -41,7 +41,7 @@ class RNNLM(nn.Module):
     mask per call (a minibatch), `embed_dropout` drops whole words from the inputs, and `locked_dropout` draws
     `dropout`'s masks once per sequence for all time steps (the layers then run one at a time). `regularisers` names
     the regularisers on, of the model and of its training (`build_model`); the CPU engine applies them with the
-    functions here (`first_inputs`, `recurrent_weights`, `dropped`), all but embedding dropout over one-hot inputs.
+    functions here (`first_inputs` or `word_scales`, `recurrent_weights`, `dropped`).
     """
 
     def __init__(
@@ -205,14 +205,18 @@ class RNNLM(nn.Module):
         return self._without_dropped_words(F.one_hot(tokens, self.vocab_size).float(), tokens)
 
     def _without_dropped_words(self, inputs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Embedding dropout in training: each word of the vocabulary dropped (its inputs zero wherever it occurs in
-        this call) with probability `embed_dropout`, the others scaled by 1 / (1 - p), as dropping the embedding's
-        rows does."""
+        """Embedding dropout in training: the inputs of the words `word_scales` drops zero wherever they occur."""
+        scales = self.word_scales()
+        return inputs if scales is None else inputs * scales[tokens].unsqueeze(-1)
+
+    def word_scales(self) -> torch.Tensor | None:
+        """Embedding dropout's mask for this call in training, drawn now: a scale per word of the vocabulary, 0 for
+        the words dropped (probability `embed_dropout`), 1 / (1 - p) for the others, as dropping the embedding's rows
+        does; None when no word is dropped."""
         if not (self.training and self.embed_dropout):
-            return inputs
+            return None
         keep = 1 - self.embed_dropout
-        words = inputs.new_empty(self.vocab_size).bernoulli_(keep).div_(keep)
-        return inputs * words[tokens].unsqueeze(-1)
+        return self.rnn.weight_hh_l0.new_empty(self.vocab_size).bernoulli_(keep).div_(keep)
 
     def begin_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
         """Zero state: (num_layers, batch_size, num_hiddens), a pair of them for the LSTM."""

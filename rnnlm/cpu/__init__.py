@@ -9,7 +9,8 @@ the one measurement it depends on (which path trains an LSTM quicker here) runs 
 model over (`settings`, which the trainer and evaluation enter). The engine imports nothing from the rest of the
 library: it reads a model through its torch modules (`model.rnn`, `model.linear` or `model.adaptive`,
 `model.embedding`, `model.drop`), the functions that draw its regularisers' masks (`first_inputs`,
-`recurrent_weights`, `dropped`: the engine applies them as torch's path does) and `model.forward_torch`, its own path, keeps its builds in its own cache folder (`native.cache()`), and describes
+`recurrent_weights`, `dropped`, `word_scales`: the engine applies them as torch's path does) and
+`model.forward_torch`, its own path, keeps its builds in its own cache folder (`native.cache()`), and describes
 itself for a run's records (`device_name`, `engine_name`, `matmul_precision`).
 
     checks.py      what every entry checks before any C call, and the engine's own RNNLM_* variables
@@ -64,11 +65,9 @@ def handles(model: nn.Module, tokens: torch.Tensor) -> bool:
     return why_not(model, tokens) is None
 
 
-def why_not(model: nn.Module, tokens: torch.Tensor, training: bool | None = None) -> str | None:
-    """Why the engine does not serve this call (in training or not: the model's mode unless said), in words; None
-    when it does."""
-    training = model.training if training is None else training
-    if (reason := _declined(model, training) or _unsupported(model, tokens)) is not None:
+def why_not(model: nn.Module, tokens: torch.Tensor) -> str | None:
+    """Why the engine does not serve this call, in words; None when it does."""
+    if (reason := _unsupported(model, tokens)) is not None:
         return reason
     if tokens.shape[1] < MIN_STEPS:
         return f"windows of fewer than {MIN_STEPS} steps run quicker on torch's layers"
@@ -79,15 +78,6 @@ def why_not(model: nn.Module, tokens: torch.Tensor, training: bool | None = None
         if how == "set by RNNLM_CPU_CHOICE":
             return "torch's LSTM, set by RNNLM_CPU_CHOICE=lstm-step=torch"
         return "torch's LSTM measured quicker than the compiled one on this machine" + (f" ({how})" if how else "")
-    return None
-
-
-def _declined(model: nn.Module, training: bool) -> str | None:
-    """Why the engine leaves a model it could compute to torch's layers, in words: embedding dropout over the book's
-    one-hot inputs (the kernels look those up as rows of W_ih.T, where no word can be dropped); None otherwise. The
-    other regularisers act through the model's own functions (`_layers`) or outside the model's call."""
-    if training and getattr(model, "embed_dropout", 0.0) and getattr(model, "embedding", None) is None:
-        return "the compiled kernels take one-hot inputs as rows of W_ih: embedding dropout runs on torch's layers"
     return None
 
 
@@ -116,8 +106,7 @@ def prepare(model: nn.Module, window: tuple[int, int]) -> None:
     the engine; after the first call it is a lookup."""
     check_environment()
     tokens = torch.zeros(window, dtype=torch.int64)
-    served = _declined(model, model.training) is None and _unsupported(model, tokens) is None
-    if isinstance(model.rnn, nn.LSTM) and served and window[1] >= MIN_STEPS:
+    if isinstance(model.rnn, nn.LSTM) and _unsupported(model, tokens) is None and window[1] >= MIN_STEPS:
         if lstm_path(model, window[0]) is None:
             _measure_lstm_path(model, window[0])
 
@@ -228,12 +217,16 @@ def recurrent(model: nn.Module, tokens: torch.Tensor, state):
 def _layers(model: nn.Module, tokens: torch.Tensor, state):
     """The model's layers over a window, tokens (steps, batch): (the last layer's outputs before the output dropout,
     (steps, batch, H); the last state). The first layer's input is a lookup: rows of W_ih.T + biases for the book's
-    one-hot input, or the model's own (`model.first_inputs`: the embedding's rows, dropped out); each layer above
-    takes the one below, dropped out between layers as torch's layers do, or with `model.dropped` under locked
-    dropout. W_hh is the model's `recurrent_weights()` (with weight drop's mask), so that a regularised model draws
-    its masks with the functions, and in the order, of its path on torch's layers."""
+    one-hot input (scaled by embedding dropout's `model.word_scales()`), or the model's own (`model.first_inputs`: the
+    embedding's rows, dropped out); each layer above takes the one below, dropped out between layers as torch's
+    layers do, or with `model.dropped` under locked dropout. W_hh is the model's `recurrent_weights()` (with weight
+    drop's mask), so that a regularised model draws its masks with the functions, and in the order, of its path on
+    torch's layers."""
     rnn, share = model.rnn, second_core_free()
-    inputs = None if model.embedding is None else model.first_inputs(tokens)
+    if model.embedding is None:
+        inputs, scales = None, model.word_scales()
+    else:
+        inputs, scales = model.first_inputs(tokens), None
     weights = model.recurrent_weights()
     lstm, locked = isinstance(rnn, nn.LSTM), model.training and model.locked_dropout
     last = []
@@ -243,7 +236,7 @@ def _layers(model: nn.Module, tokens: torch.Tensor, state):
         elif layer and rnn.training and rnn.dropout:
             inputs = torch.nn.functional.dropout(inputs, rnn.dropout)
         layer_state = (state[0][layer], state[1][layer]) if lstm else state[layer]
-        inputs, layer_last = _layer(rnn, layer_weights, tokens, inputs, layer_state, share)
+        inputs, layer_last = _layer(rnn, layer_weights, tokens, inputs, layer_state, share, None if layer else scales)
         last.append(layer_last)
     if lstm:
         return inputs, (torch.stack([h for h, _ in last]), torch.stack([c for _, c in last]))
@@ -255,16 +248,16 @@ def _dropped_rows(model: nn.Module, outputs: torch.Tensor) -> torch.Tensor:
     return model.dropped(outputs).reshape(-1, outputs.shape[-1])
 
 
-def _layer(rnn: nn.Module, weights: list, tokens: torch.Tensor, inputs: torch.Tensor | None, state, share: bool):
+def _layer(rnn: nn.Module, weights: list, tokens, inputs: torch.Tensor | None, state, share: bool, scales=None):
     """One layer over the window with its [W_ih, W_hh, b_ih, b_hh]: (its outputs (steps, batch, H), its last
-    state). `inputs` (steps, batch, in) is None for the book's one-hot input (the tokens pick rows of W_ih.T +
-    biases)."""
+    state). `inputs` (steps, batch, in) is None for the book's one-hot input: the tokens pick rows of W_ih.T (each
+    word's row times its scale under embedding dropout) + biases."""
     w_ih, w_hh, b_ih, b_hh = weights
     picked = tokens if inputs is None else None
 
     def table(bias: torch.Tensor) -> torch.Tensor:  # the input products: a row per token (one-hot) or per input row
         if inputs is None:
-            return w_ih.T + bias
+            return (w_ih.T if scales is None else w_ih.T * scales[:, None]) + bias
         return recurrence.Linear.apply(inputs.reshape(-1, inputs.shape[-1]), w_ih, bias)
 
     if isinstance(rnn, nn.LSTM):
@@ -369,7 +362,7 @@ def engine_name(model: nn.Module, window: tuple[int, int]) -> str:
         return "torch's layers (cuDNN)"
     if device.type != "cpu":
         return f"torch's layers ({device.type})"
-    reason = why_not(model, torch.zeros(window, dtype=torch.int64), training=True)  # what trains it, in any mode
+    reason = why_not(model, torch.zeros(window, dtype=torch.int64))
     lstm = isinstance(model.rnn, nn.LSTM)
     if reason == _NOT_MEASURED:
         return f"compiled kernels ({native.instruction_set()}) or torch's LSTM, whichever measures quicker at the start"

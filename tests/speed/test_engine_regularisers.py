@@ -1,5 +1,6 @@
 """AWD-LSTM's regularisers on the CPU engine against torch's layers with the same masks: weight drop, embedding
-dropout, locked dropout and AR/TAR give the same loss, penalties, last state and every gradient."""
+dropout (also over one-hot inputs), locked dropout and AR/TAR give the same loss, penalties, last state and every
+gradient."""
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ SETTINGS = {
     "weight_drop": dict(num_layers=2, weight_drop=0.4),
     "embed_dropout": dict(num_layers=1, dropout=0.3, embed_dropout=0.25),
     "locked_dropout": dict(num_layers=2, dropout=0.3, locked_dropout=True),
+    "one-hot, word and weight drop": dict(embedding_dim=0, embed_dropout=0.25, weight_drop=0.4, ar_alpha=1.0),
     "all, adaptive": dict(
         num_layers=2, dropout=0.3, locked_dropout=True, weight_drop=0.4, embed_dropout=0.25, ar_alpha=2.0,
         tar_beta=1.0, tie_weights=True, adaptive_cutoffs=[6, 12],
@@ -25,7 +27,7 @@ SETTINGS = {
 
 def _model(rnn: str, setting: str):
     torch.manual_seed(0)
-    config = TrainConfig(rnn=rnn, num_hiddens=16, embedding_dim=16, **SETTINGS[setting])
+    config = TrainConfig(rnn=rnn, num_hiddens=16, **{"embedding_dim": 16} | SETTINGS[setting])
     return build_model(config, 20), config
 
 
