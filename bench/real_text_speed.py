@@ -11,8 +11,10 @@ that makes, and its share of the float32 matmul limit measured in the same run (
     .venv/bin/python bench/real_text_speed.py --models adaptive --profile --steps 100
 
 Models: `adaptive` is recipes/kjv-best.toml (2-layer LSTM 200, tied, adaptive softmax [2000, 6000]); `full` the same
-with the full softmax (pytorch/examples' word_language_model's model); `char` a 2-layer character LSTM 512 on the
-same text (raw characters, any script).
+with the full softmax (pytorch/examples' word_language_model's model); `awd` the same with AWD-LSTM's regularisers
+(locked dropout, weight drop 0.2, word dropout 0.05, AR/TAR); `char` a 2-layer character LSTM 512 on the same text
+(raw characters, any script). `--torch_layers` also trains each model on torch's layers (the engine off), in the
+same run.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 from train_speed import GATES, matmul_peak
 
+from rnnlm import cpu
 from rnnlm.config import TrainConfig
 from rnnlm.data import fetch, prepare_data
 from rnnlm.model import build_model, device_name, engine_name
@@ -36,6 +39,7 @@ DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "kjv.
 MODELS = {
     "adaptive": {},
     "full": {"adaptive_cutoffs": []},
+    "awd": {"locked_dropout": True, "weight_drop": 0.2, "embed_dropout": 0.05, "ar_alpha": 1.0, "tar_beta": 1.0},
     "char": {"preprocess": "raw", "tokenization": "char", "num_hiddens": 512, "embedding_dim": 512,
              "adaptive_cutoffs": [], "held_out": "bytes", "val_tokens": 100_000, "test_tokens": 100_000},
 }  # fmt: skip
@@ -100,6 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=300, help="timed minibatches per model")
     parser.add_argument("--warmup", type=int, default=20, help="untimed minibatches first")
     parser.add_argument("--profile", action="store_true", help="also print where the time goes (torch.profiler)")
+    parser.add_argument("--torch_layers", action="store_true", help="also train each model on torch's layers")
     return parser.parse_args(argv)
 
 
@@ -113,12 +118,16 @@ def main(argv=None) -> None:
             config = TrainConfig.from_recipe(RECIPE, **settings)  # one pass over the part given to the trainer
             data = prepare_data(fetch(config), config)
             vocab, train_ids, _ = data.load()
-            result = timed_training(config, len(vocab), train_ids, args.steps, args.warmup)
-            flops = flops_per_token(config, result["model"], len(vocab), np.asarray(train_ids))
-            rows.append((name, len(vocab), result, flops))
-            print(f"{name}: {len(vocab):,} tokens in the vocabulary; {result['device']}; {result['engine']}")
-            if args.profile:
-                print(profile(config, result["model"], result["optimizer"], train_ids, max(args.steps // 3, 10)))
+            for engine in (True, False) if args.torch_layers else (True,):
+                cpu.ENABLED = engine
+                result = timed_training(config, len(vocab), train_ids, args.steps, args.warmup)
+                flops = flops_per_token(config, result["model"], len(vocab), np.asarray(train_ids))
+                label = name if engine else f"{name}, torch's layers"
+                rows.append((label, len(vocab), result, flops))
+                print(f"{label}: {len(vocab):,} tokens in the vocabulary; {result['device']}; {result['engine']}")
+                if args.profile:
+                    print(profile(config, result["model"], result["optimizer"], train_ids, max(args.steps // 3, 10)))
+            cpu.ENABLED = True
     after = matmul_peak(torch.device("cpu"))
     peak = max(max(before.values()), max(after.values()))
     print(f"\nfloat32 matmul limit: {peak:.0f} GFLOP/s (before {before}, after {after})")
