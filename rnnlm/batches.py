@@ -17,6 +17,7 @@ and serves them shuffled, so neighbouring batches are unrelated and the state is
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -126,11 +127,26 @@ def random_batches(
         yield corpus[index].long(), corpus[index + 1].long()
 
 
-def num_batches(num_tokens: int, batch_size: int, num_steps: int, use_random_iter: bool) -> int:
-    """Minibatches per epoch at offset 0 (the most any offset gives)."""
+def num_batches(
+    num_tokens: int, batch_size: int, num_steps: int, use_random_iter: bool, variable_steps: bool = False
+) -> int:
+    """Minibatches per epoch at offset 0 (the most any offset gives); with variable windows, how many windows of
+    their mean length the rows hold (the count an epoch has on average)."""
     if use_random_iter:
         return ((num_tokens - 1) // num_steps) // batch_size
+    if variable_steps:
+        return round(((num_tokens - 1) // batch_size) / mean_window_length(num_steps))
     return ((num_tokens - 1) // batch_size) // num_steps
+
+
+@functools.cache
+def mean_window_length(num_steps: int, draws: int = 20_000) -> float:
+    """The mean of `window_length` around `num_steps`, from `draws` lengths drawn as it draws them (a fixed seed):
+    a little under num_steps, as a twentieth of the windows are around half of it."""
+    generator = torch.Generator().manual_seed(0)
+    centre = torch.where(torch.rand(draws, generator=generator) < 0.95, float(num_steps), num_steps / 2)
+    lengths = torch.normal(centre, 5.0, generator=generator).trunc().clamp(5, 2 * num_steps)
+    return float(lengths.mean())
 
 
 def eval_batches(corpus: torch.Tensor, batch_size: int, num_steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -82,7 +82,9 @@ class _Loop:
     def __init__(self, model, corpus, val_tokens, config: TrainConfig, optimizer, generator, state, hooks):
         self.model, self.corpus, self.val_tokens, self.config = model, corpus, val_tokens, config
         self.optimizer, self.generator, self.state, self.hooks = optimizer, generator, state, hooks
-        self.per_epoch = num_batches(len(corpus), config.batch_size, config.num_steps, config.use_random_iter)
+        self.per_epoch = num_batches(
+            len(corpus), config.batch_size, config.num_steps, config.use_random_iter, config.variable_steps
+        )
         self.schedule = Schedule(config, self.per_epoch * config.num_epochs)
         self.eval_seconds = 0.0  # spent in evaluations by this process: kept out of the epochs' training time
         self.interrupted: Callable[[], bool] = lambda: False

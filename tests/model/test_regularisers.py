@@ -12,7 +12,7 @@ from helpers import resume_settings, small_text
 from torch import nn
 
 from rnnlm import cpu
-from rnnlm.batches import as_tensor, sequential_batches, variable_batches
+from rnnlm.batches import as_tensor, num_batches, sequential_batches, variable_batches
 from rnnlm.checkpoint import best_checkpoint, load_checkpoint
 from rnnlm.config import TrainConfig
 from rnnlm.data import prepare_data
@@ -218,6 +218,17 @@ def test_variable_windows_vary_cover_the_rows_and_repeat_from_the_seed():
     assert torch.equal(rows[:, 1:], rows[:, :-1] + 1)  # contiguous along each row: nothing skipped or repeated
     again = [x.shape[1] for x, _ in variable_batches(corpus, 4, 20, torch.Generator().manual_seed(0))]
     assert again == lengths
+
+
+def test_an_epoch_of_variable_windows_counts_the_windows_it_has_for_the_schedule():
+    """The cosine schedule plans its steps from the epoch's window count: with variable windows, the mean number an
+    epoch has (more than fixed windows give, as some windows are around half num_steps)."""
+    corpus, counts = torch.arange(200_000), []
+    for seed in range(20):
+        counts.append(len(list(variable_batches(corpus, 8, 35, torch.Generator().manual_seed(seed)))))
+    planned = num_batches(len(corpus), 8, 35, False, variable_steps=True)
+    assert abs(planned - sum(counts) / len(counts)) < 0.01 * planned
+    assert planned > 1.02 * num_batches(len(corpus), 8, 35, False)
 
 
 class RecordingSGD(torch.optim.SGD):
