@@ -57,9 +57,9 @@ def default_storage() -> str:
 
 
 def make_pruner() -> optuna.pruners.BasePruner:
-    """The median rule at each tenth of a trial's budget (steps from `rnnlm.search.report_step`, so only trials of
-    the same rung meet): once two trials have finished, a trial whose best evaluation is worse than theirs at the
-    same step stops."""
+    """The median rule at each tenth of a new trial's budget (steps from `rnnlm.search.report_step`, so only trials
+    of the same rung meet): once two trials have finished, a trial whose best evaluation is worse than theirs at the
+    same step stops. Trials promoted to a higher rung are not pruned (`TrialPruning`)."""
     return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0, n_min_trials=2)
 
 
@@ -218,7 +218,7 @@ class TrialPruning:
         self.trial.report(value, step)
         if not math.isfinite(value):
             raise optuna.TrialPruned(f"validation perplexity {perplexity} at step {step}")
-        if self.trial.should_prune():
+        if self.reports.rung == 0 and self.trial.should_prune():  # a promoted trial earned its rung: it runs out
             raise optuna.TrialPruned(f"validation perplexity {perplexity:.2f} at step {step}: worse than the median")
 
 

@@ -136,3 +136,28 @@ def test_a_written_recipe_reads_back_as_the_same_config(tmp_path):
     options = {"rnn": "gru", "lr": 0.00123, "tie_weights": True, "adaptive_cutoffs": [2000, 6000], "corpus_sha1": None}
     (tmp_path / "r.toml").write_text(to_toml(options, "a comment\non two lines"))
     assert read_recipe(tmp_path / "r.toml") == {k: v for k, v in options.items() if v is not None}
+
+
+def test_the_pruner_stops_a_new_trial_worse_than_the_median_but_lets_a_promoted_one_run_out():
+    """Median pruning acts on rung-0 trials; a trial promoted to a higher rung earned its budget and runs to its
+    end (part-way through a long training the median of a few trials is noise); a diverging one stops at any rung."""
+    from tracking.study import TrialPruning, make_pruner
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(pruner=make_pruner())
+    config = TrainConfig(max_minutes=10)
+    for _ in range(2):  # two good trials at each rung, every tenth of their budgets
+        good = study.ask()
+        for rung in (0, 1):
+            for tenth in range(10):
+                good.report(100.0, report_step(rung, tenth / 10))
+        study.tell(good, 100.0)
+
+    def evaluate(rung: int, perplexity: float) -> None:
+        TrialPruning(study.ask(), rung, config)._report(0.35, perplexity)
+
+    with pytest.raises(optuna.TrialPruned, match="worse than the median"):
+        evaluate(0, 150.0)
+    evaluate(1, 150.0)  # promoted: not pruned
+    with pytest.raises(optuna.TrialPruned, match="validation perplexity inf"):
+        evaluate(1, float("inf"))
