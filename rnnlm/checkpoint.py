@@ -174,13 +174,15 @@ def resume(
 ) -> TrainState:
     """Load `path` into the model, optimizer and RNGs after checking it belongs to this config, vocab and corpus.
     The model gets the weights training goes on from: under NT-ASGD's averaging, `training_weights` (the checkpoint's
-    `model` is then the average, what is evaluated)."""
+    `model` is then the average, what is evaluated, and the running average goes on from it)."""
     ckpt = read_resumable(path, config, vocab, corpus_sha1, next(model.parameters()).device)
     model.load_state_dict(ckpt.get("training_weights", ckpt["model"]))
     optimizer.load_state_dict(ckpt["optimizer"])
     restore_rng_state(ckpt["rng"], generator)
     history = [EpochStats(**h) for h in ckpt["history"]]
     saved = {name: ckpt[name] for name in _STATE_FIELDS if name in ckpt}  # checkpoints of earlier versions: epochs only
+    if "training_weights" in ckpt and saved.get("average") is None:
+        saved["average"] = {name: ckpt["model"][name].clone() for name, _ in model.named_parameters()}
     return TrainState(**saved, history=history)
 
 

@@ -208,11 +208,12 @@ def fit(
 
     def save(current: TrainState) -> None:
         with averaging.averaged(model, current) as training:  # NT-ASGD: `model` the average, SGD's weights beside
-            more = {"training_weights": training} if training is not None else {}
+            fields = state_to_checkpoint(current)
+            if training is not None:  # the average is `model`: saved once; the weights SGD goes on from beside it
+                fields |= {"average": None, "training_weights": training}
             save_checkpoint(
                 checkpoint_path, model=model.state_dict(), optimizer=optimizer.state_dict(), **common, run_id=run_id,
-                **state_to_checkpoint(current), rng=rng_state(generator), data_iterator=iterator_policy(config),
-                **more,
+                **fields, rng=rng_state(generator), data_iterator=iterator_policy(config),
             )  # fmt: skip
 
     def save_best(current: TrainState) -> None:
