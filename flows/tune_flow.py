@@ -97,7 +97,7 @@ class TuneConfig(BaseModel):
         return f"tune-{Path(base.corpus).stem}-{key}"
 
 
-@flow(name="tune-rnnlm", flow_run_name="tune-{tune.trial_minutes}min-trials")
+@flow(name="tune-rnnlm", flow_run_name="tune-{tune.max_minutes}min")
 def tune_flow(tune: TuneConfig) -> dict:
     """Search, write the best recipe, train it for the final budget and register it; returns what it found."""
     base, space, budgets, name = tune.base(), read_space(tune.space_path()), tune.budgets(), tune.name()
