@@ -105,6 +105,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=20, help="untimed minibatches first")
     parser.add_argument("--profile", action="store_true", help="also print where the time goes (torch.profiler)")
     parser.add_argument("--torch_layers", action="store_true", help="also train each model on torch's layers")
+    parser.add_argument(
+        "--cpu_threads", type=int, nargs="+", default=[0], help="torch threads to train with, each in turn (0: auto)"
+    )
     return parser.parse_args(argv)
 
 
@@ -118,11 +121,14 @@ def main(argv=None) -> None:
             config = TrainConfig.from_recipe(RECIPE, **settings)  # one pass over the part given to the trainer
             data = prepare_data(fetch(config), config)
             vocab, train_ids, _ = data.load()
-            for engine in (True, False) if args.torch_layers else (True,):
+            engines = (True, False) if args.torch_layers else (True,)
+            for engine, threads in [(engine, threads) for engine in engines for threads in args.cpu_threads]:
                 cpu.ENABLED = engine
-                result = timed_training(config, len(vocab), train_ids, args.steps, args.warmup)
+                result = timed_training(
+                    config.model_copy(update={"cpu_threads": threads}), len(vocab), train_ids, args.steps, args.warmup
+                )
                 flops = flops_per_token(config, result["model"], len(vocab), np.asarray(train_ids))
-                label = name if engine else f"{name}, torch's layers"
+                label = (name if engine else f"{name}, torch's layers") + (f", {threads} threads" if threads else "")
                 rows.append((label, len(vocab), result, flops))
                 print(f"{label}: {len(vocab):,} tokens in the vocabulary; {result['device']}; {result['engine']}")
                 if args.profile:
