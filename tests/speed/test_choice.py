@@ -123,8 +123,8 @@ def test_the_run_records_which_path_trains_the_lstm_and_why(monkeypatch):
     monkeypatch.setattr(cpu, "lstm_path", lambda *size: "compiled")
     decisions[cpu._lstm_choice(RNNLM(9, 16, "lstm"), 8)] = "compiled (measured before on this machine: ...)"
     assert cpu.engine_name(RNNLM(9, 16, "lstm"), window) == (
-        f"compiled kernels ({cpu.native.instruction_set()}), two cores; over torch's LSTM (measured before on this "
-        "machine: ...)"
+        f"compiled kernels ({cpu.native.instruction_set()}), {'two cores' if cpu.usable_cores() > 1 else 'one core'}; "
+        "over torch's LSTM (measured before on this machine: ...)"
     )
 
 
