@@ -47,7 +47,8 @@ def test_an_epoch_reads_the_device_once(corpus, rnn, monkeypatch):
 
 def test_auto_threads_are_one_where_the_engine_serves_the_model_and_all_cores_else(monkeypatch):
     """cpu_threads 0: one torch thread where the compiled kernels take the second core for themselves, torch's own
-    setting (all cores) where the model runs on torch's layers; a number given is taken as it is."""
+    setting (all cores) where the model runs on torch's layers or has an adaptive softmax (on torch's matmuls); a
+    number given is taken as it is."""
     import rnnlm.cpu as cpu
 
     monkeypatch.setattr(cpu, "DEFAULT_THREADS", 7)
@@ -56,6 +57,9 @@ def test_auto_threads_are_one_where_the_engine_serves_the_model_and_all_cores_el
     assert cpu.threads_for(3, RNNLM(9, 16, "rnn"), window) == 3
     if cpu.compiled():
         assert cpu.threads_for(0, RNNLM(9, 16, "rnn"), window) == 1
+        adaptive = RNNLM(20, 16, "rnn", embedding_dim=16, tie_weights=True, adaptive_cutoffs=[4, 8])
+        assert cpu.handles(adaptive, torch.zeros(window, dtype=torch.int64))
+        assert cpu.threads_for(0, adaptive, window) == 7  # its head and clusters on torch's matmuls: all threads
     monkeypatch.setattr(cpu, "ENABLED", False)
     assert cpu.threads_for(0, RNNLM(9, 16, "rnn"), window) == 7
     assert cpu.engine_name(RNNLM(9, 16, "rnn"), window) == "torch's layers (the compiled kernels are turned off)"
