@@ -130,7 +130,7 @@ class TrainConfig(BaseModel):
         description="An adaptive softmax for large vocabularies, e.g. 2000,6000: the words ranked below the first "
         "cutoff in its head, rarer ones in smaller clusters (quicker to train); empty: the full softmax (the book).",
     )
-    # AWD-LSTM's regularisers (Merity et al. 2017), all off by default; torch's layers train a model with any of them
+    # AWD-LSTM's regularisers (Merity et al. 2017), all off by default; the CPU engine and torch's layers apply them
     weight_drop: float = rate_field(
         "DropConnect on every layer's hidden-to-hidden weights: one mask per minibatch (training only)."
     )
