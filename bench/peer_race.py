@@ -23,9 +23,11 @@ printed as a table (validation and test bits per byte and perplexity, tokens/s o
     .venv/bin/python bench/peer_race.py --race budget --minutes 10 --recipe recipes/kjv-best.toml
     .venv/bin/python bench/peer_race.py --race budget --minutes 10 --tokenization bpe --bpe_vocab_size 8192
     .venv/bin/python bench/peer_race.py --race budget --tokenization char word bpe   # one peer run, three of ours
+    .venv/bin/python bench/peer_race.py --race budget --minutes 60 --at_once   # one core each, at the same time
 
 Our side runs `python flows/train_flow.py` for real (the temporary Prefect server, a private MLflow store in the
-work folder); its numbers are read back from that store. Each side gets all the machine's cores.
+work folder); its numbers are read back from that store. Each side gets all the machine's cores (with
+`--at_once`, one core each, both at once).
 """
 
 from __future__ import annotations
@@ -121,21 +123,34 @@ def write_data(work: Path, corpus: Path, val_tokens: int, test_tokens: int) -> d
     return {"peer": peer, "ours": ours, **sizes, **held_out}
 
 
-def run_peer(work: Path, peer_dir: Path, epochs: int, minutes: float | None, data: dict) -> Side:
+def pinned(core: int | None) -> tuple[dict, object]:
+    """(the environment, the function to call in the child before it starts) for a side on one core: one torch thread,
+    the process and its children pinned to `core`; with None, all the machine's cores as it is."""
+    if core is None:
+        return dict(os.environ), _sigint_default
+
+    def start() -> None:
+        _sigint_default()
+        os.sched_setaffinity(0, {core})
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, start
+
+
+def run_peer(work: Path, peer_dir: Path, epochs: int, minutes: float | None, data: dict, core: int | None = None):
     """The peer's main.py with its defaults; with `minutes`, Ctrl-C (SIGINT) once that much training time is spent
-    (its corpus loading, timed beforehand, not counted)."""
+    (its corpus loading, timed beforehand, not counted); with `core`, on that core alone."""
     train_tokens, folder = data["train"], work / "peer_data"
     command = [sys.executable, "-u", str(peer_dir / "main.py"), "--data", str(folder), "--save", str(work / "peer.pt")]
     command += ["--epochs", str(epochs)]
-    loading = 0.0
+    loading, (env, start) = 0.0, pinned(core)
     if minutes:
         started = time.perf_counter()
         load = f"import sys; sys.path.insert(0, {str(peer_dir)!r}); import data; data.Corpus({str(folder)!r})"
-        subprocess.run([sys.executable, "-c", load], check=True)
+        subprocess.run([sys.executable, "-c", load], check=True, env=env, preexec_fn=start)
         loading = time.perf_counter() - started
     started = time.perf_counter()
     process = subprocess.Popen(
-        command, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=_sigint_default
+        command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=start
     )  # fmt: skip
     deadline = started + loading + 60 * minutes if minutes else None
     lines: list[str] = []
@@ -189,11 +204,14 @@ def run_ours(
     tag: str,
     tokenization: str = "word",
     bpe_vocab_size: int = 8192,
+    core: int | None = None,
 ) -> Side:
     """`python flows/train_flow.py --config_file RECIPE` on our corpus file, in a private MLflow store: words with
-    `<eos>` (the peer's tokens), or characters or BPE subwords of the same lines as plain text."""
-    store = f"sqlite:///{work / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PREFECT_HOME": str(work / "prefect")}
+    `<eos>` (the peer's tokens), or characters or BPE subwords of the same lines as plain text; with `core`, on that
+    core alone (the flow's Prefect server too)."""
+    store = f"sqlite:///{work / f'mlflow-{tag}.db'}"
+    env, start = pinned(core)
+    env.update(MLFLOW_TRACKING_URI=store, PREFECT_HOME=str(work / f"prefect-{tag}"))
     env.pop("PREFECT_API_URL", None)
     options = ["--config_file", str(recipe), "--preprocess", "raw", "--min_freq", "0", "--max_tokens", "-1"]
     options += ["--tokenization", tokenization]
@@ -215,7 +233,7 @@ def run_ours(
     started = time.perf_counter()
     process = subprocess.Popen(
         [sys.executable, "flows/train_flow.py", *options], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
+        stderr=subprocess.STDOUT, text=True, preexec_fn=start,
     )  # fmt: skip
     tail: list[str] = []
     for line in process.stdout:
@@ -239,6 +257,28 @@ def run_ours(
     epochs_done = len(client.get_metric_history(run.info.run_id, "train_perplexity"))
     name = f"this project ({recipe.name}, {tokenization})"
     return Side(name, val, test, m["final_tokens_per_sec"], wall, epochs_done, note, *bits)
+
+
+def race(peer, ours, kinds: list[str], cores: list[int] | None) -> tuple[Side, list[Side]]:
+    """The peer (`peer(core)`) and then ours, a run for each tokenization (`ours(kind, core)`), one after the other on
+    all the cores; with `cores`, the peer on the first at the same time as ours on the second."""
+    if cores is None:
+        return peer(None), [ours(kind, None) for kind in kinds]
+    outcome: dict = {}
+
+    def peer_side() -> None:
+        try:
+            outcome["peer"] = peer(cores[0])
+        except Exception as error:  # noqa: BLE001  (reported once ours ends)
+            outcome["error"] = error
+
+    thread = threading.Thread(target=peer_side)
+    thread.start()
+    ours_sides = [ours(kinds[0], cores[1])]
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["peer"], ours_sides
 
 
 def table(title: str, peer: Side, ours: list[Side]) -> str:
@@ -297,11 +337,17 @@ def main() -> None:
     parser.add_argument("--val_tokens", type=int, default=80_000, help="Validation tokens (whole lines) held out.")
     parser.add_argument("--test_tokens", type=int, default=80_000, help="Test tokens (whole lines) at the end.")
     parser.add_argument("--work", type=Path, default=None, help="Work folder (default: a new temporary one).")
+    parser.add_argument("--at_once", action="store_true",
+                        help="Both sides at the same time, each on one core with one thread (the peer on the first "
+                        "core, ours on the second): a race takes its time once instead of twice.")  # fmt: skip
     args = parser.parse_args()
     if not args.corpus.is_file():
         sys.exit(f"error: no corpus at {args.corpus}; give one with --corpus FILE")
     if not (args.peer / "main.py").is_file():
         sys.exit(f"error: no peer at {args.peer} (its main.py); give its folder with --peer")
+    cores = sorted(os.sched_getaffinity(0))
+    if args.at_once and (len(cores) < 2 or len(args.tokenization) > 1):
+        sys.exit("error: --at_once runs one side a core: it needs two usable cores and one --tokenization")
     work = args.work or Path(tempfile.mkdtemp(prefix="peer-race-"))
     data = write_data(work, args.corpus, args.val_tokens, args.test_tokens)
     print(f"{args.corpus.name}: {data['train']:,} training, {data['val']:,} validation, {data['test']:,} test tokens; "
@@ -310,21 +356,25 @@ def main() -> None:
     results = []
     if args.race in ("same-epochs", "both"):
         print(f"same-epochs race: the peer's defaults, {args.epochs} epochs each", flush=True)
-        peer = run_peer(work, args.peer, args.epochs, None, data)
         recipe = ROOT / "recipes" / "word-lstm.toml"
-        ours = [
-            run_ours(work, data, recipe, args.epochs, None, f"same-epochs-{kind}", kind, args.bpe_vocab_size)
-            for kind in args.tokenization
-        ]
+        peer, ours = race(
+            lambda core: run_peer(work, args.peer, args.epochs, None, data, core),
+            lambda kind, core: run_ours(
+                work, data, recipe, args.epochs, None, f"same-epochs-{kind}", kind, args.bpe_vocab_size, core
+            ),
+            args.tokenization, cores if args.at_once else None,
+        )  # fmt: skip
         results.append(table(f"Same hyperparameters, {args.epochs} epochs", peer, ours))
         print(results[-1], flush=True)
     if args.race in ("budget", "both"):
         print(f"budget race: {args.minutes:g} minutes of training each", flush=True)
-        peer = run_peer(work, args.peer, 40, args.minutes, data)
-        ours = [
-            run_ours(work, data, args.recipe, None, args.minutes, f"budget-{kind}", kind, args.bpe_vocab_size)
-            for kind in args.tokenization
-        ]
+        peer, ours = race(
+            lambda core: run_peer(work, args.peer, 40, args.minutes, data, core),
+            lambda kind, core: run_ours(
+                work, data, args.recipe, None, args.minutes, f"budget-{kind}", kind, args.bpe_vocab_size, core
+            ),
+            args.tokenization, cores if args.at_once else None,
+        )  # fmt: skip
         results.append(table(f"{args.minutes:g} minutes of training each, our {args.recipe.name}", peer, ours))
         print(results[-1], flush=True)
     print("\n".join(results))
