@@ -1366,3 +1366,69 @@ void rnnlm_rnn_sgd_f32(const struct f32_step *s, int worker, int workers, int64_
     if (barrier(flags, worker, workers, 2)) return; /* every worker's rows of grad_gates and hprev */
     f32_finish(s, 1, u0, u1, worker, workers, flags, 2, work + at[F_GATES_T], work + at[F_TILE]);
 }
+
+/* torch's CPU `bernoulli_(p)` of a float tensor, the same bits from the same generator: each element takes two words
+   of torch's mt19937 (hi, then lo), keeps 53 bits of ((hi << 32) | lo) as a uniform double in [0, 1) and is 1 where
+   that is below p. `state` is the generator's 624 words as torch's state holds them (uint64 each), `left` and `next`
+   its position; all three are advanced as torch's engine advances them, so that the caller can hand the state back.
+   The words are made in blocks of 624 (the regeneration and the tempering vectorise) instead of one call each. */
+#define MT_N 624
+#define MT_M 397
+
+static inline uint32_t mt_twist(uint32_t u, uint32_t v) {
+    return (((u & 0x80000000u) | (v & 0x7fffffffu)) >> 1) ^ ((v & 1u) ? 0x9908b0dfu : 0u);
+}
+
+static void mt_regenerate(uint32_t *s) {
+    int i = 0;
+    for (; i < MT_N - MT_M; i++) s[i] = s[i + MT_M] ^ mt_twist(s[i], s[i + 1]);
+    for (; i < MT_N - 1; i++) s[i] = s[i + MT_M - MT_N] ^ mt_twist(s[i], s[i + 1]);
+    s[MT_N - 1] = s[MT_M - 1] ^ mt_twist(s[MT_N - 1], s[0]);
+}
+
+static inline uint32_t mt_temper(uint32_t y) {
+    y ^= y >> 11;
+    y ^= (y << 7) & 0x9d2c5680u;
+    y ^= (y << 15) & 0xefc60000u;
+    return y ^ (y >> 18);
+}
+
+void rnnlm_bernoulli(float *out, int64_t n, double p, uint64_t *state, int32_t *left, uint64_t *next) {
+    uint32_t s[MT_N], words[MT_N];
+    for (int i = 0; i < MT_N; i++) s[i] = (uint32_t)state[i];
+    /* below p * 2^53 as an integer: x * 2^-53 < p for the 53-bit x exactly where x < ceil(p * 2^53) */
+    double scaled = p * 9007199254740992.0, whole = (double)(uint64_t)scaled;
+    uint64_t limit = p <= 0 ? 0 : p >= 1 ? (1ull << 53) : (uint64_t)whole + (whole < scaled);
+    const uint64_t mask = (1ull << 53) - 1;
+    int64_t l = *left, nx = (int64_t)*next, i = 0;
+    uint32_t pending = 0;
+    int have_hi = 0;
+    while (i < n) {
+        /* the words torch's engine hands out before it regenerates: state[nx .. nx + l - 2], l - 1 of them */
+        if (l == 1) {
+            mt_regenerate(s);
+            l = MT_N + 1, nx = 0;
+        }
+        int64_t count = l - 1;
+        for (int64_t k = 0; k < count; k++) words[k] = mt_temper(s[nx + k]);
+        int64_t k = 0;
+        if (have_hi) { /* the element whose hi word came from the block before */
+            uint64_t x = (((uint64_t)pending << 32) | words[0]) & mask;
+            out[i++] = x < limit ? 1.0f : 0.0f;
+            k = 1, have_hi = 0;
+        }
+        int64_t pairs = (count - k) / 2;
+        if (pairs > n - i) pairs = n - i;
+        for (int64_t j = 0; j < pairs; j++) {
+            uint64_t x = (((uint64_t)words[k + 2 * j] << 32) | words[k + 2 * j + 1]) & mask;
+            out[i + j] = x < limit ? 1.0f : 0.0f;
+        }
+        i += pairs, k += 2 * pairs;
+        if (i < n && k < count) { /* one word left in the block: the next element's hi */
+            pending = words[k++], have_hi = 1;
+        }
+        l -= k, nx += k;
+    }
+    for (int j = 0; j < MT_N; j++) state[j] = s[j];
+    *left = (int32_t)l, *next = (uint64_t)nx;
+}

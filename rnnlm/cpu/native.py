@@ -63,6 +63,7 @@ _SIGNATURES = {
     "rnnlm_output_step": [ctypes.c_int64] * 2 + [_i] * 2 + [_p] * 5 + [ctypes.c_float] + [_p] * 6,
     "rnnlm_clip_sgd": [_i, _p, _p, _p, ctypes.c_float, ctypes.c_float],
     "rnnlm_rows_loss": [ctypes.c_int64] * 2 + [_i] * 2 + [_p] * 2 + [ctypes.c_float] + [_p] * 2,
+    "rnnlm_bernoulli": [_p, ctypes.c_int64, ctypes.c_double, _p, _p, _p],
 }
 _RESULTS = {name: _i for name in ("rnnlm_panel_width", "rnnlm_bf16_native", "rnnlm_barrier")}
 _RESULTS["rnnlm_lstm_sgd_work"] = _RESULTS["rnnlm_sgd_f32_work"] = ctypes.c_int64
@@ -303,6 +304,23 @@ def tanh(x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
     library().rnnlm_tanh(_ptr(x), _ptr(out), x.numel())
+    return out
+
+
+# torch's CPU generator state (its bytes): the position of its mt19937 and its 624 words, as uint64 each
+_LEFT, _NEXT, _WORDS = slice(8, 12), slice(16, 24), slice(24, 24 + 624 * 8)
+
+
+def bernoulli_(out: torch.Tensor, p: float) -> torch.Tensor:
+    """`out.bernoulli_(p)` for a contiguous float32 CPU tensor, with the bits torch draws from its default generator,
+    which is left where torch's own call leaves it (kernels.c: rnnlm_bernoulli), about 20 times quicker."""
+    _require(out.dtype == torch.float32 and out.is_contiguous() and out.device.type == "cpu",
+             lambda: f"bernoulli_ takes a contiguous float32 CPU tensor, not {_described(out)}")  # fmt: skip
+    state = torch.default_generator.get_state()
+    left, position = state[_LEFT].view(torch.int32), state[_NEXT].view(torch.int64)
+    words = state[_WORDS].view(torch.int64)
+    library().rnnlm_bernoulli(_ptr(out), out.numel(), float(p), _ptr(words), _ptr(left), _ptr(position))
+    torch.default_generator.set_state(state)
     return out
 
 
