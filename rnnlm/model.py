@@ -179,7 +179,7 @@ class RNNLM(nn.Module):
         layers = [[getattr(self.rnn, f"{name}_l{layer}") for name in names] for layer in range(self.rnn.num_layers)]
         if self.training and self.weight_drop:
             for layer in layers:
-                layer[1] = F.dropout(layer[1], self.weight_drop)
+                layer[1] = cpu.dropout(layer[1], self.weight_drop)
         return layers
 
     def _layers(self, inputs: torch.Tensor, state: State, weights: list[torch.Tensor], between: float):
@@ -193,15 +193,16 @@ class RNNLM(nn.Module):
         """`dropout` on x (num_steps, batch, features): a mask per element, or under locked dropout one mask per
         sequence, the same at every time step; none in evaluation."""
         if not (self.training and self.locked_dropout):
-            return self.drop(x)
+            return cpu.dropout(x, self.drop.p, self.training)
         keep = 1 - self.drop.p
-        return x * x.new_empty(1, *x.shape[1:]).bernoulli_(keep).div_(keep)
+        return x * cpu.bernoulli_(x.new_empty(1, *x.shape[1:]), keep).div_(keep)
 
     def first_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (num_steps, batch_size) as the first layer's input: the embedding's rows (dropped out), or the
         book's one-hot vectors (num_steps, batch_size, vocab_size); without the words embedding dropout drops."""
         if self.embedding is not None:
-            return self.dropped(self._without_dropped_words(self.embedding(tokens), tokens))
+            rows = self.embedding(tokens) if self.adaptive is None else self.adaptive.rows(self.embedding, tokens)
+            return self.dropped(self._without_dropped_words(rows, tokens))
         return self._without_dropped_words(F.one_hot(tokens, self.vocab_size).float(), tokens)
 
     def _without_dropped_words(self, inputs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -216,7 +217,7 @@ class RNNLM(nn.Module):
         if not (self.training and self.embed_dropout):
             return None
         keep = 1 - self.embed_dropout
-        return self.rnn.weight_hh_l0.new_empty(self.vocab_size).bernoulli_(keep).div_(keep)
+        return cpu.bernoulli_(self.rnn.weight_hh_l0.new_empty(self.vocab_size), keep).div_(keep)
 
     def begin_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
         """Zero state: (num_layers, batch_size, num_hiddens), a pair of them for the LSTM."""
@@ -251,6 +252,25 @@ def build_model(config: TrainConfig | Mapping[str, Any], vocab_size: int) -> RNN
     return model
 
 
+class _TiedRows(torch.autograd.Function):
+    """(an embedding's rows for `tokens`, a copy of its first `count` rows) with one gradient for the weight: the
+    lookup's (torch's own embedding backward) plus the rows' in place, the same sums as autograd's for the two uses."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, tokens: torch.Tensor, count: int):
+        ctx.save_for_backward(tokens)
+        ctx.num_weights, ctx.count = weight.shape[0], count
+        return F.embedding(tokens, weight), weight[:count].clone()
+
+    @staticmethod
+    def backward(ctx, grad_rows: torch.Tensor, grad_words: torch.Tensor):
+        (tokens,) = ctx.saved_tensors
+        grad = torch.ops.aten.embedding_dense_backward(grad_rows, tokens, ctx.num_weights, -1, False)
+        if grad_words is not None:
+            grad[: ctx.count] += grad_words
+        return grad, None, None
+
+
 class AdaptiveSoftmax(nn.Module):
     """The adaptive softmax of Grave et al. (2017) over a vocabulary ranked by frequency, as torch's
     AdaptiveLogSoftmaxWithLoss with the head's word weights optionally tied to an embedding's first rows.
@@ -276,11 +296,35 @@ class AdaptiveSoftmax(nn.Module):
             for size, (low, high) in zip(sizes, pairwise(self.cutoffs), strict=True)
         )
         object.__setattr__(self, "tied", tied)  # not a submodule: the model holds the embedding once
+        self._pending: tuple[torch.Tensor, int] | None = None  # `rows`' head words for this forward's `head`
+
+    def rows(self, embedding: nn.Embedding, tokens: torch.Tensor) -> torch.Tensor:
+        """The embedding's rows for `tokens`. With the head tied to that embedding and gradients on, the head's words
+        come from the same call (`_TiedRows`), kept for this forward's `head`: the weight then gets one gradient
+        buffer for both uses instead of one each and their sum (two passes less over the embedding a minibatch)."""
+        if self.tied is not embedding or not (torch.is_grad_enabled() and embedding.weight.requires_grad):
+            return embedding(tokens)
+        rows, words = _TiedRows.apply(embedding.weight, tokens, self.cutoffs[0])
+        self._pending = (words, embedding.weight._version)
+        return rows
 
     def head(self, hs: torch.Tensor) -> torch.Tensor:
         """The head's log-probabilities (rows, cutoffs[0] + clusters)."""
-        words = self.words if self.tied is None else self.tied.weight[: self.cutoffs[0]]
-        return F.log_softmax(F.linear(hs, torch.cat([words, self.clusters]), self.head_bias), dim=-1)
+        return F.log_softmax(F.linear(hs, torch.cat([self._head_words(), self.clusters]), self.head_bias), dim=-1)
+
+    def _head_words(self) -> torch.Tensor:
+        """The head's word weights: its own, or the tied embedding's first rows (those `rows` took in this forward,
+        once, while the weight is unchanged and gradients are on)."""
+        if self.tied is None:
+            return self.words
+        pending, self._pending = self._pending, None
+        if pending is not None and torch.is_grad_enabled() and pending[1] == self.tied.weight._version:
+            return pending[0]
+        return self.tied.weight[: self.cutoffs[0]]
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles without a forward's pending head words (a tensor of its graph)."""
+        return {**super().__getstate__(), "_pending": None}
 
     def forward(self, hs: torch.Tensor) -> torch.Tensor:
         """Every word's log-probability, (rows, vocab), for generation and as logits."""

@@ -3,6 +3,7 @@ stopping and the best weights kept, three splits, evaluations and checkpoints in
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import os
@@ -393,3 +394,40 @@ def test_adaptive_cutoffs_are_checked_against_the_options_and_the_vocabulary(tmp
     config = make(adaptive_cutoffs=[20, 100_000])
     with pytest.raises(DataError, match="adaptive_cutoffs .* beyond the vocabulary"):
         prepare_data(path, config)
+
+
+def test_a_tied_heads_words_come_with_the_lookup_and_give_autograds_gradients():
+    """With the head tied to the embedding, the model's step gives the loss and every gradient bitwise of the plain
+    path (the lookup and the head's slice of the weight, summed by autograd); the head's words taken with the lookup
+    serve that forward's head only: not after the weights change, not without gradients, not in a copy."""
+    torch.manual_seed(0)
+    model = RNNLM(60, 16, "lstm", num_layers=2, embedding_dim=16, dropout=0.2, tie_weights=True, adaptive_cutoffs=[8])
+    plain = RNNLM(60, 16, "lstm", num_layers=2, embedding_dim=16, dropout=0.2, tie_weights=True, adaptive_cutoffs=[8])
+    plain.load_state_dict(model.state_dict())
+    plain.adaptive.rows = lambda embedding, tokens: embedding(tokens)  # the lookup alone: the head slices the weight
+    tokens, targets = torch.randint(0, 60, (3, 9)), torch.randint(0, 60, (3, 9))
+    results = []
+    for each in (model, plain):
+        torch.manual_seed(1)
+        loss, _ = each.loss(tokens, targets, each.begin_state(3))
+        loss.backward()
+        results.append((loss, [p.grad for p in each.parameters()]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1], strict=True))
+    assert model.embedding.weight.grad[:8].abs().sum() > 0 and model.adaptive._pending is None  # taken by the head
+
+    out, weight = model.adaptive, model.embedding.weight
+    out.rows(model.embedding, tokens)
+    taken = out._pending[0]
+    assert out._head_words() is taken and out._head_words() is not taken  # once
+    out.rows(model.embedding, tokens)
+    with torch.no_grad():
+        weight.add_(1.0)  # an optimizer's step: the words taken before are stale
+    assert torch.equal(out._head_words(), weight[:8]) and not torch.equal(taken, weight[:8])
+    out.rows(model.embedding, tokens)
+    assert copy.deepcopy(model).adaptive._pending is None and out._pending is not None
+    with torch.no_grad():
+        taken = out._pending[0]
+        assert out._head_words() is not taken  # without gradients: the weight's own rows
+        out.rows(model.embedding, tokens)
+    assert out._pending is None
