@@ -43,3 +43,13 @@ def test_engine_dropout_gives_torchs_output_and_gradient_and_checks_what_it_is_g
     with pytest.raises(RuntimeError, match="contiguous float32"):
         native.bernoulli_(torch.empty(4, dtype=torch.float64), 0.5)
     assert cpu.bernoulli_(torch.empty(4, 2).T, 1.0).eq(1).all()  # not contiguous: torch's own call
+
+
+@needs_build
+def test_a_probability_outside_0_1_gets_torchs_error_and_leaves_the_generator_as_it_was():
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    for p in (-0.1, 1.5):
+        with pytest.raises(RuntimeError, match="bernoulli"):
+            native.bernoulli_(torch.empty(8), p)
+    assert torch.equal(torch.get_rng_state(), before)
