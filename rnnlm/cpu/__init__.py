@@ -125,8 +125,9 @@ def lstm_path(model: nn.Module, batch: int) -> str | None:
 
 
 def _measure_lstm_path(model: nn.Module, batch: int) -> str:
-    """`lstm_path`, measured where no choice is recorded: each way as it runs (the engine on one torch thread and
-    the helper thread, torch's layers on all of torch's threads), on a forked generator."""
+    """`lstm_path`, measured where no choice is recorded: each way as it runs (the engine on the torch threads
+    `_engine_threads` gives, one with the helper thread; torch's layers on all of torch's threads), on a forked
+    generator."""
     keep_freed_memory()  # as in training: freed pages kept for the next minibatch
     return choice.fastest(_lstm_choice(model, batch), lambda: _lstm_candidates(model, batch), per_threads=False)
 
@@ -135,7 +136,8 @@ def _lstm_choice(model: nn.Module, batch: int) -> str:
     """The name of `lstm_path`'s choice for this model's sizes and batch."""
     rnn, embedding = model.rnn, getattr(model, "embedding", None)
     sizes = (rnn.input_size, rnn.hidden_size, rnn.num_layers, *_output_sizes(model), embedding is not None, batch)
-    return "lstm-step:" + "x".join(map(str, sizes))
+    threads = f"@{_engine_threads(model)}threads" if getattr(model, "adaptive", None) is not None else ""
+    return "lstm-step:" + "x".join(map(str, sizes)) + threads  # the engine's threads: timed as it trains
 
 
 def _lstm_decision(model: nn.Module, batch: int) -> str | None:
@@ -154,7 +156,7 @@ def _output_sizes(model: nn.Module) -> tuple[int, ...]:
 def _lstm_candidates(model: nn.Module, batch: int) -> dict:
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        return fused.lstm_candidates(model, batch, 35, DEFAULT_THREADS, engine_loss=loss)
+        return fused.lstm_candidates(model, batch, 35, DEFAULT_THREADS, loss, _engine_threads(model))
 
 
 def bernoulli_(out: torch.Tensor, p: float) -> torch.Tensor:
@@ -342,8 +344,13 @@ def threads_for(cpu_threads: int, model: nn.Module, window: tuple[int, int]) -> 
     1.43x the tokens/s on a 2-core Xeon, docs/benchmarks.md)."""
     if cpu_threads > 0:
         return cpu_threads
-    served = handles(model, torch.zeros(window, dtype=torch.int64))
-    return 1 if served and getattr(model, "adaptive", None) is None else DEFAULT_THREADS
+    return _engine_threads(model) if handles(model, torch.zeros(window, dtype=torch.int64)) else DEFAULT_THREADS
+
+
+def _engine_threads(model: nn.Module) -> int:
+    """The torch threads the engine trains `model` on by default: one (and the helper thread), or torch's own
+    setting for a model with an adaptive softmax (see `threads_for`)."""
+    return 1 if getattr(model, "adaptive", None) is None else DEFAULT_THREADS
 
 
 @contextmanager

@@ -250,11 +250,13 @@ def _forward(rnn: nn.Module, tokens: torch.Tensor, state, share: bool, saved: _S
     return hs, last, grads
 
 
-def lstm_candidates(model, batch: int, steps: int, torch_threads_default: int, engine_loss: Callable) -> dict:
+def lstm_candidates(
+    model, batch: int, steps: int, torch_threads_default: int, engine_loss: Callable, engine_threads: int = 1
+) -> dict:
     """Two ways to train a copy of this LSTM model for a minibatch, each as it would run: 'compiled' (the engine on
-    one torch thread and the helper thread: `float32_step` where it applies, else `engine_loss` through autograd)
-    and 'torch' (`model.forward_torch`, torch's layers, through autograd on `torch_threads_default` threads); for
-    `rnnlm.cpu.choice` to time."""
+    `engine_threads` torch threads, with the helper thread where that is one: `float32_step` where it applies, else
+    `engine_loss` through autograd) and 'torch' (`model.forward_torch`, torch's layers, through autograd on
+    `torch_threads_default` threads); for `rnnlm.cpu.choice` to time."""
     copy = deepcopy(model).train()
     vocab = copy.vocab_size
     tokens, targets = torch.randint(0, vocab, (batch, steps)), torch.randint(0, vocab, (batch, steps))
@@ -263,7 +265,7 @@ def lstm_candidates(model, batch: int, steps: int, torch_threads_default: int, e
     one_layer_one_hot = copy.rnn.num_layers == 1 and plain
 
     def compiled() -> None:
-        with threads.torch_threads(1):
+        with threads.torch_threads(engine_threads):
             if one_layer_one_hot and not getattr(getattr(copy, "drop", None), "p", 0.0):
                 float32_step(copy, tokens, targets, state, 0.0, 1.0)
             else:

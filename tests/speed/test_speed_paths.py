@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rnnlm.config import TrainConfig
+from rnnlm.cpu import compiled as engine_compiled
 from rnnlm.cpu.allocator import keep_freed_memory
 from rnnlm.cpu.threads import torch_threads
 from rnnlm.model import RNNLM, matmul_precision
@@ -63,6 +64,28 @@ def test_auto_threads_are_one_where_the_engine_serves_the_model_and_all_cores_el
     monkeypatch.setattr(cpu, "ENABLED", False)
     assert cpu.threads_for(0, RNNLM(9, 16, "rnn"), window) == 7
     assert cpu.engine_name(RNNLM(9, 16, "rnn"), window) == "torch's layers (the compiled kernels are turned off)"
+
+
+@pytest.mark.skipif(not engine_compiled(), reason="no C compiler here: the compiled kernels are not built")
+@pytest.mark.parametrize("cutoffs", [[], [4, 8]])
+def test_the_lstm_choice_times_the_engine_on_the_threads_it_will_train_with(monkeypatch, cutoffs):
+    """The one-time measurement of an LSTM's path runs the engine's candidate as training will: one torch thread
+    (and the helper) for a linear output layer, torch's own setting for an adaptive softmax."""
+    import rnnlm.cpu as cpu
+
+    monkeypatch.setattr(cpu, "DEFAULT_THREADS", 3)
+    seen = []
+
+    def recording_loss(model, tokens, targets, state):
+        seen.append(torch.get_num_threads())
+        return torch.zeros((), requires_grad=True), state
+
+    monkeypatch.setattr(cpu, "loss", recording_loss)
+    model = RNNLM(20, 16, "lstm", num_layers=2, embedding_dim=16, tie_weights=True, adaptive_cutoffs=cutoffs)
+    before = torch.get_num_threads()
+    cpu._lstm_candidates(model, 4)["compiled"]()
+    assert seen == [3 if cutoffs else 1] and torch.get_num_threads() == before
+    assert cpu.threads_for(0, model, (4, 35)) in (seen[0], cpu.DEFAULT_THREADS)
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this system")
