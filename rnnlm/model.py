@@ -281,6 +281,10 @@ class AdaptiveSoftmax(nn.Module):
     cutoffs[0] times less than the full softmax when most tokens are frequent words.
     """
 
+    # `rows`' head words for this forward's `head`, and the weight's version then; a class default, so that a model
+    # pickled before it existed (an MLflow model registered earlier) loads and runs
+    _pending: tuple[torch.Tensor, int] | None = None
+
     def __init__(self, hidden: int, vocab: int, cutoffs: list[int], div_value: float = 4.0, tied=None):
         super().__init__()
         if not cutoffs or list(cutoffs) != sorted(set(cutoffs)) or cutoffs[0] < 1 or cutoffs[-1] >= vocab:
@@ -296,7 +300,6 @@ class AdaptiveSoftmax(nn.Module):
             for size, (low, high) in zip(sizes, pairwise(self.cutoffs), strict=True)
         )
         object.__setattr__(self, "tied", tied)  # not a submodule: the model holds the embedding once
-        self._pending: tuple[torch.Tensor, int] | None = None  # `rows`' head words for this forward's `head`
 
     def rows(self, embedding: nn.Embedding, tokens: torch.Tensor) -> torch.Tensor:
         """The embedding's rows for `tokens`. With the head tied to that embedding and gradients on, the head's words

@@ -7,6 +7,7 @@ import copy
 import itertools
 import math
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -431,3 +432,21 @@ def test_a_tied_heads_words_come_with_the_lookup_and_give_autograds_gradients():
         assert out._head_words() is not taken  # without gradients: the weight's own rows
         out.rows(model.embedding, tokens)
     assert out._pending is None
+
+
+def test_an_adaptive_model_pickled_before_the_tied_lookup_loads_and_trains():
+    """A model pickled whole (as MLflow keeps a registered model) by a version without the tied lookup's state still
+    runs and trains after loading: that state is a class default."""
+    torch.manual_seed(0)
+    model = RNNLM(30, 8, "lstm", embedding_dim=8, tie_weights=True, adaptive_cutoffs=[6])
+    loaded = pickle.loads(pickle.dumps(model))
+    loaded.adaptive.__dict__.pop("_pending", None)  # an older version's pickle has no such attribute
+    tokens, targets = torch.randint(0, 30, (2, 9)), torch.randint(0, 30, (2, 9))
+    for each in (model, loaded):
+        torch.manual_seed(1)
+        loss, _ = each.loss(tokens, targets, each.begin_state(2))
+        loss.backward()
+    assert torch.equal(loaded.embedding.weight.grad, model.embedding.weight.grad)
+    with torch.no_grad():
+        ours, theirs = loaded.eval()(tokens, loaded.begin_state(2))[0], model.eval()(tokens, model.begin_state(2))[0]
+        torch.testing.assert_close(ours, theirs)
