@@ -9,9 +9,10 @@ the one measurement it depends on (which path trains an LSTM quicker here) runs 
 model over (`settings`, which the trainer and evaluation enter). The engine imports nothing from the rest of the
 library: it reads a model through its torch modules (`model.rnn`, `model.linear` or `model.adaptive`,
 `model.embedding`, `model.drop`), the functions that draw its regularisers' masks (`first_inputs`,
-`recurrent_weights`, `dropped`, `word_scales`: the engine applies them as torch's path does) and
-`model.forward_torch`, its own path, keeps its builds in its own cache folder (`native.cache()`), and describes
-itself for a run's records (`device_name`, `engine_name`, `matmul_precision`).
+`recurrent_weights`, `dropped`, `word_scales`: the engine applies them as torch's path does; they draw their masks
+with `bernoulli_` here, torch's own bits drawn in C) and `model.forward_torch`, its own path, keeps its builds in
+its own cache folder (`native.cache()`), and describes itself for a run's records (`device_name`, `engine_name`,
+`matmul_precision`).
 
     checks.py      what every entry checks before any C call, and the engine's own RNNLM_* variables
     native.py      builds kernels.c with the machine's compiler at first use; ctypes wrappers of its functions
