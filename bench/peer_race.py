@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,7 +124,7 @@ def write_data(work: Path, corpus: Path, val_tokens: int, test_tokens: int) -> d
     return {"peer": peer, "ours": ours, **sizes, **held_out}
 
 
-def pinned(core: int | None) -> tuple[dict, object]:
+def pinned(core: int | None) -> tuple[dict, Callable[[], None]]:
     """(the environment, the function to call in the child before it starts) for a side on one core: one torch thread,
     the process and its children pinned to `core`; with None, all the machine's cores as it is."""
     if core is None:

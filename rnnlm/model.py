@@ -194,8 +194,7 @@ class RNNLM(nn.Module):
         sequence, the same at every time step; none in evaluation."""
         if not (self.training and self.locked_dropout):
             return cpu.dropout(x, self.drop.p, self.training)
-        keep = 1 - self.drop.p
-        return x * cpu.bernoulli_(x.new_empty(1, *x.shape[1:]), keep).div_(keep)
+        return x * cpu.keep_mask(x.new_empty(1, *x.shape[1:]), 1 - self.drop.p)
 
     def first_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (num_steps, batch_size) as the first layer's input: the embedding's rows (dropped out), or the
@@ -216,8 +215,7 @@ class RNNLM(nn.Module):
         does; None when no word is dropped."""
         if not (self.training and self.embed_dropout):
             return None
-        keep = 1 - self.embed_dropout
-        return cpu.bernoulli_(self.rnn.weight_hh_l0.new_empty(self.vocab_size), keep).div_(keep)
+        return cpu.keep_mask(self.rnn.weight_hh_l0.new_empty(self.vocab_size), 1 - self.embed_dropout)
 
     def begin_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
         """Zero state: (num_layers, batch_size, num_hiddens), a pair of them for the LSTM."""

@@ -168,12 +168,19 @@ def bernoulli_(out: torch.Tensor, p: float) -> torch.Tensor:
     return out.bernoulli_(p)
 
 
+def keep_mask(out: torch.Tensor, keep: float) -> torch.Tensor:
+    """`out` filled with dropout's scaled mask: 1 / keep with probability `keep`, else 0 (`bernoulli_`, then divided
+    by keep, as torch's dropout makes its mask)."""
+    return bernoulli_(out, keep).div_(keep)
+
+
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """`F.dropout(x, p, training)` with the mask from `bernoulli_`: torch's own steps on the CPU (a mask of 1 - p,
-    divided by 1 - p, times x), so the same output and gradient from the same generator; torch's call elsewhere."""
-    if not (training and 0 < p < 1 and x.is_contiguous() and x.numel()):
+    """`F.dropout(x, p, training)` with the mask from `keep_mask`: torch's own steps on the CPU (a mask of 1 - p,
+    divided by 1 - p, times x), so the same output and gradient from the same generator; torch's call elsewhere
+    (another device keeps torch's fused dropout)."""
+    if not (training and 0 < p < 1 and x.device.type == "cpu" and x.is_contiguous() and x.numel()):
         return torch.nn.functional.dropout(x, p, training)
-    return x * bernoulli_(torch.empty_like(x), 1 - p).div_(1 - p)
+    return x * keep_mask(torch.empty_like(x), 1 - p)
 
 
 def forward(model: nn.Module, tokens: torch.Tensor, state):
