@@ -165,6 +165,12 @@ class TrainConfig(BaseModel):
         "each window's length / num_steps.",
     )
     weight_decay: float = Field(0.0, ge=0, description="Weight decay (L2 for SGD, decoupled for AdamW).")
+    mask_unseen: bool = Field(
+        False,
+        description="No gradient for the output weights of tokens absent from the training text (in the vocabulary "
+        "from held-out text): AdamW would push them down a full step every minibatch, and held-out text that uses "
+        "them pays for it.",
+    )
     lr_schedule: Literal["constant", "plateau", "cosine"] = Field(
         "constant",
         description="'constant' (the book); 'plateau': divide by lr_decay after an evaluation that does not improve "

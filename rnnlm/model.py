@@ -98,6 +98,13 @@ class RNNLM(nn.Module):
         """The module that turns the last layer's outputs into logits: the linear layer or the adaptive softmax."""
         return self.linear if self.linear is not None else self.adaptive
 
+    def output_rows(self, words: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """Where the output layer scores `words` (ids, int64): (parameter, its rows) for each parameter with a row or
+        an entry of their own (the embedding's rows where it is tied to the output)."""
+        if self.adaptive is not None:
+            return self.adaptive.word_rows(words)
+        return [(self.linear.weight, words), (self.linear.bias, words)]
+
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One step without dropout, for generation: tokens (batch,) -> logits (batch, vocab), and the next state. Each
         layer is one call of torch's cell function (what its layer computes for one step, without the layer's checks
@@ -298,6 +305,15 @@ class AdaptiveSoftmax(nn.Module):
             for size, (low, high) in zip(sizes, pairwise(self.cutoffs), strict=True)
         )
         object.__setattr__(self, "tied", tied)  # not a submodule: the model holds the embedding once
+
+    def word_rows(self, words: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """(parameter, rows) that score `words` (ids, int64): the head's word weights and biases, each cluster's
+        output rows; parameters with none of them are left out."""
+        head = words[words < self.cutoffs[0]]
+        found = [(self.words if self.tied is None else self.tied.weight, head), (self.head_bias, head)]
+        for tail, (low, high) in zip(self.tails, pairwise(self.cutoffs), strict=True):
+            found.append((tail[1].weight, words[(words >= low) & (words < high)] - low))
+        return [(parameter, rows) for parameter, rows in found if rows.numel()]
 
     def rows(self, embedding: nn.Embedding, tokens: torch.Tensor) -> torch.Tensor:
         """The embedding's rows for `tokens`. With the head tied to that embedding and gradients on, the head's words

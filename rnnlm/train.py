@@ -86,6 +86,7 @@ class _Loop:
             len(corpus), config.batch_size, config.num_steps, config.use_random_iter, config.variable_steps
         )
         self.schedule = Schedule(config, self.per_epoch * config.num_epochs)
+        self.held = unseen_rows(model, corpus) if config.mask_unseen else []
         self.eval_seconds = 0.0  # spent in evaluations by this process: kept out of the epochs' training time
         self.interrupted: Callable[[], bool] = lambda: False
         self.epoch_val: float | None = None  # the current epoch's last validation perplexity
@@ -101,7 +102,7 @@ class _Loop:
             for inputs, targets in self._batches():
                 state.hidden = carried(self.model, state.hidden, inputs, config.use_random_iter)
                 self._scale_rate(inputs.shape[1])
-                loss, state.hidden = _step(self.model, inputs, targets, state.hidden, self.optimizer, config)
+                loss, state.hidden = _step(self.model, inputs, targets, state.hidden, self.optimizer, config, self.held)
                 averaging.update(self.model, state)
                 loss_sum += loss * targets.numel()  # stays on the device: no host sync per batch
                 state.epoch_tokens += targets.numel()
@@ -283,15 +284,26 @@ def carried(model: RNNLM, hidden: State | None, inputs: torch.Tensor, random_ite
     return detach_state(hidden)
 
 
-def _step(model: RNNLM, inputs, targets, hidden, optimizer, config: TrainConfig):
+def unseen_rows(model: RNNLM, corpus: torch.Tensor) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """The output layer's (parameter, rows) for the tokens that never occur in the training ids `corpus`."""
+    counts = torch.bincount(corpus.reshape(-1), minlength=model.vocab_size)
+    return model.output_rows(torch.nonzero(counts == 0).squeeze(1))
+
+
+def _step(model: RNNLM, inputs, targets, hidden, optimizer, config: TrainConfig, held=()):
     """Forward, backward, clip, optimizer step for one minibatch; returns (detached mean loss, state), without a
-    sync. Where the CPU engine has the whole step compiled, it takes it."""
-    if (compiled := cpu.sgd_step(model, optimizer, inputs, targets, hidden, config.grad_clip, config.amp)) is not None:
+    sync. Where the CPU engine has the whole step compiled, it takes it. `held`'s (parameter, rows) get no gradient
+    (mask_unseen)."""
+    compiled = None if held else cpu.sgd_step(model, optimizer, inputs, targets, hidden, config.grad_clip, config.amp)
+    if compiled is not None:
         return compiled
     with autocast(inputs.device, config.amp):  # the forward pass only; gradients and the step stay float32
         loss, objective, hidden = _losses(model, inputs, targets, hidden, config)
     optimizer.zero_grad(set_to_none=True)
     objective.backward()
+    for parameter, rows in held:
+        if parameter.grad is not None:
+            parameter.grad.index_fill_(0, rows, 0.0)
     torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip, foreach=True)
     optimizer.step()
     return loss.detach(), hidden
