@@ -196,7 +196,8 @@ def read_resumable(
     except ValueError as err:
         raise CheckpointMismatch(f"{err}; delete it, or start over with --resume never") from err
     current = {**config.model_dump(mode="json"), "corpus_file_sha1": corpus_sha1 or ckpt.get("corpus_sha1")}
-    saved = {**ckpt.get("config", {}), "corpus_file_sha1": ckpt.get("corpus_sha1")}
+    defaults = {name: field.default for name, field in TrainConfig.model_fields.items()}  # fields added since
+    saved = {**defaults, **ckpt.get("config", {}), "corpus_file_sha1": ckpt.get("corpus_sha1")}
     fields = [*config.identity(), "corpus_file_sha1"]
     check_compatible(path, {**ckpt, "config": saved}, current, vocab, fields)
     if not {"rng", "optimizer", "history"} <= ckpt.keys():

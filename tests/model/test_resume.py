@@ -173,3 +173,14 @@ def test_a_checkpoint_keeps_every_field_of_the_training_state():
     saved = state_to_checkpoint(TrainState(epoch=2, step=9, lr=0.25, stale_evals=1))
     assert {f.name for f in fields(TrainState)} <= saved.keys()
     assert (saved["epoch"], saved["step"], saved["lr"], saved["stale_evals"]) == (2, 9, 0.25, 1)
+
+
+def test_a_checkpoint_from_before_an_option_existed_resumes_with_the_option_at_its_default(tmp_path, prepared):
+    config, data = prepared(num_epochs=2)
+    fit(config, data, tmp_path / "c.pt")
+    ckpt = load_checkpoint(tmp_path / "c.pt")
+    del ckpt["config"]["mask_unseen"]  # as a checkpoint written before the option came
+    save_checkpoint(tmp_path / "old.pt", **{k: v for k, v in ckpt.items() if k != "format_version"})
+    assert fit(config, data, tmp_path / "old.pt").resumed_from_epoch == 2
+    with pytest.raises(CheckpointMismatch, match="mask_unseen: checkpoint False, this run True"):
+        fit(config.model_copy(update={"mask_unseen": True}), data, tmp_path / "old.pt")
