@@ -72,8 +72,7 @@ def test_held_out_text_of_unseen_words_scores_better_masked_under_adamw(adaptive
         model.eval()
         with torch.no_grad():
             hs, _ = model.hidden_torch(held_out[None, :-1], model.begin_state(1))
-            logits = model.output_layer(hs)
-            log_probs = logits if adaptive else torch.log_softmax(logits, -1)
+            log_probs = torch.log_softmax(model.output_layer(hs), -1)  # the adaptive softmax's are already
             nll = -log_probs.gather(1, held_out[1:, None]).squeeze(1)
         losses[mask] = float(nll[unseen].mean()), evaluate_loss(model, held_out, 1, 50)
     assert losses[True][0] < losses[False][0] - 1.0, losses  # a nat a token at least
