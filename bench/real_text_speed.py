@@ -10,7 +10,8 @@ that makes, and its share of the float32 matmul limit measured in the same run (
     .venv/bin/python bench/real_text_speed.py                          # kjv.txt: the three models
     .venv/bin/python bench/real_text_speed.py --models adaptive --profile --steps 100
 
-Models: `adaptive` is recipes/kjv-best.toml (2-layer LSTM 200, tied, adaptive softmax [2000, 6000]); `full` the same
+Models: `adaptive` is recipes/kjv-best.toml (2-layer LSTM 200, tied, adaptive softmax [2000, 6000]) or the
+`--recipe` given (e.g. recipes/kjv-tuned.toml, 2x400); `full` the same
 with the full softmax (pytorch/examples' word_language_model's model); `awd` the same with AWD-LSTM's regularisers
 (locked dropout, weight drop 0.2, word dropout 0.05, AR/TAR); `char` a 2-layer character LSTM 512 on the same text
 (raw characters, any script). `--torch_layers` also trains each model on torch's layers (the engine off), in the
@@ -101,6 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="the text to train on (kjv.txt)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="which models")
+    parser.add_argument("--recipe", type=Path, default=RECIPE, help="the recipe the models start from (kjv-best.toml)")
     parser.add_argument("--steps", type=int, default=300, help="timed minibatches per model")
     parser.add_argument("--warmup", type=int, default=20, help="untimed minibatches first")
     parser.add_argument("--profile", action="store_true", help="also print where the time goes (torch.profiler)")
@@ -118,7 +120,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as cache:
         for name in args.models:
             settings = {"corpus": str(args.corpus), "cache_dir": cache, "num_epochs": 1} | MODELS[name]
-            config = TrainConfig.from_recipe(RECIPE, **settings)  # one pass over the part given to the trainer
+            config = TrainConfig.from_recipe(args.recipe, **settings)  # one pass over the part given to the trainer
             data = prepare_data(fetch(config), config)
             vocab, train_ids, _ = data.load()
             engines = (True, False) if args.torch_layers else (True,)

@@ -130,6 +130,13 @@ class TrainConfig(BaseModel):
         description="An adaptive softmax for large vocabularies, e.g. 2000,6000: the words ranked below the first "
         "cutoff in its head, rarer ones in smaller clusters (quicker to train); empty: the full softmax (the book).",
     )
+    adaptive_div_value: float = Field(
+        4.0,
+        ge=1.0,
+        le=64.0,
+        description="With adaptive_cutoffs: each tail cluster scores its words from a projection of the hidden state "
+        "this many times narrower than the one before (Grave et al.'s 4); lower gives rare words more room.",
+    )
     # AWD-LSTM's regularisers (Merity et al. 2017), all off by default; the CPU engine and torch's layers apply them
     weight_drop: float = rate_field(
         "DropConnect on every layer's hidden-to-hidden weights: one mask per minibatch (training only)."
@@ -216,7 +223,8 @@ class TrainConfig(BaseModel):
     amp: bool = Field(
         False,
         description="bf16 matmuls, weights and SGD in float32: autocast of the forward pass on GPUs; on CPUs with "
-        "AVX512-BF16 the LSTM's recurrent matmuls and its whole SGD step in compiled code.",
+        "AVX512-BF16 the LSTM's recurrent matmuls and its whole SGD step in compiled code, or an adaptive softmax's "
+        "matmuls (the engine's recurrence stays float32).",
     )
     checkpoint_every: int = run_field(
         10, "Write a resumable checkpoint every this many epochs (and always at the end).", gt=0

@@ -54,6 +54,7 @@ class RNNLM(nn.Module):
         dropout: float = 0.0,
         tie_weights: bool = False,
         adaptive_cutoffs: tuple[int, ...] | list[int] = (),
+        adaptive_div_value: float = 4.0,
         weight_drop: float = 0.0,
         embed_dropout: float = 0.0,
         locked_dropout: bool = False,
@@ -76,7 +77,9 @@ class RNNLM(nn.Module):
         self.linear, self.adaptive = None, None
         if adaptive_cutoffs:
             tied = self.embedding if tie_weights else None
-            self.adaptive = AdaptiveSoftmax(num_hiddens, vocab_size, list(adaptive_cutoffs), tied=tied)
+            self.adaptive = AdaptiveSoftmax(
+                num_hiddens, vocab_size, list(adaptive_cutoffs), adaptive_div_value, tied=tied
+            )
         else:
             self.linear = nn.Linear(num_hiddens, vocab_size)
             if tie_weights:
@@ -234,6 +237,7 @@ class RNNLM(nn.Module):
 
 MODEL_OPTIONS = (  # what older checkpoints may lack
     "embedding_dim", "dropout", "tie_weights", "adaptive_cutoffs", "weight_drop", "embed_dropout", "locked_dropout",
+    "adaptive_div_value",
 )  # fmt: skip
 # AWD-LSTM's regularisers, of the model and of its training, by their config fields: each is on when its value is
 # true (a rate above 0, a flag set), and NT-ASGD when the optimizer is "ntasgd"

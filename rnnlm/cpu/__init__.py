@@ -220,11 +220,13 @@ def loss(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, state, r
     if (_bf16_lstm(model) and _autocast_on()) or (ignored and model.linear is not None):
         logits, state = _forward(model, tokens, state)
         return torch.nn.functional.cross_entropy(logits, targets.T.reshape(-1), reduction=reduction), state
+    bf16_head = _autocast_on() and bf16_fast()  # amp: an adaptive softmax's matmuls in bf16 where that is quick
     with torch.autocast("cpu", enabled=False):
         outputs, state = _layers(model, tokens.T, state)
         outputs, out, flat = _dropped_rows(model, outputs), model.linear, targets.T.reshape(-1)
         if out is None:  # an adaptive softmax: its head and each target's cluster, on torch's matmuls
-            total = model.adaptive.loss(outputs, flat, "sum")
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_head):
+                total = model.adaptive.loss(outputs, flat, "sum")
         elif torch.is_grad_enabled():
             total = fused.OutputLoss.apply(outputs, out.weight, out.bias, flat)
         else:  # evaluation: the loss only
@@ -418,6 +420,8 @@ def matmul_precision(model: nn.Module, amp: bool, window: tuple[int, int]) -> st
         return "bf16 autocast (forward pass, torch's CPU layers)"
     if _bf16_lstm(model):
         return "bf16 recurrent matmuls (AVX512-BF16), float32 elsewhere"
+    if model.linear is None and bf16_fast():
+        return "bf16 adaptive softmax (AVX512-BF16), float32 recurrence"
     return "float32 (amp's bf16 kernels serve the one-layer one-hot LSTM on CPUs with AVX512-BF16)"
 
 

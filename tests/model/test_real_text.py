@@ -17,6 +17,7 @@ import pytest
 import torch
 from helpers import PROJECT_ROOT, resume_settings, small_text
 
+from rnnlm import cpu
 from rnnlm import train as train_module
 from rnnlm.batches import DataError
 from rnnlm.checkpoint import best_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -24,7 +25,7 @@ from rnnlm.config import TrainConfig
 from rnnlm.data import prepare_data
 from rnnlm.evaluate import evaluate
 from rnnlm.generate import generate
-from rnnlm.model import RNNLM
+from rnnlm.model import RNNLM, build_model
 from rnnlm.run import fit
 from rnnlm.state import Hooks
 from rnnlm.tokens import build_vocab, encode, prepare_text
@@ -371,7 +372,7 @@ def test_an_adaptive_model_trains_checkpoints_and_generates(tmp_path, words):
     the same model (the registered weights' perplexity again), and it generates."""
     path, make = words
     config = make(rnn="gru", num_epochs=4, embedding_dim=24, num_hiddens=24, tie_weights=True, adaptive_cutoffs=[4, 10],
-                  optimizer="adamw", lr=0.01)  # fmt: skip
+                  adaptive_div_value=2.0, optimizer="adamw", lr=0.01)  # fmt: skip
     data = prepare_data(path, config)
     result = fit(config, data, tmp_path / "model.pt")
     history = [stats.train_perplexity for stats in result.history]
@@ -380,11 +381,24 @@ def test_an_adaptive_model_trains_checkpoints_and_generates(tmp_path, words):
     assert history[-1] < history[0] and result.registered_val_perplexity < 1.1 * full.registered_val_perplexity
     model, vocab, saved = model_from_checkpoint(load_checkpoint(result.registered_checkpoint))
     assert model.adaptive is not None and saved["adaptive_cutoffs"] == [4, 10]
+    assert [tail[0].out_features for tail in model.adaptive.tails] == [12, 6]  # 24 / 2, 24 / 4
     val = torch.as_tensor(np.asarray(data.load()[2], dtype=np.int64))
     again = evaluate(model, val, config.batch_size, config.num_steps)
     assert math.isclose(again, result.registered_val_perplexity, rel_tol=1e-5)
     [text] = generate(model, vocab, ["the"], 10, "word")
     assert text.startswith("the") and len(text.split()) == 11
+
+
+def test_a_checkpoint_from_before_the_clusters_width_option_rebuilds_grave_et_als_widths():
+    """adaptive_div_value narrows each tail cluster's projection by that factor; a checkpoint's config without it
+    (written before the option) rebuilds the clusters it trained: a factor of 4."""
+    options = dict(num_hiddens=64, rnn="lstm", num_layers=1, embedding_dim=64, adaptive_cutoffs=[10, 20])
+    widths = lambda model: [tail[0].out_features for tail in model.adaptive.tails]  # noqa: E731
+    assert widths(build_model(options, 40)) == [16, 4]
+    assert widths(build_model({**options, "adaptive_div_value": 2.0}, 40)) == [32, 16]
+    assert widths(build_model(TrainConfig(**options, adaptive_div_value=1.5), 40)) == [42, 28]
+    with pytest.raises(ValueError, match="adaptive_div_value"):
+        TrainConfig(adaptive_div_value=0.5)
 
 
 def test_adaptive_cutoffs_are_checked_against_the_options_and_the_vocabulary(tmp_path, words):
@@ -450,3 +464,31 @@ def test_an_adaptive_model_pickled_before_the_tied_lookup_loads_and_trains():
     with torch.no_grad():
         ours, theirs = loaded.eval()(tokens, loaded.begin_state(2))[0], model.eval()(tokens, model.begin_state(2))[0]
         torch.testing.assert_close(ours, theirs)
+
+
+def test_amp_runs_the_engines_adaptive_softmax_in_bf16_and_leaves_float32_as_it_was(monkeypatch):
+    """Under amp on a CPU with AVX512-BF16 the engine's adaptive softmax (its head and clusters, torch's matmuls) runs
+    in bf16: loss and gradients within bf16 rounding of float32's, not equal to them; without amp, float32 exactly."""
+    if not cpu.bf16_fast():
+        pytest.skip("this CPU has no AVX512-BF16: amp leaves an adaptive softmax in float32")
+    monkeypatch.setenv("RNNLM_CPU_CHOICE", "lstm-step=compiled")  # the engine's LSTM, not torch's (all bf16 then)
+    torch.manual_seed(0)
+    model = RNNLM(300, 64, "lstm", num_layers=2, embedding_dim=64, tie_weights=True, adaptive_cutoffs=[50, 150])
+    tokens, targets = torch.randint(0, 300, (2, 8, 12)).unbind(0)
+    assert cpu.handles(model, tokens)
+    assert cpu.matmul_precision(model, True, (8, 12)).startswith("bf16 adaptive softmax")  # the run's line says so
+    results = {}
+    for amp in (False, True, False):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss, _ = model.loss(tokens, targets, model.begin_state(8))
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        if amp or not results:
+            results[amp] = (loss.detach(), grads)
+        else:  # float32 again: bitwise what it was
+            assert torch.equal(loss, results[False][0])
+    (full, full_grads), (half, half_grads) = results[False], results[True]
+    assert not torch.equal(full, half) and math.isclose(float(half), float(full), rel_tol=1e-2)
+    for a, b in zip(half_grads, full_grads, strict=True):
+        assert float((a - b).norm() / b.norm()) < 0.05
