@@ -416,6 +416,8 @@ def matmul_precision(model: nn.Module, amp: bool, window: tuple[int, int]) -> st
         return "bf16 autocast (forward pass)" if amp else "float32"
     if not amp:
         return "float32"
+    if not bf16_fast():
+        return "float32 (no AVX512-BF16 for the compiled kernels here: bf16 would be slower than float32)"
     if not handles(model, torch.zeros(window, dtype=torch.int64)):
         return "bf16 autocast (forward pass, torch's CPU layers)"
     if _bf16_lstm(model):

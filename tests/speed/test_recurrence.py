@@ -121,6 +121,7 @@ def test_the_run_says_what_amp_means_for_its_model_here(monkeypatch):
     assert matmul_precision(RNNLM(5, 4, "rnn"), True, window).startswith("float32")  # no bf16 kernel for it
     monkeypatch.setattr(native, "bf16_native", lambda: False)
     assert matmul_precision(RNNLM(5, 4, "lstm"), True, window).startswith("float32")  # bf16 would be slower here
+    assert matmul_precision(RNNLM(5, 4, "lstm").double(), True, window).startswith("float32")  # torch's too
     monkeypatch.setattr(native, "bf16_native", lambda: True)
     assert matmul_precision(RNNLM(5, 4, "lstm"), True, window).startswith("bf16 recurrent matmuls")
     assert matmul_precision(RNNLM(5, 4, "lstm", num_layers=2), True, window).startswith("float32")  # two layers

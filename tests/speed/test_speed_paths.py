@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from rnnlm import cpu
 from rnnlm.config import TrainConfig
 from rnnlm.cpu import compiled as engine_compiled
 from rnnlm.cpu.allocator import keep_freed_memory
@@ -139,6 +140,15 @@ def test_bf16_autocast_trains_like_float32(corpus):
     assert bf16[-1] < 0.5 * bf16[0] and all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_amp_stays_float32_on_a_cpu_without_quick_bf16(corpus, monkeypatch):
+    """Where the compiled kernels have no AVX512-BF16 (or do not serve), bf16 on the CPU is emulated and slower than
+    float32: amp then trains in float32, the same numbers (torch's layers, which autocast would run in bf16)."""
+    monkeypatch.setattr(cpu, "ENABLED", False)
+    fp32, _ = _five_epochs(corpus, amp=False)
+    bf16, model = _five_epochs(corpus, amp=True)
+    assert bf16 == fp32 and matmul_precision(model, True, (8, 10)).startswith("float32 (no AVX512-BF16")
+
+
 @pytest.mark.parametrize("rnn", ["rnn", "lstm"])
 def test_prompts_of_equal_and_different_lengths_generate_as_if_alone(rnn):
     from rnnlm.generate import generate
@@ -155,6 +165,7 @@ _FAULTS_SCRIPT = """
 import resource, sys, numpy as np, torch
 import rnnlm.cpu
 import rnnlm.train as T
+from rnnlm import cpu
 from rnnlm.config import TrainConfig
 from rnnlm.model import RNNLM
 from rnnlm.cpu import allocator
