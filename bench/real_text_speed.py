@@ -14,8 +14,8 @@ Models: `adaptive` is recipes/kjv-best.toml (2-layer LSTM 200, tied, adaptive so
 `--recipe` given (e.g. recipes/kjv-tuned.toml, 2x400); `full` the same
 with the full softmax (pytorch/examples' word_language_model's model); `awd` the same with AWD-LSTM's regularisers
 (locked dropout, weight drop 0.2, word dropout 0.05, AR/TAR); `char` a 2-layer character LSTM 512 on the same text
-(raw characters, any script). `--torch_layers` also trains each model on torch's layers (the engine off), in the
-same run.
+(raw characters, any script). `--torch_layers` also trains each model on torch's layers (the engine off), and `--amp`
+with amp (bf16 matmuls where the CPU has AVX512-BF16), in the same run.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from train_speed import GATES, matmul_peak
 from rnnlm import cpu
 from rnnlm.config import TrainConfig
 from rnnlm.data import fetch, prepare_data
-from rnnlm.model import build_model, device_name, engine_name
+from rnnlm.model import build_model, device_name, engine_name, matmul_precision
 from rnnlm.train import make_optimizer, train
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "kjv-best.toml"
@@ -77,7 +77,8 @@ def timed_training(config: TrainConfig, vocab_size: int, train_ids: np.ndarray, 
         part = train_ids[: count * per_step + 1]
         state = train(model, part, part[:0], config, optimizer, generator)
     stats = state.history[-1]
-    where = {"device": device_name(model, config.cpu_threads, window), "engine": engine_name(model, window)}
+    where = {"device": device_name(model, config.cpu_threads, window), "engine": engine_name(model, window),
+             "matmuls": matmul_precision(model, config.amp, window)}  # fmt: skip
     return {"tokens_per_sec": stats.tokens_per_sec, "model": model, "optimizer": optimizer} | where
 
 
@@ -107,6 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=20, help="untimed minibatches first")
     parser.add_argument("--profile", action="store_true", help="also print where the time goes (torch.profiler)")
     parser.add_argument("--torch_layers", action="store_true", help="also train each model on torch's layers")
+    parser.add_argument("--amp", action="store_true", help="also train each model with amp (bf16 where it is quick)")
     parser.add_argument(
         "--cpu_threads", type=int, nargs="+", default=[0], help="torch threads to train with, each in turn (0: auto)"
     )
@@ -124,17 +126,19 @@ def main(argv=None) -> None:
             data = prepare_data(fetch(config), config)
             vocab, train_ids, _ = data.load()
             engines = (True, False) if args.torch_layers else (True,)
-            for engine, threads in [(engine, threads) for engine in engines for threads in args.cpu_threads]:
+            amps = (False, True) if args.amp else (False,)
+            runs = [(e, t, a) for e in engines for t in args.cpu_threads for a in amps]
+            for engine, threads, amp in runs:
                 cpu.ENABLED = engine
-                result = timed_training(
-                    config.model_copy(update={"cpu_threads": threads}), len(vocab), train_ids, args.steps, args.warmup
-                )
+                run = config.model_copy(update={"cpu_threads": threads, "amp": amp})
+                result = timed_training(run, len(vocab), train_ids, args.steps, args.warmup)
                 flops = flops_per_token(config, result["model"], len(vocab), np.asarray(train_ids))
                 label = (name if engine else f"{name}, torch's layers") + (f", {threads} threads" if threads else "")
+                label += f", amp ({result['matmuls']})" if amp else ""
                 rows.append((label, len(vocab), result, flops))
                 print(f"{label}: {len(vocab):,} tokens in the vocabulary; {result['device']}; {result['engine']}")
                 if args.profile:
-                    print(profile(config, result["model"], result["optimizer"], train_ids, max(args.steps // 3, 10)))
+                    print(profile(run, result["model"], result["optimizer"], train_ids, max(args.steps // 3, 10)))
             cpu.ENABLED = True
     after = matmul_peak(torch.device("cpu"))
     peak = max(max(before.values()), max(after.values()))

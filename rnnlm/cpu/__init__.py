@@ -422,7 +422,7 @@ def matmul_precision(model: nn.Module, amp: bool, window: tuple[int, int]) -> st
         return "bf16 autocast (forward pass, torch's CPU layers)"
     if _bf16_lstm(model):
         return "bf16 recurrent matmuls (AVX512-BF16), float32 elsewhere"
-    if model.linear is None and bf16_fast():
+    if model.linear is None:
         return "bf16 adaptive softmax (AVX512-BF16), float32 recurrence"
     return "float32 (amp's bf16 kernels serve the one-layer one-hot LSTM on CPUs with AVX512-BF16)"
 
