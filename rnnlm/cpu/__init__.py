@@ -220,12 +220,12 @@ def loss(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, state, r
     if (_bf16_lstm(model) and _autocast_on()) or (ignored and model.linear is not None):
         logits, state = _forward(model, tokens, state)
         return torch.nn.functional.cross_entropy(logits, targets.T.reshape(-1), reduction=reduction), state
-    bf16_head = _autocast_on() and bf16_fast()  # amp: an adaptive softmax's matmuls in bf16 where that is quick
+    bf16 = model.linear is None and _autocast_on() and bf16_fast()  # amp: an adaptive softmax's matmuls in bf16
     with torch.autocast("cpu", enabled=False):
         outputs, state = _layers(model, tokens.T, state)
         outputs, out, flat = _dropped_rows(model, outputs), model.linear, targets.T.reshape(-1)
         if out is None:  # an adaptive softmax: its head and each target's cluster, on torch's matmuls
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_head):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 total = model.adaptive.loss(outputs, flat, "sum")
         elif torch.is_grad_enabled():
             total = fused.OutputLoss.apply(outputs, out.weight, out.bias, flat)

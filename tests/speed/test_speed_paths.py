@@ -165,7 +165,6 @@ _FAULTS_SCRIPT = """
 import resource, sys, numpy as np, torch
 import rnnlm.cpu
 import rnnlm.train as T
-from rnnlm import cpu
 from rnnlm.config import TrainConfig
 from rnnlm.model import RNNLM
 from rnnlm.cpu import allocator
