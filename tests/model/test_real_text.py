@@ -267,7 +267,7 @@ def test_adamw_updates_all_weights_in_one_fused_kernel_as_torchs_loop_would():
 
 
 def test_adamw_state_too_small_to_move_a_weight_is_zeroed_before_it_turns_subnormal():
-    """zero_tiny_state: AdamW's running means below 1e-35 (a word unseen for ~700 steps: 0.9 a step) become zero, the
+    """zero_tiny_state: AdamW's running means below 1e-30 (a word unseen for ~600 steps: 0.9 a step) become zero, the
     rest stays bit for bit, and the next steps give the same weights as with those means kept (subnormal by then)."""
     torch.manual_seed(0)
     model = RNNLM(30, 16, "lstm", embedding_dim=16)
@@ -277,7 +277,7 @@ def test_adamw_state_too_small_to_move_a_weight_is_zeroed_before_it_turns_subnor
         p.grad = torch.randn_like(p) * 1e-3
     kept.step()
     mean = kept.state[model.embedding.weight]["exp_avg"]
-    mean[20:] = torch.rand(10, 16) * 1e-36 + 1e-37  # the rows of words not seen since
+    mean[20:] = torch.rand(10, 16) * 1e-31 + 1e-37  # the rows of words not seen since
     before = copy.deepcopy(kept.state_dict())
     twin = copy.deepcopy(model)
     zeroed = make_optimizer(twin, config.lr, config)
@@ -288,7 +288,7 @@ def test_adamw_state_too_small_to_move_a_weight_is_zeroed_before_it_turns_subnor
     after = zeroed.state_dict()["state"]
     for index, state in before["state"].items():  # nothing else is this small
         assert index == 0 or all(torch.equal(after[index][key], value) for key, value in state.items())
-    for _ in range(60):  # the kept means go subnormal (below 1.2e-38) within these steps
+    for _ in range(200):  # the kept means go subnormal (below 1.2e-38) within these steps
         for a, b in zip(model.parameters(), twin.parameters(), strict=True):
             a.grad = torch.randn_like(a) * 1e-3
             a.grad[20:] = 0 if a is model.embedding.weight else a.grad[20:]
@@ -299,14 +299,14 @@ def test_adamw_state_too_small_to_move_a_weight_is_zeroed_before_it_turns_subnor
         assert torch.equal(a, b)
 
 
-def test_training_zeroes_tiny_optimizer_state_every_fifty_steps():
-    """The trainer runs zero_tiny_state after every 50th step: a tiny value put into AdamW's state after each step
-    is gone after steps 50, 100, ... and kept after the others."""
+def test_training_zeroes_tiny_optimizer_state_every_hundred_steps():
+    """The trainer runs zero_tiny_state after every 100th step: a tiny value put into AdamW's state after each step
+    is gone after steps 100, 200, ... and kept after the others."""
     text = prepare_text(small_text(600), "book", "char")
     vocab = build_vocab(text, "char")
     ids = np.asarray(encode(text, vocab, "char"), dtype=np.int64)
     model = RNNLM(len(vocab), 16, "lstm")
-    config = TrainConfig(batch_size=8, num_steps=10, optimizer="adamw", lr=0.01, grad_clip=1.0, num_epochs=4)
+    config = TrainConfig(batch_size=8, num_steps=10, optimizer="adamw", lr=0.01, grad_clip=1.0, num_epochs=8)
     optimizer = make_optimizer(model, config.lr, config)
     weight, seen = next(model.parameters()), []
     optimizer.register_step_post_hook(lambda *_: optimizer.state[weight]["exp_avg"].view(-1).__setitem__(0, 1e-37))
@@ -317,8 +317,9 @@ def test_training_zeroes_tiny_optimizer_state_every_fifty_steps():
 
     optimizer.register_step_pre_hook(before_step)
     train(model, ids, ids[:0], config, optimizer, torch.Generator().manual_seed(0))
-    assert len(seen) > 101  # seen[k - 1]: the state after step k
-    assert [step for step, value in enumerate(seen, 1) if value == 0] == list(range(50, len(seen) + 1, 50))
+    assert len(seen) > 2 * train_module.TINY_EVERY  # seen[k - 1]: the state after step k
+    every = train_module.TINY_EVERY
+    assert [step for step, value in enumerate(seen, 1) if value == 0] == list(range(every, len(seen) + 1, every))
 
 
 def test_max_minutes_stops_and_registers_what_there_is(tmp_path, words, monkeypatch):
