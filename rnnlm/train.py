@@ -53,9 +53,9 @@ def zero_tiny_state(optimizer: torch.optim.Optimizer) -> None:
     AdamW's running mean of a weight without gradient (the embedding row of a word not seen lately) shrinks by 0.9 a
     step and turns subnormal (below 1.2e-38) some 750 steps after the word; every operation on a subnormal value
     costs an x86 CPU a microcode assist: on a 2-core Xeon, with 18% of kjv-tuned.toml's embedding state subnormal,
-    torch's fused AdamW step took 44 ms instead of 9. A term this small moves no weight by a bit (its update lies some
-    15 orders of magnitude below a weight's rounding). torch.set_flush_denormal would flush in hardware, but only on
-    the calling thread, not on torch's OpenMP threads that run half of the step.
+    torch's fused AdamW step took 36 ms instead of 8 (bench/adamw_subnormal.py). A term this small moves no weight
+    by a bit (its update lies some 15 orders of magnitude below a weight's rounding). torch.set_flush_denormal would
+    flush in hardware, but only on the calling thread, not on torch's OpenMP threads that run half of the step.
     """
     for state in optimizer.state.values():
         for key, value in state.items():
