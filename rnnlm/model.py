@@ -331,7 +331,11 @@ class AdaptiveSoftmax(nn.Module):
 
     def head(self, hs: torch.Tensor) -> torch.Tensor:
         """The head's log-probabilities (rows, cutoffs[0] + clusters)."""
-        return F.log_softmax(F.linear(hs, torch.cat([self._head_words(), self.clusters]), self.head_bias), dim=-1)
+        return F.log_softmax(F.linear(hs, self._head_weight(), self.head_bias), dim=-1)
+
+    def _head_weight(self) -> torch.Tensor:
+        """The head's weight (cutoffs[0] + clusters, hidden): its words' rows, then one per cluster."""
+        return torch.cat([self._head_words(), self.clusters])
 
     def _head_words(self) -> torch.Tensor:
         """The head's word weights: its own, or the tied embedding's first rows (those `rows` took in this forward,
@@ -357,17 +361,18 @@ class AdaptiveSoftmax(nn.Module):
 
     def loss(self, hs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """The negative log-likelihood of `targets` (rows,), mean or summed, from the head and each target's
-        cluster only."""
-        head, first = self.head(hs.float()), self.cutoffs[0]
-        head_targets, nll = targets.clone(), hs.new_zeros(len(targets), dtype=torch.float32)
+        cluster only: the head's cross-entropy of each target's head entry (its word, or its cluster's entry) plus
+        the clusters' cross-entropies of their own targets. The head's runs in C on a CPU (`cpu.linear_loss`)."""
+        first, head_targets = self.cutoffs[0], targets.clone()
+        total = hs.new_zeros((), dtype=torch.float32)
         for i, (tail, (low, high)) in enumerate(zip(self.tails, pairwise(self.cutoffs), strict=True)):
             rows = ((targets >= low) & (targets < high)).nonzero().squeeze(1)
             if rows.numel():
                 head_targets[rows] = first + i
                 scores = F.log_softmax(tail(hs[rows]).float(), dim=-1)
-                nll = nll.index_add(0, rows, -scores.gather(1, (targets[rows] - low)[:, None]).squeeze(1))
-        nll = nll - head.gather(1, head_targets[:, None]).squeeze(1)
-        return nll.sum() if reduction == "sum" else nll.mean()
+                total = total - scores.gather(1, (targets[rows] - low)[:, None]).sum()
+        total = total + cpu.linear_loss(hs.float(), self._head_weight(), self.head_bias, head_targets)
+        return total if reduction == "sum" else total / len(targets)
 
 
 def _layer_of(state: State, layer: int) -> State:

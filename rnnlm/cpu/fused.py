@@ -200,13 +200,18 @@ def summed_loss(out: nn.Linear, hs: torch.Tensor, targets: torch.Tensor) -> torc
     return output_step(out, hs.contiguous(), targets.contiguous(), None, threads.second_core_free())[2].float()
 
 
+def layer_of(weight: torch.Tensor, bias: torch.Tensor) -> SimpleNamespace:
+    """An output layer's weights as `output_step` reads them (an nn.Linear's attributes), outside autograd."""
+    return SimpleNamespace(weight=weight.detach(), bias=bias.detach(), out_features=weight.shape[0])
+
+
 class OutputLoss(torch.autograd.Function):
     """The summed cross-entropy of `targets` (rows,) under the output layer W_out, b_out over `hs` (rows, H), its
     gradients computed with it (`output_step`) and scaled in the backward: the logits are never kept."""
 
     @staticmethod
     def forward(ctx, hs, w_out, b_out, targets):
-        layer = SimpleNamespace(weight=w_out.detach(), bias=b_out.detach(), out_features=w_out.shape[0])
+        layer = layer_of(w_out, b_out)
         hs, targets = hs.detach().contiguous(), targets.contiguous()
         grad_h = torch.empty_like(hs)
         grad_w, grad_b, total = output_step(layer, hs, targets, grad_h, threads.second_core_free())

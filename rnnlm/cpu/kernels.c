@@ -859,9 +859,12 @@ void rnnlm_rows_loss(int64_t n0, int64_t n1, int V, int ld, const int64_t *targe
     double total = 0.0;
     for (int64_t n = n0; n < n1; n++) {
         float *row = logits + (size_t)n * ld, top = row[0], sum = 0.0f;
+#pragma omp simd reduction(max : top)
         for (int v = 1; v < V; v++) top = row[v] > top ? row[v] : top;
         total += top - row[targets[n]];
-        for (int v = 0; v < V; v++) sum += row[v] = exp_approx(row[v] - top);
+#pragma GCC ivdep
+        for (int v = 0; v < V; v++) row[v] = exp_approx(row[v] - top);
+        for (int v = 0; v < V; v++) sum += row[v]; /* in order: the same bits as before the loop above was split */
         total += __builtin_logf(sum);
         float norm = scale / sum;
         for (int v = 0; v < V; v++) row[v] *= norm;

@@ -32,7 +32,7 @@ import torch
 from rnnlm.cpu import checks
 
 SOURCE = Path(__file__).with_name("kernels.c")
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-shared", "-fPIC"]
 
 _i, _p = ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
