@@ -165,17 +165,21 @@ class RNNLM(nn.Module):
 
     def recurrent(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """The last layer's outputs before the output dropout (num_steps, batch_size, num_hiddens), and the last
-        state, on torch's layers: the stacked layer as it is, or (training with weight drop or locked dropout)
-        torch's layer function on the dropped weights, a layer at a time under locked dropout."""
+        state, on torch's layers: the stacked layer as it is, or (training with weight drop, locked dropout, or on a
+        CPU dropout between layers) torch's layer function on the dropped weights, a layer at a time under locked
+        dropout and on a CPU."""
         inputs = self.first_inputs(tokens.T)
-        if not (self.training and (self.weight_drop or self.locked_dropout)):
+        # on a CPU the dropout between layers draws its mask in C (`cpu.dropout`: torch's bits, 9x quicker)
+        by_layer = self.locked_dropout or (self.rnn.dropout and inputs.device.type == "cpu")
+        if not (self.training and (self.weight_drop or by_layer)):
             return self.rnn(inputs, state)
         weights = self.recurrent_weights()
-        if not self.locked_dropout:
+        if not by_layer:
             return self._layers(inputs, state, [w for layer in weights for w in layer], self.rnn.dropout)
         last = []
         for layer, layer_weights in enumerate(weights):
-            inputs = self.dropped(inputs) if layer else inputs  # locked dropout between layers
+            if layer:  # locked dropout between layers, or dropout's
+                inputs = self.dropped(inputs) if self.locked_dropout else cpu.dropout(inputs, self.rnn.dropout)
             inputs, layer_last = self._layers(inputs, _layer_of(state, layer), layer_weights, 0.0)
             last.append(layer_last)
         if self.rnn_type == "lstm":

@@ -77,7 +77,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 
 def wide_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block: int = 1024) -> torch.Tensor:
     """x @ weight.T (+ bias) for a weight with many rows (a large vocabulary's output layer), `block` output
-    columns at a time: the shape torch's matmul is quick at, where over the whole width it is not."""
+    columns at a time: the shape torch's matmul is quick at, where over the whole width it is not; up to two blocks'
+    width (an adaptive softmax's head) in one call, without the copies (measured quicker on a 2-core Xeon)."""
+    if weight.shape[0] <= 2 * block:
+        return x @ weight.T if bias is None else torch.addmm(bias, x, weight.T)
     result = x.new_empty(x.shape[0], weight.shape[0])
     for start in range(0, weight.shape[0], block):
         part = slice(start, start + block)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers import small_text
 
+from rnnlm import cpu
 from rnnlm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from rnnlm.config import TrainConfig
 from rnnlm.generate import MAX_PREDS, GenerationError, generate
@@ -149,3 +150,28 @@ def test_a_generation_step_is_the_models_forward_on_one_step(rnn, options):
         strict=True,
     ):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("rnn", ["gru", "lstm"])
+def test_dropout_between_torchs_layers_on_a_cpu_is_drawn_in_c_with_torchs_bits(monkeypatch, rnn):
+    """On a CPU, torch's layers in training run a layer at a time with the dropout between them drawn by the
+    engine's bernoulli_ (torch's bits, in C where the kernels are built): the same outputs, state, gradients and
+    generator state afterwards as the stacked layer with torch's own dropout between its layers."""
+    torch.manual_seed(0)
+    model = RNNLM(50, 16, rnn, num_layers=3, embedding_dim=8, dropout=0.4)
+    tokens, state = torch.randint(0, 50, (4, 9)), model.begin_state(4)
+    drawn = []
+    monkeypatch.setattr(cpu, "bernoulli_", lambda out, p, real=cpu.bernoulli_: drawn.append(p) or real(out, p))
+    results = []
+    for stacked in (True, False):
+        model.zero_grad()
+        torch.manual_seed(1)
+        if stacked:  # the embedding's rows, dropped out, then the three layers at once
+            outputs, last = model.rnn(model.first_inputs(tokens.T), state)
+        else:
+            outputs, last = model.recurrent(tokens, state)
+        outputs.sum().backward()
+        results.append([outputs, *(last if rnn == "lstm" else [last]), *[p.grad for p in model.rnn.parameters()]])
+        results[-1] += [model.embedding.weight.grad, torch.rand(2)]  # where the generator was left
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    assert len(drawn) == 1 + 1 + 2  # the embedding's dropout each time, then the two between layers once
