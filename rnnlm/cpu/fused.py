@@ -186,19 +186,7 @@ def _large_output_step(out: nn.Linear, hs: torch.Tensor, targets: torch.Tensor, 
             grad_h[rows] = recurrence.linear(logits, weight.T, None)
             grad_w[me] = recurrence.matmul_tn(logits, hs[rows])
 
-    if share or threads.usable_cores() < 2:
-        threads.by_rows(hs.shape[0], share, half)
-    else:  # torch's threads take the matmuls whole; the loss, between them, in halves on both cores
-        logits = recurrence.wide_linear(hs, weight, bias)
-
-        def loss_half(span: tuple[int, int]) -> None:
-            me = int(span[0] > 0)
-            native.rows_loss(logits, targets, scale, loss[8 * me :], grad_b[me], span)
-
-        threads.by_rows(hs.shape[0], True, loss_half)
-        if grad_h is not None:
-            grad_h[:] = recurrence.linear(logits, weight.T, None)
-            grad_w[0] = recurrence.matmul_tn(logits, hs)
+    threads.by_rows(hs.shape[0], share, half)
     if grad_h is None:
         return None, None, loss.sum()
     total_w = grad_w[0] if grad_w[1] is None else grad_w[0].add_(grad_w[1])
