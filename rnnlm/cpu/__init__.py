@@ -186,9 +186,8 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
 def linear_loss(hs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The summed cross-entropy of `targets` (rows,) under the linear layer (weight, bias) over hs (rows, H), as
     `F.cross_entropy(F.linear(hs, weight, bias), targets, reduction="sum")`: in float32 on a CPU where the kernels
-    are built, the loss and its gradients in one pass over the logits in C (`fused.OutputLoss`,
-    in place of torch's log-softmax, gather, their backward and their copies); torch's ops elsewhere, and under
-    autocast."""
+    are built, the loss and its gradients in one pass over the logits in C (`fused.OutputLoss`, in place of torch's
+    log-softmax, gather, their backward and their copies); torch's ops elsewhere, and under autocast."""
     quick = compiled() and hs.device.type == "cpu" and not _autocast_on()
     if not (quick and all(t.dtype == torch.float32 for t in (hs, weight, bias)) and hs.dim() == 2):
         return nn.functional.cross_entropy(nn.functional.linear(hs, weight, bias).float(), targets, reduction="sum")
