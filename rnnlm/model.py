@@ -178,8 +178,7 @@ class RNNLM(nn.Module):
             return self._layers(inputs, state, [w for layer in weights for w in layer], self.rnn.dropout)
         last = []
         for layer, layer_weights in enumerate(weights):
-            if layer:  # locked dropout between layers, or dropout's
-                inputs = self.dropped(inputs) if self.locked_dropout else cpu.dropout(inputs, self.rnn.dropout)
+            inputs = self.between_layers(inputs) if layer else inputs
             inputs, layer_last = self._layers(inputs, _layer_of(state, layer), layer_weights, 0.0)
             last.append(layer_last)
         if self.rnn_type == "lstm":
@@ -202,6 +201,14 @@ class RNNLM(nn.Module):
         layers, hx = len(weights) // 4, tuple(state) if self.rnn_type == "lstm" else state
         result = LAYERS[self.rnn_type](inputs, hx, weights, True, layers, between, self.training, False, False)
         return result[0], (tuple(result[1:]) if self.rnn_type == "lstm" else result[1])
+
+    def between_layers(self, x: torch.Tensor) -> torch.Tensor:
+        """A layer's outputs x (num_steps, batch, features) as the next layer's inputs: in training dropped out with
+        locked dropout's mask (`dropped`) or dropout's between torch's layers (drawn by `cpu.dropout`: torch's bits);
+        x itself in evaluation and without dropout."""
+        if not (self.training and (self.locked_dropout or self.rnn.dropout)):
+            return x
+        return self.dropped(x) if self.locked_dropout else cpu.dropout(x, self.rnn.dropout)
 
     def dropped(self, x: torch.Tensor) -> torch.Tensor:
         """`dropout` on x (num_steps, batch, features): a mask per element, or under locked dropout one mask per

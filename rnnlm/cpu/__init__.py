@@ -9,10 +9,10 @@ the one measurement it depends on (which path trains an LSTM quicker here) runs 
 model over (`settings`, which the trainer and evaluation enter). The engine imports nothing from the rest of the
 library: it reads a model through its torch modules (`model.rnn`, `model.linear` or `model.adaptive`,
 `model.embedding`, `model.drop`), the functions that draw its regularisers' masks (`first_inputs`,
-`recurrent_weights`, `dropped`, `word_scales`: the engine applies them as torch's path does; they draw their masks
-with `bernoulli_` here, torch's own bits drawn in C) and `model.forward_torch`, its own path, keeps its builds in
-its own cache folder (`native.cache()`), and describes itself for a run's records (`device_name`, `engine_name`,
-`matmul_precision`).
+`recurrent_weights`, `dropped`, `between_layers`, `word_scales`: the engine applies them as torch's path does; they
+draw their masks with `bernoulli_` here, torch's own bits drawn in C) and `model.forward_torch`, its own path,
+keeps its builds in its own cache folder (`native.cache()`), and describes itself for a run's records
+(`device_name`, `engine_name`, `matmul_precision`).
 
     checks.py      what every entry checks before any C call, and the engine's own RNNLM_* variables
     native.py      builds kernels.c with the machine's compiler at first use; ctypes wrappers of its functions
@@ -259,23 +259,18 @@ def _layers(model: nn.Module, tokens: torch.Tensor, state):
     """The model's layers over a window, tokens (steps, batch): (the last layer's outputs before the output dropout,
     (steps, batch, H); the last state). The first layer's input is a lookup: rows of W_ih.T + biases for the book's
     one-hot input (scaled by embedding dropout's `model.word_scales()`), or the model's own (`model.first_inputs`: the
-    embedding's rows, dropped out); each layer above takes the one below, dropped out between layers as torch's
-    layers do, or with `model.dropped` under locked dropout. W_hh is the model's `recurrent_weights()` (with weight
-    drop's mask), so that a regularised model draws its masks with the functions, and in the order, of its path on
-    torch's layers."""
+    embedding's rows, dropped out); each layer above takes the one below through `model.between_layers` (dropout's
+    mask, or locked dropout's). W_hh is the model's `recurrent_weights()` (with weight drop's mask), so that a
+    regularised model draws its masks with the functions, and in the order, of its path on torch's layers."""
     rnn, share = model.rnn, second_core_free()
     if model.embedding is None:
         inputs, scales = None, model.word_scales()
     else:
         inputs, scales = model.first_inputs(tokens), None
     weights = model.recurrent_weights()
-    lstm, locked = isinstance(rnn, nn.LSTM), model.training and model.locked_dropout
-    last = []
+    lstm, last = isinstance(rnn, nn.LSTM), []
     for layer, layer_weights in enumerate(weights):
-        if layer and locked:
-            inputs = model.dropped(inputs)
-        elif layer and rnn.training and rnn.dropout:
-            inputs = dropout(inputs, rnn.dropout)
+        inputs = model.between_layers(inputs) if layer else inputs
         layer_state = (state[0][layer], state[1][layer]) if lstm else state[layer]
         inputs, layer_last = _layer(rnn, layer_weights, tokens, inputs, layer_state, share, None if layer else scales)
         last.append(layer_last)

@@ -33,8 +33,10 @@ from rnnlm.cpu import checks
 
 SOURCE = Path(__file__).with_name("kernels.c")
 # -fopenmp-simd: the `omp simd` reductions in kernels.c vectorise (no OpenMP runtime)
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
-_FLAGS += ["-shared", "-fPIC"]
+_FLAGS = [
+    "-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-shared",
+    "-fPIC",
+]  # fmt: skip
 
 _i, _p = ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
