@@ -78,6 +78,21 @@ def test_a_space_over_what_a_token_is_ranks_by_bits_per_byte_of_text_held_out_in
     searched.check(KJV_BEST.model_copy(update={"held_out": "bytes"}))
 
 
+def test_the_hour_space_is_sound_for_its_base_recipe_and_holds_its_values():
+    """recipes/spaces/real-text-60min.toml around recipes/kjv-60min-amp.toml: every draw a valid, tied LSTM, and the
+    base's own values inside it (so that the base is the search's trial 0 at the hour)."""
+    base = TrainConfig.from_recipe(PROJECT_ROOT / "recipes" / "kjv-60min-amp.toml")
+    shipped = read_space(PROJECT_ROOT / "recipes" / "spaces" / "real-text-60min.toml")
+    shipped.check(base, draws=200)
+    rng = random.Random(0)
+    for _ in range(50):
+        config = shipped.config(base, shipped.draw(RandomPicker(rng), base))
+        assert config.embedding_dim == config.num_hiddens in (400, 512, 640) and config.locked_dropout
+        assert 0.0 <= config.weight_drop <= 0.4 and config.amp and config.max_minutes == base.max_minutes
+    params = shipped.base_params(base)
+    assert shipped.config(base, shipped.draw(optuna.trial.FixedTrial(params), base)) == base
+
+
 def test_the_base_recipes_values_as_a_trials_params_or_which_lie_outside(tmp_path):
     shipped = read_space(PROJECT_ROOT / "recipes" / "spaces" / "real-text.toml")
     params = shipped.base_params(KJV_BEST)
