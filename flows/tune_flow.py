@@ -249,4 +249,9 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     from flows.cli import run_script
 
-    run_script(main)
+    # this module as `flows.tune_flow`, not as the script's `__main__`: on Dask each trial travels with its flow run's
+    # context, and a flow found by its module's name is pickled by reference (`__main__`'s by value, with STOPPING's
+    # lock: the command failed with "Could not serialize object of type LLGExpr")
+    from flows.tune_flow import main as importable_main
+
+    run_script(importable_main)
