@@ -225,10 +225,10 @@ def fit(
         save_checkpoint(best_checkpoint(checkpoint_path), model=model.state_dict(), **common, **weights)
 
     window = (config.batch_size, config.num_steps)
-    if next(model.parameters()).device.type == "cpu":  # the engine's one measured choice (an LSTM's path), made
-        cpu.prepare(model, window)  # here at the start, so that the start line below names the path that trains
+    if next(model.parameters()).device.type == "cpu":  # the engine's one measured choice (an LSTM's path, in the
+        cpu.prepare(model, window, config.amp)  # run's precision) made here, so that the start line names what trains
     if hooks.on_start is not None:
-        hooks.on_start(device_name(model, config.cpu_threads, window), engine_name(model, window))
+        hooks.on_start(device_name(model, config.cpu_threads, window), engine_name(model, window, config.amp))
     hooks = dataclasses.replace(hooks, save=save, save_best=save_best)
     state = train(model, train_ids, val_ids, config, optimizer, generator, state, hooks)
     return _result(config, data, val_ids, model, state, checkpoint_path, resumed_from, window)
@@ -260,7 +260,7 @@ def _result(
         train_seconds=float(sum(s.seconds for s in state.history)),
         device=device_name(model, config.cpu_threads, window),
         matmuls=matmul_precision(model, config.amp, window),
-        engine=engine_name(model, window),
+        engine=engine_name(model, window, config.amp),
         history=tuple(state.history),
         checkpoint=str(checkpoint_path),
         steps=state.step,

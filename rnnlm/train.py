@@ -118,7 +118,7 @@ class _Loop:
         self.model.train()
         started, seconds_before, evaluations_before = clock(), state.epoch_seconds, self.eval_seconds
         loss_sum = torch.tensor(state.epoch_loss, device=self.corpus.device, dtype=torch.float64)
-        with cpu.settings(config.cpu_threads, self.model, (config.batch_size, config.num_steps)):
+        with cpu.settings(config.cpu_threads, self.model, (config.batch_size, config.num_steps), config.amp):
             for inputs, targets in self._batches():
                 state.hidden = carried(self.model, state.hidden, inputs, config.use_random_iter)
                 self._scale_rate(inputs.shape[1])

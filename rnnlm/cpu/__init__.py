@@ -100,16 +100,25 @@ def _unsupported(model: nn.Module, tokens: torch.Tensor) -> str | None:
     return None
 
 
-def prepare(model: nn.Module, window: tuple[int, int]) -> None:
+def prepare(model: nn.Module, window: tuple[int, int], amp: bool = False) -> None:
     """Make the engine's one measured decision for training `model` on (batch, steps) windows, before it is needed:
     for an LSTM it can serve, which path trains it quicker here (`_measure_lstm_path`: once per machine and size,
-    remembered in choices.json; set by hand with RNNLM_CPU_CHOICE). `settings` calls it when a run hands the model to
-    the engine; after the first call it is a lookup."""
+    remembered in choices.json; set by hand with RNNLM_CPU_CHOICE). Under `amp` where bf16 is quick, also which is
+    quicker in bf16 (`autocast`), the precision the forward pass trains in. `settings` calls it when a run hands the
+    model to the engine; after the first call it is a lookup."""
     check_environment()
     tokens = torch.zeros(window, dtype=torch.int64)
     if isinstance(model.rnn, nn.LSTM) and _unsupported(model, tokens) is None and window[1] >= MIN_STEPS:
-        if lstm_path(model, window[0]) is None:
-            _measure_lstm_path(model, window[0])
+        for bf16 in (False, True) if amp else (False,):
+            with autocast(bf16):
+                if lstm_path(model, window[0]) is None:
+                    _measure_lstm_path(model, window[0])
+
+
+def autocast(amp: bool):
+    """CPU autocast to bf16 where `amp` asks for it and bf16 is quick here, as the trainer's forward pass runs (off
+    otherwise): the LSTM's path is looked up, measured and described for the precision that trains."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp and bf16_fast())
 
 
 def check_environment() -> None:
@@ -130,15 +139,27 @@ def _measure_lstm_path(model: nn.Module, batch: int) -> str:
     `_engine_threads` gives, one with the helper thread; torch's layers on all of torch's threads), on a forked
     generator."""
     keep_freed_memory()  # as in training: freed pages kept for the next minibatch
-    return choice.fastest(_lstm_choice(model, batch), lambda: _lstm_candidates(model, batch), per_threads=False)
+    name, handicap = _lstm_choice(model, batch), None
+    if name.endswith("@bf16"):  # amp: the compiled path keeps a float32 recurrence against torch's bf16 one
+        handicap = {"compiled": AMP_HANDICAP}
+    return choice.fastest(name, lambda: _lstm_candidates(model, batch), per_threads=False, handicap=handicap)
+
+
+# Under amp the compiled LSTM (a float32 recurrence) is taken only where it measures this much quicker than torch's
+# (bf16, half the bytes): a 2x512 LSTM on one core of a 2-core Xeon measured alike alone (260 against 274 ms a
+# minibatch) but the compiled one 1.5x slower beside another training on the second core (docs/benchmarks.md).
+AMP_HANDICAP = 1.1
 
 
 def _lstm_choice(model: nn.Module, batch: int) -> str:
-    """The name of `lstm_path`'s choice for this model's sizes and batch."""
+    """The name of `lstm_path`'s choice for this model's sizes and batch, and under CPU autocast (amp) its own: there
+    torch's LSTM runs in bf16 (oneDNN) where the compiled one keeps a float32 recurrence (but for the one-layer
+    one-hot LSTM, whose bf16 step is the engine's own)."""
     rnn, embedding = model.rnn, getattr(model, "embedding", None)
     sizes = (rnn.input_size, rnn.hidden_size, rnn.num_layers, *_output_sizes(model), embedding is not None, batch)
     threads = f"@{_engine_threads(model)}threads" if getattr(model, "adaptive", None) is not None else ""
-    return "lstm-step:" + "x".join(map(str, sizes)) + threads  # the engine's threads: timed as it trains
+    bf16 = "@bf16" if _autocast_on() and not _bf16_lstm(model) else ""
+    return "lstm-step:" + "x".join(map(str, sizes)) + threads + bf16  # the engine's threads: timed as it trains
 
 
 def _lstm_decision(model: nn.Module, batch: int) -> str | None:
@@ -157,7 +178,8 @@ def _output_sizes(model: nn.Module) -> tuple[int, ...]:
 def _lstm_candidates(model: nn.Module, batch: int) -> dict:
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        return fused.lstm_candidates(model, batch, 35, DEFAULT_THREADS, loss, _engine_threads(model))
+        bf16 = _autocast_on()  # each candidate times itself under it (`choice` times with autocast off)
+        return fused.lstm_candidates(model, batch, 35, DEFAULT_THREADS, loss, _engine_threads(model), bf16)
 
 
 def bernoulli_(out: torch.Tensor, p: float) -> torch.Tensor:
@@ -372,16 +394,19 @@ def _engine_threads(model: nn.Module) -> int:
 
 
 @contextmanager
-def settings(cpu_threads: int, model: nn.Module, window: tuple[int, int]) -> Iterator[None]:
+def settings(cpu_threads: int, model: nn.Module, window: tuple[int, int], amp: bool = False) -> Iterator[None]:
     """The block runs on the CPU with the engine prepared for `model` on (batch, steps) windows (`prepare`: the
     moment a run hands the model over, where the LSTM's path is measured once), with the torch threads `threads_for`
-    gives and freed memory kept for the next minibatch; elsewhere it runs as it is."""
+    gives (for the path that trains, under `amp` too) and freed memory kept for the next minibatch; elsewhere it runs
+    as it is."""
     if next(model.parameters()).device.type != "cpu":
         yield
         return
-    prepare(model, window)
+    prepare(model, window, amp)
     keep_freed_memory()  # minibatches reuse the same pages instead of faulting in fresh ones
-    with torch_threads(threads_for(cpu_threads, model, window)):
+    with autocast(amp):
+        count = threads_for(cpu_threads, model, window)
+    with torch_threads(count):
         yield
 
 
@@ -399,14 +424,20 @@ def device_name(model: nn.Module, cpu_threads: int, window: tuple[int, int]) -> 
     return f"cpu ({threads} thread{'s' if threads > 1 else ''}{helper})"
 
 
-def engine_name(model: nn.Module, window: tuple[int, int]) -> str:
-    """Which code trains `model` on (batch, steps) windows here, and why, in words, for the run's records: the CPU
-    engine, or torch's layers (with the reason), or cuDNN's on a GPU."""
+def engine_name(model: nn.Module, window: tuple[int, int], amp: bool = False) -> str:
+    """Which code trains `model` on (batch, steps) windows here (under `amp`: as its forward pass runs, `autocast`),
+    and why, in words, for the run's records: the CPU engine, or torch's layers (with the reason), or cuDNN's on a
+    GPU."""
     device = next(model.parameters()).device
     if device.type == "cuda":
         return "torch's layers (cuDNN)"
     if device.type != "cpu":
         return f"torch's layers ({device.type})"
+    with autocast(amp):
+        return _engine_words(model, window)
+
+
+def _engine_words(model: nn.Module, window: tuple[int, int]) -> str:
     reason = why_not(model, torch.zeros(window, dtype=torch.int64))
     lstm = isinstance(model.rnn, nn.LSTM)
     if reason == _NOT_MEASURED:
@@ -426,7 +457,9 @@ def matmul_precision(model: nn.Module, amp: bool, window: tuple[int, int]) -> st
         return "float32"
     if not bf16_fast():
         return "float32 (no AVX512-BF16 for the compiled kernels here: bf16 would be slower than float32)"
-    if not handles(model, torch.zeros(window, dtype=torch.int64)):
+    with autocast(amp):
+        served = handles(model, torch.zeros(window, dtype=torch.int64))
+    if not served:
         return "bf16 autocast (forward pass, torch's CPU layers)"
     if _bf16_lstm(model):
         return "bf16 recurrent matmuls (AVX512-BF16), float32 elsewhere"

@@ -41,11 +41,17 @@ decisions: dict[str, str] = {}  # name -> "candidate (measured: 1.2 ms against 1
 Candidates = dict[str, Callable[[], object]]
 
 
-def fastest(name: str, candidates: Candidates | Callable[[], Candidates], per_threads: bool = True) -> str:
+def fastest(
+    name: str,
+    candidates: Candidates | Callable[[], Candidates],
+    per_threads: bool = True,
+    handicap: dict[str, float] | None = None,
+) -> str:
     """The name of the quickest candidate for `name` on this machine (a candidate is a call that does the work
     once; `candidates` may be a call that makes them, called only to measure); measured the first time any process
     asks, remembered after. With `per_threads`, the choice is made again for each number of torch threads (the
-    candidates run at the caller's)."""
+    candidates run at the caller's). `handicap` multiplies a candidate's measured time before the comparison (e.g.
+    {"compiled": 1.1}: taken only where 10% quicker)."""
     if (chosen := _set_by_hand(name)) is not None:
         return chosen
     key = _key(name, per_threads)
@@ -54,7 +60,7 @@ def fastest(name: str, candidates: Candidates | Callable[[], Candidates], per_th
     path = native.cache() / "choices.json"
     if key not in (known := _read(path)):
         # measured without the lock: a candidate may make choices of its own, on this thread or the helper thread
-        chosen, times = _measure(candidates() if callable(candidates) else candidates)
+        chosen, times = _measure(candidates() if callable(candidates) else candidates, handicap or {})
         decisions[name] = f"{chosen} (measured: {times})"
         with FileLock(path.with_suffix(".lock")):
             known = _read(path)
@@ -107,7 +113,7 @@ def quickest(name: str, **candidates: Callable[[], object]):
     return candidates[fastest(name, candidates)]()
 
 
-def _measure(candidates: dict[str, Callable[[], object]]) -> tuple[str, str]:
+def _measure(candidates: dict[str, Callable[[], object]], handicap: dict[str, float]) -> tuple[str, str]:
     """The quickest candidate, and each one's time in words: its best of ROUNDS runs after a first one (caches,
     allocations, lazy set-up), one candidate after the other in the order given (interleaved, a candidate on several
     OpenMP threads would leave them spinning on the cores the next one runs on)."""
@@ -115,8 +121,10 @@ def _measure(candidates: dict[str, Callable[[], object]]) -> tuple[str, str]:
     # as in training, whatever the caller's mode; the random numbers a candidate draws (dropout) are not the run's
     with torch.random.fork_rng(devices=[]), torch.autocast("cpu", enabled=False), torch.enable_grad():
         _time_each(candidates, best)
-    chosen = min(best, key=best.get)
-    return chosen, " against ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in best.items())
+    chosen = min(best, key=lambda name: best[name] * handicap.get(name, 1.0))
+    times = " against ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in best.items())
+    counted = "".join(f", {name}'s counted {factor:g}x" for name, factor in handicap.items())
+    return chosen, times + counted
 
 
 def _time_each(candidates: dict[str, Callable[[], object]], best: dict[str, float]) -> None:

@@ -256,12 +256,19 @@ def _forward(rnn: nn.Module, tokens: torch.Tensor, state, share: bool, saved: _S
 
 
 def lstm_candidates(
-    model, batch: int, steps: int, torch_threads_default: int, engine_loss: Callable, engine_threads: int = 1
+    model,
+    batch: int,
+    steps: int,
+    torch_threads_default: int,
+    engine_loss: Callable,
+    engine_threads: int = 1,
+    bf16: bool = False,
 ) -> dict:
     """Two ways to train a copy of this LSTM model for a minibatch, each as it would run: 'compiled' (the engine on
     `engine_threads` torch threads, with the helper thread where that is one: `float32_step` where it applies, else
     `engine_loss` through autograd) and 'torch' (`model.forward_torch`, torch's layers, through autograd on
-    `torch_threads_default` threads); for `rnnlm.cpu.choice` to time."""
+    `torch_threads_default` threads); with `bf16`, each forward pass under CPU autocast, as amp trains; for
+    `rnnlm.cpu.choice` to time."""
     copy = deepcopy(model).train()
     vocab = copy.vocab_size
     tokens, targets = torch.randint(0, vocab, (batch, steps)), torch.randint(0, vocab, (batch, steps))
@@ -270,14 +277,14 @@ def lstm_candidates(
     one_layer_one_hot = copy.rnn.num_layers == 1 and plain
 
     def compiled() -> None:
-        with threads.torch_threads(engine_threads):
+        with threads.torch_threads(engine_threads), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             if one_layer_one_hot and not getattr(getattr(copy, "drop", None), "p", 0.0):
                 float32_step(copy, tokens, targets, state, 0.0, 1.0)
             else:
                 engine_loss(copy, tokens, targets, state)[0].backward()
 
     def torch_layer() -> None:
-        with threads.torch_threads(torch_threads_default):
+        with threads.torch_threads(torch_threads_default), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             if getattr(copy, "linear", None) is None:  # an output layer the engine leaves to torch either way
                 outputs, _ = copy.hidden_torch(tokens, state)
                 copy.adaptive.loss(outputs, targets.T.reshape(-1)).backward()

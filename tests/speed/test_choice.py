@@ -75,6 +75,20 @@ def test_measuring_leaves_the_runs_random_numbers_alone(fresh):
     assert torch.equal(torch.rand(4), expected)
 
 
+def test_a_handicapped_candidate_is_taken_only_where_quicker_by_its_margin(fresh):
+    """`handicap` multiplies a candidate's time before the comparison (amp's LSTM choice: the compiled float32
+    recurrence must be 10% quicker than torch's bf16 one); the record keeps the times measured and says so."""
+    calls = []
+    close = {"compiled": counted(calls, "compiled", 0.0100), "torch": counted(calls, "torch", 0.0105)}
+    assert choice.fastest("demo:close", close) == "compiled"
+    assert choice.fastest("demo:close@bf16", close, handicap={"compiled": 1.1}) == "torch"
+    assert choice.decisions["demo:close@bf16"] == (
+        "torch (measured: compiled 10.00 ms against torch 10.50 ms, compiled's counted 1.1x)"
+    )
+    clear = {"compiled": counted(calls, "compiled", 0.0080), "torch": counted(calls, "torch", 0.0105)}
+    assert choice.fastest("demo:clear@bf16", clear, handicap={"compiled": 1.1}) == "compiled"
+
+
 def test_a_recorded_choice_wins_over_a_new_measurement(fresh):
     """What another process recorded first is what this one takes, so that every process computes the same."""
     calls = []
@@ -162,7 +176,7 @@ def test_handles_never_measures_prepare_does_once_and_it_is_remembered(fresh, mo
         pytest.skip("no compiled kernels here: the LSTM trains on torch's layers without a choice")
     measured = []
     measure = choice._measure
-    monkeypatch.setattr(choice, "_measure", lambda candidates: measured.append(1) or measure(candidates))
+    monkeypatch.setattr(choice, "_measure", lambda *args: measured.append(1) or measure(*args))
     model, window = RNNLM(9, 16, "lstm"), (4, 10)
     tokens = torch.zeros(window, dtype=torch.int64)
     assert not cpu.handles(model, tokens)
@@ -178,6 +192,40 @@ def test_handles_never_measures_prepare_does_once_and_it_is_remembered(fresh, mo
     choice._known.clear()  # as a later process
     choice._unrecorded.clear()
     assert cpu.lstm_path(model, window[0]) == chosen and measured == [1]
+
+
+def test_under_amp_the_lstms_path_is_measured_in_bf16_and_read_under_autocast(fresh):
+    """With amp, torch's LSTM trains in bf16 (oneDNN) where the compiled one keeps a float32 recurrence, so the float32
+    choice says nothing of amp's (on a 2-core Xeon a 2x512 LSTM trained 1.6x slower on the path float32 chose):
+    `prepare` measures a second choice with each candidate's forward pass under CPU autocast, kept apart, which the
+    forward pass under autocast, the thread count and the run's records read. Where bf16 is not quick, amp trains
+    in float32 and shares the float32 choice."""
+    if not cpu.compiled():
+        pytest.skip("no compiled kernels here: the LSTM trains on torch's layers without a choice")
+    model = RNNLM(40, 16, "lstm", 2, embedding_dim=16, tie_weights=True, adaptive_cutoffs=[10, 20])
+    window, dtypes = (4, 10), []
+    model.rnn.register_forward_hook(lambda module, inputs, outputs: dtypes.append(outputs[0].dtype))
+    float32_key = cpu._lstm_choice(model, window[0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_key = cpu._lstm_choice(model, window[0])
+    assert bf16_key == float32_key + "@bf16"
+
+    cpu.prepare(model, window, amp=True)
+    recorded = {key: value for key, value in json.loads(fresh.read_text()).items()
+                if key.startswith("lstm-step:") and not key.endswith(" times")}  # fmt: skip
+    float32_path = recorded[choice._key(float32_key, per_threads=False)]
+    if not cpu.bf16_fast():
+        assert len(recorded) == 1 and set(dtypes) == {torch.float32}
+        assert cpu.engine_name(model, window, amp=True) == cpu.engine_name(model, window)
+        return
+    bf16_path = recorded[choice._key(bf16_key, per_threads=False)]
+    assert len(recorded) == 2 and {torch.bfloat16, torch.float32} <= set(dtypes)  # torch's candidate in both
+    with cpu.autocast(True):
+        assert cpu.lstm_path(model, window[0]) == bf16_path
+        assert cpu.handles(model, torch.zeros(window, dtype=torch.int64)) == (bf16_path == "compiled")
+    assert cpu.lstm_path(model, window[0]) == float32_path  # outside autocast (evaluation): the float32 choice
+    words = "compiled kernels" if bf16_path == "compiled" else "torch's layers"
+    assert cpu.engine_name(model, window, amp=True).startswith(words)
 
 
 @pytest.mark.slow
