@@ -77,8 +77,9 @@ def timed_training(config: TrainConfig, vocab_size: int, train_ids: np.ndarray, 
         part = train_ids[: count * per_step + 1]
         state = train(model, part, part[:0], config, optimizer, generator)
     stats = state.history[-1]
-    where = {"device": device_name(model, config.cpu_threads, window), "engine": engine_name(model, window, config.amp),
-             "matmuls": matmul_precision(model, config.amp, window)}  # fmt: skip
+    amp = config.amp
+    where = {"device": device_name(model, config.cpu_threads, window, amp), "engine": engine_name(model, window, amp),
+             "matmuls": matmul_precision(model, amp, window)}  # fmt: skip
     return {"tokens_per_sec": stats.tokens_per_sec, "model": model, "optimizer": optimizer} | where
 
 

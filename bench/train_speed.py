@@ -355,7 +355,7 @@ def bf16_matmul_peak(size: int = 2048, repeats: int = 10) -> float:
 def project_path(rnn: str, vocab_size: int, args, device: torch.device) -> str:
     """Where and on which code the project's trainer runs this model here (as its MLflow tags say)."""
     model, window = RNNLM(vocab_size, args.num_hiddens, rnn).to(device), (args.batch_size, args.num_steps)
-    return f"{engine_name(model, window, args.amp)} on {device_name(model, args.threads, window)}"
+    return f"{engine_name(model, window, args.amp)} on {device_name(model, args.threads, window, args.amp)}"
 
 
 if __name__ == "__main__":

@@ -228,7 +228,8 @@ def fit(
     if next(model.parameters()).device.type == "cpu":  # the engine's one measured choice (an LSTM's path, in the
         cpu.prepare(model, window, config.amp)  # run's precision) made here, so that the start line names what trains
     if hooks.on_start is not None:
-        hooks.on_start(device_name(model, config.cpu_threads, window), engine_name(model, window, config.amp))
+        where = device_name(model, config.cpu_threads, window, config.amp), engine_name(model, window, config.amp)
+        hooks.on_start(*where)
     hooks = dataclasses.replace(hooks, save=save, save_best=save_best)
     state = train(model, train_ids, val_ids, config, optimizer, generator, state, hooks)
     return _result(config, data, val_ids, model, state, checkpoint_path, resumed_from, window)
@@ -258,7 +259,7 @@ def _result(
         best_val_perplexity=state.best_val_perplexity,
         tokens_per_sec=float(np.mean([s.tokens_per_sec for s in state.history])),
         train_seconds=float(sum(s.seconds for s in state.history)),
-        device=device_name(model, config.cpu_threads, window),
+        device=device_name(model, config.cpu_threads, window, config.amp),
         matmuls=matmul_precision(model, config.amp, window),
         engine=engine_name(model, window, config.amp),
         history=tuple(state.history),

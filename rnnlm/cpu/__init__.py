@@ -410,16 +410,17 @@ def settings(cpu_threads: int, model: nn.Module, window: tuple[int, int], amp: b
         yield
 
 
-def device_name(model: nn.Module, cpu_threads: int, window: tuple[int, int]) -> str:
+def device_name(model: nn.Module, cpu_threads: int, window: tuple[int, int], amp: bool = False) -> str:
     """Where `model` trains, in words, e.g. 'cuda:0 (NVIDIA H200)', 'cpu (2 threads)', or with one torch thread on a
     machine of several cores 'cpu (1 thread + the recurrence's helper thread)'; `cpu_threads` 0 is auto (see
-    `threads_for`), for (batch, steps) training windows."""
+    `threads_for`, for the path that trains under `amp` too), for (batch, steps) training windows."""
     device = next(model.parameters()).device
     if device.type == "cuda":
         return f"cuda:{device.index or 0} ({torch.cuda.get_device_name(device)})"
     if device.type != "cpu":
         return str(device)
-    threads = threads_for(cpu_threads, model, window)
+    with autocast(amp):
+        threads = threads_for(cpu_threads, model, window)
     helper = " + the recurrence's helper thread" if threads == 1 and usable_cores() > 1 else ""
     return f"cpu ({threads} thread{'s' if threads > 1 else ''}{helper})"
 
