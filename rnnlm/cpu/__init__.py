@@ -139,10 +139,10 @@ def _measure_lstm_path(model: nn.Module, batch: int) -> str:
     `_engine_threads` gives, one with the helper thread; torch's layers on all of torch's threads), on a forked
     generator."""
     keep_freed_memory()  # as in training: freed pages kept for the next minibatch
-    name, handicap = _lstm_choice(model, batch), None
-    if name.endswith("@bf16"):  # amp: the compiled path keeps a float32 recurrence against torch's bf16 one
-        handicap = {"compiled": AMP_HANDICAP}
-    return choice.fastest(name, lambda: _lstm_candidates(model, batch), per_threads=False, handicap=handicap)
+    handicap = {"compiled": AMP_HANDICAP} if _bf16_choice(model) else None  # float32 recurrence against bf16
+    return choice.fastest(
+        _lstm_choice(model, batch), lambda: _lstm_candidates(model, batch), per_threads=False, handicap=handicap
+    )
 
 
 # Under amp the compiled LSTM (a float32 recurrence) is taken only where it measures this much quicker than torch's
@@ -158,8 +158,13 @@ def _lstm_choice(model: nn.Module, batch: int) -> str:
     rnn, embedding = model.rnn, getattr(model, "embedding", None)
     sizes = (rnn.input_size, rnn.hidden_size, rnn.num_layers, *_output_sizes(model), embedding is not None, batch)
     threads = f"@{_engine_threads(model)}threads" if getattr(model, "adaptive", None) is not None else ""
-    bf16 = "@bf16" if _autocast_on() and not _bf16_lstm(model) else ""
+    bf16 = "@bf16" if _bf16_choice(model) else ""
     return "lstm-step:" + "x".join(map(str, sizes)) + threads + bf16  # the engine's threads: timed as it trains
+
+
+def _bf16_choice(model: nn.Module) -> bool:
+    """Whether the LSTM's path is amp's own choice here: under CPU autocast, but for the one-layer one-hot LSTM."""
+    return _autocast_on() and not _bf16_lstm(model)
 
 
 def _lstm_decision(model: nn.Module, batch: int) -> str | None:
@@ -178,7 +183,7 @@ def _output_sizes(model: nn.Module) -> tuple[int, ...]:
 def _lstm_candidates(model: nn.Module, batch: int) -> dict:
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        bf16 = _autocast_on()  # each candidate times itself under it (`choice` times with autocast off)
+        bf16 = _bf16_choice(model)  # each candidate times itself under autocast (`choice` times with it off)
         return fused.lstm_candidates(model, batch, 35, DEFAULT_THREADS, loss, _engine_threads(model), bf16)
 
 
@@ -376,15 +381,18 @@ def sgd_step(model, optimizer, tokens, targets, state, grad_clip: float, amp: bo
     return fused.float32_step(model, tokens, targets, state, lr, grad_clip)
 
 
-def threads_for(cpu_threads: int, model: nn.Module, window: tuple[int, int]) -> int:
+def threads_for(cpu_threads: int, model: nn.Module, window: tuple[int, int], amp: bool = False) -> int:
     """The torch threads a CPU run of `model` on (batch, steps) windows takes: `cpu_threads`, or for 0 (auto) one
-    when the engine serves the model (its helper thread takes the second core) and torch's own setting else. A model
+    when the engine serves the model (under `amp` as its forward pass runs: `autocast`; its helper thread takes the
+    second core) and torch's own setting else. A model
     with an adaptive softmax takes torch's own setting too: its head and clusters run on torch's matmuls, most of the
     step, which a second torch thread speeds up more than the helper thread speeds up the recurrence (kjv-best.toml:
     1.43x the tokens/s on a 2-core Xeon, docs/benchmarks.md)."""
     if cpu_threads > 0:
         return cpu_threads
-    return _engine_threads(model) if handles(model, torch.zeros(window, dtype=torch.int64)) else DEFAULT_THREADS
+    with autocast(amp):
+        served = handles(model, torch.zeros(window, dtype=torch.int64))
+    return _engine_threads(model) if served else DEFAULT_THREADS
 
 
 def _engine_threads(model: nn.Module) -> int:
@@ -404,9 +412,7 @@ def settings(cpu_threads: int, model: nn.Module, window: tuple[int, int], amp: b
         return
     prepare(model, window, amp)
     keep_freed_memory()  # minibatches reuse the same pages instead of faulting in fresh ones
-    with autocast(amp):
-        count = threads_for(cpu_threads, model, window)
-    with torch_threads(count):
+    with torch_threads(threads_for(cpu_threads, model, window, amp)):
         yield
 
 
@@ -419,8 +425,7 @@ def device_name(model: nn.Module, cpu_threads: int, window: tuple[int, int], amp
         return f"cuda:{device.index or 0} ({torch.cuda.get_device_name(device)})"
     if device.type != "cpu":
         return str(device)
-    with autocast(amp):
-        threads = threads_for(cpu_threads, model, window)
+    threads = threads_for(cpu_threads, model, window, amp)
     helper = " + the recurrence's helper thread" if threads == 1 and usable_cores() > 1 else ""
     return f"cpu ({threads} thread{'s' if threads > 1 else ''}{helper})"
 
