@@ -146,9 +146,9 @@ def _trials(tune, study, space: SearchSpace, base: TrainConfig, budgets: Budgets
         while len(running) < parallel and _more(tune, study, budgets, before + time.monotonic() - started, running):
             trial, rung, config = studies.ask(study, space, base, budgets)
             # the worker reopens the trial by its storage id (Optuna's Trial(study, trial_id) takes no number)
-            future = train_trial.submit(
-                study.study_name, url, trial._trial_id, trial.number, rung, config, parent, space.measure
-            )
+            resume = trial.user_attrs.get(studies.RESUME_RUN)  # a trial run again continues the stopped one's run
+            args = (study.study_name, url, trial._trial_id, trial.number, rung, config, parent, space.measure, resume)
+            future = train_trial.submit(*args)
             running[future] = trial
         if not running:
             return

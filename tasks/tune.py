@@ -23,8 +23,8 @@ from rnnlm.train import TrainingDiverged
 from tracking import store
 from tracking import study_report as report
 from tracking.progress import TrainingProgress
-from tracking.runs import TrackedRun, new_run, run_guard
-from tracking.study import RUNG, TrialPruning, both, load_study, measure_of
+from tracking.runs import TrackedRun, new_run, resume_trial, run_guard
+from tracking.study import RUN_ID, RUNG, TrialPruning, both, load_study, measure_of
 
 PARENT_ATTR = "mlflow_parent_run_id"
 
@@ -59,22 +59,30 @@ def train_trial(
     config: TrainConfig,
     parent_run_id: str,
     measure: str = "perplexity",
+    resume_run: str | None = None,
 ) -> dict:
     """One trial: a real training of `config` (`rnnlm.run.fit`, its budget in `config.max_minutes`) in its own
     MLflow run nested under the study's, its evaluations reported to the study's pruner; returns its state
     (COMPLETE, PRUNED), the registered weights' validation `measure` (perplexity or bits_per_byte), the run id and
-    why it stopped."""
+    why it stopped. A trial run again after its search stopped (`resume_run`: the stopped trial's run) continues
+    that run from its last checkpoint when it left one."""
     trial = optuna.trial.Trial(load_study(study_name, storage_url), trial_id)
     logger = get_run_logger()
     prepared = rnnlm_data.prepare_data(rnnlm_data.fetch(config), config)
     mlflow_client = store.client()
-    run_id = new_run(mlflow_client, config, prepared, parent_run_id)
+    tracked = resume_trial(config, prepared, resume_run, parent_run_id) if resume_run else None
+    if tracked is None:
+        run_id = new_run(mlflow_client, config, prepared, parent_run_id)
+        tracked = TrackedRun(run_id, str(run_checkpoint(config, prepared.corpus_sha1, run_id)))
+    else:
+        logger.info("trial %d: %s", number, tracked.describe())
+    run_id, checkpoint = tracked.run_id, Path(tracked.checkpoint)
+    trial.set_user_attr(RUN_ID, run_id)  # so that a search stopped now can continue this run when it resumes
     for key, value in {"tune.study": study_name, "tune.trial": number, "tune.rung": rung}.items():
         mlflow_client.set_tag(run_id, key, str(value))
-    checkpoint = run_checkpoint(config, prepared.corpus_sha1, run_id)
     progress = TrainingProgress(config, run_id)
     outcome = {"run_id": run_id, "number": number}
-    with run_guard(TrackedRun(run_id, str(checkpoint))):
+    with run_guard(tracked):
         try:
             pruning = TrialPruning(trial, rung, config, measure_of(measure, prepared))
             result = fit(config, prepared, checkpoint, both(progress.hooks(), pruning))

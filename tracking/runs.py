@@ -98,20 +98,33 @@ def _resumable_run(
     folder = checkpoint_folder(config, data.corpus_sha1)
     found = folder.glob("*/model.pt") if folder.is_dir() else []
     for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
-        if not try_lock(lock_of(path)):
-            continue  # a live process is training that run right now
-        status = _run_status(mlflow_client, path.parent.name)
-        if status == "FINISHED":  # its model is in MLflow; the local copy is no longer needed
-            unlock(lock_of(path))
-            shutil.rmtree(path.parent, ignore_errors=True)
-            continue
-        try:
-            epoch = read_resumable(path, config, Vocab.load(data.vocab_path), data.corpus_sha1)["epoch"]
-            return _continue(mlflow_client, config, data, path, status, epoch, parent_run_id)
-        except BaseException:
-            unlock(lock_of(path))  # a refused checkpoint stays for the user to see; nobody holds it
-            raise
+        if claimed := _claim(mlflow_client, config, data, path, parent_run_id):
+            return claimed
     return None
+
+
+def resume_trial(config: TrainConfig, data: PreparedData, run_id: str, parent_run_id: str) -> TrackedRun | None:
+    """The run `run_id` (a search's trial stopped with its search) taken over from its checkpoint, when it left one
+    that no live process holds; else None."""
+    path = run_checkpoint(config, data.corpus_sha1, run_id)
+    return _claim(store.client(), config, data, path, parent_run_id) if path.is_file() else None
+
+
+def _claim(mlflow_client, config, data, path: Path, parent_run_id: str | None) -> TrackedRun | None:
+    """The checkpoint at `path` taken over when no live process holds it and its run did not finish."""
+    if not try_lock(lock_of(path)):
+        return None  # a live process is training that run right now
+    status = _run_status(mlflow_client, path.parent.name)
+    if status == "FINISHED":  # its model is in MLflow; the local copy is no longer needed
+        unlock(lock_of(path))
+        shutil.rmtree(path.parent, ignore_errors=True)
+        return None
+    try:
+        epoch = read_resumable(path, config, Vocab.load(data.vocab_path), data.corpus_sha1)["epoch"]
+        return _continue(mlflow_client, config, data, path, status, epoch, parent_run_id)
+    except BaseException:
+        unlock(lock_of(path))  # a refused checkpoint stays for the user to see; nobody holds it
+        raise
 
 
 def _run_status(mlflow_client: MlflowClient, run_id: str) -> str | None:

@@ -5,7 +5,8 @@ training's hooks that feed the pruner).
 The study lives in a real database (SQLite beside the MLflow store by default, any SQLAlchemy URL such as
 PostgreSQL for a team), so a search killed by `kill -9` or Ctrl-C resumes from it: the process that drives a study
 holds a lock (`driving`) while it runs, so a trial found RUNNING by the next driver was left by a dead one; it is
-marked FAIL and its configuration queued again, at the same rung.
+marked FAIL and its configuration queued again, at the same rung; the trial run again continues the stopped one's MLflow
+run from its last checkpoint (an hour-long trial stopped at minute 50 does not start over).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from rnnlm.state import EpochStats, Hooks, TrainState
 from tracking import store
 
 RUNG, PROMOTED_FROM, RETRY_OF, BASE = "rung", "promoted_from", "retry_of", "base_recipe"
+# A trial's MLflow run, and for a trial run again after its search stopped, the stopped trial's run it continues
+RUN_ID, RESUME_RUN = "run_id", "resume_run"
 
 # Set by the search when it stops (Ctrl-C, an error): the trials training in this process stop at their next epoch
 # or progress line instead of training on to the end of their budget for nobody.
@@ -109,11 +112,13 @@ def records(study: optuna.Study) -> list[TrialRecord]:
 
 def release_stale(study: optuna.Study) -> list[int]:
     """Mark the trials a dead driver left RUNNING as FAIL and queue their configurations again (same rung and
-    origin); returns their numbers. Only for the process that holds `driving`."""
+    origin, and the stopped trial's run to continue from its checkpoint); returns their numbers. Only for the
+    process that holds `driving`."""
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in stale:
         study.tell(trial.number, state=TrialState.FAIL)
         attrs = {k: v for k, v in trial.user_attrs.items() if k in (RUNG, PROMOTED_FROM, BASE)}
+        attrs |= {RESUME_RUN: trial.user_attrs[RUN_ID]} if RUN_ID in trial.user_attrs else {}
         study.enqueue_trial(trial.params, user_attrs=attrs | {RETRY_OF: trial.number})
     return [t.number for t in stale]
 
@@ -141,7 +146,7 @@ def peek(study: optuna.Study, budgets: Budgets) -> Job:
 
 def tell(study: optuna.Study, trial: optuna.Trial, outcome: dict) -> None:
     """Record what a trial gave (`outcome` from the train-trial task): complete with its value, pruned, or failed."""
-    for key in ("run_id", "epochs", "reason"):
+    for key in (RUN_ID, "epochs", "reason"):
         if outcome.get(key) is not None:
             trial.set_user_attr(key, outcome[key])
     state = TrialState[outcome["state"]]

@@ -1,5 +1,6 @@
 """The search flow on tiny trainings: the pruner stops a diverging trial, the parent and child runs and the written
-recipe are what the study holds, and a search killed by SIGKILL resumes without repeating finished trials."""
+recipe are what the study holds, and a search killed by SIGKILL resumes without repeating finished trials (the one it
+stopped continues its run from its checkpoint)."""
 
 from __future__ import annotations
 
@@ -123,10 +124,16 @@ def _finished(db: Path, states: str = "'COMPLETE', 'PRUNED'") -> list[int]:
     return sorted(r[0] for r in rows)
 
 
+def _checkpoints(tmp_path: Path) -> list[Path]:
+    """The resumable checkpoints the search's trainings have left in the cache."""
+    return list((tmp_path / "cache").glob("checkpoints/*/*/model.pt"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["kill -9", "ctrl-c"])
 def test_a_stopped_search_resumes_without_repeating_finished_trials(tmp_path, mlflow_store, stop):
-    tune = tiny_search(tmp_path, "[lr]\nlow = 0.5\nhigh = 2.0\n[num_hiddens]\nchoices = [8, 16]\n", n_trials=4)
+    space = "[lr]\nlow = 0.5\nhigh = 2.0\n[num_hiddens]\nchoices = [8, 16]\n"
+    tune = tiny_search(tmp_path, space, {"num_epochs": 12, "checkpoint_every": 1}, n_trials=4)
     command = [sys.executable, str(PROJECT_ROOT / "flows" / "tune_flow.py")]
     for name in ("config_file", "corpus", "space", "trial_minutes", "final_minutes", "max_minutes", "n_trials",
                  "recipe_out", "study_name"):  # fmt: skip
@@ -136,11 +143,13 @@ def test_a_stopped_search_resumes_without_repeating_finished_trials(tmp_path, ml
     with open(tmp_path / "first.err", "w") as err:
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.time() + 300
-        while not (_finished(db) and _finished(db, "'RUNNING'")) and process.poll() is None:  # one done, one running
+        # one trial done, one running that has written a checkpoint
+        while not (_finished(db) and _finished(db, "'RUNNING'") and _checkpoints(tmp_path)) and process.poll() is None:
             assert time.time() < deadline, "no trial finished in 5 minutes"
             time.sleep(0.2)
         os.kill(process.pid, stop)
         code = process.wait(timeout=120)
+    left = {path.parent.name for path in _checkpoints(tmp_path)}  # the stopped trial's run
     if stop == signal.SIGINT:  # as Ctrl-C in a terminal: one line and status 130, no traceback of the stopped trial
         said = (tmp_path / "first.err").read_text()
         assert code == 130 and "\ninterrupted" in said, said[-3000:]
@@ -159,6 +168,11 @@ def test_a_stopped_search_resumes_without_repeating_finished_trials(tmp_path, ml
     retried = [t.user_attrs.get("retry_of") for t in study.trials if "retry_of" in t.user_attrs]
     assert not set(retried) & set(before)  # no finished trial ran again
     assert sorted(retried) == in_flight and all(study.trials[n].state.name == "FAIL" for n in in_flight)
+    for trial in (t for t in study.trials if "retry_of" in t.user_attrs):  # continued its run, not started over
+        stopped_run = study.trials[trial.user_attrs["retry_of"]].user_attrs["run_id"]
+        assert stopped_run in left and trial.user_attrs["run_id"] == stopped_run
+        run = MlflowClient(mlflow_store).get_run(stopped_run)
+        assert run.info.status == "FINISHED" and "rnnlm.resumed_at_epoch" in run.data.tags, run.data.tags
     assert all(t.state.name in ("COMPLETE", "PRUNED", "FAIL") for t in study.trials)
     assert study.user_attrs["final"]["version"] >= 1
 
