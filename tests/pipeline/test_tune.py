@@ -17,6 +17,7 @@ import pytest
 from helpers import PROJECT_ROOT, prefect_artifact
 from helpers.tune import tiny_search
 from mlflow.tracking import MlflowClient
+from prefect.settings import PREFECT_API_URL
 
 from flows.tune_flow import run_tune
 from rnnlm.config import TrainConfig
@@ -138,7 +139,9 @@ def test_a_stopped_search_resumes_without_repeating_finished_trials(tmp_path, ml
     for name in ("config_file", "corpus", "space", "trial_minutes", "final_minutes", "max_minutes", "n_trials",
                  "recipe_out", "study_name"):  # fmt: skip
         command += [f"--{name}", str(getattr(tune, "recipe" if name == "config_file" else name))]
+    # the session's Prefect server: a command killed by SIGKILL would leave a temporary server of its own running
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "RNNLM_CPU_THREADS": "1"}
+    env["PREFECT_API_URL"] = PREFECT_API_URL.value()
     db = Path(mlflow_store.removeprefix("sqlite:///")).parent / "optuna.db"
     with open(tmp_path / "first.err", "w") as err:
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err)
