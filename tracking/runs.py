@@ -110,7 +110,9 @@ def resume_trial(config: TrainConfig, data: PreparedData, run_id: str, parent_ru
     return _claim(store.client(), config, data, path, parent_run_id) if path.is_file() else None
 
 
-def _claim(mlflow_client, config, data, path: Path, parent_run_id: str | None) -> TrackedRun | None:
+def _claim(
+    mlflow_client: MlflowClient, config: TrainConfig, data: PreparedData, path: Path, parent_run_id: str | None
+) -> TrackedRun | None:
     """The checkpoint at `path` taken over when no live process holds it and its run did not finish."""
     if not try_lock(lock_of(path)):
         return None  # a live process is training that run right now

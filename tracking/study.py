@@ -146,7 +146,7 @@ def peek(study: optuna.Study, budgets: Budgets) -> Job:
 
 def tell(study: optuna.Study, trial: optuna.Trial, outcome: dict) -> None:
     """Record what a trial gave (`outcome` from the train-trial task): complete with its value, pruned, or failed."""
-    for key in (RUN_ID, "epochs", "reason"):
+    for key in ("epochs", "reason"):  # the run id is the trial's from its start (`train_trial`)
         if outcome.get(key) is not None:
             trial.set_user_attr(key, outcome[key])
     state = TrialState[outcome["state"]]

@@ -10,7 +10,7 @@ import optuna
 import pandas as pd
 
 from rnnlm.search import MEASURES
-from tracking.study import RUNG, base_trial
+from tracking.study import RUN_ID, RUNG, base_trial
 
 
 def trials_table(study: optuna.Study, measure: str = "perplexity") -> pd.DataFrame:
@@ -21,7 +21,7 @@ def trials_table(study: optuna.Study, measure: str = "perplexity") -> pd.DataFra
         row = {"trial": t.number, "state": t.state.name, "rung": t.user_attrs.get(RUNG, 0)}
         row |= {column: None if t.value is None else round(t.value, 4), "seconds": seconds and round(seconds)}
         row |= {"evaluations": len(t.intermediate_values)} | dict(t.params)
-        rows.append(row | {"run_id": t.user_attrs.get("run_id"), "note": t.user_attrs.get("reason", "")})
+        rows.append(row | {"run_id": t.user_attrs.get(RUN_ID), "note": t.user_attrs.get("reason", "")})
     return pd.DataFrame(rows)
 
 

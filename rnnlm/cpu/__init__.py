@@ -384,10 +384,9 @@ def sgd_step(model, optimizer, tokens, targets, state, grad_clip: float, amp: bo
 def threads_for(cpu_threads: int, model: nn.Module, window: tuple[int, int], amp: bool = False) -> int:
     """The torch threads a CPU run of `model` on (batch, steps) windows takes: `cpu_threads`, or for 0 (auto) one
     when the engine serves the model (under `amp` as its forward pass runs: `autocast`; its helper thread takes the
-    second core) and torch's own setting else. A model
-    with an adaptive softmax takes torch's own setting too: its head and clusters run on torch's matmuls, most of the
-    step, which a second torch thread speeds up more than the helper thread speeds up the recurrence (kjv-best.toml:
-    1.43x the tokens/s on a 2-core Xeon, docs/benchmarks.md)."""
+    second core) and torch's own setting else. A model with an adaptive softmax takes torch's own setting too: its
+    head and clusters run on torch's matmuls, most of the step, which a second torch thread speeds up more than the
+    helper thread speeds up the recurrence (kjv-best.toml: 1.43x the tokens/s on a 2-core Xeon, docs/benchmarks.md)."""
     if cpu_threads > 0:
         return cpu_threads
     with autocast(amp):
