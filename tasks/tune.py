@@ -23,7 +23,7 @@ from rnnlm.train import TrainingDiverged
 from tracking import store
 from tracking import study_report as report
 from tracking.progress import TrainingProgress
-from tracking.runs import TrackedRun, new_run, resume_trial, run_guard
+from tracking.runs import TRIAL_TAG, TrackedRun, new_run, resume_trial, run_guard
 from tracking.study import RUN_ID, RUNG, TrialPruning, both, load_study, measure_of
 
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -78,7 +78,7 @@ def train_trial(
         logger.info("trial %d: %s", number, tracked.describe())
     run_id, checkpoint = tracked.run_id, Path(tracked.checkpoint)
     trial.set_user_attr(RUN_ID, run_id)  # so that a search stopped now can continue this run when it resumes
-    for key, value in {"tune.study": study_name, "tune.trial": number, "tune.rung": rung}.items():
+    for key, value in {"tune.study": study_name, TRIAL_TAG: number, "tune.rung": rung}.items():
         mlflow_client.set_tag(run_id, key, str(value))
     progress = TrainingProgress(config, run_id)
     outcome = {"run_id": run_id, "number": number}

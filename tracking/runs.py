@@ -31,6 +31,7 @@ from rnnlm.tokens import Vocab
 from tracking import store
 
 RESUMED_FROM_TAG = "rnnlm.resumed_from_run"
+TRIAL_TAG = "tune.trial"  # on a search's trial run: only that trial's own retry (`resume_trial`) continues it
 
 
 @dataclass(frozen=True)
@@ -94,10 +95,13 @@ def new_run(mlflow_client: MlflowClient, config: TrainConfig, data: PreparedData
 def _resumable_run(
     mlflow_client: MlflowClient, config: TrainConfig, data: PreparedData, parent_run_id: str | None
 ) -> TrackedRun | None:
-    """The newest checkpoint of this training whose process is gone and whose run did not finish, taken over."""
+    """The newest checkpoint of this training whose process is gone and whose run did not finish, taken over; a
+    search's stopped trial is left to its retry, even where a training of the same configuration comes first."""
     folder = checkpoint_folder(config, data.corpus_sha1)
     found = folder.glob("*/model.pt") if folder.is_dir() else []
     for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+        if TRIAL_TAG in _tags(mlflow_client, path.parent.name):
+            continue
         if claimed := _claim(mlflow_client, config, data, path, parent_run_id):
             return claimed
     return None
@@ -127,6 +131,14 @@ def _claim(
     except BaseException:
         unlock(lock_of(path))  # a refused checkpoint stays for the user to see; nobody holds it
         raise
+
+
+def _tags(mlflow_client: MlflowClient, run_id: str) -> dict[str, str]:
+    """The run's tags, or none when this store has no such run."""
+    try:
+        return mlflow_client.get_run(run_id).data.tags
+    except MlflowException:
+        return {}
 
 
 def _run_status(mlflow_client: MlflowClient, run_id: str) -> str | None:

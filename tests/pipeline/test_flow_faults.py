@@ -16,6 +16,7 @@ from flows.train_flow import train_flow
 from rnnlm.checkpoint import load_checkpoint, run_checkpoint, save_checkpoint
 from rnnlm.data import fetch, prepare_data
 from rnnlm.run import fit
+from tracking.runs import TRIAL_TAG, lock_of, try_lock, unlock
 from tracking.store import TrackingError, check_reachable, experiment_id
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -264,6 +265,18 @@ def test_failed_run_with_a_checkpoint_is_reopened(tmp_path, small_corpus, mlflow
     out = train_flow(config)
     assert out["run_id"] == old_id and out["epochs"] == 4
     assert MlflowClient(mlflow_store, registry_uri=mlflow_store).get_run(old_id).info.status == "FINISHED"
+
+
+def test_a_stopped_search_trials_checkpoint_is_left_to_its_own_retry(tmp_path, small_corpus, mlflow_store):
+    config, trial_id, path = _interrupted_run(tmp_path, str(small_corpus), mlflow_store)
+    client = MlflowClient(mlflow_store, registry_uri=mlflow_store)
+    client.set_tag(trial_id, TRIAL_TAG, "3")
+    out = train_flow(config)  # the same configuration, trained on its own (a search's final training, say)
+    assert out["run_id"] != trial_id and out["epochs"] == 4
+    assert client.get_run(out["run_id"]).data.tags.get("rnnlm.resumed_at_epoch") is None  # trained from scratch
+    assert client.get_run(trial_id).info.status == "FAILED"  # the trial's run and checkpoint, left for its retry
+    assert load_checkpoint(path)["epoch"] == 2 and try_lock(lock_of(path))  # (which tests/pipeline/test_tune.py runs)
+    unlock(lock_of(path))
 
 
 def test_checkpoint_for_another_vocab_is_refused_before_training(tmp_path, small_corpus, mlflow_store):
