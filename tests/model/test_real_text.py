@@ -267,6 +267,31 @@ def test_adamw_updates_all_weights_in_one_fused_kernel_as_torchs_loop_would():
         assert not torch.equal(a, before)
 
 
+@pytest.mark.parametrize("scale", [1e-4, 30.0, math.nan], ids=["unclipped", "clipped", "nan"])
+def test_adamw_takes_the_clip_inside_its_step_as_clip_grad_norm_then_step_would(scale):
+    """clip_and_step: a fused AdamW takes the clip's factor as its grad_scale: the weights, gradients and state of
+    torch's clip_grad_norm_ then step, to float32 rounding; a NaN gradient still gives NaN weights. (SGD's step is
+    torch's own: test_regularisers.py's test_off_training_is_the_plain_loop.)"""
+    config = TrainConfig(optimizer="adamw", lr=0.01, weight_decay=0.1, num_hiddens=16)
+    torch.manual_seed(0)
+    model, reference = RNNLM(30, 16, "lstm", 2, embedding_dim=16), RNNLM(30, 16, "lstm", 2, embedding_dim=16)
+    reference.load_state_dict(model.state_dict())
+    ours, theirs = make_optimizer(model, config.lr, config), make_optimizer(reference, config.lr, config)
+    for _ in range(3):
+        for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+            a.grad = torch.randn_like(a) * scale
+            b.grad = a.grad.clone()
+        train_module.clip_and_step(model, ours, max_norm=1.0)
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0, foreach=True)
+        theirs.step()
+    assert not hasattr(ours, "grad_scale")  # nothing left behind for a later step
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, equal_nan=True)
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0, equal_nan=True)
+        torch.testing.assert_close(ours.state[a]["exp_avg_sq"], theirs.state[b]["exp_avg_sq"], equal_nan=True)
+    assert math.isnan(scale) == bool(torch.isnan(next(model.parameters())).all())
+
+
 def test_adamw_state_too_small_to_move_a_weight_is_zeroed_before_it_turns_subnormal():
     """zero_tiny_state: AdamW's running means below 1e-30 (a word unseen for ~600 steps: 0.9 a step) become zero, the
     rest stays bit for bit, and the next steps give the same weights as with those means kept (subnormal by then)."""
