@@ -223,8 +223,9 @@ class TrainConfig(BaseModel):
     amp: bool = Field(
         False,
         description="bf16 matmuls, weights and SGD in float32: autocast of the forward pass on GPUs; on CPUs with "
-        "AVX512-BF16 the LSTM's recurrent matmuls and its whole SGD step in compiled code, or an adaptive softmax's "
-        "matmuls (the engine's recurrence stays float32); float32 on other CPUs, where bf16 would be slower.",
+        "AVX512-BF16 the LSTM's recurrent matmuls and its whole SGD step in compiled code (or torch's bf16 LSTM "
+        "where that measures quicker, as on Xeons with AMX), or an adaptive softmax's matmuls (the engine's "
+        "recurrence stays float32); float32 on other CPUs, where bf16 would be slower.",
     )
     checkpoint_every: int = run_field(
         10, "Write a resumable checkpoint every this many epochs (and always at the end).", gt=0

@@ -139,7 +139,8 @@ def _measure_lstm_path(model: nn.Module, batch: int) -> str:
     `_engine_threads` gives, one with the helper thread; torch's layers on all of torch's threads), on a forked
     generator."""
     keep_freed_memory()  # as in training: freed pages kept for the next minibatch
-    handicap = {"compiled": AMP_HANDICAP} if _bf16_choice(model) else None  # float32 recurrence against bf16
+    float32_recurrence = _bf16_choice(model) and not _bf16_lstm(model)  # the compiled one, against torch's in bf16
+    handicap = {"compiled": AMP_HANDICAP} if float32_recurrence else None
     return choice.fastest(
         _lstm_choice(model, batch), lambda: _lstm_candidates(model, batch), per_threads=False, handicap=handicap
     )
@@ -153,8 +154,8 @@ AMP_HANDICAP = 1.1
 
 def _lstm_choice(model: nn.Module, batch: int) -> str:
     """The name of `lstm_path`'s choice for this model's sizes and batch, and under CPU autocast (amp) its own: there
-    torch's LSTM runs in bf16 (oneDNN) where the compiled one keeps a float32 recurrence (but for the one-layer
-    one-hot LSTM, whose bf16 step is the engine's own)."""
+    torch's LSTM runs in bf16 (oneDNN, on AMX where the CPU has it) against the compiled one's float32 recurrence, or
+    for the one-layer one-hot LSTM against the engine's own bf16 step (AVX512-BF16 dot products)."""
     rnn, embedding = model.rnn, getattr(model, "embedding", None)
     sizes = (rnn.input_size, rnn.hidden_size, rnn.num_layers, *_output_sizes(model), embedding is not None, batch)
     threads = f"@{_engine_threads(model)}threads" if getattr(model, "adaptive", None) is not None else ""
@@ -163,8 +164,10 @@ def _lstm_choice(model: nn.Module, batch: int) -> str:
 
 
 def _bf16_choice(model: nn.Module) -> bool:
-    """Whether the LSTM's path is amp's own choice here: under CPU autocast, but for the one-layer one-hot LSTM."""
-    return _autocast_on() and not _bf16_lstm(model)
+    """Whether the LSTM's path is amp's own choice here: under CPU autocast. (The engine's bf16 step for the book's
+    one-layer LSTM measured 1.8x slower than its float32 step on a 2-core Xeon with AMX, where torch's bf16 LSTM was
+    the quickest of the three, and 1.2x quicker than torch's on a Zen 4: docs/benchmarks.md.)"""
+    return _autocast_on()
 
 
 def _lstm_decision(model: nn.Module, batch: int) -> str | None:
@@ -342,8 +345,9 @@ def _output(linear: nn.Linear, outputs: torch.Tensor) -> torch.Tensor:
 
 
 def _bf16_lstm(model: nn.Module) -> bool:
-    """Whether `amp` runs this model's LSTM in bf16 here: one layer over one-hot inputs, without dropout, on a CPU
-    with AVX512-BF16."""
+    """Whether the engine, where it serves this model under `amp` (its bf16 step measured quicker than torch's bf16
+    LSTM: `lstm_path`), runs its LSTM in bf16 here: one layer over one-hot inputs, without dropout, on a CPU with
+    AVX512-BF16."""
     return isinstance(model.rnn, nn.LSTM) and model.rnn.num_layers == 1 and _one_hot(model) and bf16_fast()
 
 
@@ -370,8 +374,11 @@ def sgd_step(model, optimizer, tokens, targets, state, grad_clip: float, amp: bo
     the caller takes the autograd step (also for parameters that are views: the fused steps update them in place).
     The fused steps check the inputs (`fused.checked_step`). Under `amp` where bf16 is quick, the LSTM's step is all
     compiled (bf16 matmuls); otherwise float32."""
-    if not (_one_hot(model) and model.rnn.num_layers == 1 and handles(model, tokens)):
+    if not (_one_hot(model) and model.rnn.num_layers == 1):
         return None
+    with autocast(amp):  # the LSTM's path as amp trains (`lstm_path` under autocast)
+        if not handles(model, tokens):
+            return None
     params = list(model.parameters())
     if not (fused.plain_sgd(optimizer, params) and all(p.is_contiguous() for p in params)):
         return None

@@ -265,10 +265,10 @@ def lstm_candidates(
     bf16: bool = False,
 ) -> dict:
     """Two ways to train a copy of this LSTM model for a minibatch, each as it would run: 'compiled' (the engine on
-    `engine_threads` torch threads, with the helper thread where that is one: `float32_step` where it applies, else
-    `engine_loss` through autograd) and 'torch' (`model.forward_torch`, torch's layers, through autograd on
-    `torch_threads_default` threads); with `bf16`, each forward pass under CPU autocast, as amp trains; for
-    `rnnlm.cpu.choice` to time."""
+    `engine_threads` torch threads, with the helper thread where that is one: `float32_step` where it applies, or
+    with `bf16` the engine's bf16 `sgd_step`, else `engine_loss` through autograd) and 'torch'
+    (`model.forward_torch`, torch's layers, through autograd on `torch_threads_default` threads); with `bf16`, each
+    forward pass under CPU autocast, as amp trains; for `rnnlm.cpu.choice` to time."""
     copy = deepcopy(model).train()
     vocab = copy.vocab_size
     tokens, targets = torch.randint(0, vocab, (batch, steps)), torch.randint(0, vocab, (batch, steps))
@@ -279,7 +279,7 @@ def lstm_candidates(
     def compiled() -> None:
         with threads.torch_threads(engine_threads), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             if one_layer_one_hot and not getattr(getattr(copy, "drop", None), "p", 0.0):
-                float32_step(copy, tokens, targets, state, 0.0, 1.0)
+                (sgd_step if bf16 else float32_step)(copy, tokens, targets, state, 0.0, 1.0)
             else:
                 engine_loss(copy, tokens, targets, state)[0].backward()
 

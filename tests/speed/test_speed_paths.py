@@ -140,6 +140,30 @@ def test_bf16_autocast_trains_like_float32(corpus):
     assert bf16[-1] < 0.5 * bf16[0] and all(p.dtype == torch.float32 for p in model.parameters())
 
 
+@pytest.mark.skipif(not engine_compiled(), reason="no C compiler here: the compiled kernels are not built")
+@pytest.mark.parametrize("bf16_path", ["compiled", "torch"])
+def test_amp_trains_the_books_lstm_on_the_path_measured_in_bf16(corpus, monkeypatch, bf16_path):
+    """Under amp the book's one-layer LSTM takes the path its own choice under autocast names: the engine's bf16 step
+    where that measured quicker, torch's bf16 LSTM where that did (as on a Xeon with AMX), whatever the float32
+    choice says; the choice's 'compiled' candidate under autocast is that bf16 step."""
+    from rnnlm.cpu import fused, native
+
+    monkeypatch.setattr(native, "bf16_native", lambda: True)  # as on an AVX512-BF16 CPU, whatever this one is
+    monkeypatch.setattr(cpu, "lstm_path", lambda model, batch: bf16_path if cpu._autocast_on() else "compiled")
+    steps = []
+    bf16_step = fused.sgd_step
+    monkeypatch.setattr(fused, "sgd_step", lambda *args: steps.append(1) or bf16_step(*args))
+    _, model = _five_epochs(corpus, amp=True)
+    assert bool(steps) == (bf16_path == "compiled")
+    in_words = matmul_precision(model, True, (8, 10))
+    assert in_words.startswith("bf16 recurrent" if bf16_path == "compiled" else "bf16 autocast (forward pass, torch's")
+    steps.clear()
+    with cpu.autocast(True):
+        assert cpu._lstm_choice(model, 8).endswith("@bf16")  # amp's own choice, measured apart from float32's
+        cpu._lstm_candidates(model, 8)["compiled"]()
+    assert steps == [1]
+
+
 def test_amp_stays_float32_on_a_cpu_without_quick_bf16(corpus, monkeypatch):
     """Where the compiled kernels have no AVX512-BF16 (or do not serve), bf16 on the CPU is emulated and slower than
     float32: amp then trains in float32, the same numbers (torch's layers, which autocast would run in bf16)."""
