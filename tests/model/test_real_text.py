@@ -267,8 +267,14 @@ def test_adamw_updates_all_weights_in_one_fused_kernel_as_torchs_loop_would():
         assert not torch.equal(a, before)
 
 
+CUDA = pytest.param(
+    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("scale", [1e-4, 30.0, math.nan], ids=["unclipped", "clipped", "nan"])
-def test_adamw_takes_the_clip_inside_its_step_as_clip_grad_norm_then_step_would(scale):
+def test_adamw_takes_the_clip_inside_its_step_as_clip_grad_norm_then_step_would(scale, device):
     """clip_and_step: a fused AdamW takes the clip's factor as its grad_scale: the weights, gradients and state of
     torch's clip_grad_norm_ then step, to float32 rounding; a NaN gradient still gives NaN weights. (SGD's step is
     torch's own: test_regularisers.py's test_off_training_is_the_plain_loop.)"""
@@ -276,7 +282,9 @@ def test_adamw_takes_the_clip_inside_its_step_as_clip_grad_norm_then_step_would(
     torch.manual_seed(0)
     model, reference = RNNLM(30, 16, "lstm", 2, embedding_dim=16), RNNLM(30, 16, "lstm", 2, embedding_dim=16)
     reference.load_state_dict(model.state_dict())
+    model, reference = model.to(device), reference.to(device)
     ours, theirs = make_optimizer(model, config.lr, config), make_optimizer(reference, config.lr, config)
+    assert ours.defaults["fused"]  # torch's fused kernel, on the CPU as on a GPU
     for _ in range(3):
         for a, b in zip(model.parameters(), reference.parameters(), strict=True):
             a.grad = torch.randn_like(a) * scale
