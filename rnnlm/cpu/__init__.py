@@ -166,7 +166,7 @@ def _lstm_choice(model: nn.Module, batch: int) -> str:
 def _bf16_choice(model: nn.Module) -> bool:
     """Whether the LSTM's path is amp's own choice here: under CPU autocast. (The engine's bf16 step for the book's
     one-layer LSTM measured 1.8x slower than its float32 step on a 2-core Xeon with AMX, where torch's bf16 LSTM was
-    the quickest of the three, and 1.2x quicker than torch's on a Zen 4: docs/benchmarks.md.)"""
+    the quickest of the three, and trained 1.7x quicker than the float32 step on a Zen 4: docs/benchmarks.md.)"""
     return _autocast_on()
 
 
