@@ -95,13 +95,11 @@ def new_run(mlflow_client: MlflowClient, config: TrainConfig, data: PreparedData
 def _resumable_run(
     mlflow_client: MlflowClient, config: TrainConfig, data: PreparedData, parent_run_id: str | None
 ) -> TrackedRun | None:
-    """The newest checkpoint of this training whose process is gone and whose run did not finish, taken over; a
-    search's stopped trial is left to its retry, even where a training of the same configuration comes first."""
+    """The newest checkpoint of this training whose process is gone and whose run did not finish, taken over (a
+    search's stopped trial is left to its retry, even where a training of the same configuration comes first)."""
     folder = checkpoint_folder(config, data.corpus_sha1)
     found = folder.glob("*/model.pt") if folder.is_dir() else []
     for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
-        if TRIAL_TAG in _tags(mlflow_client, path.parent.name):
-            continue
         if claimed := _claim(mlflow_client, config, data, path, parent_run_id):
             return claimed
     return None
@@ -111,19 +109,28 @@ def resume_trial(config: TrainConfig, data: PreparedData, run_id: str, parent_ru
     """The run `run_id` (a search's trial stopped with its search) taken over from its checkpoint, when it left one
     that no live process holds; else None."""
     path = run_checkpoint(config, data.corpus_sha1, run_id)
-    return _claim(store.client(), config, data, path, parent_run_id) if path.is_file() else None
+    return _claim(store.client(), config, data, path, parent_run_id, trial=True) if path.is_file() else None
 
 
 def _claim(
-    mlflow_client: MlflowClient, config: TrainConfig, data: PreparedData, path: Path, parent_run_id: str | None
+    mlflow_client: MlflowClient,
+    config: TrainConfig,
+    data: PreparedData,
+    path: Path,
+    parent_run_id: str | None,
+    trial: bool = False,
 ) -> TrackedRun | None:
-    """The checkpoint at `path` taken over when no live process holds it and its run did not finish."""
+    """The checkpoint at `path` taken over when no live process holds it and its run did not finish; a search's
+    trial run only by that trial's retry (`trial`)."""
     if not try_lock(lock_of(path)):
         return None  # a live process is training that run right now
-    status = _run_status(mlflow_client, path.parent.name)
+    status, tags = _run_state(mlflow_client, path.parent.name)
     if status == "FINISHED":  # its model is in MLflow; the local copy is no longer needed
         unlock(lock_of(path))
         shutil.rmtree(path.parent, ignore_errors=True)
+        return None
+    if TRIAL_TAG in tags and not trial:  # left for the stopped search's retry of that trial
+        unlock(lock_of(path))
         return None
     try:
         epoch = read_resumable(path, config, Vocab.load(data.vocab_path), data.corpus_sha1)["epoch"]
@@ -133,21 +140,13 @@ def _claim(
         raise
 
 
-def _tags(mlflow_client: MlflowClient, run_id: str) -> dict[str, str]:
-    """The run's tags, or none when this store has no such run."""
-    try:
-        return mlflow_client.get_run(run_id).data.tags
-    except MlflowException:
-        return {}
-
-
-def _run_status(mlflow_client: MlflowClient, run_id: str) -> str | None:
-    """The run's status, or None when this store has no such (undeleted) run."""
+def _run_state(mlflow_client: MlflowClient, run_id: str) -> tuple[str | None, dict[str, str]]:
+    """The run's status (None when this store has no such undeleted run) and its tags (none when it has no such run)."""
     try:
         found = mlflow_client.get_run(run_id)
     except MlflowException:
-        return None
-    return found.info.status if found.info.lifecycle_stage == "active" else None
+        return None, {}
+    return (found.info.status if found.info.lifecycle_stage == "active" else None), found.data.tags
 
 
 def _continue(mlflow_client, config, data, path: Path, status: str | None, epoch: int, parent_run_id) -> TrackedRun:

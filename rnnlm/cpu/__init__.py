@@ -139,7 +139,7 @@ def _measure_lstm_path(model: nn.Module, batch: int) -> str:
     `_engine_threads` gives, one with the helper thread; torch's layers on all of torch's threads), on a forked
     generator."""
     keep_freed_memory()  # as in training: freed pages kept for the next minibatch
-    float32_recurrence = _bf16_choice(model) and not _bf16_lstm(model)  # the compiled one, against torch's in bf16
+    float32_recurrence = _autocast_on() and not _bf16_lstm(model)  # the compiled one, against torch's in bf16
     handicap = {"compiled": AMP_HANDICAP} if float32_recurrence else None
     return choice.fastest(
         _lstm_choice(model, batch), lambda: _lstm_candidates(model, batch), per_threads=False, handicap=handicap
@@ -155,19 +155,14 @@ AMP_HANDICAP = 1.1
 def _lstm_choice(model: nn.Module, batch: int) -> str:
     """The name of `lstm_path`'s choice for this model's sizes and batch, and under CPU autocast (amp) its own: there
     torch's LSTM runs in bf16 (oneDNN, on AMX where the CPU has it) against the compiled one's float32 recurrence, or
-    for the one-layer one-hot LSTM against the engine's own bf16 step (AVX512-BF16 dot products)."""
+    for the one-layer one-hot LSTM against the engine's own bf16 step (AVX512-BF16 dot products: 1.8x slower than
+    its float32 step on a 2-core Xeon with AMX, where torch's bf16 LSTM was the quickest of the three, and 1.7x
+    quicker on a Zen 4; docs/benchmarks.md)."""
     rnn, embedding = model.rnn, getattr(model, "embedding", None)
     sizes = (rnn.input_size, rnn.hidden_size, rnn.num_layers, *_output_sizes(model), embedding is not None, batch)
     threads = f"@{_engine_threads(model)}threads" if getattr(model, "adaptive", None) is not None else ""
-    bf16 = "@bf16" if _bf16_choice(model) else ""
+    bf16 = "@bf16" if _autocast_on() else ""
     return "lstm-step:" + "x".join(map(str, sizes)) + threads + bf16  # the engine's threads: timed as it trains
-
-
-def _bf16_choice(model: nn.Module) -> bool:
-    """Whether the LSTM's path is amp's own choice here: under CPU autocast. (The engine's bf16 step for the book's
-    one-layer LSTM measured 1.8x slower than its float32 step on a 2-core Xeon with AMX, where torch's bf16 LSTM was
-    the quickest of the three, and trained 1.7x quicker than the float32 step on a Zen 4: docs/benchmarks.md.)"""
-    return _autocast_on()
 
 
 def _lstm_decision(model: nn.Module, batch: int) -> str | None:
@@ -186,7 +181,7 @@ def _output_sizes(model: nn.Module) -> tuple[int, ...]:
 def _lstm_candidates(model: nn.Module, batch: int) -> dict:
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        bf16 = _bf16_choice(model)  # each candidate times itself under autocast (`choice` times with it off)
+        bf16 = _autocast_on()  # each candidate times itself under autocast (`choice` times with it off)
         return fused.lstm_candidates(model, batch, 35, DEFAULT_THREADS, loss, _engine_threads(model), bf16)
 
 

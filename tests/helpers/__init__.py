@@ -10,9 +10,17 @@ import random
 from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 
+import pytest
+import torch
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SHARED_CORPUS = PROJECT_ROOT.parent / "shared" / "data" / "timemachine.txt"
 TIME_MACHINE_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
+
+# A `device` parametrisation's GPU case: marked gpu, skipped where there is no CUDA device.
+CUDA = pytest.param(
+    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+)
 
 # Hyperparameters that train in about a second on a small generated corpus.
 SMALL_TRAINING = dict(

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import PROJECT_ROOT, resume_settings, small_text
+from helpers import CUDA, PROJECT_ROOT, resume_settings, small_text
 
 from rnnlm import cpu
 from rnnlm import train as train_module
@@ -265,11 +265,6 @@ def test_adamw_updates_all_weights_in_one_fused_kernel_as_torchs_loop_would():
     for a, b, before in zip(model.parameters(), reference.parameters(), initial, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         assert not torch.equal(a, before)
-
-
-CUDA = pytest.param(
-    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-)
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import resume_settings, small_text
+from helpers import CUDA, resume_settings, small_text
 from torch import nn
 
 from rnnlm import cpu
@@ -107,11 +107,6 @@ def test_off_the_engine_still_serves(tiny):
 
 
 # --- each regulariser ----------------------------------------------------------------------------------------------
-
-
-CUDA = pytest.param(
-    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-)
 
 
 @pytest.mark.parametrize("rnn", ["rnn", "gru", "lstm"])
