@@ -1448,3 +1448,71 @@ void rnnlm_bernoulli(float *out, int64_t n, double p, uint64_t *state, int32_t *
     for (int j = 0; j < MT_N; j++) state[j] = s[j];
     *left = (int32_t)l, *next = (uint64_t)nx;
 }
+
+/* The split windows on torch's own threads. With two torch threads (the adaptive softmax's models), a helper thread
+   for the second core would contend with torch's second OpenMP thread, which spins a while after every torch op
+   waiting for the next; built with -fopenmp, this library shares torch's OpenMP runtime (libgomp is loaded once per
+   process), so a window's two workers run as one OpenMP team of the calling thread: on the very threads torch's
+   matmuls run on, the spinning one taking its share at once. A window is given as TEAM_ARGS int64 words: its kind,
+   the 7 ints and flags of the split windows (steps, batch, H, u0, u1, worker, workers, flags), then its arrays. */
+enum { LSTM_FORWARD, LSTM_BACKWARD, GRU_FORWARD, GRU_BACKWARD };
+#define TEAM_ARGS 24
+
+#if defined(_OPENMP)
+#include <omp.h>
+
+static void run_window(const int64_t *w) {
+    int s[7];
+    for (int k = 0; k < 7; k++) s[k] = (int)w[1 + k];
+    int64_t *flags = (int64_t *)(intptr_t)w[8];
+    void *a[TEAM_ARGS - 9];
+    for (int k = 0; k < TEAM_ARGS - 9; k++) a[k] = (void *)(intptr_t)w[9 + k];
+#define SPLIT s[0], s[1], s[2], s[3], s[4], s[5], s[6], flags
+    switch (w[0]) {
+    case LSTM_FORWARD:
+        rnnlm_lstm_forward(SPLIT, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9]);
+        break;
+    case LSTM_BACKWARD:
+        rnnlm_lstm_backward(SPLIT, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12]);
+        break;
+    case GRU_FORWARD:
+        rnnlm_gru_forward(SPLIT, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9]);
+        break;
+    case GRU_BACKWARD:
+        rnnlm_gru_backward(SPLIT, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11]);
+        break;
+    }
+#undef SPLIT
+}
+#endif
+
+/* The OpenMP threads a team of the calling thread would get (omp_get_max_threads), or -1 in a build without OpenMP:
+   equal to torch.get_num_threads() after each torch.set_num_threads where the runtime is torch's. */
+int rnnlm_team_threads(void) {
+#if defined(_OPENMP)
+    return omp_get_max_threads();
+#else
+    return -1;
+#endif
+}
+
+/* Runs `workers` windows (workers * TEAM_ARGS words) at once, window w on thread w of an OpenMP team of the calling
+   thread. Returns 0, or 1 with none of them run where the team has another number of threads (the workers wait for
+   each other every step, so they must all run at once) or the build has no OpenMP. */
+int rnnlm_team(int workers, const int64_t *windows) {
+#if defined(_OPENMP)
+    int short_team = 0;
+#pragma omp parallel num_threads(workers)
+    {
+        if (omp_get_num_threads() != workers) {
+#pragma omp atomic write
+            short_team = 1;
+        } else
+            run_window(windows + (size_t)omp_get_thread_num() * TEAM_ARGS);
+    }
+    return short_team;
+#else
+    (void)workers, (void)windows;
+    return 1;
+#endif
+}

@@ -32,7 +32,8 @@ import torch
 from rnnlm.cpu import checks
 
 SOURCE = Path(__file__).with_name("kernels.c")
-# -fopenmp-simd: the `omp simd` reductions in kernels.c vectorise (no OpenMP runtime)
+# -fopenmp-simd: the `omp simd` reductions in kernels.c vectorise (no OpenMP runtime); the build tries -fopenmp on
+# top first (the windows on torch's OpenMP threads, `team`), and goes without where the compiler has no OpenMP
 _FLAGS = [
     "-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-shared",
     "-fPIC",
@@ -63,13 +64,16 @@ _SIGNATURES = {
     "rnnlm_lstm_sgd_f32": [_p, _i, _i, _p, _p],
     "rnnlm_rnn_sgd_f32": [_p, _i, _i, _p, _p],
     "rnnlm_barrier": [_p, _i, _i, ctypes.c_int64],
+    "rnnlm_team_threads": [],
+    "rnnlm_team": [_i, _p],
     # the output layer's step: n0, n1, H, V, hs, wout, b_out, wout_back, targets, scale, then the outputs
     "rnnlm_output_step": [ctypes.c_int64] * 2 + [_i] * 2 + [_p] * 5 + [ctypes.c_float] + [_p] * 6,
     "rnnlm_clip_sgd": [_i, _p, _p, _p, ctypes.c_float, ctypes.c_float],
     "rnnlm_rows_loss": [ctypes.c_int64] * 2 + [_i] * 2 + [_p] * 2 + [ctypes.c_float] + [_p] * 2,
     "rnnlm_bernoulli": [_p, ctypes.c_int64, ctypes.c_double, _p, _p, _p],
 }
-_RESULTS = {name: _i for name in ("rnnlm_panel_width", "rnnlm_bf16_native", "rnnlm_barrier")}
+_RESULTS = {name: _i for name in ("rnnlm_panel_width", "rnnlm_bf16_native", "rnnlm_barrier", "rnnlm_team_threads")}
+_RESULTS["rnnlm_team"] = _i
 _RESULTS["rnnlm_lstm_sgd_work"] = _RESULTS["rnnlm_sgd_f32_work"] = ctypes.c_int64
 _RESULTS["rnnlm_clip_sgd"] = ctypes.c_double
 
@@ -138,16 +142,25 @@ def _not_private(path: Path) -> str | None:
 
 
 def build(compiler: list[str]) -> Path:
-    """The compiled library for this source, compiler and CPU: from the cache where its record vouches for it, or
-    built into it atomically (the library, then its record)."""
+    """The compiled library for this source, compiler and CPU, with OpenMP where the compiler has it (else
+    without): from the cache where its record vouches for it, or built into it atomically (the library, then its
+    record)."""
+    try:
+        return _build(compiler, [*_FLAGS, "-fopenmp"])
+    except RuntimeError:
+        return _build(compiler, _FLAGS)
+
+
+def _build(compiler: list[str], flags: list[str]) -> Path:
+    """`build` with these flags."""
     version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    parts = [SOURCE.read_text(), " ".join(compiler), version, " ".join(_FLAGS), _cpu_features()]
+    parts = [SOURCE.read_text(), " ".join(compiler), version, " ".join(flags), _cpu_features()]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()
     target = cache() / f"kernels-{key[:16]}.so"
     if not _vouched_for(target, key):
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            command = [*compiler, *_FLAGS, "-o", str(built), str(SOURCE)]
+            command = [*compiler, *flags, "-o", str(built), str(SOURCE)]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"{' '.join(compiler)} failed on {SOURCE.name}: {done.stderr.strip()[-2000:]}")
@@ -362,18 +375,55 @@ def token_grad(tokens: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> t
 Call = Callable[[], None]
 
 
-def _split_call(name: str, shape, units: tuple[int, int], worker: int, workers: int, flags, arrays) -> Call:
-    """The C window `name` over (steps, batch, H) = `shape` for one worker, every argument checked and converted
-    now: the returned call only runs it (a worker that failed after its partner started would leave the partner
-    waiting at the first step)."""
-    head = (*shape, *units, worker, workers, 0 if flags is None else flags.data_ptr())
-    pointers = [_ptr(t) for t in arrays]
-    fn = getattr(library(), name)
+_TEAM_ARGS = 24  # int64 words a window takes in `team` (kernels.c: TEAM_ARGS)
+_TEAM_KINDS = {"rnnlm_lstm_forward": 0, "rnnlm_lstm_backward": 1, "rnnlm_gru_forward": 2, "rnnlm_gru_backward": 3}
 
-    def call(keep_alive=arrays) -> None:  # the tensors must outlive the call: the pointers are all C sees
-        fn(*head, *pointers)
 
-    return call
+class Window:
+    """One worker's C window, every argument checked and converted when it is made: calling it only runs it (a
+    worker that failed after its partner started would leave the partner waiting at the first step); `team` runs
+    several at once on torch's OpenMP threads."""
+
+    def __init__(self, name: str, shape, units: tuple[int, int], worker: int, workers: int, flags, arrays) -> None:
+        self._head = (*shape, *units, worker, workers, 0 if flags is None else flags.data_ptr())
+        self._pointers = [_ptr(t) for t in arrays]
+        self._fn = getattr(library(), name)
+        self._keep_alive = (arrays, flags)  # the tensors must outlive the call: the pointers are all C sees
+        words = [_TEAM_KINDS[name], *self._head, *(p or 0 for p in self._pointers)]
+        self.words = words + [0] * (_TEAM_ARGS - len(words))
+
+    def __call__(self) -> None:
+        self._fn(*self._head, *self._pointers)
+
+
+def _split_call(name: str, shape, units: tuple[int, int], worker: int, workers: int, flags, arrays) -> Window:
+    """The C window `name` over (steps, batch, H) = `shape` for one worker (see `Window`)."""
+    return Window(name, shape, units, worker, workers, flags, arrays)
+
+
+@functools.cache
+def shares_torch_threads() -> bool:
+    """Whether the kernels were built with OpenMP and share torch's OpenMP runtime (one libgomp in the process):
+    the OpenMP thread count they see follows each torch.set_num_threads. Checked once, torch's setting restored."""
+    lib = library()
+    if lib is None or lib.rnnlm_team_threads() < 1 or "OpenMP" not in torch.__config__.parallel_info():
+        return False
+    before = torch.get_num_threads()
+    try:
+        for count in (before + 1, before):
+            torch.set_num_threads(count)
+            if lib.rnnlm_team_threads() != count:
+                return False
+    finally:
+        torch.set_num_threads(before)
+    return True
+
+
+def team(windows: list[Window]) -> bool:
+    """Run the workers' windows at once, window w on thread w of an OpenMP team of this thread (torch's own
+    threads, where `shares_torch_threads`); False, with none of them run, where the team came out smaller."""
+    words = (ctypes.c_int64 * (_TEAM_ARGS * len(windows)))(*(w for window in windows for w in window.words))
+    return library().rnnlm_team(len(windows), words) == 0
 
 
 def _gate_rows(weight: torch.Tensor, gates: int, units: tuple[int, int]) -> torch.Tensor:
@@ -382,7 +432,7 @@ def _gate_rows(weight: torch.Tensor, gates: int, units: tuple[int, int]) -> torc
     return weight.view(gates, hidden, -1)[:, units[0] : units[1]].reshape(-1, weight.shape[1])
 
 
-def _forward_window(name: str, gates: int, w_hh, inputs, outputs, units, worker, workers, flags) -> Call:
+def _forward_window(name: str, gates: int, w_hh, inputs, outputs, units, worker, workers, flags) -> Window:
     """One worker's forward window `name` over hidden units `units`: `inputs` (tokens first, None for dense input
     rows), then the worker's rows of W_hh packed, then `outputs` (hs first) and a work buffer."""
     hs = outputs[0]
@@ -391,7 +441,7 @@ def _forward_window(name: str, gates: int, w_hh, inputs, outputs, units, worker,
     return _split_call(name, hs.shape, units, worker, workers, flags, (*inputs, whh, *outputs, work))
 
 
-def _backward_window(name: str, w_hh, inputs, outputs, carried: int, units, worker, workers, flags) -> Call:
+def _backward_window(name: str, w_hh, inputs, outputs, carried: int, units, worker, workers, flags) -> Window:
     """One worker's backward window `name` over hidden units `units`: `inputs` (a (steps, batch, H) state second),
     the worker's columns of W_hh packed, `outputs`, then `carried` (batch, units) buffers and a work buffer."""
     shape = inputs[1].shape
@@ -402,26 +452,26 @@ def _backward_window(name: str, w_hh, inputs, outputs, carried: int, units, work
     return _split_call(name, shape, units, worker, workers, flags, arrays)
 
 
-def gru_forward(tokens, h0, emb, b_hh, w_hh, hs, rz, n, hn, units, worker, workers, flags) -> Call:
+def gru_forward(tokens, h0, emb, b_hh, w_hh, hs, rz, n, hn, units, worker, workers, flags) -> Window:
     """One worker's forward window over hidden units `units` (see kernels.c: rnnlm_gru_forward)."""
     inputs, outputs = (tokens, h0, emb, b_hh), (hs, rz, n, hn)
     return _forward_window("rnnlm_gru_forward", 3, w_hh, inputs, outputs, units, worker, workers, flags)
 
 
-def gru_backward(h0, hs, rz, n, hn, grad_out, w_hh, grad_gates, grad_pre_n, grad_h0, *worker) -> Call:
+def gru_backward(h0, hs, rz, n, hn, grad_out, w_hh, grad_gates, grad_pre_n, grad_h0, *worker) -> Window:
     """One worker's backward window; `worker` is (units, worker, workers, flags) (see kernels.c:
     rnnlm_gru_backward); carries dh."""
     inputs, outputs = (h0, hs, rz, n, hn, grad_out), (grad_gates, grad_pre_n, grad_h0)
     return _backward_window("rnnlm_gru_backward", w_hh, inputs, outputs, 1, *worker)
 
 
-def lstm_forward(tokens, h0, c0, emb, w_hh, hs, cs, gates, tcs, units, worker, workers, flags) -> Call:
+def lstm_forward(tokens, h0, c0, emb, w_hh, hs, cs, gates, tcs, units, worker, workers, flags) -> Window:
     """One worker's forward window over hidden units `units` (see kernels.c: rnnlm_lstm_forward)."""
     inputs, outputs = (tokens, h0, c0, emb), (hs, cs, gates, tcs)
     return _forward_window("rnnlm_lstm_forward", 4, w_hh, inputs, outputs, units, worker, workers, flags)
 
 
-def lstm_backward(c0, cs, gates, tcs, grad_out, grad_c_last, w_hh, grad_gates, grad_h0, grad_c0, *worker) -> Call:
+def lstm_backward(c0, cs, gates, tcs, grad_out, grad_c_last, w_hh, grad_gates, grad_h0, grad_c0, *worker) -> Window:
     """One worker's backward window; `worker` is (units, worker, workers, flags) (see kernels.c:
     rnnlm_lstm_backward); carries dh and dc."""
     inputs, outputs = (c0, cs, gates, tcs, grad_out, grad_c_last), (grad_gates, grad_h0, grad_c0)

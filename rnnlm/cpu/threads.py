@@ -3,7 +3,8 @@
 torch computes on one thread (`cpu_threads` 1). The compiled windows release the GIL, so a helper thread runs a
 share of each on the second core: half the batch rows (`by_rows`), or half the hidden units (`by_units`: the two
 workers wait for each other after every step, in C), or rows and then units (`by_rows_then_units`). Worker 0 is the
-calling thread, worker 1 the helper thread.
+calling thread, worker 1 the helper thread. Where torch computes on two threads or more (the adaptive softmax's
+models), `by_units` runs its two workers on torch's own OpenMP threads instead (`team_free`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,13 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def team_free() -> bool:
+    """Whether `by_units` runs its two workers on torch's own OpenMP threads: torch computes on two threads or more
+    (a helper thread would contend with torch's second thread, which spins a while after each op waiting for the
+    next), this process may run on two cores, and the kernels share torch's OpenMP runtime."""
+    return torch.get_num_threads() >= 2 and usable_cores() > 1 and native.shares_torch_threads()
+
+
 def second_core_free() -> bool:
     """Whether the helper thread takes a share of the work: torch computes on one thread and this process may run
     on another core (a process pinned to one core, e.g. `taskset -c 0`, keeps the whole work on its thread)."""
@@ -89,23 +97,30 @@ def by_rows(batch: int, share: bool, run: Callable[[Range], None]) -> None:
     other.result()
 
 
-def by_units(hidden: int, share: bool, prepare: Callable[..., Callable[[], None]]) -> None:
-    """Run a compiled GRU/LSTM window: prepare(units, worker, workers, flags) returns one worker's call. When
-    `share`, the hidden units are halved between this thread and the helper thread, which wait for each other
-    after every step."""
-    units = halves(hidden, 2 if share and hidden >= 2 else 1)
-    on_workers(len(units), lambda worker, workers, flags: prepare(units[worker], worker, workers, flags))
+def by_units(hidden: int, share: bool, prepare: Callable[..., native.Window]) -> None:
+    """Run a compiled GRU/LSTM window: prepare(units, worker, workers, flags) returns one worker's window. The
+    hidden units are halved between two workers, which wait for each other after every step: this thread and the
+    helper thread when `share`, else torch's two OpenMP threads where `team_free`."""
+    team = not share and hidden >= 2 and team_free()
+    units = halves(hidden, 2 if (share or team) and hidden >= 2 else 1)
+    on_workers(len(units), lambda worker, workers, flags: prepare(units[worker], worker, workers, flags), team)
 
 
-def on_workers(workers: int, prepare: Callable[[int, int, torch.Tensor | None], Callable[[], None]]) -> None:
+Prepare = Callable[[int, int, torch.Tensor | None], Callable[[], None]]
+
+
+def on_workers(workers: int, prepare: Prepare, team: bool = False) -> None:
     """Run prepare(worker, workers, flags)'s call for each worker (1 or 2): worker 0 here, worker 1 on the helper
-    thread, sharing `flags` for their barriers (see kernels.c: barrier). A worker that fails sets the abort flag, so
-    that the other stops waiting for it."""
+    thread, sharing `flags` for their barriers (see kernels.c: barrier); with `team` (the calls are compiled
+    windows), both on an OpenMP team of this thread where it has two threads. A worker that fails sets the abort
+    flag, so that the other stops waiting for it."""
     if workers == 1:
         prepare(0, 1, None)()
         return
     flags = torch.zeros(24, dtype=torch.int64)  # each worker's finished steps, a cache line apart; then "abort"
     mine, theirs = prepare(0, 2, flags), prepare(1, 2, flags)
+    if team and native.team([mine, theirs]):
+        return
 
     def guarded(call: Callable[[], None]) -> None:
         try:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rnnlm.cpu import native
+from rnnlm.cpu import native, threads
 
 needs_build = pytest.mark.skipif(native.library() is None, reason="no C compiler here: the kernels are not built")
 
@@ -241,3 +241,58 @@ def test_a_planted_library_under_the_expected_name_is_not_loaded(tmp_path, monke
     assert (loaded, Path(used)) == ("True", cache)  # the kernels, rebuilt in place
     assert not marker.exists()
     assert native._vouched_for(built, json.loads(built.with_suffix(".json").read_text())["build"])
+
+
+_SHORT_TEAM = """
+import torch
+from rnnlm.cpu import native, recurrence, threads
+torch.manual_seed(0)
+steps, batch, hidden, vocab = 7, 5, 24, 6
+table, tokens = torch.randn(vocab, 4 * hidden), torch.randint(0, vocab, (steps, batch))
+h0, c0, w_hh = torch.randn(batch, hidden), torch.randn(batch, hidden), torch.randn(4 * hidden, hidden)
+ran = []
+real = native.team
+native.team = lambda windows: ran.append(real(windows)) or ran[-1]
+
+def window(torch_threads):
+    w = w_hh.clone().requires_grad_()
+    with threads.torch_threads(torch_threads):
+        hs, c = recurrence.LSTM.apply(table, tokens, h0, c0, w, False)
+        (hs.square().sum() + c.sum()).backward()
+    return hs.detach(), w.grad
+
+with threads.torch_threads(2):
+    team_free = threads.team_free()
+two, one = window(2), window(1)
+print(team_free, ran, all(torch.equal(a, b) for a, b in zip(two, one)))
+"""
+
+
+@needs_build
+def test_a_team_that_comes_out_short_runs_the_windows_on_the_helper_thread():
+    """Where OpenMP gives a smaller team than two (here OMP_THREAD_LIMIT=1), the kernels run none of the window
+    (its workers would wait for each other forever) and say so; the window then runs on this thread and the helper
+    thread, to the same numbers as on one thread."""
+    if not native.shares_torch_threads():
+        pytest.skip("the kernels do not share torch's OpenMP runtime here: no team is tried")
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    done = subprocess.run([sys.executable, "-c", _SHORT_TEAM], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True", "[False,", "False]", "True"]  # tried twice (forward, backward), same numbers
+
+
+@needs_build
+def test_kernels_built_without_openmp_keep_the_windows_off_the_team(monkeypatch):
+    """A compiler without OpenMP still builds the kernels (without it): they run no team, and the windows are not
+    handed to one (`shares_torch_threads`, which `team_free` asks, says no)."""
+    import ctypes
+
+    compiler = native._compiler()
+    lib = ctypes.CDLL(str(native._build(compiler, native._FLAGS)))
+    assert lib.rnnlm_team_threads() == -1
+    assert lib.rnnlm_team(2, (ctypes.c_int64 * 48)()) == 1  # nothing run
+    monkeypatch.setattr(native, "library", lambda: lib)
+    assert native.shares_torch_threads.__wrapped__() is False
+    monkeypatch.setattr(native, "shares_torch_threads", native.shares_torch_threads.__wrapped__)
+    with threads.torch_threads(2):
+        assert not threads.team_free()

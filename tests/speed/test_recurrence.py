@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rnnlm import cpu
-from rnnlm.cpu import native, recurrence
+from rnnlm.cpu import native, recurrence, threads
 from rnnlm.model import RNNLM, matmul_precision
 
 needs_build = pytest.mark.skipif(not cpu.compiled(), reason="no C compiler here: the compiled kernels are not built")
@@ -151,15 +151,35 @@ def test_under_cpu_autocast_only_the_lstm_takes_bf16_matmuls(monkeypatch, rnn):
     assert set(calls) == {"lstm_forward_bf16" if rnn == "lstm" else "rnn_forward"}
 
 
+def _sharing(sharing: str, monkeypatch) -> tuple[bool, int, list[bool]]:
+    """(`share`, torch threads, what `native.team` returned at each call) for a way of running a window's workers:
+    on the helper thread, on this thread alone, or on torch's two OpenMP threads (the team; skipped where it cannot
+    run here)."""
+    ran: list[bool] = []
+    if sharing != "openmp-team":
+        return sharing == "helper-thread", 1 if sharing == "one-thread" else torch.get_num_threads(), ran
+    with threads.torch_threads(2):
+        if not threads.team_free():
+            pytest.skip("no OpenMP team of two here (one core, or kernels without torch's OpenMP runtime)")
+    real = native.team
+    monkeypatch.setattr(native, "team", lambda windows: ran.append(real(windows)) or ran[-1])
+    return False, 2, ran
+
+
+# how a window's workers run, for each layer: the tanh RNN's windows split the batch rows, on the helper thread only
+WAYS = [(rnn, sharing) for sharing in ("helper-thread", "one-thread", "openmp-team") for rnn in ("rnn", "gru", "lstm")]
+WAYS.remove(("rnn", "openmp-team"))
+
+
 @needs_build
 @pytest.mark.parametrize("inputs", ["one-hot", "dense"])
-@pytest.mark.parametrize("rnn", ["rnn", "gru", "lstm"])
-@pytest.mark.parametrize("share", [True, False], ids=["two-threads", "one-thread"])
-def test_compiled_kernels_give_torch_layers_outputs_and_gradients(rnn, share, inputs):
-    """The compiled windows, with the work shared with the helper thread or on one thread, give nn.RNN's / nn.GRU's
-    / nn.LSTM's outputs and gradients, over one-hot inputs (their table picked by the tokens) and over dense ones
-    (their products computed before the window). The batch (13 rows) and the hidden size (40) are not multiples of
-    the kernels' blocks, so their edge code runs too."""
+@pytest.mark.parametrize("rnn, sharing", WAYS, ids=[f"{sharing}-{rnn}" for rnn, sharing in WAYS])
+def test_compiled_kernels_give_torch_layers_outputs_and_gradients(rnn, sharing, inputs, monkeypatch):
+    """The compiled windows, with the work shared with the helper thread, on one thread, or on torch's two OpenMP
+    threads, give nn.RNN's / nn.GRU's / nn.LSTM's outputs and gradients, over one-hot inputs (their table picked by
+    the tokens) and over dense ones (their products computed before the window). The batch (13 rows) and the hidden
+    size (40) are not multiples of the kernels' blocks, so their edge code runs too."""
+    share, torch_threads, team_ran = _sharing(sharing, monkeypatch)
     torch.manual_seed(1)
     steps, batch, vocab, hidden = 12, 13, 9, 40
     layer = {"rnn": torch.nn.RNN, "gru": torch.nn.GRU, "lstm": torch.nn.LSTM}[rnn](vocab, hidden)
@@ -183,13 +203,15 @@ def test_compiled_kernels_give_torch_layers_outputs_and_gradients(rnn, share, in
     table = w_ih.T + bias if inputs == "one-hot" else x.reshape(-1, vocab) @ w_ih.T + bias
     picked = tokens if inputs == "one-hot" else None
     cell = None
-    if rnn == "lstm":
-        ours, cell = recurrence.LSTM.apply(table, picked, *ours_initial, w_hh, share)
-    elif rnn == "gru":
-        ours = recurrence.GRU.apply(table, picked, *ours_initial, w_hh, b_hh, share)
-    else:
-        ours = recurrence.TanhRNN.apply(table, picked, *ours_initial, w_hh, share)
-    _loss(ours, cell, weight, cell_weight).backward()
+    with threads.torch_threads(torch_threads):
+        if rnn == "lstm":
+            ours, cell = recurrence.LSTM.apply(table, picked, *ours_initial, w_hh, share)
+        elif rnn == "gru":
+            ours = recurrence.GRU.apply(table, picked, *ours_initial, w_hh, b_hh, share)
+        else:
+            ours = recurrence.TanhRNN.apply(table, picked, *ours_initial, w_hh, share)
+        _loss(ours, cell, weight, cell_weight).backward()
+    assert team_ran == ([True, True] if sharing == "openmp-team" else [])  # the forward window, then the backward
     got = [ours.detach()] + [s.grad for s in ours_initial] + [p.grad for p in layer.parameters()]
     names = ["outputs", "h0"] + (["c0"] if rnn == "lstm" else []) + ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]
     for name, a, b in zip(names, got, expected, strict=True):
