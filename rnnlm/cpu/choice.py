@@ -24,6 +24,7 @@ from filelock import FileLock
 from rnnlm.cpu import checks, native, threads
 
 ROUNDS = 5  # each candidate is timed this many times; the best time counts
+CALLS = 2 * ROUNDS  # each candidate's runs in a measurement: each timed one after an untimed one
 _TIMES = "times"  # choices.json keeps each choice's measured times under its key and this word
 
 # the choices the engine makes (a name's part before ':') and their candidates, as RNNLM_CPU_CHOICE may set them
@@ -114,9 +115,8 @@ def quickest(name: str, **candidates: Callable[[], object]):
 
 
 def _measure(candidates: dict[str, Callable[[], object]], handicap: dict[str, float]) -> tuple[str, str]:
-    """The quickest candidate, and each one's time in words: its best of ROUNDS runs after a first one (caches,
-    allocations, lazy set-up), one candidate after the other in the order given (interleaved, a candidate on several
-    OpenMP threads would leave them spinning on the cores the next one runs on)."""
+    """The quickest candidate, and each one's time in words: its best of ROUNDS timed runs, the candidates taking
+    turns (`_time_each`: CALLS runs each)."""
     best = dict.fromkeys(candidates, float("inf"))
     # as in training, whatever the caller's mode; the random numbers a candidate draws (dropout) are not the run's
     with torch.random.fork_rng(devices=[]), torch.autocast("cpu", enabled=False), torch.enable_grad():
@@ -128,9 +128,13 @@ def _measure(candidates: dict[str, Callable[[], object]], handicap: dict[str, fl
 
 
 def _time_each(candidates: dict[str, Callable[[], object]], best: dict[str, float]) -> None:
-    for name, run in candidates.items():
-        run()
-        for _ in range(ROUNDS):
+    """Each candidate's best time into `best`: ROUNDS rounds in which the candidates take turns (a machine whose
+    speed wanders over seconds slows them alike, not one of them), each timed right after an untimed run of its own
+    (caches, allocations, lazy set-up, and the OpenMP threads the one before left spinning, about 8 ms on a 2-core
+    Zen 3, which would share its cores)."""
+    for _ in range(ROUNDS):
+        for name, run in candidates.items():
+            run()
             start = time.perf_counter()
             run()
             best[name] = min(best[name], time.perf_counter() - start)

@@ -51,16 +51,16 @@ def test_the_quicker_candidate_is_chosen_once_and_remembered(fresh):
     calls = []
     candidates = {"slow": counted(calls, "slow", 0.004), "quick": counted(calls, "quick", 0.0)}
     assert choice.fastest("demo:1x2", candidates) == "quick"
-    assert calls.count("slow") == calls.count("quick") == 1 + choice.ROUNDS
+    assert calls.count("slow") == calls.count("quick") == choice.CALLS
     assert "quick (measured: slow" in choice.decisions["demo:1x2"]
-    assert choice.fastest("demo:1x2", candidates) == "quick" and len(calls) == 2 * (1 + choice.ROUNDS)  # not again
+    assert choice.fastest("demo:1x2", candidates) == "quick" and len(calls) == 2 * choice.CALLS  # not again
     recorded = json.loads(fresh.read_text())
     [key] = [key for key in recorded if not key.endswith(" times")]
     assert key.startswith("demo:1x2@") and recorded[key] == "quick"
     assert recorded[f"{key} times"].startswith("slow ") and " ms against quick " in recorded[f"{key} times"]
     choice._known.clear()  # as a later process: the choice and its times from the file, nothing measured again
     choice.decisions.clear()
-    assert choice.fastest("demo:1x2", candidates) == "quick" and len(calls) == 2 * (1 + choice.ROUNDS)
+    assert choice.fastest("demo:1x2", candidates) == "quick" and len(calls) == 2 * choice.CALLS
     assert choice.decisions["demo:1x2"] == f"quick (measured before on this machine: {recorded[f'{key} times']})"
 
 
@@ -98,7 +98,7 @@ def test_a_recorded_choice_wins_over_a_new_measurement(fresh):
     fresh.write_text(json.dumps({key: "slow" for key in known if not key.endswith(" times")}))  # measured otherwise
     choice._known.clear()
     assert choice.fastest("demo:3", candidates) == "slow"
-    assert len(calls) == 2 * (1 + choice.ROUNDS)  # read back: nothing measured again
+    assert len(calls) == 2 * choice.CALLS  # read back: nothing measured again
     assert choice.decisions["demo:3"].startswith("quick")  # this process's first decision, before the file was read
 
 
