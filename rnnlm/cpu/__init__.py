@@ -19,7 +19,7 @@ keeps its builds in its own cache folder (`native.cache()`), and describes itsel
     recurrence.py  the compiled windows as autograd functions, and the matmuls around them
     fused.py       whole SGD steps without autograd; the output layer with its loss in one C call per core
     choice.py      which of two ways is quicker on this machine, measured once and remembered
-    threads.py     the helper thread on the second core and how a window is shared with it
+    threads.py     the helper thread on the second core, or torch's own OpenMP threads, and how a window is shared
     allocator.py   glibc kept from handing the trainer's freed memory back to the OS every minibatch
 """
 
@@ -388,7 +388,8 @@ def threads_for(cpu_threads: int, model: nn.Module, window: tuple[int, int], amp
     when the engine serves the model (under `amp` as its forward pass runs: `autocast`; its helper thread takes the
     second core) and torch's own setting else. A model with an adaptive softmax takes torch's own setting too: its
     head and clusters run on torch's matmuls, most of the step, which a second torch thread speeds up more than the
-    helper thread speeds up the recurrence (kjv-best.toml: 1.43x the tokens/s on a 2-core Xeon, docs/benchmarks.md)."""
+    helper thread speeds up the recurrence (kjv-best.toml: 1.43x the tokens/s on a 2-core Xeon, docs/benchmarks.md);
+    its recurrence's windows then run on torch's two OpenMP threads (`threads.team_free`)."""
     if cpu_threads > 0:
         return cpu_threads
     with autocast(amp):

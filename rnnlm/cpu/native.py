@@ -23,6 +23,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -401,21 +402,28 @@ def _split_call(name: str, shape, units: tuple[int, int], worker: int, workers: 
     return Window(name, shape, units, worker, workers, flags, arrays)
 
 
+_check_lock = threading.Lock()
+
+
 @functools.cache
 def shares_torch_threads() -> bool:
     """Whether the kernels were built with OpenMP and share torch's OpenMP runtime (one libgomp in the process):
-    the OpenMP thread count they see follows each torch.set_num_threads. Checked once, torch's setting restored."""
+    the OpenMP thread count they see follows each torch.set_num_threads. Checked once (under a lock: the check
+    changes torch's setting for a moment), torch's setting restored."""
     lib = library()
-    if lib is None or lib.rnnlm_team_threads() < 1 or "OpenMP" not in torch.__config__.parallel_info():
+    if lib is None or lib.rnnlm_team_threads() < 1:
         return False
-    before = torch.get_num_threads()
-    try:
-        for count in (before + 1, before):
-            torch.set_num_threads(count)
-            if lib.rnnlm_team_threads() != count:
-                return False
-    finally:
-        torch.set_num_threads(before)
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return False
+    with _check_lock:
+        before = torch.get_num_threads()
+        try:
+            for count in (before + 1, before):
+                torch.set_num_threads(count)
+                if lib.rnnlm_team_threads() != count:
+                    return False
+        finally:
+            torch.set_num_threads(before)
     return True
 
 
