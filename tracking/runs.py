@@ -24,7 +24,7 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from rnnlm.checkpoint import checkpoint_folder, read_resumable, run_checkpoint
+from rnnlm.checkpoint import best_checkpoint, checkpoint_folder, read_resumable, run_checkpoint
 from rnnlm.config import TrainConfig
 from rnnlm.data import PreparedData
 from rnnlm.tokens import Vocab
@@ -161,6 +161,8 @@ def _continue(mlflow_client, config, data, path: Path, status: str | None, epoch
     new_path = path.parent.with_name(new_id) / path.name
     new_path.parent.mkdir()
     try_lock(lock_of(new_path))
+    if best_checkpoint(path).is_file():  # the best weights so far go with it: they may be the ones to register
+        os.replace(best_checkpoint(path), best_checkpoint(new_path))
     os.replace(path, new_path)
     unlock(lock_of(path))
     shutil.rmtree(path.parent, ignore_errors=True)

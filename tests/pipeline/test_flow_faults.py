@@ -7,16 +7,18 @@ import socket
 import sqlite3
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from helpers import CountingHandler, flow_config
 from mlflow.tracking import MlflowClient
+from prefect import flow
 
 from flows.train_flow import train_flow
-from rnnlm.checkpoint import load_checkpoint, run_checkpoint, save_checkpoint
+from rnnlm.checkpoint import best_checkpoint, load_checkpoint, run_checkpoint, save_checkpoint
 from rnnlm.data import fetch, prepare_data
 from rnnlm.run import fit
-from tracking.runs import TRIAL_TAG, lock_of, try_lock, unlock
+from tracking.runs import TRIAL_TAG, lock_of, start_or_resume, try_lock, unlock
 from tracking.store import TrackingError, check_reachable, experiment_id
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -258,6 +260,22 @@ def test_run_deleted_from_the_store_is_continued_as_a_new_linked_run(tmp_path, s
     assert new.data.tags["rnnlm.resumed_from_run"] == old_id and new.data.tags["rnnlm.resumed_at_epoch"] == "2"
     assert sorted(m.step for m in client.get_metric_history(out["run_id"], "train_perplexity")) == [1, 2, 3, 4]
     assert not path.exists()  # the checkpoint moved to the new run
+
+
+def test_a_run_continued_as_a_new_run_keeps_its_best_weights(tmp_path, small_corpus, mlflow_store):
+    """The checkpoint of a run this store cannot reopen moves to the new run with the best weights kept beside it:
+    they may be the ones to register (a run continued at its last epoch registered its last weights instead)."""
+    config, old_id, path = _interrupted_run(tmp_path, str(small_corpus), mlflow_store)
+    best = best_checkpoint(path).read_bytes()
+    MlflowClient(mlflow_store, registry_uri=mlflow_store).delete_run(old_id)
+    data = prepare_data(fetch(config), config)
+    tracked = flow(name="claim-a-run")(lambda: start_or_resume(config, data))()  # its MLflow run tags the flow run
+    try:
+        assert tracked.continues == old_id and tracked.resumed_at_epoch == 2
+        assert best_checkpoint(Path(tracked.checkpoint)).read_bytes() == best
+        assert not path.parent.exists()
+    finally:
+        unlock(tracked.lock)
 
 
 def test_failed_run_with_a_checkpoint_is_reopened(tmp_path, small_corpus, mlflow_store):
