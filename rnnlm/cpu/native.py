@@ -212,7 +212,10 @@ def library() -> ctypes.CDLL | None:
         warnings.warn(f"{unavailable[0]}: the CPU recurrences run on torch's layers", stacklevel=2)
         return None
     try:
-        lib = ctypes.CDLL(str(build(compiler)))
+        try:
+            lib = ctypes.CDLL(str(build(compiler)))
+        except OSError:  # the OpenMP build's runtime (libgomp) cannot be loaded here: the build without it
+            lib = ctypes.CDLL(str(_build(compiler, _FLAGS)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         unavailable.append(f"the kernels failed to build: {str(exc)[:300]}")
         warnings.warn(f"the compiled RNN kernels are unavailable ({exc}); using torch's layers", stacklevel=2)

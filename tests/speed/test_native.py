@@ -296,3 +296,26 @@ def test_kernels_built_without_openmp_keep_the_windows_off_the_team(monkeypatch)
     monkeypatch.setattr(native, "shares_torch_threads", native.shares_torch_threads.__wrapped__)
     with threads.torch_threads(2):
         assert not threads.team_free()
+
+
+@needs_build
+def test_an_openmp_build_whose_runtime_cannot_load_gives_way_to_the_build_without(tmp_path):
+    """Where the OpenMP build compiles but its OpenMP runtime cannot be loaded (here: a compiler that links the
+    OpenMP build against a library the loader cannot find), the kernels load from the build without OpenMP."""
+    ghost = tmp_path / "lib"
+    ghost.mkdir()
+    stub = tmp_path / "ghost.c"
+    stub.write_text("int rnnlm_ghost(void) { return 1; }\n")
+    compiler = native._compiler()
+    subprocess.run([*compiler, "-shared", "-fPIC", "-o", str(ghost / "libghost.so"), str(stub)], check=True)
+    wrapper = tmp_path / "cc"
+    extra = f"-L{ghost} -Wl,--no-as-needed -lghost"  # only where -fopenmp is asked for
+    case = f'case " $* " in *" -fopenmp "*) extra="{extra}";; esac'
+    script = ["#!/bin/sh", case, f'exec {" ".join(compiler)} "$@" $extra']
+    wrapper.write_text("\n".join(script) + "\n")
+    wrapper.chmod(0o755)
+    env = {**os.environ, "CC": str(wrapper), "RNNLM_KERNEL_CACHE": str(tmp_path / "cache")}
+    probe = "from rnnlm.cpu import native; lib = native.library(); print(lib is not None, lib.rnnlm_team_threads())"
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True", "-1"]  # loaded, and without OpenMP
