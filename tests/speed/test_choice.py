@@ -11,7 +11,7 @@ import torch
 from helpers import PROJECT_ROOT
 
 from rnnlm import cpu
-from rnnlm.cpu import checks, choice
+from rnnlm.cpu import checks, choice, fused
 from rnnlm.model import RNNLM
 
 
@@ -246,3 +246,17 @@ def test_an_unknown_lstm_choice_ends_the_command_with_one_error_line(tmp_path, s
     last = (done.stdout + done.stderr).strip().splitlines()[-1]
     assert last.startswith("error: RNNLM_CPU_CHOICE: 'lstm-step=fast' is not a choice the engine takes (lstm-step=")
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_the_lstm_candidates_train_on_ids_that_fall_as_a_texts_words():
+    """The one-time LSTM choice times each path on ids drawn by Zipf's law over frequency ranks (a vocabulary's
+    order), so that an adaptive softmax's head takes most targets, as in training, not one in six as uniform ids."""
+    torch.manual_seed(0)
+    vocab = 12_000
+    ids = fused.text_like_ids(vocab, (400, 500))
+    assert ids.shape == (400, 500) and ids.dtype == torch.int64 and 0 <= ids.min() and ids.max() < vocab
+    harmonic = (1.0 / torch.arange(1, vocab + 1, dtype=torch.float64)).cumsum(0)
+    for rank in (1, 10, 2_000):  # the share of ids below each rank, as Zipf's law gives it
+        assert abs((ids < rank).double().mean() - harmonic[rank - 1] / harmonic[-1]) < 0.01
+    counts = torch.bincount(ids.flatten(), minlength=vocab)
+    assert counts[0] > 1.8 * counts[1] and counts[1] > counts[100] > counts[5_000:].max()
