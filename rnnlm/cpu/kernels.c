@@ -53,6 +53,28 @@ void rnnlm_pack(const float *W, int K, int N, int trans, float *out) {
     pack_panels(W, K, N, trans, 0, panels_of(N), out);
 }
 
+/* B (H x G*U) of the worker's units of each of G gates, packed as rnnlm_pack's panels: column c = gate * U + j is
+   row gate * H + u0 + j of W_hh (G*H x H), the operand of a forward step's h_prev @ W_hh.T */
+static void pack_unit_rows(const float *W, int G, int H, int u0, int U, float *out) {
+    int N = G * U;
+    for (int p = 0; p < panels_of(N); p++)
+        for (int jj = 0; jj < NR; jj++) {
+            int c = p * NR + jj;
+            const float *row = c < N ? W + ((size_t)(c / U) * H + u0 + c % U) * H : NULL;
+            for (int k = 0; k < H; k++) out[((size_t)p * H + k) * NR + jj] = row ? row[k] : 0.0f;
+        }
+}
+
+/* B (G*H x U) = the worker's columns [u0, u0 + U) of W_hh (G*H x H), packed: a backward step's operand */
+static void pack_unit_columns(const float *W, int G, int H, int u0, int U, float *out) {
+    for (int p = 0; p < panels_of(U); p++)
+        for (int k = 0; k < G * H; k++)
+            for (int jj = 0; jj < NR; jj++) {
+                int j = p * NR + jj;
+                out[((size_t)p * G * H + k) * NR + jj] = j < U ? W[(size_t)k * H + u0 + j] : 0.0f;
+            }
+}
+
 /* C[0:R, 0:NR] = A[0:R, 0:K] @ panel (with `acc`, C +=), for R <= MR known when it is inlined: 2R accumulators stay
    in registers */
 static inline __attribute__((always_inline)) void block(const int R, int K, const float *A, int lda, const float *B,
@@ -452,12 +474,15 @@ static void add_block(int batch, int U, const float *src, int ldc, float *dst) {
 /* torch's GRU (gates r, z, n) forward, units [u0, u1) of U = u1 - u0:
      r = sigmoid(xr + gh_r)  z = sigmoid(xz + gh_z)  n = tanh(xn + r * gh_n)  h = n + z * (h_prev - n)
    with x = emb[tokens[t]] (emb: vocab x 3H, W_ih.T + b_ih; or dense rows, see input_row) and gh = h_prev @ W_hh.T +
-   b_hh. whh: the rows of W_hh for the worker's units of each gate (3U x H), packed with trans=1. Saved for the
-   backward: rz (steps, batch, 2H), n and hn = gh_n (steps, batch, H). scratch: batch x panels(3U). */
+   b_hh. w_hh: W_hh (3H x H) as torch holds it; each worker packs the rows of its units into its scratch first.
+   Saved for the backward: rz (steps, batch, 2H), n and hn = gh_n (steps, batch, H). scratch: (batch + H) x
+   panels(3U). */
 void rnnlm_gru_forward(int steps, int batch, int H, int u0, int u1, int worker, int workers, int64_t *flags,
-                       const int64_t *tokens, const float *h0, const float *emb, const float *b_hh, const float *whh,
+                       const int64_t *tokens, const float *h0, const float *emb, const float *b_hh, const float *w_hh,
                        float *hs, float *rz, float *n, float *hn, float *scratch) {
     int U = u1 - u0, panels = panels_of(3 * U), ldc = panels * NR;
+    float *whh = scratch + (size_t)batch * ldc;
+    pack_unit_rows(w_hh, 3, H, u0, U, whh);
     for (int t = 0; t < steps; t++) {
         const float *prev = previous(h0, hs, t, batch, H);
         gemm(batch, H, panels, prev, H, whh, scratch, ldc);
@@ -488,12 +513,15 @@ void rnnlm_gru_forward(int steps, int batch, int H, int u0, int u1, int worker, 
      grad_pre_n = dh (1 - z)(1 - n^2)      grad_gates = [grad_pre_n hn r (1 - r) | dh (h_prev - n) z (1 - z) | grad_pre_n r]
      dh <- grad_gates @ W_hh + dh z + grad_out[t-1]
    grad_gates is d loss / d gh (steps, batch, 3H), grad_pre_n d loss / d (W_in x + b_in); grad_h0 is the last dh.
-   whh: the columns [u0, u1) of W_hh (3H x U), packed with trans=0. dh: batch x U; scratch: batch x panels(U). */
+   w_hh: W_hh (3H x H); each worker packs its columns [u0, u1) into its scratch first. dh: batch x U; scratch:
+   (batch + 3H) x panels(U). */
 void rnnlm_gru_backward(int steps, int batch, int H, int u0, int u1, int worker, int workers, int64_t *flags,
                         const float *h0, const float *hs, const float *rz, const float *n, const float *hn,
-                        const float *grad_out, const float *whh, float *grad_gates, float *grad_pre_n, float *grad_h0,
+                        const float *grad_out, const float *w_hh, float *grad_gates, float *grad_pre_n, float *grad_h0,
                         float *dh, float *scratch) {
     int U = u1 - u0, panels = panels_of(U), ldc = panels * NR;
+    float *whh = scratch + (size_t)batch * ldc;
+    pack_unit_columns(w_hh, 3, H, u0, U, whh);
     take_units(batch, H, u0, U, grad_out + (size_t)(steps - 1) * batch * H, dh);
     for (int t = steps - 1; t >= 0; t--) {
         for (int i = 0; i < batch; i++) {
@@ -630,10 +658,13 @@ static int lstm_forward(int steps, int batch, int H, int u0, int u1, int worker,
     return 0;
 }
 
-/* the forward window alone: lstm_forward with the workers' barriers counted from 0 */
+/* the forward window alone: lstm_forward with the workers' barriers counted from 0, from W_hh (4H x H) as torch
+   holds it: each worker packs the rows of its units into its scratch first ((batch + H) x panels(4U)) */
 void rnnlm_lstm_forward(int steps, int batch, int H, int u0, int u1, int worker, int workers, int64_t *flags,
-                        const int64_t *tokens, const float *h0, const float *c0, const float *emb, const float *whh,
+                        const int64_t *tokens, const float *h0, const float *c0, const float *emb, const float *w_hh,
                         float *hs, float *cs, float *gates, float *tcs, float *scratch) {
+    float *whh = scratch + (size_t)batch * panels_of(4 * (u1 - u0)) * NR;
+    pack_unit_rows(w_hh, 4, H, u0, u1 - u0, whh);
     lstm_forward(steps, batch, H, u0, u1, worker, workers, flags, 0, tokens, h0, c0, emb, whh, hs, cs, gates, tcs,
                  scratch);
 }
@@ -676,11 +707,14 @@ static int lstm_backward(int steps, int batch, int H, int u0, int u1, int worker
     return 0;
 }
 
-/* the backward window alone: lstm_backward with the workers' barriers counted from 0 */
+/* the backward window alone: lstm_backward with the workers' barriers counted from 0, from W_hh (4H x H) as torch
+   holds it: each worker packs its columns into its scratch first ((batch + 4H) x panels(U)) */
 void rnnlm_lstm_backward(int steps, int batch, int H, int u0, int u1, int worker, int workers, int64_t *flags,
                          const float *c0, const float *cs, const float *gates, const float *tcs, const float *grad_out,
-                         const float *grad_c_last, const float *whh, float *grad_gates, float *grad_h0, float *grad_c0,
-                         float *dh, float *dc, float *scratch) {
+                         const float *grad_c_last, const float *w_hh, float *grad_gates, float *grad_h0,
+                         float *grad_c0, float *dh, float *dc, float *scratch) {
+    float *whh = scratch + (size_t)batch * panels_of(u1 - u0) * NR;
+    pack_unit_columns(w_hh, 4, H, u0, u1 - u0, whh);
     lstm_backward(steps, batch, H, u0, u1, worker, workers, flags, 0, c0, cs, gates, tcs, grad_out, grad_c_last, whh,
                   grad_gates, grad_h0, grad_c0, dh, dc, scratch, NULL, NULL, NULL, NULL);
 }
@@ -1166,28 +1200,6 @@ struct f32_step {
     float *token_grad, *grad_b, *grad_w_out, *grad_b_out;
 };
 
-/* B (H x 4U) of the worker's units, packed as rnnlm_pack's panels: column c = gate * U + j is row gate * H + u0 + j
-   of W_hh (4H x H), the operand of the LSTM forward's h_prev @ W_hh.T */
-static void pack_unit_rows(const float *W, int H, int u0, int U, float *out) {
-    int N = 4 * U;
-    for (int p = 0; p < panels_of(N); p++)
-        for (int jj = 0; jj < NR; jj++) {
-            int c = p * NR + jj;
-            const float *row = c < N ? W + ((size_t)(c / U) * H + u0 + c % U) * H : NULL;
-            for (int k = 0; k < H; k++) out[((size_t)p * H + k) * NR + jj] = row ? row[k] : 0.0f;
-        }
-}
-
-/* B (4H x U) = the worker's columns [u0, u0 + U) of W_hh (4H x H), packed: the LSTM backward's operand */
-static void pack_unit_columns(const float *W, int H, int u0, int U, float *out) {
-    for (int p = 0; p < panels_of(U); p++)
-        for (int k = 0; k < 4 * H; k++)
-            for (int jj = 0; jj < NR; jj++) {
-                int j = p * NR + jj;
-                out[((size_t)p * 4 * H + k) * NR + jj] = j < U ? W[(size_t)k * H + u0 + j] : 0.0f;
-            }
-}
-
 /* The work buffers of a worker of the float32 steps (`gates` 4: the LSTM's, 1: the tanh RNN's), as offsets in floats
    into its work array (each on a cache line of its own); returns the floats they take. The RNN's windows take batch
    rows, so it needs no packs or carried state of its own. */
@@ -1330,8 +1342,8 @@ void rnnlm_lstm_sgd_f32(const struct f32_step *s, int worker, int workers, int64
     int64_t step = 0; /* the barriers passed */
 
     f32_begin(s, 4, u0, u1, worker, workers);
-    pack_unit_rows(s->w_hh, H, u0, U, work + at[F_WHH]);
-    pack_unit_columns(s->w_hh, H, u0, U, work + at[F_WHH_BACK]);
+    pack_unit_rows(s->w_hh, 4, H, u0, U, work + at[F_WHH]);
+    pack_unit_columns(s->w_hh, 4, H, u0, U, work + at[F_WHH_BACK]);
     if (lstm_forward(steps, batch, H, u0, u1, worker, workers, flags, step, s->tokens, s->h0, s->c0, s->emb,
                      work + at[F_WHH], s->hs, s->cs, s->gates, s->tcs, work + at[F_SCRATCH]))
         return;

@@ -437,29 +437,27 @@ def team(windows: list[Window]) -> bool:
     return library().rnnlm_team(len(windows), words) == 0
 
 
-def _gate_rows(weight: torch.Tensor, gates: int, units: tuple[int, int]) -> torch.Tensor:
-    """The rows of a stacked (gates * H, K) weight that belong to hidden units [u0, u1) of every gate."""
-    hidden = weight.shape[0] // gates
-    return weight.view(gates, hidden, -1)[:, units[0] : units[1]].reshape(-1, weight.shape[1])
-
-
 def _forward_window(name: str, gates: int, w_hh, inputs, outputs, units, worker, workers, flags) -> Window:
     """One worker's forward window `name` over hidden units `units`: `inputs` (tokens first, None for dense input
-    rows), then the worker's rows of W_hh packed, then `outputs` (hs first) and a work buffer."""
-    hs = outputs[0]
-    whh = pack(_gate_rows(w_hh, gates, units), trans=True)
-    work = scratch(hs.shape[1], gates * (units[1] - units[0]))
-    return _split_call(name, hs.shape, units, worker, workers, flags, (*inputs, whh, *outputs, work))
+    rows), then W_hh, then `outputs` (hs first) and a work buffer, in which the worker packs its rows of W_hh."""
+    hs, hidden = outputs[0], w_hh.shape[1]
+    work = scratch(hs.shape[1] + hidden, gates * (units[1] - units[0]))
+    return _split_call(name, hs.shape, units, worker, workers, flags, (*inputs, _weight(w_hh), *outputs, work))
+
+
+def _weight(w_hh: torch.Tensor) -> torch.Tensor:
+    """W_hh as the windows read it: float32, contiguous, outside autograd."""
+    return w_hh.detach().contiguous()
 
 
 def _backward_window(name: str, w_hh, inputs, outputs, carried: int, units, worker, workers, flags) -> Window:
     """One worker's backward window `name` over hidden units `units`: `inputs` (a (steps, batch, H) state second),
-    the worker's columns of W_hh packed, `outputs`, then `carried` (batch, units) buffers and a work buffer."""
+    W_hh, `outputs`, then `carried` (batch, units) buffers and a work buffer, in which the worker packs its columns
+    of W_hh."""
     shape = inputs[1].shape
-    whh = pack(w_hh[:, units[0] : units[1]], trans=False)
     batch, width = shape[1], units[1] - units[0]
     buffers = [torch.empty(batch * width) for _ in range(carried)]
-    arrays = (*inputs, whh, *outputs, *buffers, scratch(batch, width))
+    arrays = (*inputs, _weight(w_hh), *outputs, *buffers, scratch(batch + w_hh.shape[0], width))
     return _split_call(name, shape, units, worker, workers, flags, arrays)
 
 
