@@ -173,7 +173,9 @@ def output_step(out: nn.Linear, hs: torch.Tensor, targets: torch.Tensor, grad_h:
 def _large_output_step(out: nn.Linear, hs: torch.Tensor, targets: torch.Tensor, grad_h, share: bool):
     """`output_step` for a large output layer: each core takes half the rows all the way (its logits through torch's
     or oneDNN's matmul, cache-blocked for large matrices; the loss and its gradient in C; the gradients reaching hs
-    and W_out), so that the logits are never joined and the halves meet once."""
+    and W_out), so that the logits are never joined and the halves meet once. Without the helper thread (`share`
+    off: torch's threads do the matmuls), the loss's two halves run on torch's two OpenMP threads where
+    `threads.team_free`."""
     weight, bias = out.weight.detach(), out.bias.detach()
     loss, grad_b = torch.zeros(16, dtype=torch.float64), bias.new_zeros(2, out.out_features)
     grad_w, scale = [None, None], 1.0 / targets.numel()
@@ -181,7 +183,10 @@ def _large_output_step(out: nn.Linear, hs: torch.Tensor, targets: torch.Tensor, 
     def half(span: tuple[int, int]) -> None:
         me, rows = int(span[0] > 0), slice(*span)
         logits = recurrence.wide_linear(hs[rows], weight, bias)  # (rows, vocab), this half's only
-        native.rows_loss(logits, targets[rows], scale, loss[8 * me :], grad_b[me], (0, span[1] - span[0]))
+        if span[1] - span[0] == hs.shape[0]:  # all rows on this thread: the loss in halves, on torch's threads
+            native.rows_loss_halves(logits, targets, scale, loss, grad_b, threads.team_free())
+        else:
+            native.rows_loss(logits, targets[rows], scale, loss[8 * me :], grad_b[me], (0, span[1] - span[0]))
         if grad_h is not None:
             grad_h[rows] = recurrence.linear(logits, weight.T, None)
             grad_w[me] = recurrence.matmul_tn(logits, hs[rows])

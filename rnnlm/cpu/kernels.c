@@ -14,6 +14,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
@@ -921,6 +924,26 @@ void rnnlm_rows_loss(int64_t n0, int64_t n1, int V, int ld, const int64_t *targe
     rows_loss(n0, n1, V, ld, targets, logits, scale, loss, grad_b, 0);
 }
 
+/* rnnlm_rows_loss over rows [0, n) in two halves, half h's loss into loss[8 h] and its gradients' sum into row h of
+   grad_b (2 x V): with `team`, the halves on an OpenMP team of the calling thread (torch's two threads where the
+   kernels share its runtime), else in turn on this thread (also where the team is smaller or the build has no
+   OpenMP); the same sums either way. */
+void rnnlm_rows_loss_halves(int64_t n, int V, int ld, const int64_t *targets, float *logits, float scale,
+                            double *loss, float *grad_b, int team) {
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(2) if (team)
+    {
+        for (int h = omp_get_thread_num(); h < 2; h += omp_get_num_threads())
+            rows_loss(n * h / 2, n * (h + 1) / 2, V, ld, targets, logits, scale, loss + 8 * h, grad_b + (size_t)h * V,
+                      0);
+    }
+#else
+    (void)team;
+    for (int h = 0; h < 2; h++)
+        rows_loss(n * h / 2, n * (h + 1) / 2, V, ld, targets, logits, scale, loss + 8 * h, grad_b + (size_t)h * V, 0);
+#endif
+}
+
 /* The mean cross-entropy of the logits (steps * batch, V; rows n = t * batch + i, targets the same way) over batch
    rows [r0, r1) of every step, and what it sends back, without autograd: each logits row is replaced by its
    gradient, (softmax - one_hot(target)) * scale with scale = 1 / (steps * batch); loss[0] gets the rows' summed
@@ -1471,8 +1494,6 @@ enum { LSTM_FORWARD, LSTM_BACKWARD, GRU_FORWARD, GRU_BACKWARD };
 #define TEAM_ARGS 24
 
 #if defined(_OPENMP)
-#include <omp.h>
-
 static void run_window(const int64_t *w) {
     int s[7];
     for (int k = 0; k < 7; k++) s[k] = (int)w[1 + k];

@@ -71,6 +71,7 @@ _SIGNATURES = {
     "rnnlm_output_step": [ctypes.c_int64] * 2 + [_i] * 2 + [_p] * 5 + [ctypes.c_float] + [_p] * 6,
     "rnnlm_clip_sgd": [_i, _p, _p, _p, ctypes.c_float, ctypes.c_float],
     "rnnlm_rows_loss": [ctypes.c_int64] * 2 + [_i] * 2 + [_p] * 2 + [ctypes.c_float] + [_p] * 2,
+    "rnnlm_rows_loss_halves": [ctypes.c_int64] + [_i] * 2 + [_p] * 2 + [ctypes.c_float] + [_p] * 2 + [_i],
     "rnnlm_bernoulli": [_p, ctypes.c_int64, ctypes.c_double, _p, _p, _p],
 }
 _RESULTS = {name: _i for name in ("rnnlm_panel_width", "rnnlm_bf16_native", "rnnlm_barrier", "rnnlm_team_threads")}
@@ -543,6 +544,15 @@ def rows_loss(logits, targets, scale: float, loss, grad_b, rows) -> None:
     _require(logits.stride(1) == 1, lambda: f"rows_loss takes rows of unit stride, got {_described(logits)}")
     head = (*rows, grad_b.shape[0], logits.stride(0), _ptr(targets), logits.data_ptr(), scale)
     library().rnnlm_rows_loss(*head, _ptr(loss), _ptr(grad_b))
+
+
+def rows_loss_halves(logits, targets, scale: float, loss, grad_b, team: bool) -> None:
+    """`rows_loss` over all rows of `logits` in two halves, half h's into loss[8 h] and grad_b[h] (2 x V): on torch's
+    two OpenMP threads with `team` (see `team`), else in turn; the same sums either way."""
+    _require(logits.stride(1) == 1, lambda: f"rows_loss takes rows of unit stride, got {_described(logits)}")
+    _require(grad_b.shape[0] == 2 and loss.numel() >= 16, lambda: "rows_loss_halves takes two halves' sums")
+    head = (logits.shape[0], grad_b.shape[1], logits.stride(0), _ptr(targets), logits.data_ptr(), scale)
+    library().rnnlm_rows_loss_halves(*head, _ptr(loss), _ptr(grad_b), int(team))
 
 
 def padded(n: int) -> int:

@@ -319,3 +319,28 @@ def test_an_openmp_build_whose_runtime_cannot_load_gives_way_to_the_build_withou
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["True", "-1"]  # loaded, and without OpenMP
+
+
+@needs_build
+def test_the_losss_halves_give_torchs_cross_entropy_and_the_same_sums_on_torchs_threads_or_in_turn():
+    """The large output layer's loss without the helper thread: its two halves on torch's two OpenMP threads (where
+    they are free) or one after the other give the same sums to the bit, and torch's summed cross-entropy, its
+    gradient (softmax minus one-hot, scaled) and the bias's gradient to float32 rounding."""
+    torch.manual_seed(0)
+    rows, vocab, scale = 301, 517, 1.0 / 301  # an odd row count: the halves differ in size
+    logits, targets = torch.randn(rows, vocab), torch.randint(0, vocab, (rows,))
+    results = []
+    for team in (True, False):
+        with threads.torch_threads(2):
+            grads, loss, grad_b = logits.clone(), torch.zeros(16, dtype=torch.float64), torch.zeros(2, vocab)
+            native.rows_loss_halves(grads, targets, scale, loss, grad_b, team and threads.team_free())
+        results.append((grads, loss, grad_b))
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    grads, loss, grad_b = results[0]
+    x = logits.clone().requires_grad_()
+    expected = torch.nn.functional.cross_entropy(x, targets, reduction="sum")
+    expected.backward()
+    torch.testing.assert_close(loss.sum().float(), expected.detach())
+    torch.testing.assert_close(grads, x.grad * scale)
+    torch.testing.assert_close(grad_b.sum(0), (x.grad * scale).sum(0))
+    assert loss[8] != 0 and grad_b[1].abs().sum() > 0  # the second half's sums went to its own slots
