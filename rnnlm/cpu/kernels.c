@@ -17,6 +17,22 @@
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
+
+/* this thread's number in its OpenMP team and the team's size (0 and 1 outside a team, or without OpenMP) */
+static inline int team_rank(void) {
+#if defined(_OPENMP)
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+static inline int team_size(void) {
+#if defined(_OPENMP)
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
@@ -930,18 +946,10 @@ void rnnlm_rows_loss(int64_t n0, int64_t n1, int V, int ld, const int64_t *targe
    OpenMP); the same sums either way. */
 void rnnlm_rows_loss_halves(int64_t n, int V, int ld, const int64_t *targets, float *logits, float scale,
                             double *loss, float *grad_b, int team) {
-#if defined(_OPENMP)
+    (void)team; /* read by the pragma only, in a build with OpenMP */
 #pragma omp parallel num_threads(2) if (team)
-    {
-        for (int h = omp_get_thread_num(); h < 2; h += omp_get_num_threads())
-            rows_loss(n * h / 2, n * (h + 1) / 2, V, ld, targets, logits, scale, loss + 8 * h, grad_b + (size_t)h * V,
-                      0);
-    }
-#else
-    (void)team;
-    for (int h = 0; h < 2; h++)
+    for (int h = team_rank(); h < 2; h += team_size())
         rows_loss(n * h / 2, n * (h + 1) / 2, V, ld, targets, logits, scale, loss + 8 * h, grad_b + (size_t)h * V, 0);
-#endif
 }
 
 /* The mean cross-entropy of the logits (steps * batch, V; rows n = t * batch + i, targets the same way) over batch
@@ -1537,11 +1545,11 @@ int rnnlm_team(int workers, const int64_t *windows) {
     int short_team = 0;
 #pragma omp parallel num_threads(workers)
     {
-        if (omp_get_num_threads() != workers) {
+        if (team_size() != workers) {
 #pragma omp atomic write
             short_team = 1;
         } else
-            run_window(windows + (size_t)omp_get_thread_num() * TEAM_ARGS);
+            run_window(windows + (size_t)team_rank() * TEAM_ARGS);
     }
     return short_team;
 #else

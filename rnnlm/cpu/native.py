@@ -390,20 +390,19 @@ class Window:
     several at once on torch's OpenMP threads."""
 
     def __init__(self, name: str, shape, units: tuple[int, int], worker: int, workers: int, flags, arrays) -> None:
+        """The C window `name` over (steps, batch, H) = `shape` for one worker."""
+        self._name, self._fn = name, getattr(library(), name)
         self._head = (*shape, *units, worker, workers, 0 if flags is None else flags.data_ptr())
         self._pointers = [_ptr(t) for t in arrays]
-        self._fn = getattr(library(), name)
         self._keep_alive = (arrays, flags)  # the tensors must outlive the call: the pointers are all C sees
-        words = [_TEAM_KINDS[name], *self._head, *(p or 0 for p in self._pointers)]
-        self.words = words + [0] * (_TEAM_ARGS - len(words))
 
     def __call__(self) -> None:
         self._fn(*self._head, *self._pointers)
 
-
-def _split_call(name: str, shape, units: tuple[int, int], worker: int, workers: int, flags, arrays) -> Window:
-    """The C window `name` over (steps, batch, H) = `shape` for one worker (see `Window`)."""
-    return Window(name, shape, units, worker, workers, flags, arrays)
+    def words(self) -> list[int]:
+        """The window as `team` hands it to C: its kind, its sizes and flags, its arrays, TEAM_ARGS words in all."""
+        words = [_TEAM_KINDS[self._name], *self._head, *(p or 0 for p in self._pointers)]
+        return words + [0] * (_TEAM_ARGS - len(words))
 
 
 _check_lock = threading.Lock()
@@ -434,7 +433,7 @@ def shares_torch_threads() -> bool:
 def team(windows: list[Window]) -> bool:
     """Run the workers' windows at once, window w on thread w of an OpenMP team of this thread (torch's own
     threads, where `shares_torch_threads`); False, with none of them run, where the team came out smaller."""
-    words = (ctypes.c_int64 * (_TEAM_ARGS * len(windows)))(*(w for window in windows for w in window.words))
+    words = (ctypes.c_int64 * (_TEAM_ARGS * len(windows)))(*(w for window in windows for w in window.words()))
     return library().rnnlm_team(len(windows), words) == 0
 
 
@@ -443,11 +442,11 @@ def _forward_window(name: str, gates: int, w_hh, inputs, outputs, units, worker,
     rows), then W_hh, then `outputs` (hs first) and a work buffer, in which the worker packs its rows of W_hh."""
     hs, hidden = outputs[0], w_hh.shape[1]
     work = scratch(hs.shape[1] + hidden, gates * (units[1] - units[0]))
-    return _split_call(name, hs.shape, units, worker, workers, flags, (*inputs, _weight(w_hh), *outputs, work))
+    return Window(name, hs.shape, units, worker, workers, flags, (*inputs, _weight(w_hh), *outputs, work))
 
 
 def _weight(w_hh: torch.Tensor) -> torch.Tensor:
-    """W_hh as the windows read it: float32, contiguous, outside autograd."""
+    """W_hh as the windows read it: contiguous, outside autograd."""
     return w_hh.detach().contiguous()
 
 
@@ -459,7 +458,7 @@ def _backward_window(name: str, w_hh, inputs, outputs, carried: int, units, work
     batch, width = shape[1], units[1] - units[0]
     buffers = [torch.empty(batch * width) for _ in range(carried)]
     arrays = (*inputs, _weight(w_hh), *outputs, *buffers, scratch(batch + w_hh.shape[0], width))
-    return _split_call(name, shape, units, worker, workers, flags, arrays)
+    return Window(name, shape, units, worker, workers, flags, arrays)
 
 
 def gru_forward(tokens, h0, emb, b_hh, w_hh, hs, rz, n, hn, units, worker, workers, flags) -> Window:
@@ -541,18 +540,22 @@ def output_step(hs, wout, b_out, wout_back, targets, logits, loss, grad_b, grad_
 def rows_loss(logits, targets, scale: float, loss, grad_b, rows) -> None:
     """The cross-entropy of `logits` rows `rows` (2-D, its rows may be padded), each replaced by its gradient times
     `scale`; loss[0] += their summed loss, grad_b += their gradients' sum (see kernels.c: rnnlm_rows_loss)."""
-    _require(logits.stride(1) == 1, lambda: f"rows_loss takes rows of unit stride, got {_described(logits)}")
-    head = (*rows, grad_b.shape[0], logits.stride(0), _ptr(targets), logits.data_ptr(), scale)
-    library().rnnlm_rows_loss(*head, _ptr(loss), _ptr(grad_b))
+    library().rnnlm_rows_loss(*rows, *_logit_rows(logits, targets, scale, grad_b.shape[0]), _ptr(loss), _ptr(grad_b))
 
 
 def rows_loss_halves(logits, targets, scale: float, loss, grad_b, team: bool) -> None:
     """`rows_loss` over all rows of `logits` in two halves, half h's into loss[8 h] and grad_b[h] (2 x V): on torch's
     two OpenMP threads with `team` (see `team`), else in turn; the same sums either way."""
-    _require(logits.stride(1) == 1, lambda: f"rows_loss takes rows of unit stride, got {_described(logits)}")
     _require(grad_b.shape[0] == 2 and loss.numel() >= 16, lambda: "rows_loss_halves takes two halves' sums")
-    head = (logits.shape[0], grad_b.shape[1], logits.stride(0), _ptr(targets), logits.data_ptr(), scale)
-    library().rnnlm_rows_loss_halves(*head, _ptr(loss), _ptr(grad_b), int(team))
+    rows = _logit_rows(logits, targets, scale, grad_b.shape[1])
+    library().rnnlm_rows_loss_halves(logits.shape[0], *rows, _ptr(loss), _ptr(grad_b), int(team))
+
+
+def _logit_rows(logits, targets, scale: float, vocab: int) -> tuple:
+    """The arguments the loss kernels take for rows of logits after their row range: (V, row stride, targets,
+    logits, scale), the rows checked to be of unit stride."""
+    _require(logits.stride(1) == 1, lambda: f"rows_loss takes rows of unit stride, got {_described(logits)}")
+    return vocab, logits.stride(0), _ptr(targets), logits.data_ptr(), scale
 
 
 def padded(n: int) -> int:
@@ -596,7 +599,7 @@ class _Step(ctypes.Structure):
         return step
 
     def worker(self, worker: int, workers: int, flags: torch.Tensor | None) -> Call:
-        """The call of the step for worker number `worker`, every argument converted now (see `_split_call`)."""
+        """The call of the step for worker number `worker`, every argument converted now (see `Window`)."""
         lib = library()
         work = torch.empty(getattr(lib, self.work_floats)(*self._work_sizes(), worker, workers))
         pointers = (ctypes.addressof(self), worker, workers, None if flags is None else _ptr(flags), _ptr(work))

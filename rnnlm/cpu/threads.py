@@ -101,9 +101,8 @@ def by_units(hidden: int, share: bool, prepare: Callable[..., native.Window]) ->
     """Run a compiled GRU/LSTM window: prepare(units, worker, workers, flags) returns one worker's window. The
     hidden units are halved between two workers, which wait for each other after every step: this thread and the
     helper thread when `share`, else torch's two OpenMP threads where `team_free`."""
-    team = not share and hidden >= 2 and team_free()
-    units = halves(hidden, 2 if (share or team) and hidden >= 2 else 1)
-    on_workers(len(units), lambda worker, workers, flags: prepare(units[worker], worker, workers, flags), team)
+    units = halves(hidden, 2 if hidden >= 2 and (share or team_free()) else 1)
+    on_workers(len(units), lambda worker, workers, flags: prepare(units[worker], worker, workers, flags), not share)
 
 
 Prepare = Callable[[int, int, torch.Tensor | None], Callable[[], None]]
