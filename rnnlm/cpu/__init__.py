@@ -25,6 +25,7 @@ keeps its builds in its own cache folder (`native.cache()`), and describes itsel
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -44,7 +45,14 @@ OUTPUT_MIN_ROWS = 128
 _NOT_MEASURED = "the LSTM's path is not measured yet at this size (rnnlm.cpu.prepare measures it)"
 
 ENABLED = True  # tests turn the engine off to check the fallback
-DEFAULT_THREADS = torch.get_num_threads()  # torch's own setting, before any run changes it
+_outermost = threading.local()  # torch's thread setting as this thread's outermost `settings` block found it
+
+
+def default_threads() -> int:
+    """torch's own thread setting, which auto threads (`threads_for`) give torch's layers: as this thread's
+    outermost `settings` block found it, inside one (the block changes it, and an evaluation's block may sit inside a
+    training's), and torch's current setting elsewhere: a library user's `torch.set_num_threads` holds."""
+    return getattr(_outermost, "threads", None) or torch.get_num_threads()
 
 
 def compiled() -> bool:
@@ -182,7 +190,7 @@ def _lstm_candidates(model: nn.Module, batch: int) -> dict:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         bf16 = _autocast_on()  # each candidate times itself under autocast (`choice` times with it off)
-        return fused.lstm_candidates(model, batch, 35, DEFAULT_THREADS, loss, _engine_threads(model), bf16)
+        return fused.lstm_candidates(model, batch, 35, default_threads(), loss, _engine_threads(model), bf16)
 
 
 def bernoulli_(out: torch.Tensor, p: float) -> torch.Tensor:
@@ -394,13 +402,13 @@ def threads_for(cpu_threads: int, model: nn.Module, window: tuple[int, int], amp
         return cpu_threads
     with autocast(amp):
         served = handles(model, torch.zeros(window, dtype=torch.int64))
-    return _engine_threads(model) if served else DEFAULT_THREADS
+    return _engine_threads(model) if served else default_threads()
 
 
 def _engine_threads(model: nn.Module) -> int:
     """The torch threads the engine trains `model` on by default: one (and the helper thread), or torch's own
     setting for a model with an adaptive softmax (see `threads_for`)."""
-    return 1 if getattr(model, "adaptive", None) is None else DEFAULT_THREADS
+    return 1 if getattr(model, "adaptive", None) is None else default_threads()
 
 
 @contextmanager
@@ -412,10 +420,17 @@ def settings(cpu_threads: int, model: nn.Module, window: tuple[int, int], amp: b
     if next(model.parameters()).device.type != "cpu":
         yield
         return
-    prepare(model, window, amp)
-    keep_freed_memory()  # minibatches reuse the same pages instead of faulting in fresh ones
-    with torch_threads(threads_for(cpu_threads, model, window, amp)):
-        yield
+    outermost = getattr(_outermost, "threads", None) is None
+    if outermost:
+        _outermost.threads = torch.get_num_threads()
+    try:
+        prepare(model, window, amp)
+        keep_freed_memory()  # minibatches reuse the same pages instead of faulting in fresh ones
+        with torch_threads(threads_for(cpu_threads, model, window, amp)):
+            yield
+    finally:
+        if outermost:
+            _outermost.threads = None
 
 
 def device_name(model: nn.Module, cpu_threads: int, window: tuple[int, int], amp: bool = False) -> str:

@@ -13,14 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import PROJECT_ROOT, resume_settings, small_text
 from mlflow.tracking import MlflowClient
 
-from rnnlm import cpu
 from rnnlm.checkpoint import checkpoint_folder, load_checkpoint
 from rnnlm.config import TrainConfig
 from rnnlm.corpus import sha1_of
+from rnnlm.cpu.threads import torch_threads
 from rnnlm.data import prepare_data
 from rnnlm.run import FitResult, fit
 
@@ -104,20 +103,15 @@ def store(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
 
 
-def reference_run(tmp_path: Path, args: dict, monkeypatch: pytest.MonkeyPatch) -> FitResult:
+def reference_run(tmp_path: Path, args: dict) -> FitResult:
     """The same training, uninterrupted, in this process, with the threads of a process started as the commands are
-    (OMP_NUM_THREADS=1): one torch thread, and torch's own setting, which torch's LSTM trains with where it is this
-    machine's choice, one too (read at import here, from this process's two cores: 2 threads there summed in another
-    order than the commands' one and failed the comparison on a Zen 3)."""
+    (OMP_NUM_THREADS=1): torch's setting one, which the run reads as it starts, so torch's LSTM (where it is this
+    machine's choice) trains on one thread too (two threads sum in another order and failed the comparison on a Zen
+    3)."""
     config = TrainConfig(**{**args, "cache_dir": str(tmp_path / "reference-cache")})
     data = prepare_data(Path(args["corpus"]), config)
-    monkeypatch.setattr(cpu, "DEFAULT_THREADS", 1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         return fit(config, data, tmp_path / "reference.pt")
-    finally:
-        torch.set_num_threads(threads)
 
 
 def the_run(store: str):
@@ -141,7 +135,7 @@ def latest_checkpoint(folder: Path) -> dict:
     return {}
 
 
-def test_kill_9_then_same_command_resumes_and_matches_an_uninterrupted_run(tmp_path, corpus, store, monkeypatch):
+def test_kill_9_then_same_command_resumes_and_matches_an_uninterrupted_run(tmp_path, corpus, store):
     args = settings(tmp_path, corpus)
     config = TrainConfig(**args)
     folder = checkpoint_folder(config, sha1_of(corpus))
@@ -168,7 +162,7 @@ def test_kill_9_then_same_command_resumes_and_matches_an_uninterrupted_run(tmp_p
     client, resumed = the_run(store)  # still one run: the same one, continued
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
     assert_epochs_logged_once(client, run.info.run_id)
-    reference = reference_run(tmp_path, args, monkeypatch)
+    reference = reference_run(tmp_path, args)
     metrics = resumed.data.metrics
     assert metrics["final_train_perplexity"] == reference.train_perplexity  # exactly equal on CPU
     assert metrics["final_val_perplexity"] == reference.val_perplexity
@@ -183,7 +177,7 @@ REGULARISED = dict(
 )  # fmt: skip
 
 
-def test_kill_9_inside_an_epoch_with_every_regulariser_on_resumes_identically(tmp_path, corpus, store, monkeypatch):
+def test_kill_9_inside_an_epoch_with_every_regulariser_on_resumes_identically(tmp_path, corpus, store):
     args = settings(tmp_path, corpus, **REGULARISED)
     folder = checkpoint_folder(TrainConfig(**args), sha1_of(corpus))
 
@@ -205,7 +199,7 @@ def test_kill_9_inside_an_epoch_with_every_regulariser_on_resumes_identically(tm
     client, resumed = the_run(store)
     assert resumed.info.status == "FINISHED"
     assert_epochs_logged_once(client, resumed.info.run_id, args["num_epochs"])
-    reference = reference_run(tmp_path, args, monkeypatch)
+    reference = reference_run(tmp_path, args)
     metrics = resumed.data.metrics
     assert metrics["final_train_perplexity"] == reference.train_perplexity  # exactly equal on CPU
     assert metrics["final_val_perplexity"] == reference.val_perplexity

@@ -123,7 +123,7 @@ def test_the_run_records_which_path_trains_the_lstm_and_why(monkeypatch):
     assert cpu.engine_name(RNNLM(9, 16, "lstm"), window) == (
         "torch's layers (torch's LSTM measured quicker than the compiled one on this machine)"
     )
-    assert cpu.threads_for(0, RNNLM(9, 16, "lstm"), window) == cpu.DEFAULT_THREADS  # torch's layers: all its threads
+    assert cpu.threads_for(0, RNNLM(9, 16, "lstm"), window) == torch.get_num_threads()  # torch's layers: all
     decisions = {cpu._lstm_choice(RNNLM(9, 16, "lstm"), 8): "torch (measured: compiled 2.00 ms against torch 1.00 ms)"}
     monkeypatch.setattr(choice, "decisions", decisions)
     assert cpu.engine_name(RNNLM(9, 16, "lstm"), window) == (

@@ -53,18 +53,42 @@ def test_auto_threads_are_one_where_the_engine_serves_the_model_and_all_cores_el
     number given is taken as it is."""
     import rnnlm.cpu as cpu
 
-    monkeypatch.setattr(cpu, "DEFAULT_THREADS", 7)
     window = (8, 10)
-    assert cpu.threads_for(0, RNNLM(9, 16, "rnn").double(), window) == 7  # float64: torch's layers
-    assert cpu.threads_for(3, RNNLM(9, 16, "rnn"), window) == 3
-    if cpu.compiled():
-        assert cpu.threads_for(0, RNNLM(9, 16, "rnn"), window) == 1
-        adaptive = RNNLM(20, 16, "rnn", embedding_dim=16, tie_weights=True, adaptive_cutoffs=[4, 8])
-        assert cpu.handles(adaptive, torch.zeros(window, dtype=torch.int64))
-        assert cpu.threads_for(0, adaptive, window) == 7  # its head and clusters on torch's matmuls: all threads
-    monkeypatch.setattr(cpu, "ENABLED", False)
-    assert cpu.threads_for(0, RNNLM(9, 16, "rnn"), window) == 7
+    with torch_threads(7):  # torch's own setting, as a library user may set it after importing rnnlm
+        assert cpu.threads_for(0, RNNLM(9, 16, "rnn").double(), window) == 7  # float64: torch's layers
+        assert cpu.threads_for(3, RNNLM(9, 16, "rnn"), window) == 3
+        if cpu.compiled():
+            assert cpu.threads_for(0, RNNLM(9, 16, "rnn"), window) == 1
+            adaptive = RNNLM(20, 16, "rnn", embedding_dim=16, tie_weights=True, adaptive_cutoffs=[4, 8])
+            assert cpu.handles(adaptive, torch.zeros(window, dtype=torch.int64))
+            assert cpu.threads_for(0, adaptive, window) == 7  # its head and clusters on torch's matmuls: all threads
+        monkeypatch.setattr(cpu, "ENABLED", False)
+        assert cpu.threads_for(0, RNNLM(9, 16, "rnn"), window) == 7
     assert cpu.engine_name(RNNLM(9, 16, "rnn"), window) == "torch's layers (the compiled kernels are turned off)"
+
+
+def test_auto_threads_follow_torchs_setting_as_the_outermost_run_found_it():
+    """torch's own setting is read when a run starts, not when rnnlm was imported: a library user's later
+    `torch.set_num_threads` holds. Inside a run (which sets its own threads), an evaluation's nested block still gives
+    torch's layers the setting the run found; after the run, torch's setting is back and read afresh."""
+    import rnnlm.cpu as cpu
+
+    engine = RNNLM(9, 16, "rnn")  # one torch thread where the engine serves it
+    layers = RNNLM(9, 16, "rnn").double()  # torch's layers: torch's own setting
+    window = (8, 10)
+    before = torch.get_num_threads()
+    with torch_threads(5):
+        assert cpu.default_threads() == 5 and cpu.threads_for(0, layers, window) == 5
+        with cpu.settings(0, engine, window):
+            assert torch.get_num_threads() == (1 if cpu.compiled() else 5)
+            assert cpu.default_threads() == 5
+            with cpu.settings(0, layers, window):  # e.g. evaluate() inside train()
+                assert torch.get_num_threads() == 5
+            assert torch.get_num_threads() == (1 if cpu.compiled() else 5)
+        assert torch.get_num_threads() == 5
+    assert torch.get_num_threads() == before and cpu.default_threads() == before
+    with torch_threads(3):
+        assert cpu.threads_for(0, layers, window) == 3
 
 
 @pytest.mark.skipif(not engine_compiled(), reason="no C compiler here: the compiled kernels are not built")
@@ -74,7 +98,6 @@ def test_the_lstm_choice_times_the_engine_on_the_threads_it_will_train_with(monk
     (and the helper) for a linear output layer, torch's own setting for an adaptive softmax."""
     import rnnlm.cpu as cpu
 
-    monkeypatch.setattr(cpu, "DEFAULT_THREADS", 3)
     seen = []
 
     def recording_loss(model, tokens, targets, state):
@@ -83,10 +106,10 @@ def test_the_lstm_choice_times_the_engine_on_the_threads_it_will_train_with(monk
 
     monkeypatch.setattr(cpu, "loss", recording_loss)
     model = RNNLM(20, 16, "lstm", num_layers=2, embedding_dim=16, tie_weights=True, adaptive_cutoffs=cutoffs)
-    before = torch.get_num_threads()
-    cpu._lstm_candidates(model, 4)["compiled"]()
-    assert seen == [3 if cutoffs else 1] and torch.get_num_threads() == before
-    assert cpu.threads_for(0, model, (4, 35)) in (seen[0], cpu.DEFAULT_THREADS)
+    with torch_threads(3):
+        cpu._lstm_candidates(model, 4)["compiled"]()
+        assert seen == [3 if cutoffs else 1] and torch.get_num_threads() == 3
+        assert cpu.threads_for(0, model, (4, 35)) in (seen[0], 3)
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this system")
