@@ -344,3 +344,21 @@ def test_the_losss_halves_give_torchs_cross_entropy_and_the_same_sums_on_torchs_
     torch.testing.assert_close(grads, x.grad * scale)
     torch.testing.assert_close(grad_b.sum(0), (x.grad * scale).sum(0))
     assert loss[8] != 0 and grad_b[1].abs().sum() > 0  # the second half's sums went to its own slots
+
+
+@needs_build
+@pytest.mark.parametrize("batch", range(1, 18))
+def test_a_window_gives_torchs_numbers_for_every_row_count(batch):
+    """The register blocks share a window's rows out evenly (20 rows on AVX2: 5 + 5 + 5 + 5): every count up to two
+    blocks of the widest (AVX-512's 8 rows) and one more gives torch's tanh RNN steps."""
+    torch.manual_seed(batch)
+    steps, hidden, vocab = 3, 20, 7
+    tokens, h0 = torch.randint(0, vocab, (steps, batch)), torch.randn(batch, hidden)
+    emb, w_hh = torch.randn(vocab, hidden), torch.randn(hidden, hidden) * 0.3
+    hs = torch.empty(steps, batch, hidden)
+    native.rnn_forward(tokens, h0, emb, native.pack(w_hh, True), hs, (0, batch))
+    h, expected = h0, []
+    for t in range(steps):
+        h = torch.tanh(h @ w_hh.T + emb[tokens[t]])
+        expected.append(h)
+    torch.testing.assert_close(hs, torch.stack(expected))
