@@ -14,25 +14,16 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
 
 /* this thread's number in its OpenMP team and the team's size (0 and 1 outside a team, or without OpenMP) */
-static inline int team_rank(void) {
 #if defined(_OPENMP)
-    return omp_get_thread_num();
+#include <omp.h>
+static inline int team_rank(void) { return omp_get_thread_num(); }
+static inline int team_size(void) { return omp_get_num_threads(); }
 #else
-    return 0;
+static inline int team_rank(void) { return 0; }
+static inline int team_size(void) { return 1; }
 #endif
-}
-static inline int team_size(void) {
-#if defined(_OPENMP)
-    return omp_get_num_threads();
-#else
-    return 1;
-#endif
-}
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
