@@ -45,14 +45,20 @@ OUTPUT_MIN_ROWS = 128
 _NOT_MEASURED = "the LSTM's path is not measured yet at this size (rnnlm.cpu.prepare measures it)"
 
 ENABLED = True  # tests turn the engine off to check the fallback
-_outermost = threading.local()  # torch's thread setting as this thread's outermost `settings` block found it
+
+
+class _Outermost(threading.local):
+    threads: int | None = None  # torch's thread setting as this thread's outermost `settings` block found it
+
+
+_outermost = _Outermost()
 
 
 def default_threads() -> int:
     """torch's own thread setting, which auto threads (`threads_for`) give torch's layers: as this thread's
     outermost `settings` block found it, inside one (the block changes it, and an evaluation's block may sit inside a
     training's), and torch's current setting elsewhere: a library user's `torch.set_num_threads` holds."""
-    return getattr(_outermost, "threads", None) or torch.get_num_threads()
+    return _outermost.threads or torch.get_num_threads()
 
 
 def compiled() -> bool:
@@ -420,7 +426,7 @@ def settings(cpu_threads: int, model: nn.Module, window: tuple[int, int], amp: b
     if next(model.parameters()).device.type != "cpu":
         yield
         return
-    outermost = getattr(_outermost, "threads", None) is None
+    outermost = _outermost.threads is None
     if outermost:
         _outermost.threads = torch.get_num_threads()
     try:
