@@ -32,6 +32,7 @@ KNOWN: dict[str, tuple[str, ...]] = {
     "lstm-step": ("compiled", "torch"),
     "matmul_tn": ("onednn", "torch"),
     "linear": ("onednn", "torch"),
+    "linear-large": ("compiled", "torch"),
 }
 
 _known: dict[str, str] = {}

@@ -904,6 +904,34 @@ static void gemm_tn_acc(int M, int N, int K, const float *A, int lda, const floa
     if (whole < N) tn_acc_tail(M, N, K, A, lda, B, ldb, C, ldc, whole);
 }
 
+/* out (M x panels(N) * NR) = x (M x K) @ W.T + bias (bias NULL: none) for W (N x K) as torch holds a linear layer's
+   weight: a wide, shallow product (a softmax's logits, a layer's input products) on an OpenMP team of `parts`
+   threads. Each packs a share of W's panels into packed (panels(N) * K * NR floats), then takes a share of x's rows,
+   4 * MR at a time, their bias added while they are in cache. Each output sums its products in order, so the bits
+   are the same whatever the team (a short one, or a build without OpenMP, runs every share on fewer threads). */
+void rnnlm_linear(int M, int K, int N, const float *x, const float *W, const float *bias, float *packed, float *out,
+                  int parts) {
+    int panels = panels_of(N), ldc = panels * NR, chunk = 4 * MR;
+#pragma omp parallel num_threads(parts)
+    {
+        for (int h = team_rank(); h < parts; h += team_size())
+            pack_panels(W, K, N, 1, panels * h / parts, panels * (h + 1) / parts, packed);
+#if defined(_OPENMP)
+#pragma omp barrier
+#endif
+        for (int h = team_rank(); h < parts; h += team_size()) {
+            int r1 = (int)((int64_t)M * (h + 1) / parts);
+            for (int r0 = (int)((int64_t)M * h / parts); r0 < r1; r0 += chunk) {
+                int rows = r1 - r0 < chunk ? r1 - r0 : chunk;
+                float *C = out + (size_t)r0 * ldc;
+                gemm(rows, K, panels, x + (size_t)r0 * K, K, packed, C, ldc);
+                if (bias)
+                    for (int i = 0; i < rows; i++) add_row(N, bias, C + (size_t)i * ldc);
+            }
+        }
+    }
+}
+
 /* The cross-entropy of logits rows [n0, n1) (row stride ld, V classes, targets by row), and what it sends back:
    each row replaced by its gradient, (softmax - one_hot(target)) * scale; loss[0] += the rows' summed cross-entropy,
    grad_b (V) += their gradients' sum. Each row's exponentials are summed in order (`in_order`: the bits the fused

@@ -73,6 +73,7 @@ _SIGNATURES = {
     "rnnlm_rows_loss": [ctypes.c_int64] * 2 + [_i] * 2 + [_p] * 2 + [ctypes.c_float] + [_p] * 2,
     "rnnlm_rows_loss_halves": [ctypes.c_int64] + [_i] * 2 + [_p] * 2 + [ctypes.c_float] + [_p] * 2 + [_i],
     "rnnlm_bernoulli": [_p, ctypes.c_int64, ctypes.c_double, _p, _p, _p],
+    "rnnlm_linear": [_i] * 3 + [_p] * 5 + [_i],
 }
 _RESULTS = {name: _i for name in ("rnnlm_panel_width", "rnnlm_bf16_native", "rnnlm_barrier", "rnnlm_team_threads")}
 _RESULTS["rnnlm_team"] = _i
@@ -276,6 +277,24 @@ def pack(weight: torch.Tensor, trans: bool) -> torch.Tensor:
     out = packed(k, n)
     library().rnnlm_pack(_ptr(weight), k, n, int(trans), _ptr(out))
     return out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
+    """x @ weight.T + bias (bias None: none) for float32 x (rows, K), weight (N, K) and bias (N,), on `threads`
+    OpenMP threads (kernels.c: rnnlm_linear): (rows, N), a view of rows padded to whole panels where N is not a
+    whole number of panels. Sizes and types are checked first."""
+    for name, t, dims in (("x", x, 2), ("weight", weight, 2), ("bias", bias, 1)):
+        if t is not None and not (t.dim() == dims and t.dtype == torch.float32 and t.device.type == "cpu"):
+            raise RuntimeError(f"linear takes a float32 CPU {name} of {dims} dimensions, got {_described(t)}")
+    (rows, k), n = x.shape, weight.shape[0]
+    _require(weight.shape[1] == k, lambda: f"mat1 and mat2 shapes cannot be multiplied ({rows}x{k} and "
+                                           f"{weight.shape[1]}x{n})")  # fmt: skip
+    _require(bias is None or bias.shape[0] == n, lambda: f"the bias must have {n} elements, got {tuple(bias.shape)}")
+    x, weight = x.detach().contiguous(), weight.detach().contiguous()
+    bias = None if bias is None else bias.detach().contiguous()
+    out, work = torch.empty(rows, _padded(n)), packed(k, n)
+    library().rnnlm_linear(rows, k, n, _ptr(x), _ptr(weight), _ptr(bias), _ptr(work), _ptr(out), threads)
+    return out if out.shape[1] == n else out[:, :n]
 
 
 def packed(k: int, n: int) -> torch.Tensor:

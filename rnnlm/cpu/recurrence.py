@@ -64,23 +64,47 @@ def _onednn_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T (+ bias): through oneDNN or torch's matmul, whichever is quicker for the shape here; torch's for
-    large ones (oneDNN reorders an unpacked weight at every call, which its one-time measurement, on the same weight
-    each time, does not see)."""
+    """x @ weight.T (+ bias): through oneDNN or torch's matmul, whichever is quicker for the shape here; for large
+    ones torch's or the kernels' (`_large_linear`; oneDNN reorders an unpacked weight at every call, which its
+    one-time measurement, on the same weight each time, does not see)."""
     if x.numel() * weight.shape[0] >= SPLIT_MACS:
-        return torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
+        return _large_linear(x, weight, bias) if weight.is_contiguous() else _torch_linear(x, weight, bias)
     name = f"linear:{tuple(x.shape)}x{weight.shape[0]}{'+b' if bias is not None else ''}"
     if bias is None:
         return quickest(name, onednn=lambda: _linear(x, weight, None), torch=lambda: x @ weight.T)
     return quickest(name, onednn=lambda: _linear(x, weight, bias), torch=lambda: torch.addmm(bias, x, weight.T))
 
 
+def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """torch's x @ weight.T (+ bias), in one call."""
+    return x @ weight.T if bias is None else torch.addmm(bias, x, weight.T)
+
+
+def _large_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, torch_way=_torch_linear):
+    """x @ weight.T (+ bias) for a large product: `torch_way` (torch's matmul) or the kernels' (`native.linear`),
+    whichever is quicker for the shape here (on a 2-core Zen 3, the kernels' for a softmax's logits over a
+    window's rows: docs/benchmarks.md). Outside autograd: the callers are autograd Functions' own steps."""
+    plain = all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in (x, weight, bias))
+    if native.library() is None or not plain:
+        return torch_way(x, weight, bias)
+    name = f"linear-large:{tuple(x.shape)}x{weight.shape[0]}{'+b' if bias is not None else ''}"
+    compiled = lambda: native.linear(x, weight, bias, torch.get_num_threads())  # noqa: E731
+    return quickest(name, compiled=compiled, torch=lambda: torch_way(x, weight, bias))
+
+
 def wide_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block: int = 1024) -> torch.Tensor:
-    """x @ weight.T (+ bias) for a weight with many rows (a large vocabulary's output layer), `block` output
-    columns at a time: the shape torch's matmul is quick at, where over the whole width it is not; up to two blocks'
-    width (an adaptive softmax's head) in one call, without the copies (measured quicker on a 2-core Xeon)."""
+    """x @ weight.T (+ bias) for a weight with many rows (a large vocabulary's output layer): the kernels' over the
+    whole width, or torch's matmul `block` output columns at a time (the shape it is quick at, where over the whole
+    width it is not; up to two blocks' width, an adaptive softmax's head, in one call), whichever is quicker here
+    (`_large_linear`)."""
+    return _large_linear(x, weight, bias, lambda x, weight, bias: _torch_wide_linear(x, weight, bias, block))
+
+
+def _torch_wide_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block: int) -> torch.Tensor:
+    """torch's x @ weight.T (+ bias), `block` output columns at a time beyond two blocks' width (measured quicker on
+    a 2-core Xeon than one call)."""
     if weight.shape[0] <= 2 * block:
-        return x @ weight.T if bias is None else torch.addmm(bias, x, weight.T)
+        return _torch_linear(x, weight, bias)
     result = x.new_empty(x.shape[0], weight.shape[0])
     for start in range(0, weight.shape[0], block):
         part = slice(start, start + block)

@@ -121,9 +121,11 @@ def test_compiled_float32_steps_match_autograd_steps(monkeypatch, rnn, share, ma
 
 
 @pytest.mark.parametrize("rnn", ["rnn", "lstm"])
-def test_compiled_float32_steps_with_a_large_output_layer_match_autograd_steps(rnn):
+@pytest.mark.parametrize("logits", ["compiled", "torch"])
+def test_compiled_float32_steps_with_a_large_output_layer_match_autograd_steps(rnn, logits, monkeypatch):
     """Over fused.SMALL_OUTPUT the LSTM's and the RNN's step calls the windows from Python instead, the output
-    layer on torch's matmuls: the same as autograd's too."""
+    layer on torch's matmuls, its logits on the kernels' or torch's: the same as autograd's too."""
+    monkeypatch.setenv("RNNLM_CPU_CHOICE", f"lstm-step=compiled, linear-large={logits}")
     _float32_steps_match(rnn, 0.05, vocab=301, hidden=230)
 
 

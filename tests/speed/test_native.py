@@ -362,3 +362,31 @@ def test_a_window_gives_torchs_numbers_for_every_row_count(batch):
         h = torch.tanh(h @ w_hh.T + emb[tokens[t]])
         expected.append(h)
     torch.testing.assert_close(hs, torch.stack(expected))
+
+
+@needs_build
+@pytest.mark.parametrize(("rows", "inputs", "outputs"), [(700, 200, 2002), (37, 13, 5), (1, 3, 33), (0, 4, 5)])
+def test_the_kernels_linear_gives_torchs_products_with_the_same_bits_on_any_team(rows, inputs, outputs):
+    """`native.linear` (a softmax's logits, a layer's input products) gives torch's x @ W.T + b to float32 rounding
+    for rows that fill no whole block and outputs that fill no whole panel, and the same bits on one thread, torch's
+    two, or three (a team that shares the rows out unevenly)."""
+    torch.manual_seed(rows)
+    x, weight, bias = torch.randn(rows, inputs), torch.randn(outputs, inputs), torch.randn(outputs)
+    for b in (bias, None):
+        results = [native.linear(x, weight, b, team) for team in (1, 2, 3)]
+        assert results[0].shape == (rows, outputs)
+        torch.testing.assert_close(results[0], torch.nn.functional.linear(x, weight, b), atol=1e-4, rtol=1e-4)
+        assert all(torch.equal(results[0], other) for other in results[1:])
+
+
+@needs_build
+def test_the_kernels_linear_refuses_mismatched_sizes_and_types_before_any_c_runs():
+    x, weight = torch.randn(4, 3), torch.randn(5, 3)
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        native.linear(x, torch.randn(5, 4), None, 2)
+    with pytest.raises(RuntimeError, match="bias must have 5 elements"):
+        native.linear(x, weight, torch.randn(4), 2)
+    with pytest.raises(RuntimeError, match="float32 CPU x"):
+        native.linear(x.double(), weight, None, 2)
+    with pytest.raises(RuntimeError, match="float32 CPU weight of 2 dimensions"):
+        native.linear(x, weight[None], None, 2)
