@@ -238,7 +238,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     if t is None:
         return None
     _require(
-        isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.is_contiguous() and t.dtype in _DTYPES,
+        isinstance(t, torch.Tensor) and t.is_cpu and t.is_contiguous() and t.dtype in _DTYPES,
         lambda: f"the kernels take contiguous CPU tensors, got {_described(t)}",
     )
     return t.data_ptr()
