@@ -290,6 +290,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, thr
     _require(weight.shape[1] == k, lambda: f"mat1 and mat2 shapes cannot be multiplied ({rows}x{k} and "
                                            f"{weight.shape[1]}x{n})")  # fmt: skip
     _require(bias is None or bias.shape[0] == n, lambda: f"the bias must have {n} elements, got {tuple(bias.shape)}")
+    _require(threads >= 1, lambda: f"linear runs on 1 thread or more, not {threads}")
     x, weight = x.detach().contiguous(), weight.detach().contiguous()
     bias = None if bias is None else bias.detach().contiguous()
     out, work = torch.empty(rows, _padded(n)), packed(k, n)

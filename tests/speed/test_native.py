@@ -390,3 +390,5 @@ def test_the_kernels_linear_refuses_mismatched_sizes_and_types_before_any_c_runs
         native.linear(x.double(), weight, None, 2)
     with pytest.raises(RuntimeError, match="float32 CPU weight of 2 dimensions"):
         native.linear(x, weight[None], None, 2)
+    with pytest.raises(RuntimeError, match="1 thread or more, not 0"):
+        native.linear(x, weight, None, 0)
