@@ -5,10 +5,14 @@ Each model trains `--steps` minibatches of the corpus's training split with the 
 Printed per model: tokens/s, the matmul FLOP a training token costs (forward and backward, counted from the model's
 matmuls and, for the adaptive softmax, how often the training text's targets fall in each cluster), the GFLOP/s
 that makes, and its share of the float32 matmul limit measured in the same run (before and after the models). With
-`--profile`, torch.profiler's operations that take the most time in a few more steps.
+`--parts N`, the steps also run in N parts with the limit read between them, and each part's share of the higher
+reading beside it is printed as a median and a range: on a machine whose speed wanders over a minute, the pairing
+a before-and-after reading cannot give. With `--profile`, torch.profiler's operations that take the most time in a
+few more steps.
 
     .venv/bin/python bench/real_text_speed.py                          # kjv.txt: the three models
     .venv/bin/python bench/real_text_speed.py --models adaptive --profile --steps 100
+    .venv/bin/python bench/real_text_speed.py --models adaptive --steps 400 --parts 8
 
 Models: `adaptive` is recipes/kjv-best.toml (2-layer LSTM 200, tied, adaptive softmax [2000, 6000]) or the
 `--recipe` given (e.g. recipes/kjv-tuned.toml, 2x400); `full` the same
@@ -21,6 +25,7 @@ with amp (bf16 matmuls where the CPU has AVX512-BF16), in the same run.
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -67,20 +72,38 @@ def flops_per_token(config: TrainConfig, model, vocab_size: int, train_ids: np.n
     return 6.0 * macs
 
 
-def timed_training(config: TrainConfig, vocab_size: int, train_ids: np.ndarray, steps: int, warmup: int) -> dict:
-    """Tokens/s of `steps` minibatches after `warmup` untimed ones, from one model, with the trainer."""
+def timed_training(
+    config: TrainConfig, vocab_size: int, train_ids: np.ndarray, steps: int, warmup: int, parts: int = 0
+) -> dict:
+    """Tokens/s of `steps` minibatches after `warmup` untimed ones, from one model, with the trainer. With `parts`,
+    the steps run in that many parts, the float32 matmul limit read before each and after the last: each part's
+    tokens/s with the readings on either side of it (`beside`)."""
     torch.manual_seed(0)
     model, window = build_model(config, vocab_size), (config.batch_size, config.num_steps)
     optimizer, generator = make_optimizer(model, config.lr, config), torch.Generator().manual_seed(0)
     per_step = config.batch_size * config.num_steps
-    for count in (warmup, steps):
+    part = train_ids[: warmup * per_step + 1]
+    train(model, part, part[:0], config, optimizer, generator)
+    counts = [steps] if parts < 1 else [steps * (i + 1) // parts - steps * i // parts for i in range(parts)]
+    speeds, limits = [], []
+    for count in counts:
+        if parts:
+            limits.append(best_limit())
         part = train_ids[: count * per_step + 1]
-        state = train(model, part, part[:0], config, optimizer, generator)
-    stats = state.history[-1]
+        speeds.append(train(model, part, part[:0], config, optimizer, generator).history[-1].tokens_per_sec)
+    if parts:
+        limits.append(best_limit())
     amp = config.amp
     where = {"device": device_name(model, config.cpu_threads, window, amp), "engine": engine_name(model, window, amp),
              "matmuls": matmul_precision(model, amp, window)}  # fmt: skip
-    return {"tokens_per_sec": stats.tokens_per_sec, "model": model, "optimizer": optimizer} | where
+    tokens_per_sec = sum(counts) / sum(count / speed for count, speed in zip(counts, speeds, strict=True))
+    beside = [(speed, max(limits[i], limits[i + 1])) for i, speed in enumerate(speeds)] if parts else []
+    return {"tokens_per_sec": tokens_per_sec, "beside": beside, "model": model, "optimizer": optimizer} | where
+
+
+def best_limit() -> float:
+    """The float32 matmul limit now: the quicker of torch's matmul and oneDNN's, best of 5 (about half a second)."""
+    return max(matmul_peak(torch.device("cpu"), repeats=5).values())
 
 
 def profile(config: TrainConfig, model, optimizer, train_ids: np.ndarray, steps: int) -> str:
@@ -108,6 +131,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=300, help="timed minibatches per model")
     parser.add_argument("--warmup", type=int, default=20, help="untimed minibatches first")
     parser.add_argument("--profile", action="store_true", help="also print where the time goes (torch.profiler)")
+    parser.add_argument(
+        "--parts", type=int, default=0,
+        help="also time the steps in this many parts, each beside a reading of the limit on either side of it, and "
+        "print the median part's share of the limit (for a machine whose speed wanders; 0: off)",
+    )  # fmt: skip
     parser.add_argument("--torch_layers", action="store_true", help="also train each model on torch's layers")
     parser.add_argument("--amp", action="store_true", help="also train each model with amp (bf16 where it is quick)")
     parser.add_argument(
@@ -132,7 +160,7 @@ def main(argv=None) -> None:
             for engine, threads, amp in runs:
                 cpu.ENABLED = engine
                 run = config.model_copy(update={"cpu_threads": threads, "amp": amp})
-                result = timed_training(run, len(vocab), train_ids, args.steps, args.warmup)
+                result = timed_training(run, len(vocab), train_ids, args.steps, args.warmup, args.parts)
                 flops = flops_per_token(config, result["model"], len(vocab), np.asarray(train_ids))
                 label = (name if engine else f"{name}, torch's layers") + (f", {threads} threads" if threads else "")
                 label += f", amp ({result['matmuls']})" if amp else ""
@@ -144,12 +172,15 @@ def main(argv=None) -> None:
     after = matmul_peak(torch.device("cpu"))
     peak = max(max(before.values()), max(after.values()))
     print(f"\nfloat32 matmul limit: {peak:.0f} GFLOP/s (before {before}, after {after})")
-    print("| model | vocabulary | tokens/s | MFLOP a token | GFLOP/s | share of the limit |")
-    print("|---|---:|---:|---:|---:|---:|")
+    paired = f" | share beside each part's limit: median (range) of {args.parts}" if args.parts else ""
+    print(f"| model | vocabulary | tokens/s | MFLOP a token | GFLOP/s | share of the limit{paired} |")
+    print("|---|---:|---:|---:|---:|---:|" + ("---:|" if args.parts else ""))
     for name, vocab_size, result, flops in rows:
         speed = result["tokens_per_sec"]
+        shares = sorted(part * flops / 1e9 / limit for part, limit in result["beside"])
+        beside = f" {statistics.median(shares):.0%} ({shares[0]:.0%}-{shares[-1]:.0%}) |" if shares else ""
         print(f"| {name} | {vocab_size:,} | {speed:,.0f} | {flops / 1e6:.2f} | {speed * flops / 1e9:.1f} | "
-              f"{speed * flops / 1e9 / peak:.0%} |")  # fmt: skip
+              f"{speed * flops / 1e9 / peak:.0%} |{beside}")  # fmt: skip
 
 
 if __name__ == "__main__":
