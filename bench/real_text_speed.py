@@ -102,7 +102,7 @@ def timed_training(
 
 
 def best_limit() -> float:
-    """The float32 matmul limit now: the quicker of torch's matmul and oneDNN's, best of 5 (about half a second)."""
+    """The float32 matmul limit now: the quicker of torch's matmul and oneDNN's, best of 5 runs each (about 1 s)."""
     return max(matmul_peak(torch.device("cpu"), repeats=5).values())
 
 
