@@ -70,9 +70,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     if x.numel() * weight.shape[0] >= SPLIT_MACS:
         return _large_linear(x, weight, bias) if weight.is_contiguous() else _torch_linear(x, weight, bias)
     name = f"linear:{tuple(x.shape)}x{weight.shape[0]}{'+b' if bias is not None else ''}"
-    if bias is None:
-        return quickest(name, onednn=lambda: _linear(x, weight, None), torch=lambda: x @ weight.T)
-    return quickest(name, onednn=lambda: _linear(x, weight, bias), torch=lambda: torch.addmm(bias, x, weight.T))
+    return quickest(name, onednn=lambda: _linear(x, weight, bias), torch=lambda: _torch_linear(x, weight, bias))
 
 
 def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
