@@ -333,12 +333,13 @@ def _step(model: RNNLM, inputs, targets, hidden, optimizer, config: TrainConfig,
 def clip_and_step(model: RNNLM, optimizer: torch.optim.Optimizer, max_norm: float) -> None:
     """torch's clip_grad_norm_, then the optimizer's step. A fused AdamW takes the clip's factor inside its one pass
     over the weights (as its `grad_scale`, the way torch's GradScaler hands it the loss scale) instead of after a pass
-    that scales every gradient: the same update, to float32 rounding, one memory pass fewer."""
+    that scales every gradient: the same update, to float32 rounding, one memory pass fewer. Its norm is
+    `cpu.total_norm`'s (on CPUs, on both cores)."""
     if not optimizer.defaults.get("fused"):
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
         optimizer.step()
         return
-    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None], foreach=True)
+    norm = cpu.total_norm([p.grad for p in model.parameters() if p.grad is not None])
     optimizer.grad_scale = (norm + 1e-6).div(max_norm).clamp(min=1.0)  # the inverse of clip_grad_norm_'s factor
     try:
         optimizer.step()

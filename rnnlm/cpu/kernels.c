@@ -1033,6 +1033,51 @@ static double squares(const float *x, int64_t n) {
     return total;
 }
 
+/* `squares` for reading at memory speed: blocks of up to 1024 floats summed in four vectors, the blocks in double */
+static double squares_of_chunk(const float *x, int64_t n) {
+    double total = 0.0;
+    int64_t j = 0;
+    while (j + 4 * VL <= n) {
+        int64_t end = j + 1024 < n ? j + 1024 : n;
+        vf a0 = (vf){0}, a1 = (vf){0}, a2 = (vf){0}, a3 = (vf){0};
+        for (; j + 4 * VL <= end; j += 4 * VL) {
+            vf v0 = *(const vf *)(x + j), v1 = *(const vf *)(x + j + VL);
+            vf v2 = *(const vf *)(x + j + 2 * VL), v3 = *(const vf *)(x + j + 3 * VL);
+            a0 += v0 * v0, a1 += v1 * v1, a2 += v2 * v2, a3 += v3 * v3;
+        }
+        vf acc = (a0 + a1) + (a2 + a3);
+        float part = 0.0f;
+        for (int l = 0; l < VL; l++) part += acc[l];
+        total += part;
+    }
+    for (; j < n; j++) total += (double)x[j] * x[j];
+    return total;
+}
+
+/* The sum of squares of n float32 arrays (x[k]: sizes[k] floats), a gradients' global norm squared, on an OpenMP
+   team of `parts` threads: each array cut in chunks of SQUARES_CHUNK floats, chunk c's sum (`squares_of_chunk`) put in
+   partial[c] by one thread (each its share of the chunks in a row), then the chunks' sums added in order: the same bits on any team. partial: a
+   double for each chunk. */
+#define SQUARES_CHUNK 65536
+double rnnlm_sum_squares(int n, const float *const *x, const int64_t *sizes, double *partial, int parts) {
+    int64_t chunks = 0;
+    for (int k = 0; k < n; k++) chunks += (sizes[k] + SQUARES_CHUNK - 1) / SQUARES_CHUNK;
+#pragma omp parallel num_threads(parts)
+    {
+        int64_t c = 0, first = chunks * team_rank() / team_size(), last = chunks * (team_rank() + 1) / team_size();
+        for (int k = 0; k < n; k++)
+            for (int64_t j = 0; j < sizes[k]; j += SQUARES_CHUNK, c++) {
+                int64_t size = sizes[k] - j < SQUARES_CHUNK ? sizes[k] - j : SQUARES_CHUNK;
+                if (c >= first && c < last) partial[c] = squares_of_chunk(x[k] + j, size);
+            }
+    }
+    double total = 0.0;
+    for (int64_t c = 0; c < chunks; c++) total += partial[c];
+    return total;
+}
+
+int64_t rnnlm_squares_chunk(void) { return SQUARES_CHUNK; }
+
 /* torch's clip_grad_norm_ and SGD step over n tensors at once (the float32 fused step): with the global norm of the
    gradients (summed in double), coef = min(1, max_norm / (norm + 1e-6)), each parameter p -= lr * coef * g; NaN
    stays NaN. Returns the norm. params[k], grads[k]: sizes[k] floats each. */

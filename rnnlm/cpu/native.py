@@ -70,6 +70,8 @@ _SIGNATURES = {
     # the output layer's step: n0, n1, H, V, hs, wout, b_out, wout_back, targets, scale, then the outputs
     "rnnlm_output_step": [ctypes.c_int64] * 2 + [_i] * 2 + [_p] * 5 + [ctypes.c_float] + [_p] * 6,
     "rnnlm_clip_sgd": [_i, _p, _p, _p, ctypes.c_float, ctypes.c_float],
+    "rnnlm_sum_squares": [_i, _p, _p, _p, _i],
+    "rnnlm_squares_chunk": [],
     "rnnlm_rows_loss": [ctypes.c_int64] * 2 + [_i] * 2 + [_p] * 2 + [ctypes.c_float] + [_p] * 2,
     "rnnlm_rows_loss_halves": [ctypes.c_int64] + [_i] * 2 + [_p] * 2 + [ctypes.c_float] + [_p] * 2 + [_i],
     "rnnlm_bernoulli": [_p, ctypes.c_int64, ctypes.c_double, _p, _p, _p],
@@ -78,7 +80,8 @@ _SIGNATURES = {
 _RESULTS = {name: _i for name in ("rnnlm_panel_width", "rnnlm_bf16_native", "rnnlm_barrier", "rnnlm_team_threads")}
 _RESULTS["rnnlm_team"] = _i
 _RESULTS["rnnlm_lstm_sgd_work"] = _RESULTS["rnnlm_sgd_f32_work"] = ctypes.c_int64
-_RESULTS["rnnlm_clip_sgd"] = ctypes.c_double
+_RESULTS["rnnlm_clip_sgd"] = _RESULTS["rnnlm_sum_squares"] = ctypes.c_double
+_RESULTS["rnnlm_squares_chunk"] = ctypes.c_int64
 
 
 def _cpu_features() -> str:
@@ -596,6 +599,18 @@ def clip_sgd(params: list[torch.Tensor], grads: list[torch.Tensor], lr: float, m
     sizes = torch.tensor([p.numel() for p in params], dtype=torch.int64)
     pointers = (ctypes.cast(param_ptrs, ctypes.c_void_p), ctypes.cast(grad_ptrs, ctypes.c_void_p), _ptr(sizes))
     return library().rnnlm_clip_sgd(n, *pointers, lr, max_norm)
+
+
+def sum_squares(tensors: list[torch.Tensor], threads: int) -> float:
+    """The sum of the squares of every element of float32 CPU `tensors` (a gradients' global norm squared), added
+    in double on `threads` OpenMP threads, the same bits on any number (see kernels.c: rnnlm_sum_squares)."""
+    _require(all(t.dtype == torch.float32 for t in tensors), lambda: "sum_squares takes float32 tensors")
+    _require(threads >= 1, lambda: f"sum_squares runs on 1 thread or more, not {threads}")
+    n, chunk, numels = len(tensors), library().rnnlm_squares_chunk(), [t.numel() for t in tensors]
+    pointers = (ctypes.c_void_p * n)(*(_ptr(t) for t in tensors))
+    sizes, partial = (ctypes.c_int64 * n)(*numels), (ctypes.c_double * sum(-(-size // chunk) for size in numels))()
+    arrays = (ctypes.cast(a, ctypes.c_void_p) for a in (pointers, sizes, partial))
+    return library().rnnlm_sum_squares(n, *arrays, threads)
 
 
 def barrier(flags: torch.Tensor, worker: int, workers: int, step: int) -> bool:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rnnlm import cpu
 from rnnlm.cpu import native, threads
 
 needs_build = pytest.mark.skipif(native.library() is None, reason="no C compiler here: the kernels are not built")
@@ -90,6 +91,7 @@ def test_without_a_working_compiler_the_model_falls_back_with_a_warning(tmp_path
 
 _ABORT = """
 import sys, torch
+from rnnlm import cpu
 from rnnlm.cpu import native, threads
 failing = int(sys.argv[1])
 steps, batch, hidden, vocab = 6, 4, 32, 5
@@ -392,3 +394,33 @@ def test_the_kernels_linear_refuses_mismatched_sizes_and_types_before_any_c_runs
         native.linear(x, weight[None], None, 2)
     with pytest.raises(RuntimeError, match="1 thread or more, not 0"):
         native.linear(x, weight, None, 0)
+
+
+@needs_build
+def test_the_kernels_global_norm_is_torchs_with_the_same_bits_on_any_team():
+    """`cpu.total_norm` (the clip's norm before AdamW's step) gives the exact norm to float32 rounding (torch's
+    get_total_norm, summed in float32, drifts by 5e-5 over 2.5 million elements), over tensors of chunk and vector
+    remainders, an empty one and none; and `native.sum_squares` gives the same bits on one thread, torch's two, or
+    three."""
+    torch.manual_seed(0)
+    chunk = native.library().rnnlm_squares_chunk()
+    tensors = [torch.randn(12769, 200), torch.randn(3 * chunk + 37), torch.randn(0), torch.randn(7, 5), torch.ones(1)]
+    exact = sum(float(t.double().square().sum()) for t in tensors) ** 0.5
+    ours, theirs = cpu.total_norm(tensors), torch.nn.utils.get_total_norm(tensors)
+    assert ours.dtype == torch.float32 and ours.dim() == 0
+    torch.testing.assert_close(ours, torch.tensor(exact, dtype=torch.float32), rtol=1e-7, atol=0)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=0)
+    sums = [native.sum_squares(tensors, team) for team in (1, 2, 3)]
+    assert sums[0] == sums[1] == sums[2] and abs(sums[0] - exact**2) < 1e-9 * exact**2
+    assert float(cpu.total_norm([])) == 0.0 and native.sum_squares(tensors[2:3], 2) == 0.0
+    assert float(cpu.total_norm([torch.tensor([3.0, 4.0])])) == 5.0
+    assert torch.isnan(cpu.total_norm([torch.tensor([1.0, float("nan")])]))
+    assert torch.isinf(cpu.total_norm([torch.tensor([float("inf"), 1.0])]))
+    with pytest.raises(RuntimeError, match="float32 tensors"):
+        native.sum_squares([torch.ones(3, dtype=torch.float64)], 2)
+    with pytest.raises(RuntimeError, match="contiguous CPU tensors"):
+        native.sum_squares([torch.ones(4, 4).T], 2)
+    with pytest.raises(RuntimeError, match="1 thread or more"):
+        native.sum_squares(tensors, 0)
+    strided = torch.randn(6, 4).T  # not contiguous: torch's own norm
+    torch.testing.assert_close(cpu.total_norm([strided]), strided.norm())
