@@ -1055,9 +1055,9 @@ static double squares_of_chunk(const float *x, int64_t n) {
 }
 
 /* The sum of squares of n float32 arrays (x[k]: sizes[k] floats), a gradients' global norm squared, on an OpenMP
-   team of `parts` threads: each array cut in chunks of SQUARES_CHUNK floats, chunk c's sum (`squares_of_chunk`) put in
-   partial[c] by one thread (each its share of the chunks in a row), then the chunks' sums added in order: the same bits on any team. partial: a
-   double for each chunk. */
+   team of `parts` threads: each array cut in chunks of SQUARES_CHUNK floats, chunk c's sum (`squares_of_chunk`) put
+   in partial[c] (a double for each chunk) by one thread, each thread taking a run of chunks; then the chunks' sums
+   added in order: the same bits on any team. */
 #define SQUARES_CHUNK 65536
 double rnnlm_sum_squares(int n, const float *const *x, const int64_t *sizes, double *partial, int parts) {
     int64_t chunks = 0;
