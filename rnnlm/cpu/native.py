@@ -593,12 +593,15 @@ def clip_sgd(params: list[torch.Tensor], grads: list[torch.Tensor], lr: float, m
         all(p.shape == g.shape and p.dtype == g.dtype == torch.float32 for p, g in zip(params, grads, strict=True)),
         lambda: "clip_sgd takes float32 parameters and gradients of the same shapes",
     )
-    n = len(params)
-    param_ptrs = (ctypes.c_void_p * n)(*(_ptr(p) for p in params))
-    grad_ptrs = (ctypes.c_void_p * n)(*(_ptr(g) for g in grads))
     sizes = torch.tensor([p.numel() for p in params], dtype=torch.int64)
-    pointers = (ctypes.cast(param_ptrs, ctypes.c_void_p), ctypes.cast(grad_ptrs, ctypes.c_void_p), _ptr(sizes))
-    return library().rnnlm_clip_sgd(n, *pointers, lr, max_norm)
+    pointers = (_c_array(ctypes.c_void_p, map(_ptr, params)), _c_array(ctypes.c_void_p, map(_ptr, grads)), _ptr(sizes))
+    return library().rnnlm_clip_sgd(len(params), *pointers, lr, max_norm)
+
+
+def _c_array(ctype, values) -> ctypes.c_void_p:
+    """`values` as a C array of `ctype`, passed by its address (the array lives as long as the address does)."""
+    values = list(values)
+    return ctypes.cast((ctype * len(values))(*values), ctypes.c_void_p)
 
 
 def sum_squares(tensors: list[torch.Tensor], threads: int) -> float:
@@ -606,11 +609,10 @@ def sum_squares(tensors: list[torch.Tensor], threads: int) -> float:
     in double on `threads` OpenMP threads, the same bits on any number (see kernels.c: rnnlm_sum_squares)."""
     _require(all(t.dtype == torch.float32 for t in tensors), lambda: "sum_squares takes float32 tensors")
     _require(threads >= 1, lambda: f"sum_squares runs on 1 thread or more, not {threads}")
-    n, chunk, numels = len(tensors), library().rnnlm_squares_chunk(), [t.numel() for t in tensors]
-    pointers = (ctypes.c_void_p * n)(*(_ptr(t) for t in tensors))
-    sizes, partial = (ctypes.c_int64 * n)(*numels), (ctypes.c_double * sum(-(-size // chunk) for size in numels))()
-    arrays = (ctypes.cast(a, ctypes.c_void_p) for a in (pointers, sizes, partial))
-    return library().rnnlm_sum_squares(n, *arrays, threads)
+    chunk, numels = library().rnnlm_squares_chunk(), [t.numel() for t in tensors]
+    partial = _c_array(ctypes.c_double, [0.0] * sum(-(-size // chunk) for size in numels))  # a sum for each chunk
+    arrays = (_c_array(ctypes.c_void_p, map(_ptr, tensors)), _c_array(ctypes.c_int64, numels), partial)
+    return library().rnnlm_sum_squares(len(tensors), *arrays, threads)
 
 
 def barrier(flags: torch.Tensor, worker: int, workers: int, step: int) -> bool:

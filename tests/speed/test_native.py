@@ -91,7 +91,6 @@ def test_without_a_working_compiler_the_model_falls_back_with_a_warning(tmp_path
 
 _ABORT = """
 import sys, torch
-from rnnlm import cpu
 from rnnlm.cpu import native, threads
 failing = int(sys.argv[1])
 steps, batch, hidden, vocab = 6, 4, 32, 5
