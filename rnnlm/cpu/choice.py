@@ -23,8 +23,12 @@ from filelock import FileLock
 
 from rnnlm.cpu import checks, native, threads
 
-ROUNDS = 5  # each candidate is timed this many times; the best time counts
-CALLS = 2 * ROUNDS  # each candidate's runs in a measurement: each timed one after an untimed one
+# Each candidate is timed in ROUNDS rounds at least, and in up to MAX_ROUNDS while the measurement has taken under
+# SECONDS; its best time counts. On a 2-core Zen 3 whose speed swung between 37 and 56 ms for the same minibatch
+# within seconds, five rounds chose torch's LSTM for recipes/kjv-best.toml in two measurements of four; twenty rounds
+# chose the compiled one, 3% quicker in training, in three of three (docs/benchmarks.md).
+ROUNDS, MAX_ROUNDS, SECONDS = 5, 20, 3.0
+CALLS = 2 * MAX_ROUNDS  # each quick candidate's runs in a measurement: each timed one after an untimed one
 _TIMES = "times"  # choices.json keeps each choice's measured times under its key and this word
 
 # the choices the engine makes (a name's part before ':') and their candidates, as RNNLM_CPU_CHOICE may set them
@@ -116,8 +120,8 @@ def quickest(name: str, **candidates: Callable[[], object]):
 
 
 def _measure(candidates: dict[str, Callable[[], object]], handicap: dict[str, float]) -> tuple[str, str]:
-    """The quickest candidate, and each one's time in words: its best of ROUNDS timed runs, the candidates taking
-    turns (`_time_each`: CALLS runs each)."""
+    """The quickest candidate, and each one's time in words: its best timed run, the candidates taking turns
+    (`_time_each`)."""
     best = dict.fromkeys(candidates, float("inf"))
     # as in training, whatever the caller's mode; the random numbers a candidate draws (dropout) are not the run's
     with torch.random.fork_rng(devices=[]), torch.autocast("cpu", enabled=False), torch.enable_grad():
@@ -129,11 +133,14 @@ def _measure(candidates: dict[str, Callable[[], object]], handicap: dict[str, fl
 
 
 def _time_each(candidates: dict[str, Callable[[], object]], best: dict[str, float]) -> None:
-    """Each candidate's best time into `best`: ROUNDS rounds in which the candidates take turns (a machine whose
-    speed wanders over seconds slows them alike, not one of them), each timed right after an untimed run of its own
+    """Each candidate's best time into `best`: rounds in which the candidates take turns (a machine whose speed
+    wanders over seconds slows them alike, not one of them), each timed right after an untimed run of its own
     (caches, allocations, lazy set-up, and the OpenMP threads the one before left spinning, about 8 ms on a 2-core
-    Zen 3, which would share its cores)."""
-    for _ in range(ROUNDS):
+    Zen 3, which would share its cores); ROUNDS of them, then more up to MAX_ROUNDS within SECONDS."""
+    began = time.perf_counter()
+    for done in range(MAX_ROUNDS):
+        if done >= ROUNDS and time.perf_counter() - began >= SECONDS:
+            break
         for name, run in candidates.items():
             run()
             start = time.perf_counter()
@@ -154,6 +161,8 @@ def forced() -> dict[str, str]:
 
 @functools.cache
 def _machine() -> str:
-    """What the speeds depend on: CPU features and cores, torch's build and threads, the kernels' source."""
-    parts = [native._cpu_features(), str(threads.usable_cores()), torch.__version__, native.SOURCE.read_text()]
+    """What the speeds depend on: CPU features and cores, torch's build and threads, the kernels' source; and how
+    they are measured (a choice measured in fewer rounds is measured again)."""
+    rounds = f"{ROUNDS}-{MAX_ROUNDS}/{SECONDS}"
+    parts = [native._cpu_features(), str(threads.usable_cores()), torch.__version__, native.SOURCE.read_text(), rounds]
     return hashlib.sha1("\0".join(parts).encode()).hexdigest()[:12]

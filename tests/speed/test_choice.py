@@ -64,6 +64,19 @@ def test_the_quicker_candidate_is_chosen_once_and_remembered(fresh):
     assert choice.decisions["demo:1x2"] == f"quick (measured before on this machine: {recorded[f'{key} times']})"
 
 
+def test_a_close_call_is_measured_longer_within_the_time_allowed(fresh):
+    """Quick candidates are timed in MAX_ROUNDS rounds (a machine whose speed wanders picks the quicker one more
+    surely over more of them); slow ones stop after ROUNDS once the measurement has taken SECONDS."""
+    calls = []
+    quick = {"one": counted(calls, "one", 0.010), "other": counted(calls, "other", 0.011)}
+    assert choice.fastest("demo:quick", quick) == "one" and calls.count("other") == 2 * choice.MAX_ROUNDS
+    calls.clear()
+    each = choice.SECONDS / 4  # a round (two calls of each) takes the whole time allowed
+    slow = {"one": counted(calls, "one", each * 1.1), "other": counted(calls, "other", each)}
+    assert choice.fastest("demo:slow", slow) == "other" and calls.count("one") == 2 * choice.ROUNDS
+    assert choice.ROUNDS < choice.MAX_ROUNDS
+
+
 def test_measuring_leaves_the_runs_random_numbers_alone(fresh):
     """A choice measured in the middle of a run (its first minibatch) must not change what the run computes: the
     candidates' draws (a dropout model's masks) come from a forked generator."""
