@@ -163,11 +163,15 @@ def recurrent_weight_grad(grad: torch.Tensor, h0: torch.Tensor, hs: torch.Tensor
 
 def _weight_grad_of_steps(grad, h0, hs, t0: int, t1: int) -> torch.Tensor:
     """sum over steps t0 <= t < t1 of grad[t].T @ h_{t-1} (h_{-1} = h0)."""
-    rows = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731  (steps, batch, n) -> (steps * batch, n)
     if t0 > 0:
-        return matmul_tn(rows(grad[t0:t1]), rows(hs[t0 - 1 : t1 - 1]))
+        return matmul_tn(_rows(grad[t0:t1]), _rows(hs[t0 - 1 : t1 - 1]))
     total = matmul_tn(grad[0], h0)
-    return total.add_(matmul_tn(rows(grad[1:t1]), rows(hs[: t1 - 1]))) if t1 > 1 else total
+    return total.add_(matmul_tn(_rows(grad[1:t1]), _rows(hs[: t1 - 1]))) if t1 > 1 else total
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(steps, batch, n) as (steps * batch, n)."""
+    return x.reshape(-1, x.shape[-1])
 
 
 def token_grad(tokens: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -294,19 +298,19 @@ class LSTM(torch.autograd.Function):
             raise RuntimeError(f"c0 must be float32 {tuple(h0.shape)} as h0, got {c0.dtype} {tuple(c0.shape)}")
         c0 = c0.contiguous()
         steps, batch = tokens.shape if tokens is not None else (table.shape[0] // h0.shape[0], h0.shape[0])
-        hs, cs, gates, tcs = lstm_states(steps, batch, h0.shape[1]).values()
+        states, hs, cs, gates, tcs = lstm_states(steps, batch, h0.shape[1], h0).values()
         run = lambda *worker: native.lstm_forward(  # noqa: E731
             tokens, h0, c0, table, w_hh.detach(), hs, cs, gates, tcs, *worker
         )
         by_units(hs.shape[2], share, run)
-        ctx.save_for_backward(tokens, h0, c0, w_hh, hs, cs, gates, tcs)
+        ctx.save_for_backward(tokens, c0, w_hh, states, cs, gates, tcs)
         ctx.rows, ctx.share = table.shape[0], share
         return hs, cs[-1]
 
     @staticmethod
     def backward(ctx, grad_out, grad_c_last):
-        tokens, h0, c0, w_hh, hs, cs, gates, tcs = ctx.saved_tensors
-        hidden = hs.shape[2]
+        tokens, c0, w_hh, states, cs, gates, tcs = ctx.saved_tensors
+        h0, hidden = states[0], states.shape[2]
         grad_out = grad_out.contiguous()
         grad_c_last = torch.zeros_like(c0) if grad_c_last is None else grad_c_last.contiguous()
         grad_gates = gates.new_empty(gates.shape)  # d loss / d gates before their activations
@@ -315,14 +319,20 @@ class LSTM(torch.autograd.Function):
             c0, cs, gates, tcs, grad_out, grad_c_last, w_hh.detach(), grad_gates, grad_h0, grad_c0, *worker
         )
         by_units(hidden, ctx.share, run)
-        grad_w_hh = recurrent_weight_grad(grad_gates, h0, hs, ctx.share)
+        grad_w_hh = _summed_halves(_rows(grad_gates), _rows(states[:-1]), ctx.share, matmul_tn)  # all steps at once
         return _table_grad(tokens, grad_gates, ctx.rows), None, grad_h0, grad_c0, grad_w_hh, None
 
 
-def lstm_states(steps: int, batch: int, hidden: int) -> dict[str, torch.Tensor]:
-    """An LSTM window's saved states: hs, cs, gates (after their activations, 4H wide) and tcs = tanh(cs)."""
-    shapes = {"hs": hidden, "cs": hidden, "gates": 4 * hidden, "tcs": hidden}
-    return {name: torch.empty(steps, batch, width, dtype=torch.float32) for name, width in shapes.items()}
+def lstm_states(steps: int, batch: int, hidden: int, h0: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """An LSTM window's saved states: hs, cs, gates (after their activations, 4H wide) and tcs = tanh(cs). With `h0`,
+    first "states", [h0, hs] in one array (the h each step multiplies by W_hh), of which hs is the last steps."""
+    empty = lambda width: torch.empty(steps, batch, width, dtype=torch.float32)  # noqa: E731
+    found = {}
+    if h0 is not None:
+        found["states"] = torch.empty(steps + 1, batch, hidden, dtype=torch.float32)
+        found["states"][0] = h0
+    hs = found["states"][1:] if found else empty(hidden)
+    return found | {"hs": hs, "cs": empty(hidden), "gates": empty(4 * hidden), "tcs": empty(hidden)}
 
 
 def bf16_forward_buffers(steps: int, batch: int, hidden: int, vocab: int) -> dict[str, torch.Tensor]:
