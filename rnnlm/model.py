@@ -273,22 +273,24 @@ def build_model(config: TrainConfig | Mapping[str, Any], vocab_size: int) -> RNN
 
 
 class _TiedRows(torch.autograd.Function):
-    """(an embedding's rows for `tokens`, a copy of its first `count` rows) with one gradient for the weight: the
-    lookup's (torch's own embedding backward) plus the rows' in place, the same sums as autograd's for the two uses."""
+    """(an embedding's rows for `tokens`, the head's weight: its first `count` rows, then `clusters`) with one
+    gradient for the weight: the lookup's (torch's own embedding backward) plus the head rows' in place, the same sums
+    as autograd's for the two uses."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, tokens: torch.Tensor, count: int):
+    def forward(ctx, weight: torch.Tensor, tokens: torch.Tensor, count: int, clusters: torch.Tensor):
         ctx.save_for_backward(tokens)
         ctx.num_weights, ctx.count = weight.shape[0], count
-        return F.embedding(tokens, weight), weight[:count].clone()
+        return F.embedding(tokens, weight), torch.cat([weight[:count], clusters])
 
     @staticmethod
-    def backward(ctx, grad_rows: torch.Tensor, grad_words: torch.Tensor):
+    def backward(ctx, grad_rows: torch.Tensor, grad_head: torch.Tensor | None):
         (tokens,) = ctx.saved_tensors
         grad = torch.ops.aten.embedding_dense_backward(grad_rows, tokens, ctx.num_weights, -1, False)
-        if grad_words is not None:
-            grad[: ctx.count] += grad_words
-        return grad, None, None
+        if grad_head is None:
+            return grad, None, None, None
+        grad[: ctx.count] += grad_head[: ctx.count]
+        return grad, None, None, grad_head[ctx.count :]
 
 
 class AdaptiveSoftmax(nn.Module):
@@ -301,9 +303,9 @@ class AdaptiveSoftmax(nn.Module):
     cutoffs[0] times less than the full softmax when most tokens are frequent words.
     """
 
-    # `rows`' head words for this forward's `head`, and the weight's version then; a class default, so that a model
-    # pickled before it existed (an MLflow model registered earlier) loads and runs
-    _pending: tuple[torch.Tensor, int] | None = None
+    # the head's weight `rows` built for this forward's `head`, and the weights' versions then; a class default, so
+    # that a model pickled before it existed (an MLflow model registered earlier) loads and runs
+    _pending: tuple[torch.Tensor, tuple[int, int]] | None = None
 
     def __init__(self, hidden: int, vocab: int, cutoffs: list[int], div_value: float = 4.0, tied=None):
         super().__init__()
@@ -331,13 +333,13 @@ class AdaptiveSoftmax(nn.Module):
         return [(parameter, rows) for parameter, rows in found if rows.numel()]
 
     def rows(self, embedding: nn.Embedding, tokens: torch.Tensor) -> torch.Tensor:
-        """The embedding's rows for `tokens`. With the head tied to that embedding and gradients on, the head's words
-        come from the same call (`_TiedRows`), kept for this forward's `head`: the weight then gets one gradient
-        buffer for both uses instead of one each and their sum (two passes less over the embedding a minibatch)."""
+        """The embedding's rows for `tokens`. With the head tied to that embedding and gradients on, the head's weight
+        comes from the same call (`_TiedRows`), kept for this forward's `head`: the embedding then gets one gradient
+        buffer for both uses instead of one each and their sum (two passes less over it a minibatch)."""
         if self.tied is not embedding or not (torch.is_grad_enabled() and embedding.weight.requires_grad):
             return embedding(tokens)
-        rows, words = _TiedRows.apply(embedding.weight, tokens, self.cutoffs[0])
-        self._pending = (words, embedding.weight._version)
+        rows, head = _TiedRows.apply(embedding.weight, tokens, self.cutoffs[0], self.clusters)
+        self._pending = (head, self._versions())
         return rows
 
     def head(self, hs: torch.Tensor) -> torch.Tensor:
@@ -345,18 +347,18 @@ class AdaptiveSoftmax(nn.Module):
         return F.log_softmax(F.linear(hs, self._head_weight(), self.head_bias), dim=-1)
 
     def _head_weight(self) -> torch.Tensor:
-        """The head's weight (cutoffs[0] + clusters, hidden): its words' rows, then one per cluster."""
-        return torch.cat([self._head_words(), self.clusters])
-
-    def _head_words(self) -> torch.Tensor:
-        """The head's word weights: its own, or the tied embedding's first rows (those `rows` took in this forward,
-        once, while the weight is unchanged and gradients are on)."""
+        """The head's weight (cutoffs[0] + clusters, hidden): its words' rows, then one per cluster; with tied words,
+        the one `rows` built in this forward (once, while the weights are unchanged and gradients are on)."""
         if self.tied is None:
-            return self.words
+            return torch.cat([self.words, self.clusters])
         pending, self._pending = self._pending, None
-        if pending is not None and torch.is_grad_enabled() and pending[1] == self.tied.weight._version:
+        if pending is not None and torch.is_grad_enabled() and pending[1] == self._versions():
             return pending[0]
-        return self.tied.weight[: self.cutoffs[0]]
+        return torch.cat([self.tied.weight[: self.cutoffs[0]], self.clusters])
+
+    def _versions(self) -> tuple[int, int]:
+        """The versions of the tied embedding's weight and of the clusters' (an optimizer's step changes them)."""
+        return self.tied.weight._version, self.clusters._version
 
     def __getstate__(self) -> dict:
         """Copies and pickles without a forward's pending head words (a tensor of its graph)."""

@@ -254,8 +254,10 @@ def test_adamw_updates_all_weights_in_one_fused_kernel_as_torchs_loop_would():
     model, reference = RNNLM(30, 16, "lstm", 2, embedding_dim=16), RNNLM(30, 16, "lstm", 2, embedding_dim=16)
     reference.load_state_dict(model.state_dict())
     initial = [p.detach().clone() for p in model.parameters()]
-    fused, loop = make_optimizer(model, config.lr, config), torch.optim.AdamW(reference.parameters(), lr=0.01,
-                                                                              weight_decay=0.1, foreach=False)
+    fused, loop = (
+        make_optimizer(model, config.lr, config),
+        torch.optim.AdamW(reference.parameters(), lr=0.01, weight_decay=0.1, foreach=False),
+    )
     assert fused.defaults["fused"] and not loop.defaults["fused"]
     for _ in range(5):
         for a, b in zip(model.parameters(), reference.parameters(), strict=True):
@@ -554,16 +556,20 @@ def test_a_tied_heads_words_come_with_the_lookup_and_give_autograds_gradients():
     out, weight = model.adaptive, model.embedding.weight
     out.rows(model.embedding, tokens)
     taken = out._pending[0]
-    assert out._head_words() is taken and out._head_words() is not taken  # once
-    out.rows(model.embedding, tokens)
-    with torch.no_grad():
-        weight.add_(1.0)  # an optimizer's step: the words taken before are stale
-    assert torch.equal(out._head_words(), weight[:8]) and not torch.equal(taken, weight[:8])
+    assert out._head_weight() is taken and out._head_weight() is not taken  # once
+    assert torch.equal(taken, torch.cat([weight[:8], out.clusters]))
+    for changed in (weight, out.clusters):
+        out.rows(model.embedding, tokens)
+        with torch.no_grad():
+            changed.add_(1.0)  # an optimizer's step: the head's weight built before is stale
+        assert torch.equal(out._head_weight(), torch.cat([weight[:8], out.clusters]))
+        assert not torch.equal(taken, out._head_weight())
+        taken = out._head_weight()
     out.rows(model.embedding, tokens)
     assert copy.deepcopy(model).adaptive._pending is None and out._pending is not None
     with torch.no_grad():
         taken = out._pending[0]
-        assert out._head_words() is not taken  # without gradients: the weight's own rows
+        assert out._head_weight() is not taken  # without gradients: the weights' own rows
         out.rows(model.embedding, tokens)
     assert out._pending is None
 
