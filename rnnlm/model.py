@@ -361,7 +361,7 @@ class AdaptiveSoftmax(nn.Module):
         return self.tied.weight._version, self.clusters._version
 
     def __getstate__(self) -> dict:
-        """Copies and pickles without a forward's pending head words (a tensor of its graph)."""
+        """Copies and pickles without a forward's pending head weight (a tensor of its graph)."""
         return {**super().__getstate__(), "_pending": None}
 
     def forward(self, hs: torch.Tensor) -> torch.Tensor:

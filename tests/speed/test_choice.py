@@ -64,9 +64,9 @@ def test_the_quicker_candidate_is_chosen_once_and_remembered(fresh):
     assert choice.decisions["demo:1x2"] == f"quick (measured before on this machine: {recorded[f'{key} times']})"
 
 
-def test_a_close_call_is_measured_longer_within_the_time_allowed(fresh):
-    """Quick candidates are timed in MAX_ROUNDS rounds (a machine whose speed wanders picks the quicker one more
-    surely over more of them); slow ones stop after ROUNDS once the measurement has taken SECONDS."""
+def test_quick_candidates_are_timed_in_more_rounds_within_the_time_allowed(fresh):
+    """Quick candidates are timed in MAX_ROUNDS rounds (on a machine whose speed wanders, more rounds pick the
+    quicker one more surely); slow ones stop after ROUNDS once the measurement has taken SECONDS."""
     calls = []
     quick = {"one": counted(calls, "one", 0.010), "other": counted(calls, "other", 0.011)}
     assert choice.fastest("demo:quick", quick) == "one" and calls.count("other") == 2 * choice.MAX_ROUNDS
