@@ -156,7 +156,7 @@ class SearchSpace:
             name = next(p.name for p in self.params if p.name in BY_BYTES)
             raise SpaceError(
                 f"{self.source}: {name}: trials that differ in what a token is are ranked by validation bits per "
-                "byte of the same held-out text: set held_out = \"bytes\" (or \"lines\") in the base recipe, with "
+                'byte of the same held-out text: set held_out = "bytes" (or "lines") in the base recipe, with '
                 "val_tokens and test_tokens in that unit"
             )
         rng = random.Random(seed)

@@ -193,9 +193,7 @@ class HeldOutBytes:
     unk_bytes: int = 0
 
 
-def span_bytes(
-    path: Path, start: int, end: int, preprocess_mode: str, tokenization: str, vocab: Vocab
-) -> HeldOutBytes:
+def span_bytes(path: Path, start: int, end: int, preprocess_mode: str, tokenization: str, vocab: Vocab) -> HeldOutBytes:
     """The bytes of a span of the corpus after preprocessing (its character-level form, the same for every
     tokenization) and of its tokens outside `vocab`."""
     chunks = lambda: span_chunks(path, start, end)  # noqa: E731  (read twice, streamed each time)
