@@ -294,7 +294,8 @@ class LSTM(torch.autograd.Function):
             raise RuntimeError(f"c0 must be float32 {tuple(h0.shape)} as h0, got {c0.dtype} {tuple(c0.shape)}")
         c0 = c0.contiguous()
         steps, batch = tokens.shape if tokens is not None else (table.shape[0] // h0.shape[0], h0.shape[0])
-        states, hs, cs, gates, tcs = lstm_states(steps, batch, h0.shape[1], h0).values()
+        states, hs = with_h0(h0, steps)
+        hs, cs, gates, tcs = lstm_states(steps, batch, h0.shape[1], hs).values()
         run = lambda *worker: native.lstm_forward(  # noqa: E731
             tokens, h0, c0, table, w_hh.detach(), hs, cs, gates, tcs, *worker
         )
@@ -319,12 +320,16 @@ class LSTM(torch.autograd.Function):
         return _table_grad(tokens, grad_gates, ctx.rows), None, grad_h0, grad_c0, grad_w_hh, None
 
 
-def lstm_states(steps: int, batch: int, hidden: int, h0: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """An LSTM window's saved states: hs, cs, gates (after their activations, 4H wide) and tcs = tanh(cs). With `h0`,
-    first "states", [h0, hs] in one array (`with_h0`), of which hs is the last steps."""
+def lstm_states(steps: int, batch: int, hidden: int, hs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """An LSTM window's saved states: hs (the one given, e.g. `with_h0`'s, else a new one), cs, gates (after their
+    activations, 4H wide) and tcs = tanh(cs)."""
     empty = lambda width: torch.empty(steps, batch, width, dtype=torch.float32)  # noqa: E731
-    found = dict(zip(("states", "hs"), with_h0(h0, steps), strict=True)) if h0 is not None else {"hs": empty(hidden)}
-    return found | {"cs": empty(hidden), "gates": empty(4 * hidden), "tcs": empty(hidden)}
+    return {
+        "hs": empty(hidden) if hs is None else hs,
+        "cs": empty(hidden),
+        "gates": empty(4 * hidden),
+        "tcs": empty(hidden),
+    }
 
 
 def bf16_forward_buffers(steps: int, batch: int, hidden: int, vocab: int) -> dict[str, torch.Tensor]:
