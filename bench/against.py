@@ -3,11 +3,11 @@
 Issue 25 asks kjv-best's step at 1.5x the engine it started from (7401e87) on the same machine, and at 60% of the
 float32 matmul limit measured in the same run. On a machine whose speed wanders by 10-30% within minutes, only rounds
 in turn compare: each round trains `--steps` minibatches (after `--warmup` untimed ones) of the recipe with the
-revision `--rev` (exported from git into a temporary folder), then with this tree, each in a fresh process, and reads
-the limit before and after. Printed: each round's tokens/s, their ratio and this tree's share of the higher reading;
-then the means, the ratio of the means and the median round's.
+revision `--rev` (exported from git into a temporary folder) and with this tree, each in a fresh process, the one
+that goes first taking turns, and reads the limit before and after. Printed: each round's tokens/s, their ratio
+and this tree's share of the higher reading; then the means, the ratio of the means and the median round's.
 
-    .venv/bin/python bench/against.py                                  # 7401e87, kjv-best.toml, five rounds
+    .venv/bin/python bench/against.py                                  # 7401e87, kjv-best.toml, six rounds
     .venv/bin/python bench/against.py --rev HEAD~3 --rounds 10 --steps 200
 """
 
@@ -100,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rev", default=START, help=f"the git revision to race ({START}: where issue 25 started)")
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="the text to train on (kjv.txt)")
     parser.add_argument("--recipe", type=Path, default=RECIPE, help="the recipe both sides train (kjv-best.toml)")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds, each side once a round, the revision first")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds, each side once a round, first in turn")
     parser.add_argument("--steps", type=int, default=300, help="timed minibatches a side a round")
     parser.add_argument("--warmup", type=int, default=20, help="untimed minibatches first")
     args = parser.parse_args(argv)
@@ -126,8 +126,10 @@ def main(argv=None) -> None:
         rows = []
         for round_ in range(1, args.rounds + 1):
             before = best_limit()
-            old = side(theirs, args, folder / "cache-rev")
-            new = side(ROOT, args, folder / "cache-here")
+            if round_ % 2:  # the revision first in odd rounds, this tree first in even ones: neither gains by its place
+                old, new = side(theirs, args, folder / "cache-rev"), side(ROOT, args, folder / "cache-here")
+            else:
+                new, old = side(ROOT, args, folder / "cache-here"), side(theirs, args, folder / "cache-rev")
             limit = max(before, best_limit())
             rows.append((old, new, limit))
             share = new * flops / 1e9 / limit
