@@ -25,6 +25,7 @@ keeps its builds in its own cache folder (`native.cache()`), and describes itsel
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Iterator
@@ -200,18 +201,28 @@ def _lstm_candidates(model: nn.Module, batch: int) -> dict:
         return fused.lstm_candidates(model, batch, 35, default_threads(), loss, _engine_threads(model), bf16)
 
 
-def bernoulli_(out: torch.Tensor, p: float) -> torch.Tensor:
-    """`out.bernoulli_(p)` from torch's default generator: the same bits, the generator left where torch's call
-    leaves it; drawn by the kernels (about 9x quicker) for a contiguous float32 CPU tensor where they are built."""
+def bernoulli_(out: torch.Tensor, p: float, value: float = 1.0) -> torch.Tensor:
+    """`out.bernoulli_(p)` from torch's default generator, `value` (a float32 number) in place of each 1: the same
+    bits, the generator left where torch's call leaves it; drawn by the kernels (about 15x quicker) for a contiguous
+    float32 CPU tensor where they are built."""
     if compiled() and out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous():
-        return native.bernoulli_(out, p)
-    return out.bernoulli_(p)
+        return native.bernoulli_(out, p, value)
+    out.bernoulli_(p)
+    return out if value == 1.0 else out.mul_(value)
 
 
 def keep_mask(out: torch.Tensor, keep: float) -> torch.Tensor:
-    """`out` filled with dropout's scaled mask: 1 / keep with probability `keep`, else 0 (`bernoulli_`, then divided
-    by keep, as torch's dropout makes its mask)."""
-    return bernoulli_(out, keep).div_(keep)
+    """`out` filled with dropout's scaled mask: 1 / keep with probability `keep`, else 0, the bits of torch's way
+    (`bernoulli_`, then divided by keep), the scaled value drawn at once."""
+    if keep <= 0:  # nothing kept: torch's 0 / 0
+        return bernoulli_(out, keep).div_(keep)
+    return bernoulli_(out, keep, _reciprocal(keep))
+
+
+@functools.cache
+def _reciprocal(keep: float) -> float:
+    """1 / keep as torch divides a float32 1 by it (a float32 number)."""
+    return torch.ones(()).div_(keep).item()
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:

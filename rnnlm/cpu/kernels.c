@@ -1501,9 +1501,10 @@ void rnnlm_rnn_sgd_f32(const struct f32_step *s, int worker, int workers, int64_
 
 /* torch's CPU `bernoulli_(p)` of a float tensor, the same bits from the same generator: each element takes two words
    of torch's mt19937 (hi, then lo), keeps 53 bits of ((hi << 32) | lo) as a uniform double in [0, 1) and is 1 where
-   that is below p. `state` is the generator's 624 words as torch's state holds them (uint64 each), `left` and `next`
-   its position; all three are advanced as torch's engine advances them, so that the caller can hand the state back.
-   The words are made in blocks of 624 (the regeneration and the tempering vectorise) instead of one call each. */
+   that is below p (`value` there instead of 1: dropout's mask comes out scaled). `state` is the generator's 624
+   words as torch's state holds them (uint64 each), `left` and `next` its position; all three are advanced as torch's
+   engine advances them, so that the caller can hand the state back. The words are made in blocks of 624 (the
+   regeneration and the tempering vectorise) instead of one call each, and turned into elements four at a time. */
 #define MT_N 624
 #define MT_M 397
 
@@ -1525,7 +1526,33 @@ static inline uint32_t mt_temper(uint32_t y) {
     return y ^ (y >> 18);
 }
 
-void rnnlm_bernoulli(float *out, int64_t n, double p, uint64_t *state, int32_t *left, uint64_t *next) {
+typedef uint64_t u64x4 __attribute__((vector_size(32), aligned(4)));
+typedef int64_t i64x4 __attribute__((vector_size(32)));
+typedef int32_t i32x4 __attribute__((vector_size(16), aligned(4)));
+
+/* out[j] = value where the 53 bits of the word pair (words[2j], words[2j + 1]) lie below `limit`, else 0, for j <
+   pairs: four pairs at a time as 64-bit lanes (the values are below 2^53, so a signed compare serves) */
+static void pairs_below(int64_t pairs, const uint32_t *words, uint64_t limit, float value, float *out) {
+    const uint64_t mask = (1ull << 53) - 1;
+    int32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    const i64x4 below = {(int64_t)limit, (int64_t)limit, (int64_t)limit, (int64_t)limit};
+    int64_t j = 0;
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    for (; j + 4 <= pairs; j += 4) {
+        u64x4 v = *(const u64x4 *)(words + 2 * j); /* a lane: hi in its low half, lo in its high half */
+        v = ((v << 32) | (v >> 32)) & mask;        /* (hi << 32) | lo, 53 bits */
+        i32x4 hit = __builtin_convertvector((i64x4)v < below, i32x4); /* -1 or 0 */
+        *(i32x4 *)(out + j) = hit & bits;
+    }
+#endif
+    for (; j < pairs; j++) {
+        uint64_t x = (((uint64_t)words[2 * j] << 32) | words[2 * j + 1]) & mask;
+        out[j] = x < limit ? value : 0.0f;
+    }
+}
+
+void rnnlm_bernoulli(float *out, int64_t n, double p, float value, uint64_t *state, int32_t *left, uint64_t *next) {
     uint32_t s[MT_N], words[MT_N];
     for (int i = 0; i < MT_N; i++) s[i] = (uint32_t)state[i];
     /* below p * 2^53 as an integer: x * 2^-53 < p for the 53-bit x exactly where x < ceil(p * 2^53) */
@@ -1541,20 +1568,16 @@ void rnnlm_bernoulli(float *out, int64_t n, double p, uint64_t *state, int32_t *
             mt_regenerate(s);
             l = MT_N + 1, nx = 0;
         }
-        int64_t count = l - 1;
-        for (int64_t k = 0; k < count; k++) words[k] = mt_temper(s[nx + k]);
-        int64_t k = 0;
+        int64_t count = l - 1, k = 0;
+        for (int64_t w = 0; w < count; w++) words[w] = mt_temper(s[nx + w]);
         if (have_hi) { /* the element whose hi word came from the block before */
             uint64_t x = (((uint64_t)pending << 32) | words[0]) & mask;
-            out[i++] = x < limit ? 1.0f : 0.0f;
+            out[i++] = x < limit ? value : 0.0f;
             k = 1, have_hi = 0;
         }
         int64_t pairs = (count - k) / 2;
         if (pairs > n - i) pairs = n - i;
-        for (int64_t j = 0; j < pairs; j++) {
-            uint64_t x = (((uint64_t)words[k + 2 * j] << 32) | words[k + 2 * j + 1]) & mask;
-            out[i + j] = x < limit ? 1.0f : 0.0f;
-        }
+        pairs_below(pairs, words + k, limit, value, out + i);
         i += pairs, k += 2 * pairs;
         if (i < n && k < count) { /* one word left in the block: the next element's hi */
             pending = words[k++], have_hi = 1;

@@ -74,7 +74,7 @@ _SIGNATURES = {
     "rnnlm_squares_chunk": [],
     "rnnlm_rows_loss": [ctypes.c_int64] * 2 + [_i] * 2 + [_p] * 2 + [ctypes.c_float] + [_p] * 2,
     "rnnlm_rows_loss_halves": [ctypes.c_int64] + [_i] * 2 + [_p] * 2 + [ctypes.c_float] + [_p] * 2 + [_i],
-    "rnnlm_bernoulli": [_p, ctypes.c_int64, ctypes.c_double, _p, _p, _p],
+    "rnnlm_bernoulli": [_p, ctypes.c_int64, ctypes.c_double, ctypes.c_float, _p, _p, _p],
     "rnnlm_linear": [_i] * 3 + [_p] * 5 + [_i],
 }
 _RESULTS = {name: _i for name in ("rnnlm_panel_width", "rnnlm_bf16_native", "rnnlm_barrier", "rnnlm_team_threads")}
@@ -356,18 +356,20 @@ def tanh(x: torch.Tensor) -> torch.Tensor:
 _STATE_BYTES, _LEFT, _NEXT, _WORDS = 5056, slice(8, 12), slice(16, 24), slice(24, 24 + 624 * 8)
 
 
-def bernoulli_(out: torch.Tensor, p: float) -> torch.Tensor:
+def bernoulli_(out: torch.Tensor, p: float, value: float = 1.0) -> torch.Tensor:
     """`out.bernoulli_(p)` for a contiguous float32 CPU tensor, with the bits torch draws from its default generator,
-    which is left where torch's own call leaves it (kernels.c: rnnlm_bernoulli), about 9x quicker; torch's own call
-    for a p outside [0, 1] (its error) or a generator state of another layout than torch 2's."""
+    which is left where torch's own call leaves it (kernels.c: rnnlm_bernoulli), about 15x quicker; `value` (a
+    float32 number) in place of each 1. torch's own call for a p outside [0, 1] (its error) or a generator state of
+    another layout than torch 2's."""
     _require(out.dtype == torch.float32 and out.is_contiguous() and out.device.type == "cpu",
              lambda: f"bernoulli_ takes a contiguous float32 CPU tensor, not {_described(out)}")  # fmt: skip
     state = torch.default_generator.get_state()
     if not 0 <= p <= 1 or state.numel() != _STATE_BYTES:
-        return out.bernoulli_(p)
+        out.bernoulli_(p)
+        return out if value == 1.0 else out.mul_(value)
     left, position = state[_LEFT].view(torch.int32), state[_NEXT].view(torch.int64)
     words = state[_WORDS].view(torch.int64)
-    library().rnnlm_bernoulli(_ptr(out), out.numel(), float(p), _ptr(words), _ptr(left), _ptr(position))
+    library().rnnlm_bernoulli(_ptr(out), out.numel(), float(p), value, _ptr(words), _ptr(left), _ptr(position))
     torch.default_generator.set_state(state)
     return out
 

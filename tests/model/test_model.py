@@ -161,7 +161,9 @@ def test_dropout_between_torchs_layers_on_a_cpu_is_drawn_in_c_with_torchs_bits(m
     model = RNNLM(50, 16, rnn, num_layers=3, embedding_dim=8, dropout=0.4)
     tokens, state = torch.randint(0, 50, (4, 9)), model.begin_state(4)
     drawn = []
-    monkeypatch.setattr(cpu, "bernoulli_", lambda out, p, real=cpu.bernoulli_: drawn.append(p) or real(out, p))
+    monkeypatch.setattr(
+        cpu, "bernoulli_", lambda out, p, *value, real=cpu.bernoulli_: drawn.append(p) or real(out, p, *value)
+    )
     results = []
     for stacked in (True, False):
         model.zero_grad()

@@ -53,3 +53,23 @@ def test_a_probability_outside_0_1_gets_torchs_error_and_leaves_the_generator_as
         with pytest.raises(RuntimeError, match="bernoulli"):
             native.bernoulli_(torch.empty(8), p)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("engine", [True, False])  # the kernels' draw, or torch's call then scaled
+@pytest.mark.parametrize("n", [0, 3, 313, 5000])  # the kernels turn four elements at a time, the rest one by one
+@pytest.mark.parametrize("keep", [0.8, 0.3, 0.77])
+def test_dropouts_mask_is_torchs_scaled_mask_drawn_at_once(monkeypatch, engine, n, keep):
+    """`keep_mask` gives the bits of torch's way, `bernoulli_(keep)` then divided by keep, the generator left where
+    torch's leaves it, whether the kernels draw it (the scaled value written in the same pass) or torch does."""
+    if engine and not cpu.compiled():
+        pytest.skip("no C compiler here: the compiled kernels are not built")
+    monkeypatch.setattr(cpu, "ENABLED", engine and cpu.ENABLED)
+    draws = []
+    for draw in (lambda out: out.bernoulli_(keep).div_(keep), lambda out: cpu.keep_mask(out, keep)):
+        torch.manual_seed(7)
+        torch.rand(5)  # a block of 624 words ends mid-element
+        draws.append((draw(torch.empty(n)), torch.get_rng_state()))
+    (theirs, their_state), (mask, state) = draws
+    assert torch.equal(mask, theirs) and torch.equal(state, their_state)
+    if n > 300:
+        assert set(mask.unique().tolist()) == {0.0, torch.ones(()).div_(keep).item()}
