@@ -1530,10 +1530,17 @@ typedef uint64_t u64x4 __attribute__((vector_size(32), aligned(4)));
 typedef int64_t i64x4 __attribute__((vector_size(32)));
 typedef int32_t i32x4 __attribute__((vector_size(16), aligned(4)));
 
-/* out[j] = value where the 53 bits of the word pair (words[2j], words[2j + 1]) lie below `limit`, else 0, for j <
-   pairs: four pairs at a time as 64-bit lanes (the values are below 2^53, so a signed compare serves) */
+#define MASK53 ((1ull << 53) - 1)
+
+/* One element from the tempered words hi and lo: `value` where the 53 bits of ((hi << 32) | lo) lie below `limit`,
+   else 0 */
+static inline float drawn(uint32_t hi, uint32_t lo, uint64_t limit, float value) {
+    return ((((uint64_t)hi << 32) | lo) & MASK53) < limit ? value : 0.0f;
+}
+
+/* out[j] = drawn(words[2j], words[2j + 1]) for j < pairs: four pairs at a time as 64-bit lanes (the values are below
+   2^53, so a signed compare serves) */
 static void pairs_below(int64_t pairs, const uint32_t *words, uint64_t limit, float value, float *out) {
-    const uint64_t mask = (1ull << 53) - 1;
     int32_t bits;
     memcpy(&bits, &value, sizeof bits);
     const i64x4 below = {(int64_t)limit, (int64_t)limit, (int64_t)limit, (int64_t)limit};
@@ -1541,15 +1548,12 @@ static void pairs_below(int64_t pairs, const uint32_t *words, uint64_t limit, fl
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
     for (; j + 4 <= pairs; j += 4) {
         u64x4 v = *(const u64x4 *)(words + 2 * j); /* a lane: hi in its low half, lo in its high half */
-        v = ((v << 32) | (v >> 32)) & mask;        /* (hi << 32) | lo, 53 bits */
+        v = ((v << 32) | (v >> 32)) & MASK53;      /* (hi << 32) | lo, 53 bits */
         i32x4 hit = __builtin_convertvector((i64x4)v < below, i32x4); /* -1 or 0 */
         *(i32x4 *)(out + j) = hit & bits;
     }
 #endif
-    for (; j < pairs; j++) {
-        uint64_t x = (((uint64_t)words[2 * j] << 32) | words[2 * j + 1]) & mask;
-        out[j] = x < limit ? value : 0.0f;
-    }
+    for (; j < pairs; j++) out[j] = drawn(words[2 * j], words[2 * j + 1], limit, value);
 }
 
 void rnnlm_bernoulli(float *out, int64_t n, double p, float value, uint64_t *state, int32_t *left, uint64_t *next) {
@@ -1558,7 +1562,6 @@ void rnnlm_bernoulli(float *out, int64_t n, double p, float value, uint64_t *sta
     /* below p * 2^53 as an integer: x * 2^-53 < p for the 53-bit x exactly where x < ceil(p * 2^53) */
     double scaled = p * 9007199254740992.0, whole = (double)(uint64_t)scaled;
     uint64_t limit = p <= 0 ? 0 : p >= 1 ? (1ull << 53) : (uint64_t)whole + (whole < scaled);
-    const uint64_t mask = (1ull << 53) - 1;
     int64_t l = *left, nx = (int64_t)*next, i = 0;
     uint32_t pending = 0;
     int have_hi = 0;
@@ -1571,8 +1574,7 @@ void rnnlm_bernoulli(float *out, int64_t n, double p, float value, uint64_t *sta
         int64_t count = l - 1, k = 0;
         for (int64_t w = 0; w < count; w++) words[w] = mt_temper(s[nx + w]);
         if (have_hi) { /* the element whose hi word came from the block before */
-            uint64_t x = (((uint64_t)pending << 32) | words[0]) & mask;
-            out[i++] = x < limit ? value : 0.0f;
+            out[i++] = drawn(pending, words[0], limit, value);
             k = 1, have_hi = 0;
         }
         int64_t pairs = (count - k) / 2;
