@@ -54,7 +54,8 @@ _SIGNATURES = {
     "rnnlm_gru_forward": [_i] * 7 + [_p] * 11,
     "rnnlm_gru_backward": [_i] * 7 + [_p] * 13,
     "rnnlm_lstm_forward": [_i] * 7 + [_p] * 11,
-    "rnnlm_lstm_backward": [_i] * 7 + [_p] * 14,
+    "rnnlm_lstm_backward": [_i] * 7 + [_p] * 15,
+    "rnnlm_lstm_backward_scratch": [_i] * 7,
     # the bf16 windows: steps, batch, H, V, r0, r1, then the arrays
     "rnnlm_lstm_forward_bf16": [_i] * 6 + [_p] * 15,
     "rnnlm_lstm_backward_bf16": [_i] * 6 + [_p] * 20,
@@ -80,6 +81,7 @@ _SIGNATURES = {
 _RESULTS = {name: _i for name in ("rnnlm_panel_width", "rnnlm_bf16_native", "rnnlm_barrier", "rnnlm_team_threads")}
 _RESULTS["rnnlm_team"] = _i
 _RESULTS["rnnlm_lstm_sgd_work"] = _RESULTS["rnnlm_sgd_f32_work"] = ctypes.c_int64
+_RESULTS["rnnlm_lstm_backward_scratch"] = ctypes.c_int64
 _RESULTS["rnnlm_clip_sgd"] = _RESULTS["rnnlm_sum_squares"] = ctypes.c_double
 _RESULTS["rnnlm_squares_chunk"] = ctypes.c_int64
 
@@ -480,14 +482,17 @@ def _weight(w_hh: torch.Tensor) -> torch.Tensor:
     return w_hh.detach().contiguous()
 
 
-def _backward_window(name: str, w_hh, inputs, outputs, carried: int, units, worker, workers, flags) -> Window:
+def _backward_window(
+    name: str, w_hh, inputs, outputs, carried: int, units, worker, workers, flags, work: int | None = None
+) -> Window:
     """One worker's backward window `name` over hidden units `units`: `inputs` (a (steps, batch, H) state second),
-    W_hh, `outputs`, then `carried` (batch, units) buffers and a work buffer, in which the worker packs its columns
-    of W_hh."""
+    W_hh, `outputs`, then `carried` (batch, units) buffers and a work buffer (`work` floats, else the step's
+    product and the worker's columns of W_hh, packed there)."""
     shape = inputs[1].shape
     batch, width = shape[1], units[1] - units[0]
     buffers = [torch.empty(batch * width) for _ in range(carried)]
-    arrays = (*inputs, _weight(w_hh), *outputs, *buffers, scratch(batch + w_hh.shape[0], width))
+    work_buffer = scratch(batch + w_hh.shape[0], width) if work is None else torch.empty(work)
+    arrays = (*inputs, _weight(w_hh), *outputs, *buffers, work_buffer)
     return Window(name, shape, units, worker, workers, flags, arrays)
 
 
@@ -510,11 +515,22 @@ def lstm_forward(tokens, h0, c0, emb, w_hh, hs, cs, gates, tcs, units, worker, w
     return _forward_window("rnnlm_lstm_forward", 4, w_hh, inputs, outputs, units, worker, workers, flags)
 
 
-def lstm_backward(c0, cs, gates, tcs, grad_out, grad_c_last, w_hh, grad_gates, grad_h0, grad_c0, *worker) -> Window:
-    """One worker's backward window; `worker` is (units, worker, workers, flags) (see kernels.c:
-    rnnlm_lstm_backward); carries dh and dc."""
-    inputs, outputs = (c0, cs, gates, tcs, grad_out, grad_c_last), (grad_gates, grad_h0, grad_c0)
-    return _backward_window("rnnlm_lstm_backward", w_hh, inputs, outputs, 2, *worker)
+def lstm_backward(
+    c0, cs, gates, tcs, grad_out, grad_c_last, w_hh, grad_gates, grad_h0, grad_c0, exchange, units, *worker
+) -> Window:
+    """One worker's backward window; `worker` is (worker, workers, flags) (see kernels.c: rnnlm_lstm_backward);
+    carries dh and dc. With an `exchange` (`lstm_exchange`, the same for every worker; None: none) each step's
+    product is a sum of two parts, a worker's each, handed over there."""
+    batch, hidden = c0.shape
+    work = library().rnnlm_lstm_backward_scratch(batch, hidden, *units, *worker[:2], int(exchange is not None))
+    inputs, outputs = (c0, cs, gates, tcs, grad_out, grad_c_last), (grad_gates, grad_h0, grad_c0, exchange)
+    return _backward_window("rnnlm_lstm_backward", w_hh, inputs, outputs, 2, units, *worker, work=work)
+
+
+def lstm_exchange(batch: int, hidden: int) -> torch.Tensor:
+    """Where the workers of an LSTM backward window hand each other their parts of a step's product (see kernels.c:
+    lstm_backward): two steps' worth, one block of batch x H (padded to whole panels) for each of the two parts."""
+    return torch.empty(2 * 2 * batch * _padded(hidden))
 
 
 def lstm_forward_bf16(tokens, h0, c0, emb, whh16, wout, b_out, hs16, hs, cs, gates, tcs, logits, rows) -> None:

@@ -285,7 +285,8 @@ class LSTM(torch.autograd.Function):
 
     W_ih x + b_ih + b_hh comes from `table` (picked by the tokens, or dense rows, as in `TanhRNN`); each step is one
     register-blocked matmul of h by W_hh with the gates fused in, the hidden units' halves on two cores when
-    `share`. W_hh's gradient is one matmul over all steps."""
+    `share`. The backward's step product is a sum of two parts, each half of the units' gate columns by W_hh's
+    rows, a core's each (kernels.c: lstm_backward). W_hh's gradient is one matmul over all steps."""
 
     @staticmethod
     def forward(ctx, table, tokens, h0, c0, w_hh, share: bool = False):
@@ -312,8 +313,9 @@ class LSTM(torch.autograd.Function):
         grad_c_last = torch.zeros_like(c0) if grad_c_last is None else grad_c_last.contiguous()
         grad_gates = gates.new_empty(gates.shape)  # d loss / d gates before their activations
         grad_h0, grad_c0 = torch.empty_like(h0), torch.empty_like(c0)
+        exchange = native.lstm_exchange(*h0.shape)  # the two workers' parts of each step's product
         run = lambda *worker: native.lstm_backward(  # noqa: E731
-            c0, cs, gates, tcs, grad_out, grad_c_last, w_hh.detach(), grad_gates, grad_h0, grad_c0, *worker
+            c0, cs, gates, tcs, grad_out, grad_c_last, w_hh.detach(), grad_gates, grad_h0, grad_c0, exchange, *worker
         )
         by_units(hidden, ctx.share, run)
         grad_w_hh = recurrent_weight_grad(grad_gates, states, ctx.share)

@@ -218,6 +218,50 @@ def test_compiled_kernels_give_torch_layers_outputs_and_gradients(rnn, sharing, 
         torch.testing.assert_close(a, b, msg=name)
 
 
+@needs_build
+def test_the_compiled_lstms_backward_in_parts_gives_the_same_bits_on_one_worker_or_two(monkeypatch):
+    """The LSTM's backward window sums each step's product in two parts, over the gate columns of each half of the
+    units (kernels.c: lstm_backward), one worker's each on two workers or both on one: the gradients reaching the
+    window's inputs and initial state must have the same bits on this thread alone, with the helper thread and on
+    torch's OpenMP team, and every gradient must be nn.LSTM's. An odd hidden
+    size (37: parts of 18 and 19 units) and a batch that is no multiple of the register blocks (13) run the edges."""
+    torch.manual_seed(3)
+    steps, batch, inputs, hidden = 9, 13, 6, 37
+    layer = torch.nn.LSTM(inputs, hidden)
+    x, h0, c0 = torch.randn(steps, batch, inputs), torch.randn(batch, hidden), torch.randn(batch, hidden)
+    weight, cell_weight = torch.randn(steps, batch, hidden), torch.randn(batch, hidden)
+    reference = [h0[None].requires_grad_(), c0[None].requires_grad_()]
+    outputs, (_, cell) = layer(x, reference)
+    _loss(outputs, cell[0], weight, cell_weight).backward()
+    expected = [layer.weight_ih_l0.grad, layer.weight_hh_l0.grad, *(s.grad[0] for s in reference)]
+    w_ih, w_hh = layer.weight_ih_l0.detach(), layer.weight_hh_l0.detach()
+    bias = (layer.bias_ih_l0 + layer.bias_hh_l0).detach()
+
+    def gradients(sharing: str) -> list[torch.Tensor]:
+        share, torch_threads, _ = _sharing(sharing, monkeypatch)
+        table, w = (x.reshape(-1, inputs) @ w_ih.T + bias).requires_grad_(), w_hh.clone().requires_grad_()
+        initial = [h0.clone().requires_grad_(), c0.clone().requires_grad_()]
+        with threads.torch_threads(torch_threads):
+            hs, last = recurrence.LSTM.apply(table, None, *initial, w, share)
+            _loss(hs, last, weight, cell_weight).backward()
+        return [table.grad, w.grad, *(s.grad for s in initial)]
+
+    one, helper = gradients("one-thread"), gradients("helper-thread")
+    ways = [helper] + ([gradients("openmp-team")] if _team_here() else [])
+    for got in ways:
+        assert torch.equal(got[0], one[0]) and torch.equal(got[2], one[2]) and torch.equal(got[3], one[3])
+        torch.testing.assert_close(got[1], one[1])  # W_hh's: with the helper thread, a sum of two halves of the rows
+    torch.testing.assert_close(one[0].T @ x.reshape(-1, inputs), expected[0])  # W_ih's, from the table's
+    for got, wanted in zip(one[1:], expected[1:], strict=True):
+        torch.testing.assert_close(got, wanted)
+
+
+def _team_here() -> bool:
+    """Whether torch's two OpenMP threads can run a window's workers here (two cores, kernels on torch's runtime)."""
+    with threads.torch_threads(2):
+        return threads.team_free()
+
+
 class _RoundedMatmul(torch.autograd.Function):
     """x @ w.T from inputs rounded to bf16, summed in float64; its backward's two products the same way: the
     arithmetic that the bf16 kernels promise, without their float32 sums."""
