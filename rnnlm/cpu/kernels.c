@@ -699,6 +699,13 @@ void rnnlm_lstm_forward(int steps, int batch, int H, int u0, int u1, int worker,
                  scratch);
 }
 
+/* Part `part` (0 or 1) of a backward step's product in parts (see lstm_backward): the units [*p0, *p1), [0, H / 2)
+   or [H / 2, H); returns whether the worker of units [u0, u1) computes it */
+static inline int own_part(int part, int H, int u0, int u1, int *p0, int *p1) {
+    *p0 = part ? H / 2 : 0, *p1 = part ? H : H / 2;
+    return u0 <= *p0 && *p1 <= u1;
+}
+
 /* Its backward, units [u0, u1). dh and dc, the gradients reaching the step's h and c, start at grad_out[T-1] and
    grad_c_last; per step, with dc_t = dc + dh o (1 - tanh(c)^2):
      grad_gates = [dc_t g i (1 - i) | dc_t c_prev f (1 - f) | dc_t i (1 - g^2) | dh tanh(c) o (1 - o)]
@@ -745,9 +752,9 @@ static int lstm_backward(int steps, int batch, int H, int u0, int u1, int worker
             size_t block = (size_t)batch * ldc;
             float *parts = exchange + (size_t)(t & 1) * 2 * block;
             const float *packed = whh;
-            for (int part = 0; part < 2; part++) {
-                int p0 = part ? H / 2 : 0, p1 = part ? H : H / 2, P = p1 - p0;
-                if (p0 < u0 || p1 > u1) continue; /* the other worker's */
+            for (int part = 0, p0, p1; part < 2; part++) {
+                if (!own_part(part, H, u0, u1, &p0, &p1)) continue; /* the other worker's */
+                int P = p1 - p0;
                 for (int i = 0; i < batch; i++)
                     for (int gate = 0; gate < 4; gate++)
                         memcpy(scratch + ((size_t)i * 4 + gate) * P, step_grads + (size_t)i * 4 * H + gate * H + p0,
@@ -793,9 +800,8 @@ void rnnlm_lstm_backward(int steps, int batch, int H, int u0, int u1, int worker
     if (!split_parts(H, u0, u1, worker, workers)) exchange = NULL;
     float *whh = scratch + (exchange ? part_rows(batch, H) : (size_t)batch * panels_of(U) * NR);
     if (!exchange) pack_unit_columns(w_hh, 4, H, u0, U, whh);
-    for (int part = 0, at = 0; exchange && part < 2; part++) { /* the worker's parts' rows, a part after the other */
-        int p0 = part ? H / 2 : 0, p1 = part ? H : H / 2;
-        if (p0 < u0 || p1 > u1) continue;
+    for (int part = 0, at = 0, p0, p1; exchange && part < 2; part++) { /* the worker's parts' rows, in turn */
+        if (!own_part(part, H, u0, u1, &p0, &p1)) continue;
         pack_unit_rows_untransposed(w_hh, 4, H, p0, p1 - p0, whh + (size_t)at * panels_of(H) * NR);
         at += 4 * (p1 - p0);
     }

@@ -158,9 +158,8 @@ def _sharing(sharing: str, monkeypatch) -> tuple[bool, int, list[bool]]:
     ran: list[bool] = []
     if sharing != "openmp-team":
         return sharing == "helper-thread", 1 if sharing == "one-thread" else torch.get_num_threads(), ran
-    with threads.torch_threads(2):
-        if not threads.team_free():
-            pytest.skip("no OpenMP team of two here (one core, or kernels without torch's OpenMP runtime)")
+    if not _team_here():
+        pytest.skip("no OpenMP team of two here (one core, or kernels without torch's OpenMP runtime)")
     real = native.team
     monkeypatch.setattr(native, "team", lambda windows: ran.append(real(windows)) or ran[-1])
     return False, 2, ran
@@ -223,8 +222,8 @@ def test_the_compiled_lstms_backward_in_parts_gives_the_same_bits_on_one_worker_
     """The LSTM's backward window sums each step's product in two parts, over the gate columns of each half of the
     units (kernels.c: lstm_backward), one worker's each on two workers or both on one: the gradients reaching the
     window's inputs and initial state must have the same bits on this thread alone, with the helper thread and on
-    torch's OpenMP team, and every gradient must be nn.LSTM's. An odd hidden
-    size (37: parts of 18 and 19 units) and a batch that is no multiple of the register blocks (13) run the edges."""
+    torch's OpenMP team, and every gradient must be nn.LSTM's. An odd hidden size (37: parts of 18 and 19 units) and
+    a batch that is no multiple of the register blocks (13) run the edges."""
     torch.manual_seed(3)
     steps, batch, inputs, hidden = 9, 13, 6, 37
     layer = torch.nn.LSTM(inputs, hidden)
